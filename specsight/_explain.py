@@ -1,0 +1,100 @@
+"""Plan.explain(): a readable account of what a plan will do (used by ``specsight plan``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .plan import Plan
+
+__all__ = ["explain_plan", "human_bytes"]
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _ranges(values: list[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
+    if not values:
+        return "-"
+    values = sorted(set(values))
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(parts)
+
+
+def explain_plan(plan: Plan) -> str:
+    m = plan.model_summary
+    title = plan.spec_name or "(unnamed spec)"
+    lines = [
+        f"plan for {title} on {plan.model['id']} ({m['architecture']}, {m['n_layers']} layers, "
+        f"d_model {m['d_model']}), {plan.model['dtype']}",
+        "invokes:",
+    ]
+    for name, inv in plan.invoke_info.items():
+        tokens = "/".join(str(t) for t in sorted(set(inv["tokens"])))
+        sweep = ""
+        if inv["axes"]:
+            dims = " x ".join(f"{a}[{len(plan.axis_values[name][a])}]" for a in inv["axes"])
+            sweep = f", sweep {dims} = {inv['cells']} cells"
+        rows = inv["cells"] * inv["prompts"]
+        lines.append(
+            f"  {name}: {inv['prompts']} prompt(s) of {tokens} tokens{sweep}, {rows} row(s), stage {inv['stage']}"
+        )
+    sizes = Counter(len(f.rows) for f in plan.forwards)
+    size_text = ", ".join(f"{count} x {rows} rows" for rows, count in sorted(sizes.items(), reverse=True))
+    lines.append(f"forwards: {len(plan.forwards)} ({size_text}; at most {plan.max_batch} rows each)")
+    for i, fwd in enumerate(plan.forwards[:6]):
+        invokes = sorted({plan.rows[r].invoke for r in fwd.rows})
+        lines.append(
+            f"  #{i} stage {fwd.stage}: {len(fwd.rows)} rows x {fwd.seq_len} tokens ({', '.join(invokes)})"
+        )
+    if len(plan.forwards) > 6:
+        lines.append(f"  ... {len(plan.forwards) - 6} more")
+    hooks = plan.hooks()
+    lines.append(f"hooks: {len(hooks)}")
+    by_site: dict[str, Counter] = {}
+    for op in plan.ops:
+        by_site.setdefault(f"{op.module} ({op.io})", Counter())[op.kind] += 1
+    for site, kinds in list(by_site.items())[:8]:
+        ops = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+        lines.append(f"  {site}: {ops}")
+    if len(by_site) > 8:
+        lines.append(f"  ... {len(by_site) - 8} more sites")
+    if plan.metrics:
+        lines.append("metrics:")
+        for metric in plan.metrics:
+            what = metric.kind
+            if metric.kind == "logit_diff":
+                what = f"logit_diff({metric.token_strs[0]!r} - {metric.token_strs[1]!r})"
+            elif metric.kind == "top_k":
+                what = f"top_k(k={metric.k})"
+            elif metric.token_strs:
+                what = f"{metric.kind}({', '.join(repr(t) for t in metric.token_strs)})"
+            shape = " x ".join(f"{a}={n}" for a, n in zip(metric.axes, metric.shape)) or "scalar"
+            positions = _ranges(list(metric.positions))
+            lines.append(f"  {metric.name}: {what} on {metric.invoke} @ position {positions} -> [{shape}]")
+    if plan.saves:
+        lines.append("saves:")
+        for save in plan.saves:
+            shape = " x ".join(f"{a}={n}" for a, n in zip(save.axes, save.shape))
+            lines.append(f"  {save.name}: {save.site} [{shape + ' x ' if shape else ''}positions x width]")
+    mem = plan.memory_estimate
+    if mem:
+        lines.append(
+            "memory estimate: "
+            + ", ".join(f"{k} {human_bytes(v)}" for k, v in mem.items() if k != "total")
+            + f"; total {human_bytes(mem['total'])}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Sweep grids: expand an invoke's ``sweep:`` into cells and substitute ``{var}`` placeholders.
+
+``layer`` and ``pos`` are special: ``all`` and ranges mean every layer of the model or every
+position of the prompt. Any other variable takes a list of numbers (or an integer range).
+Cells are the product of the axes, in declaration order (the first axis varies slowest).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Grid", "GridError", "expand_grid", "substitute", "placeholders"]
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class GridError(ValueError):
+    """A sweep axis that cannot be expanded; ``axis`` names it."""
+
+    def __init__(self, axis: str, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.axis = axis
+        self.message = message
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Grid:
+    axes: tuple[str, ...]
+    values: tuple[tuple[Any, ...], ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(v) for v in self.values)
+
+    def cells(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.axes, combo)) for combo in itertools.product(*self.values)]
+
+
+def _range_values(axis: str, text: str, size: int | None) -> list[int]:
+    start_s, stop_s, *step_s = text.split(":")
+    start = int(start_s) if start_s else None
+    stop = int(stop_s) if stop_s else None
+    step = int(step_s[0]) if step_s and step_s[0] else None
+    if step == 0:
+        raise GridError(axis, f"range '{text}' has step 0")
+    if size is None:
+        if start is None or stop is None:
+            raise GridError(axis, f"range '{text}' needs a start and a stop for variable '{axis}'")
+        return list(range(start, stop, step or 1))
+    picked = list(range(size))[slice(start, stop, step)]
+    if not picked:
+        raise GridError(axis, f"range '{text}' selects nothing out of {size}")
+    return picked
+
+
+def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> list[Any]:
+    size = sizes.get(axis)
+    if spec_values == "all":
+        if axis not in sizes:
+            raise GridError(axis, f"'all' only applies to layer and pos, not to '{axis}'", "list the values")
+        if size is None:
+            raise GridError(
+                axis,
+                "pos: all needs every prompt of the invoke to have the same number of tokens",
+                "list the positions, or split the prompts into separate invokes",
+            )
+        return list(range(size))
+    if isinstance(spec_values, str):
+        return _range_values(axis, spec_values, size)
+    values = list(spec_values)
+    if axis in sizes:
+        bound = size
+        for value in values:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise GridError(axis, f"{axis} values must be integers, got {value!r}")
+            if bound is not None and not -bound <= value < bound:
+                raise GridError(axis, f"{axis} {value} is out of range (0..{bound - 1})")
+        if bound is not None:
+            values = [v % bound for v in values]
+    return values
+
+
+def expand_grid(sweep: dict[str, Any] | None, n_layers: int, seq_len: int | None) -> Grid:
+    """The grid of a sweep. ``seq_len`` is None when the prompts differ in length."""
+    if not sweep:
+        return Grid((), ())
+    sizes: dict[str, int | None] = {"layer": n_layers, "pos": seq_len}
+    axes = tuple(sweep)
+    values = tuple(tuple(_axis_values(axis, sweep[axis], sizes)) for axis in axes)
+    return Grid(axes, values)
+
+
+def placeholders(obj: Any) -> set[str]:
+    """Names of every ``{var}`` placeholder inside nested data."""
+    if isinstance(obj, str):
+        return set(_PLACEHOLDER.findall(obj))
+    if isinstance(obj, dict):
+        return set().union(*(placeholders(v) for v in obj.values())) if obj else set()
+    if isinstance(obj, list | tuple):
+        return set().union(*(placeholders(v) for v in obj)) if obj else set()
+    return set()
+
+
+def substitute(obj: Any, variables: dict[str, Any]) -> Any:
+    """Replace placeholders: a string that is exactly ``{var}`` becomes the value itself."""
+    if isinstance(obj, str):
+        whole = _PLACEHOLDER.fullmatch(obj)
+        if whole and whole.group(1) in variables:
+            return variables[whole.group(1)]
+        return _PLACEHOLDER.sub(
+            lambda m: str(variables[m.group(1)]) if m.group(1) in variables else m.group(0), obj
+        )
+    if isinstance(obj, dict):
+        return {k: substitute(v, variables) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute(v, variables) for v in obj]
+    return obj

@@ -1,0 +1,216 @@
+"""The ``specsight`` command line: run, validate, plan, schema, models.
+
+Exit codes: 0 ok, 1 run failure, 2 bad spec or usage. ``--json`` prints results or errors as
+data on stdout. A user mistake never shows a traceback; an internal error does, labelled as one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import SpecError, SpecsightError
+
+__all__ = ["main"]
+
+
+def _emit_error(exc: SpecsightError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, **exc.to_dict()}, indent=2))
+    elif isinstance(exc, SpecError):
+        click.echo(exc.render(), err=True)
+    else:
+        click.echo(f"error: {exc}", err=True)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn specsight errors into messages and exit codes; label anything else internal."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            return fn(*args, **kwargs)
+        except SpecsightError as exc:
+            _emit_error(exc, as_json)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as exc:  # a bug in specsight, not a user mistake
+            if as_json:
+                click.echo(json.dumps({"ok": False, "error": "InternalError", "message": repr(exc)}))
+            else:
+                traceback.print_exc()
+                click.echo(f"internal error: {exc!r} (this is a bug in specsight; please report it)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print results or errors as JSON.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="specsight")
+def main() -> None:
+    """Run declarative intervention experiments on PyTorch / Hugging Face models."""
+
+
+def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None, Any]:
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        console=None,
+    )
+    task = progress.add_task("rows", total=None)
+
+    def update(done: int, total: int) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=done, total=total)
+
+    return update, progress
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write results.safetensors and manifest.json here.")
+@click.option("--device", help="Override the spec's device (cpu, cuda, cuda:1, mps).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Rows per forward at most.")
+@json_option
+@_guard
+def run(spec_path: Path, out: Path | None, device: str | None, max_batch: int, as_json: bool) -> None:
+    """Validate, compile and run SPEC on this machine."""
+    from .api import run as run_spec
+    from .results import Results
+
+    show_progress = not as_json and sys.stderr.isatty()
+    callback, progress = _progress_callback(show_progress)
+    try:
+        results: Results = run_spec(spec_path, out=out, device=device, max_batch=max_batch, progress=callback)
+    finally:
+        if progress is not None and progress.live.is_started:
+            progress.stop()
+    if as_json:
+        payload = {
+            "ok": True,
+            "metrics": {name: t.tolist() for name, t in results.metrics.items()},
+            "saves": {name: list(t.shape) for name, t in results.saves.items()},
+            "next_tokens": results.next_tokens,
+            "manifest": results.manifest,
+            "out": str(out) if out else None,
+        }
+        click.echo(json.dumps(payload, indent=2))
+        return
+    from rich.console import Console
+
+    from ._summary import print_summary
+
+    print_summary(results, Console(highlight=False))
+    if out:
+        click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
+
+
+@main.command()
+@click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@json_option
+@_guard
+def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check that each SPEC is well formed (no model needed)."""
+    from .api import load_spec
+
+    failures: list[SpecError] = []
+    for path in spec_paths:
+        try:
+            load_spec(path)
+            if not as_json:
+                click.echo(f"ok: {path}")
+        except SpecError as exc:
+            failures.append(exc)
+            if not as_json:
+                click.echo(exc.render(), err=True)
+    if as_json:
+        issues = [i.to_dict() for exc in failures for i in exc.issues]
+        click.echo(json.dumps({"ok": not failures, "checked": len(spec_paths), "issues": issues}, indent=2))
+    if failures:
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True)
+@json_option
+@_guard
+def plan(spec_path: Path, max_batch: int, as_json: bool) -> None:
+    """Compile SPEC and show the plan: forwards, rows, hooks, memory estimate."""
+    from .api import compile_plan, load_spec
+    from .models import load_model_info
+
+    spec = load_spec(spec_path)
+    info, tokenizer = load_model_info(spec.model.id, dtype=spec.model.dtype, revision=spec.model.revision, seed=spec.model.seed)
+    compiled = compile_plan(spec, info, tokenizer, max_batch=max_batch)
+    if as_json:
+        click.echo(compiled.to_json())
+    else:
+        click.echo(compiled.explain())
+
+
+@main.command()
+@click.option("--check", "check_path", type=click.Path(dir_okay=False, path_type=Path), default=None, is_flag=False, flag_value="schemas/spec.v1.json", help="Fail if this file differs from the current schema (default schemas/spec.v1.json).")
+@click.option("--write", "write_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the schema to this file.")
+def schema(check_path: Path | None, write_path: Path | None) -> None:
+    """Print the JSON Schema of spec v1 (or check / write a copy of it)."""
+    from .spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if check_path is not None:
+        if not check_path.exists() or check_path.read_text() != text:
+            click.echo(f"{check_path} is stale: regenerate it with `specsight schema --write {check_path}`", err=True)
+            sys.exit(1)
+        click.echo(f"{check_path} is up to date")
+        return
+    if write_path is not None:
+        write_path.parent.mkdir(parents=True, exist_ok=True)
+        write_path.write_text(text)
+        click.echo(f"wrote {write_path}")
+        return
+    click.echo(text, nl=False)
+
+
+@main.command()
+@json_option
+@_guard
+def models(as_json: bool) -> None:
+    """List the built-in and tiny models."""
+    from .models import list_models
+
+    entries = list_models()
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    width = max(len(e["name"]) for e in entries)
+    for entry in entries:
+        cached = ""
+        if entry.get("kind") == "builtin":
+            cached = " (cached)" if entry.get("cached") else " (converted on first use)"
+        click.echo(f"{entry['name']:<{width}}  {entry['kind']:<8} {entry['description']}{cached}")
+    click.echo("Also: any Hugging Face model id available offline, or a local model folder.")

@@ -1,0 +1,376 @@
+"""The engine: runs a Plan on a torch model and returns raw result tensors.
+
+One :class:`HookScope` owns every hook handle and removes them all when the run ends, on success
+or failure. Each forward pads its rows on the right (so real tokens keep their positions and
+never see padding), installs per-site action tables, and reads metrics from the logits.
+
+At a site, each row's ops run in the order the spec declares them. Ops of different rows are
+independent, so the engine groups them by kind and applies each group as one indexed tensor
+operation. Outputs are modified on a copy that replaces the module's return value; inputs are
+modified in place, so a residual stream read through a norm's input (``resid_mid``) changes the
+residual itself, not only what the norm sees.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import RunError
+from .plan import Forward, Plan, RowOp
+
+__all__ = ["HookScope", "EngineOutput", "execute", "hidden_of", "replace_hidden"]
+
+NEXT_TOKEN_K = 5
+
+
+# --- output structure: one place that knows tensors, tuples and ModelOutputs -----------------
+
+
+def hidden_of(value: Any) -> torch.Tensor:
+    """The hidden-state tensor inside a module's output or input."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    if hasattr(value, "to_tuple"):
+        return hidden_of(value.to_tuple())
+    raise RunError(f"cannot find a hidden-state tensor in a value of type {type(value).__name__}")
+
+
+def replace_hidden(value: Any, hidden: torch.Tensor) -> Any:
+    """The same structure with its hidden-state tensor replaced."""
+    if isinstance(value, torch.Tensor):
+        return hidden
+    if isinstance(value, tuple):
+        return (hidden, *value[1:])
+    if isinstance(value, list):
+        return [hidden, *value[1:]]
+    if hasattr(value, "to_tuple"):
+        first = next(iter(value.keys()))
+        value[first] = hidden
+        return value
+    raise RunError(f"cannot replace the hidden state in a value of type {type(value).__name__}")
+
+
+# --- hooks ---------------------------------------------------------------------------------
+
+
+class HookScope:
+    """Owns hook handles; every handle is removed when the scope exits, whatever happens."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._modules = dict(model.named_modules())
+        self.handles: list[Any] = []
+
+    def module(self, name: str) -> torch.nn.Module:
+        if name not in self._modules:
+            raise RunError(f"the model has no module '{name}'", hint="the plan was compiled for another model")
+        return self._modules[name]
+
+    def add(self, name: str, io: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """Call ``fn(hidden)`` at a module's input or output; a returned tensor replaces it."""
+        module = self.module(name)
+        if io == "output":
+
+            def post(_mod: Any, _args: Any, output: Any) -> Any:
+                new = fn(hidden_of(output))
+                return None if new is None else replace_hidden(output, new)
+
+            self.handles.append(module.register_forward_hook(post))
+        else:
+
+            def pre(_mod: Any, args: tuple, kwargs: dict) -> Any:
+                if args:
+                    fn(hidden_of(args[0]))
+                elif "hidden_states" in kwargs:
+                    fn(kwargs["hidden_states"])
+                else:
+                    tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+                    if not tensors:
+                        raise RunError(f"module '{name}' was called without a tensor input")
+                    fn(tensors[0])
+                return None
+
+            self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def __enter__(self) -> HookScope:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+# --- per-forward action tables -------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    kind: str
+    ops: list[RowOp]
+    rows: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    factors: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
+
+
+@dataclass
+class EngineOutput:
+    """Raw tensors of a run, before they become :class:`~specsight.results.Results`."""
+
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    saves: dict[str, torch.Tensor] = field(default_factory=dict)
+    next_tokens: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Runner:
+    def __init__(self, plan: Plan, model: torch.nn.Module, device: torch.device, pad_id: int):
+        self.plan = plan
+        self.model = model
+        self.device = device
+        self.pad_id = pad_id
+        self.store: dict[str, torch.Tensor] = {}
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.tables: dict[tuple[str, str], list[list[_Group]]] = {}
+        self.local: dict[int, int] = {}
+        self.ops_by_row: dict[int, list[RowOp]] = defaultdict(list)
+        for op in plan.ops:
+            self.ops_by_row[op.row].append(op)
+
+    def _vector(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        if key not in self.vectors:
+            self.vectors[key] = torch.tensor(self.plan.vectors[key], dtype=torch.float64)
+        return self.vectors[key].to(self.device, dtype)
+
+    def prepare(self, forward: Forward, dtype: torch.dtype) -> None:
+        """Build the action tables of one forward: per site, levels of grouped ops."""
+        self.local = {row: i for i, row in enumerate(forward.rows)}
+        per_site: dict[tuple[str, str], dict[int, list[RowOp]]] = defaultdict(lambda: defaultdict(list))
+        for row in forward.rows:
+            for op in self.ops_by_row.get(row, ()):
+                per_site[(op.module, op.io)][row].append(op)
+        self.tables = {}
+        for site, by_row in per_site.items():
+            depth = max(len(ops) for ops in by_row.values())
+            levels = []
+            for level in range(depth):
+                kinds: dict[str, list[RowOp]] = defaultdict(list)
+                for ops in by_row.values():
+                    if level < len(ops):
+                        kinds[ops[level].kind].append(ops[level])
+                levels.append([self._group(kind, ops, dtype) for kind, ops in kinds.items()])
+            self.tables[site] = levels
+
+    def _group(self, kind: str, ops: list[RowOp], dtype: torch.dtype) -> _Group:
+        group = _Group(kind, ops)
+        if kind in ("zero", "scale") or (kind in ("add", "set") and ops[0].vector is not None):
+            if kind in ("add", "set") and any(op.vector is None for op in ops):
+                return group  # mixed saved/inline sources: apply one by one
+            rows, positions, factors, vecs = [], [], [], []
+            for op in ops:
+                for pos in op.positions:
+                    rows.append(self.local[op.row])
+                    positions.append(pos)
+                    factors.append(op.factor if op.factor is not None else 1.0)
+                    if op.vector is not None:
+                        vecs.append(op.vector)
+            group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
+            group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
+            group.factors = torch.tensor(factors, device=self.device, dtype=dtype).unsqueeze(-1)
+            if vecs:
+                keys = sorted(set(vecs))
+                table = torch.stack([self._vector(k, dtype) for k in keys])
+                index = torch.tensor([keys.index(k) for k in vecs], device=self.device)
+                group.vectors = table[index]
+        return group
+
+    def hook(self, site: tuple[str, str]) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        io = site[1]
+
+        def apply(hidden: torch.Tensor) -> torch.Tensor | None:
+            levels = self.tables.get(site)
+            if not levels:
+                return None
+            writes = any(g.kind not in ("save", "capture") for level in levels for g in level)
+            if writes and io == "output":
+                hidden = hidden.clone()
+            for level in levels:
+                for group in level:
+                    self._apply(group, hidden)
+            return hidden if writes and io == "output" else None
+
+        return apply
+
+    def _apply(self, group: _Group, hidden: torch.Tensor) -> None:
+        kind = group.kind
+        try:
+            if group.rows is not None:
+                index = (group.rows, group.positions)
+                if kind == "zero":
+                    hidden[index] = 0
+                elif kind == "scale":
+                    hidden[index] = hidden[index] * group.factors
+                elif kind == "add":
+                    hidden[index] = hidden[index] + group.vectors * group.factors
+                elif kind == "set":
+                    hidden[index] = group.vectors.expand_as(hidden[index])
+                return
+            for op in group.ops:
+                self._apply_one(op, hidden)
+        except RunError:
+            raise
+        except RuntimeError as exc:
+            op = group.ops[0]
+            raise RunError(
+                f"{op.origin}: {kind} at '{op.site}' failed: {exc}".split("\n")[0],
+                hint="check the vector width against the site's shape (`specsight sites MODEL`)",
+            ) from None
+
+    def _apply_one(self, op: RowOp, hidden: torch.Tensor) -> None:
+        row = self.local[op.row]
+        positions = torch.tensor(op.positions, device=hidden.device, dtype=torch.long)
+        if op.kind == "save":
+            self.store[op.store] = hidden[row, positions].detach().clone()
+        elif op.kind == "capture":
+            self.store[op.store] = hidden[row, : len(op.positions)].detach().clone()
+        elif op.kind == "patch":
+            source = self.store[op.sources[0]]
+            hidden[row, positions] = source[list(op.source_positions)].to(hidden.dtype)
+        elif op.kind in ("add", "set"):
+            if op.vector is not None:
+                value = self._vector(op.vector, hidden.dtype)
+            else:
+                pieces = [self.store[k] for k in op.sources]
+                value = torch.cat(pieces).mean(0) if op.reduce == "mean" else pieces[0]
+                value = value.to(hidden.dtype)
+            if op.kind == "add":
+                hidden[row, positions] = hidden[row, positions] + value * (op.factor or 1.0)
+            else:
+                hidden[row, positions] = value.expand(len(op.positions), -1)
+        else:  # pragma: no cover - compile never emits other kinds
+            raise RunError(f"unknown op kind '{op.kind}'")
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        return param.dtype
+    return torch.float32
+
+
+def _metric_values(kind: str, logits: torch.Tensor, tokens: tuple[int, ...], k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = logits.float()
+    if kind == "logits":
+        return logits[:, list(tokens)], None
+    if kind == "logprob":
+        return torch.log_softmax(logits, -1)[:, list(tokens)], None
+    if kind == "prob":
+        return torch.softmax(logits, -1)[:, list(tokens)], None
+    if kind == "logit_diff":
+        return logits[:, tokens[0]] - logits[:, tokens[1]], None
+    if kind == "top_k":
+        probs, ids = torch.softmax(logits, -1).topk(k or 10, dim=-1)
+        return probs, ids
+    raise RunError(f"unknown metric kind '{kind}'")
+
+
+def execute(
+    plan: Plan,
+    model: torch.nn.Module,
+    *,
+    pad_id: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EngineOutput:
+    """Run every forward of ``plan`` on ``model``; hooks never outlive this call."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = _model_dtype(model)
+    runner = _Runner(plan, model, device, pad_id)
+    out = EngineOutput()
+    metric_slots = {m.name: {row: i for i, row in enumerate(m.rows)} for m in plan.metrics}
+    metric_buf: dict[str, torch.Tensor] = {}
+    metric_ids: dict[str, torch.Tensor] = {}
+    summary_rows = {
+        i for i, row in enumerate(plan.rows) if not plan.invoke_info.get(row.invoke, {}).get("axes")
+    }
+    started = time.perf_counter()
+    done = 0
+    with HookScope(model) as scope, torch.inference_mode():
+        for site in plan.hooks():
+            scope.add(site[0], site[1], runner.hook(site))
+        for forward in plan.forwards:
+            runner.prepare(forward, dtype)
+            ids = torch.full((len(forward.rows), forward.seq_len), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(forward.rows):
+                tokens = plan.rows[row].tokens
+                ids[i, : len(tokens)] = torch.tensor(tokens)
+                mask[i, : len(tokens)] = 1
+            try:
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            except RunError:
+                raise
+            except torch.OutOfMemoryError:
+                raise RunError(
+                    f"out of memory in a forward of {len(forward.rows)} rows x {forward.seq_len} tokens",
+                    hint="lower --max-batch",
+                ) from None
+            for metric in plan.metrics:
+                slots = metric_slots[metric.name]
+                picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
+                if not picked:
+                    continue
+                local = torch.tensor([i for i, _ in picked], device=device)
+                pos = torch.tensor([metric.positions[slots[row]] for _, row in picked], device=device)
+                values, token_ids = _metric_values(metric.kind, logits[local, pos], metric.tokens, metric.k)
+                if metric.name not in metric_buf:
+                    metric_buf[metric.name] = torch.empty((len(metric.rows), *values.shape[1:]), dtype=values.dtype)
+                    if token_ids is not None:
+                        metric_ids[metric.name] = torch.empty((len(metric.rows), *token_ids.shape[1:]), dtype=torch.long)
+                index = torch.tensor([slots[row] for _, row in picked])
+                metric_buf[metric.name][index] = values.cpu()
+                if token_ids is not None:
+                    metric_ids[metric.name][index] = token_ids.cpu()
+            for i, row in enumerate(forward.rows):
+                if row in summary_rows:
+                    last = len(plan.rows[row].tokens) - 1
+                    probs, top = torch.softmax(logits[i, last].float(), -1).topk(NEXT_TOKEN_K)
+                    out.next_tokens[row] = (top.tolist(), probs.tolist())
+            done += len(forward.rows)
+            if progress is not None:
+                progress(done, len(plan.rows))
+    out.timings["execute_s"] = time.perf_counter() - started
+    for metric in plan.metrics:
+        values = metric_buf[metric.name]
+        suffix = tuple(values.shape[1:])
+        if metric.squeeze_token and suffix:
+            suffix = ()
+            values = values[..., 0]
+        out.metrics[metric.name] = values.reshape(tuple(metric.shape) + suffix)
+        if metric.name in metric_ids:
+            out.metrics[f"{metric.name}/ids"] = metric_ids[metric.name].reshape(tuple(metric.shape) + suffix)
+    for save in plan.saves:
+        out.saves[save.name] = _assemble(save.keys, save.shape, runner.store)
+    return out
+
+
+def _assemble(keys: tuple[str, ...], shape: tuple[int, ...], store: dict[str, torch.Tensor]) -> torch.Tensor:
+    pieces = [store[key].float().cpu() if store[key].dtype in (torch.bfloat16, torch.float16) else store[key].cpu() for key in keys]
+    longest = max(p.shape[0] for p in pieces)
+    if any(p.shape[0] != longest for p in pieces):
+        padded = torch.full((len(pieces), longest, *pieces[0].shape[1:]), float("nan"), dtype=pieces[0].dtype)
+        for i, piece in enumerate(pieces):
+            padded[i, : piece.shape[0]] = piece
+        stacked = padded
+    else:
+        stacked = torch.stack(pieces)
+    return stacked.reshape(*shape, *stacked.shape[1:]) if shape else stacked[0]

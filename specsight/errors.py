@@ -1,0 +1,147 @@
+"""The one error tree of specsight.
+
+Every user mistake becomes a :class:`SpecError` holding one or more :class:`Issue` records.
+An issue says *where* (file, line, column and the path inside the spec), *what* (code and
+message) and *how to fix it* (hint, often a did-you-mean). Problems found while running a
+valid spec (a model that cannot be loaded, a failing forward) are :class:`RunError`.
+
+The CLI maps ``SpecError`` to exit code 2 and ``RunError`` to exit code 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+__all__ = [
+    "Issue",
+    "SpecsightError",
+    "SpecError",
+    "RunError",
+    "ModelLoadError",
+    "did_you_mean",
+    "format_path",
+]
+
+PathPart = str | int
+
+
+def format_path(path: Sequence[PathPart]) -> str:
+    """Render a path inside the spec: ``("invokes", "corrupt", "ops", 0, "site")`` becomes
+    ``invokes.corrupt.ops[0].site``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def did_you_mean(word: str, candidates: Iterable[str], *, n: int = 3) -> str | None:
+    """A hint naming the closest candidates to ``word``, or None when nothing is close."""
+    pool = sorted({str(c) for c in candidates})
+    close = difflib.get_close_matches(str(word), pool, n=n, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in pool}
+        if str(word).lower() in lowered:
+            close = [lowered[str(word).lower()]]
+    if not close:
+        return None
+    quoted = " or ".join(f"'{c}'" for c in close)
+    return f"did you mean {quoted}?"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One located problem in a spec."""
+
+    code: str
+    message: str
+    path: tuple[PathPart, ...] = ()
+    file: str | None = None
+    line: int | None = None
+    col: int | None = None
+    hint: str | None = None
+
+    @property
+    def path_str(self) -> str:
+        return format_path(self.path)
+
+    @property
+    def location(self) -> str:
+        where = self.file or "<spec>"
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.col is not None:
+                where += f":{self.col}"
+        return where
+
+    def located(self, file: str | None, line: int | None, col: int | None) -> Issue:
+        """A copy with its position filled in (keeps a position it already has)."""
+        if self.line is not None:
+            return self if self.file or not file else replace(self, file=file)
+        return replace(self, file=file, line=line, col=col)
+
+    def format(self) -> str:
+        text = self.location
+        if self.path:
+            text += f" {self.path_str}"
+        text += f": {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = self.path_str
+        data["path_parts"] = list(self.path)
+        return data
+
+
+class SpecsightError(Exception):
+    """Base class of every error specsight raises on purpose."""
+
+    exit_code = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": type(self).__name__, "message": str(self)}
+
+
+class SpecError(SpecsightError):
+    """A spec (or a CLI argument standing for one) is invalid. Holds every issue found."""
+
+    exit_code = 2
+
+    def __init__(self, issues: Issue | Sequence[Issue]):
+        self.issues: tuple[Issue, ...] = (issues,) if isinstance(issues, Issue) else tuple(issues)
+        if not self.issues:
+            raise ValueError("SpecError needs at least one issue")
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [issue.format() for issue in self.issues]
+        if len(lines) > 1:
+            lines.insert(0, f"{len(lines)} problems in spec:")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": "SpecError", "issues": [i.to_dict() for i in self.issues]}
+
+
+class RunError(SpecsightError):
+    """A valid spec failed while running (model, device, numerics)."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} ({hint})" if hint else message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": type(self).__name__, "message": self.message, "hint": self.hint}
+
+
+class ModelLoadError(RunError):
+    """A model could not be found, converted or loaded."""

@@ -1,0 +1,173 @@
+"""The execution plan: what the engine runs, as frozen, JSON-serialisable dataclasses.
+
+A plan is fully resolved: every prompt is token ids, every op names a module, an input or
+output, one batch row and concrete positions. It holds no torch objects, so the client can send
+it to a server and :meth:`Plan.explain` can describe it without loading a model.
+
+Rows are the unit of batching: one prompt of one invoke in one sweep cell. Forwards group rows;
+stages order forwards so that every value a row reads (another invoke's activation, a saved
+value) was produced by an earlier stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["PLAN_VERSION", "Row", "RowOp", "Forward", "PlanMetric", "PlanSave", "Plan"]
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence in a batch."""
+
+    invoke: str
+    prompt_index: int
+    cell: int  # index into the invoke's sweep grid (0 when not swept)
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RowOp:
+    """One op acting on one row at one site.
+
+    ``kind`` is a spec op (save, zero, scale, add, set, patch) or ``capture``, the plan's own
+    op that keeps a row's whole sequence at a site for patches in later stages.
+    """
+
+    kind: str
+    site: str
+    module: str
+    io: str
+    row: int
+    positions: tuple[int, ...]
+    factor: float | None = None
+    vector: str | None = None
+    sources: tuple[str, ...] = ()
+    source_positions: tuple[int, ...] | None = None
+    reduce: str = "none"
+    store: str | None = None
+    origin: str = ""  # the op's path in the spec, for run-time errors
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One batched forward pass."""
+
+    stage: int
+    rows: tuple[int, ...]
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class PlanMetric:
+    """A metric read from the output logits of a set of rows."""
+
+    name: str
+    kind: str
+    invoke: str
+    rows: tuple[int, ...]  # in result order, row-major over ``axes``
+    positions: tuple[int, ...]  # the position read, per row
+    tokens: tuple[int, ...] = ()
+    token_strs: tuple[str, ...] = ()
+    k: int | None = None
+    squeeze_token: bool = False
+    axes: tuple[str, ...] = ()
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanSave:
+    """A saved site value assembled from per-row pieces into one tensor."""
+
+    name: str
+    invoke: str
+    site: str
+    keys: tuple[str, ...]  # store keys, row-major over ``axes``
+    n_positions: tuple[int, ...]
+    axes: tuple[str, ...] = ()
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything needed to run a spec on a model."""
+
+    spec_name: str | None
+    spec_sha256: str
+    model: dict[str, Any]
+    model_summary: dict[str, Any]
+    rows: tuple[Row, ...]
+    ops: tuple[RowOp, ...]
+    forwards: tuple[Forward, ...]
+    metrics: tuple[PlanMetric, ...]
+    saves: tuple[PlanSave, ...]
+    vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    axis_values: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    axis_labels: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    invoke_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_batch: int = 64
+    memory_estimate: dict[str, int] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def hooks(self) -> list[tuple[str, str]]:
+        """Distinct (module, io) pairs the plan touches, in first-use order."""
+        seen: dict[tuple[str, str], None] = {}
+        for op in self.ops:
+            seen.setdefault((op.module, op.io), None)
+        return list(seen)
+
+    # --- serialisation ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        data = dict(data)
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {data.get('version')!r} is not {PLAN_VERSION}")
+
+        def build(kind: type, items: list[dict[str, Any]]) -> tuple[Any, ...]:
+            names = {f.name for f in fields(kind)}
+            out = []
+            for item in items:
+                unknown = set(item) - names
+                if unknown:
+                    raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+                out.append(kind(**{k: _tuples(v) for k, v in item.items()}))
+            return tuple(out)
+
+        data["rows"] = build(Row, data["rows"])
+        data["ops"] = build(RowOp, data["ops"])
+        data["forwards"] = build(Forward, data["forwards"])
+        data["metrics"] = build(PlanMetric, data["metrics"])
+        data["saves"] = build(PlanSave, data["saves"])
+        data["vectors"] = {k: tuple(v) for k, v in data.get("vectors", {}).items()}
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    # --- explanation -----------------------------------------------------------------------
+
+    def explain(self) -> str:
+        """A readable description: invokes, forwards, hooks, metrics, memory estimate."""
+        from ._explain import explain_plan
+
+        return explain_plan(self)
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
