@@ -14,13 +14,14 @@ if TYPE_CHECKING:
 
 __all__ = ["render_summary", "print_summary"]
 
-_MAX_TABLE_CELLS = 1200
+_MAX_GRID_COLUMNS = 40
+_MAX_LIST = 64
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float, digits: int = 3) -> str:
     if value != value:  # NaN
         return "nan"
-    return f"{value:+.3f}" if abs(value) < 100 else f"{value:+.1f}"
+    return f"{value:+.{digits}f}" if abs(value) < 1000 else f"{value:+.3g}"
 
 
 def _shorten(text: str, limit: int = 70) -> str:
@@ -28,107 +29,137 @@ def _shorten(text: str, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _tokens(items: list[Any]) -> str:
+    return "  ".join(f"{tok!r} {prob:.3f}" for tok, prob in items)
+
+
 def _labels(meta: dict[str, Any], axis: str) -> list[str]:
     labels = meta.get("axis_labels", {}).get(axis)
     if labels:
         return [str(label) for label in labels]
-    return [str(v) for v in meta.get("axis_values", {}).get(axis, [])]
+    return [str(v) for v in meta.get("axis_values", {}).get(axis) or []]
 
 
-def _cell_style(value: float, lo: float, hi: float) -> str:
+def _style(value: float, lo: float, hi: float) -> str:
     if value != value or hi <= lo:
         return ""
-    # Diverging colours around zero when the data straddles it, else a single ramp.
-    if lo < 0 < hi:
+    if lo < 0 < hi:  # diverging around zero
         scale = value / (hi if value > 0 else -lo)
-        return "green" if scale > 0.5 else ("red" if scale < -0.5 else "")
+        return "bold green" if scale > 0.5 else ("bold red" if scale < -0.5 else ("green" if scale > 0.2 else ""))
     frac = (value - lo) / (hi - lo)
     return "bold green" if frac > 0.75 else ("dim" if frac < 0.25 else "")
 
 
-def _grid_table(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
+def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
+    """A 2-D metric as a table: first axis down, second across (position labels as headers)."""
     axes = meta.get("axes", [])
     rows_label, cols_label = _labels(meta, axes[0]), _labels(meta, axes[1])
     data = tensor.float()
-    lo, hi = float(data.nan_to_num(0).min()), float(data.nan_to_num(0).max())
-    table = Table(title=f"{name}  [{axes[0]} x {axes[1]}]", title_justify="left", pad_edge=False, box=None)
-    table.add_column(f"{axes[0]}\\{axes[1]}", justify="right", style="bold")
-    for label in cols_label:
-        table.add_column(_shorten(label, 10), justify="right")
-    for i, row_label in enumerate(rows_label):
-        cells = [Text(_fmt(float(v)), style=_cell_style(float(v), lo, hi)) for v in data[i]]
-        table.add_row(row_label, *cells)
+    finite = data.nan_to_num(0)
+    lo, hi = float(finite.min()), float(finite.max())
+    table = Table(title=f"{name} [{axes[0]} x {axes[1]}]", title_justify="left", box=None, padding=(0, 1))
+    table.add_column(axes[0], justify="right", style="bold")
+    for label in cols_label or [str(i) for i in range(data.shape[1])]:
+        index, _, token = label.partition(":")
+        table.add_column(f"{index}\n{_shorten(token, 8)}" if token else label, justify="right")
+    for i in range(data.shape[0]):
+        label = rows_label[i] if i < len(rows_label) else str(i)
+        table.add_row(label, *[Text(_fmt(float(v), 2), style=_style(float(v), lo, hi)) for v in data[i]])
     return table
 
 
+def _coords(index: int, shape: tuple[int, ...]) -> list[int]:
+    out = []
+    for size in reversed(shape):
+        out.append(index % size)
+        index //= size
+    return list(reversed(out))
+
+
 def _strongest(name: str, tensor: Any, meta: dict[str, Any], n: int = 5) -> list[str]:
+    axes = meta.get("axes", [])[: tensor.ndim]
+    flat = tensor.float().flatten()
+    order = flat.nan_to_num(float("-inf")).topk(min(n, flat.numel())).indices.tolist()
+    lines = [f"  strongest cells of {name}:"]
+    for index in order:
+        where = []
+        for axis, i in zip(axes, _coords(index, tuple(tensor.shape))):
+            labels = _labels(meta, axis)
+            where.append(f"{axis}={labels[i] if i < len(labels) else i}")
+        lines.append(f"    {_fmt(float(flat[index]))}  at {', '.join(where)}")
+    return lines
+
+
+def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]) -> None:
     axes = meta.get("axes", [])
-    flat = tensor.float().flatten().nan_to_num(float("-inf"))
-    count = min(n, flat.numel())
-    top = flat.topk(count).indices.tolist()
-    lines = []
-    for index in top:
-        coords = []
-        rest = index
-        for axis, size in reversed(list(zip(axes, tensor.shape))):
-            coords.append((axis, rest % size))
-            rest //= size
-        where = ", ".join(f"{axis}={_labels(meta, axis)[i] if _labels(meta, axis) else i}" for axis, i in reversed(coords))
-        lines.append(f"  {_fmt(float(flat[index]))}  at {where}")
-    return [f"{name}: strongest cells"] + lines
+    kind = meta.get("metric_kind")
+    decoded = meta.get("decoded")
+    if kind == "top_k" and decoded is not None:
+        for i, items in enumerate(decoded):
+            label = name if len(decoded) == 1 else f"{name}[{i}]"
+            console.print(f"  [magenta]{label}[/magenta]  {_tokens(items)}")
+        return
+    if kind == "logit_lens" and decoded is not None and tensor.ndim == 1:
+        sites = _labels(meta, "site")
+        token = meta.get("token_strs") or []
+        table = Table(title=f"{name} (logit lens)", title_justify="left", box=None, padding=(0, 1))
+        table.add_column("site", style="bold")
+        table.add_column(f"p({token[0]!r})" if token else "top-1 p", justify="right")
+        table.add_column("top tokens")
+        for i, items in enumerate(decoded):
+            table.add_row(sites[i] if i < len(sites) else str(i), f"{float(tensor[i]):.3f}", _tokens(items))
+        console.print(table)
+        return
+    if tensor.ndim == 0:
+        token = meta.get("token_strs") or []
+        what = f" ({kind} of {token[0]!r})" if kind in ("prob", "logprob", "logits") and token else ""
+        console.print(f"  [magenta]{name}[/magenta]{what} = {_fmt(float(tensor))}")
+    elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:
+        console.print(_grid(name, tensor, meta))
+        for line in _strongest(name, tensor, meta):
+            console.print(line)
+    elif tensor.ndim == 1 and tensor.numel() <= _MAX_LIST:
+        axis = axes[0] if axes else "index"
+        labels = _labels(meta, axis)
+        if axis == "token":
+            labels = [repr(t) for t in meta.get("token_strs", [])]
+        values = tensor.tolist()
+        shown = "  ".join(f"{labels[i] if i < len(labels) else i}: {_fmt(v)}" for i, v in enumerate(values))
+        console.print(f"  [magenta]{name}[/magenta] by {axis}: {shown}")
+    else:
+        console.print(f"  [magenta]{name}[/magenta] shape {list(tensor.shape)} ({' x '.join(axes)})")
+        for line in _strongest(name, tensor, meta):
+            console.print(line)
 
 
 def print_summary(results: Results, console: Console) -> None:
     manifest = results.manifest
     model = manifest.get("model", {})
     timings = manifest.get("timings", {})
+    plan = manifest.get("plan", {})
     title = manifest.get("spec", {}).get("name") or "spec"
     console.print(
-        f"[bold]{title}[/bold] on {model.get('id')} ({model.get('dtype')}, {model.get('device')}), "
-        f"{manifest.get('plan', {}).get('forwards', '?')} forward(s) in {timings.get('execute_s', 0):.2f} s"
+        f"[bold]{title}[/bold] on {model.get('id')} ({model.get('dtype')}, {model.get('device')}): "
+        f"{plan.get('rows', '?')} row(s) in {plan.get('forwards', '?')} forward(s), "
+        f"{timings.get('execute_s', 0):.2f} s"
     )
+    if results.next_tokens:
+        console.print("[bold]next tokens[/bold]")
     for invoke, per_prompt in results.next_tokens.items():
         prompts = results.prompts.get(invoke, [])
         for i, tokens in enumerate(per_prompt):
-            prompt = prompts[i] if i < len(prompts) else ""
-            shown = "  ".join(f"{tok!r} {prob:.3f}" for tok, prob in tokens)
             label = invoke if len(per_prompt) == 1 else f"{invoke}[{i}]"
-            console.print(f"  [cyan]{label}[/cyan] {_shorten(prompt)!r} -> {shown}")
+            prompt = prompts[i] if i < len(prompts) else ""
+            console.print(f"  [cyan]{label}[/cyan] {_shorten(prompt)!r}")
+            console.print(f"      -> {_tokens(tokens)}")
     tensors_meta = manifest.get("tensors", {})
-    for name, tensor in results.metrics.items():
-        meta = tensors_meta.get(name, {})
-        if name.endswith("/ids"):
-            continue
-        if meta.get("metric_kind") == "top_k":
-            decoded = meta.get("decoded")
-            if decoded:
-                for label, items in decoded.items():
-                    shown = "  ".join(f"{tok!r} {prob:.3f}" for tok, prob in items)
-                    console.print(f"  [magenta]{name}{label}[/magenta] {shown}")
-            continue
-        axes = meta.get("axes", [])
-        if tensor.ndim == 0:
-            console.print(f"  [magenta]{name}[/magenta] = {_fmt(float(tensor))}")
-        elif len(axes) == 2 and tensor.ndim == 2 and tensor.numel() <= _MAX_TABLE_CELLS:
-            console.print(_grid_table(name, tensor, meta))
-            for line in _strongest(name, tensor, meta):
-                console.print(line)
-        elif tensor.numel() <= 16:
-            labels = []
-            if axes:
-                labels = _labels(meta, axes[0])
-            values = tensor.flatten().tolist()
-            if meta.get("token_strs") and not axes:
-                labels = [repr(t) for t in meta["token_strs"]]
-            shown = ", ".join(f"{labels[i] if i < len(labels) else i}: {_fmt(v)}" for i, v in enumerate(values))
-            console.print(f"  [magenta]{name}[/magenta] [{', '.join(axes) or 'token'}] {shown}")
-        else:
-            console.print(f"  [magenta]{name}[/magenta] shape {list(tensor.shape)} axes {axes}")
-            if axes:
-                for line in _strongest(name, tensor, meta):
-                    console.print(line)
+    shown = [(n, t) for n, t in results.metrics.items() if not tensors_meta.get(n, {}).get("companion_of")]
+    if shown:
+        console.print("[bold]metrics[/bold]")
+    for name, tensor in shown:
+        _print_metric(console, name, tensor, tensors_meta.get(name, {}))
     if results.saves:
-        console.print("saved: " + ", ".join(f"{n} {list(t.shape)}" for n, t in results.saves.items()))
+        console.print("[bold]saved[/bold] " + ", ".join(f"{n} {list(t.shape)}" for n, t in results.saves.items()))
 
 
 def render_summary(results: Results, *, width: int = 120) -> str:

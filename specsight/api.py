@@ -143,6 +143,9 @@ def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[s
             suffix = ["k"]
         elif metric.kind in ("logits", "logprob", "prob") and not metric.squeeze_token:
             suffix = ["token"]
+        elif metric.kind == "logit_lens":
+            suffix = ["site"]
+            values["site"] = list(metric.sites)
         entry: dict[str, Any] = {
             "kind": "metric",
             "metric_kind": metric.kind,
@@ -155,24 +158,26 @@ def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[s
             "dtype": str(tensor.dtype).replace("torch.", ""),
             "sha256": tensor_sha256(tensor),
         }
-        if metric.kind == "top_k":
+        companions = {"top_k": ["ids"], "logit_lens": ["ids", "probs"]}.get(metric.kind, [])
+        if companions:
             ids = raw.metrics[f"{metric.name}/ids"]
+            probs = tensor if metric.kind == "top_k" else raw.metrics[f"{metric.name}/probs"]
             flat_ids = ids.reshape(-1, ids.shape[-1])
-            flat_probs = tensor.reshape(-1, tensor.shape[-1])
-            if flat_ids.shape[0] <= 16:
-                decoded = {}
-                for i in range(flat_ids.shape[0]):
-                    label = f"[{i}]" if flat_ids.shape[0] > 1 else ""
-                    decoded[label] = [
-                        (tokenizer.token_str(int(t)), round(float(p), 6)) for t, p in zip(flat_ids[i], flat_probs[i])
-                    ]
-                entry["decoded"] = decoded
-            id_tensor = raw.metrics[f"{metric.name}/ids"]
-            meta[f"{metric.name}/ids"] = {
-                **{k: v for k, v in entry.items() if k not in ("decoded",)},
-                "shape": list(id_tensor.shape),
-                "dtype": "int64",
-                "sha256": tensor_sha256(id_tensor),
+            flat_probs = probs.reshape(-1, probs.shape[-1])
+            if flat_ids.shape[0] <= 64:
+                entry["decoded"] = [
+                    [(tokenizer.token_str(int(t)), round(float(p), 6)) for t, p in zip(flat_ids[i], flat_probs[i])]
+                    for i in range(flat_ids.shape[0])
+                ]
+        for companion in companions:
+            extra = raw.metrics[f"{metric.name}/{companion}"]
+            meta[f"{metric.name}/{companion}"] = {
+                **{k: v for k, v in entry.items() if k != "decoded"},
+                "axes": entry["axes"] + (["k"] if metric.kind == "logit_lens" else []),
+                "companion_of": metric.name,
+                "shape": list(extra.shape),
+                "dtype": str(extra.dtype).replace("torch.", ""),
+                "sha256": tensor_sha256(extra),
             }
         meta[metric.name] = entry
     for save in plan.saves:

@@ -125,7 +125,9 @@ def run(spec_path: Path, out: Path | None, device: str | None, max_batch: int, a
 
     from ._summary import print_summary
 
-    print_summary(results, Console(highlight=False))
+    import shutil
+
+    print_summary(results, Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120)))
     if out:
         click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
 

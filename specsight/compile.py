@@ -10,56 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import spec as S
-from ._positions import PositionError, resolve_position, resolve_positions
+from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, _plain
+from ._compile_metrics import compile_metric
+from ._positions import PositionError, resolve_positions
 from ._sweep import Grid, GridError, expand_grid, placeholders, substitute
-from .errors import Issue, SpecError, did_you_mean
+from .errors import SpecError, did_you_mean, format_path
 from .load import LoadedDoc, from_data
 from .modelinfo import ModelInfo
-from .plan import Forward, Plan, PlanMetric, PlanSave, Row, RowOp
+from .plan import Forward, Plan, PlanSave, Row, RowOp
 from .sites import Site, SiteError, resolve_site
 from .tokenizer import Tokenizer
 
 __all__ = ["compile_plan", "DEFAULT_MAX_BATCH", "MAX_ISSUES"]
 
 DEFAULT_MAX_BATCH = 64
-MAX_ISSUES = 50
-_Path = tuple[Any, ...]
-
-
-class _Abort(Exception):
-    """Raised inside one op or metric after its issue is recorded."""
-
-
-@dataclass
-class _Ctx:
-    spec: S.Spec
-    info: ModelInfo
-    tok: Tokenizer
-    doc: LoadedDoc
-    allow_files: bool
-    issues: dict[tuple[_Path, str], Issue] = field(default_factory=dict)
-    tokens: dict[str, list[list[int]]] = field(default_factory=dict)
-    grids: dict[str, Grid] = field(default_factory=dict)
-    rows: list[Row] = field(default_factory=list)
-    row_index: dict[tuple[str, int, int], int] = field(default_factory=dict)
-    ops: list[RowOp] = field(default_factory=list)
-    captures: dict[str, RowOp] = field(default_factory=dict)
-    vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    save_names: dict[str, tuple[str, int]] = field(default_factory=dict)
-    save_keys: dict[str, list[str]] = field(default_factory=dict)
-    save_npos: dict[str, list[int]] = field(default_factory=dict)
-    save_meta: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-    def fail(self, code: str, message: str, path: _Path, hint: str | None = None) -> _Abort:
-        key = (path, message)
-        if key not in self.issues and len(self.issues) < MAX_ISSUES:
-            line, col = self.doc.source.locate(path)
-            self.issues[key] = Issue(code, message, path, self.doc.file, line, col, hint)
-        return _Abort()
 
 
 def compile_plan(
@@ -86,7 +53,7 @@ def compile_plan(
     _check_issues(ctx)
     for name in order:
         _compile_ops(ctx, name)
-    metrics = [_compile_metric(ctx, name, metric) for name, metric in spec.metrics.items()]
+    metrics = [compile_metric(ctx, name, metric) for name, metric in spec.metrics.items()]
     _check_issues(ctx)
     forwards = _pack(ctx, stages, max_batch)
     ops = list(ctx.captures.values()) + ctx.ops
@@ -322,14 +289,6 @@ def _positions(ctx: _Ctx, selectors: Any, tokens: list[int], path: _Path) -> lis
         raise ctx.fail("bad-position", exc.message, path, exc.hint) from None
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, S.TokenSelector):
-        return value.model_dump()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _site_width(ctx: _Ctx, site: Site) -> int | None:
     if site.name == "logits":
         return ctx.info.vocab_size
@@ -353,7 +312,7 @@ def _compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cel
             row = ctx.row_index[(invoke, cell, prompt_index)]
             positions = _positions(ctx, op.positions, tokens, path + ("positions",))
             common = dict(site=site.name, module=site.module, io=site.io, row=row, positions=tuple(positions))
-            common["origin"] = ".".join(str(p) for p in path)
+            common["origin"] = format_path(path)
             if isinstance(op, S.SaveOp):
                 if len(sites) > 1:
                     save_name = _default_save_name(invoke, site.name)
@@ -515,78 +474,6 @@ def _read_vector_file(ctx: _Ctx, source: S.FileVector, path: _Path) -> tuple[flo
     if array.ndim != 1:
         raise ctx.fail("vector-shape", f"vector in '{source.file}' has shape {list(array.shape)}; expected one dimension", path + ("file",))
     return tuple(float(v) for v in array.astype("float64").tolist())
-
-
-# --- metrics -------------------------------------------------------------------------------
-
-
-def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
-    if isinstance(ref, int):
-        if ref >= ctx.info.vocab_size:
-            raise ctx.fail("bad-token", f"token id {ref} is outside the vocabulary ({ctx.info.vocab_size})", path)
-        return ref
-    ids = ctx.tok.encode_plain(ref)
-    if len(ids) != 1:
-        pieces = " + ".join(repr(t) for t in ctx.tok.token_strs(ids))
-        raise ctx.fail(
-            "multi-token",
-            f"{ref!r} is {len(ids)} tokens ({pieces}), a metric needs one token",
-            path,
-            "use a single token (often with a leading space, e.g. ' Paris') or a token id",
-        )
-    return ids[0]
-
-
-def _compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
-    path: _Path = ("metrics", name)
-    if metric.invoke not in ctx.spec.invokes:
-        hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(ctx.spec.invokes)
-        ctx.fail("unknown-invoke", f"no invoke named '{metric.invoke}'", path + ("invoke",), hint)
-        return None
-    try:
-        grid = ctx.grids[metric.invoke]
-        cells = len(grid.cells()) if grid.axes else 1
-        prompts = ctx.tokens[metric.invoke]
-        rows, positions = [], []
-        for cell in range(cells):
-            for prompt_index, tokens in enumerate(prompts):
-                rows.append(ctx.row_index[(metric.invoke, cell, prompt_index)])
-                try:
-                    picked = resolve_position(_plain(metric.position), tokens, ctx.tok)
-                except PositionError as exc:
-                    raise ctx.fail("bad-position", exc.message, path + ("position",), exc.hint) from None
-                if len(picked) != 1:
-                    raise ctx.fail("bad-position", f"a metric reads one position; this selects {len(picked)}", path + ("position",))
-                positions.append(picked[0])
-        tokens_ref: list[str | int] = []
-        squeeze = False
-        if metric.kind == "logit_diff":
-            tokens_ref = [metric.target, metric.foil]
-            token_paths = [path + ("target",), path + ("foil",)]
-        elif metric.kind == "top_k":
-            token_paths = []
-        else:
-            squeeze = metric.token is not None
-            tokens_ref = [metric.token] if squeeze else list(metric.tokens)
-            token_paths = [path + ("token",)] if squeeze else [path + ("tokens", i) for i in range(len(tokens_ref))]
-        ids = [_token_id(ctx, ref, p) for ref, p in zip(tokens_ref, token_paths)]
-    except _Abort:
-        return None
-    axes = tuple(grid.axes) + (("prompt",) if isinstance(ctx.spec.invokes[metric.invoke].prompt, list) else ())
-    shape = tuple(grid.shape) + ((len(prompts),) if "prompt" in axes else ())
-    return PlanMetric(
-        name=name,
-        kind=metric.kind,
-        invoke=metric.invoke,
-        rows=tuple(rows),
-        positions=tuple(positions),
-        tokens=tuple(ids),
-        token_strs=tuple(ctx.tok.token_str(i) for i in ids),
-        k=getattr(metric, "k", None),
-        squeeze_token=squeeze,
-        axes=axes,
-        shape=shape,
-    )
 
 
 # --- packing and results layout ------------------------------------------------------------

@@ -214,6 +214,13 @@ class _Runner:
 
     def _apply(self, group: _Group, hidden: torch.Tensor) -> None:
         kind = group.kind
+        if group.vectors is not None and group.vectors.shape[-1] != hidden.shape[-1]:
+            op = group.ops[0]
+            raise RunError(
+                f"{op.origin}: the {kind} vector has {group.vectors.shape[-1]} values but site "
+                f"'{op.site}' has width {hidden.shape[-1]}",
+                hint=f"give {hidden.shape[-1]} values",
+            )
         try:
             if group.rows is not None:
                 index = (group.rows, group.positions)
@@ -325,6 +332,8 @@ def execute(
                     hint="lower --max-batch",
                 ) from None
             for metric in plan.metrics:
+                if metric.kind == "logit_lens":
+                    continue
                 slots = metric_slots[metric.name]
                 picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
                 if not picked:
@@ -348,8 +357,13 @@ def execute(
             done += len(forward.rows)
             if progress is not None:
                 progress(done, len(plan.rows))
+    for metric in plan.metrics:
+        if metric.kind == "logit_lens":
+            out.metrics.update(_logit_lens(metric, runner.store, dict(model.named_modules())))
     out.timings["execute_s"] = time.perf_counter() - started
     for metric in plan.metrics:
+        if metric.kind == "logit_lens":
+            continue
         values = metric_buf[metric.name]
         suffix = tuple(values.shape[1:])
         if metric.squeeze_token and suffix:
@@ -361,6 +375,22 @@ def execute(
     for save in plan.saves:
         out.saves[save.name] = _assemble(save.keys, save.shape, runner.store)
     return out
+
+
+def _logit_lens(metric: Any, store: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Decode stored residuals through the final norm and unembedding (after hooks are gone)."""
+    norm, unembed = (modules[name] for name in metric.lens_modules)
+    hidden = torch.cat([store[key] for key in metric.store_keys])
+    with torch.inference_mode():
+        probs = torch.softmax(unembed(norm(hidden.unsqueeze(0)))[0].float(), -1)
+    top_probs, top_ids = probs.topk(metric.k or 5, dim=-1)
+    shape = (*metric.shape, len(metric.sites))
+    headline = probs[:, metric.tokens[0]] if metric.tokens else top_probs[:, 0]
+    return {
+        metric.name: headline.cpu().reshape(shape),
+        f"{metric.name}/ids": top_ids.cpu().reshape(*shape, -1),
+        f"{metric.name}/probs": top_probs.cpu().reshape(*shape, -1),
+    }
 
 
 def _assemble(keys: tuple[str, ...], shape: tuple[int, ...], store: dict[str, torch.Tensor]) -> torch.Tensor:

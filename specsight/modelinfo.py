@@ -1,6 +1,6 @@
 """ModelInfo: everything the compiler needs to know about a model, as plain data.
 
-A ModelInfo is built once from a loaded (or meta-device) model by :func:`specsight.models.model_info`
+A ModelInfo is built once from a loaded (or meta-device) model by :func:`specsight.models.model_info_from_module`
 and can be stored as JSON, so compiling a spec never needs torch or the weights.
 """
 

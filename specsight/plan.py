@@ -77,6 +77,11 @@ class PlanMetric:
     squeeze_token: bool = False
     axes: tuple[str, ...] = ()
     shape: tuple[int, ...] = ()
+    #: logit lens: the decoded sites, the stored values (row-major rows x sites), and the
+    #: final-norm and unembedding modules applied to them
+    sites: tuple[str, ...] = ()
+    store_keys: tuple[str, ...] = ()
+    lens_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

