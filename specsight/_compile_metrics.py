@@ -16,7 +16,11 @@ __all__ = ["compile_metric"]
 def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
     if isinstance(ref, int):
         if ref >= ctx.info.vocab_size:
-            raise ctx.fail("bad-token", f"token id {ref} is outside the vocabulary ({ctx.info.vocab_size})", path)
+            raise ctx.fail(
+                "bad-token",
+                f"token id {ref} is outside the vocabulary ({ctx.info.vocab_size})",
+                path,
+            )
         return ref
     ids = ctx.tok.encode_plain(ref)
     if len(ids) != 1:
@@ -33,7 +37,9 @@ def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
 def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
     path: _Path = ("metrics", name)
     if metric.invoke not in ctx.spec.invokes:
-        hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(ctx.spec.invokes)
+        hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(
+            ctx.spec.invokes
+        )
         ctx.fail("unknown-invoke", f"no invoke named '{metric.invoke}'", path + ("invoke",), hint)
         return None
     try:
@@ -47,9 +53,15 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
                 try:
                     picked = resolve_position(_plain(metric.position), tokens, ctx.tok)
                 except PositionError as exc:
-                    raise ctx.fail("bad-position", exc.message, path + ("position",), exc.hint) from None
+                    raise ctx.fail(
+                        "bad-position", exc.message, path + ("position",), exc.hint
+                    ) from None
                 if len(picked) != 1:
-                    raise ctx.fail("bad-position", f"a metric reads one position; this selects {len(picked)}", path + ("position",))
+                    raise ctx.fail(
+                        "bad-position",
+                        f"a metric reads one position; this selects {len(picked)}",
+                        path + ("position",),
+                    )
                 positions.append(picked[0])
         tokens_ref: list[str | int] = []
         squeeze = False
@@ -66,11 +78,17 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
         else:
             squeeze = metric.token is not None
             tokens_ref = [metric.token] if squeeze else list(metric.tokens)
-            token_paths = [path + ("token",)] if squeeze else [path + ("tokens", i) for i in range(len(tokens_ref))]
+            token_paths = (
+                [path + ("token",)]
+                if squeeze
+                else [path + ("tokens", i) for i in range(len(tokens_ref))]
+            )
         ids = [_token_id(ctx, ref, p) for ref, p in zip(tokens_ref, token_paths)]
     except _Abort:
         return None
-    axes = tuple(grid.axes) + (("prompt",) if isinstance(ctx.spec.invokes[metric.invoke].prompt, list) else ())
+    axes = tuple(grid.axes) + (
+        ("prompt",) if isinstance(ctx.spec.invokes[metric.invoke].prompt, list) else ()
+    )
     shape = tuple(grid.shape) + ((len(prompts),) if "prompt" in axes else ())
     extra = {}
     if metric.kind == "logit_lens":
@@ -91,7 +109,9 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
     )
 
 
-def _lens(ctx: _Ctx, name: str, metric: Any, rows: list[int], positions: list[int], path: _Path) -> tuple:
+def _lens(
+    ctx: _Ctx, name: str, metric: Any, rows: list[int], positions: list[int], path: _Path
+) -> tuple:
     """Save ops feeding a logit lens, and the modules that decode what they save."""
     if ctx.info.family is None:
         raise ctx.fail(
@@ -110,9 +130,16 @@ def _lens(ctx: _Ctx, name: str, metric: Any, rows: list[int], positions: list[in
             key = f"lens/{name}/{row}/{site.name}"
             keys.append(key)
             ctx.ops.append(
-                RowOp("save", site.name, site.module, site.io, row, (pos,), store=key, origin=format_path(path))
+                RowOp(
+                    "save",
+                    site.name,
+                    site.module,
+                    site.io,
+                    row,
+                    (pos,),
+                    store=key,
+                    origin=format_path(path),
+                )
             )
     modules = (table["final_norm"][0], table["logits"][0])
     return tuple(s.name for s in sites), tuple(keys), modules
-
-

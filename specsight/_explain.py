@@ -53,8 +53,12 @@ def explain_plan(plan: Plan) -> str:
             f"  {name}: {inv['prompts']} prompt(s) of {tokens} tokens{sweep}, {rows} row(s), stage {inv['stage']}"
         )
     sizes = Counter(len(f.rows) for f in plan.forwards)
-    size_text = ", ".join(f"{count} x {rows} rows" for rows, count in sorted(sizes.items(), reverse=True))
-    lines.append(f"forwards: {len(plan.forwards)} ({size_text}; at most {plan.max_batch} rows each)")
+    size_text = ", ".join(
+        f"{count} x {rows} rows" for rows, count in sorted(sizes.items(), reverse=True)
+    )
+    lines.append(
+        f"forwards: {len(plan.forwards)} ({size_text}; at most {plan.max_batch} rows each)"
+    )
     for i, fwd in enumerate(plan.forwards[:6]):
         invokes = sorted({plan.rows[r].invoke for r in fwd.rows})
         lines.append(
@@ -84,12 +88,16 @@ def explain_plan(plan: Plan) -> str:
                 what = f"{metric.kind}({', '.join(repr(t) for t in metric.token_strs)})"
             shape = " x ".join(f"{a}={n}" for a, n in zip(metric.axes, metric.shape)) or "scalar"
             positions = _ranges(list(metric.positions))
-            lines.append(f"  {metric.name}: {what} on {metric.invoke} @ position {positions} -> [{shape}]")
+            lines.append(
+                f"  {metric.name}: {what} on {metric.invoke} @ position {positions} -> [{shape}]"
+            )
     if plan.saves:
         lines.append("saves:")
         for save in plan.saves:
             shape = " x ".join(f"{a}={n}" for a, n in zip(save.axes, save.shape))
-            lines.append(f"  {save.name}: {save.site} [{shape + ' x ' if shape else ''}positions x width]")
+            lines.append(
+                f"  {save.name}: {save.site} [{shape + ' x ' if shape else ''}positions x width]"
+            )
     mem = plan.memory_estimate
     if mem:
         lines.append(

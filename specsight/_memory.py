@@ -34,7 +34,9 @@ def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
     peak = 0
     for forward in plan.forwards:
         b, t = len(forward.rows), forward.seq_len
-        per_layer = b * t * (4 * info.d_model + 2 * d_mlp) * width + b * info.n_heads * t * t * width
+        per_layer = (
+            b * t * (4 * info.d_model + 2 * d_mlp) * width + b * info.n_heads * t * t * width
+        )
         logits = b * t * info.vocab_size * 4
         peak = max(peak, per_layer + logits)
     stored = 0
@@ -42,4 +44,9 @@ def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
         if op.kind in ("capture", "save"):
             stored += len(op.positions) * info.d_model * width
     weights = _param_count(info) * width
-    return {"weights": weights, "activations": peak, "stored": stored, "total": weights + peak + stored}
+    return {
+        "weights": weights,
+        "activations": peak,
+        "stored": stored,
+        "total": weights + peak + stored,
+    }

@@ -36,7 +36,9 @@ def _index(value: int, n: int) -> int:
     return value % n
 
 
-def _token_positions(selector: dict[str, Any], tokens: list[int], tokenizer: Tokenizer) -> list[int]:
+def _token_positions(
+    selector: dict[str, Any], tokens: list[int], tokenizer: Tokenizer
+) -> list[int]:
     text = selector["token"]
     occurrence = selector.get("occurrence", 1)
     needle = tokenizer.encode_plain(text)
@@ -52,9 +54,15 @@ def _token_positions(selector: dict[str, Any], tokens: list[int], tokenizer: Tok
             f"the prompt's tokens are {shown}",
         )
     if not -len(matches) <= (occurrence - 1 if occurrence > 0 else occurrence) < len(matches):
+        count = "only once" if len(matches) == 1 else f"only {len(matches)} times"
+        choices = (
+            "1 or -1"
+            if len(matches) == 1
+            else f"1..{len(matches)}, or -1..-{len(matches)} from the end"
+        )
         raise PositionError(
-            f"token {text!r} occurs {len(matches)} time(s); occurrence {occurrence} does not exist",
-            f"use occurrence 1..{len(matches)} or -1 for the last",
+            f"token {text!r} occurs {count} in the prompt; there is no occurrence {occurrence}",
+            f"use occurrence {choices}",
         )
     start = matches[occurrence - 1] if occurrence > 0 else matches[occurrence]
     return list(range(start, start + len(needle)))

@@ -6,6 +6,7 @@ import io
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -34,6 +35,8 @@ def _tokens(items: list[Any]) -> str:
 
 
 def _labels(meta: dict[str, Any], axis: str) -> list[str]:
+    if axis == "token":
+        return [repr(t) for t in meta.get("token_strs", [])]
     labels = meta.get("axis_labels", {}).get(axis)
     if labels:
         return [str(label) for label in labels]
@@ -45,7 +48,11 @@ def _style(value: float, lo: float, hi: float) -> str:
         return ""
     if lo < 0 < hi:  # diverging around zero
         scale = value / (hi if value > 0 else -lo)
-        return "bold green" if scale > 0.5 else ("bold red" if scale < -0.5 else ("green" if scale > 0.2 else ""))
+        return (
+            "bold green"
+            if scale > 0.5
+            else ("bold red" if scale < -0.5 else ("green" if scale > 0.2 else ""))
+        )
     frac = (value - lo) / (hi - lo)
     return "bold green" if frac > 0.75 else ("dim" if frac < 0.25 else "")
 
@@ -57,14 +64,22 @@ def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
     data = tensor.float()
     finite = data.nan_to_num(0)
     lo, hi = float(finite.min()), float(finite.max())
-    table = Table(title=f"{name} [{axes[0]} x {axes[1]}]", title_justify="left", box=None, padding=(0, 1))
+    table = Table(
+        title=f"{name} [{axes[0]} x {axes[1]}]", title_justify="left", box=None, padding=(0, 1)
+    )
     table.add_column(axes[0], justify="right", style="bold")
     for label in cols_label or [str(i) for i in range(data.shape[1])]:
-        index, _, token = label.partition(":")
-        table.add_column(f"{index}\n{_shorten(token, 8)}" if token else label, justify="right")
+        index, sep, token = label.partition(":")
+        table.add_column(
+            Text(f"{index}\n{_shorten(token, 8)}" if sep and index.isdigit() else label),
+            justify="right",
+        )
     for i in range(data.shape[0]):
         label = rows_label[i] if i < len(rows_label) else str(i)
-        table.add_row(label, *[Text(_fmt(float(v), 2), style=_style(float(v), lo, hi)) for v in data[i]])
+        digits = 3 if max(abs(lo), abs(hi)) < 1 else 2
+        table.add_row(
+            label, *[Text(_fmt(float(v), digits), style=_style(float(v), lo, hi)) for v in data[i]]
+        )
     return table
 
 
@@ -95,9 +110,14 @@ def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]
     kind = meta.get("metric_kind")
     decoded = meta.get("decoded")
     if kind == "top_k" and decoded is not None:
+        cell_axes = axes[:-1]
         for i, items in enumerate(decoded):
-            label = name if len(decoded) == 1 else f"{name}[{i}]"
-            console.print(f"  [magenta]{label}[/magenta]  {_tokens(items)}")
+            where = []
+            for axis, j in zip(cell_axes, _coords(i, tuple(tensor.shape[:-1]))):
+                labels = _labels(meta, axis)
+                where.append(f"{axis}={labels[j] if j < len(labels) else j}")
+            label = f"{name}[{', '.join(where)}]" if where else name
+            console.print(f"  [magenta]{escape(label)}[/magenta]  {escape(_tokens(items))}")
         return
     if kind == "logit_lens" and decoded is not None and tensor.ndim == 1:
         sites = _labels(meta, "site")
@@ -107,29 +127,37 @@ def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]
         table.add_column(f"p({token[0]!r})" if token else "top-1 p", justify="right")
         table.add_column("top tokens")
         for i, items in enumerate(decoded):
-            table.add_row(sites[i] if i < len(sites) else str(i), f"{float(tensor[i]):.3f}", _tokens(items))
+            table.add_row(
+                sites[i] if i < len(sites) else str(i),
+                f"{float(tensor[i]):.3f}",
+                Text(_tokens(items)),
+            )
         console.print(table)
         return
     if tensor.ndim == 0:
         token = meta.get("token_strs") or []
-        what = f" ({kind} of {token[0]!r})" if kind in ("prob", "logprob", "logits") and token else ""
-        console.print(f"  [magenta]{name}[/magenta]{what} = {_fmt(float(tensor))}")
+        what = (
+            f" ({kind} of {token[0]!r})" if kind in ("prob", "logprob", "logits") and token else ""
+        )
+        console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what)} = {_fmt(float(tensor))}")
     elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:
         console.print(_grid(name, tensor, meta))
         for line in _strongest(name, tensor, meta):
-            console.print(line)
+            console.print(line, markup=False)
     elif tensor.ndim == 1 and tensor.numel() <= _MAX_LIST:
         axis = axes[0] if axes else "index"
         labels = _labels(meta, axis)
-        if axis == "token":
-            labels = [repr(t) for t in meta.get("token_strs", [])]
         values = tensor.tolist()
-        shown = "  ".join(f"{labels[i] if i < len(labels) else i}: {_fmt(v)}" for i, v in enumerate(values))
-        console.print(f"  [magenta]{name}[/magenta] by {axis}: {shown}")
+        shown = "  ".join(
+            f"{labels[i] if i < len(labels) else i}: {_fmt(v)}" for i, v in enumerate(values)
+        )
+        console.print(f"  [magenta]{escape(name)}[/magenta] by {axis}: {escape(shown)}")
     else:
-        console.print(f"  [magenta]{name}[/magenta] shape {list(tensor.shape)} ({' x '.join(axes)})")
+        console.print(
+            f"  [magenta]{escape(name)}[/magenta] shape {list(tensor.shape)} ({' x '.join(axes)})"
+        )
         for line in _strongest(name, tensor, meta):
-            console.print(line)
+            console.print(line, markup=False)
 
 
 def print_summary(results: Results, console: Console) -> None:
@@ -139,7 +167,7 @@ def print_summary(results: Results, console: Console) -> None:
     plan = manifest.get("plan", {})
     title = manifest.get("spec", {}).get("name") or "spec"
     console.print(
-        f"[bold]{title}[/bold] on {model.get('id')} ({model.get('dtype')}, {model.get('device')}): "
+        f"[bold]{escape(str(title))}[/bold] on {escape(str(model.get('id')))} ({model.get('dtype')}, {model.get('device')}): "
         f"{plan.get('rows', '?')} row(s) in {plan.get('forwards', '?')} forward(s), "
         f"{timings.get('execute_s', 0):.2f} s"
     )
@@ -150,20 +178,29 @@ def print_summary(results: Results, console: Console) -> None:
         for i, tokens in enumerate(per_prompt):
             label = invoke if len(per_prompt) == 1 else f"{invoke}[{i}]"
             prompt = prompts[i] if i < len(prompts) else ""
-            console.print(f"  [cyan]{label}[/cyan] {_shorten(prompt)!r}")
-            console.print(f"      -> {_tokens(tokens)}")
+            console.print(f"  [cyan]{escape(label)}[/cyan] {escape(repr(_shorten(prompt)))}")
+            console.print(f"      -> {escape(_tokens(tokens))}")
     tensors_meta = manifest.get("tensors", {})
-    shown = [(n, t) for n, t in results.metrics.items() if not tensors_meta.get(n, {}).get("companion_of")]
+    shown = [
+        (n, t)
+        for n, t in results.metrics.items()
+        if not tensors_meta.get(n, {}).get("companion_of")
+    ]
     if shown:
         console.print("[bold]metrics[/bold]")
     for name, tensor in shown:
         _print_metric(console, name, tensor, tensors_meta.get(name, {}))
     if results.saves:
-        console.print("[bold]saved[/bold] " + ", ".join(f"{n} {list(t.shape)}" for n, t in results.saves.items()))
+        console.print(
+            "[bold]saved[/bold] "
+            + escape(", ".join(f"{n} {list(t.shape)}" for n, t in results.saves.items()))
+        )
 
 
 def render_summary(results: Results, *, width: int = 120) -> str:
     buffer = io.StringIO()
-    console = Console(file=buffer, width=width, no_color=True, highlight=False, force_terminal=False)
+    console = Console(
+        file=buffer, width=width, no_color=True, highlight=False, force_terminal=False
+    )
     print_summary(results, console)
     return buffer.getvalue()

@@ -53,7 +53,12 @@ def _range_values(axis: str, text: str, size: int | None) -> list[int]:
         return list(range(start, stop, step or 1))
     picked = list(range(size))[slice(start, stop, step)]
     if not picked:
-        raise GridError(axis, f"range '{text}' selects nothing out of {size}")
+        what = "layers" if axis == "layer" else "positions"
+        raise GridError(
+            axis,
+            f"range '{text}' selects none of the {size} {what}",
+            f"use a range inside 0:{size}",
+        )
     return picked
 
 
@@ -61,7 +66,11 @@ def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> l
     size = sizes.get(axis)
     if spec_values == "all":
         if axis not in sizes:
-            raise GridError(axis, f"'all' only applies to layer and pos, not to '{axis}'", "list the values")
+            raise GridError(
+                axis,
+                f"'all' only applies to layer and pos, not to '{axis}'",
+                f"list the values, e.g. {axis}: [0.5, 1.0, 2.0]",
+            )
         if size is None:
             raise GridError(
                 axis,
@@ -78,7 +87,13 @@ def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> l
             if not isinstance(value, int) or isinstance(value, bool):
                 raise GridError(axis, f"{axis} values must be integers, got {value!r}")
             if bound is not None and not -bound <= value < bound:
-                raise GridError(axis, f"{axis} {value} is out of range (0..{bound - 1})")
+                what = "layers" if axis == "layer" else "tokens"
+                owner = "the model" if axis == "layer" else "the prompt"
+                raise GridError(
+                    axis,
+                    f"{axis} {value} is out of range: {owner} has {bound} {what}",
+                    f"use 0..{bound - 1}, or -1..-{bound} from the end",
+                )
         if bound is not None:
             values = [v % bound for v in values]
     return values
@@ -108,9 +123,10 @@ def placeholders(obj: Any) -> set[str]:
 def substitute(obj: Any, variables: dict[str, Any]) -> Any:
     """Replace placeholders: a string that is exactly ``{var}`` becomes the value itself."""
     if isinstance(obj, str):
-        whole = _PLACEHOLDER.fullmatch(obj)
+        whole = _PLACEHOLDER.fullmatch(obj.removeprefix("-"))
         if whole and whole.group(1) in variables:
-            return variables[whole.group(1)]
+            value = variables[whole.group(1)]
+            return -value if obj.startswith("-") and isinstance(value, int | float) else value
         return _PLACEHOLDER.sub(
             lambda m: str(variables[m.group(1)]) if m.group(1) in variables else m.group(0), obj
         )

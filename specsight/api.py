@@ -55,7 +55,9 @@ def compile_plan(
     allow_files: bool = True,
 ) -> Plan:
     """Compile a spec for a model described by ``info`` (no torch needed)."""
-    return _compile(spec, info, tokenizer, doc=doc_of(spec), max_batch=max_batch, allow_files=allow_files)
+    return _compile(
+        spec, info, tokenizer, doc=doc_of(spec), max_batch=max_batch, allow_files=allow_files
+    )
 
 
 def _as_spec(source: Any) -> Spec:
@@ -136,7 +138,11 @@ def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[s
     for metric in plan.metrics:
         axes = list(metric.axes)
         values = {a: plan.axis_values.get(metric.invoke, {}).get(a) for a in axes}
-        labels = {a: plan.axis_labels.get(metric.invoke, {}).get(a) for a in axes if plan.axis_labels.get(metric.invoke, {}).get(a)}
+        labels = {
+            a: plan.axis_labels.get(metric.invoke, {}).get(a)
+            for a in axes
+            if plan.axis_labels.get(metric.invoke, {}).get(a)
+        }
         tensor = raw.metrics[metric.name]
         suffix = []
         if metric.kind == "top_k":
@@ -166,7 +172,10 @@ def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[s
             flat_probs = probs.reshape(-1, probs.shape[-1])
             if flat_ids.shape[0] <= 64:
                 entry["decoded"] = [
-                    [(tokenizer.token_str(int(t)), round(float(p), 6)) for t, p in zip(flat_ids[i], flat_probs[i])]
+                    [
+                        (tokenizer.token_str(int(t)), round(float(p), 6))
+                        for t, p in zip(flat_ids[i], flat_probs[i])
+                    ]
                     for i in range(flat_ids.shape[0])
                 ]
         for companion in companions:
@@ -196,7 +205,14 @@ def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[s
     return meta
 
 
-def _manifest(spec: Spec, doc: LoadedDoc | None, plan: Plan, model: LoadedModel, raw: Any, timings: dict[str, float]) -> dict[str, Any]:
+def _manifest(
+    spec: Spec,
+    doc: LoadedDoc | None,
+    plan: Plan,
+    model: LoadedModel,
+    raw: Any,
+    timings: dict[str, float],
+) -> dict[str, Any]:
     return {
         "format": "specsight-manifest-1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -50,16 +50,23 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:  # a bug in specsight, not a user mistake
             if as_json:
-                click.echo(json.dumps({"ok": False, "error": "InternalError", "message": repr(exc)}))
+                click.echo(
+                    json.dumps({"ok": False, "error": "InternalError", "message": repr(exc)})
+                )
             else:
                 traceback.print_exc()
-                click.echo(f"internal error: {exc!r} (this is a bug in specsight; please report it)", err=True)
+                click.echo(
+                    f"internal error: {exc!r} (this is a bug in specsight; please report it)",
+                    err=True,
+                )
             sys.exit(1)
 
     return wrapper
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print results or errors as JSON.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print results or errors as JSON."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,12 +100,24 @@ def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write results.safetensors and manifest.json here.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write results.safetensors and manifest.json here.",
+)
 @click.option("--device", help="Override the spec's device (cpu, cuda, cuda:1, mps).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Rows per forward at most.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Rows per forward at most.",
+)
 @json_option
 @_guard
-def run(spec_path: Path, out: Path | None, device: str | None, max_batch: int, as_json: bool) -> None:
+def run(
+    spec_path: Path, out: Path | None, device: str | None, max_batch: int, as_json: bool
+) -> None:
     """Validate, compile and run SPEC on this machine."""
     from .api import run as run_spec
     from .results import Results
@@ -106,7 +125,9 @@ def run(spec_path: Path, out: Path | None, device: str | None, max_batch: int, a
     show_progress = not as_json and sys.stderr.isatty()
     callback, progress = _progress_callback(show_progress)
     try:
-        results: Results = run_spec(spec_path, out=out, device=device, max_batch=max_batch, progress=callback)
+        results: Results = run_spec(
+            spec_path, out=out, device=device, max_batch=max_batch, progress=callback
+        )
     finally:
         if progress is not None and progress.live.is_started:
             progress.stop()
@@ -121,19 +142,23 @@ def run(spec_path: Path, out: Path | None, device: str | None, max_batch: int, a
         }
         click.echo(json.dumps(payload, indent=2))
         return
+    import shutil
+
     from rich.console import Console
 
     from ._summary import print_summary
 
-    import shutil
-
-    print_summary(results, Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120)))
+    print_summary(
+        results, Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120))
+    )
     if out:
         click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
 
 
 @main.command()
-@click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument(
+    "spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(path_type=Path)
+)
 @json_option
 @_guard
 def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
@@ -152,7 +177,9 @@ def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
                 click.echo(exc.render(), err=True)
     if as_json:
         issues = [i.to_dict() for exc in failures for i in exc.issues]
-        click.echo(json.dumps({"ok": not failures, "checked": len(spec_paths), "issues": issues}, indent=2))
+        click.echo(
+            json.dumps({"ok": not failures, "checked": len(spec_paths), "issues": issues}, indent=2)
+        )
     if failures:
         sys.exit(2)
 
@@ -168,7 +195,9 @@ def plan(spec_path: Path, max_batch: int, as_json: bool) -> None:
     from .models import load_model_info
 
     spec = load_spec(spec_path)
-    info, tokenizer = load_model_info(spec.model.id, dtype=spec.model.dtype, revision=spec.model.revision, seed=spec.model.seed)
+    info, tokenizer = load_model_info(
+        spec.model.id, dtype=spec.model.dtype, revision=spec.model.revision, seed=spec.model.seed
+    )
     compiled = compile_plan(spec, info, tokenizer, max_batch=max_batch)
     if as_json:
         click.echo(compiled.to_json())
@@ -177,8 +206,21 @@ def plan(spec_path: Path, max_batch: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--check", "check_path", type=click.Path(dir_okay=False, path_type=Path), default=None, is_flag=False, flag_value="schemas/spec.v1.json", help="Fail if this file differs from the current schema (default schemas/spec.v1.json).")
-@click.option("--write", "write_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the schema to this file.")
+@click.option(
+    "--check",
+    "check_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    is_flag=False,
+    flag_value="schemas/spec.v1.json",
+    help="Fail if this file differs from the current schema (default schemas/spec.v1.json).",
+)
+@click.option(
+    "--write",
+    "write_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the schema to this file.",
+)
 def schema(check_path: Path | None, write_path: Path | None) -> None:
     """Print the JSON Schema of spec v1 (or check / write a copy of it)."""
     from .spec import json_schema
@@ -186,7 +228,10 @@ def schema(check_path: Path | None, write_path: Path | None) -> None:
     text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
     if check_path is not None:
         if not check_path.exists() or check_path.read_text() != text:
-            click.echo(f"{check_path} is stale: regenerate it with `specsight schema --write {check_path}`", err=True)
+            click.echo(
+                f"{check_path} is stale: regenerate it with `specsight schema --write {check_path}`",
+                err=True,
+            )
             sys.exit(1)
         click.echo(f"{check_path} is up to date")
         return

@@ -121,7 +121,9 @@ def _tokenize(ctx: _Ctx) -> None:
     for name, invoke in ctx.spec.invokes.items():
         ids_list = []
         for i, prompt in enumerate(invoke.prompts):
-            path: _Path = ("invokes", name, "prompt") + ((i,) if isinstance(invoke.prompt, list) else ())
+            path: _Path = ("invokes", name, "prompt") + (
+                (i,) if isinstance(invoke.prompt, list) else ()
+            )
             ids = ctx.tok.encode(prompt)
             if not ids:
                 ctx.fail("empty-prompt", "prompt encodes to no tokens", path)
@@ -180,9 +182,13 @@ def _stages(ctx: _Ctx) -> dict[str, int]:
             if kind == "invoke":
                 if ref not in ctx.spec.invokes:
                     hint = did_you_mean(ref, names) or "invokes: " + ", ".join(names)
-                    ctx.fail("unknown-invoke", f"no invoke named '{ref}'", op_path + ("from",), hint)
+                    ctx.fail(
+                        "unknown-invoke", f"no invoke named '{ref}'", op_path + ("from",), hint
+                    )
                 elif ref == name:
-                    ctx.fail("self-patch", "an invoke cannot patch from itself", op_path + ("from",))
+                    ctx.fail(
+                        "self-patch", "an invoke cannot patch from itself", op_path + ("from",)
+                    )
                 else:
                     deps[name].add(ref)
             else:
@@ -192,7 +198,12 @@ def _stages(ctx: _Ctx) -> dict[str, int]:
                     hint = did_you_mean(ref, save_owner) or (
                         "saved values: " + ", ".join(save_owner) if save_owner else "add a save op"
                     )
-                    ctx.fail("unknown-saved", f"no saved value named '{ref}'", op_path + (attr, "saved"), hint)
+                    ctx.fail(
+                        "unknown-saved",
+                        f"no saved value named '{ref}'",
+                        op_path + (attr, "saved"),
+                        hint,
+                    )
                 elif owner == name:
                     ctx.fail(
                         "self-reference",
@@ -209,7 +220,11 @@ def _stages(ctx: _Ctx) -> dict[str, int]:
         if name in stages:
             return stages[name]
         if name in visiting:
-            ctx.fail("cycle", f"invoke '{name}' depends on itself through other invokes", ("invokes", name))
+            ctx.fail(
+                "cycle",
+                f"invoke '{name}' depends on itself through other invokes",
+                ("invokes", name),
+            )
             return 0
         visiting.add(name)
         stages[name] = max((visit(d) + 1 for d in deps[name]), default=0)
@@ -245,7 +260,12 @@ def _expand_invoke(ctx: _Ctx, name: str) -> None:
     for i, op in enumerate(invoke.ops):
         for var in sorted(placeholders(op.model_dump(by_alias=True)) - set(grid.axes)):
             hint = did_you_mean(var, grid.axes) or "declare it under 'sweep:'"
-            ctx.fail("unknown-variable", f"placeholder '{{{var}}}' names no sweep variable", ("invokes", name, "ops", i), hint)
+            ctx.fail(
+                "unknown-variable",
+                f"placeholder '{{{var}}}' names no sweep variable",
+                ("invokes", name, "ops", i),
+                hint,
+            )
     ctx.grids[name] = grid
     cells = grid.cells() if grid.axes else [{}]
     for cell_index in range(len(cells)):
@@ -267,7 +287,9 @@ def _compile_ops(ctx: _Ctx, name: str) -> None:
                 try:
                     concrete = type(op).model_validate(substitute(raw, variables))
                 except Exception as exc:  # pydantic ValidationError after substitution
-                    ctx.fail("bad-value", f"after substituting {variables}: {exc}".splitlines()[0], path)
+                    ctx.fail(
+                        "bad-value", f"after substituting {variables}: {exc}".splitlines()[0], path
+                    )
                     continue
             try:
                 _compile_op(ctx, name, concrete, op, path, cell_index)
@@ -311,7 +333,9 @@ def _compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cel
         for prompt_index, tokens in enumerate(ctx.tokens[invoke]):
             row = ctx.row_index[(invoke, cell, prompt_index)]
             positions = _positions(ctx, op.positions, tokens, path + ("positions",))
-            common = dict(site=site.name, module=site.module, io=site.io, row=row, positions=tuple(positions))
+            common = dict(
+                site=site.name, module=site.module, io=site.io, row=row, positions=tuple(positions)
+            )
             common["origin"] = format_path(path)
             if isinstance(op, S.SaveOp):
                 if len(sites) > 1:
@@ -333,7 +357,16 @@ def _compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cel
                 _patch_op(ctx, invoke, op, site, prompt_index, tokens, common, path)
 
 
-def _patch_op(ctx: _Ctx, invoke: str, op: S.PatchOp, site: Site, prompt_index: int, tokens: list[int], common: dict, path: _Path) -> None:
+def _patch_op(
+    ctx: _Ctx,
+    invoke: str,
+    op: S.PatchOp,
+    site: Site,
+    prompt_index: int,
+    tokens: list[int],
+    common: dict,
+    path: _Path,
+) -> None:
     source = op.from_
     if ctx.grids[source].axes:
         raise ctx.fail(
@@ -393,7 +426,9 @@ def _vector(ctx: _Ctx, op: S.AddOp | S.SetOp, path: _Path) -> str | None:
     return key
 
 
-def _vector_op(ctx: _Ctx, op: Any, site: Site, common: dict, vector_key: str | None, path: _Path) -> None:
+def _vector_op(
+    ctx: _Ctx, op: Any, site: Site, common: dict, vector_key: str | None, path: _Path
+) -> None:
     kind = "add" if isinstance(op, S.AddOp) else "set"
     attr = "vector" if kind == "add" else "value"
     factor = float(op.coeff) if kind == "add" else None
@@ -443,8 +478,13 @@ def _read_vector_file(ctx: _Ctx, source: S.FileVector, path: _Path) -> tuple[flo
     if not os.path.isfile(full):
         folder = os.path.dirname(full)
         nearby = os.listdir(folder) if os.path.isdir(folder) else []
-        hint = did_you_mean(os.path.basename(full), nearby) or "the path is relative to the spec's folder"
-        raise ctx.fail("file-not-found", f"vector file '{source.file}' not found", path + ("file",), hint)
+        hint = (
+            did_you_mean(os.path.basename(full), nearby)
+            or "the path is relative to the spec's folder"
+        )
+        raise ctx.fail(
+            "file-not-found", f"vector file '{source.file}' not found", path + ("file",), hint
+        )
     try:
         import numpy as np
 
@@ -463,16 +503,31 @@ def _read_vector_file(ctx: _Ctx, source: S.FileVector, path: _Path) -> tuple[flo
                 )
             key = source.key or next(iter(tensors))
             if key not in tensors:
-                raise ctx.fail("vector-key", f"no tensor '{key}' in '{source.file}'", path + ("key",), did_you_mean(key, tensors))
+                raise ctx.fail(
+                    "vector-key",
+                    f"no tensor '{key}' in '{source.file}'",
+                    path + ("key",),
+                    did_you_mean(key, tensors),
+                )
             array = tensors[key]
         else:
-            raise ctx.fail("vector-file", f"'{source.file}' is not a .npy or .safetensors file", path + ("file",))
+            raise ctx.fail(
+                "vector-file",
+                f"'{source.file}' is not a .npy or .safetensors file",
+                path + ("file",),
+            )
     except _Abort:
         raise
     except Exception as exc:  # corrupt file
-        raise ctx.fail("vector-file", f"cannot read '{source.file}': {exc}", path + ("file",)) from None
+        raise ctx.fail(
+            "vector-file", f"cannot read '{source.file}': {exc}", path + ("file",)
+        ) from None
     if array.ndim != 1:
-        raise ctx.fail("vector-shape", f"vector in '{source.file}' has shape {list(array.shape)}; expected one dimension", path + ("file",))
+        raise ctx.fail(
+            "vector-shape",
+            f"vector in '{source.file}' has shape {list(array.shape)}; expected one dimension",
+            path + ("file",),
+        )
     return tuple(float(v) for v in array.astype("float64").tolist())
 
 
@@ -507,7 +562,9 @@ def _saves(ctx: _Ctx) -> list[PlanSave]:
         many = isinstance(ctx.spec.invokes[invoke].prompt, list)
         axes = tuple(grid.axes) + (("prompt",) if many else ())
         shape = tuple(grid.shape) + ((len(ctx.tokens[invoke]),) if many else ())
-        out.append(PlanSave(name, invoke, site, tuple(keys), tuple(ctx.save_npos[name]), axes, shape))
+        out.append(
+            PlanSave(name, invoke, site, tuple(keys), tuple(ctx.save_npos[name]), axes, shape)
+        )
     return out
 
 

@@ -71,7 +71,9 @@ class HookScope:
 
     def module(self, name: str) -> torch.nn.Module:
         if name not in self._modules:
-            raise RunError(f"the model has no module '{name}'", hint="the plan was compiled for another model")
+            raise RunError(
+                f"the model has no module '{name}'", hint="the plan was compiled for another model"
+            )
         return self._modules[name]
 
     def add(self, name: str, io: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
@@ -156,7 +158,9 @@ class _Runner:
     def prepare(self, forward: Forward, dtype: torch.dtype) -> None:
         """Build the action tables of one forward: per site, levels of grouped ops."""
         self.local = {row: i for i, row in enumerate(forward.rows)}
-        per_site: dict[tuple[str, str], dict[int, list[RowOp]]] = defaultdict(lambda: defaultdict(list))
+        per_site: dict[tuple[str, str], dict[int, list[RowOp]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
         for row in forward.rows:
             for op in self.ops_by_row.get(row, ()):
                 per_site[(op.module, op.io)][row].append(op)
@@ -275,7 +279,9 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _metric_values(kind: str, logits: torch.Tensor, tokens: tuple[int, ...], k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _metric_values(
+    kind: str, logits: torch.Tensor, tokens: tuple[int, ...], k: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = logits.float()
     if kind == "logits":
         return logits[:, list(tokens)], None
@@ -323,7 +329,9 @@ def execute(
                 ids[i, : len(tokens)] = torch.tensor(tokens)
                 mask[i, : len(tokens)] = 1
             try:
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                logits = model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+                ).logits
             except RunError:
                 raise
             except torch.OutOfMemoryError:
@@ -339,12 +347,20 @@ def execute(
                 if not picked:
                     continue
                 local = torch.tensor([i for i, _ in picked], device=device)
-                pos = torch.tensor([metric.positions[slots[row]] for _, row in picked], device=device)
-                values, token_ids = _metric_values(metric.kind, logits[local, pos], metric.tokens, metric.k)
+                pos = torch.tensor(
+                    [metric.positions[slots[row]] for _, row in picked], device=device
+                )
+                values, token_ids = _metric_values(
+                    metric.kind, logits[local, pos], metric.tokens, metric.k
+                )
                 if metric.name not in metric_buf:
-                    metric_buf[metric.name] = torch.empty((len(metric.rows), *values.shape[1:]), dtype=values.dtype)
+                    metric_buf[metric.name] = torch.empty(
+                        (len(metric.rows), *values.shape[1:]), dtype=values.dtype
+                    )
                     if token_ids is not None:
-                        metric_ids[metric.name] = torch.empty((len(metric.rows), *token_ids.shape[1:]), dtype=torch.long)
+                        metric_ids[metric.name] = torch.empty(
+                            (len(metric.rows), *token_ids.shape[1:]), dtype=torch.long
+                        )
                 index = torch.tensor([slots[row] for _, row in picked])
                 metric_buf[metric.name][index] = values.cpu()
                 if token_ids is not None:
@@ -357,12 +373,10 @@ def execute(
             done += len(forward.rows)
             if progress is not None:
                 progress(done, len(plan.rows))
+    modules = dict(model.named_modules())
     for metric in plan.metrics:
         if metric.kind == "logit_lens":
-            out.metrics.update(_logit_lens(metric, runner.store, dict(model.named_modules())))
-    out.timings["execute_s"] = time.perf_counter() - started
-    for metric in plan.metrics:
-        if metric.kind == "logit_lens":
+            out.metrics.update(_logit_lens(metric, runner.store, modules))
             continue
         values = metric_buf[metric.name]
         suffix = tuple(values.shape[1:])
@@ -371,13 +385,18 @@ def execute(
             values = values[..., 0]
         out.metrics[metric.name] = values.reshape(tuple(metric.shape) + suffix)
         if metric.name in metric_ids:
-            out.metrics[f"{metric.name}/ids"] = metric_ids[metric.name].reshape(tuple(metric.shape) + suffix)
+            out.metrics[f"{metric.name}/ids"] = metric_ids[metric.name].reshape(
+                tuple(metric.shape) + suffix
+            )
     for save in plan.saves:
         out.saves[save.name] = _assemble(save.keys, save.shape, runner.store)
+    out.timings["execute_s"] = time.perf_counter() - started
     return out
 
 
-def _logit_lens(metric: Any, store: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+def _logit_lens(
+    metric: Any, store: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]
+) -> dict[str, torch.Tensor]:
     """Decode stored residuals through the final norm and unembedding (after hooks are gone)."""
     norm, unembed = (modules[name] for name in metric.lens_modules)
     hidden = torch.cat([store[key] for key in metric.store_keys])
@@ -393,11 +412,20 @@ def _logit_lens(metric: Any, store: dict[str, torch.Tensor], modules: dict[str, 
     }
 
 
-def _assemble(keys: tuple[str, ...], shape: tuple[int, ...], store: dict[str, torch.Tensor]) -> torch.Tensor:
-    pieces = [store[key].float().cpu() if store[key].dtype in (torch.bfloat16, torch.float16) else store[key].cpu() for key in keys]
+def _assemble(
+    keys: tuple[str, ...], shape: tuple[int, ...], store: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    pieces = [
+        store[key].float().cpu()
+        if store[key].dtype in (torch.bfloat16, torch.float16)
+        else store[key].cpu()
+        for key in keys
+    ]
     longest = max(p.shape[0] for p in pieces)
     if any(p.shape[0] != longest for p in pieces):
-        padded = torch.full((len(pieces), longest, *pieces[0].shape[1:]), float("nan"), dtype=pieces[0].dtype)
+        padded = torch.full(
+            (len(pieces), longest, *pieces[0].shape[1:]), float("nan"), dtype=pieces[0].dtype
+        )
         for i, piece in enumerate(pieces):
             padded[i, : piece.shape[0]] = piece
         stacked = padded

@@ -139,6 +139,19 @@ def _not_a_mapping(value: Any) -> str:
     return f"the spec must be a mapping at the top level, not {_kind(value)}"
 
 
+_START_HINT = "a spec starts with 'specsight: 1', then 'model:' and 'invokes:'"
+
+
+def _not_a_mapping_hint(value: Any, fmt: str) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return (
+            "remove the surrounding [ ]"
+            if fmt == "json"
+            else "remove the '- ' before the first key"
+        )
+    return _START_HINT
+
+
 # ----------------------------------------------------------------------------- YAML builder
 
 _NOKEY: Any = object()  # a mapping expects a key next
@@ -181,9 +194,10 @@ class _YamlBuilder:
             self.issues.append(_yaml_syntax_issue(exc, text, self.file))
             raise SpecError(self.issues) from None
         if self.root is _NOKEY or self.root is None:
-            self._add("empty", "the spec is empty", (), (None, None), hint="write a mapping")
+            self._add("empty", "the spec is empty", (), (None, None), hint=_START_HINT)
         elif not isinstance(self.root, dict):
-            self._add("not-a-mapping", _not_a_mapping(self.root), (), self.values[()])
+            hint = _not_a_mapping_hint(self.root, "yaml")
+            self._add("not-a-mapping", _not_a_mapping(self.root), (), self.values[()], hint=hint)
         if self.issues:
             raise SpecError(self.issues)
         return self.root
@@ -333,6 +347,19 @@ def _yaml_syntax_issue(exc: yaml.YAMLError, text: str, file: str | None) -> Issu
     if context and context_mark is not None:
         hint = f"{context} that started on line {context_mark.line + 1}"
     message = f"invalid YAML: {problem or exc}"
+    problem = str(problem or "")
+    if problem.startswith("found character '\\t'"):
+        message = "invalid YAML: a tab character; YAML indents with spaces only"
+        hint = "replace the tab with spaces"
+    elif problem.startswith("expected <block end>, but found '<block"):
+        message = "invalid YAML: the indentation of this line matches no block above it"
+        if context_mark is not None:
+            hint = (
+                "line it up with the keys of its block; "
+                f"the enclosing block starts on line {context_mark.line + 1}"
+            )
+    elif problem == "mapping values are not allowed here" and hint is None:
+        hint = "quote a value that holds ': ', e.g. \"note: this\""
     return Issue("yaml-syntax", message, (), file, line, col, hint)
 
 
@@ -414,6 +441,26 @@ def _scan_json(text: str, file: str | None) -> tuple[SourceMap, list[Issue], lis
     return SourceMap(file, values, keys), dups, consts
 
 
+def _json_syntax_issue(exc: json.JSONDecodeError, text: str, file: str | None) -> Issue:
+    """A located JSON syntax error, naming the usual slips (a trailing comma, a comment, single
+    quotes) rather than the parser's view of them."""
+    at = exc.pos
+    before = text[:at].rstrip()
+    if text[at : at + 1] in ("}", "]") and before.endswith(","):
+        comma = len(before) - 1
+        line = text.count("\n", 0, comma) + 1
+        col = comma - text.rfind("\n", 0, comma)
+        message = f"invalid JSON: a comma before the closing '{text[at]}'"
+        hint = "JSON allows no comma after the last item"
+        return Issue("json-syntax", message, (), file, line, col, hint)
+    hint = None
+    if text.startswith(("//", "/*", "#"), at):
+        hint = "JSON has no comments; write the spec in YAML to keep them"
+    elif text.startswith("'", at):
+        hint = "JSON strings and keys use double quotes"
+    return Issue("json-syntax", f"invalid JSON: {exc.msg}", (), file, exc.lineno, exc.colno, hint)
+
+
 def _parse_json(text: str, file: str | None) -> tuple[dict[str, Any], SourceMap]:
     if not text.strip():
         raise SpecError(Issue("empty", "the spec is empty", (), file, hint="write a JSON object"))
@@ -434,14 +481,14 @@ def _parse_json(text: str, file: str | None) -> tuple[dict[str, Any], SourceMap]
         msg = f"{exc.args[0]} is not a valid JSON value"
         raise SpecError(consts or [Issue("bad-value", msg, (), file)]) from None
     except json.JSONDecodeError as exc:
-        issue = Issue("json-syntax", f"invalid JSON: {exc.msg}", (), file, exc.lineno, exc.colno)
-        raise SpecError(issue) from None
+        raise SpecError(_json_syntax_issue(exc, text, file)) from None
     except RecursionError:  # not reached: the scan bounds the depth first
         raise SpecError(Issue("too-deep", _TOO_DEEP, (), file)) from None
     if duplicated:
         raise SpecError(dups or [_dup_issue(key, (), file, (None, None)) for key in duplicated])
     if not isinstance(data, dict):
-        raise SpecError(source.issue("not-a-mapping", _not_a_mapping(data), ()))
+        hint = _not_a_mapping_hint(data, "json")
+        raise SpecError(source.issue("not-a-mapping", _not_a_mapping(data), (), hint=hint))
     return data, source
 
 
@@ -489,7 +536,7 @@ def load_file(path: str | os.PathLike[str]) -> LoadedDoc:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         col = exc.start - raw.rfind(b"\n", 0, exc.start)
-        msg = f"the spec is not valid UTF-8 (byte 0x{raw[exc.start]:02x})"
+        msg = f"the spec is not valid UTF-8: byte 0x{raw[exc.start]:02x} here"
         raise SpecError(Issue("encoding", msg, (), file, line, col, "save it as UTF-8")) from None
     ext = os.path.splitext(file)[1].lower()
     fmt = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}.get(ext)
@@ -505,7 +552,11 @@ def _not_found(file: str, exc: OSError) -> Issue:
     elif isinstance(exc, FileNotFoundError):
         msg = f"spec file '{file}' does not exist"
         if os.path.isdir(folder):
-            hint = did_you_mean(os.path.basename(file), os.listdir(folder))
+            names = os.listdir(folder)
+            specs = [n for n in names if n.lower().endswith((".yaml", ".yml", ".json"))]
+            hint = did_you_mean(os.path.basename(file), specs) or did_you_mean(
+                os.path.basename(file), names
+            )
         else:
             hint = f"the folder '{folder}' does not exist"
     else:

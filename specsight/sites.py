@@ -199,7 +199,9 @@ def resolve_site(text: str, info: ModelInfo) -> list[Site]:
     """Resolve a site string to concrete sites, or raise :class:`SiteError` with a hint."""
     text = text.strip()
     if not text:
-        raise SiteError("site is empty", "name a canonical site such as 'resid_post.5' or a module path")
+        raise SiteError(
+            "site is empty", "name a canonical site such as 'resid_post.5' or a module path"
+        )
     family_sites = FAMILIES[info.family]["sites"] if info.family else {}
     head, _, rest = text.partition(".")
     if head in family_sites:

@@ -34,9 +34,14 @@ __all__ = [
 
 SPEC_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
-PLACEHOLDER_PATTERN = r"^\{[A-Za-z_][A-Za-z0-9_]*\}$"
+PLACEHOLDER_PATTERN = r"^-?\{[A-Za-z_][A-Za-z0-9_]*\}$"
 
-Placeholder = Annotated[str, Field(pattern=PLACEHOLDER_PATTERN, description="a sweep variable, e.g. '{factor}'")]
+Placeholder = Annotated[
+    str,
+    Field(
+        pattern=PLACEHOLDER_PATTERN, description="a sweep variable, e.g. '{factor}' or '-{factor}'"
+    ),
+]
 Number = Union[float, Placeholder]
 
 
@@ -50,9 +55,13 @@ class _Strict(BaseModel):
 class TokenSelector(_Strict):
     """The position of a token in the prompt: ``{token: " John", occurrence: 2}``."""
 
-    token: str = Field(min_length=1, description="token text as the tokenizer spells it, e.g. ' John'")
+    token: str = Field(
+        min_length=1, description="token text as the tokenizer spells it, e.g. ' John'"
+    )
     occurrence: int = Field(
-        1, description="1 = first occurrence, 2 = second, -1 = last", json_schema_extra={"not": {"const": 0}}
+        1,
+        description="1 = first occurrence, 2 = second, -1 = last",
+        json_schema_extra={"not": {"const": 0}},
     )
 
     @field_validator("occurrence")
@@ -169,7 +178,9 @@ OP_NAMES = tuple(OP_CLASSES)
 
 SweepValues = Union[
     Literal["all"],
-    Annotated[str, Field(pattern=r"^-?\d*:-?\d*(:-?\d+)?$", description="a range 'start:stop[:step]'")],
+    Annotated[
+        str, Field(pattern=r"^-?\d*:-?\d*(:-?\d+)?$", description="a range 'start:stop[:step]'")
+    ],
     Annotated[list[int | float], Field(min_length=1)],
 ]
 
@@ -177,10 +188,13 @@ SweepValues = Union[
 class Invoke(_Strict):
     """A named group of prompts run together, with the ops that act on them."""
 
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    )
     ops: list[Op] = Field(default_factory=list)
-    sweep: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], SweepValues] | None = Field(
-        None, description="grid of variables; each cell becomes batch rows with its own ops"
+    sweep: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], SweepValues] | None = (
+        Field(None, description="grid of variables; each cell becomes batch rows with its own ops")
     )
 
     @property
@@ -195,7 +209,9 @@ TokenRef = Union[Annotated[str, Field(min_length=1)], Annotated[int, Field(ge=0)
 
 class _MetricBase(_Strict):
     invoke: str = Field(description="the invoke whose output is measured")
-    position: PositionSelector = Field("last", description="the position whose next-token output is read")
+    position: PositionSelector = Field(
+        "last", description="the position whose next-token output is read"
+    )
 
 
 class _TokenMetric(_MetricBase):
@@ -262,7 +278,9 @@ METRIC_KINDS = tuple(METRIC_CLASSES)
 class ModelRef(_Strict):
     """Which model to run and how. A bare string is the same as ``{id: ...}``."""
 
-    id: str = Field(min_length=1, description="'smollm2-135m', 'tiny-llama', a Hugging Face id or a folder")
+    id: str = Field(
+        min_length=1, description="'smollm2-135m', 'tiny-llama', a Hugging Face id or a folder"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     revision: str | None = None
@@ -297,7 +315,9 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://specsight.dev/schemas/spec.v1.json"
     # A bare model string is accepted too.
-    schema["properties"]["model"] = {"anyOf": [{"type": "string", "minLength": 1}, {"$ref": "#/$defs/ModelRef"}]}
+    schema["properties"]["model"] = {
+        "anyOf": [{"type": "string", "minLength": 1}, {"$ref": "#/$defs/ModelRef"}]
+    }
     return schema
 
 
@@ -365,7 +385,11 @@ def _model_at(path: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
                 i += 1
             continue
         if part in ("vector", "value"):
-            cls = SavedVector if isinstance(node_child, dict) and "saved" in node_child else FileVector
+            cls = (
+                SavedVector
+                if isinstance(node_child, dict) and "saved" in node_child
+                else FileVector
+            )
             i, node = i + 1, node_child
             continue
         return None
@@ -413,8 +437,11 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
     token = "a token string such as ' Paris' or a token id"
     fields = {  # field -> (what the field holds, what one item of it holds)
         "prompt": ("a prompt string or a list of prompt strings", "a prompt string"),
-        "positions": (f"a position ({position}) or a list of positions", f"a position: {position}"),
-        "position": (f"a position: {position}", None),
+        "positions": (
+            f"a position ({position}) or a list of positions",
+            f"a position ({position})",
+        ),
+        "position": (f"a position ({position})", None),
         "factor": ("a number or a placeholder such as '{factor}'", None),
         "coeff": ("a number or a placeholder such as '{coeff}'", None),
         "vector": ("a list of numbers, {file: 'vector.npy'} or {saved: NAME}", "a number"),
@@ -465,11 +492,11 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         cls = _model_at(path, data)
         hint = None
         if key == "specsight" and not path:
-            hint = "add 'specsight: 1' (the spec format version) at the top"
+            hint = "add 'specsight: 1', the spec format version, as the first line"
         elif cls is not None:
             field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == key), None)
             if field is not None and field.description:
-                hint = f"{key}: {field.description}"
+                hint = f"add '{key}:', {field.description}"
         return Issue("missing-key", f"missing required key '{key}'", path, hint=hint), True
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         field = "op" if "ops" in path else "kind"
@@ -524,7 +551,9 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         name = str(value)
         fixed = re.sub(r"[^A-Za-z0-9_-]+" if owner != "sweep" else r"[^A-Za-z0-9_]+", "_", name)
         fixed = "_" + fixed if not re.match(r"[A-Za-z_]", fixed) else fixed
-        message = f"{what} {name!r} is not valid: use {allowed}, not starting with a digit"
+        message = f"{what} {name!r} is not valid: use {allowed}"
+        if not re.match(r"[A-Za-z_]", name):
+            message += ", starting with a letter or _"
         return Issue("bad-name", message, path, hint=f"for example '{fixed}'"), True
     if kind == "string_pattern_mismatch" and path == ("model", "device"):
         devices = ["auto", "cpu", "mps", "cuda"]
@@ -538,7 +567,11 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
     if kind in ("too_short", "string_too_short"):
         least = ctx.get("min_length", 1)
         message = "must not be empty" if least == 1 else f"needs at least {least} items"
-        hint = "add an invoke, e.g. clean: {prompt: 'The Eiffel Tower is in'}" if path == ("invokes",) else None
+        hint = (
+            "add an invoke, e.g. clean: {prompt: 'The Eiffel Tower is in'}"
+            if path == ("invokes",)
+            else None
+        )
         return Issue("bad-value", message, path, hint=hint), at_key
     if kind in ("too_long", "string_too_long"):
         most = ctx.get("max_length")
@@ -553,7 +586,11 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         words, key = bounds[kind]
         return Issue("bad-value", f"must be {words} {ctx.get(key)}, got {shown}", path), False
     if kind in ("value_error", "assertion_error"):
-        message = str(err["msg"]).split(", ", 1)[-1] if str(err["msg"]).startswith(("Value error", "Assertion")) else str(err["msg"])
+        message = (
+            str(err["msg"]).split(", ", 1)[-1]
+            if str(err["msg"]).startswith(("Value error", "Assertion"))
+            else str(err["msg"])
+        )
         return Issue("bad-value", message, path), at_key
     message = err["msg"]
     message = message[0].lower() + message[1:] if message else message
@@ -566,7 +603,11 @@ def validate_spec(doc: LoadedDoc) -> Spec:
     if isinstance(data, dict) and "specsight" in data:
         version = data["specsight"]
         line, col = doc.source.locate(("specsight",))
-        if isinstance(version, (int, float)) and not isinstance(version, bool) and version != SPEC_VERSION:
+        if (
+            isinstance(version, (int, float))
+            and not isinstance(version, bool)
+            and version != SPEC_VERSION
+        ):
             raise SpecError(
                 Issue(
                     "version",
@@ -617,9 +658,16 @@ def validate_spec(doc: LoadedDoc) -> Spec:
     for err, path, branches in found:
         if any(len(depths[p]) > 1 and depths[p][t] < max(depths[p].values()) for p, t in branches):
             continue
-        alone = err["type"] in ("missing", "extra_forbidden", "union_tag_invalid", "union_tag_not_found")
+        alone = err["type"] in (
+            "missing",
+            "extra_forbidden",
+            "union_tag_invalid",
+            "union_tag_not_found",
+        )
         grouped.setdefault((path, tuple(err["loc"]) if alone else ()), []).append(err)
-    located: list[tuple[Issue, bool]] = [_issue_for(errs, path, data) for (path, _), errs in grouped.items()]
+    located: list[tuple[Issue, bool]] = [
+        _issue_for(errs, path, data) for (path, _), errs in grouped.items()
+    ]
     # A typo'd key also makes the key it was meant to be missing: report the typo only.
     unknown = [i for i, _ in located if i.code == "unknown-key"]
     issues: list[Issue] = []
@@ -627,7 +675,11 @@ def validate_spec(doc: LoadedDoc) -> Spec:
         if issue.code == "missing-key":
             wanted = issue.message.split("'")[1]
             typo = next(
-                (u for u in unknown if u.path[:-1] == issue.path and did_you_mean(str(u.path[-1]), [wanted])),
+                (
+                    u
+                    for u in unknown
+                    if u.path[:-1] == issue.path and did_you_mean(str(u.path[-1]), [wanted])
+                ),
                 None,
             )
             if typo is not None:
@@ -641,7 +693,9 @@ def validate_spec(doc: LoadedDoc) -> Spec:
             ]
             meant = [w for w in missing if did_you_mean(str(issue.path[-1]), [w])]
             if meant:
-                issue = Issue(issue.code, issue.message, issue.path, hint=f"did you mean '{meant[0]}'?")
+                issue = Issue(
+                    issue.code, issue.message, issue.path, hint=f"did you mean '{meant[0]}'?"
+                )
         line, col = doc.source.locate(issue.path, key=at_key)
         located_issue = issue.located(doc.file, line, col)
         if located_issue not in issues:

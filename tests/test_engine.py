@@ -34,7 +34,11 @@ def hooked_logits(loaded, prompt: str, module: str, fn, *, pre: bool = False) ->
     if pre:
         handle = mod.register_forward_pre_hook(lambda m, args: (fn(args[0].clone()), *args[1:]))
     else:
-        handle = mod.register_forward_hook(lambda m, a, out: fn(out.clone()) if torch.is_tensor(out) else (fn(out[0].clone()), *out[1:]))
+        handle = mod.register_forward_hook(
+            lambda m, a, out: (
+                fn(out.clone()) if torch.is_tensor(out) else (fn(out[0].clone()), *out[1:])
+            )
+        )
     try:
         return plain_logits(loaded, prompt)
     finally:
@@ -49,12 +53,14 @@ def all_hooks(model: torch.nn.Module) -> int:
 def test_no_ops_reproduces_plain_forward_exactly(name):
     loaded = tiny(name)
     results = specsight.run(
-        spec(name, {"a": {"prompt": PROMPT, "ops": [{"op": "save", "site": "logits"}]}}), model=loaded
+        spec(name, {"a": {"prompt": PROMPT, "ops": [{"op": "save", "site": "logits"}]}}),
+        model=loaded,
     )
     expected = plain_logits(loaded, PROMPT)
     assert torch.equal(results["a/logits"], expected)
     top = specsight.run(
-        spec(name, {"a": {"prompt": PROMPT}}, {"top": {"kind": "top_k", "invoke": "a", "k": 5}}), model=loaded
+        spec(name, {"a": {"prompt": PROMPT}}, {"top": {"kind": "top_k", "invoke": "a", "k": 5}}),
+        model=loaded,
     )
     probs, ids = torch.softmax(expected[-1], -1).topk(5)
     assert torch.equal(top["top/ids"], ids)
@@ -88,7 +94,8 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(name):
 
 def _run_op(loaded, op: dict, name: str = "tiny-llama") -> torch.Tensor:
     results = specsight.run(
-        spec(name, {"a": {"prompt": PROMPT, "ops": [op, {"op": "save", "site": "logits"}]}}), model=loaded
+        spec(name, {"a": {"prompt": PROMPT, "ops": [op, {"op": "save", "site": "logits"}]}}),
+        model=loaded,
     )
     return results["a/logits"]
 
@@ -125,8 +132,13 @@ def test_add_inline_vector_matches_hand_written_hook():
         h[0, 3:6] = h[0, 3:6] + torch.tensor(vector) * 2.0
         return h
 
-    got = _run_op(loaded, {"op": "add", "site": "resid_post.0", "positions": "3:6", "vector": vector, "coeff": 2})
-    torch.testing.assert_close(got, hooked_logits(loaded, PROMPT, "model.layers.0", fn), rtol=0, atol=1e-6)
+    got = _run_op(
+        loaded,
+        {"op": "add", "site": "resid_post.0", "positions": "3:6", "vector": vector, "coeff": 2},
+    )
+    torch.testing.assert_close(
+        got, hooked_logits(loaded, PROMPT, "model.layers.0", fn), rtol=0, atol=1e-6
+    )
 
 
 def test_add_vector_from_npy_file_beside_the_spec(tmp_path):
@@ -158,7 +170,9 @@ def test_add_vector_from_npy_file_beside_the_spec(tmp_path):
         return h
 
     got = specsight.run(tmp_path / "s.yaml", model=loaded)["a/logits"]
-    torch.testing.assert_close(got, hooked_logits(loaded, PROMPT, "model.layers.1", fn), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        got, hooked_logits(loaded, PROMPT, "model.layers.1", fn), rtol=0, atol=1e-6
+    )
 
 
 def test_set_and_patch_match_hand_written_hooks():
@@ -190,7 +204,9 @@ def test_set_and_patch_match_hand_written_hooks():
         ),
         model=loaded,
     )
-    assert torch.equal(results["corrupt/logits"], hooked_logits(loaded, PROMPT, "model.layers.2", patch))
+    assert torch.equal(
+        results["corrupt/logits"], hooked_logits(loaded, PROMPT, "model.layers.2", patch)
+    )
 
     value = [0.5] * loaded.info.d_model
 
@@ -208,19 +224,36 @@ def test_patch_with_token_selectors_across_prompts():
         spec(
             "tiny-llama",
             {
-                "src": {"prompt": "The Eiffel Tower is in Paris", "ops": [{"op": "save", "site": "resid_post.1", "positions": {"token": " Paris"}}]},
+                "src": {
+                    "prompt": "The Eiffel Tower is in Paris",
+                    "ops": [
+                        {"op": "save", "site": "resid_post.1", "positions": {"token": " Paris"}}
+                    ],
+                },
                 "dst": {
                     "prompt": PROMPT,
                     "ops": [
-                        {"op": "patch", "site": "resid_post.1", "positions": {"token": " John", "occurrence": 2}, "source_positions": {"token": " Paris"}, "from": "src"},
-                        {"op": "save", "site": "resid_post.1", "positions": {"token": " John", "occurrence": -1}},
+                        {
+                            "op": "patch",
+                            "site": "resid_post.1",
+                            "positions": {"token": " John", "occurrence": 2},
+                            "source_positions": {"token": " Paris"},
+                            "from": "src",
+                        },
+                        {
+                            "op": "save",
+                            "site": "resid_post.1",
+                            "positions": {"token": " John", "occurrence": -1},
+                        },
                     ],
                 },
             },
         ),
         model=loaded,
     )
-    torch.testing.assert_close(results["dst/resid_post.1"], results["src/resid_post.1"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        results["dst/resid_post.1"], results["src/resid_post.1"], rtol=0, atol=0
+    )
 
 
 def test_resid_mid_edit_changes_the_residual_itself():
@@ -233,7 +266,7 @@ def test_resid_mid_edit_changes_the_residual_itself():
     def manual(hidden_states, *args, **kwargs):
         residual = hidden_states
         h = layer.input_layernorm(hidden_states)
-        h, _ = layer.self_attn(hidden_states=h, *args, **kwargs)
+        h, _ = layer.self_attn(hidden_states=h, **kwargs)
         h = torch.zeros_like(residual + h)  # resid_mid zeroed
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -251,11 +284,19 @@ def test_saved_value_feeds_add_with_mean():
         spec(
             "tiny-llama",
             {
-                "src": {"prompt": ["I love it", "We love them all"], "ops": [{"op": "save", "site": "resid_post.0", "name": "love"}]},
+                "src": {
+                    "prompt": ["I love it", "We love them all"],
+                    "ops": [{"op": "save", "site": "resid_post.0", "name": "love"}],
+                },
                 "dst": {
                     "prompt": PROMPT,
                     "ops": [
-                        {"op": "add", "site": "resid_post.0", "positions": "last", "vector": {"saved": "love", "reduce": "mean"}},
+                        {
+                            "op": "add",
+                            "site": "resid_post.0",
+                            "positions": "last",
+                            "vector": {"saved": "love", "reduce": "mean"},
+                        },
                         {"op": "save", "site": "logits"},
                     ],
                 },
@@ -270,7 +311,12 @@ def test_saved_value_feeds_add_with_mean():
         h[0, -1] = h[0, -1] + mean
         return h
 
-    torch.testing.assert_close(results["dst/logits"], hooked_logits(loaded, PROMPT, "model.layers.0", fn), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        results["dst/logits"],
+        hooked_logits(loaded, PROMPT, "model.layers.0", fn),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 def test_sweep_cells_match_single_runs_and_chunking_does_not_matter():
@@ -280,10 +326,19 @@ def test_sweep_cells_match_single_runs_and_chunking_does_not_matter():
         "corrupt": {
             "prompt": PROMPT,
             "sweep": {"layer": "all", "pos": [0, 9, 13]},
-            "ops": [{"op": "patch", "site": "resid_post.{layer}", "positions": ["{pos}"], "from": "clean"}],
+            "ops": [
+                {
+                    "op": "patch",
+                    "site": "resid_post.{layer}",
+                    "positions": ["{pos}"],
+                    "from": "clean",
+                }
+            ],
         },
     }
-    metrics = {"ld": {"kind": "logit_diff", "invoke": "corrupt", "target": " Mary", "foil": " John"}}
+    metrics = {
+        "ld": {"kind": "logit_diff", "invoke": "corrupt", "target": " Mary", "foil": " John"}
+    }
     big = specsight.run(spec("tiny-llama", body, metrics), model=loaded)["ld"]
     small = specsight.run(spec("tiny-llama", body, metrics), model=loaded, max_batch=5)["ld"]
     assert big.shape == (loaded.info.n_layers, 3)
@@ -294,7 +349,17 @@ def test_sweep_cells_match_single_runs_and_chunking_does_not_matter():
                 "tiny-llama",
                 {
                     "clean": body["clean"],
-                    "corrupt": {"prompt": PROMPT, "ops": [{"op": "patch", "site": f"resid_post.{layer}", "positions": [9], "from": "clean"}]},
+                    "corrupt": {
+                        "prompt": PROMPT,
+                        "ops": [
+                            {
+                                "op": "patch",
+                                "site": f"resid_post.{layer}",
+                                "positions": [9],
+                                "from": "clean",
+                            }
+                        ],
+                    },
                 },
                 metrics,
             ),
@@ -310,7 +375,14 @@ def test_hooks_are_removed_after_success_and_after_failure():
     assert all_hooks(loaded.model) == before
     bad = spec(
         "tiny-llama",
-        {"a": {"prompt": PROMPT, "ops": [{"op": "add", "site": "model.layers.1.mlp.up_proj", "vector": [1.0, 2.0, 3.0]}]}},
+        {
+            "a": {
+                "prompt": PROMPT,
+                "ops": [
+                    {"op": "add", "site": "model.layers.1.mlp.up_proj", "vector": [1.0, 2.0, 3.0]}
+                ],
+            }
+        },
     )
     with pytest.raises(RunError, match="ops\\[0\\].*add"):
         specsight.run(bad, model=loaded)
@@ -325,6 +397,16 @@ def test_raw_module_input_site():
         return h
 
     # Raw input sites act on the module's positional input in place; compare with a pre-hook.
-    got = _run_op(loaded, {"op": "scale", "site": "model.layers.2.mlp.down_proj.input", "factor": 0.0, "positions": "all"})
-    expected = hooked_logits(loaded, PROMPT, "model.layers.2.mlp.down_proj", lambda h: h * 0.0, pre=True)
+    got = _run_op(
+        loaded,
+        {
+            "op": "scale",
+            "site": "model.layers.2.mlp.down_proj.input",
+            "factor": 0.0,
+            "positions": "all",
+        },
+    )
+    expected = hooked_logits(
+        loaded, PROMPT, "model.layers.2.mlp.down_proj", lambda h: h * 0.0, pre=True
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
