@@ -84,9 +84,15 @@ def explain_plan(plan: Plan) -> str:
                 what = f"logit_diff({metric.token_strs[0]!r} - {metric.token_strs[1]!r})"
             elif metric.kind == "top_k":
                 what = f"top_k(k={metric.k})"
+            elif metric.kind == "logit_lens":
+                token = f"{metric.token_strs[0]!r}, " if metric.token_strs else ""
+                what = f"logit_lens({token}k={metric.k}, sites {metric.sites[0]}..{metric.sites[-1]})"
             elif metric.token_strs:
                 what = f"{metric.kind}({', '.join(repr(t) for t in metric.token_strs)})"
-            shape = " x ".join(f"{a}={n}" for a, n in zip(metric.axes, metric.shape)) or "scalar"
+            dims = list(zip(metric.axes, metric.shape))
+            if metric.kind == "logit_lens":
+                dims.append(("site", len(metric.sites)))
+            shape = " x ".join(f"{a}={n}" for a, n in dims) or "scalar"
             positions = _ranges(list(metric.positions))
             lines.append(
                 f"  {metric.name}: {what} on {metric.invoke} @ position {positions} -> [{shape}]"

@@ -318,7 +318,20 @@ def json_schema() -> dict[str, Any]:
     schema["properties"]["model"] = {
         "anyOf": [{"type": "string", "minLength": 1}, {"$ref": "#/$defs/ModelRef"}]
     }
+    _close_pattern_objects(schema)
     return schema
+
+
+def _close_pattern_objects(node: Any) -> None:
+    """Name-keyed mappings (invokes, metrics, sweep) accept only names matching their pattern."""
+    if isinstance(node, dict):
+        if "patternProperties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for value in node.values():
+            _close_pattern_objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            _close_pattern_objects(value)
 
 
 # --- validation with located errors --------------------------------------------------------
@@ -413,9 +426,9 @@ def _describe(value: Any) -> str:
 
 
 def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> tuple[Issue, bool]:
-    """Translate the pydantic errors about one place in the spec into one issue; ``errs`` holds
-    one error, or one per branch of a union when no branch fits. Returns (issue, located at the
-    key rather than the value?)."""
+    """Translate the pydantic errors about one place in the spec into one issue. ``errs`` holds
+    one error, one per branch of a union when no branch fits, or every missing key of one
+    mapping. Returns (issue, located at the key rather than at the value?)."""
     type_words = {
         "string_type": "a string",
         "int_type": "an integer",
@@ -454,14 +467,21 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
     }
     fields["source_positions"] = fields["positions"]
     fields["value"] = fields["vector"]
+    named = path[:1] in (("invokes",), ("metrics",))  # then path[1] is a name the user chose
 
     def expected() -> str | None:
         """What the field at ``path`` holds, in words; None when the table does not know it."""
-        names = [p for p in path if isinstance(p, str)]
+        if not path or (named and len(path) == 2):
+            return None
+        if named and len(path) >= 4 and path[2] == "sweep":
+            return (
+                "'all', a range such as '0:4', or a list of numbers"
+                if len(path) == 4
+                else "a number"
+            )
+        names = [p for p in (path[2:] if named else path) if isinstance(p, str)]
         if not names:
             return None
-        if len(path) >= 2 and path[-2] == "sweep" and isinstance(path[-1], str):
-            return "'all', a range such as '0:4', or a list of numbers"
         if names[-1] == "token" and any(
             p in ("positions", "source_positions", "position") for p in path
         ):
@@ -470,6 +490,26 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         return item if isinstance(path[-1], int) else whole
 
     err = errs[0]
+    if err["type"] == "missing":
+        keys = [str(e["loc"][-1]) for e in errs]
+        quoted = [f"'{k}'" for k in keys]
+        cls = _model_at(path, data)
+        hint = None
+        if keys == ["specsight"] and not path:
+            hint = "add 'specsight: 1', the spec format version, as the first line"
+        elif len(keys) == 1 and cls is not None:
+            field = next(
+                (f for n, f in cls.model_fields.items() if (f.alias or n) == keys[0]), None
+            )
+            if field is not None and field.description:
+                hint = f"add '{keys[0]}:', {field.description}"
+        if len(keys) == 1:
+            message = f"missing required key {quoted[0]}"
+        elif len({tuple(e["loc"][:-1]) for e in errs}) == 1:  # one mapping lacks them all
+            message = "missing required keys " + ", ".join(quoted[:-1]) + " and " + quoted[-1]
+        else:  # each branch of a union lacks its own key
+            message = "missing required key " + ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        return Issue("missing-key", message, path, hint=hint), True
     if len(errs) > 1:
         precise = [e for e in errs if e["type"] not in wrong_kind]
         if len(precise) == 1:  # the one branch whose type fits says what is wrong
@@ -479,6 +519,7 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
     ctx = err.get("ctx") or {}
     value = err.get("input")
     shown = _describe(value)
+    at_key = isinstance(value, (dict, list))
 
     if kind == "extra_forbidden":
         key = loc[-1]
@@ -487,30 +528,22 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         if hint is None and cls is not None:
             hint = "allowed keys: " + ", ".join(_keys_of(cls))
         return Issue("unknown-key", f"unknown key '{key}'", path, hint=hint), True
-    if kind == "missing":
-        key = loc[-1]
-        cls = _model_at(path, data)
-        hint = None
-        if key == "specsight" and not path:
-            hint = "add 'specsight: 1', the spec format version, as the first line"
-        elif cls is not None:
-            field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == key), None)
-            if field is not None and field.description:
-                hint = f"add '{key}:', {field.description}"
-        return Issue("missing-key", f"missing required key '{key}'", path, hint=hint), True
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        field = "op" if "ops" in path else "kind"
+        field = "op" if path[:1] == ("invokes",) else "kind"
         tags = list(OP_NAMES if field == "op" else METRIC_KINDS)
         if kind == "union_tag_not_found":
             hint = f"say which {field}: " + ", ".join(tags)
             return Issue("missing-key", f"missing required key '{field}'", path, hint=hint), True
-        tag = ctx.get("tag")
+        tag = value.get(field) if isinstance(value, dict) else ctx.get("tag")
         code = "unknown-op" if field == "op" else "unknown-metric"
         hint = did_you_mean(str(tag), tags) or "one of: " + ", ".join(tags)
         where = path + (field,)
-        return Issue(code, f"unknown {field} '{tag}'", where, hint=hint), False
+        if isinstance(tag, str):
+            return Issue(code, f"unknown {field} '{tag}'", where, hint=hint), False
+        what = "an op" if field == "op" else "a metric kind"
+        message = f"expected the name of {what}, got {_describe(tag)}"
+        return Issue(code, message, where, hint=hint), False
 
-    at_key = isinstance(value, (dict, list))
     if len(errs) > 1:  # no branch of a union fits: say what would
         what = expected()
         if what is None:
@@ -521,9 +554,12 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
                     word = str((e.get("ctx") or {}).get("expected"))
                 if word and word not in words:
                     words.append(word)
+            if not words:
+                words = ["another kind of value"]
             what = ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
         hint = None
-        if isinstance(value, str) and value.endswith((".npy", ".safetensors")):
+        is_vector = bool(path) and path[-1] in ("vector", "value")
+        if is_vector and isinstance(value, str) and value.endswith((".npy", ".safetensors")):
             hint = f"a vector from a file is written {{file: {value}}}"
         return Issue("bad-value", f"expected {what}, got {shown}", path, hint=hint), at_key
 
@@ -540,7 +576,8 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         expected_text = str(ctx.get("expected", ""))
         options = [a or b for a, b in re.findall(r"'([^']*)'|(\d+)", expected_text)]
         hint = did_you_mean(str(value), options, n=1) if isinstance(value, str) else None
-        return Issue("bad-value", f"expected {expected_text}, got {shown}", path, hint=hint), False
+        message = f"expected {expected_text}, got {shown}"
+        return Issue("bad-value", message, path, hint=hint), False
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "[key]":
         owner = path[-2] if len(path) >= 2 else None
         what, allowed = {
@@ -549,8 +586,8 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
             "sweep": ("sweep variable name", "letters, digits and _"),
         }.get(owner, ("name", "letters, digits, _ and -"))
         name = str(value)
-        fixed = re.sub(r"[^A-Za-z0-9_-]+" if owner != "sweep" else r"[^A-Za-z0-9_]+", "_", name)
-        fixed = "_" + fixed if not re.match(r"[A-Za-z_]", fixed) else fixed
+        fixed = re.sub(r"[^A-Za-z0-9_]+" if owner == "sweep" else r"[^A-Za-z0-9_-]+", "_", name)
+        fixed = fixed if re.match(r"[A-Za-z_]", fixed) else "_" + fixed
         message = f"{what} {name!r} is not valid: use {allowed}"
         if not re.match(r"[A-Za-z_]", name):
             message += ", starting with a letter or _"
@@ -567,11 +604,9 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
     if kind in ("too_short", "string_too_short"):
         least = ctx.get("min_length", 1)
         message = "must not be empty" if least == 1 else f"needs at least {least} items"
-        hint = (
-            "add an invoke, e.g. clean: {prompt: 'The Eiffel Tower is in'}"
-            if path == ("invokes",)
-            else None
-        )
+        hint = None
+        if path == ("invokes",):
+            hint = "add an invoke, e.g. clean: {prompt: 'The Eiffel Tower is in'}"
         return Issue("bad-value", message, path, hint=hint), at_key
     if kind in ("too_long", "string_too_long"):
         most = ctx.get("max_length")
@@ -583,16 +618,14 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         "less_than": ("less than", "lt"),
     }
     if kind in bounds:
-        words, key = bounds[kind]
-        return Issue("bad-value", f"must be {words} {ctx.get(key)}, got {shown}", path), False
+        words_, key = bounds[kind]
+        return Issue("bad-value", f"must be {words_} {ctx.get(key)}, got {shown}", path), False
     if kind in ("value_error", "assertion_error"):
-        message = (
-            str(err["msg"]).split(", ", 1)[-1]
-            if str(err["msg"]).startswith(("Value error", "Assertion"))
-            else str(err["msg"])
-        )
+        message = str(err["msg"])
+        for prefix in ("Value error, ", "Assertion failed, "):
+            message = message.removeprefix(prefix)
         return Issue("bad-value", message, path), at_key
-    message = err["msg"]
+    message = str(err["msg"])
     message = message[0].lower() + message[1:] if message else message
     return Issue("bad-value", f"invalid value {shown}: {message}", path), False
 
@@ -603,102 +636,83 @@ def validate_spec(doc: LoadedDoc) -> Spec:
     if isinstance(data, dict) and "specsight" in data:
         version = data["specsight"]
         line, col = doc.source.locate(("specsight",))
-        if (
-            isinstance(version, (int, float))
-            and not isinstance(version, bool)
-            and version != SPEC_VERSION
-        ):
-            raise SpecError(
-                Issue(
-                    "version",
-                    f"this is spec format version {_describe(version)}; this specsight reads version {SPEC_VERSION}",
-                    ("specsight",),
-                    doc.file,
-                    line,
-                    col,
-                    hint="upgrade specsight, or write 'specsight: 1'",
-                )
+        if isinstance(version, bool) or not isinstance(version, (int, float)):
+            message = f"expected the spec format version {SPEC_VERSION}, got {_describe(version)}"
+            hint = f"write 'specsight: {SPEC_VERSION}', a number"
+            raise SpecError(Issue("version", message, ("specsight",), doc.file, line, col, hint))
+        if version != SPEC_VERSION:
+            message = (
+                f"this is spec format version {_describe(version)}; "
+                f"this specsight reads version {SPEC_VERSION}"
             )
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise SpecError(
-                Issue(
-                    "version",
-                    f"expected the spec format version {SPEC_VERSION}, got {_describe(version)}",
-                    ("specsight",),
-                    doc.file,
-                    line,
-                    col,
-                    hint=f"write 'specsight: {SPEC_VERSION}' (a number)",
-                )
-            )
+            hint = f"upgrade specsight, or write 'specsight: {SPEC_VERSION}'"
+            raise SpecError(Issue("version", message, ("specsight",), doc.file, line, col, hint))
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-    # Where a union has several branches, keep only those that got furthest into the data: for
-    # a list of prompts with one number in it, the list branch's error about that item, not the
-    # string branch's error about the whole list.
-    found: list[tuple[dict[str, Any], tuple[Any, ...], list[tuple[tuple[Any, ...], Any]]]] = []
+
+    # Where no branch of a union fits, keep only the branches that got furthest into the data:
+    # for a list of prompts holding one number, the list branch's error about that item, not
+    # the string branch's error about the whole list.
+    found: list[tuple[dict[str, Any], tuple[Any, ...], list[tuple[Any, ...]]]] = []
     depths: dict[tuple[Any, ...], dict[Any, int]] = {}
     for err in errors:
         loc = tuple(err["loc"])
         dropped: list[tuple[int, Any]] = []
         path = _data_path(loc, data, dropped)
+        missing = err["type"] == "missing"
         branches = [
             (loc[:i], part)
             for i, part in dropped
-            if part != "[key]" and not (err["type"] == "missing" and i == len(loc) - 1)
+            if part != "[key]" and not (missing and i == len(loc) - 1)
         ]
         found.append((err, path, branches))
-        depth = len(path) + (err["type"] == "missing")  # a missing key lies inside its mapping
+        depth = len(path) + missing  # a missing key lies inside its mapping
         for point, tag in branches:
             depths.setdefault(point, {})
             depths[point][tag] = max(depths[point].get(tag, 0), depth)
-    grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for err, path, branches in found:
-        if any(len(depths[p]) > 1 and depths[p][t] < max(depths[p].values()) for p, t in branches):
-            continue
-        alone = err["type"] in (
-            "missing",
-            "extra_forbidden",
-            "union_tag_invalid",
-            "union_tag_not_found",
+    kept = [
+        (err, path)
+        for err, path, branches in found
+        if not any(
+            len(depths[p]) > 1 and depths[p][t] < max(depths[p].values()) for p, t in branches
         )
-        grouped.setdefault((path, tuple(err["loc"]) if alone else ()), []).append(err)
-    located: list[tuple[Issue, bool]] = [
-        _issue_for(errs, path, data) for (path, _), errs in grouped.items()
     ]
-    # A typo'd key also makes the key it was meant to be missing: report the typo only.
-    unknown = [i for i, _ in located if i.code == "unknown-key"]
+
+    # A typo'd key also leaves the key it stands for missing: report the typo only.
+    meant: dict[tuple[Any, ...], str] = {}
+    for err, path in kept:
+        if err["type"] != "extra_forbidden":
+            continue
+        for other, other_path in kept:
+            wanted = str(other["loc"][-1])
+            if (
+                other["type"] == "missing"
+                and other_path == path[:-1]
+                and did_you_mean(str(path[-1]), [wanted])
+            ):
+                meant.setdefault(path, wanted)
+    covered = {(path[:-1], wanted) for path, wanted in meant.items()}
+
+    grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for err, path in kept:
+        kind = err["type"]
+        if kind == "missing" and (path, str(err["loc"][-1])) in covered:
+            continue
+        alone = kind in ("extra_forbidden", "union_tag_invalid", "union_tag_not_found")
+        grouped.setdefault(
+            (path, tuple(err["loc"]) if alone else (), kind == "missing"), []
+        ).append(err)
     issues: list[Issue] = []
-    for issue, at_key in located:
-        if issue.code == "missing-key":
-            wanted = issue.message.split("'")[1]
-            typo = next(
-                (
-                    u
-                    for u in unknown
-                    if u.path[:-1] == issue.path and did_you_mean(str(u.path[-1]), [wanted])
-                ),
-                None,
-            )
-            if typo is not None:
-                continue
-        if issue.code == "unknown-key":
-            mapping = issue.path[:-1]
-            missing = [
-                m.message.split("'")[1]
-                for m, _ in located
-                if m.code == "missing-key" and m.path == mapping
-            ]
-            meant = [w for w in missing if did_you_mean(str(issue.path[-1]), [w])]
-            if meant:
-                issue = Issue(
-                    issue.code, issue.message, issue.path, hint=f"did you mean '{meant[0]}'?"
-                )
+    for (path, _, _), errs in grouped.items():
+        issue, at_key = _issue_for(errs, path, data)
+        if issue.code == "unknown-key" and issue.path in meant:
+            hint = f"did you mean '{meant[issue.path]}'?"
+            issue = Issue(issue.code, issue.message, issue.path, hint=hint)
         line, col = doc.source.locate(issue.path, key=at_key)
-        located_issue = issue.located(doc.file, line, col)
-        if located_issue not in issues:
-            issues.append(located_issue)
+        issue = issue.located(doc.file, line, col)
+        if issue not in issues:
+            issues.append(issue)
     issues.sort(key=lambda i: (i.line or 0, i.col or 0))
     raise SpecError(issues) from None
