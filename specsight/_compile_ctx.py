@@ -55,3 +55,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def default_save_name(invoke: str, site: str) -> str:
+    return f"{invoke}/{site}"

