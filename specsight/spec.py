@@ -523,10 +523,18 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
 
     if kind == "extra_forbidden":
         key = loc[-1]
-        cls = _model_at(path[:-1], data)
-        hint = did_you_mean(str(key), _keys_of(cls)) if cls else None
-        if hint is None and cls is not None:
-            hint = "allowed keys: " + ", ".join(_keys_of(cls))
+        branch_classes = {c.__name__: c for c in (TokenSelector, FileVector, SavedVector)}
+        classes: list[type[BaseModel]] = []
+        for e in errs:  # one error per branch of a union that refused the key
+            e_loc = tuple(e["loc"])
+            cls = branch_classes.get(str(e_loc[-2])) if len(e_loc) >= 2 else None
+            cls = cls or _model_at(path[:-1], data)
+            if cls is not None and cls not in classes:
+                classes.append(cls)
+        allowed = [k for c in classes for k in _keys_of(c)]
+        hint = did_you_mean(str(key), allowed) if allowed else None
+        if hint is None and classes:
+            hint = "allowed keys: " + " or ".join(", ".join(_keys_of(c)) for c in classes)
         return Issue("unknown-key", f"unknown key '{key}'", path, hint=hint), True
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         field = "op" if path[:1] == ("invokes",) else "kind"
@@ -652,47 +660,64 @@ def validate_spec(doc: LoadedDoc) -> Spec:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
 
-    # Where no branch of a union fits, keep only the branches that got furthest into the data:
-    # for a list of prompts holding one number, the list branch's error about that item, not
-    # the string branch's error about the whole list.
-    found: list[tuple[dict[str, Any], tuple[Any, ...], list[tuple[Any, ...]]]] = []
-    depths: dict[tuple[Any, ...], dict[Any, int]] = {}
-    for err in errors:
+    # Where no branch of a union fits, keep the branches that got furthest into the data (for
+    # a list of prompts holding one number: the list branch's error about that item, not the
+    # string branch's error about the whole list); among those, the ones with the fewest
+    # errors, a typo'd key and the key it stands for counting as one.
+    found: list[tuple[dict[str, Any], tuple[Any, ...]]] = []
+    members: dict[tuple[Any, ...], dict[Any, list[int]]] = {}  # union point -> branch -> errors
+    for index, err in enumerate(errors):
         loc = tuple(err["loc"])
         dropped: list[tuple[int, Any]] = []
         path = _data_path(loc, data, dropped)
-        missing = err["type"] == "missing"
-        branches = [
-            (loc[:i], part)
-            for i, part in dropped
-            if part != "[key]" and not (missing and i == len(loc) - 1)
-        ]
-        found.append((err, path, branches))
-        depth = len(path) + missing  # a missing key lies inside its mapping
-        for point, tag in branches:
-            depths.setdefault(point, {})
-            depths[point][tag] = max(depths[point].get(tag, 0), depth)
-    kept = [
-        (err, path)
-        for err, path, branches in found
-        if not any(
-            len(depths[p]) > 1 and depths[p][t] < max(depths[p].values()) for p, t in branches
+        found.append((err, path))
+        for i, part in dropped:
+            if part != "[key]" and not (err["type"] == "missing" and i == len(loc) - 1):
+                members.setdefault(loc[:i], {}).setdefault(part, []).append(index)
+
+    def is_typo(extra: int, missing: int) -> bool:
+        """Whether error ``extra`` is an unknown key standing for the key ``missing`` lacks."""
+        (e, e_path), (m, _) = found[extra], found[missing]
+        return (
+            e["type"] == "extra_forbidden"
+            and m["type"] == "missing"
+            and tuple(e["loc"][:-1]) == tuple(m["loc"][:-1])
+            and did_you_mean(str(e_path[-1]), [str(m["loc"][-1])]) is not None
         )
-    ]
+
+    def depth(index: int) -> int:
+        err, path = found[index]
+        return len(path) + (err["type"] == "missing")  # a missing key lies inside its mapping
+
+    def cost(indices: list[int]) -> int:
+        typos = sum(any(is_typo(i, j) for j in indices) for i in indices)
+        return len(indices) - typos
+
+    dropped_errors: set[int] = set()
+    exclusive: dict[tuple[Any, ...], list[int]] = {}  # mapping path -> keys of rival branches
+    for branches in members.values():
+        if len(branches) < 2:
+            continue
+        deepest = {tag: max(depth(i) for i in indices) for tag, indices in branches.items()}
+        finalists = [tag for tag in branches if deepest[tag] == max(deepest.values())]
+        fewest = min(cost(branches[tag]) for tag in finalists)
+        winners = [tag for tag in finalists if cost(branches[tag]) == fewest]
+        for tag, indices in branches.items():
+            if tag not in winners:
+                dropped_errors.update(indices)
+        rest = [i for tag in winners for i in branches[tag]]
+        if len(winners) > 1 and all(found[i][0]["type"] == "extra_forbidden" for i in rest):
+            # e.g. {file: ..., saved: ...}: each branch of the union refuses the other's key
+            exclusive.setdefault(found[rest[0]][1][:-1], []).extend(rest)
+            dropped_errors.update(rest)
+    kept = [found[i] for i in range(len(found)) if i not in dropped_errors]
 
     # A typo'd key also leaves the key it stands for missing: report the typo only.
     meant: dict[tuple[Any, ...], str] = {}
-    for err, path in kept:
-        if err["type"] != "extra_forbidden":
-            continue
-        for other, other_path in kept:
-            wanted = str(other["loc"][-1])
-            if (
-                other["type"] == "missing"
-                and other_path == path[:-1]
-                and did_you_mean(str(path[-1]), [wanted])
-            ):
-                meant.setdefault(path, wanted)
+    for i in range(len(found)):
+        for j in range(len(found)):
+            if i not in dropped_errors and j not in dropped_errors and is_typo(i, j):
+                meant.setdefault(found[i][1], str(found[j][0]["loc"][-1]))
     covered = {(path[:-1], wanted) for path, wanted in meant.items()}
 
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -700,11 +725,18 @@ def validate_spec(doc: LoadedDoc) -> Spec:
         kind = err["type"]
         if kind == "missing" and (path, str(err["loc"][-1])) in covered:
             continue
-        alone = kind in ("extra_forbidden", "union_tag_invalid", "union_tag_not_found")
+        alone = tuple(err["loc"]) if kind in ("union_tag_invalid", "union_tag_not_found") else ()
         grouped.setdefault(
-            (path, tuple(err["loc"]) if alone else (), kind == "missing"), []
+            (path, alone, kind if kind in ("missing", "extra_forbidden") else ""), []
         ).append(err)
     issues: list[Issue] = []
+    for path, indices in exclusive.items():
+        keys = sorted({str(found[i][1][-1]) for i in indices})
+        message = "give either " + " or ".join(f"'{k}'" for k in keys) + ", not both"
+        if len(keys) > 2:
+            message = "give only one of " + ", ".join(f"'{k}'" for k in keys)
+        line, col = doc.source.locate(path, key=True)
+        issues.append(Issue("bad-value", message, path, doc.file, line, col))
     for (path, _, _), errs in grouped.items():
         issue, at_key = _issue_for(errs, path, data)
         if issue.code == "unknown-key" and issue.path in meant:
