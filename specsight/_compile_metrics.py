@@ -18,8 +18,9 @@ def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
         if ref >= ctx.info.vocab_size:
             raise ctx.fail(
                 "bad-token",
-                f"token id {ref} is outside the vocabulary ({ctx.info.vocab_size})",
+                f"token id {ref} is outside the vocabulary of {ctx.info.vocab_size} tokens",
                 path,
+                f"ids go from 0 to {ctx.info.vocab_size - 1}",
             )
         return ref
     ids = ctx.tok.encode_plain(ref)
@@ -27,9 +28,9 @@ def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
         pieces = " + ".join(repr(t) for t in ctx.tok.token_strs(ids))
         raise ctx.fail(
             "multi-token",
-            f"{ref!r} is {len(ids)} tokens ({pieces}), a metric needs one token",
+            f"{ref!r} is {len(ids)} tokens, {pieces}; a metric needs one token",
             path,
-            "use a single token (often with a leading space, e.g. ' Paris') or a token id",
+            "use a single token, often with a leading space such as ' Paris', or a token id",
         )
     return ids[0]
 
@@ -61,6 +62,7 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
                         "bad-position",
                         f"a metric reads one position; this selects {len(picked)}",
                         path + ("position",),
+                        "use 'last', an index such as -1, or {token: ' John'}",
                     )
                 positions.append(picked[0])
         tokens_ref: list[str | int] = []

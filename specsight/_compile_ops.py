@@ -25,10 +25,17 @@ def _sites(ctx: _Ctx, site: str, path: _Path) -> list[Site]:
 
 
 def _positions(ctx: _Ctx, selectors: Any, tokens: list[int], path: _Path) -> list[int]:
-    try:
-        return resolve_positions(_plain(selectors), tokens, ctx.tok)
-    except PositionError as exc:
-        raise ctx.fail("bad-position", exc.message, path, exc.hint) from None
+    """Resolve selectors; an error points at the list item that failed."""
+    items = selectors if isinstance(selectors, list) else [selectors]
+    out: list[int] = []
+    for index, item in enumerate(items):
+        where = path + (index,) if isinstance(selectors, list) else path
+        try:
+            picked = resolve_positions(_plain(item), tokens, ctx.tok)
+        except PositionError as exc:
+            raise ctx.fail("bad-position", exc.message, where, exc.hint) from None
+        out.extend(p for p in picked if p not in out)
+    return out
 
 
 def _site_width(ctx: _Ctx, site: Site) -> int | None:
@@ -113,7 +120,9 @@ def _patch_op(
             "position-count",
             f"the op selects {len(common['positions'])} position(s) in '{invoke}' but {len(src_positions)} in '{source}'",
             where,
-            "give 'source_positions' so both sides select the same number of tokens",
+            "make 'positions' and 'source_positions' select the same number of tokens"
+            if op.source_positions is not None
+            else "give 'source_positions' so both sides select the same number of tokens",
         )
     src_row = ctx.row_index[(source, 0, src_prompt)]
     key = f"capture/{source}/{src_prompt}/{site.module}/{site.io}"

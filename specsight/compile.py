@@ -14,7 +14,7 @@ from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, default_save_name
 from ._compile_metrics import compile_metric
 from ._compile_ops import compile_op
 from ._sweep import Grid, GridError, expand_grid, placeholders, substitute
-from .errors import SpecError, did_you_mean
+from .errors import SpecError, did_you_mean, format_path
 from .load import LoadedDoc, from_data
 from .modelinfo import ModelInfo
 from .plan import Forward, Plan, PlanSave, Row
@@ -157,9 +157,19 @@ def _collect_save_names(ctx: _Ctx) -> None:
                     ctx.fail(
                         "duplicate-save",
                         f"two saves are named '{save_name}'",
-                        ("invokes", name, "ops", i),
-                        "give one of them a different 'name'",
+                        ("invokes", name, "ops", i, "name" if op.name else "site"),
+                        "the first is at {}; give one of them a different 'name'".format(
+                            format_path(
+                                (
+                                    "invokes",
+                                    *ctx.save_names[save_name][:1],
+                                    "ops",
+                                    ctx.save_names[save_name][1],
+                                )
+                            )
+                        ),
                     )
+                    continue
                 ctx.save_names[save_name] = (name, i)
 
 
@@ -167,7 +177,7 @@ def _stages(ctx: _Ctx) -> dict[str, int]:
     """Stage of each invoke: 0 when it reads nothing, else one past everything it reads."""
     names = list(ctx.spec.invokes)
     save_owner = {save: owner for save, (owner, _) in ctx.save_names.items()}
-    deps: dict[str, set[str]] = {name: set() for name in names}
+    deps: dict[str, dict[str, _Path]] = {name: {} for name in names}
     for name, invoke in ctx.spec.invokes.items():
         for i, kind, ref in _sources_of(invoke):
             op_path: _Path = ("invokes", name, "ops", i)
@@ -179,10 +189,13 @@ def _stages(ctx: _Ctx) -> dict[str, int]:
                     )
                 elif ref == name:
                     ctx.fail(
-                        "self-patch", "an invoke cannot patch from itself", op_path + ("from",)
+                        "self-patch",
+                        "an invoke cannot patch from itself",
+                        op_path + ("from",),
+                        "patch from another invoke; to keep a value of this one, use a save op",
                     )
                 else:
-                    deps[name].add(ref)
+                    deps[name].setdefault(ref, op_path + ("from",))
             else:
                 attr = "vector" if "vector" in type(invoke.ops[i]).model_fields else "value"
                 owner = save_owner.get(ref)
@@ -204,24 +217,30 @@ def _stages(ctx: _Ctx) -> dict[str, int]:
                         "save it in a separate invoke and read it from there",
                     )
                 else:
-                    deps[name].add(owner)
+                    deps[name].setdefault(owner, op_path + (attr, "saved"))
     stages: dict[str, int] = {}
-    visiting: set[str] = set()
+    visiting: list[str] = []
 
     def visit(name: str) -> int:
         if name in stages:
             return stages[name]
-        if name in visiting:
-            ctx.fail(
-                "cycle",
-                f"invoke '{name}' depends on itself through other invokes",
-                ("invokes", name),
-            )
-            return 0
-        visiting.add(name)
-        stages[name] = max((visit(d) + 1 for d in deps[name]), default=0)
-        visiting.discard(name)
-        return stages[name]
+        visiting.append(name)
+        stage = 0
+        for dep, where in deps[name].items():
+            if dep in visiting:
+                loop = visiting[visiting.index(dep) :] + [dep]
+                ctx.fail(
+                    "cycle",
+                    "invokes read from each other in a loop: "
+                    + " -> ".join(f"'{n}'" for n in loop),
+                    where,
+                    "an invoke can only read from invokes that do not read from it",
+                )
+                continue
+            stage = max(stage, visit(dep) + 1)
+        visiting.pop()
+        stages[name] = stage
+        return stage
 
     for name in names:
         visit(name)
@@ -240,23 +259,31 @@ def _expand_invoke(ctx: _Ctx, name: str) -> None:
     except GridError as exc:
         ctx.fail("bad-sweep", exc.message, ("invokes", name, "sweep", exc.axis), exc.hint)
         grid = Grid((), ())
+    declared = tuple(invoke.sweep or ())
+    unknown: dict[str, _Path] = {}
+    for i, op in enumerate(invoke.ops):
+        for field, value in op.model_dump(by_alias=True).items():
+            for var in sorted(placeholders(value) - set(declared)):
+                unknown.setdefault(var, ("invokes", name, "ops", i, field))
+    near_miss = set()
+    for var, where in unknown.items():
+        suggestion = did_you_mean(var, declared)
+        if suggestion:
+            near_miss.update(a for a in declared if f"'{a}'" in suggestion)
+        ctx.fail(
+            "unknown-variable",
+            f"placeholder '{{{var}}}' names no sweep variable",
+            where,
+            suggestion or "declare it under 'sweep:'",
+        )
     used = placeholders([op.model_dump(by_alias=True) for op in invoke.ops])
-    for axis in grid.axes:
-        if axis not in used:
+    for axis in declared:
+        if axis not in used and axis not in near_miss:
             ctx.fail(
                 "unused-sweep",
                 f"sweep variable '{axis}' is not used by any op",
                 ("invokes", name, "sweep", axis),
                 f"use '{{{axis}}}' in an op, or remove it",
-            )
-    for i, op in enumerate(invoke.ops):
-        for var in sorted(placeholders(op.model_dump(by_alias=True)) - set(grid.axes)):
-            hint = did_you_mean(var, grid.axes) or "declare it under 'sweep:'"
-            ctx.fail(
-                "unknown-variable",
-                f"placeholder '{{{var}}}' names no sweep variable",
-                ("invokes", name, "ops", i),
-                hint,
             )
     ctx.grids[name] = grid
     cells = grid.cells() if grid.axes else [{}]

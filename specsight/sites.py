@@ -13,6 +13,7 @@ whatever the module returns (a tensor, a tuple, a ModelOutput).
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -225,10 +226,12 @@ def _site_hint(module: str, info: ModelInfo) -> str:
     # Suggest against names of the same depth first: 'model.layer.5' -> 'model.layers.5'.
     depth = module.count(".")
     same_depth = [n for n in names if n and n.count(".") == depth]
+    head, dot, rest = module.partition(".")
+    canon = list(FAMILIES[info.family]["sites"]) if info.family else []
+    close = difflib.get_close_matches(head, canon, n=1, cutoff=0.6)
+    if close and not any(n.startswith(head + ".") for n in names):
+        return f"did you mean '{close[0]}{dot}{rest}'?"
     hint = did_you_mean(module, same_depth) or did_you_mean(module, names)
-    if hint is None and info.family:
-        canon = list(FAMILIES[info.family]["sites"])
-        hint = did_you_mean(module.split(".")[0], canon)
     if hint is None:
         examples = ", ".join(canonical_names(info)[:4])
         hint = "see `specsight sites MODEL` for the module tree" + (

@@ -21,7 +21,7 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(name: str = "tiny-llama", seed: int = 0):
     """A tiny random model, loaded once per test session."""
     from specsight.models import load_model
@@ -29,7 +29,7 @@ def tiny(name: str = "tiny-llama", seed: int = 0):
     return load_model(name, seed=seed, device="cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def builtin():
     from specsight.models import load_model
 

@@ -66,16 +66,8 @@ def _too_large() -> str:
 
 
 #: cases whose golden file holds the output the compiler should give, not what it gives today
-XFAIL = {
-    "28_patch_position_count.yaml": "compile._patch_op: the hint says to give 'source_positions' "
-    "when they were given",
-    "35_sweep_pos_all_lengths_differ.yaml": "compile._expand_invoke: a bad sweep axis also makes "
-    "every placeholder of the invoke 'name no sweep variable'",
-    "36_all_on_custom_variable.yaml": "compile._expand_invoke: a bad sweep axis also makes every "
-    "placeholder of the invoke 'name no sweep variable'",
-    "63_sweep_layer_out_of_range.yaml": "compile._expand_invoke: a bad sweep axis also makes "
-    "every placeholder of the invoke 'name no sweep variable'",
-}
+#: cases whose message is known to be wrong, with the reason (none at present)
+XFAIL: dict[str, str] = {}
 
 #: cases built at run time (too big to commit); their golden file sits in bad_specs all the same
 GENERATED: dict[str, Callable[[], str]] = {"51_too_large.yaml": _too_large}
