@@ -1,13 +1,15 @@
 """The ``specsight`` command line: run, validate, plan, schema, models.
 
 Exit codes: 0 ok, 1 run failure, 2 bad spec or usage. ``--json`` prints results or errors as
-data on stdout. A user mistake never shows a traceback; an internal error does, labelled as one.
+data on stdout (strict JSON: a NaN or infinite value is written as null). A user mistake never
+shows a traceback; an internal error does, labelled as one.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,6 +21,17 @@ import click
 from .errors import SpecError, SpecsightError
 
 __all__ = ["main"]
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, so ``json.dumps`` writes strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _emit_error(exc: SpecsightError, as_json: bool) -> None:
@@ -78,6 +91,7 @@ def main() -> None:
 def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None, Any]:
     if not enabled:
         return None, None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     progress = Progress(
@@ -86,7 +100,7 @@ def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         transient=True,
-        console=None,
+        console=Console(stderr=True),  # on stderr (the stream checked above), never stdout
     )
     task = progress.add_task("rows", total=None)
 
@@ -140,7 +154,7 @@ def run(
             "manifest": results.manifest,
             "out": str(out) if out else None,
         }
-        click.echo(json.dumps(payload, indent=2))
+        click.echo(json.dumps(_strict_json(payload), indent=2, allow_nan=False))
         return
     import shutil
 
@@ -241,6 +255,22 @@ def schema(check_path: Path | None, write_path: Path | None) -> None:
         click.echo(f"wrote {write_path}")
         return
     click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("model_id", metavar="MODEL")
+@json_option
+@_guard
+def sites(model_id: str, as_json: bool) -> None:
+    """Show MODEL's canonical sites and module tree (no weights loaded)."""
+    from .models import load_model_info
+    from .sites import describe_sites
+
+    info, _ = load_model_info(model_id)
+    if as_json:
+        click.echo(info.to_json())
+    else:
+        click.echo(describe_sites(info))
 
 
 @main.command()

@@ -231,10 +231,47 @@ def _site_hint(module: str, info: ModelInfo) -> str:
     close = difflib.get_close_matches(head, canon, n=1, cutoff=0.6)
     if close and not any(n.startswith(head + ".") for n in names):
         return f"did you mean '{close[0]}{dot}{rest}'?"
-    hint = did_you_mean(module, same_depth) or did_you_mean(module, names)
+    hint = did_you_mean(module, same_depth, n=1) or did_you_mean(module, names, n=1)
     if hint is None:
         examples = ", ".join(canonical_names(info)[:4])
         hint = "see `specsight sites MODEL` for the module tree" + (
             f"; canonical sites: {examples}, ..." if examples else ""
         )
     return hint
+
+
+def describe_sites(info: ModelInfo, *, max_modules: int = 400) -> str:
+    """Canonical sites with their modules and widths, then the module tree (repeated layers folded)."""
+    lines = [
+        f"{info.model_id}: {info.architecture} (family {info.family or 'unknown'}), "
+        f"{info.n_layers} layers, d_model {info.d_model}, {info.n_heads} heads "
+        f"({info.n_kv_heads} key/value), vocabulary {info.vocab_size}",
+    ]
+    if info.family:
+        lines.append("canonical sites (L = 0..%d):" % (info.n_layers - 1))
+        for name, (module, io) in FAMILIES[info.family]["sites"].items():
+            label = f"{name}.L" if "{L}" in module else name
+            width = info.vocab_size if name == "logits" else info.d_model
+            lines.append(
+                f"  {label:<14} {module.replace('{L}', 'L')} ({io})  [batch, pos, {width}]"
+            )
+    else:
+        lines.append("no canonical site table for this architecture: use raw module paths")
+    layers = FAMILIES[info.family]["layers"] + "." if info.family else None
+    lines.append("modules:")
+    shown = 0
+    for name, kind in info.modules:
+        if layers and name.startswith(layers):
+            index = name[len(layers) :].split(".", 1)[0]
+            if index.isdigit() and int(index) > 0:
+                continue
+        lines.append(f"  {name} ({kind})")
+        shown += 1
+        if shown >= max_modules:
+            lines.append("  ...")
+            break
+    if layers and info.n_layers > 1:
+        lines.append(
+            f"  ({layers}1 .. {layers}{info.n_layers - 1} repeat the structure of {layers}0)"
+        )
+    return "\n".join(lines)
