@@ -248,7 +248,7 @@ def describe_sites(info: ModelInfo, *, max_modules: int = 400) -> str:
         f"({info.n_kv_heads} key/value), vocabulary {info.vocab_size}",
     ]
     if info.family:
-        lines.append("canonical sites (L = 0..%d):" % (info.n_layers - 1))
+        lines.append(f"canonical sites (L = 0..{info.n_layers - 1}):")
         for name, (module, io) in FAMILIES[info.family]["sites"].items():
             label = f"{name}.L" if "{L}" in module else name
             width = info.vocab_size if name == "logits" else info.d_model
