@@ -86,7 +86,9 @@ def explain_plan(plan: Plan) -> str:
                 what = f"top_k(k={metric.k})"
             elif metric.kind == "logit_lens":
                 token = f"{metric.token_strs[0]!r}, " if metric.token_strs else ""
-                what = f"logit_lens({token}k={metric.k}, sites {metric.sites[0]}..{metric.sites[-1]})"
+                what = (
+                    f"logit_lens({token}k={metric.k}, sites {metric.sites[0]}..{metric.sites[-1]})"
+                )
             elif metric.token_strs:
                 what = f"{metric.kind}({', '.join(repr(t) for t in metric.token_strs)})"
             dims = list(zip(metric.axes, metric.shape))

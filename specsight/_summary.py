@@ -65,7 +65,10 @@ def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
     finite = data.nan_to_num(0)
     lo, hi = float(finite.min()), float(finite.max())
     table = Table(
-        title=f"{name} [{axes[0]} x {axes[1]}]", title_justify="left", box=None, padding=(0, 1)
+        title=Text(f"{name} [{axes[0]} x {axes[1]}]"),  # Text: no markup in names or axes
+        title_justify="left",
+        box=None,
+        padding=(0, 1),
     )
     table.add_column(axes[0], justify="right", style="bold")
     for label in cols_label or [str(i) for i in range(data.shape[1])]:
@@ -78,7 +81,8 @@ def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
         label = rows_label[i] if i < len(rows_label) else str(i)
         digits = 3 if max(abs(lo), abs(hi)) < 1 else 2
         table.add_row(
-            label, *[Text(_fmt(float(v), digits), style=_style(float(v), lo, hi)) for v in data[i]]
+            Text(label),
+            *[Text(_fmt(float(v), digits), style=_style(float(v), lo, hi)) for v in data[i]],
         )
     return table
 
@@ -122,13 +126,15 @@ def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]
     if kind == "logit_lens" and decoded is not None and tensor.ndim == 1:
         sites = _labels(meta, "site")
         token = meta.get("token_strs") or []
-        table = Table(title=f"{name} (logit lens)", title_justify="left", box=None, padding=(0, 1))
+        table = Table(
+            title=Text(f"{name} (logit lens)"), title_justify="left", box=None, padding=(0, 1)
+        )
         table.add_column("site", style="bold")
-        table.add_column(f"p({token[0]!r})" if token else "top-1 p", justify="right")
+        table.add_column(Text(f"p({token[0]!r})" if token else "top-1 p"), justify="right")
         table.add_column("top tokens")
         for i, items in enumerate(decoded):
             table.add_row(
-                sites[i] if i < len(sites) else str(i),
+                Text(sites[i] if i < len(sites) else str(i)),
                 f"{float(tensor[i]):.3f}",
                 Text(_tokens(items)),
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -30,19 +31,24 @@ if TYPE_CHECKING:
 
 __all__ = ["load_spec", "compile_plan", "run", "doc_of"]
 
-_DOCS: dict[int, LoadedDoc] = {}
+#: id(spec) -> (a weak reference to the spec, its document); an entry goes when its spec does,
+#: so a later object that reuses the id never gets a stale document
+_DOCS: dict[int, tuple[weakref.ref[Spec], LoadedDoc]] = {}
 
 
 def doc_of(spec: Spec) -> LoadedDoc | None:
     """The loaded document a spec came from (for file positions in later errors)."""
-    return _DOCS.get(id(spec))
+    entry = _DOCS.get(id(spec))
+    return entry[1] if entry is not None and entry[0]() is spec else None
 
 
 def load_spec(source: str | os.PathLike[str] | dict[str, Any]) -> Spec:
     """Load and validate a spec from a file path or a dict. Raises SpecError."""
     doc = from_data(source) if isinstance(source, dict) else load_file(source)
     spec = validate_spec(doc)
-    _DOCS[id(spec)] = doc
+    key = id(spec)
+    _DOCS[key] = (weakref.ref(spec), doc)
+    weakref.finalize(spec, _DOCS.pop, key, None)
     return spec
 
 

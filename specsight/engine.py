@@ -266,7 +266,9 @@ class _Runner:
                 value = torch.cat(pieces).mean(0) if op.reduce == "mean" else pieces[0]
                 value = value.to(hidden.dtype)
             if op.kind == "add":
-                hidden[row, positions] = hidden[row, positions] + value * (op.factor or 1.0)
+                hidden[row, positions] = hidden[row, positions] + value * (
+                    op.factor if op.factor is not None else 1.0
+                )
             else:
                 hidden[row, positions] = value.expand(len(op.positions), -1)
         else:  # pragma: no cover - compile never emits other kinds

@@ -41,7 +41,9 @@ def test_plan_explain_matches_golden(stem, model, update_golden):
         golden.write_text(text)
         if not update_golden:
             pytest.fail(f"created missing golden file {golden}; review and commit it")
-    assert text == golden.read_text(), f"plan changed; if intended run `make golden` and review {golden}"
+    assert text == golden.read_text(), (
+        f"plan changed; if intended run `make golden` and review {golden}"
+    )
 
 
 @pytest.mark.parametrize("stem, model", CASES[:2], ids=[f"{s}-{m}" for s, m in CASES[:2]])
@@ -57,7 +59,9 @@ def test_ioi_sweep_layout_on_tiny_llama():
     corrupt_rows = [r for r in plan.rows if r.invoke == "corrupt"]
     assert len(corrupt_rows) == 4 * 14
     # sources run in an earlier stage than the rows that patch from them
-    stage_of = {f.stage for f in plan.forwards if any(plan.rows[r].invoke == "clean" for r in f.rows)}
+    stage_of = {
+        f.stage for f in plan.forwards if any(plan.rows[r].invoke == "clean" for r in f.rows)
+    }
     assert stage_of == {0}
     assert all(len(f.rows) <= 16 for f in plan.forwards)
     metric = next(m for m in plan.metrics if m.name == "logit_diff")

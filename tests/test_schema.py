@@ -21,7 +21,9 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 def test_schema_file_is_in_sync_with_the_models():
     expected = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
-    assert SCHEMA_FILE.read_text() == expected, "stale schema: run `make schema` (specsight schema --write schemas/spec.v1.json)"
+    assert SCHEMA_FILE.read_text() == expected, (
+        "stale schema: run `make schema` (specsight schema --write schemas/spec.v1.json)"
+    )
 
 
 def test_schema_is_a_valid_draft_2020_12_schema():
@@ -42,13 +44,38 @@ BASE = {"specsight": 1, "model": "tiny-llama", "invokes": {"a": {"prompt": "hi"}
     [
         ({}, True),
         ({"model": {"id": "tiny-gpt2", "dtype": "bfloat16"}}, True),
-        ({"invokes": {"a": {"prompt": ["x", "y"], "ops": [{"op": "zero", "site": "resid_post.1"}]}}}, True),
-        ({"invokes": {"a": {"prompt": "x", "ops": [{"op": "scale", "site": "embed", "factor": "{f}"}], "sweep": {"f": [1, 2]}}}}, True),
+        (
+            {
+                "invokes": {
+                    "a": {"prompt": ["x", "y"], "ops": [{"op": "zero", "site": "resid_post.1"}]}
+                }
+            },
+            True,
+        ),
+        (
+            {
+                "invokes": {
+                    "a": {
+                        "prompt": "x",
+                        "ops": [{"op": "scale", "site": "embed", "factor": "{f}"}],
+                        "sweep": {"f": [1, 2]},
+                    }
+                }
+            },
+            True,
+        ),
         ({"extra_key": 1}, False),
         ({"specsight": 2}, False),
         ({"model": {"id": "x", "dtype": "float33"}}, False),
         ({"invokes": {"a": {"prompt": "x", "ops": [{"op": "pach", "site": "embed"}]}}}, False),
-        ({"invokes": {"a": {"prompt": "x", "ops": [{"op": "zero", "site": "embed", "postions": 1}]}}}, False),
+        (
+            {
+                "invokes": {
+                    "a": {"prompt": "x", "ops": [{"op": "zero", "site": "embed", "postions": 1}]}
+                }
+            },
+            False,
+        ),
         ({"invokes": {"bad name": {"prompt": "x"}}}, False),
         ({"invokes": {}}, False),
         ({"metrics": {"m": {"kind": "top_k", "invoke": "a", "k": 0}}}, False),

@@ -1,0 +1,152 @@
+"""The example specs in specs/ on the real built-in model (SmolLM2-135M): each one validates
+against the published JSON Schema, runs, and shows the behaviour its comment promises.
+
+Each test prints its runtime (``pytest -s`` shows it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import specsight
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+SCHEMA = ROOT / "schemas" / "spec.v1.json"
+EXAMPLES = sorted(p.name for p in SPECS.glob("*.yaml"))
+
+
+def timed_run(name: str, model, record_property, out: Path) -> specsight.Results:
+    """Run an example (printing its runtime), write it to ``out`` and check the files."""
+    started = time.perf_counter()
+    results = specsight.run(SPECS / name, model=model, out=out)
+    elapsed = time.perf_counter() - started
+    record_property("runtime_s", round(elapsed, 3))
+    print(f"\n[runtime] {name}: {elapsed:.2f} s (model preloaded, results written)")
+    loaded = specsight.Results.load(out)
+    assert set(loaded.tensors) == set(results.tensors)
+    for tensor_name, tensor in results.tensors.items():
+        torch.testing.assert_close(loaded[tensor_name], tensor, rtol=0, atol=0, equal_nan=True)
+    assert loaded.manifest["model"]["id"] == "smollm2-135m"
+    assert loaded.manifest["spec"]["file"] == str(SPECS / name)
+    return results
+
+
+def test_every_example_has_a_behaviour_test():
+    tested = {
+        "eiffel_logit_lens.yaml",
+        "ioi_patching.yaml",
+        "mlp_zero_ablation.yaml",
+        "steering_add.yaml",
+    }
+    assert set(EXAMPLES) == tested, "a new example in specs/ needs its own test here"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_matches_published_schema(name):
+    import jsonschema
+
+    if not SCHEMA.exists():
+        pytest.fail(
+            f"{SCHEMA.relative_to(ROOT)} is missing: run `specsight schema --write {SCHEMA}`"
+        )
+    schema = json.loads(SCHEMA.read_text())
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls.check_schema(schema)
+    data = yaml.safe_load((SPECS / name).read_text())
+    errors = sorted(validator_cls(schema).iter_errors(data), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+    specsight.load_spec(SPECS / name)  # and the loader agrees
+
+
+def test_eiffel_logit_lens(smollm, record_property, tmp_path):
+    results = timed_run("eiffel_logit_lens.yaml", smollm, record_property, tmp_path)
+    paris = float(results["paris"])
+    assert paris == pytest.approx(0.656, abs=0.01)
+    # top-1 of the top-k metric and of the summary's next tokens is " Paris"
+    paris_id = smollm.tokenizer.encode_plain(" Paris")
+    assert len(paris_id) == 1
+    assert int(results["top/ids"][0]) == paris_id[0]
+    assert float(results["top"][0]) == pytest.approx(paris, abs=1e-6)
+    assert results.next_tokens["eiffel"][0][0][0] == " Paris"
+    lens = results["lens"]
+    assert lens.shape == (smollm.info.n_layers,) == (30,)
+    assert results.axes("lens") == ["site"]
+    # the last site of the lens is the model's own output distribution
+    assert float(lens[-1]) == pytest.approx(paris, abs=1e-5)
+    assert int(results["lens/ids"][-1, 0]) == paris_id[0]
+    # " Paris" emerges only in the last layers
+    assert float(lens[29]) > float(lens[20])
+    assert float(lens[20]) < 0.01
+    assert float(lens[28]) > float(lens[20])
+
+
+def test_ioi_patching(smollm, record_property, tmp_path):
+    results = timed_run("ioi_patching.yaml", smollm, record_property, tmp_path)
+    clean = float(results["clean_logit_diff"])
+    corrupt = float(results["corrupt_logit_diff"])
+    assert clean == pytest.approx(6.12, abs=0.05)
+    assert corrupt == pytest.approx(-5.49, abs=0.05)
+    swept = results["logit_diff"]
+    assert swept.shape == (30, 14)
+    assert results.axes("logit_diff") == ["layer", "pos"]
+    # the second name (position 9) carries the answer in early and middle layers ...
+    assert (swept[0:19, 9] > 5).all(), swept[:, 9]
+    # ... the last token carries it in late layers
+    assert (swept[23:30, 13] > 4).all(), swept[:, 13]
+    # patching position 0 (identical in both prompts) changes nothing, at every layer
+    assert (swept[:, 0] - corrupt).abs().max() < 0.05
+    # the same holds for every position before the second name
+    assert (swept[:, 0:9] - corrupt).abs().max() < 0.05
+    # patching the last position after the last layer restores the clean run exactly
+    assert float(swept[29, 13]) == pytest.approx(clean, abs=1e-3)
+
+
+def test_mlp_zero_ablation(smollm, record_property, tmp_path):
+    results = timed_run("mlp_zero_ablation.yaml", smollm, record_property, tmp_path)
+    base = float(results["paris_base"])
+    assert base == pytest.approx(0.656, abs=0.01)
+    assert float(results["paris_ablated"]) < 0.1 * base
+    per_layer = results["paris_per_layer"]
+    assert per_layer.shape == (30,)
+    assert results.axes("paris_per_layer") == ["layer"]
+    # MLP 0 matters most on this prompt: ablating it alone also destroys the prediction
+    assert float(per_layer[0]) < 0.1 * base
+    assert float(per_layer[0]) == float(per_layer.min())
+
+
+def _plain_sentiment(smollm, prompts: list[str]) -> torch.Tensor:
+    """ " great" - " bad" at the last position, one plain forward per prompt (no hooks)."""
+    (great,) = smollm.tokenizer.encode_plain(" great")
+    (bad,) = smollm.tokenizer.encode_plain(" bad")
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([smollm.tokenizer.encode(prompt)])
+        with torch.inference_mode():
+            logits = smollm.model(input_ids=ids).logits[0, -1].float()
+        out.append(logits[great] - logits[bad])
+    return torch.stack(out)
+
+
+def test_steering_add(smollm, record_property, tmp_path):
+    results = timed_run("steering_add.yaml", smollm, record_property, tmp_path)
+    sentiment = results["sentiment"]
+    spec = specsight.load_spec(SPECS / "steering_add.yaml")
+    prompts = spec.invokes["steered"].prompts
+    coeffs = [0, 2, 4, 8]
+    assert sentiment.shape == (len(coeffs), len(prompts))
+    assert results.axes("sentiment") == ["coeff", "prompt"]
+    assert results.manifest["tensors"]["sentiment"]["axis_values"]["coeff"] == coeffs
+    # the largest coefficient pushes every prompt towards " great"
+    assert (sentiment[-1] > sentiment[0]).all(), sentiment
+    # coefficient 0 is the unsteered model
+    torch.testing.assert_close(sentiment[0], _plain_sentiment(smollm, prompts), rtol=0, atol=1e-5)
+    assert results["top"].shape == (len(coeffs), len(prompts), 3)
+    assert set(results.saves) == {"love_mean", "hate_mean"}
