@@ -37,6 +37,8 @@ def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
 
 def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
     path: _Path = ("metrics", name)
+    if metric.kind == "recovery":
+        return _recovery(ctx, name, metric, path)
     if metric.invoke not in ctx.spec.invokes:
         hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(
             ctx.spec.invokes
@@ -141,7 +143,65 @@ def _lens(
                     (pos,),
                     store=key,
                     origin=format_path(path),
+                    layer=site.layer,
                 )
             )
     modules = (table["final_norm"][0], table["logits"][0])
     return tuple(s.name for s in sites), tuple(keys), modules
+
+
+_SCALAR_KINDS = ("logit_diff", "logits", "logprob", "prob")
+
+
+def _recovery(ctx: _Ctx, name: str, metric: Any, path: _Path) -> PlanMetric | None:
+    """(patched - corrupt) / (clean - corrupt): the clean and corrupt metrics must not be swept."""
+    metrics = ctx.spec.metrics
+    inputs, ok = [], True
+    for role in ("patched", "clean", "corrupt"):
+        ref = getattr(metric, role)
+        other = metrics.get(ref)
+        if other is None or ref == name:
+            candidates = [n for n, m in metrics.items() if n != name and m.kind in _SCALAR_KINDS]
+            hint = did_you_mean(ref, candidates) or "metrics: " + ", ".join(candidates)
+            ctx.fail(
+                "unknown-metric",
+                f"no metric named '{ref}' to use as '{role}'",
+                path + (role,),
+                hint,
+            )
+            ok = False
+        elif other.kind not in _SCALAR_KINDS:
+            ctx.fail(
+                "bad-recovery",
+                f"'{ref}' is a {other.kind} metric; recovery needs logit_diff, logits, logprob or prob",
+                path + (role,),
+            )
+            ok = False
+        elif role != "patched" and (
+            ctx.grids[other.invoke].axes or isinstance(ctx.spec.invokes[other.invoke].prompt, list)
+        ):
+            ctx.fail(
+                "bad-recovery",
+                f"the {role} metric '{ref}' must be one value: its invoke has a sweep or several prompts",
+                path + (role,),
+                "measure the clean and corrupted runs in invokes with one prompt and no sweep",
+            )
+            ok = False
+        inputs.append(ref)
+    if not ok:
+        return None
+    patched = metrics[metric.patched]
+    grid = ctx.grids[patched.invoke]
+    many = isinstance(ctx.spec.invokes[patched.invoke].prompt, list)
+    axes = tuple(grid.axes) + (("prompt",) if many else ())
+    shape = tuple(grid.shape) + ((len(ctx.tokens[patched.invoke]),) if many else ())
+    return PlanMetric(
+        name=name,
+        kind="recovery",
+        invoke=patched.invoke,
+        rows=(),
+        positions=(),
+        axes=axes,
+        shape=shape,
+        inputs=tuple(inputs),
+    )

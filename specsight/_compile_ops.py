@@ -64,6 +64,7 @@ def compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell
                 site=site.name, module=site.module, io=site.io, row=row, positions=tuple(positions)
             )
             common["origin"] = format_path(path)
+            common["layer"] = site.layer
             if isinstance(op, S.SaveOp):
                 if len(sites) > 1:
                     save_name = default_save_name(invoke, site.name)
@@ -136,6 +137,7 @@ def _patch_op(
             positions=tuple(range(len(src_tokens))),
             store=key,
             origin=common["origin"],
+            layer=site.layer,
         )
     ctx.ops.append(RowOp("patch", sources=(key,), source_positions=tuple(src_positions), **common))
 

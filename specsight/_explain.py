@@ -66,6 +66,28 @@ def explain_plan(plan: Plan) -> str:
         )
     if len(plan.forwards) > 6:
         lines.append(f"  ... {len(plan.forwards) - 6} more")
+    n_layers = int(m["n_layers"])
+    reused = [f for f in plan.forwards if f.shared_prefix]
+    if reused:
+        full = sum(len(f.rows) * n_layers for f in plan.forwards)
+        done = sum(
+            f.shared_prefix + len(f.rows) * (n_layers - f.shared_prefix)
+            if f.shared_prefix
+            else len(f.rows) * n_layers
+            for f in plan.forwards
+        )
+        depths = ", ".join(str(f.shared_prefix) for f in reused[:12]) + (
+            ", ..." if len(reused) > 12 else ""
+        )
+        lines.append(
+            f"prefix reuse: {len(reused)} forward(s) run their first layers once for all rows "
+            f"(shared layers: {depths}); {100 * (full - done) / full:.0f}% of row-layers skipped"
+        )
+    kept = {len(f.keep_logits) for f in plan.forwards if f.keep_logits is not None}
+    if kept:
+        lines.append(
+            f"logits: only the {'/'.join(map(str, sorted(kept)))} position(s) metrics read are unembedded"
+        )
     hooks = plan.hooks()
     lines.append(f"hooks: {len(hooks)}")
     by_site: dict[str, Counter] = {}
@@ -84,6 +106,14 @@ def explain_plan(plan: Plan) -> str:
                 what = f"logit_diff({metric.token_strs[0]!r} - {metric.token_strs[1]!r})"
             elif metric.kind == "top_k":
                 what = f"top_k(k={metric.k})"
+            elif metric.kind == "recovery":
+                patched, clean, corrupt = metric.inputs
+                what = f"recovery = ({patched} - {corrupt}) / ({clean} - {corrupt})"
+                shape = (
+                    " x ".join(f"{a}={n}" for a, n in zip(metric.axes, metric.shape)) or "scalar"
+                )
+                lines.append(f"  {metric.name}: {what} -> [{shape}]")
+                continue
             elif metric.kind == "logit_lens":
                 token = f"{metric.token_strs[0]!r}, " if metric.token_strs else ""
                 what = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .modelinfo import ModelInfo
 from .plan import Plan
 
-__all__ = ["estimate_memory", "dtype_bytes"]
+__all__ = ["estimate_memory", "dtype_bytes", "row_bytes"]
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -18,6 +18,8 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def _param_count(info: ModelInfo) -> int:
+    if info.n_params:
+        return info.n_params
     d, layers = info.d_model, info.n_layers
     d_mlp = info.d_mlp or 4 * d
     kv = info.n_kv_heads * info.d_head
@@ -27,18 +29,28 @@ def _param_count(info: ModelInfo) -> int:
     return layers * (attn + mlp) + 2 * embed
 
 
+def row_bytes(
+    info: ModelInfo, seq_len: int, dtype: str, *, logits_positions: int | None = None
+) -> int:
+    """Estimated activation bytes one row adds to a forward (the widest live tensors)."""
+    width = dtype_bytes(dtype)
+    d_mlp = info.d_mlp or 4 * info.d_model
+    hidden = seq_len * (4 * info.d_model + 2 * d_mlp) * width
+    attention = info.n_heads * seq_len * seq_len * width
+    kept = seq_len if logits_positions is None else logits_positions
+    logits = kept * info.vocab_size * 4
+    return hidden + attention + logits
+
+
 def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
     """Bytes for weights, peak activations of the largest forward, captured/saved values."""
-    width = dtype_bytes(str(plan.model.get("dtype", "float32")))
-    d_mlp = info.d_mlp or 4 * info.d_model
+    dtype = str(plan.model.get("dtype", "float32"))
+    width = dtype_bytes(dtype)
     peak = 0
     for forward in plan.forwards:
-        b, t = len(forward.rows), forward.seq_len
-        per_layer = (
-            b * t * (4 * info.d_model + 2 * d_mlp) * width + b * info.n_heads * t * t * width
-        )
-        logits = b * t * info.vocab_size * 4
-        peak = max(peak, per_layer + logits)
+        kept = None if forward.keep_logits is None else len(forward.keep_logits)
+        per_row = row_bytes(info, forward.seq_len, dtype, logits_positions=kept)
+        peak = max(peak, len(forward.rows) * per_row)
     stored = 0
     for op in plan.ops:
         if op.kind in ("capture", "save"):

@@ -1,8 +1,9 @@
 """Sweep grids: expand an invoke's ``sweep:`` into cells and substitute ``{var}`` placeholders.
 
-``layer`` and ``pos`` are special: ``all`` and ranges mean every layer of the model or every
-position of the prompt. Any other variable takes a list of numbers (or an integer range).
-Cells are the product of the axes, in declaration order (the first axis varies slowest).
+``layer``, ``pos`` and ``head`` are special: ``all`` and ranges mean every layer of the model,
+every position of the prompt, every attention head. Any other variable takes a list of numbers
+(or an integer range). Cells are the product of the axes in declaration order (the first axis
+varies slowest), or with ``sweep_mode: zip`` the variables' values taken side by side.
 """
 
 from __future__ import annotations
@@ -29,15 +30,35 @@ class GridError(ValueError):
 
 @dataclass(frozen=True)
 class Grid:
-    axes: tuple[str, ...]
+    """Sweep variables and their values; cells are their product, or their zip."""
+
+    variables: tuple[str, ...]
     values: tuple[tuple[Any, ...], ...]
+    zipped: bool = False
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Result axes: one per variable, or a single joined axis for a zip."""
+        if self.zipped and self.variables:
+            return ("+".join(self.variables),)
+        return self.variables
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.zipped and self.variables:
+            return (len(self.values[0]),)
         return tuple(len(v) for v in self.values)
 
     def cells(self) -> list[dict[str, Any]]:
-        return [dict(zip(self.axes, combo)) for combo in itertools.product(*self.values)]
+        combos = zip(*self.values) if self.zipped else itertools.product(*self.values)
+        return [dict(zip(self.variables, combo)) for combo in combos]
+
+    def axis_values(self) -> dict[str, list[Any]]:
+        if self.zipped and self.variables:
+            return {
+                self.axes[0]: [", ".join(f"{k}={v}" for k, v in c.items()) for c in self.cells()]
+            }
+        return {axis: list(v) for axis, v in zip(self.variables, self.values)}
 
 
 def _range_values(axis: str, text: str, size: int | None) -> list[int]:
@@ -68,7 +89,7 @@ def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> l
         if axis not in sizes:
             raise GridError(
                 axis,
-                f"'all' only applies to layer and pos, not to '{axis}'",
+                f"'all' only applies to layer, pos and head, not to '{axis}'",
                 f"list the values, e.g. {axis}: [0.5, 1.0, 2.0]",
             )
         if size is None:
@@ -87,8 +108,8 @@ def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> l
             if not isinstance(value, int) or isinstance(value, bool):
                 raise GridError(axis, f"{axis} values must be integers, got {value!r}")
             if bound is not None and not -bound <= value < bound:
-                what = "layers" if axis == "layer" else "tokens"
-                owner = "the model" if axis == "layer" else "the prompt"
+                what = {"layer": "layers", "pos": "tokens", "head": "heads"}[axis]
+                owner = "the prompt" if axis == "pos" else "the model"
                 raise GridError(
                     axis,
                     f"{axis} {value} is out of range: {owner} has {bound} {what}",
@@ -99,14 +120,28 @@ def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> l
     return values
 
 
-def expand_grid(sweep: dict[str, Any] | None, n_layers: int, seq_len: int | None) -> Grid:
+def expand_grid(
+    sweep: dict[str, Any] | None,
+    n_layers: int,
+    seq_len: int | None,
+    *,
+    n_heads: int | None = None,
+    zipped: bool = False,
+) -> Grid:
     """The grid of a sweep. ``seq_len`` is None when the prompts differ in length."""
     if not sweep:
         return Grid((), ())
-    sizes: dict[str, int | None] = {"layer": n_layers, "pos": seq_len}
+    sizes: dict[str, int | None] = {"layer": n_layers, "pos": seq_len, "head": n_heads}
     axes = tuple(sweep)
     values = tuple(tuple(_axis_values(axis, sweep[axis], sizes)) for axis in axes)
-    return Grid(axes, values)
+    if zipped and len({len(v) for v in values}) > 1:
+        lengths = ", ".join(f"{a}: {len(v)}" for a, v in zip(axes, values))
+        raise GridError(
+            axes[-1],
+            f"a zipped sweep needs the same number of values for every variable ({lengths})",
+            "give every variable as many values, or use sweep_mode: product",
+        )
+    return Grid(axes, values, zipped)
 
 
 def placeholders(obj: Any) -> set[str]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .compile import DEFAULT_MAX_BATCH
+from ._budget import activation_budget, batch_cap
 from .compile import compile_plan as _compile
 from .load import LoadedDoc, from_data, load_file
 from .modelinfo import ModelInfo
@@ -57,12 +57,25 @@ def compile_plan(
     info: ModelInfo,
     tokenizer: Tokenizer,
     *,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = None,
+    device: str = "cpu",
     allow_files: bool = True,
+    prefix_reuse: bool = True,
 ) -> Plan:
-    """Compile a spec for a model described by ``info`` (no torch needed)."""
+    """Compile a spec for a model described by ``info`` (no torch needed for CPU devices).
+
+    ``max_batch`` None sizes forwards from the memory available on ``device``.
+    """
     return _compile(
-        spec, info, tokenizer, doc=doc_of(spec), max_batch=max_batch, allow_files=allow_files
+        spec,
+        info,
+        tokenizer,
+        doc=doc_of(spec),
+        max_batch=max_batch,
+        memory_budget=None if max_batch else activation_budget(device),
+        batch_cap=batch_cap(device),
+        allow_files=allow_files,
+        prefix_reuse=prefix_reuse,
     )
 
 
@@ -94,9 +107,10 @@ def run(
     *,
     model: LoadedModel | None = None,
     out: str | os.PathLike[str] | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = None,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    prefix_reuse: bool = True,
 ) -> Results:
     """Validate, compile and run a spec on this machine; optionally write ``out``."""
     from .engine import execute
@@ -119,7 +133,16 @@ def run(
         )
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = _compile(spec, model.info, model.tokenizer, doc=doc, max_batch=max_batch)
+    plan = _compile(
+        spec,
+        model.info,
+        model.tokenizer,
+        doc=doc,
+        max_batch=max_batch,
+        memory_budget=None if max_batch else activation_budget(model.device),
+        batch_cap=batch_cap(model.device),
+        prefix_reuse=prefix_reuse,
+    )
     compile_s = time.perf_counter() - t0
     raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
     timings = {"load_model_s": load_s, "compile_s": compile_s, **raw.timings}

@@ -123,14 +123,13 @@ def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None
 @click.option(
     "--max-batch",
     type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Rows per forward at most.",
+    default=None,
+    help="Rows per forward at most (default: sized from free memory, at most 64 on CPU).",
 )
 @json_option
 @_guard
 def run(
-    spec_path: Path, out: Path | None, device: str | None, max_batch: int, as_json: bool
+    spec_path: Path, out: Path | None, device: str | None, max_batch: int | None, as_json: bool
 ) -> None:
     """Validate, compile and run SPEC on this machine."""
     from .api import run as run_spec
@@ -200,10 +199,15 @@ def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per forward at most (default: sized from free memory).",
+)
 @json_option
 @_guard
-def plan(spec_path: Path, max_batch: int, as_json: bool) -> None:
+def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
     """Compile SPEC and show the plan: forwards, rows, hooks, memory estimate."""
     from .api import compile_plan, load_spec
     from .models import load_model_info
@@ -212,7 +216,10 @@ def plan(spec_path: Path, max_batch: int, as_json: bool) -> None:
     info, tokenizer = load_model_info(
         spec.model.id, dtype=spec.model.dtype, revision=spec.model.revision, seed=spec.model.seed
     )
-    compiled = compile_plan(spec, info, tokenizer, max_batch=max_batch)
+    from .models import resolve_device
+
+    device = resolve_device(spec.model.device)
+    compiled = compile_plan(spec, info, tokenizer, max_batch=max_batch, device=device)
     if as_json:
         click.echo(compiled.to_json())
     else:

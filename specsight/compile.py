@@ -13,11 +13,13 @@ from . import spec as S
 from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, default_save_name
 from ._compile_metrics import compile_metric
 from ._compile_ops import compile_op
+from ._pack import first_layers, pack_rows, rows_for_budget
 from ._sweep import Grid, GridError, expand_grid, placeholders, substitute
 from .errors import SpecError, did_you_mean, format_path
 from .load import LoadedDoc, from_data
 from .modelinfo import ModelInfo
-from .plan import Forward, Plan, PlanSave, Row
+from .plan import Plan, PlanMetric, PlanSave, Row, RowOp
+from .sites import FAMILIES
 from .tokenizer import Tokenizer
 
 __all__ = ["compile_plan", "DEFAULT_MAX_BATCH", "MAX_ISSUES"]
@@ -31,11 +33,18 @@ def compile_plan(
     tokenizer: Tokenizer,
     *,
     doc: LoadedDoc | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = None,
+    memory_budget: int | None = None,
+    batch_cap: int = DEFAULT_MAX_BATCH,
+    prefix_reuse: bool = True,
     allow_files: bool = True,
 ) -> Plan:
-    """Compile a validated spec for one model. ``doc`` supplies file positions for errors."""
-    if max_batch < 1:
+    """Compile a validated spec for one model. ``doc`` supplies file positions for errors.
+
+    Rows per forward: ``max_batch`` when given; else as many as ``memory_budget`` bytes of
+    activations allow (at most ``batch_cap``); else ``batch_cap``.
+    """
+    if max_batch is not None and max_batch < 1:
         raise ValueError("max_batch must be at least 1")
     doc = doc or from_data(spec.model_dump(by_alias=True, exclude_none=True))
     ctx = _Ctx(spec, info, tokenizer, doc, allow_files)
@@ -51,9 +60,28 @@ def compile_plan(
         _compile_ops(ctx, name)
     metrics = [compile_metric(ctx, name, metric) for name, metric in spec.metrics.items()]
     _check_issues(ctx)
-    forwards = _pack(ctx, stages, max_batch)
     ops = list(ctx.captures.values()) + ctx.ops
     ops.sort(key=lambda op: (op.row, op.kind == "capture"))
+    after_layers, logits_module = _after_layer_modules(info)
+    first = first_layers(ctx.rows, ops, info.n_layers, after_layers)
+    keep = _logit_positions(ctx, metrics, ops, logits_module)
+    if max_batch is None:
+        max_batch = batch_cap
+        if memory_budget is not None:
+            seq = max(len(r.tokens) for r in ctx.rows)
+            kept = None if keep is None else max((len(v) for v in keep.values()), default=1)
+            max_batch = rows_for_budget(
+                info, seq, spec.model.dtype, memory_budget, cap=batch_cap, logits_positions=kept
+            )
+    forwards = pack_rows(
+        ctx.rows,
+        stages,
+        first,
+        max_batch,
+        info.n_layers,
+        prefix_reuse=prefix_reuse,
+        keep_logits=keep,
+    )
     saves = _saves(ctx)
     axis_values, axis_labels = _axes(ctx)
     invoke_info = {
@@ -107,6 +135,7 @@ def _model_summary(info: ModelInfo) -> dict[str, Any]:
         "d_model": info.d_model,
         "n_heads": info.n_heads,
         "vocab_size": info.vocab_size,
+        "layers_path": FAMILIES[info.family]["layers"] if info.family else None,
     }
 
 
@@ -255,7 +284,13 @@ def _expand_invoke(ctx: _Ctx, name: str) -> None:
     lengths = {len(t) for t in ctx.tokens[name]}
     seq_len = lengths.pop() if len(lengths) == 1 else None
     try:
-        grid = expand_grid(invoke.sweep, ctx.info.n_layers, seq_len)
+        grid = expand_grid(
+            invoke.sweep,
+            ctx.info.n_layers,
+            seq_len,
+            n_heads=ctx.info.n_heads,
+            zipped=invoke.sweep_mode == "zip",
+        )
     except GridError as exc:
         ctx.fail("bad-sweep", exc.message, ("invokes", name, "sweep", exc.axis), exc.hint)
         grid = Grid((), ())
@@ -319,24 +354,30 @@ def _compile_ops(ctx: _Ctx, name: str) -> None:
 # --- packing and results layout ------------------------------------------------------------
 
 
-def _pack(ctx: _Ctx, stages: dict[str, int], max_batch: int) -> list[Forward]:
-    forwards: list[Forward] = []
-    current: list[int] = []
-    current_stage = None
+def _after_layer_modules(info: ModelInfo) -> tuple[set[str], str | None]:
+    """Modules that run after the layer stack (final norm, unembedding), and the unembedding."""
+    if info.family is None:
+        return set(), None
+    table = FAMILIES[info.family]["sites"]
+    return {table["final_norm"][0], table["logits"][0]}, table["logits"][0]
 
-    def flush() -> None:
-        if current:
-            seq = max(len(ctx.rows[r].tokens) for r in current)
-            forwards.append(Forward(current_stage, tuple(current), seq))  # type: ignore[arg-type]
 
+def _logit_positions(
+    ctx: _Ctx, metrics: list[PlanMetric | None], ops: list[RowOp], logits_module: str | None
+) -> dict[int, set[int]] | None:
+    """Per row, the positions whose logits anything reads; None when all must be computed."""
+    if logits_module is None or any(op.module == logits_module for op in ops):
+        return None
+    keep: dict[int, set[int]] = {}
+    for metric in metrics:
+        if metric is None or metric.kind == "logit_lens":
+            continue
+        for row, pos in zip(metric.rows, metric.positions):
+            keep.setdefault(row, set()).add(pos)
     for index, row in enumerate(ctx.rows):
-        stage = stages[row.invoke]
-        if stage != current_stage or len(current) >= max_batch:
-            flush()
-            current, current_stage = [], stage
-        current.append(index)
-    flush()
-    return forwards
+        if not ctx.grids[row.invoke].axes:  # the summary shows next tokens of unswept rows
+            keep.setdefault(index, set()).add(len(row.tokens) - 1)
+    return keep
 
 
 def _saves(ctx: _Ctx) -> list[PlanSave]:
@@ -357,9 +398,9 @@ def _axes(ctx: _Ctx) -> tuple[dict[str, dict[str, list[Any]]], dict[str, dict[st
     values: dict[str, dict[str, list[Any]]] = {}
     labels: dict[str, dict[str, list[str]]] = {}
     for name, grid in ctx.grids.items():
-        values[name] = {axis: list(v) for axis, v in zip(grid.axes, grid.values)}
+        values[name] = grid.axis_values()
         labels[name] = {}
-        if "pos" in grid.axes and len(ctx.tokens[name]) >= 1:
+        if "pos" in grid.axes and not grid.zipped:
             strs = ctx.tok.token_strs(ctx.tokens[name][0])
             labels[name]["pos"] = [f"{p}:{strs[p]}" for p in values[name]["pos"]]
         if isinstance(ctx.spec.invokes[name].prompt, list):

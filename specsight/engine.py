@@ -13,6 +13,7 @@ residual itself, not only what the norm sees.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -102,6 +103,20 @@ class HookScope:
 
             self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
+    def add_expander(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """A pre-hook that runs before every other hook of the module and may replace its
+        hidden-state input (positional or ``hidden_states=``) with ``fn(hidden)``."""
+        module = self.module(name)
+
+        def pre(_mod: Any, args: tuple, kwargs: dict) -> Any:
+            if args:
+                new = fn(hidden_of(args[0]))
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+
     def __enter__(self) -> HookScope:
         return self
 
@@ -146,6 +161,7 @@ class _Runner:
         self.vectors: dict[str, torch.Tensor] = {}
         self.tables: dict[tuple[str, str], list[list[_Group]]] = {}
         self.local: dict[int, int] = {}
+        self.forward: Forward | None = None
         self.ops_by_row: dict[int, list[RowOp]] = defaultdict(list)
         for op in plan.ops:
             self.ops_by_row[op.row].append(op)
@@ -157,6 +173,7 @@ class _Runner:
 
     def prepare(self, forward: Forward, dtype: torch.dtype) -> None:
         """Build the action tables of one forward: per site, levels of grouped ops."""
+        self.forward = forward
         self.local = {row: i for i, row in enumerate(forward.rows)}
         per_site: dict[tuple[str, str], dict[int, list[RowOp]]] = defaultdict(
             lambda: defaultdict(list)
@@ -198,6 +215,16 @@ class _Runner:
                 index = torch.tensor([keys.index(k) for k in vecs], device=self.device)
                 group.vectors = table[index]
         return group
+
+    def expander(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        """Copies the single shared row to every row of the forward at ``layer``'s input."""
+
+        def expand(hidden: torch.Tensor) -> torch.Tensor | None:
+            if self.forward is None or self.forward.shared_prefix != layer:
+                return None
+            return hidden.expand(len(self.forward.rows), *hidden.shape[1:]).contiguous()
+
+        return expand
 
     def hook(self, site: tuple[str, str]) -> Callable[[torch.Tensor], torch.Tensor | None]:
         io = site[1]
@@ -299,6 +326,66 @@ def _metric_values(
     raise RunError(f"unknown metric kind '{kind}'")
 
 
+def _forward(
+    plan: Plan,
+    model: torch.nn.Module,
+    forward: Forward,
+    device: torch.device,
+    pad_id: int,
+    keep_supported: bool,
+) -> tuple[torch.Tensor, Callable[[int], int]]:
+    """Run one forward; returns its logits and a map from position to logits column."""
+    ids = torch.full((len(forward.rows), forward.seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(forward.rows):
+        tokens = plan.rows[row].tokens
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(tokens)] = 1
+    if forward.shared_prefix:  # identical rows: run one, copied at the shared layer's input
+        ids, mask = ids[:1], mask[:1]
+    kwargs: dict[str, Any] = {"use_cache": False}
+    column: Callable[[int], int] = int
+    if forward.keep_logits is not None and keep_supported:
+        kwargs["logits_to_keep"] = torch.tensor(forward.keep_logits, device=device)
+        index = {pos: j for j, pos in enumerate(forward.keep_logits)}
+        column = index.__getitem__
+    try:
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+    except torch.OutOfMemoryError:
+        raise RunError(
+            f"out of memory in a forward of {len(forward.rows)} rows x {forward.seq_len} tokens",
+            hint="lower --max-batch",
+        ) from None
+    if logits.shape[0] != len(forward.rows):
+        raise RunError(f"the model returned {logits.shape[0]} rows for {len(forward.rows)}")
+    return logits, column
+
+
+def _read_metric(
+    metric: Any,
+    slots: dict[int, int],
+    forward: Forward,
+    logits: torch.Tensor,
+    column: Callable[[int], int],
+    buffers: dict[str, torch.Tensor],
+) -> None:
+    """Compute one metric for the rows of this forward into its result buffer."""
+    picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
+    if not picked:
+        return
+    device = logits.device
+    local = torch.tensor([i for i, _ in picked], device=device)
+    pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
+    values, token_ids = _metric_values(metric.kind, logits[local, pos], metric.tokens, metric.k)
+    index = torch.tensor([slots[row] for _, row in picked])
+    for name, tensor in ((metric.name, values), (f"{metric.name}/ids", token_ids)):
+        if tensor is None:
+            continue
+        if name not in buffers:
+            buffers[name] = torch.empty((len(metric.rows), *tensor.shape[1:]), dtype=tensor.dtype)
+        buffers[name][index] = tensor.cpu()
+
+
 def execute(
     plan: Plan,
     model: torch.nn.Module,
@@ -312,64 +399,32 @@ def execute(
     runner = _Runner(plan, model, device, pad_id)
     out = EngineOutput()
     metric_slots = {m.name: {row: i for i, row in enumerate(m.rows)} for m in plan.metrics}
-    metric_buf: dict[str, torch.Tensor] = {}
-    metric_ids: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
     summary_rows = {
         i for i, row in enumerate(plan.rows) if not plan.invoke_info.get(row.invoke, {}).get("axes")
     }
     started = time.perf_counter()
     done = 0
+    layers_path = plan.model_summary.get("layers_path")
+    keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
     with HookScope(model) as scope, torch.inference_mode():
+        for layer in sorted({f.shared_prefix for f in plan.forwards if f.shared_prefix}):
+            if layers_path is None:
+                raise RunError("the plan reuses layer prefixes but names no layer stack")
+            scope.add_expander(f"{layers_path}.{layer}", runner.expander(layer))
         for site in plan.hooks():
             scope.add(site[0], site[1], runner.hook(site))
         for forward in plan.forwards:
             runner.prepare(forward, dtype)
-            ids = torch.full((len(forward.rows), forward.seq_len), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(forward.rows):
-                tokens = plan.rows[row].tokens
-                ids[i, : len(tokens)] = torch.tensor(tokens)
-                mask[i, : len(tokens)] = 1
-            try:
-                logits = model(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-                ).logits
-            except RunError:
-                raise
-            except torch.OutOfMemoryError:
-                raise RunError(
-                    f"out of memory in a forward of {len(forward.rows)} rows x {forward.seq_len} tokens",
-                    hint="lower --max-batch",
-                ) from None
+            logits, column = _forward(plan, model, forward, device, pad_id, keep_supported)
             for metric in plan.metrics:
-                if metric.kind == "logit_lens":
-                    continue
-                slots = metric_slots[metric.name]
-                picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
-                if not picked:
-                    continue
-                local = torch.tensor([i for i, _ in picked], device=device)
-                pos = torch.tensor(
-                    [metric.positions[slots[row]] for _, row in picked], device=device
-                )
-                values, token_ids = _metric_values(
-                    metric.kind, logits[local, pos], metric.tokens, metric.k
-                )
-                if metric.name not in metric_buf:
-                    metric_buf[metric.name] = torch.empty(
-                        (len(metric.rows), *values.shape[1:]), dtype=values.dtype
+                if metric.kind != "logit_lens":
+                    _read_metric(
+                        metric, metric_slots[metric.name], forward, logits, column, buffers
                     )
-                    if token_ids is not None:
-                        metric_ids[metric.name] = torch.empty(
-                            (len(metric.rows), *token_ids.shape[1:]), dtype=torch.long
-                        )
-                index = torch.tensor([slots[row] for _, row in picked])
-                metric_buf[metric.name][index] = values.cpu()
-                if token_ids is not None:
-                    metric_ids[metric.name][index] = token_ids.cpu()
             for i, row in enumerate(forward.rows):
                 if row in summary_rows:
-                    last = len(plan.rows[row].tokens) - 1
+                    last = column(len(plan.rows[row].tokens) - 1)
                     probs, top = torch.softmax(logits[i, last].float(), -1).topk(NEXT_TOKEN_K)
                     out.next_tokens[row] = (top.tolist(), probs.tolist())
             done += len(forward.rows)
@@ -380,16 +435,27 @@ def execute(
         if metric.kind == "logit_lens":
             out.metrics.update(_logit_lens(metric, runner.store, modules))
             continue
-        values = metric_buf[metric.name]
+        if metric.kind == "recovery":
+            continue
+        values = buffers[metric.name]
         suffix = tuple(values.shape[1:])
         if metric.squeeze_token and suffix:
             suffix = ()
             values = values[..., 0]
         out.metrics[metric.name] = values.reshape(tuple(metric.shape) + suffix)
-        if metric.name in metric_ids:
-            out.metrics[f"{metric.name}/ids"] = metric_ids[metric.name].reshape(
+        if f"{metric.name}/ids" in buffers:
+            out.metrics[f"{metric.name}/ids"] = buffers[f"{metric.name}/ids"].reshape(
                 tuple(metric.shape) + suffix
             )
+    for metric in plan.metrics:
+        if metric.kind == "recovery":
+            patched, clean, corrupt = (out.metrics[name] for name in metric.inputs)
+            out.metrics[metric.name] = (patched - corrupt) / (clean - corrupt)
+    # Metrics come back in the order the spec lists them.
+    order = {m.name: i for i, m in enumerate(plan.metrics)}
+    out.metrics = dict(
+        sorted(out.metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0]))
+    )
     for save in plan.saves:
         out.saves[save.name] = _assemble(save.keys, save.shape, runner.store)
     out.timings["execute_s"] = time.perf_counter() - started

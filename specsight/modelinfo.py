@@ -29,6 +29,8 @@ class ModelInfo:
     d_mlp: int | None = None
     max_positions: int | None = None
     dtype: str = "float32"
+    #: parameter count (None when unknown)
+    n_params: int | None = None
     #: every named submodule, in registration order, as (name, class name)
     modules: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -175,6 +176,7 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
         d_mlp=int(pick("intermediate_size", "n_inner", default=4 * d_model)),
         max_positions=pick("max_position_embeddings", "n_positions", "n_ctx"),
         dtype=dtype,
+        n_params=sum(p.numel() for p in model.parameters()),  # tied weights count once
         modules=modules,
     )
 
@@ -362,7 +364,14 @@ def _complete(folder: Path) -> bool:
 
 
 def _cached_info(folder: Path) -> ModelInfo:
-    return ModelInfo.from_json((folder / "modelinfo.json").read_text(encoding="utf-8"))
+    info = ModelInfo.from_json((folder / "modelinfo.json").read_text(encoding="utf-8"))
+    if info.n_params is None:  # caches written before the field existed: count from the header
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="numpy") as handle:
+            count = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())  # noqa: SIM118
+        info = replace(info, n_params=count)
+    return info
 
 
 def _gguf_path() -> Path:

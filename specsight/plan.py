@@ -51,6 +51,7 @@ class RowOp:
     reduce: str = "none"
     store: str | None = None
     origin: str = ""  # the op's path in the spec, for run-time errors
+    layer: int | None = None  # the layer the site sits in, when it does
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class Forward:
     stage: int
     rows: tuple[int, ...]
     seq_len: int
+    #: the first ``shared_prefix`` layers see identical rows: they run once, on one row, and
+    #: the hidden state is copied to every row at the input of layer ``shared_prefix``
+    shared_prefix: int = 0
+    #: positions whose logits are needed (None: all, e.g. when an op reads the logits site)
+    keep_logits: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class PlanMetric:
     sites: tuple[str, ...] = ()
     store_keys: tuple[str, ...] = ()
     lens_modules: tuple[str, ...] = ()
+    #: recovery: the (patched, clean, corrupt) metrics it is computed from
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,9 @@ class Results:
 
     # --- files -----------------------------------------------------------------------------
 
-    def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write ``results.safetensors`` and ``manifest.json`` into ``out_dir``."""
+    def save(self, out_dir: str | os.PathLike[str], *, plots: bool = True) -> Path:
+        """Write ``results.safetensors``, ``manifest.json`` and, for every metric swept over
+        two axes, a heatmap ``<metric>.png`` into ``out_dir``."""
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in sorted(self.tensors.items())}
@@ -77,6 +78,10 @@ class Results:
         manifest = dict(self.manifest)
         manifest["summary"] = {"next_tokens": self.next_tokens, "prompts": self.prompts}
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if plots:
+            from ._plots import write_heatmaps
+
+            write_heatmaps(self, folder)
         return folder
 
     @classmethod

@@ -197,6 +197,10 @@ class Invoke(_Strict):
         Field(None, description="grid of variables; each cell becomes batch rows with its own ops")
     )
 
+    sweep_mode: Literal["product", "zip"] = Field(
+        "product", description="cells: every combination of the values, or the values side by side"
+    )
+
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -257,17 +261,33 @@ class LogitLensMetric(_MetricBase):
     k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
 
 
+class RecoveryMetric(_Strict):
+    """Patching recovery: (patched - corrupt) / (clean - corrupt), from three other metrics."""
+
+    kind: Literal["recovery"]
+    patched: str = Field(description="the metric measured with the patch (often swept)")
+    clean: str = Field(description="the same metric on the clean run")
+    corrupt: str = Field(description="the same metric on the corrupted run without patches")
+
+
 Metric = Annotated[
-    LogitsMetric | LogprobMetric | ProbMetric | LogitDiffMetric | TopKMetric | LogitLensMetric,
+    LogitsMetric
+    | LogprobMetric
+    | ProbMetric
+    | LogitDiffMetric
+    | TopKMetric
+    | LogitLensMetric
+    | RecoveryMetric,
     Field(discriminator="kind"),
 ]
-METRIC_CLASSES: dict[str, type[_MetricBase]] = {
+METRIC_CLASSES: dict[str, type[BaseModel]] = {
     "logits": LogitsMetric,
     "logprob": LogprobMetric,
     "prob": ProbMetric,
     "logit_diff": LogitDiffMetric,
     "top_k": TopKMetric,
     "logit_lens": LogitLensMetric,
+    "recovery": RecoveryMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)
 

@@ -62,9 +62,16 @@ def test_no_ops_reproduces_plain_forward_exactly(name):
         spec(name, {"a": {"prompt": PROMPT}}, {"top": {"kind": "top_k", "invoke": "a", "k": 5}}),
         model=loaded,
     )
-    probs, ids = torch.softmax(expected[-1], -1).topk(5)
+    # Metrics only need the last position's logits, so the engine unembeds just that one, as
+    # the plain forward does with logits_to_keep=1 (what generation uses): bit-identical to it,
+    # and equal to the all-positions forward up to float rounding.
+    ids_in = torch.tensor([loaded.tokenizer.encode(PROMPT)])
+    with torch.inference_mode():
+        last = loaded.model(input_ids=ids_in, logits_to_keep=1).logits[0, -1]
+    probs, ids = torch.softmax(last, -1).topk(5)
     assert torch.equal(top["top/ids"], ids)
     assert torch.equal(top["top"], probs)
+    torch.testing.assert_close(top["top"], torch.softmax(expected[-1], -1)[ids], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])

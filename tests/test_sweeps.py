@@ -1,0 +1,258 @@
+"""Sweeps: grid expansion (product, zip, ranges), chunking by batch size and memory budget,
+prefix reuse exactness, result shapes, recovery, heatmaps and progress."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specsight
+from specsight._sweep import GridError, expand_grid
+from specsight.errors import SpecError
+from specsight.models import load_model_info
+from tests.conftest import tiny
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+def ioi(model: str = "tiny-llama", sweep: dict | None = None, **invoke_extra) -> dict:
+    return {
+        "specsight": 1,
+        "model": model,
+        "invokes": {
+            "clean": {"prompt": CLEAN},
+            "base": {"prompt": CORRUPT},
+            "corrupt": {
+                "prompt": CORRUPT,
+                "sweep": sweep or {"layer": "all", "pos": "all"},
+                "ops": [
+                    {
+                        "op": "patch",
+                        "site": "resid_post.{layer}",
+                        "positions": ["{pos}"],
+                        "from": "clean",
+                    }
+                ],
+                **invoke_extra,
+            },
+        },
+        "metrics": {
+            "ld": {"kind": "logit_diff", "invoke": "corrupt", "target": " Mary", "foil": " John"},
+            "clean_ld": {
+                "kind": "logit_diff",
+                "invoke": "clean",
+                "target": " Mary",
+                "foil": " John",
+            },
+            "base_ld": {"kind": "logit_diff", "invoke": "base", "target": " Mary", "foil": " John"},
+            "rec": {"kind": "recovery", "patched": "ld", "clean": "clean_ld", "corrupt": "base_ld"},
+        },
+    }
+
+
+def compiled(spec: dict, **options):
+    from specsight.compile import compile_plan
+
+    info, tokenizer = load_model_info(spec["model"])
+    return compile_plan(specsight.load_spec(spec), info, tokenizer, **options)
+
+
+# --- grids ---------------------------------------------------------------------------------
+
+
+def test_product_grid_order_first_axis_slowest():
+    grid = expand_grid({"layer": "1:3", "pos": [0, -1]}, n_layers=4, seq_len=5)
+    assert grid.axes == ("layer", "pos") and grid.shape == (2, 2)
+    assert grid.cells() == [
+        {"layer": 1, "pos": 0},
+        {"layer": 1, "pos": 4},
+        {"layer": 2, "pos": 0},
+        {"layer": 2, "pos": 4},
+    ]
+
+
+def test_zip_grid_and_its_single_axis():
+    grid = expand_grid({"layer": [0, 2], "factor": [0.5, 2.0]}, n_layers=4, seq_len=5, zipped=True)
+    assert grid.axes == ("layer+factor",) and grid.shape == (2,)
+    assert grid.cells() == [{"layer": 0, "factor": 0.5}, {"layer": 2, "factor": 2.0}]
+    assert grid.axis_values() == {"layer+factor": ["layer=0, factor=0.5", "layer=2, factor=2.0"]}
+    with pytest.raises(GridError, match="same number of values"):
+        expand_grid({"layer": [0, 1], "factor": [1.0]}, n_layers=4, seq_len=5, zipped=True)
+
+
+def test_head_axis_and_numeric_ranges():
+    assert expand_grid({"head": "all"}, n_layers=4, seq_len=3, n_heads=4).values == ((0, 1, 2, 3),)
+    assert expand_grid({"k": "2:5"}, n_layers=4, seq_len=3).values == ((2, 3, 4),)
+    with pytest.raises(GridError, match="only applies to layer, pos and head"):
+        expand_grid({"k": "all"}, n_layers=4, seq_len=3)
+
+
+def test_numeric_variable_on_an_op_field_matches_single_runs():
+    loaded = tiny("tiny-llama")
+    spec = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {
+            "a": {
+                "prompt": CLEAN,
+                "sweep": {"factor": [0.0, 0.5, 3.0]},
+                "ops": [{"op": "scale", "site": "mlp_out.1", "factor": "{factor}"}],
+            }
+        },
+        "metrics": {"p": {"kind": "prob", "invoke": "a", "token": " Mary"}},
+    }
+    swept = specsight.run(spec, model=loaded)["p"]
+    assert swept.shape == (3,)
+    for i, factor in enumerate([0.0, 0.5, 3.0]):
+        single = dict(
+            spec,
+            invokes={
+                "a": {
+                    "prompt": CLEAN,
+                    "ops": [{"op": "scale", "site": "mlp_out.1", "factor": factor}],
+                }
+            },
+        )
+        torch.testing.assert_close(
+            swept[i], specsight.run(single, model=loaded)["p"], rtol=0, atol=1e-6
+        )
+
+
+# --- chunking and prefix reuse -------------------------------------------------------------
+
+
+def test_chunks_respect_max_batch_and_sort_by_first_layer():
+    plan = compiled(ioi(), max_batch=10)
+    stage1 = [f for f in plan.forwards if f.stage == 1]
+    assert sum(len(f.rows) for f in stage1) == 4 * 14
+    assert all(len(f.rows) <= 10 for f in plan.forwards)
+    # sorted by the layer each row patches: prefixes grow chunk after chunk
+    assert [f.shared_prefix for f in stage1] == sorted(f.shared_prefix for f in stage1)
+    assert max(f.shared_prefix for f in stage1) == 3
+    layers = {op.row: op.layer for op in plan.ops if op.kind == "patch"}
+    for forward in stage1:
+        assert forward.shared_prefix == min(layers[r] for r in forward.rows)
+
+
+def test_memory_budget_sizes_chunks():
+    roomy = compiled(ioi(), memory_budget=1 << 30, batch_cap=64)
+    tight = compiled(ioi(), memory_budget=200_000, batch_cap=64)
+    assert max(len(f.rows) for f in roomy.forwards) == 56
+    assert 1 <= max(len(f.rows) for f in tight.forwards) < 10
+    assert compiled(ioi(), max_batch=7).max_batch == 7
+
+
+def test_no_prefix_reuse_across_different_prompts():
+    spec = ioi()
+    spec["invokes"]["corrupt"]["prompt"] = [
+        CORRUPT,
+        "When John and Mary went to the store, Mary gave a drink to",
+    ]
+    spec["metrics"].pop("rec")
+    plan = compiled(spec, max_batch=64)
+    for forward in plan.forwards:
+        tokens = {plan.rows[r].tokens for r in forward.rows}
+        assert forward.shared_prefix == 0 or len(tokens) == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+@pytest.mark.parametrize("max_batch", [3, 16, 64])
+def test_prefix_reuse_matches_the_naive_loop(name, max_batch):
+    loaded = tiny(name)
+    naive = specsight.run(ioi(name), model=loaded, max_batch=1)["ld"]
+    reused = specsight.run(ioi(name), model=loaded, max_batch=max_batch)
+    off = specsight.run(ioi(name), model=loaded, max_batch=max_batch, prefix_reuse=False)
+    assert reused.manifest["plan"]["forwards"] < naive.numel() + 1
+    torch.testing.assert_close(reused["ld"], naive, rtol=0, atol=1e-4)
+    torch.testing.assert_close(off["ld"], naive, rtol=0, atol=1e-4)
+
+
+def test_prefix_reuse_with_saves_and_input_sites():
+    loaded = tiny("tiny-llama")
+    spec = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {
+            "a": {
+                "prompt": CLEAN,
+                "sweep": {"layer": "1:4"},
+                "ops": [
+                    {"op": "zero", "site": "resid_pre.{layer}", "positions": "last"},
+                    {"op": "save", "site": "resid_post.{layer}", "positions": "last"},
+                ],
+            }
+        },
+        "metrics": {"top": {"kind": "top_k", "invoke": "a", "k": 3}},
+    }
+    plan = compiled(spec, max_batch=8)
+    assert plan.forwards[0].shared_prefix == 1
+    reused = specsight.run(spec, model=loaded, max_batch=8)
+    naive = specsight.run(spec, model=loaded, max_batch=8, prefix_reuse=False)
+    torch.testing.assert_close(reused["top"], naive["top"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        reused["a/resid_post.{layer}"], naive["a/resid_post.{layer}"], rtol=0, atol=1e-6
+    )
+    assert reused["a/resid_post.{layer}"].shape == (3, 1, loaded.info.d_model)
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+def test_sweep_results_have_named_axes_and_recovery(tmp_path):
+    loaded = tiny("tiny-llama")
+    results = specsight.run(ioi(), model=loaded, out=tmp_path)
+    ld, rec = results["ld"], results["rec"]
+    assert ld.shape == (4, 14) and results.axes("ld") == ["layer", "pos"]
+    meta = results.manifest["tensors"]["ld"]
+    assert meta["axis_values"]["layer"] == [0, 1, 2, 3]
+    assert meta["axis_labels"]["pos"][9] == "9: Mary"
+    expected = (ld - results["base_ld"]) / (results["clean_ld"] - results["base_ld"])
+    torch.testing.assert_close(rec, expected)
+    # the last layer's output at the last position decides the answer: full recovery
+    torch.testing.assert_close(rec[3, 13], torch.tensor(1.0), rtol=0, atol=1e-4)
+    assert (tmp_path / "ld.png").stat().st_size > 1000
+    assert (tmp_path / "rec.png").exists()
+    assert not (tmp_path / "clean_ld.png").exists()
+    assert "strongest cells of ld" in results.summary()
+
+
+def test_zip_sweep_results():
+    loaded = tiny("tiny-llama")
+    results = specsight.run(
+        ioi(sweep={"layer": [0, 1, 3], "pos": [9, 9, 13]}, sweep_mode="zip"), model=loaded
+    )
+    assert results["ld"].shape == (3,)
+    assert results.axes("ld") == ["layer+pos"]
+    full = specsight.run(ioi(), model=loaded)["ld"]
+    torch.testing.assert_close(
+        results["ld"], torch.stack([full[0, 9], full[1, 9], full[3, 13]]), rtol=0, atol=1e-5
+    )
+
+
+def test_recovery_errors_are_located():
+    spec = ioi()
+    spec["metrics"]["rec"] = {
+        "kind": "recovery",
+        "patched": "ld",
+        "clean": "clean_lx",
+        "corrupt": "ld",
+    }
+    with pytest.raises(SpecError) as exc:
+        compiled(spec)
+    text = exc.value.render()
+    assert (
+        "metrics.rec.clean: no metric named 'clean_lx'" in text
+        and "did you mean 'clean_ld'?" in text
+    )
+    assert "metrics.rec.corrupt: the corrupt metric 'ld' must be one value" in text
+
+
+def test_progress_reports_rows_done():
+    loaded = tiny("tiny-llama")
+    seen = []
+    specsight.run(
+        ioi(), model=loaded, max_batch=16, progress=lambda done, total: seen.append((done, total))
+    )
+    assert seen[-1] == (58, 58)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) >= 4
