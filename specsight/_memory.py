@@ -1,4 +1,5 @@
-"""A memory estimate for a plan (torch-free): weights, the largest forward's activations, stored values.
+"""A memory estimate for a plan (torch-free): weights, the largest forward's activations, stored
+values and a workspace allowance.
 
 It is a planning aid shown by ``specsight plan``, not a guarantee. Activation memory under
 ``no_grad`` is dominated by the widest live tensors of one layer (attention scores, the MLP's
@@ -35,7 +36,9 @@ def row_bytes(
     """Estimated activation bytes one row adds to a forward (the widest live tensors)."""
     width = dtype_bytes(dtype)
     d_mlp = info.d_mlp or 4 * info.d_model
-    hidden = seq_len * (4 * info.d_model + 2 * d_mlp) * width
+    # live at once inside a layer: residual, normed input, q/k/v/attention output (~8 x d_model)
+    # and the MLP's gate, up, activation and product (4 x d_mlp)
+    hidden = seq_len * (8 * info.d_model + 4 * d_mlp) * width
     attention = info.n_heads * seq_len * seq_len * width
     kept = seq_len if logits_positions is None else logits_positions
     logits = kept * info.vocab_size * 4
@@ -56,9 +59,13 @@ def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
         if op.kind in ("capture", "save"):
             stored += len(op.positions) * info.d_model * width
     weights = _param_count(info) * width
+    # Kernel workspaces, allocator slack and the first forward's one-off buffers: measured on
+    # CPU as about a quarter of the weights on SmolLM2-135M (bench/README.md).
+    workspace = max(64 << 20, weights // 4)
     return {
         "weights": weights,
         "activations": peak,
         "stored": stored,
-        "total": weights + peak + stored,
+        "workspace": workspace,
+        "total": weights + peak + stored + workspace,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,12 +63,28 @@ def replace_hidden(value: Any, hidden: torch.Tensor) -> Any:
 # --- hooks ---------------------------------------------------------------------------------
 
 
+_MODULE_TABLES: weakref.WeakKeyDictionary[
+    torch.nn.Module, tuple[int, dict[str, torch.nn.Module]]
+] = weakref.WeakKeyDictionary()
+
+
+def _module_table(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """name -> module, cached per model (walking a large model's tree costs milliseconds);
+    rebuilt when the number of modules changes."""
+    count = sum(1 for _ in model.modules())
+    cached = _MODULE_TABLES.get(model)
+    if cached is None or cached[0] != count:
+        cached = (count, dict(model.named_modules()))
+        _MODULE_TABLES[model] = cached
+    return cached[1]
+
+
 class HookScope:
     """Owns hook handles; every handle is removed when the scope exits, whatever happens."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self._modules = dict(model.named_modules())
+        self._modules = _module_table(model)
         self.handles: list[Any] = []
 
     def module(self, name: str) -> torch.nn.Module:
@@ -430,7 +447,7 @@ def execute(
             done += len(forward.rows)
             if progress is not None:
                 progress(done, len(plan.rows))
-    modules = dict(model.named_modules())
+    modules = _module_table(model)
     for metric in plan.metrics:
         if metric.kind == "logit_lens":
             out.metrics.update(_logit_lens(metric, runner.store, modules))
