@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -89,25 +90,40 @@ def main() -> None:
 
 
 def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None, Any]:
+    """A progress bar for runs of several forwards: rows done, rate, time left (stderr only)."""
     if not enabled:
         return None, None
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
-        "[progress.description]{task.description}",
+        TextColumn("rows"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
         TimeRemainingColumn(),
         transient=True,
         console=Console(stderr=True),  # on stderr (the stream checked above), never stdout
     )
-    task = progress.add_task("rows", total=None)
+    task = progress.add_task("rows", total=None, rate="")
+    started = time.perf_counter()
 
     def update(done: int, total: int) -> None:
+        if done >= total and not progress.live.is_started:
+            return  # everything ran in one forward: nothing to show
         if not progress.live.is_started:
             progress.start()
-        progress.update(task, completed=done, total=total)
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        progress.update(task, completed=done, total=total, rate=f"{rate:.1f} rows/s")
 
     return update, progress
 
