@@ -115,15 +115,18 @@ def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None
         console=Console(stderr=True),  # on stderr (the stream checked above), never stdout
     )
     task = progress.add_task("rows", total=None, rate="")
-    started = time.perf_counter()
+    first: list[tuple[float, int]] = []  # (time, rows) at the first report: the rate excludes set-up
 
     def update(done: int, total: int) -> None:
         if done >= total and not progress.live.is_started:
             return  # everything ran in one forward: nothing to show
-        if not progress.live.is_started:
+        now = time.perf_counter()
+        if not first:
+            first.append((now, done))
             progress.start()
-        rate = done / max(time.perf_counter() - started, 1e-9)
-        progress.update(task, completed=done, total=total, rate=f"{rate:.1f} rows/s")
+        start, base = first[0]
+        rate = f"{(done - base) / (now - start):.1f} rows/s" if now > start and done > base else ""
+        progress.update(task, completed=done, total=total, rate=rate)
 
     return update, progress
 
