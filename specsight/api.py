@@ -115,7 +115,6 @@ def run(
     """Validate, compile and run a spec on this machine; optionally write ``out``."""
     from .engine import execute
     from .models import load_model
-    from .results import Results
 
     started = time.perf_counter()
     spec = _as_spec(source)
@@ -147,6 +146,23 @@ def run(
     raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
     timings = {"load_model_s": load_s, "compile_s": compile_s, **raw.timings}
     timings["total_s"] = time.perf_counter() - started
+    results = results_from_raw(spec, doc, plan, model, raw, timings)
+    if out is not None:
+        results.save(out)
+    return results
+
+
+def results_from_raw(
+    spec: Spec,
+    doc: LoadedDoc | None,
+    plan: Plan,
+    model: LoadedModel,
+    raw: Any,
+    timings: dict[str, float],
+) -> Results:
+    """Results (tensors, manifest, decoded next tokens) from an engine output of ``plan``."""
+    from .results import Results
+
     manifest = _manifest(spec, doc, plan, model, raw, timings)
     next_tokens: dict[str, list[list[tuple[str, float]]]] = {}
     for row_index, (ids, probs) in sorted(raw.next_tokens.items()):
@@ -154,10 +170,7 @@ def run(
         decoded = [(model.tokenizer.token_str(i), round(float(p), 6)) for i, p in zip(ids, probs)]
         next_tokens.setdefault(row.invoke, []).append(decoded)
     prompts = {name: inv.prompts for name, inv in spec.invokes.items()}
-    results = Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
-    if out is not None:
-        results.save(out)
-    return results
+    return Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
 
 
 def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
