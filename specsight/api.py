@@ -170,7 +170,13 @@ def results_from_raw(
         decoded = [(model.tokenizer.token_str(i), round(float(p), 6)) for i, p in zip(ids, probs)]
         next_tokens.setdefault(row.invoke, []).append(decoded)
     prompts = {name: inv.prompts for name, inv in spec.invokes.items()}
-    return Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
+    results = Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
+    if plan.expectations:
+        from .expect import evaluate
+
+        results.expectations = evaluate(plan.expectations, results)
+        manifest["expectations"] = [o.to_dict() for o in results.expectations]
+    return results
 
 
 def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:

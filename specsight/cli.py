@@ -131,6 +131,34 @@ def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None
     return update, progress
 
 
+def _run_remote(
+    spec_path: Path, url: str, api_key: str | None, out: Path | None, show_progress: bool
+) -> Any:
+    """``run --remote``: queue position and rows done on stderr; Ctrl-C cancels the job."""
+    from .remote.client import run_remote
+
+    update, progress = _progress_callback(show_progress)
+    shown: list[int | None] = []
+
+    def on_status(status: Any) -> None:
+        if not show_progress:
+            return
+        if status.state == "queued" and (not shown or shown[-1] != status.queue_position):
+            shown.append(status.queue_position)
+            click.echo(f"queued on {url}: position {status.queue_position}", err=True)
+        elif status.state == "running" and status.progress.total and update is not None:
+            update(status.progress.done, status.progress.total)
+
+    try:
+        return run_remote(spec_path, url, api_key=api_key, out=out, progress=on_status)
+    except KeyboardInterrupt as exc:
+        click.echo(str(exc) or "interrupted", err=True)
+        sys.exit(130)
+    finally:
+        if progress is not None and progress.live.is_started:
+            progress.stop()
+
+
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -145,24 +173,49 @@ def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None
     default=None,
     help="Rows per forward at most (default: sized from free memory, at most 64 on CPU).",
 )
+@click.option(
+    "--remote",
+    metavar="URL",
+    default=None,
+    help="Run on a `specsight serve` server (e.g. http://host:8000) instead of this machine.",
+)
+@click.option(
+    "--api-key",
+    metavar="KEY",
+    envvar="SPECSIGHT_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="The server's API key (with --remote).",
+)
 @json_option
 @_guard
 def run(
-    spec_path: Path, out: Path | None, device: str | None, max_batch: int | None, as_json: bool
+    spec_path: Path,
+    out: Path | None,
+    device: str | None,
+    max_batch: int | None,
+    remote: str | None,
+    api_key: str | None,
+    as_json: bool,
 ) -> None:
-    """Validate, compile and run SPEC on this machine."""
+    """Validate, compile and run SPEC on this machine (or on a server with --remote)."""
     from .api import run as run_spec
     from .results import Results
 
     show_progress = not as_json and sys.stderr.isatty()
-    callback, progress = _progress_callback(show_progress)
-    try:
-        results: Results = run_spec(
-            spec_path, out=out, device=device, max_batch=max_batch, progress=callback
-        )
-    finally:
-        if progress is not None and progress.live.is_started:
-            progress.stop()
+    if remote is not None:
+        if device is not None or max_batch is not None:
+            raise click.UsageError("--device and --max-batch are the server's choice with --remote")
+        results: Results = _run_remote(spec_path, remote, api_key, out, show_progress)
+    else:
+        callback, progress = _progress_callback(show_progress)
+        try:
+            results = run_spec(
+                spec_path, out=out, device=device, max_batch=max_batch, progress=callback
+            )
+        finally:
+            if progress is not None and progress.live.is_started:
+                progress.stop()
     if as_json:
         payload = {
             "ok": True,
@@ -317,3 +370,12 @@ def models(as_json: bool) -> None:
             cached = " (cached)" if entry.get("cached") else " (converted on first use)"
         click.echo(f"{entry['name']:<{width}}  {entry['kind']:<8} {entry['description']}{cached}")
     click.echo("Also: any Hugging Face model id available offline, or a local model folder.")
+
+
+def _register_more() -> None:
+    from ._cli_check import register
+
+    register(main)
+
+
+_register_more()

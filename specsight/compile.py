@@ -7,12 +7,15 @@ Every problem it finds is collected and raised as one :class:`SpecError` with fi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from . import spec as S
 from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, default_save_name
+from ._compile_expect import compile_expectations
 from ._compile_metrics import compile_metric
 from ._compile_ops import compile_op
+from ._memory import estimate_memory
 from ._pack import first_layers, pack_rows, rows_for_budget
 from ._sweep import Grid, GridError, expand_grid, placeholders, substitute
 from .errors import SpecError, did_you_mean, format_path
@@ -83,6 +86,8 @@ def compile_plan(
         keep_logits=keep,
     )
     saves = _saves(ctx)
+    expectations = compile_expectations(ctx, metrics, saves)
+    _check_issues(ctx)
     axis_values, axis_labels = _axes(ctx)
     invoke_info = {
         name: {
@@ -109,16 +114,11 @@ def compile_plan(
         axis_labels=axis_labels,
         invoke_info=invoke_info,
         max_batch=max_batch,
+        expectations=tuple(expectations),
+        deterministic=spec.deterministic,
+        seed=spec.seed,
     )
-    from ._memory import estimate_memory
-
-    return _replace_memory(plan, estimate_memory(plan, info))
-
-
-def _replace_memory(plan: Plan, memory: dict[str, int]) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, memory_estimate=memory)
+    return replace(plan, memory_estimate=estimate_memory(plan, info))
 
 
 def _check_issues(ctx: _Ctx) -> None:

@@ -13,11 +13,12 @@ residual itself, not only what the norm sees.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,6 +344,29 @@ def _metric_values(
     raise RunError(f"unknown metric kind '{kind}'")
 
 
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for this run without disturbing the caller's random state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms for the run (``deterministic: true``), then restored."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def _forward(
     plan: Plan,
     model: torch.nn.Module,
@@ -424,7 +448,12 @@ def execute(
     done = 0
     layers_path = plan.model_summary.get("layers_path")
     keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
-    with HookScope(model) as scope, torch.inference_mode():
+    with (
+        HookScope(model) as scope,
+        torch.inference_mode(),
+        _seeded(plan.seed, device),
+        _deterministic(plan.deterministic),
+    ):
         for layer in sorted({f.shared_prefix for f in plan.forwards if f.shared_prefix}):
             if layers_path is None:
                 raise RunError("the plan reuses layer prefixes but names no layer stack")

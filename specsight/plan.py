@@ -15,7 +15,16 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["PLAN_VERSION", "Row", "RowOp", "Forward", "PlanMetric", "PlanSave", "Plan"]
+__all__ = [
+    "PLAN_VERSION",
+    "Row",
+    "RowOp",
+    "Forward",
+    "PlanMetric",
+    "PlanSave",
+    "PlanExpectation",
+    "Plan",
+]
 
 PLAN_VERSION = 1
 
@@ -106,6 +115,25 @@ class PlanSave:
 
 
 @dataclass(frozen=True)
+class PlanExpectation:
+    """An ``expect:`` entry resolved against the plan: which tensor, which cells, which check."""
+
+    index: int
+    target: str  # the result tensor's name
+    target_kind: str  # "metric" or "saved"
+    metric_kind: str | None
+    axes: tuple[str, ...]  # the tensor's axes
+    select: tuple[tuple[int, ...] | None, ...]  # per leading axis: chosen indices, None = all
+    over: str
+    checks: dict[str, Any] = field(default_factory=dict)
+    token_id: int | None = None  # argmax / top_k token
+    token_str: str | None = None
+    token_index: int | None = None  # argmax among a metric's tokens: the token's index
+    location: str = ""
+    message: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything needed to run a spec on a model."""
 
@@ -124,6 +152,9 @@ class Plan:
     invoke_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_batch: int = 64
     memory_estimate: dict[str, int] = field(default_factory=dict)
+    expectations: tuple[PlanExpectation, ...] = ()
+    deterministic: bool = False
+    seed: int = 0
     version: int = PLAN_VERSION
 
     # --- queries ---------------------------------------------------------------------------
@@ -164,6 +195,7 @@ class Plan:
         data["forwards"] = build(Forward, data["forwards"])
         data["metrics"] = build(PlanMetric, data["metrics"])
         data["saves"] = build(PlanSave, data["saves"])
+        data["expectations"] = build(PlanExpectation, data.get("expectations", []))
         data["vectors"] = {k: tuple(v) for k, v in data.get("vectors", {}).items()}
         return cls(**data)
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .expect import Outcome
+
 __all__ = ["Results", "tensor_sha256", "RESULTS_FILE", "MANIFEST_FILE"]
 
 RESULTS_FILE = "results.safetensors"
@@ -43,6 +45,13 @@ class Results:
     next_tokens: dict[str, list[list[tuple[str, float]]]] = field(default_factory=dict)
     #: per invoke, its prompts (for the summary)
     prompts: dict[str, list[str]] = field(default_factory=dict)
+    #: verdicts on the spec's ``expect:`` claims
+    expectations: list[Outcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every expectation held."""
+        return all(outcome.ok for outcome in self.expectations)
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -94,11 +103,12 @@ class Results:
         metrics = {n: t for n, t in tensors.items() if kinds.get(n) != "save"}
         saves = {n: t for n, t in tensors.items() if kinds.get(n) == "save"}
         summary = manifest.pop("summary", {})
+        outcomes = [Outcome(**o) for o in manifest.get("expectations", [])]
         next_tokens = {
             inv: [[(tok, prob) for tok, prob in prompt] for prompt in per]
             for inv, per in summary.get("next_tokens", {}).items()
         }
-        return cls(metrics, saves, manifest, next_tokens, summary.get("prompts", {}))
+        return cls(metrics, saves, manifest, next_tokens, summary.get("prompts", {}), outcomes)
 
     # --- display ---------------------------------------------------------------------------
 

@@ -308,6 +308,46 @@ class ModelRef(_Strict):
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
+# --- expectations --------------------------------------------------------------------------
+
+CellValue = Union[int, float, Annotated[str, Field(min_length=1)]]
+CellSelector = Union[CellValue, Annotated[list[CellValue], Field(min_length=1)]]
+Expected = Union[float, list[Any]]
+
+_CHECKS = ("equals", "approx", "greater_than", "less_than", "argmax", "top_k")
+
+
+class Expectation(_Strict):
+    """A claim about a metric or saved value; ``specsight check`` fails when it does not hold.
+
+    ``where`` picks cells of a swept result (``{layer: "0:19", pos: 9}``: an axis value, a list
+    or a range); ``over`` says whether ``all`` picked cells (default) or ``any`` must pass.
+    """
+
+    metric: str | None = Field(None, description="a metric name")
+    saved: str | None = Field(None, description="a saved value's name")
+    where: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_+]*$")], CellSelector] = Field(
+        default_factory=dict, description="axis -> value, list of values or 'start:stop' range"
+    )
+    over: Literal["all", "any"] = "all"
+    equals: Expected | None = Field(None, description="exactly this value (or nested list)")
+    approx: Expected | None = Field(None, description="this value within rtol/atol")
+    rtol: float = Field(1e-5, ge=0)
+    atol: float = Field(1e-6, ge=0)
+    greater_than: float | None = None
+    less_than: float | None = None
+    argmax: TokenRef | None = Field(None, description="the top token (top_k, logit_lens, or among a metric's tokens)")
+    top_k: TokenRef | None = Field(None, description="a token that must be among a top_k metric's tokens")
+    message: str | None = Field(None, description="what the claim means, shown when it fails")
+
+    @model_validator(mode="after")
+    def _one_target_some_check(self) -> Expectation:
+        if (self.metric is None) == (self.saved is None):
+            raise ValueError("give exactly one of 'metric' or 'saved'")
+        if all(getattr(self, check) is None for check in _CHECKS):
+            raise ValueError("give a check: " + ", ".join(_CHECKS))
+        return self
+
 
 class Spec(_Strict):
     """A whole experiment."""
@@ -320,6 +360,11 @@ class Spec(_Strict):
     model: ModelRef
     invokes: dict[Name, Invoke] = Field(min_length=1)
     metrics: dict[Name, Metric] = Field(default_factory=dict)
+    expect: list[Expectation] = Field(default_factory=list, description="claims checked after the run")
+    deterministic: bool = Field(
+        False, description="use torch's deterministic algorithms and fixed seeds for this run"
+    )
+    seed: int = Field(0, description="seed set before running (sampling, noise)")
 
     @field_validator("model", mode="before")
     @classmethod
