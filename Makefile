@@ -22,6 +22,7 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+	$(BIN)/specsight check specs/ --junit runs/junit-specs.xml
 
 lint: venv
 	$(BIN)/ruff check specsight tests cli.py
