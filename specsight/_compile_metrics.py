@@ -8,7 +8,7 @@ from ._compile_ctx import _Abort, _Ctx, _Path, _plain
 from ._positions import PositionError, resolve_position
 from .errors import did_you_mean, format_path
 from .plan import PlanMetric, RowOp
-from .sites import FAMILIES, SiteError, resolve_site
+from .sites import SiteError, family_table, resolve_site
 
 __all__ = ["compile_metric"]
 
@@ -117,7 +117,8 @@ def _lens(
     ctx: _Ctx, name: str, metric: Any, rows: list[int], positions: list[int], path: _Path
 ) -> tuple:
     """Save ops feeding a logit lens, and the modules that decode what they save."""
-    if ctx.info.family is None:
+    table = family_table(ctx.info)
+    if table is None or not {"final_norm", "logits"} <= set(table["sites"]):
         raise ctx.fail(
             "no-lens",
             f"logit_lens needs the final norm and unembedding, unknown for {ctx.info.architecture}",
@@ -127,7 +128,14 @@ def _lens(
         sites = resolve_site(metric.site, ctx.info)
     except SiteError as exc:
         raise ctx.fail("unknown-site", exc.message, path + ("site",), exc.hint) from None
-    table = FAMILIES[ctx.info.family]["sites"]
+    for site in sites:
+        if site.heads is not None or site.width not in (None, ctx.info.d_model):
+            raise ctx.fail(
+                "lens-site",
+                f"logit_lens decodes residual-stream sites; '{site.name}' is not d_model wide",
+                path + ("site",),
+                "use resid_post.*, resid_mid.*, attn_out.* or mlp_out.*",
+            )
     keys = []
     for row, pos in zip(rows, positions):
         for site in sites:
@@ -146,7 +154,7 @@ def _lens(
                     layer=site.layer,
                 )
             )
-    modules = (table["final_norm"][0], table["logits"][0])
+    modules = (table["sites"]["final_norm"][0], table["sites"]["logits"][0])
     return tuple(s.name for s in sites), tuple(keys), modules
 
 

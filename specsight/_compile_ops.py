@@ -12,7 +12,7 @@ from ._compile_ctx import _Abort, _Ctx, _Path, _plain, default_save_name
 from ._positions import PositionError, resolve_positions
 from .errors import did_you_mean, format_path
 from .plan import RowOp
-from .sites import Site, SiteError, resolve_site
+from .sites import Site, SiteError, head_columns, resolve_site
 
 __all__ = ["compile_op"]
 
@@ -38,12 +38,74 @@ def _positions(ctx: _Ctx, selectors: Any, tokens: list[int], path: _Path) -> lis
     return out
 
 
-def _site_width(ctx: _Ctx, site: Site) -> int | None:
-    if site.name == "logits":
-        return ctx.info.vocab_size
-    if site.module == site.name or site.name.endswith((".input", ".output")):
-        return None  # raw module path: width known only at run time
-    return ctx.info.d_model
+def _head_indices(ctx: _Ctx, selector: Any, site: Site, path: _Path) -> list[int] | None:
+    """The heads an op picks (None: all), range-checked against the site's head count."""
+    if selector is None or selector == "all":
+        return None
+    layout = site.heads
+    assert layout is not None
+    n = layout.n_heads
+    picked: list[int] = []
+    for value in selector if isinstance(selector, list) else [selector]:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ctx.fail("bad-head", f"a head is an integer, not {value!r}", path)
+        if not -n <= value < n:
+            gqa = site.canonical in ("k", "v") and n != ctx.info.n_heads
+            what = "key/value heads" if gqa else "heads"
+            message = f"head {value} is out of range: '{site.name}' has {n} {what}"
+            if gqa:
+                message += f" (grouped-query attention: {ctx.info.n_heads} query heads share them)"
+            hint = f"use 0..{n - 1}"
+            if gqa:
+                hint += f"; to sweep this site's heads write sweep: {{head: '0:{n}'}}"
+            raise ctx.fail("bad-head", message, path, hint)
+        if value % n not in picked:
+            picked.append(value % n)
+    return picked
+
+
+def _window(ctx: _Ctx, op: Any, site: Site, path: _Path) -> dict[str, Any]:
+    """Columns, head size and width of what the op touches at ``site``."""
+    if site.heads is None:
+        if op.heads is not None:
+            raise ctx.fail(
+                "not-a-head-site",
+                f"site '{site.name}' has no heads; 'heads' applies to per-head sites "
+                "(head_z, q, k, v, attn_pattern)",
+                path + ("heads",),
+                "remove 'heads', or use a head site such as 'head_z.5'",
+            )
+        return {"cols": None, "head_dim": None, "width": site.width}
+    if site.io == "pattern":
+        _check_pattern(ctx, op, site, path)
+    heads = _head_indices(ctx, op.heads, site, path + ("heads",))
+    count = site.heads.n_heads if heads is None else len(heads)
+    if site.io == "pattern":
+        return {"cols": head_columns(site, heads), "head_dim": None, "width": None}
+    return {
+        "cols": head_columns(site, heads),
+        "head_dim": site.heads.d_head,
+        "width": count * site.heads.d_head,
+    }
+
+
+def _check_pattern(ctx: _Ctx, op: Any, site: Site, path: _Path) -> None:
+    if not isinstance(op, S.SaveOp):
+        raise ctx.fail(
+            "pattern-save-only",
+            f"'{site.name}' can only be saved: the module returns its attention weights after "
+            "using them, so changing them changes nothing",
+            path + ("op",),
+            "to change attention, act on q, k, v or head_z of that layer",
+        )
+    impl = ctx.spec.model.attn_implementation
+    if impl not in (None, "eager"):
+        raise ctx.fail(
+            "needs-eager",
+            f"'{site.name}' needs the attention weights, which {impl} attention does not return",
+            ("model", "attn_implementation"),
+            "set model: {id: ..., attn_implementation: eager}",
+        )
 
 
 def compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell: int) -> None:
@@ -57,6 +119,7 @@ def compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell
         )
     vector_key = _vector(ctx, op, path) if isinstance(op, S.AddOp | S.SetOp) else None
     for site in sites:
+        window = _window(ctx, op, site, path)
         for prompt_index, tokens in enumerate(ctx.tokens[invoke]):
             row = ctx.row_index[(invoke, cell, prompt_index)]
             positions = _positions(ctx, op.positions, tokens, path + ("positions",))
@@ -65,6 +128,10 @@ def compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell
             )
             common["origin"] = format_path(path)
             common["layer"] = site.layer
+            if window["cols"] is not None:
+                common["cols"] = window["cols"]
+            if window["head_dim"] is not None and isinstance(op, S.SaveOp):
+                common["head_dim"] = window["head_dim"]
             if isinstance(op, S.SaveOp):
                 if len(sites) > 1:
                     save_name = default_save_name(invoke, site.name)
@@ -80,7 +147,7 @@ def compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell
             elif isinstance(op, S.ScaleOp):
                 ctx.ops.append(RowOp("scale", factor=float(op.factor), **common))
             elif isinstance(op, S.AddOp | S.SetOp):
-                _vector_op(ctx, op, site, common, vector_key, path)
+                _vector_op(ctx, op, site, common, vector_key, path, window["width"])
             elif isinstance(op, S.PatchOp):
                 _patch_op(ctx, invoke, op, site, prompt_index, tokens, common, path)
 
@@ -158,18 +225,24 @@ def _vector(ctx: _Ctx, op: S.AddOp | S.SetOp, path: _Path) -> str | None:
 
 
 def _vector_op(
-    ctx: _Ctx, op: Any, site: Site, common: dict, vector_key: str | None, path: _Path
+    ctx: _Ctx,
+    op: Any,
+    site: Site,
+    common: dict,
+    vector_key: str | None,
+    path: _Path,
+    width: int | None,
 ) -> None:
     kind = "add" if isinstance(op, S.AddOp) else "set"
     attr = "vector" if kind == "add" else "value"
     factor = float(op.coeff) if kind == "add" else None
-    width = _site_width(ctx, site)
     if vector_key is not None:
         length = len(ctx.vectors[vector_key])
         if width is not None and length != width:
             raise ctx.fail(
                 "vector-size",
-                f"vector has {length} values but site '{site.name}' has width {width}",
+                f"vector has {length} values but site '{site.name}' has width {width}"
+                + (" (the chosen heads' columns)" if common.get("cols") or site.heads else ""),
                 path + (attr,),
                 f"give {width} values",
             )

@@ -83,7 +83,9 @@ def _range_values(axis: str, text: str, size: int | None) -> list[int]:
     return picked
 
 
-def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> list[Any]:
+def _axis_values(
+    axis: str, spec_values: Any, sizes: dict[str, int | None], head_label: str = "heads"
+) -> list[Any]:
     size = sizes.get(axis)
     if spec_values == "all":
         if axis not in sizes:
@@ -98,6 +100,8 @@ def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> l
                 "pos: all needs every prompt of the invoke to have the same number of tokens",
                 "list the positions, or split the prompts into separate invokes",
             )
+        if size == 0:
+            raise GridError(axis, f"{axis}: all selects nothing: the model has no attention heads")
         return list(range(size))
     if isinstance(spec_values, str):
         return _range_values(axis, spec_values, size)
@@ -108,7 +112,7 @@ def _axis_values(axis: str, spec_values: Any, sizes: dict[str, int | None]) -> l
             if not isinstance(value, int) or isinstance(value, bool):
                 raise GridError(axis, f"{axis} values must be integers, got {value!r}")
             if bound is not None and not -bound <= value < bound:
-                what = {"layer": "layers", "pos": "tokens", "head": "heads"}[axis]
+                what = {"layer": "layers", "pos": "tokens", "head": head_label}[axis]
                 owner = "the prompt" if axis == "pos" else "the model"
                 raise GridError(
                     axis,
@@ -127,13 +131,15 @@ def expand_grid(
     *,
     n_heads: int | None = None,
     zipped: bool = False,
+    head_label: str = "heads",
 ) -> Grid:
-    """The grid of a sweep. ``seq_len`` is None when the prompts differ in length."""
+    """The grid of a sweep. ``seq_len`` is None when the prompts differ in length; ``head_label``
+    names what ``n_heads`` counts in errors (e.g. key/value heads)."""
     if not sweep:
         return Grid((), ())
     sizes: dict[str, int | None] = {"layer": n_layers, "pos": seq_len, "head": n_heads}
     axes = tuple(sweep)
-    values = tuple(tuple(_axis_values(axis, sweep[axis], sizes)) for axis in axes)
+    values = tuple(tuple(_axis_values(axis, sweep[axis], sizes, head_label)) for axis in axes)
     if zipped and len({len(v) for v in values}) > 1:
         lengths = ", ".join(f"{a}: {len(v)}" for a, v in zip(axes, values))
         raise GridError(

@@ -23,6 +23,18 @@ TINY_MODELS: dict[str, str] = {
     "tiny-llama": "random Llama, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
     "tiny-mistral": "random Mistral, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
     "tiny-qwen2": "random Qwen2, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
+    "tiny-gpt-neo": "random GPT-Neo, 4 layers (global/local attention), d_model 64, 4 heads (seeded)",
+    "tiny-gpt-neox": "random GPT-NeoX (Pythia), 4 layers, d_model 64, 4 heads, parallel residual "
+    "(seeded)",
+    "tiny-mixtral": "random Mixtral, 4 layers, d_model 64, 4 heads / 2 KV heads, 4 experts (top 2) "
+    "(seeded)",
+    "tiny-qwen3": "random Qwen3, 4 layers, d_model 64, 4 heads / 2 KV heads, q/k norms (seeded)",
+    "tiny-gemma2": "random Gemma 2, 4 layers, d_model 64, 4 heads / 2 KV heads, post-norms "
+    "(seeded)",
+    "tiny-phi3": "random Phi-3, 4 layers, d_model 64, 4 heads / 2 KV heads, fused qkv and gate_up "
+    "(seeded)",
+    "tiny-olmo2": "random OLMo 2, 4 layers, d_model 64, 4 heads / 2 KV heads, post-norms (seeded)",
+    "tiny-mamba": "random Mamba (state-space, no attention), 4 layers, d_model 64 (seeded)",
 }
 _TINY_EOT = "<|endoftext|>"
 
@@ -60,16 +72,41 @@ def _tiny_config(name: str) -> Any:
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
             bos_token_id=eot, eos_token_id=eot,
         )  # fmt: skip
+    if name == "tiny-gpt-neo":
+        return transformers.GPTNeoConfig(
+            vocab_size=vocab, max_position_embeddings=128, hidden_size=64, num_layers=4,
+            num_heads=4, intermediate_size=128, attention_types=[[["global", "local"], 2]],
+            window_size=8, bos_token_id=eot, eos_token_id=eot,
+        )  # fmt: skip
+    if name == "tiny-mamba":
+        return transformers.MambaConfig(
+            vocab_size=vocab, hidden_size=64, num_hidden_layers=4, state_size=8, expand=2,
+            conv_kernel=4, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        )  # fmt: skip
+    shape = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=128, bos_token_id=eot, eos_token_id=eot,
+    )  # fmt: skip
+    if name == "tiny-gpt-neox":
+        return transformers.GPTNeoXConfig(**shape, use_parallel_residual=True)
+    extra: dict[str, Any] = {
+        "tiny-mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "tiny-qwen3": {"head_dim": 16},
+        "tiny-gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "pad_token_id": eot},
+        "tiny-phi3": {"pad_token_id": eot},
+        "tiny-olmo2": {"pad_token_id": eot},
+    }.get(name, {})
     config_class = {
         "tiny-llama": transformers.LlamaConfig,
         "tiny-mistral": transformers.MistralConfig,
         "tiny-qwen2": transformers.Qwen2Config,
+        "tiny-mixtral": transformers.MixtralConfig,
+        "tiny-qwen3": transformers.Qwen3Config,
+        "tiny-gemma2": transformers.Gemma2Config,
+        "tiny-phi3": transformers.Phi3Config,
+        "tiny-olmo2": transformers.Olmo2Config,
     }[name]
-    return config_class(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=eot, eos_token_id=eot,
-    )  # fmt: skip
+    return config_class(**shape, num_key_value_heads=2, **extra)
 
 
 def build_tiny(name: str, *, seed: int, attn_implementation: str | None) -> torch.nn.Module:

@@ -22,7 +22,7 @@ from .errors import SpecError, did_you_mean, format_path
 from .load import LoadedDoc, from_data
 from .modelinfo import ModelInfo
 from .plan import Plan, PlanMetric, PlanSave, Row, RowOp
-from .sites import FAMILIES
+from .sites import family_table
 from .tokenizer import Tokenizer
 
 __all__ = ["compile_plan", "DEFAULT_MAX_BATCH", "MAX_ISSUES"]
@@ -121,6 +121,11 @@ def compile_plan(
     return replace(plan, memory_estimate=estimate_memory(plan, info))
 
 
+def _layers_path(info: ModelInfo) -> str | None:
+    table = family_table(info)
+    return table["layers"] if table else None
+
+
 def _check_issues(ctx: _Ctx) -> None:
     if ctx.issues:
         issues = sorted(ctx.issues.values(), key=lambda i: (i.line or 0, i.col or 0))
@@ -135,7 +140,7 @@ def _model_summary(info: ModelInfo) -> dict[str, Any]:
         "d_model": info.d_model,
         "n_heads": info.n_heads,
         "vocab_size": info.vocab_size,
-        "layers_path": FAMILIES[info.family]["layers"] if info.family else None,
+        "layers_path": _layers_path(info),
     }
 
 
@@ -283,13 +288,15 @@ def _expand_invoke(ctx: _Ctx, name: str) -> None:
     invoke = ctx.spec.invokes[name]
     lengths = {len(t) for t in ctx.tokens[name]}
     seq_len = lengths.pop() if len(lengths) == 1 else None
+    n_heads, head_label = _swept_heads(ctx, invoke)
     try:
         grid = expand_grid(
             invoke.sweep,
             ctx.info.n_layers,
             seq_len,
-            n_heads=ctx.info.n_heads,
+            n_heads=n_heads,
             zipped=invoke.sweep_mode == "zip",
+            head_label=head_label,
         )
     except GridError as exc:
         ctx.fail("bad-sweep", exc.message, ("invokes", name, "sweep", exc.axis), exc.hint)
@@ -328,6 +335,20 @@ def _expand_invoke(ctx: _Ctx, name: str) -> None:
             ctx.rows.append(Row(name, prompt_index, cell_index, tuple(ids)))
 
 
+def _swept_heads(ctx: _Ctx, invoke: S.Invoke) -> tuple[int, str]:
+    """What ``head: all`` means: the key/value heads when every op that selects
+    ``heads: {head}`` acts on a key or value site (grouped-query attention), else all heads."""
+    table = family_table(ctx.info)
+    kinds = set()
+    for op in invoke.ops:
+        if "head" in placeholders(op.heads):
+            tpl = (table["sites"] if table else {}).get(op.site.partition(".")[0])
+            kinds.add(getattr(tpl, "heads", None))
+    if kinds == {"kv"} and ctx.info.n_kv_heads != ctx.info.n_heads:
+        return ctx.info.n_kv_heads, "key/value heads"
+    return ctx.info.n_heads, "heads"
+
+
 def _compile_ops(ctx: _Ctx, name: str) -> None:
     invoke = ctx.spec.invokes[name]
     grid = ctx.grids[name]
@@ -356,10 +377,10 @@ def _compile_ops(ctx: _Ctx, name: str) -> None:
 
 def _after_layer_modules(info: ModelInfo) -> tuple[set[str], str | None]:
     """Modules that run after the layer stack (final norm, unembedding), and the unembedding."""
-    if info.family is None:
-        return set(), None
-    table = FAMILIES[info.family]["sites"]
-    return {table["final_norm"][0], table["logits"][0]}, table["logits"][0]
+    table = family_table(info)
+    sites = table["sites"] if table else {}
+    after = {sites[name][0] for name in ("final_norm", "logits") if name in sites}
+    return after, sites["logits"][0] if "logits" in sites else None
 
 
 def _logit_positions(

@@ -8,7 +8,9 @@ At a site, each row's ops run in the order the spec declares them. Ops of differ
 independent, so the engine groups them by kind and applies each group as one indexed tensor
 operation. Outputs are modified on a copy that replaces the module's return value; inputs are
 modified in place, so a residual stream read through a norm's input (``resid_mid``) changes the
-residual itself, not only what the norm sees.
+residual itself, not only what the norm sees. Per-head sites act on column windows of their
+tensor, and token-flattened tensors are viewed per row (``_windows``); metrics and saved values
+are read out in ``_readout``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ._readout import assemble, logit_lens, read_metric
+from ._windows import attention_weights, col_index, token_major
 from .errors import RunError
 from .plan import Forward, Plan, RowOp
 
@@ -98,7 +102,13 @@ class HookScope:
     def add(self, name: str, io: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
         """Call ``fn(hidden)`` at a module's input or output; a returned tensor replaces it."""
         module = self.module(name)
-        if io == "output":
+        if io == "pattern":  # read-only: ``fn`` gets the whole output (attention weights inside)
+
+            def read(_mod: Any, _args: Any, output: Any) -> None:
+                fn(output)
+
+            self.handles.append(module.register_forward_hook(read))
+        elif io == "output":
 
             def post(_mod: Any, _args: Any, output: Any) -> Any:
                 new = fn(hidden_of(output))
@@ -157,6 +167,7 @@ class _Group:
     positions: torch.Tensor | None = None
     factors: torch.Tensor | None = None
     vectors: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -204,15 +215,16 @@ class _Runner:
             depth = max(len(ops) for ops in by_row.values())
             levels = []
             for level in range(depth):
-                kinds: dict[str, list[RowOp]] = defaultdict(list)
+                # ops of one kind on the same columns apply as one indexed operation
+                kinds: dict[tuple[str, Any], list[RowOp]] = defaultdict(list)
                 for ops in by_row.values():
                     if level < len(ops):
-                        kinds[ops[level].kind].append(ops[level])
-                levels.append([self._group(kind, ops, dtype) for kind, ops in kinds.items()])
+                        kinds[(ops[level].kind, ops[level].cols)].append(ops[level])
+                levels.append([self._group(key[0], ops, dtype) for key, ops in kinds.items()])
             self.tables[site] = levels
 
     def _group(self, kind: str, ops: list[RowOp], dtype: torch.dtype) -> _Group:
-        group = _Group(kind, ops)
+        group = _Group(kind, ops, cols=col_index(ops[0].cols, self.device))
         if kind in ("zero", "scale") or (kind in ("add", "set") and ops[0].vector is not None):
             if kind in ("add", "set") and any(op.vector is None for op in ops):
                 return group  # mixed saved/inline sources: apply one by one
@@ -254,25 +266,37 @@ class _Runner:
             writes = any(g.kind not in ("save", "capture") for level in levels for g in level)
             if writes and io == "output":
                 hidden = hidden.clone()
+            if io == "pattern":
+                try:
+                    hidden = attention_weights(hidden, site[0])
+                except RunError as exc:
+                    origin = levels[0][0].ops[0].origin
+                    raise RunError(f"{origin}: {exc.message}", hint=exc.hint) from None
+            work = hidden
+            if hidden.dim() == 2 and self.forward is not None:
+                work = token_major(hidden, len(self.forward.rows), self.forward.seq_len, site[0])
             for level in levels:
                 for group in level:
-                    self._apply(group, hidden)
+                    self._apply(group, work)
             return hidden if writes and io == "output" else None
 
         return apply
 
     def _apply(self, group: _Group, hidden: torch.Tensor) -> None:
         kind = group.kind
-        if group.vectors is not None and group.vectors.shape[-1] != hidden.shape[-1]:
+        width = hidden.shape[-1] if group.cols is None else len(group.cols)
+        if group.vectors is not None and group.vectors.shape[-1] != width:
             op = group.ops[0]
             raise RunError(
                 f"{op.origin}: the {kind} vector has {group.vectors.shape[-1]} values but site "
-                f"'{op.site}' has width {hidden.shape[-1]}",
-                hint=f"give {hidden.shape[-1]} values",
+                f"'{op.site}' has width {width}",
+                hint=f"give {width} values",
             )
         try:
             if group.rows is not None:
-                index = (group.rows, group.positions)
+                index: tuple[torch.Tensor, ...] = (group.rows, group.positions)
+                if group.cols is not None:
+                    index = (group.rows[:, None], group.positions[:, None], group.cols[None, :])
                 if kind == "zero":
                     hidden[index] = 0
                 elif kind == "scale":
@@ -296,26 +320,40 @@ class _Runner:
     def _apply_one(self, op: RowOp, hidden: torch.Tensor) -> None:
         row = self.local[op.row]
         positions = torch.tensor(op.positions, device=hidden.device, dtype=torch.long)
+        cols = col_index(op.cols, hidden.device)
+        if op.io == "pattern":  # [batch, query, head, key]: keys past the row's tokens are padding
+            value = hidden[row, positions] if cols is None else hidden[row, positions][:, cols]
+            n_keys = len(self.plan.rows[op.row].tokens)
+            self.store[op.store] = value[..., :n_keys].detach().clone()
+            return
+        index: tuple[Any, ...] = (row, positions)
+        if cols is not None:
+            index = (row, positions[:, None], cols[None, :])
         if op.kind == "save":
-            self.store[op.store] = hidden[row, positions].detach().clone()
+            value = hidden[index].detach().clone()
+            if op.head_dim:  # [positions, heads, head_dim]
+                value = value.reshape(len(op.positions), -1, op.head_dim)
+            self.store[op.store] = value
         elif op.kind == "capture":
             self.store[op.store] = hidden[row, : len(op.positions)].detach().clone()
         elif op.kind == "patch":
-            source = self.store[op.sources[0]]
-            hidden[row, positions] = source[list(op.source_positions)].to(hidden.dtype)
+            source = self.store[op.sources[0]][list(op.source_positions)]
+            if cols is not None:
+                source = source[:, cols.to(source.device)]
+            hidden[index] = source.to(hidden.dtype)
         elif op.kind in ("add", "set"):
             if op.vector is not None:
                 value = self._vector(op.vector, hidden.dtype)
-            else:
-                pieces = [self.store[k] for k in op.sources]
+            else:  # saved values: one vector per position, heads flattened
+                pieces = [p.reshape(p.shape[0], -1) for p in (self.store[k] for k in op.sources)]
                 value = torch.cat(pieces).mean(0) if op.reduce == "mean" else pieces[0]
                 value = value.to(hidden.dtype)
             if op.kind == "add":
-                hidden[row, positions] = hidden[row, positions] + value * (
+                hidden[index] = hidden[index] + value * (
                     op.factor if op.factor is not None else 1.0
                 )
             else:
-                hidden[row, positions] = value.expand(len(op.positions), -1)
+                hidden[index] = value.expand(len(op.positions), -1)
         else:  # pragma: no cover - compile never emits other kinds
             raise RunError(f"unknown op kind '{op.kind}'")
 
@@ -324,24 +362,6 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     for param in model.parameters():
         return param.dtype
     return torch.float32
-
-
-def _metric_values(
-    kind: str, logits: torch.Tensor, tokens: tuple[int, ...], k: int | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = logits.float()
-    if kind == "logits":
-        return logits[:, list(tokens)], None
-    if kind == "logprob":
-        return torch.log_softmax(logits, -1)[:, list(tokens)], None
-    if kind == "prob":
-        return torch.softmax(logits, -1)[:, list(tokens)], None
-    if kind == "logit_diff":
-        return logits[:, tokens[0]] - logits[:, tokens[1]], None
-    if kind == "top_k":
-        probs, ids = torch.softmax(logits, -1).topk(k or 10, dim=-1)
-        return probs, ids
-    raise RunError(f"unknown metric kind '{kind}'")
 
 
 @contextlib.contextmanager
@@ -402,31 +422,6 @@ def _forward(
     return logits, column
 
 
-def _read_metric(
-    metric: Any,
-    slots: dict[int, int],
-    forward: Forward,
-    logits: torch.Tensor,
-    column: Callable[[int], int],
-    buffers: dict[str, torch.Tensor],
-) -> None:
-    """Compute one metric for the rows of this forward into its result buffer."""
-    picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
-    if not picked:
-        return
-    device = logits.device
-    local = torch.tensor([i for i, _ in picked], device=device)
-    pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
-    values, token_ids = _metric_values(metric.kind, logits[local, pos], metric.tokens, metric.k)
-    index = torch.tensor([slots[row] for _, row in picked])
-    for name, tensor in ((metric.name, values), (f"{metric.name}/ids", token_ids)):
-        if tensor is None:
-            continue
-        if name not in buffers:
-            buffers[name] = torch.empty((len(metric.rows), *tensor.shape[1:]), dtype=tensor.dtype)
-        buffers[name][index] = tensor.cpu()
-
-
 def execute(
     plan: Plan,
     model: torch.nn.Module,
@@ -465,9 +460,7 @@ def execute(
             logits, column = _forward(plan, model, forward, device, pad_id, keep_supported)
             for metric in plan.metrics:
                 if metric.kind != "logit_lens":
-                    _read_metric(
-                        metric, metric_slots[metric.name], forward, logits, column, buffers
-                    )
+                    read_metric(metric, metric_slots[metric.name], forward, logits, column, buffers)
             for i, row in enumerate(forward.rows):
                 if row in summary_rows:
                     last = column(len(plan.rows[row].tokens) - 1)
@@ -479,7 +472,7 @@ def execute(
     modules = _module_table(model)
     for metric in plan.metrics:
         if metric.kind == "logit_lens":
-            out.metrics.update(_logit_lens(metric, runner.store, modules))
+            out.metrics.update(logit_lens(metric, runner.store, modules))
             continue
         if metric.kind == "recovery":
             continue
@@ -503,46 +496,6 @@ def execute(
         sorted(out.metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0]))
     )
     for save in plan.saves:
-        out.saves[save.name] = _assemble(save.keys, save.shape, runner.store)
+        out.saves[save.name] = assemble(save.keys, save.shape, runner.store)
     out.timings["execute_s"] = time.perf_counter() - started
     return out
-
-
-def _logit_lens(
-    metric: Any, store: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]
-) -> dict[str, torch.Tensor]:
-    """Decode stored residuals through the final norm and unembedding (after hooks are gone)."""
-    norm, unembed = (modules[name] for name in metric.lens_modules)
-    hidden = torch.cat([store[key] for key in metric.store_keys])
-    with torch.inference_mode():
-        probs = torch.softmax(unembed(norm(hidden.unsqueeze(0)))[0].float(), -1)
-    top_probs, top_ids = probs.topk(metric.k or 5, dim=-1)
-    shape = (*metric.shape, len(metric.sites))
-    headline = probs[:, metric.tokens[0]] if metric.tokens else top_probs[:, 0]
-    return {
-        metric.name: headline.cpu().reshape(shape),
-        f"{metric.name}/ids": top_ids.cpu().reshape(*shape, -1),
-        f"{metric.name}/probs": top_probs.cpu().reshape(*shape, -1),
-    }
-
-
-def _assemble(
-    keys: tuple[str, ...], shape: tuple[int, ...], store: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    pieces = [
-        store[key].float().cpu()
-        if store[key].dtype in (torch.bfloat16, torch.float16)
-        else store[key].cpu()
-        for key in keys
-    ]
-    longest = max(p.shape[0] for p in pieces)
-    if any(p.shape[0] != longest for p in pieces):
-        padded = torch.full(
-            (len(pieces), longest, *pieces[0].shape[1:]), float("nan"), dtype=pieces[0].dtype
-        )
-        for i, piece in enumerate(pieces):
-            padded[i, : piece.shape[0]] = piece
-        stacked = padded
-    else:
-        stacked = torch.stack(pieces)
-    return stacked.reshape(*shape, *stacked.shape[1:]) if shape else stacked[0]

