@@ -103,6 +103,15 @@ def prepare_job(
                 hint="pick a model from GET /v1/models",
             )
         )
+    if spec.model.dtype != model.dtype:
+        raise SpecError(
+            doc.source.issue(
+                "unknown-model",
+                f"this server runs '{model.model_id}' in {model.dtype}, not {spec.model.dtype}",
+                ("model", "dtype"),
+                hint=f"write dtype: {model.dtype}, or run locally",
+            )
+        )
     for invoke in spec.invokes.values():
         for op in invoke.ops:
             vector = getattr(op, "vector", None) or getattr(op, "value", None)

@@ -1,0 +1,283 @@
+"""The HTTP edge of ``specsight serve``: what ``POST /v1/jobs`` checks before a job is queued,
+and how every answer that is not a success is shaped.
+
+Checks, in order: the body size (before any parsing), strict JSON, the
+:class:`~.protocol.SubmitRequest` fields, the spec version, the model, the sweep size, then
+validation, compilation and limits (:func:`~.runner.prepare_job`). Each failure is an
+:class:`ApiError` carrying an :class:`~.protocol.ErrorBody`, as is every other error answer
+(:func:`install_error_handlers`). Nothing here touches a model's weights, reads a file or
+evaluates anything from the request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from ..errors import Issue, SpecError, SpecsightError, did_you_mean
+from ..load import from_data
+from ..spec import SPEC_VERSION, validate_spec
+from . import runner
+from .protocol import ErrorBody, Limits, SubmitRequest
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+__all__ = [
+    "ApiError",
+    "error_response",
+    "install_error_handlers",
+    "openapi_schema",
+    "parse_submit",
+    "prepare",
+    "read_body",
+    "validation_issues",
+]
+
+log = logging.getLogger("specsight.serve")
+_SEEDS = range(-(2**63), 2**64)  # what torch.manual_seed takes
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, :class:`ErrorBody` and extra headers."""
+
+    def __init__(self, status: int, error: str, message: str, **extra: Any):
+        self.headers: dict[str, str] = extra.pop("headers", None) or {}
+        self.status, self.body = status, ErrorBody(error=error, message=message, **extra)
+        super().__init__(message)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; 413 as soon as it is known to exceed ``limit`` bytes (a declared
+    ``Content-Length`` is refused before anything is read)."""
+
+    def too_large(size: int | None) -> ApiError:
+        what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        hint = "send fewer prompts or shorter vectors per job, or split the spec"
+        message = f"the request has {what}; the server takes at most {limit}"
+        return ApiError(413, "request-too-large", message, hint=hint, estimate=size, limit=limit)
+
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(None)
+    return bytes(body)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validation_issues(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic / FastAPI errors as located issue dicts (``code``, ``message``, ``path``)."""
+    out = []
+    for err in errors:
+        path = tuple(p if isinstance(p, int) else str(p) for p in err.get("loc", ()))
+        out.append(Issue(str(err.get("type", "invalid")), str(err.get("msg", "")), path).to_dict())
+    return out
+
+
+def parse_submit(body: bytes) -> SubmitRequest:
+    """Strict JSON (no NaN/Infinity) holding a SubmitRequest of the current spec version."""
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # refuses lone surrogates
+    except (ValueError, RecursionError) as exc:
+        message = f"the body is not valid JSON: {str(exc)[:200]}"
+        raise ApiError(422, "invalid-json", message, hint="send a JSON SubmitRequest") from None
+    try:
+        req = SubmitRequest.model_validate(data)
+    except ValidationError as exc:
+        issues = validation_issues(exc.errors())
+        message = "the body is not a SubmitRequest"
+        raise ApiError(422, "invalid-request", message, issues=issues) from None
+    if req.spec_version != SPEC_VERSION:
+        message = f"this server speaks spec version {SPEC_VERSION}, not {req.spec_version}"
+        raise ApiError(422, "unsupported-spec-version", message, hint="upgrade the older side")
+    return req
+
+
+def _model_for(
+    models: dict[str, LoadedModel], spec: dict[str, Any], spec_file: str | None
+) -> LoadedModel:
+    """The loaded model the spec names; a located ``unknown-model`` issue for one not served."""
+    ref = spec.get("model")
+    model_id = ref.get("id") if isinstance(ref, dict) else ref
+    if isinstance(model_id, str) and model_id not in models:
+        issues: list[Issue] = []
+        try:  # report the spec's other problems along with the model
+            validate_spec(from_data(spec, file=spec_file))
+        except SpecError as exc:
+            issues = [i for i in exc.issues if i.path[:1] != ("model",)]
+        hint = did_you_mean(model_id, models) or f"this server runs: {', '.join(sorted(models))}"
+        message = f"this server does not run '{model_id}'"
+        issues.insert(0, Issue("unknown-model", message, ("model",), spec_file, hint=hint))
+        raise SpecError(issues)
+    # a missing or malformed `model` is reported by validation, against any model
+    model = models.get(model_id) if isinstance(model_id, str) else None
+    model = model or next(iter(models.values()))
+    seed = spec.get("seed")
+    if isinstance(seed, int) and seed not in _SEEDS:
+        message = f"seed {seed} is out of range"
+        hint = "use a seed between 0 and 2**63 - 1"
+        raise SpecError(Issue("bad-value", message, ("seed",), spec_file, hint=hint))
+    if isinstance(ref, dict) and ref.get("dtype", model.dtype) != model.dtype:
+        message = f"this server runs '{model.model_id}' in {model.dtype}, not {ref['dtype']}"
+        hint = f"remove model.dtype or write {model.dtype}"
+        raise SpecError(Issue("dtype-mismatch", message, ("model", "dtype"), spec_file, hint=hint))
+    return model
+
+
+def _axis_length(axis: str, values: Any, sizes: dict[str, int]) -> int | None:
+    """How many values a sweep axis takes, without listing them (None: let validation say)."""
+    if isinstance(values, list):
+        return len(values)
+    if not isinstance(values, str):
+        return None
+    if values == "all":
+        return sizes.get(axis)
+    start, stop, *rest = (int(p) if p.strip() else None for p in values.split(":"))
+    step = rest[0] if rest else None
+    if step == 0 or len(rest) > 1:
+        return None
+    if axis in sizes:
+        return len(range(sizes[axis])[slice(start, stop, step)])
+    if start is None or stop is None:
+        return None
+    try:
+        return len(range(start, stop, step or 1))
+    except OverflowError:  # more than sys.maxsize values
+        return 2**63
+
+
+def _check_cells(spec: dict[str, Any], model: LoadedModel, limits: Limits) -> None:
+    """Refuse a sweep of more than ``limits.max_cells`` cells before compiling expands it
+    (a range such as ``x: "0:10000000000"`` would otherwise be listed in full)."""
+    total = 0
+    try:
+        for invoke in (spec.get("invokes") or {}).values():
+            sweep = invoke.get("sweep") or {}
+            prompts = invoke.get("prompt")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+            longest = max((len(model.tokenizer.encode(p)) for p in prompts), default=0)
+            sizes = {"layer": model.info.n_layers, "head": model.info.n_heads, "pos": longest}
+            lengths = [_axis_length(a, v, sizes) for a, v in sweep.items()]
+            if None in lengths:
+                continue
+            cells = 1
+            for n in lengths:
+                cells = max(cells, n) if invoke.get("sweep_mode") == "zip" else cells * n
+            total += cells
+    except (AttributeError, TypeError, ValueError):
+        return  # malformed: validation reports it
+    if total > limits.max_cells:
+        hint = "split the sweep into several jobs"
+        raise runner.LimitError("sweep cells", total, limits.max_cells, hint)
+
+
+def prepare(
+    models: dict[str, LoadedModel], req: SubmitRequest, limits: Limits
+) -> tuple[LoadedModel, runner.PreparedJob]:
+    """Model, validation, compilation and limits: 422 (located issues) or 413 (limits)."""
+    try:
+        model = _model_for(models, req.spec, req.spec_file)
+        _check_cells(req.spec, model, limits)
+        return model, runner.prepare_job(req.spec, model, limits, spec_file=req.spec_file)
+    except SpecError as exc:
+        issues = [i.to_dict() for i in exc.issues]
+        raise ApiError(422, "invalid-spec", exc.render(), issues=issues) from None
+    except runner.LimitError as exc:
+        raise ApiError(413, **exc.to_dict()) from None
+    except SpecsightError as exc:
+        raise ApiError(422, "invalid-spec", str(exc)) from None
+    except RecursionError:
+        raise ApiError(422, "invalid-spec", "the spec is nested too deeply") from None
+    except MemoryError:
+        raise ApiError(413, "limit-exceeded", "the job is too large to compile") from None
+    except Exception as exc:  # a malformed spec that validation let through: say so, log it
+        log.exception("compiling a submitted spec failed unexpectedly")
+        message = f"the spec could not be compiled: {type(exc).__name__}: {str(exc)[:300]}"
+        hint = "check the values the message names; if the spec looks right, report a bug"
+        raise ApiError(422, "invalid-spec", message, hint=hint) from None
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+def error_response(
+    status: int, body: ErrorBody, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc.status, exc.body, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        body = ErrorBody(
+            error="invalid-request",
+            message="the request is invalid",
+            issues=validation_issues(exc.errors()),
+        )
+        return error_response(422, body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        codes = {404: "not-found", 405: "method-not-allowed"}
+        body = ErrorBody(error=codes.get(exc.status_code, "http-error"), message=str(exc.detail))
+        return error_response(exc.status_code, body, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        body = ErrorBody(
+            error="internal-error",
+            message="internal server error",
+            hint="this is a bug in specsight serve; the operator has the log",
+        )
+        return error_response(500, body)
+
+
+def openapi_schema(app: FastAPI, models: dict[str, LoadedModel]) -> dict[str, Any]:
+    """FastAPI's schema, plus SubmitRequest (read by hand, see ``submit``) whose ``spec`` is
+    the spec v1 JSON Schema: clients and fuzzers see what a spec looks like."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    from ..spec import json_schema
+
+    doc = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    spec = json.loads(json.dumps(json_schema()).replace('"#/$defs/', '"#/components/schemas/'))
+    for name, sub in spec.pop("$defs", {}).items():
+        schemas.setdefault(name, sub)
+    served = sorted(models)  # the model ids this server accepts
+    spec["properties"]["model"]["anyOf"][0]["enum"] = served
+    schemas["ModelRef"]["properties"]["id"]["enum"] = served
+    dtypes = sorted({m.dtype for m in models.values()})
+    schemas["ModelRef"]["properties"]["dtype"]["enum"] = dtypes
+    schemas["Spec"] = {k: v for k, v in spec.items() if k not in ("$schema", "$id")}
+    submit = SubmitRequest.model_json_schema()
+    submit["properties"]["spec"] = {"$ref": "#/components/schemas/Spec"}
+    submit["properties"]["spec_version"]["enum"] = [SPEC_VERSION]
+    schemas["SubmitRequest"] = submit
+    app.openapi_schema = doc
+    return doc

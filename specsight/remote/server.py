@@ -1,0 +1,429 @@
+"""``specsight serve``: a FastAPI server that runs submitted specs on models loaded once.
+
+The endpoints are those of :mod:`specsight.remote.protocol`. A submitted spec is checked in
+full (size, JSON, fields, spec version, model, validation, compilation, limits) before it is
+queued and answered 202; a worker thread (:mod:`specsight.remote.worker`) then runs queued jobs
+of the same model together. Every error body is an :class:`~.protocol.ErrorBody`.
+
+Nothing on the request path reads a file named by a request, unpickles or evaluates anything:
+specs are data, compiled with file vectors refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
+
+from .. import __version__
+from ..sites import canonical_names
+from ..spec import METRIC_KINDS, OP_NAMES, SPEC_VERSION
+from .auth import KeyRing
+from .intake import (
+    ApiError,
+    error_response,
+    install_error_handlers,
+    openapi_schema,
+    parse_submit,
+    prepare,
+    read_body,
+)
+from .jobs import JobStore, QueueFull
+from .protocol import (
+    API_KEY_HEADER,
+    IDEMPOTENCY_HEADER,
+    SHA256_HEADER,
+    ErrorBody,
+    JobStatus,
+    Limits,
+    ModelEntry,
+    ModelsResponse,
+)
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+__all__ = ["ApiError", "create_app", "serve"]
+
+log = logging.getLogger("specsight.serve")
+_api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="an API key")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        401: "missing or unknown API key",
+        404: "unknown job or model (or another key's job)",
+        422: "invalid request",
+    }.items()
+}
+_JSON_SCHEMA = {"type": "object", "additionalProperties": True}
+
+
+@dataclass
+class ServerState:
+    """What the routes share (``app.state.server``)."""
+
+    models: dict[str, LoadedModel]
+    store: JobStore
+    keys: KeyRing
+    limits: Limits
+    worker: Worker
+    start_worker: bool
+    grace_s: float
+    draining: threading.Event = field(default_factory=threading.Event)
+
+    def begin_drain(self) -> None:
+        """Answer 503 on /readyz and refuse new jobs from now on."""
+        if not self.draining.is_set():
+            log.info("draining: no new jobs; finishing the running batch")
+        self.draining.set()
+
+    def ready(self) -> bool:
+        return not self.draining.is_set() and (not self.start_worker or self.worker.is_alive())
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def require_owner(request: Request, key: str | None = Security(_api_key)) -> str:
+    """The owner of the request's API key; 401 without a valid one."""
+    owner = _state(request).keys.authenticate(key)
+    if owner is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or unknown API key",
+            hint=f"send a valid key in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": "ApiKey"},
+        )
+    return owner
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def create_app(
+    models: dict[str, LoadedModel],
+    *,
+    store: JobStore,
+    keys: KeyRing,
+    limits: Limits | None = None,
+    batch_jobs: int = 16,
+    start_worker: bool = True,
+    grace_s: float = 30.0,
+    idle_s: float = 0.05,
+) -> FastAPI:
+    """The API over ``models`` (``{model id: LoadedModel}``), with jobs in ``store``.
+
+    With ``start_worker`` the app's lifespan starts the worker thread and, at shutdown, drains
+    it (``grace_s``). The store is not closed here: its owner (e.g. :func:`serve`) does that."""
+    if not models:
+        raise ValueError("create_app needs at least one model")
+    limits = limits or Limits()
+    worker = Worker(models, store, limits, batch_jobs=batch_jobs, idle_s=idle_s)
+    state = ServerState(dict(models), store, keys, limits, worker, start_worker, grace_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start_worker:
+            worker.start()
+        try:
+            yield
+        finally:
+            state.begin_drain()
+            given_back = await run_in_threadpool(worker.stop, grace_s)
+            if given_back:
+                log.warning("requeued after the grace period: %s", given_back)
+
+    app = FastAPI(
+        title="specsight",
+        version=__version__,
+        description="Run specsight specs on the server's models (API v1).",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(_health_router())
+    app.include_router(_api_router())
+    app.openapi = lambda: openapi_schema(app, app.state.server.models)  # type: ignore[method-assign]
+    return app
+
+
+def _health_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", summary="200 while the process lives")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get(
+        "/readyz",
+        summary="200 when ready for jobs; 503 while loading or draining",
+        responses={503: {"model": ErrorBody, "description": "draining"}},
+    )
+    def readyz(request: Request) -> Any:
+        state = _state(request)
+        if state.ready():
+            return {"status": "ready", "queued": state.store.queued_count()}
+        what = "draining" if state.draining.is_set() else "worker-down"
+        return error_response(503, ErrorBody(error=what, message=f"not ready: {what}"))
+
+    return router
+
+
+def _api_router() -> APIRouter:
+    # The dependency on the router guards every /v1 route, present and future.
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_owner)], responses=_ERRORS)
+
+    @router.post(
+        "/jobs",
+        status_code=202,
+        response_model=JobStatus,
+        summary="Submit a job (202; 200 for a repeated Idempotency-Key)",
+        responses={
+            200: {"model": JobStatus, "description": "the job of a repeated Idempotency-Key"},
+            413: {"model": ErrorBody, "description": "request or job too large"},
+            429: {"model": ErrorBody, "description": "queue full; see Retry-After"},
+            503: {"model": ErrorBody, "description": "the server is draining"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/SubmitRequest"}}
+                },
+            }
+        },
+    )
+    async def submit(
+        request: Request,
+        owner: str = Depends(require_owner),
+        idempotency_key: str | None = Header(None, alias=IDEMPOTENCY_HEADER, max_length=200),
+    ) -> Any:
+        state = _state(request)
+        body = await read_body(request, state.limits.max_request_bytes)
+        req = parse_submit(body)
+        if state.draining.is_set():
+            raise ApiError(
+                503,
+                "draining",
+                "the server is shutting down",
+                hint="submit again shortly",
+                headers={"Retry-After": "5"},
+            )
+        model, job = await run_in_threadpool(prepare, state.models, req, state.limits)
+        spec_json = json.dumps(req.spec, ensure_ascii=False)  # key order kept: it orders the plan
+        try:
+            record, created = await run_in_threadpool(
+                lambda: state.store.submit(
+                    owner=owner,
+                    model=model.model_id,
+                    spec_json=spec_json,
+                    spec_file=req.spec_file,
+                    idempotency_key=idempotency_key,
+                    result_estimate=job.result_bytes,
+                    max_queue=state.limits.max_queue,
+                )
+            )
+        except QueueFull as exc:
+            raise ApiError(
+                429,
+                "queue-full",
+                str(exc),
+                hint="retry after Retry-After seconds",
+                estimate=exc.queued,
+                limit=exc.limit,
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
+        if not created and (record.spec_json, record.model) != (spec_json, model.model_id):
+            message = f"{IDEMPOTENCY_HEADER} '{idempotency_key}' was used for another spec"
+            raise ApiError(422, "idempotency-key-reused", message, hint="use a fresh key")
+        state.worker.wake.set()
+        status = await run_in_threadpool(state.store.status, record.id, owner)
+        return JSONResponse(status.model_dump(mode="json"), status_code=202 if created else 200)
+
+    def status_of(request: Request, job_id: str, owner: str) -> JobStatus:
+        status = _state(request).store.status(job_id, owner)
+        if status is None:
+            raise ApiError(404, "not-found", f"no job '{job_id}' for this key")
+        return status
+
+    @router.get("/jobs/{job_id}", response_model=JobStatus, summary="A job's status")
+    def get_job(request: Request, job_id: str, owner: str = Depends(require_owner)) -> Any:
+        return status_of(request, job_id, owner)
+
+    def finished_result(request: Request, job_id: str, owner: str) -> tuple[bytes, str, str]:
+        found = _state(request).store.result(job_id, owner)
+        if found is None:
+            state = status_of(request, job_id, owner).state  # 404 when unknown
+            raise ApiError(
+                409,
+                "not-ready",
+                f"job '{job_id}' is {state}, not succeeded",
+                hint="poll GET /v1/jobs/{id} until it succeeded",
+            )
+        return found
+
+    not_ready = {409: {"model": ErrorBody, "description": "the job has not succeeded"}}
+
+    @router.get(
+        "/jobs/{job_id}/result",
+        summary="The results.safetensors bytes of a succeeded job",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+                "description": f"safetensors bytes; their sha256 in {SHA256_HEADER}",
+            },
+            **not_ready,
+        },
+    )
+    def get_result(request: Request, job_id: str, owner: str = Depends(require_owner)) -> Any:
+        data, _, digest = finished_result(request, job_id, owner)
+        return Response(
+            data, media_type="application/octet-stream", headers={SHA256_HEADER: digest}
+        )
+
+    @router.get(
+        "/jobs/{job_id}/manifest",
+        summary="The manifest.json of a succeeded job",
+        response_class=Response,
+        responses={200: {"content": {"application/json": {"schema": _JSON_SCHEMA}}}, **not_ready},
+    )
+    def get_manifest(request: Request, job_id: str, owner: str = Depends(require_owner)) -> Any:
+        _, manifest, _ = finished_result(request, job_id, owner)
+        return Response(manifest, media_type="application/json")
+
+    @router.delete("/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job")
+    def cancel_job(request: Request, job_id: str, owner: str = Depends(require_owner)) -> Any:
+        status = _state(request).store.cancel(job_id, owner)
+        if status is None:
+            raise ApiError(404, "not-found", f"no job '{job_id}' for this key")
+        return status
+
+    @router.get("/models", response_model=ModelsResponse, summary="The models served here")
+    def list_models(request: Request) -> Any:
+        state = _state(request)
+        entries = [
+            ModelEntry(
+                id=model_id,
+                info=model.info.to_dict(),
+                dtype=model.dtype,
+                device=str(model.device),
+                weights_sha256=model.weights_sha256,
+                ops=list(OP_NAMES),
+                metrics=list(METRIC_KINDS),
+                canonical_sites=canonical_names(model.info),
+            )
+            for model_id, model in state.models.items()
+        ]
+        return ModelsResponse(
+            server_version=__version__,
+            spec_version=SPEC_VERSION,
+            limits=state.limits,
+            models=entries,
+        )
+
+    @router.get(
+        "/models/{model_id:path}/tokenizer",
+        summary="A model's tokenizer.json (compile against it client-side)",
+        response_class=Response,
+        responses={200: {"content": {"application/json": {"schema": _JSON_SCHEMA}}}},
+    )
+    def get_tokenizer(request: Request, model_id: str) -> Any:
+        model = _state(request).models.get(model_id)
+        if model is None:
+            raise ApiError(
+                404,
+                "not-found",
+                f"this server does not run '{model_id}'",
+                hint="see GET /v1/models",
+            )
+        return Response(model.tokenizer.backend.to_str(), media_type="application/json")
+
+    return router
+
+
+# --- running it -------------------------------------------------------------------------------
+
+
+def serve(
+    model_ids: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    db_path: str | os.PathLike[str] = "specsight-jobs.sqlite",
+    keys_file: str | os.PathLike[str] | None = None,
+    *,
+    keys: KeyRing | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    limits: Limits | None = None,
+    batch_jobs: int = 16,
+    grace_s: float = 30.0,
+    log_level: str = "info",
+) -> None:
+    """Load the models once, recover the job store, serve until SIGTERM/SIGINT, then drain.
+
+    Keys come from ``keys`` or ``keys_file``; there is no default (see ``KeyRing.allow_all``)."""
+    import uvicorn
+
+    if keys is None:
+        if keys_file is None:
+            raise ValueError("serve needs keys or a keys_file")
+        keys = KeyRing.from_file(keys_file)
+    if not len(keys) and not keys.insecure:
+        raise ValueError("the key ring holds no key")
+
+    from ..models import load_model
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    models: dict[str, LoadedModel] = {}
+    for model_id in model_ids:
+        loaded = load_model(model_id, device=device, dtype=dtype)
+        models[loaded.model_id] = loaded
+        log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
+    store = JobStore(db_path)
+    try:
+        log.info("job store %s: recovered %s; %s", db_path, store.recover(), store.counts())
+        app = create_app(
+            models, store=store, keys=keys, limits=limits, batch_jobs=batch_jobs, grace_s=grace_s
+        )
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+        _draining_server(config, app.state.server, on_stopped=store.close).run()
+    finally:
+        store.close()
+
+
+def _draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any:
+    """uvicorn's Server, answering 503 on /readyz from the moment a signal arrives (uvicorn
+    then stops accepting connections, finishes open requests and runs the lifespan shutdown,
+    which drains the worker). ``on_stopped`` runs before uvicorn re-raises the signal."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.begin_drain()
+            super().handle_exit(sig, frame)
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    on_stopped()
+
+    return Server(config)
