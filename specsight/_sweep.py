@@ -9,6 +9,7 @@ varies slowest), or with ``sweep_mode: zip`` the variables' values taken side by
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -61,17 +62,26 @@ class Grid:
         return {axis: list(v) for axis, v in zip(self.variables, self.values)}
 
 
-def _range_values(axis: str, text: str, size: int | None) -> list[int]:
-    start_s, stop_s, *step_s = text.split(":")
-    start = int(start_s) if start_s else None
-    stop = int(stop_s) if stop_s else None
-    step = int(step_s[0]) if step_s and step_s[0] else None
+_RANGE = re.compile(r"^(-?\d+)?:(-?\d+)?(?::(-?\d+))?$")
+
+#: cells a sweep may have before it is expanded (a typo such as "0:10000000000" fails fast)
+MAX_CELLS = 1_000_000
+
+
+def _range_values(axis: str, text: str, size: int | None) -> range | list[int]:
+    match = _RANGE.match(text.strip())
+    if not match:
+        raise GridError(axis, f"'{text}' is not a range", "write start:stop or start:stop:step, e.g. 0:12")
+    start, stop, step = (int(g) if g is not None else None for g in match.groups())
     if step == 0:
         raise GridError(axis, f"range '{text}' has step 0")
     if size is None:
         if start is None or stop is None:
             raise GridError(axis, f"range '{text}' needs a start and a stop for variable '{axis}'")
-        return list(range(start, stop, step or 1))
+        values = range(start, stop, step or 1)
+        if len(values) > MAX_CELLS:
+            raise GridError(axis, f"range '{text}' has {len(values)} values", f"a sweep has at most {MAX_CELLS} cells")
+        return values
     picked = list(range(size))[slice(start, stop, step)]
     if not picked:
         what = "layers" if axis == "layer" else "positions"
@@ -132,6 +142,7 @@ def expand_grid(
     n_heads: int | None = None,
     zipped: bool = False,
     head_label: str = "heads",
+    max_cells: int = MAX_CELLS,
 ) -> Grid:
     """The grid of a sweep. ``seq_len`` is None when the prompts differ in length; ``head_label``
     names what ``n_heads`` counts in errors (e.g. key/value heads)."""
@@ -140,6 +151,13 @@ def expand_grid(
     sizes: dict[str, int | None] = {"layer": n_layers, "pos": seq_len, "head": n_heads}
     axes = tuple(sweep)
     values = tuple(tuple(_axis_values(axis, sweep[axis], sizes, head_label)) for axis in axes)
+    cells = len(values[0]) if zipped else math.prod(len(v) for v in values)
+    if cells > max_cells:
+        raise GridError(
+            axes[0],
+            f"the sweep has {cells} cells, more than the {max_cells} allowed",
+            "sweep fewer values, or split the sweep into several specs",
+        )
     if zipped and len({len(v) for v in values}) > 1:
         lengths = ", ".join(f"{a}: {len(v)}" for a, v in zip(axes, values))
         raise GridError(

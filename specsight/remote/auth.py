@@ -103,7 +103,10 @@ class KeyRing:
     # --- checking ----------------------------------------------------------------------
 
     def authenticate(self, raw: str | None) -> str | None:
-        """The owner of ``raw``, or None. Every stored hash is compared, in constant time."""
+        """The owner of ``raw``, or None. Every stored hash is compared, in constant time.
+
+        The owner is the key's name: keys listed under one name (a rotation: old and new key)
+        share that owner's jobs; keys under different names never see each other's jobs."""
         if self.insecure:
             return INSECURE_OWNER
         if not raw:

@@ -81,6 +81,10 @@ def estimate_result_bytes(plan: Plan, info: Any) -> int:
     return total
 
 
+def _served_seed(model: LoadedModel) -> int:
+    return int(getattr(model, "seed", 0) or 0)
+
+
 def _check(what: str, estimate: int, limit: int, hint: str) -> None:
     if estimate > limit:
         raise LimitError(what, estimate, limit, hint)
@@ -103,13 +107,23 @@ def prepare_job(
                 hint="pick a model from GET /v1/models",
             )
         )
-    if spec.model.dtype != model.dtype:
+    given = spec.model.model_fields_set
+    if "dtype" in given and spec.model.dtype != model.dtype:
         raise SpecError(
             doc.source.issue(
-                "unknown-model",
+                "model-mismatch",
                 f"this server runs '{model.model_id}' in {model.dtype}, not {spec.model.dtype}",
                 ("model", "dtype"),
                 hint=f"write dtype: {model.dtype}, or run locally",
+            )
+        )
+    if "seed" in given and spec.model.seed != _served_seed(model):
+        raise SpecError(
+            doc.source.issue(
+                "model-mismatch",
+                f"this server's '{model.model_id}' was built with seed {_served_seed(model)}, not {spec.model.seed}",
+                ("model", "seed"),
+                hint="drop model.seed, or run locally",
             )
         )
     for invoke in spec.invokes.values():
@@ -122,7 +136,9 @@ def prepare_job(
                     limits.max_vector_values,
                     "send a shorter vector",
                 )
-    plan = compile_plan(spec, model.info, model.tokenizer, doc=doc, allow_files=False)
+    plan = compile_plan(
+        spec, model.info, model.tokenizer, doc=doc, allow_files=False, max_cells=limits.max_cells
+    )
     cells = sum(int(info.get("cells", 1)) for info in plan.invoke_info.values())
     _check("sweep cells", cells, limits.max_cells, "split the sweep into several jobs")
     _check("batch rows", len(plan.rows), limits.max_rows, "split the spec into several jobs")
