@@ -57,5 +57,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def default_save_name(invoke: str, site: str) -> str:
-    return f"{invoke}/{site}"
+def default_save_name(invoke: str, site: str, grad: bool = False) -> str:
+    return f"{invoke}/{site}" + ("/grad" if grad else "")

@@ -21,6 +21,8 @@ def _tensor_axes(metric: PlanMetric | None, save: PlanSave | None) -> tuple[str,
     suffix: tuple[str, ...] = ()
     if metric.kind == "logit_lens":
         suffix = ("site",)
+    elif metric.kind == "attribution":
+        suffix = ("site", "pos")
     elif metric.kind in _TOKEN_AXIS_KINDS and not metric.squeeze_token:
         suffix = ("token",)
     return (*metric.axes, *suffix)
@@ -32,6 +34,8 @@ def _axis_values(
     invoke = metric.invoke if metric is not None else save.invoke  # type: ignore[union-attr]
     if metric is not None and axis == "site":
         return list(metric.sites)
+    if metric is not None and metric.kind == "attribution" and axis == "pos":
+        return list(range(len(ctx.tokens[invoke][0])))
     if metric is not None and axis == "token":
         return list(metric.token_strs)
     return list(ctx.grids[invoke].axis_values().get(axis, [])) or list(

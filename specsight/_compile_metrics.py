@@ -39,6 +39,10 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
     path: _Path = ("metrics", name)
     if metric.kind == "recovery":
         return _recovery(ctx, name, metric, path)
+    if metric.kind == "attribution":
+        from ._compile_attr import compile_attribution
+
+        return compile_attribution(ctx, name, metric, path)
     if metric.invoke not in ctx.spec.invokes:
         hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(
             ctx.spec.invokes

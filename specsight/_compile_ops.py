@@ -134,14 +134,16 @@ def compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell
                 common["head_dim"] = window["head_dim"]
             if isinstance(op, S.SaveOp):
                 if len(sites) > 1:
-                    save_name = default_save_name(invoke, site.name)
+                    save_name = default_save_name(invoke, site.name, op.grad)
                 else:
-                    save_name = template.name or default_save_name(invoke, template.site)
+                    save_name = template.name or default_save_name(
+                        invoke, template.site, op.grad
+                    )
                 key = f"save/{save_name}/{row}"
                 ctx.save_keys.setdefault(save_name, []).append(key)
                 ctx.save_npos.setdefault(save_name, []).append(len(positions))
                 ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
-                ctx.ops.append(RowOp("save", store=key, **common))
+                ctx.ops.append(RowOp("grad" if op.grad else "save", store=key, **common))
             elif isinstance(op, S.ZeroOp):
                 ctx.ops.append(RowOp("zero", **common))
             elif isinstance(op, S.ScaleOp):

@@ -61,8 +61,12 @@ def explain_plan(plan: Plan) -> str:
     )
     for i, fwd in enumerate(plan.forwards[:6]):
         invokes = sorted({plan.rows[r].invoke for r in fwd.rows})
+        gen = ""
+        if fwd.generate is not None:
+            how = "sampled" if fwd.generate.get("do_sample") else "greedy"
+            gen = f", generates {fwd.generate['max_new_tokens']} tokens ({how}, left-padded, KV cache)"
         lines.append(
-            f"  #{i} stage {fwd.stage}: {len(fwd.rows)} rows x {fwd.seq_len} tokens ({', '.join(invokes)})"
+            f"  #{i} stage {fwd.stage}: {len(fwd.rows)} rows x {fwd.seq_len} tokens ({', '.join(invokes)}){gen}"
         )
     if len(plan.forwards) > 6:
         lines.append(f"  ... {len(plan.forwards) - 6} more")
@@ -119,16 +123,30 @@ def explain_plan(plan: Plan) -> str:
                 what = (
                     f"logit_lens({token}k={metric.k}, sites {metric.sites[0]}..{metric.sites[-1]})"
                 )
+            elif metric.kind == "attribution":
+                clean, corrupt = metric.inputs
+                what = (
+                    f"attribution = grad({metric.token_strs[0]!r} - {metric.token_strs[1]!r}) "
+                    f". ({clean} - {corrupt}), sites {metric.sites[0]}..{metric.sites[-1]},"
+                )
             elif metric.token_strs:
                 what = f"{metric.kind}({', '.join(repr(t) for t in metric.token_strs)})"
             dims = list(zip(metric.axes, metric.shape))
             if metric.kind == "logit_lens":
                 dims.append(("site", len(metric.sites)))
+            if metric.kind == "attribution":
+                n_pos = len(plan.rows[metric.rows[0]].tokens)
+                dims += [("site", len(metric.sites)), ("pos", n_pos)]
             shape = " x ".join(f"{a}={n}" for a, n in dims) or "scalar"
             positions = _ranges(list(metric.positions))
             lines.append(
                 f"  {metric.name}: {what} on {metric.invoke} @ position {positions} -> [{shape}]"
             )
+    if plan.backward is not None:
+        lines.append(
+            f"backward: from {plan.backward}, summed over its rows (parameters frozen; "
+            "gradients flow from the embedding output)"
+        )
     if plan.saves:
         lines.append("saves:")
         for save in plan.saves:

@@ -49,11 +49,13 @@ def pack_rows(
     *,
     prefix_reuse: bool = True,
     keep_logits: dict[int, set[int]] | None = None,
+    skip: set[int] | None = None,
 ) -> list[Forward]:
     """Forwards in stage order; within a stage, rows sorted so chunks share deep prefixes."""
     by_stage: dict[int, list[int]] = defaultdict(list)
     for index, row in enumerate(rows):
-        by_stage[stages[row.invoke]].append(index)
+        if not skip or index not in skip:  # rows that generate have forwards of their own
+            by_stage[stages[row.invoke]].append(index)
     forwards: list[Forward] = []
     for stage in sorted(by_stage):
         order = sorted(by_stage[stage], key=lambda r: (rows[r].tokens, first[r], r))

@@ -186,6 +186,15 @@ def print_summary(results: Results, console: Console) -> None:
             prompt = prompts[i] if i < len(prompts) else ""
             console.print(f"  [cyan]{escape(label)}[/cyan] {escape(repr(_shorten(prompt)))}")
             console.print(f"      -> {escape(_tokens(tokens))}")
+    if manifest.get("generated"):
+        console.print("[bold]generated[/bold]")
+    for invoke, per_prompt in manifest.get("generated", {}).items():
+        prompts = results.prompts.get(invoke, [])
+        for i, entry in enumerate(per_prompt):
+            label = invoke if len(per_prompt) == 1 else f"{invoke}[{i}]"
+            prompt = prompts[i] if i < len(prompts) else ""
+            console.print(f"  [cyan]{escape(label)}[/cyan] {escape(repr(_shorten(prompt)))}")
+            console.print(f"      -> {escape(repr(entry['text']))}")
     tensors_meta = manifest.get("tensors", {})
     shown = [
         (n, t)

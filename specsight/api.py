@@ -170,6 +170,8 @@ def results_from_raw(
         decoded = [(model.tokenizer.token_str(i), round(float(p), 6)) for i, p in zip(ids, probs)]
         next_tokens.setdefault(row.invoke, []).append(decoded)
     prompts = {name: inv.prompts for name, inv in spec.invokes.items()}
+    if raw.generated:
+        manifest["generated"] = _generated(plan, raw.generated, model.tokenizer)
     results = Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
     if plan.expectations:
         from .expect import evaluate
@@ -177,6 +179,18 @@ def results_from_raw(
         results.expectations = evaluate(plan.expectations, results)
         manifest["expectations"] = [o.to_dict() for o in results.expectations]
     return results
+
+
+def _generated(
+    plan: Plan, generated: dict[int, list[int]], tokenizer: Tokenizer
+) -> dict[str, list[dict[str, Any]]]:
+    """Per generating invoke, per prompt: the new token ids and their decoded text."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row_index, ids in sorted(generated.items()):
+        row = plan.rows[row_index]
+        text = tokenizer.backend.decode(ids, skip_special_tokens=True)
+        out.setdefault(row.invoke, []).append({"ids": ids, "text": text})
+    return out
 
 
 def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
@@ -200,6 +214,10 @@ def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[s
         elif metric.kind == "logit_lens":
             suffix = ["site"]
             values["site"] = list(metric.sites)
+        elif metric.kind == "attribution":
+            suffix = ["site", "pos"]
+            values["site"] = list(metric.sites)
+            values["pos"] = list(range(tensor.shape[-1]))
         entry: dict[str, Any] = {
             "kind": "metric",
             "metric_kind": metric.kind,
@@ -250,6 +268,16 @@ def _tensor_meta(plan: Plan, raw: Any, tokenizer: Tokenizer) -> dict[str, dict[s
             "dtype": str(tensor.dtype).replace("torch.", ""),
             "sha256": tensor_sha256(tensor),
         }
+    for name, tensor in raw.saves.items():
+        if name.endswith("/generated_ids") and name not in meta:
+            meta[name] = {
+                "kind": "save",
+                "invoke": name.rsplit("/", 1)[0],
+                "axes": ["prompt", "new_token"],
+                "shape": list(tensor.shape),
+                "dtype": str(tensor.dtype).replace("torch.", ""),
+                "sha256": tensor_sha256(tensor),
+            }
     return meta
 
 

@@ -13,11 +13,13 @@ from typing import Any
 from . import spec as S
 from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, default_save_name
 from ._compile_expect import compile_expectations
+from ._compile_gen import check_generation, generate_forwards, op_steps
+from ._compile_grad import check_backward
 from ._compile_metrics import compile_metric
 from ._compile_ops import compile_op
 from ._memory import estimate_memory
 from ._pack import first_layers, pack_rows, rows_for_budget
-from ._sweep import Grid, GridError, expand_grid, placeholders, substitute
+from ._sweep import MAX_CELLS, Grid, GridError, expand_grid, placeholders, substitute
 from .errors import SpecError, did_you_mean, format_path
 from .load import LoadedDoc, from_data
 from .modelinfo import ModelInfo
@@ -41,6 +43,7 @@ def compile_plan(
     batch_cap: int = DEFAULT_MAX_BATCH,
     prefix_reuse: bool = True,
     allow_files: bool = True,
+    max_cells: int = MAX_CELLS,
 ) -> Plan:
     """Compile a validated spec for one model. ``doc`` supplies file positions for errors.
 
@@ -55,13 +58,16 @@ def compile_plan(
     _collect_save_names(ctx)
     stages = _stages(ctx)
     _check_issues(ctx)
+    check_generation(ctx)
+    _check_issues(ctx)
     order = sorted(spec.invokes, key=lambda name: (stages[name], list(spec.invokes).index(name)))
     for name in order:
-        _expand_invoke(ctx, name)
+        _expand_invoke(ctx, name, max_cells)
     _check_issues(ctx)
     for name in order:
         _compile_ops(ctx, name)
     metrics = [compile_metric(ctx, name, metric) for name, metric in spec.metrics.items()]
+    backward = check_backward(ctx)
     _check_issues(ctx)
     ops = list(ctx.captures.values()) + ctx.ops
     ops.sort(key=lambda op: (op.row, op.kind == "capture"))
@@ -76,6 +82,7 @@ def compile_plan(
             max_batch = rows_for_budget(
                 info, seq, spec.model.dtype, memory_budget, cap=batch_cap, logits_positions=kept
             )
+    generating = generate_forwards(ctx, stages)
     forwards = pack_rows(
         ctx.rows,
         stages,
@@ -84,7 +91,10 @@ def compile_plan(
         info.n_layers,
         prefix_reuse=prefix_reuse,
         keep_logits=keep,
+        skip={r for f in generating for r in f.rows},
     )
+    if generating:
+        forwards = sorted(forwards + generating, key=lambda f: f.stage)
     saves = _saves(ctx)
     expectations = compile_expectations(ctx, metrics, saves)
     _check_issues(ctx)
@@ -117,6 +127,7 @@ def compile_plan(
         expectations=tuple(expectations),
         deterministic=spec.deterministic,
         seed=spec.seed,
+        backward=backward,
     )
     return replace(plan, memory_estimate=estimate_memory(plan, info))
 
@@ -186,7 +197,7 @@ def _collect_save_names(ctx: _Ctx) -> None:
     for name, invoke in ctx.spec.invokes.items():
         for i, op in enumerate(invoke.ops):
             if isinstance(op, S.SaveOp):
-                save_name = op.name or default_save_name(name, op.site)
+                save_name = op.name or default_save_name(name, op.site, op.grad)
                 if save_name in ctx.save_names:
                     ctx.fail(
                         "duplicate-save",
@@ -284,7 +295,7 @@ def _stages(ctx: _Ctx) -> dict[str, int]:
 # --- rows and ops --------------------------------------------------------------------------
 
 
-def _expand_invoke(ctx: _Ctx, name: str) -> None:
+def _expand_invoke(ctx: _Ctx, name: str, max_cells: int = MAX_CELLS) -> None:
     invoke = ctx.spec.invokes[name]
     lengths = {len(t) for t in ctx.tokens[name]}
     seq_len = lengths.pop() if len(lengths) == 1 else None
@@ -297,6 +308,7 @@ def _expand_invoke(ctx: _Ctx, name: str) -> None:
             n_heads=n_heads,
             zipped=invoke.sweep_mode == "zip",
             head_label=head_label,
+            max_cells=max_cells,
         )
     except GridError as exc:
         ctx.fail("bad-sweep", exc.message, ("invokes", name, "sweep", exc.axis), exc.hint)
@@ -356,6 +368,11 @@ def _compile_ops(ctx: _Ctx, name: str) -> None:
     for op_index, op in enumerate(invoke.ops):
         path: _Path = ("invokes", name, "ops", op_index)
         raw = op.model_dump(by_alias=True)
+        try:
+            steps = op_steps(ctx, invoke, op, path)
+        except _Abort:
+            continue
+        first_new = len(ctx.ops)
         for cell_index, variables in enumerate(cells):
             concrete = op
             if variables:
@@ -370,6 +387,8 @@ def _compile_ops(ctx: _Ctx, name: str) -> None:
                 compile_op(ctx, name, concrete, op, path, cell_index)
             except _Abort:
                 continue
+        if steps is not None:
+            ctx.ops[first_new:] = [replace(o, steps=steps) for o in ctx.ops[first_new:]]
 
 
 # --- packing and results layout ------------------------------------------------------------
@@ -403,15 +422,20 @@ def _logit_positions(
 
 def _saves(ctx: _Ctx) -> list[PlanSave]:
     out = []
+    step_of = {op.store: op.steps for op in ctx.ops if op.kind == "save" and op.steps is not None}
     for name, keys in ctx.save_keys.items():
         invoke, site = ctx.save_meta[name]
         grid = ctx.grids[invoke]
         many = isinstance(ctx.spec.invokes[invoke].prompt, list)
         axes = tuple(grid.axes) + (("prompt",) if many else ())
         shape = tuple(grid.shape) + ((len(ctx.tokens[invoke]),) if many else ())
-        out.append(
-            PlanSave(name, invoke, site, tuple(keys), tuple(ctx.save_npos[name]), axes, shape)
-        )
+        npos = list(ctx.save_npos[name])
+        steps = step_of.get(keys[0])
+        if steps is not None:  # generation: one value per step, stacked after the prompt axis
+            keys = [f"{key}@{s}" for key in keys for s in steps]
+            npos = [n if s == 0 else 1 for n in npos for s in steps]
+            axes, shape = axes + ("step",), shape + (len(steps),)
+        out.append(PlanSave(name, invoke, site, tuple(keys), tuple(npos), axes, shape))
     return out
 
 

@@ -21,11 +21,12 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from ._grad import attribution, backward_from, grad_scope, keep_grad
 from ._readout import assemble, logit_lens, read_metric
 from ._windows import attention_weights, col_index, token_major
 from .errors import RunError
@@ -177,6 +178,8 @@ class EngineOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     saves: dict[str, torch.Tensor] = field(default_factory=dict)
     next_tokens: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+    #: generating rows: the new token ids, up to and including the first end-of-sequence token
+    generated: dict[int, list[int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -200,15 +203,21 @@ class _Runner:
             self.vectors[key] = torch.tensor(self.plan.vectors[key], dtype=torch.float64)
         return self.vectors[key].to(self.device, dtype)
 
-    def prepare(self, forward: Forward, dtype: torch.dtype) -> None:
+    def prepare(
+        self,
+        forward: Forward,
+        dtype: torch.dtype,
+        ops_by_row: dict[int, list[RowOp]] | None = None,
+    ) -> None:
         """Build the action tables of one forward: per site, levels of grouped ops."""
         self.forward = forward
         self.local = {row: i for i, row in enumerate(forward.rows)}
         per_site: dict[tuple[str, str], dict[int, list[RowOp]]] = defaultdict(
             lambda: defaultdict(list)
         )
+        by_row = self.ops_by_row if ops_by_row is None else ops_by_row
         for row in forward.rows:
-            for op in self.ops_by_row.get(row, ()):
+            for op in by_row.get(row, ()):
                 per_site[(op.module, op.io)][row].append(op)
         self.tables = {}
         for site, by_row in per_site.items():
@@ -263,7 +272,9 @@ class _Runner:
             levels = self.tables.get(site)
             if not levels:
                 return None
-            writes = any(g.kind not in ("save", "capture") for level in levels for g in level)
+            writes = any(
+                g.kind not in ("save", "capture", "grad") for level in levels for g in level
+            )
             if writes and io == "output":
                 hidden = hidden.clone()
             if io == "pattern":
@@ -329,7 +340,11 @@ class _Runner:
         index: tuple[Any, ...] = (row, positions)
         if cols is not None:
             index = (row, positions[:, None], cols[None, :])
-        if op.kind == "save":
+        if op.kind == "grad":
+            keep_grad(
+                hidden, row, positions, cols, self.store, op.store, op.head_dim, op.origin, op.site
+            )
+        elif op.kind == "save":
             value = hidden[index].detach().clone()
             if op.head_dim:  # [positions, heads, head_dim]
                 value = value.reshape(len(op.positions), -1, op.head_dim)
@@ -439,13 +454,15 @@ def execute(
     summary_rows = {
         i for i, row in enumerate(plan.rows) if not plan.invoke_info.get(row.invoke, {}).get("axes")
     }
+    metrics_by_name = {m.name: m for m in plan.metrics}
+    grad_rows = set(metrics_by_name[plan.backward].rows) if plan.backward else set()
     started = time.perf_counter()
     done = 0
     layers_path = plan.model_summary.get("layers_path")
     keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
     with (
         HookScope(model) as scope,
-        torch.inference_mode(),
+        torch.no_grad() if plan.backward else torch.inference_mode(),
         _seeded(plan.seed, device),
         _deterministic(plan.deterministic),
     ):
@@ -456,10 +473,31 @@ def execute(
         for site in plan.hooks():
             scope.add(site[0], site[1], runner.hook(site))
         for forward in plan.forwards:
+            if forward.generate is not None:
+                from .generate import run_generation
+
+                out.saves.update(run_generation(runner, forward, dtype, out.generated))
+                done += len(forward.rows)
+                if progress is not None:
+                    progress(done, len(plan.rows))
+                continue
+            backward = plan.backward is not None and any(r in grad_rows for r in forward.rows)
+            if backward:  # every row runs in full: gradients need each row's own graph
+                forward = replace(forward, shared_prefix=0)
             runner.prepare(forward, dtype)
-            logits, column = _forward(plan, model, forward, device, pad_id, keep_supported)
+            with grad_scope(model, backward):
+                logits, column = _forward(plan, model, forward, device, pad_id, keep_supported)
+                if backward:
+                    backward_from(
+                        metrics_by_name[plan.backward],
+                        metric_slots[plan.backward],
+                        forward,
+                        logits,
+                        column,
+                    )
+            logits = logits.detach()
             for metric in plan.metrics:
-                if metric.kind != "logit_lens":
+                if metric.kind not in ("logit_lens", "attribution"):
                     read_metric(metric, metric_slots[metric.name], forward, logits, column, buffers)
             for i, row in enumerate(forward.rows):
                 if row in summary_rows:
@@ -473,6 +511,9 @@ def execute(
     for metric in plan.metrics:
         if metric.kind == "logit_lens":
             out.metrics.update(logit_lens(metric, runner.store, modules))
+            continue
+        if metric.kind == "attribution":
+            out.metrics[metric.name] = attribution(metric, runner.store)
             continue
         if metric.kind == "recovery":
             continue

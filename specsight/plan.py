@@ -69,6 +69,9 @@ class RowOp:
     cols: tuple[tuple[int, int], ...] | None = None
     #: head sites: saves come back as [positions, heads, head_dim]
     head_dim: int | None = None
+    #: generating invokes: the forward steps the op applies to (0: the prompt pass, at
+    #: ``positions``; s >= 1: the new token only). None: not a generating invoke
+    steps: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class Forward:
     shared_prefix: int = 0
     #: positions whose logits are needed (None: all, e.g. when an op reads the logits site)
     keep_logits: tuple[int, ...] | None = None
+    #: generation: {max_new_tokens, do_sample, temperature, top_p, seed} (None: one forward)
+    generate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,8 @@ class Plan:
     expectations: tuple[PlanExpectation, ...] = ()
     deterministic: bool = False
     seed: int = 0
+    #: the metric a backward pass starts from (``backward:``), None: no backward pass
+    backward: str | None = None
     version: int = PLAN_VERSION
 
     # --- queries ---------------------------------------------------------------------------

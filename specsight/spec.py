@@ -112,9 +112,23 @@ HeadIndex = Union[int, Placeholder]
 HeadSelector = Union[Literal["all"], HeadIndex, Annotated[list[HeadIndex], Field(min_length=1)]]
 
 
+StepSelector = Union[
+    Literal["prompt", "all"],
+    Annotated[str, Field(pattern=r"^\d*:\d*$", description="a range of steps 'start:stop'")],
+    Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],
+]
+
+
 class _SiteOp(_Strict):
     site: str = Field(min_length=1, description="canonical site ('resid_post.5') or module path")
     positions: Positions = Field("all", description="token positions the op acts on")
+    steps: StepSelector | None = Field(
+        None,
+        description="generating invokes only: the forward steps the op applies to; step 0 is "
+        "the prompt pass ('prompt'), step s >= 1 feeds new token s-1; 'all' (default), a list "
+        "or a range 'a:b'. In steps >= 1 the only position is the new token: positions "
+        "'all', 'last' and -1 select it, other positions exist only in the prompt pass",
+    )
     heads: HeadSelector | None = Field(
         None,
         description="attention heads of a per-head site (head_z, q, k, v, attn_pattern): "
@@ -126,7 +140,14 @@ class SaveOp(_SiteOp):
     """Keep the value of a site in the results."""
 
     op: Literal["save"]
-    name: str | None = Field(None, description="result name; default '<invoke>/<site>'")
+    name: str | None = Field(
+        None, description="result name; default '<invoke>/<site>' ('<invoke>/<site>/grad')"
+    )
+    grad: bool = Field(
+        False,
+        description="keep the gradient of the spec's 'backward' metric with respect to the "
+        "site instead of its value",
+    )
 
 
 class ZeroOp(_SiteOp):
@@ -192,6 +213,23 @@ SweepValues = Union[
 ]
 
 
+class Sampling(_Strict):
+    """Seeded sampling: temperature and nucleus (top-p) sampling over the whole vocabulary."""
+
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the sampler")
+
+
+class Generate(_Strict):
+    """Generate new tokens after each prompt (KV cache); ops choose their ``steps``."""
+
+    max_new_tokens: int = Field(ge=1, le=4096)
+    sampling: Literal["greedy"] | Sampling = Field(
+        "greedy", description="'greedy' or {temperature, top_p, seed}"
+    )
+
+
 class Invoke(_Strict):
     """A named group of prompts run together, with the ops that act on them."""
 
@@ -206,6 +244,9 @@ class Invoke(_Strict):
 
     sweep_mode: Literal["product", "zip"] = Field(
         "product", description="cells: every combination of the values, or the values side by side"
+    )
+    generate: Generate | None = Field(
+        None, description="generate new tokens; results hold '<invoke>/generated_ids' and text"
     )
 
     @property
@@ -277,8 +318,24 @@ class RecoveryMetric(_Strict):
     corrupt: str = Field(description="the same metric on the corrupted run without patches")
 
 
+class AttributionMetric(_Strict):
+    """Attribution patching: per site and position, gradient x (clean - corrupt) of the
+    corrupted run's logit difference; one clean forward, one corrupted forward + backward."""
+
+    kind: Literal["attribution"]
+    clean: str = Field(description="the clean invoke (one prompt, no sweep)")
+    corrupt: str = Field(description="the corrupted invoke, as many tokens as the clean one")
+    site: str = Field("resid_post.*", description="sites to attribute, e.g. 'resid_post.*'")
+    target: TokenRef
+    foil: TokenRef
+    position: PositionSelector = Field(
+        "last", description="the position whose logit difference is differentiated"
+    )
+
+
 Metric = Annotated[
-    LogitsMetric
+    AttributionMetric
+    | LogitsMetric
     | LogprobMetric
     | ProbMetric
     | LogitDiffMetric
@@ -295,6 +352,7 @@ METRIC_CLASSES: dict[str, type[BaseModel]] = {
     "top_k": TopKMetric,
     "logit_lens": LogitLensMetric,
     "recovery": RecoveryMetric,
+    "attribution": AttributionMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)
 
@@ -312,7 +370,7 @@ class ModelRef(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     revision: str | None = None
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    seed: int = Field(0, description="seed of tiny random models")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of tiny random models")
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -345,8 +403,12 @@ class Expectation(_Strict):
     atol: float = Field(1e-6, ge=0)
     greater_than: float | None = None
     less_than: float | None = None
-    argmax: TokenRef | None = Field(None, description="the top token (top_k, logit_lens, or among a metric's tokens)")
-    top_k: TokenRef | None = Field(None, description="a token that must be among a top_k metric's tokens")
+    argmax: TokenRef | None = Field(
+        None, description="the top token (top_k, logit_lens, or among a metric's tokens)"
+    )
+    top_k: TokenRef | None = Field(
+        None, description="a token that must be among a top_k metric's tokens"
+    )
     message: str | None = Field(None, description="what the claim means, shown when it fails")
 
     @model_validator(mode="after")
@@ -356,6 +418,12 @@ class Expectation(_Strict):
         if all(getattr(self, check) is None for check in _CHECKS):
             raise ValueError("give a check: " + ", ".join(_CHECKS))
         return self
+
+
+class Backward(_Strict):
+    """A backward pass from a metric (summed over its rows), for ``save`` ops with ``grad``."""
+
+    metric: str = Field(description="a metric of kind logits, logprob, prob or logit_diff")
 
 
 class Spec(_Strict):
@@ -369,11 +437,19 @@ class Spec(_Strict):
     model: ModelRef
     invokes: dict[Name, Invoke] = Field(min_length=1)
     metrics: dict[Name, Metric] = Field(default_factory=dict)
-    expect: list[Expectation] = Field(default_factory=list, description="claims checked after the run")
+    backward: Backward | None = Field(
+        None,
+        description="run a backward pass from this metric; saves with grad: true keep gradients",
+    )
+    expect: list[Expectation] = Field(
+        default_factory=list, description="claims checked after the run"
+    )
     deterministic: bool = Field(
         False, description="use torch's deterministic algorithms and fixed seeds for this run"
     )
-    seed: int = Field(0, description="seed set before running (sampling, noise)")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="seed set before running (sampling, noise)"
+    )
 
     @field_validator("model", mode="before")
     @classmethod

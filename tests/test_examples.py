@@ -42,9 +42,11 @@ def timed_run(name: str, model, record_property, out: Path) -> specsight.Results
 def test_every_example_has_a_behaviour_test():
     tested = {
         "eiffel_logit_lens.yaml",
+        "ioi_attribution.yaml",
         "ioi_patching.yaml",
         "mlp_zero_ablation.yaml",
         "steering_add.yaml",
+        "steering_generate.yaml",
     }
     assert set(EXAMPLES) == tested, "a new example in specs/ needs its own test here"
 
@@ -150,3 +152,36 @@ def test_steering_add(smollm, record_property, tmp_path):
     torch.testing.assert_close(sentiment[0], _plain_sentiment(smollm, prompts), rtol=0, atol=1e-5)
     assert results["top"].shape == (len(coeffs), len(prompts), 3)
     assert set(results.saves) == {"love_mean", "hate_mean"}
+
+
+def test_steering_generate(smollm, record_property, tmp_path):
+    results = timed_run("steering_generate.yaml", smollm, record_property, tmp_path)
+    assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
+    generated = results.manifest["generated"]
+    base, steered = generated["base"][0]["text"], generated["steered"][0]["text"]
+    assert base.startswith(" the perfect person to help me with my project.")
+    assert steered.startswith(" an amazing writer.")
+    assert results["steered/generated_ids"].shape == (1, 32)
+    loaded = specsight.Results.load(tmp_path)
+    assert loaded.manifest["generated"]["steered"][0]["text"] == steered
+    assert "an amazing writer" in results.summary()
+
+
+def test_ioi_attribution_ranks_cells_like_the_exact_sweep(smollm, record_property, tmp_path):
+    results = timed_run("ioi_attribution.yaml", smollm, record_property, tmp_path / "atp")
+    assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
+    started = time.perf_counter()
+    exact = specsight.run(SPECS / "ioi_patching.yaml", model=smollm)
+    exact_s = time.perf_counter() - started
+    started = time.perf_counter()
+    atp = specsight.run(SPECS / "ioi_attribution.yaml", model=smollm)["atp"]
+    atp_s = time.perf_counter() - started
+    effect = exact["logit_diff"] - exact["corrupt_logit_diff"]
+    ranks = [t.flatten().argsort().argsort().double() for t in (atp, effect)]
+    ranks = [r - r.mean() for r in ranks]
+    rho = float((ranks[0] * ranks[1]).sum() / (ranks[0].norm() * ranks[1].norm()))
+    print(f"\n[atp] rank correlation {rho:.3f}; attribution {atp_s:.2f} s, exact {exact_s:.2f} s")
+    record_property("rank_correlation", round(rho, 4))
+    assert atp.shape == effect.shape == (30, 14)
+    assert rho > 0.9
+    assert atp_s < exact_s

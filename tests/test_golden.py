@@ -12,13 +12,13 @@ from specsight.api import compile_plan, load_spec
 from specsight.models import load_model_info
 from tests.conftest import GOLDEN, SPECS
 
-# The steering example needs layer 6 and multi-token words of the real model's vocabulary;
-# its tiny-model twin lives in tests/golden/specs.
+# The steering examples need layer 6 and multi-token words of the real model's vocabulary;
+# their tiny-model twins live in tests/golden/specs.
 TINY_SPECS = GOLDEN / "specs"
 CASES = [
     (spec_path.stem, model)
     for spec_path in sorted(SPECS.glob("*.yaml")) + sorted(TINY_SPECS.glob("*.yaml"))
-    if spec_path.stem != "steering_add"
+    if spec_path.stem not in ("steering_add", "steering_generate")
     for model in ("tiny-llama", "tiny-gpt2")
 ]
 
