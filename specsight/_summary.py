@@ -205,6 +205,10 @@ def print_summary(results: Results, console: Console) -> None:
         console.print("[bold]metrics[/bold]")
     for name, tensor in shown:
         _print_metric(console, name, tensor, tensors_meta.get(name, {}))
+    if results.expectations:
+        console.print("[bold]expectations[/bold]")
+        for outcome in results.expectations:
+            console.print(Text(outcome.format()), style="green" if outcome.ok else "bold red")
     if results.saves:
         console.print(
             "[bold]saved[/bold] "

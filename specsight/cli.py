@@ -218,15 +218,16 @@ def run(
                 progress.stop()
     if as_json:
         payload = {
-            "ok": True,
+            "ok": results.ok,
             "metrics": {name: t.tolist() for name, t in results.metrics.items()},
             "saves": {name: list(t.shape) for name, t in results.saves.items()},
             "next_tokens": results.next_tokens,
+            "expectations": [o.to_dict() for o in results.expectations],
             "manifest": results.manifest,
             "out": str(out) if out else None,
         }
         click.echo(json.dumps(_strict_json(payload), indent=2, allow_nan=False))
-        return
+        sys.exit(0 if results.ok else 1)
     import shutil
 
     from rich.console import Console
@@ -238,6 +239,10 @@ def run(
     )
     if out:
         click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
+    if not results.ok:
+        failed = sum(not o.ok for o in results.expectations)
+        click.echo(f"{failed} of {len(results.expectations)} expectation(s) failed", err=True)
+        sys.exit(1)
 
 
 @main.command()

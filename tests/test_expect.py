@@ -231,3 +231,19 @@ def test_other_weights_or_dtype_are_reported_before_numbers(tmp_path):
     assert "INCOMPARABLE model.dtype" in dtype.output
     not_a_run = runner.invoke(main, ["diff", str(tmp_path), str(tmp_path / "seed0")])
     assert not_a_run.exit_code == 2 and "is not a run folder" in not_a_run.output
+
+
+def test_run_prints_expectations_and_exits_1_when_one_fails(tmp_path, truth):
+    clean = float(truth["clean_ld"])
+    runner = CliRunner()
+    good = write(
+        tmp_path, base_spec([{"metric": "clean_ld", "approx": clean, "atol": 1e-4}]), "good.yaml"
+    )
+    bad = write(tmp_path, base_spec([{"metric": "clean_ld", "less_than": clean - 1}]), "bad.yaml")
+    ok = runner.invoke(main, ["run", str(good)])
+    assert ok.exit_code == 0 and "expectations" in ok.output and "ok   " in ok.output
+    failed = runner.invoke(main, ["run", str(bad)])
+    assert failed.exit_code == 1 and "FAIL" in failed.output
+    as_json = runner.invoke(main, ["run", str(bad), "--json"])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["expectations"][0]["ok"] is False
