@@ -30,6 +30,14 @@ def check_generation(ctx: _Ctx) -> None:
     """Reject what cannot work with generating invokes (located errors)."""
     generating = {n for n, inv in ctx.spec.invokes.items() if inv.generate is not None}
     for name, invoke in ctx.spec.invokes.items():
+        for i, op in enumerate(invoke.ops):
+            if isinstance(op, S.PatchOp) and op.from_ in generating:
+                ctx.fail(
+                    "patch-from-generate",
+                    f"cannot patch from '{op.from_}': it generates",
+                    ("invokes", name, "ops", i, "from"),
+                    "patch from an invoke without 'generate'",
+                )
         if invoke.generate is None:
             for i, op in enumerate(invoke.ops):
                 if op.steps is not None:
@@ -38,13 +46,6 @@ def check_generation(ctx: _Ctx) -> None:
                         "'steps' applies only to an invoke that generates",
                         ("invokes", name, "ops", i, "steps"),
                         "add generate: {max_new_tokens: N} to the invoke, or remove 'steps'",
-                    )
-                if isinstance(op, S.PatchOp) and op.from_ in generating:
-                    ctx.fail(
-                        "patch-from-generate",
-                        f"cannot patch from '{op.from_}': it generates",
-                        ("invokes", name, "ops", i, "from"),
-                        "patch from an invoke without 'generate'",
                     )
             continue
         if invoke.sweep:
@@ -61,13 +62,6 @@ def check_generation(ctx: _Ctx) -> None:
                     "attention patterns cannot be saved while generating",
                     ("invokes", name, "ops", i, "site"),
                     "save them in an invoke without 'generate'",
-                )
-            if isinstance(op, S.PatchOp) and op.from_ in generating:
-                ctx.fail(
-                    "patch-from-generate",
-                    f"cannot patch from '{op.from_}': it generates",
-                    ("invokes", name, "ops", i, "from"),
-                    "patch from an invoke without 'generate'",
                 )
     for name, invoke in ctx.spec.invokes.items():
         for i, op in enumerate(invoke.ops):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._readout import metric_values
+from ._readout import metric_rows
 from .errors import RunError
 from .plan import Forward
 
@@ -65,14 +65,11 @@ def backward_from(
     column: Callable[[int], int],
 ) -> None:
     """Backward from the sum of ``metric`` over the rows of this forward it reads."""
-    picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
-    if not picked:
-        return
-    device = logits.device
-    local = torch.tensor([i for i, _ in picked], device=device)
-    pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
     kind = "logit_diff" if metric.kind == "attribution" else metric.kind
-    values, _ = metric_values(kind, logits[local, pos], metric.tokens, metric.k)
+    picked = metric_rows(metric, kind, slots, forward, logits, column)
+    if picked is None:
+        return
+    values = picked[0]
     if not values.requires_grad:
         raise RunError(f"no gradient reaches metric '{metric.name}'")
     values.sum().backward()

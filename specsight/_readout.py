@@ -11,7 +11,7 @@ import torch
 from .errors import RunError
 from .plan import Forward
 
-__all__ = ["assemble", "logit_lens", "metric_values", "read_metric"]
+__all__ = ["assemble", "logit_lens", "metric_rows", "metric_values", "read_metric"]
 
 
 def metric_values(
@@ -32,6 +32,26 @@ def metric_values(
     raise RunError(f"unknown metric kind '{kind}'")
 
 
+def metric_rows(
+    metric: Any,
+    kind: str,
+    slots: dict[int, int],
+    forward: Forward,
+    logits: torch.Tensor,
+    column: Callable[[int], int],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """A metric's values on the rows of this forward it reads: (values, token ids or None,
+    the rows' slots in the metric's result), or None when it reads none of them."""
+    picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
+    if not picked:
+        return None
+    device = logits.device
+    local = torch.tensor([i for i, _ in picked], device=device)
+    pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
+    values, token_ids = metric_values(kind, logits[local, pos], metric.tokens, metric.k)
+    return values, token_ids, torch.tensor([slots[row] for _, row in picked])
+
+
 def read_metric(
     metric: Any,
     slots: dict[int, int],
@@ -41,14 +61,10 @@ def read_metric(
     buffers: dict[str, torch.Tensor],
 ) -> None:
     """Compute one metric for the rows of this forward into its result buffer."""
-    picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
-    if not picked:
+    picked = metric_rows(metric, metric.kind, slots, forward, logits, column)
+    if picked is None:
         return
-    device = logits.device
-    local = torch.tensor([i for i, _ in picked], device=device)
-    pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
-    values, token_ids = metric_values(metric.kind, logits[local, pos], metric.tokens, metric.k)
-    index = torch.tensor([slots[row] for _, row in picked])
+    values, token_ids, index = picked
     for name, tensor in ((metric.name, values), (f"{metric.name}/ids", token_ids)):
         if tensor is None:
             continue
