@@ -89,7 +89,12 @@ def register(main: click.Group, _guard: Callable[..., Any]) -> None:
 
         from .remote.auth import ENV_VAR, KeyFileError, KeyRing
         from .remote.protocol import Limits
-        from .remote.server import serve as run_server
+        try:
+            from .remote.server import serve as run_server
+        except ImportError as exc:  # fastapi / uvicorn are the optional 'server' extra
+            raise click.UsageError(
+                f"specsight serve needs FastAPI and uvicorn ({exc}): pip install 'specsight[server]'"
+            ) from None
 
         try:
             if keys_file is not None:
