@@ -268,6 +268,11 @@ def _split(raw: Any, plans: list[Plan]) -> list[Any]:
     return outs
 
 
+def _mergeable(plan: Plan) -> bool:
+    """Plans whose rows can share forwards with other jobs' rows."""
+    return plan.backward is None and all(f.generate is None for f in plan.forwards)
+
+
 def run_jobs(
     jobs: list[PreparedJob],
     model: LoadedModel,
@@ -280,6 +285,14 @@ def run_jobs(
 
     if not jobs:
         return []
+    if len(jobs) > 1 and any(not _mergeable(job.plan) for job in jobs):
+        # generation and backward passes have their own forward loops: run such jobs alone
+        mergeable = [job for job in jobs if _mergeable(job.plan)]
+        alone = [job for job in jobs if not _mergeable(job.plan)]
+        done = {id(j): r for j, r in zip(mergeable, run_jobs(mergeable, model, progress=progress))}
+        for job in alone:
+            done[id(job)] = run_jobs([job], model, progress=progress)[0]
+        return [done[id(job)] for job in jobs]
     started = time.perf_counter()
     plans = [job.plan for job in jobs]
     if len(jobs) == 1:
