@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from _common import cpu_name, replace_section  # bench/ is on sys.path when a script runs
 from safetensors.torch import load as load_safetensors
 
 if TYPE_CHECKING:
@@ -315,7 +316,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "cross_job_batching",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "torch_default_threads": default_threads,
             "python": platform.python_version(),
@@ -330,16 +331,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "max_abs_diff": diffs,
         "agree": max(diffs.values()) <= args.atol,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -400,18 +391,6 @@ the first job often starts alone before the others arrive; the rest then run tog
 {MARK_END}"""
 
 
-def update_readme(block: str) -> None:
-    """Replace the text between the batching markers (or append the block); nothing else
-    changes. Read right before writing: other benchmarks write their own sections."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -442,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.from_json is not None:
-        update_readme(markdown(json.loads(args.from_json.read_text())))
+        replace_section(MARK_START, MARK_END, markdown(json.loads(args.from_json.read_text())))
         print(f"updated {README.relative_to(ROOT)} from {args.from_json}")
         return 0
     if not (1 <= args.jobs <= 64 and 1 <= args.repeats <= 50 and args.models and args.threads):
@@ -464,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"largest abs diff: {max(result['max_abs_diff'].values()):.3g} (limit {args.atol:g})")
     print(f"wrote {out}")
     if args.readme or (args.readme is None and default):
-        update_readme(markdown(result))
+        replace_section(MARK_START, MARK_END, markdown(result))
         print(f"updated {README.relative_to(ROOT)} ({MARK_START})")
     if not result["agree"]:
         print(f"FAILED: results differ by more than {args.atol:g}", file=sys.stderr)

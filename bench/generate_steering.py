@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import cpu_name, replace_section  # bench/ is on sys.path when a script runs
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results" / "generate_steering.json"
-README = BENCH_DIR / "README.md"
 START, END = "<!-- generate:start -->", "<!-- generate:end -->"
 
 MODEL = "smollm2-135m"
@@ -368,28 +368,6 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str) -> None:
-    text = README.read_text()  # re-read right before writing: others edit this file too
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(text)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     import nnsight
 
@@ -439,7 +417,7 @@ def main() -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     section = table(res)
-    write_readme(section)
+    replace_section(START, END, f"{START}\n{section}\n{END}")
     print()
     print(section)
     return 0

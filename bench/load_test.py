@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import cpu_name, replace_section  # bench/ is on sys.path when a script runs
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "load_test",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -327,16 +328,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_exit_code": returncode,
         "server_log_tail": log_tail[-1500:] if server_errors or lost or hung else None,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def passed(result: dict[str, Any]) -> bool:
@@ -406,19 +397,6 @@ load average {load[0]} before, {load[1]} after; {result["date"]}.
 {MARK_END}"""
 
 
-def update_readme(block: str) -> None:
-    """Replace the text between the load markers (or append the block); nothing else changes.
-    Read right before writing: other benchmarks write their own sections of the file."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=None, help="seconds (default 60)")
@@ -437,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.from_json is not None:
-        update_readme(markdown(json.loads(args.from_json.read_text())))
+        replace_section(MARK_START, MARK_END, markdown(json.loads(args.from_json.read_text())))
         print(f"updated {README.relative_to(ROOT)} from {args.from_json}")
         return 0
     args.duration = args.duration or (10.0 if args.quick else 60.0)
@@ -463,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {out}")
     if args.readme or (args.readme is None and not args.quick):
-        update_readme(markdown(result))
+        replace_section(MARK_START, MARK_END, markdown(result))
         print(f"updated {README.relative_to(ROOT)} ({MARK_START})")
     if not ok:
         print("FAILED: 5xx answers, lost or unfinished jobs (see the JSON)", file=sys.stderr)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from _common import cpu_name, replace_section  # bench/ is on sys.path when a script runs
 
 if TYPE_CHECKING:
     from specsight.models import LoadedModel
@@ -552,14 +553,8 @@ def machine_info(device: str) -> dict[str, Any]:
 
     import specsight
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "python": platform.python_version(),
@@ -763,18 +758,6 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(key: str, body: str) -> None:
-    start, end = f"<!-- sweep_patching:{key}:start -->", f"<!-- sweep_patching:{key}:end -->"
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n## sweep_patching, {key}\n\n{block}\n"
-    README.write_text(text)
-
-
 def collect(args: argparse.Namespace, stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Run the chosen methods, each in its own process, over the stored entries if merging."""
     methods = [] if args.report else parse_methods(args.methods, args.device, args.all)
@@ -834,7 +817,10 @@ def orchestrate(args: argparse.Namespace) -> int:
         print("FAILED: grids disagree with (b); README left unchanged", file=sys.stderr)
         return 1
     if args.readme or (args.readme is None and key in DEFAULT_MODEL):
-        update_readme(key, markdown)
+        start, end = f"<!-- sweep_patching:{key}:start -->", f"<!-- sweep_patching:{key}:end -->"
+        replace_section(
+            start, end, f"{start}\n{markdown}\n{end}", heading=f"## sweep_patching, {key}\n\n"
+        )
         print(f"updated {README.relative_to(BENCH_DIR.parent)} (sweep_patching:{key})")
     return 0
 
