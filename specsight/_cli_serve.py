@@ -89,6 +89,7 @@ def register(main: click.Group, _guard: Callable[..., Any]) -> None:
 
         from .remote.auth import ENV_VAR, KeyFileError, KeyRing
         from .remote.protocol import Limits
+
         try:
             from .remote.server import serve as run_server
         except ImportError as exc:  # fastapi / uvicorn are the optional 'server' extra

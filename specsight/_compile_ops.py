@@ -136,9 +136,7 @@ def compile_op(ctx: _Ctx, invoke: str, op: Any, template: Any, path: _Path, cell
                 if len(sites) > 1:
                     save_name = default_save_name(invoke, site.name, op.grad)
                 else:
-                    save_name = template.name or default_save_name(
-                        invoke, template.site, op.grad
-                    )
+                    save_name = template.name or default_save_name(invoke, template.site, op.grad)
                 key = f"save/{save_name}/{row}"
                 ctx.save_keys.setdefault(save_name, []).append(key)
                 ctx.save_npos.setdefault(save_name, []).append(len(positions))

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._summary import axis_labels
+
 if TYPE_CHECKING:
     from .results import Results
 
@@ -13,10 +15,8 @@ __all__ = ["write_heatmaps"]
 
 
 def _labels(meta: dict[str, Any], axis: str, size: int) -> list[str]:
-    labels = meta.get("axis_labels", {}).get(axis) or meta.get("axis_values", {}).get(axis)
-    if not labels or len(labels) != size:
-        return [str(i) for i in range(size)]
-    return [str(label) for label in labels]
+    labels = axis_labels(meta, axis)
+    return labels if len(labels) == size else [str(i) for i in range(size)]
 
 
 def _file_name(name: str) -> str:

@@ -13,7 +13,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from .results import Results
 
-__all__ = ["render_summary", "print_summary"]
+__all__ = ["render_summary", "print_summary", "axis_labels", "coords"]
 
 _MAX_GRID_COLUMNS = 40
 _MAX_LIST = 64
@@ -34,7 +34,9 @@ def _tokens(items: list[Any]) -> str:
     return "  ".join(f"{tok!r} {prob:.3f}" for tok, prob in items)
 
 
-def _labels(meta: dict[str, Any], axis: str) -> list[str]:
+def axis_labels(meta: dict[str, Any], axis: str) -> list[str]:
+    """Display labels of a result axis from its manifest entry: token strings for a token axis,
+    else the axis labels (``9: Mary``) when there are any, else the axis values."""
     if axis == "token":
         return [repr(t) for t in meta.get("token_strs", [])]
     labels = meta.get("axis_labels", {}).get(axis)
@@ -60,7 +62,7 @@ def _style(value: float, lo: float, hi: float) -> str:
 def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
     """A 2-D metric as a table: first axis down, second across (position labels as headers)."""
     axes = meta.get("axes", [])
-    rows_label, cols_label = _labels(meta, axes[0]), _labels(meta, axes[1])
+    rows_label, cols_label = axis_labels(meta, axes[0]), axis_labels(meta, axes[1])
     data = tensor.float()
     finite = data.nan_to_num(0)
     lo, hi = float(finite.min()), float(finite.max())
@@ -87,7 +89,8 @@ def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
     return table
 
 
-def _coords(index: int, shape: tuple[int, ...]) -> list[int]:
+def coords(index: int, shape: tuple[int, ...]) -> list[int]:
+    """The multi-index of flat (row-major) position ``index`` in a tensor of ``shape``."""
     out = []
     for size in reversed(shape):
         out.append(index % size)
@@ -102,8 +105,8 @@ def _strongest(name: str, tensor: Any, meta: dict[str, Any], n: int = 5) -> list
     lines = [f"  strongest cells of {name}:"]
     for index in order:
         where = []
-        for axis, i in zip(axes, _coords(index, tuple(tensor.shape))):
-            labels = _labels(meta, axis)
+        for axis, i in zip(axes, coords(index, tuple(tensor.shape))):
+            labels = axis_labels(meta, axis)
             where.append(f"{axis}={labels[i] if i < len(labels) else i}")
         lines.append(f"    {_fmt(float(flat[index]))}  at {', '.join(where)}")
     return lines
@@ -117,14 +120,14 @@ def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]
         cell_axes = axes[:-1]
         for i, items in enumerate(decoded):
             where = []
-            for axis, j in zip(cell_axes, _coords(i, tuple(tensor.shape[:-1]))):
-                labels = _labels(meta, axis)
+            for axis, j in zip(cell_axes, coords(i, tuple(tensor.shape[:-1]))):
+                labels = axis_labels(meta, axis)
                 where.append(f"{axis}={labels[j] if j < len(labels) else j}")
             label = f"{name}[{', '.join(where)}]" if where else name
             console.print(f"  [magenta]{escape(label)}[/magenta]  {escape(_tokens(items))}")
         return
     if kind == "logit_lens" and decoded is not None and tensor.ndim == 1:
-        sites = _labels(meta, "site")
+        sites = axis_labels(meta, "site")
         token = meta.get("token_strs") or []
         table = Table(
             title=Text(f"{name} (logit lens)"), title_justify="left", box=None, padding=(0, 1)
@@ -152,7 +155,7 @@ def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]
             console.print(line, markup=False)
     elif tensor.ndim == 1 and tensor.numel() <= _MAX_LIST:
         axis = axes[0] if axes else "index"
-        labels = _labels(meta, axis)
+        labels = axis_labels(meta, axis)
         values = tensor.tolist()
         shown = "  ".join(
             f"{labels[i] if i < len(labels) else i}: {_fmt(v)}" for i, v in enumerate(values)

@@ -71,7 +71,9 @@ MAX_CELLS = 1_000_000
 def _range_values(axis: str, text: str, size: int | None) -> range | list[int]:
     match = _RANGE.match(text.strip())
     if not match:
-        raise GridError(axis, f"'{text}' is not a range", "write start:stop or start:stop:step, e.g. 0:12")
+        raise GridError(
+            axis, f"'{text}' is not a range", "write start:stop or start:stop:step, e.g. 0:12"
+        )
     start, stop, step = (int(g) if g is not None else None for g in match.groups())
     if step == 0:
         raise GridError(axis, f"range '{text}' has step 0")
@@ -80,7 +82,11 @@ def _range_values(axis: str, text: str, size: int | None) -> range | list[int]:
             raise GridError(axis, f"range '{text}' needs a start and a stop for variable '{axis}'")
         values = range(start, stop, step or 1)
         if len(values) > MAX_CELLS:
-            raise GridError(axis, f"range '{text}' has {len(values)} values", f"a sweep has at most {MAX_CELLS} cells")
+            raise GridError(
+                axis,
+                f"range '{text}' has {len(values)} values",
+                f"a sweep has at most {MAX_CELLS} cells",
+            )
         return values
     picked = list(range(size))[slice(start, stop, step)]
     if not picked:

@@ -115,7 +115,9 @@ def _progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None
         console=Console(stderr=True),  # on stderr (the stream checked above), never stdout
     )
     task = progress.add_task("rows", total=None, rate="")
-    first: list[tuple[float, int]] = []  # (time, rows) at the first report: the rate excludes set-up
+    first: list[
+        tuple[float, int]
+    ] = []  # (time, rows) at the first report: the rate excludes set-up
 
     def update(done: int, total: int) -> None:
         if done >= total and not progress.live.is_started:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ._summary import coords
 from .results import Results
 
 __all__ = ["TensorDiff", "RunDiff", "compare_runs", "BLOCKING_FIELDS"]
@@ -84,15 +85,10 @@ class RunDiff:
 
 
 def _where(index: int, shape: tuple[int, ...], meta: dict[str, Any]) -> str:
-    coords = []
-    for size in reversed(shape):
-        coords.append(index % size)
-        index //= size
-    coords.reverse()
     axes = meta.get("axes") or []
     values = meta.get("axis_values") or {}
     parts = []
-    for dim, i in enumerate(coords):
+    for dim, i in enumerate(coords(index, shape)):
         axis = axes[dim] if dim < len(axes) else f"dim{dim}"
         labels = values.get(axis) or []
         parts.append(f"{axis}={labels[i] if i < len(labels) else i}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._summary import axis_labels
 from .plan import PlanExpectation
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def _where_text(exp: PlanExpectation, meta: dict[str, Any]) -> str:
     for axis, chosen in zip(exp.axes, exp.select):
         if chosen is None:
             continue
-        values = _axis_labels(meta, axis)
+        values = axis_labels(meta, axis)
         shown = [str(values[i]) if i < len(values) else str(i) for i in chosen]
         text = (
             shown[0]
@@ -93,13 +94,6 @@ def _cells(exp: PlanExpectation, meta: dict[str, Any] | None) -> int | None:
     for size, chosen in zip(shape, exp.select):
         count *= len(chosen) if chosen is not None else size
     return count
-
-
-def _axis_labels(meta: dict[str, Any], axis: str) -> list[Any]:
-    labels = (meta.get("axis_labels") or {}).get(axis) or (meta.get("axis_values") or {}).get(axis)
-    if axis == "token":
-        labels = [repr(t) for t in meta.get("token_strs", [])]
-    return list(labels or [])
 
 
 def _select(tensor: torch.Tensor, select: tuple) -> tuple[torch.Tensor, list[list[int]]]:
@@ -172,7 +166,7 @@ def _failing_cells(
         where = []
         for dim, i in enumerate(coords):
             axis = exp.axes[dim] if dim < len(exp.axes) else f"dim{dim}"
-            labels = _axis_labels(meta, axis)
+            labels = axis_labels(meta, axis)
             original = kept[dim][i] if dim < len(kept) else i
             where.append(f"{axis}={labels[original] if original < len(labels) else original}")
         value = shown[tuple(coords)]
