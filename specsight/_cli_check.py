@@ -45,7 +45,8 @@ def _collect(paths: tuple[Path, ...]) -> list[Path]:
 def _model_key(spec: Any, device: str | None) -> tuple:
     ref = spec.model
     return (
-        ref.id,
+        ref.name,
+        tuple(sorted((k, repr(v)) for k, v in ref.args.items())),
         ref.dtype,
         device or ref.device,
         ref.revision,
@@ -57,8 +58,8 @@ def _model_key(spec: Any, device: str | None) -> tuple:
 def _check_one(
     path: Path, models: dict, device: str | None, against: Path | None, rtol: float, atol: float
 ) -> _Checked:
-    from .api import load_spec, run
-    from .models import load_model
+    from .api import doc_of, load_spec, run
+    from .models import load_model_ref
 
     item = _Checked(str(path))
     started = time.perf_counter()
@@ -66,11 +67,10 @@ def _check_one(
         spec = load_spec(path)
         key = _model_key(spec, device)
         if key not in models:
-            ref = spec.model
-            models[key] = load_model(
-                ref.id, dtype=ref.dtype, device=key[2], revision=ref.revision,
-                attn_implementation=ref.attn_implementation, seed=ref.seed,
-            )  # fmt: skip
+            doc = doc_of(spec)
+            models[key] = load_model_ref(
+                spec.model, device=key[3], base_dir=doc.base_dir if doc else None
+            )
         results = run(spec, model=models[key])
         item.outcomes = results.expectations
         if against is not None:

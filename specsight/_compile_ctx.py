@@ -36,6 +36,11 @@ class _Ctx:
     ops: list[RowOp] = field(default_factory=list)
     captures: dict[str, RowOp] = field(default_factory=dict)
     vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: image and tensor inputs: key -> {shape, dtype, values}; per invoke, each row's key and
+    #: a name to show for it (the file, or file[i])
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    input_keys: dict[str, list[str]] = field(default_factory=dict)
+    input_names: dict[str, list[str]] = field(default_factory=dict)
     save_names: dict[str, tuple[str, int]] = field(default_factory=dict)
     save_keys: dict[str, list[str]] = field(default_factory=dict)
     save_npos: dict[str, list[int]] = field(default_factory=dict)

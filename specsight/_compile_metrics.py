@@ -15,7 +15,7 @@ __all__ = ["compile_metric"]
 
 def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
     if isinstance(ref, int):
-        if ref >= ctx.info.vocab_size:
+        if ctx.info.vocab_size and ref >= ctx.info.vocab_size:  # 0: unknown (factory models)
             raise ctx.fail(
                 "bad-token",
                 f"token id {ref} is outside the vocabulary of {ctx.info.vocab_size} tokens",
@@ -24,6 +24,15 @@ def _token_id(ctx: _Ctx, ref: str | int, path: _Path) -> int:
             )
         return ref
     ids = ctx.tok.encode_plain(ref)
+    if not ctx.tok.has_text and len(ids) != 1:
+        labels = list(getattr(ctx.tok, "labels", []))
+        hint = (did_you_mean(ref, labels) or "labels: " + ", ".join(labels)) if labels else None
+        raise ctx.fail(
+            "bad-token",
+            f"no output class is labelled {ref!r}",
+            path,
+            hint or "this model's outputs have no labels: give a class index (an integer)",
+        )
     if len(ids) != 1:
         pieces = " + ".join(repr(t) for t in ctx.tok.token_strs(ids))
         raise ctx.fail(
@@ -78,6 +87,13 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
             token_paths = [path + ("target",), path + ("foil",)]
         elif metric.kind == "top_k":
             token_paths = []
+            if ctx.info.vocab_size and metric.k > ctx.info.vocab_size:
+                raise ctx.fail(
+                    "bad-k",
+                    f"k = {metric.k} but the model has {ctx.info.vocab_size} outputs",
+                    path + ("k",),
+                    f"use k <= {ctx.info.vocab_size}",
+                )
         elif metric.kind == "logit_lens":
             squeeze = True
             tokens_ref = [metric.token] if metric.token is not None else []
@@ -94,9 +110,7 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
         ids = [_token_id(ctx, ref, p) for ref, p in zip(tokens_ref, token_paths)]
     except _Abort:
         return None
-    axes = tuple(grid.axes) + (
-        ("prompt",) if isinstance(ctx.spec.invokes[metric.invoke].prompt, list) else ()
-    )
+    axes = tuple(grid.axes) + (("prompt",) if ctx.spec.invokes[metric.invoke].many_inputs else ())
     shape = tuple(grid.shape) + ((len(prompts),) if "prompt" in axes else ())
     extra = {}
     if metric.kind == "logit_lens":
@@ -190,7 +204,7 @@ def _recovery(ctx: _Ctx, name: str, metric: Any, path: _Path) -> PlanMetric | No
             )
             ok = False
         elif role != "patched" and (
-            ctx.grids[other.invoke].axes or isinstance(ctx.spec.invokes[other.invoke].prompt, list)
+            ctx.grids[other.invoke].axes or ctx.spec.invokes[other.invoke].many_inputs
         ):
             ctx.fail(
                 "bad-recovery",
@@ -204,7 +218,7 @@ def _recovery(ctx: _Ctx, name: str, metric: Any, path: _Path) -> PlanMetric | No
         return None
     patched = metrics[metric.patched]
     grid = ctx.grids[patched.invoke]
-    many = isinstance(ctx.spec.invokes[patched.invoke].prompt, list)
+    many = ctx.spec.invokes[patched.invoke].many_inputs
     axes = tuple(grid.axes) + (("prompt",) if many else ())
     shape = tuple(grid.shape) + ((len(ctx.tokens[patched.invoke]),) if many else ())
     return PlanMetric(

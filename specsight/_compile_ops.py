@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any
 
 from . import spec as S
-from ._compile_ctx import _Abort, _Ctx, _Path, _plain, default_save_name
+from ._compile_ctx import _Ctx, _Path, _plain, default_save_name
+from ._compile_inputs import read_array_file
 from ._positions import PositionError, resolve_positions
-from .errors import did_you_mean, format_path
+from .errors import format_path
 from .plan import RowOp
 from .sites import Site, SiteError, head_columns, resolve_site
 
@@ -270,62 +270,7 @@ def _vector_op(
 
 
 def _read_vector_file(ctx: _Ctx, source: S.FileVector, path: _Path) -> tuple[float, ...]:
-    if not ctx.allow_files:
-        raise ctx.fail(
-            "file-not-allowed",
-            "vectors from files are not accepted here",
-            path + ("file",),
-            "give the values inline",
-        )
-    base = ctx.doc.base_dir or os.getcwd()
-    full = os.path.normpath(os.path.join(base, source.file))
-    if not os.path.isfile(full):
-        folder = os.path.dirname(full)
-        nearby = os.listdir(folder) if os.path.isdir(folder) else []
-        hint = (
-            did_you_mean(os.path.basename(full), nearby)
-            or "the path is relative to the spec's folder"
-        )
-        raise ctx.fail(
-            "file-not-found", f"vector file '{source.file}' not found", path + ("file",), hint
-        )
-    try:
-        import numpy as np
-
-        if full.endswith(".npy"):
-            array = np.load(full, allow_pickle=False)
-        elif full.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
-            tensors = load_file(full)
-            if source.key is None and len(tensors) != 1:
-                raise ctx.fail(
-                    "vector-key",
-                    f"'{source.file}' holds {len(tensors)} tensors; say which one",
-                    path,
-                    "add key: one of " + ", ".join(sorted(tensors)),
-                )
-            key = source.key or next(iter(tensors))
-            if key not in tensors:
-                raise ctx.fail(
-                    "vector-key",
-                    f"no tensor '{key}' in '{source.file}'",
-                    path + ("key",),
-                    did_you_mean(key, tensors),
-                )
-            array = tensors[key]
-        else:
-            raise ctx.fail(
-                "vector-file",
-                f"'{source.file}' is not a .npy or .safetensors file",
-                path + ("file",),
-            )
-    except _Abort:
-        raise
-    except Exception as exc:  # corrupt file
-        raise ctx.fail(
-            "vector-file", f"cannot read '{source.file}': {exc}", path + ("file",)
-        ) from None
+    array = read_array_file(ctx, source, path, "vector")
     if array.ndim != 1:
         raise ctx.fail(
             "vector-shape",

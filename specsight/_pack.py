@@ -58,12 +58,14 @@ def pack_rows(
             by_stage[stages[row.invoke]].append(index)
     forwards: list[Forward] = []
     for stage in sorted(by_stage):
-        order = sorted(by_stage[stage], key=lambda r: (rows[r].tokens, first[r], r))
+        order = sorted(
+            by_stage[stage], key=lambda r: (rows[r].tokens, rows[r].input or "", first[r], r)
+        )
         for start in range(0, len(order), max_batch):
             chunk = order[start : start + max_batch]
             seq = max(len(rows[r].tokens) for r in chunk)
             shared = 0
-            if prefix_reuse and len(chunk) > 1 and len({rows[r].tokens for r in chunk}) == 1:
+            if prefix_reuse and len(chunk) > 1 and len({rows[r].identity for r in chunk}) == 1:
                 # rows without ops report n_layers: the copy must still happen at a layer's input
                 shared = min(min(first[r] for r in chunk), n_layers - 1)
             keep = None

@@ -41,6 +41,11 @@ def _token_positions(
 ) -> list[int]:
     text = selector["token"]
     occurrence = selector.get("occurrence", 1)
+    if not getattr(tokenizer, "has_text", True):
+        raise PositionError(
+            f"cannot search for token {text!r}: this model's inputs are not text",
+            "give positions as numbers (for images, 0 is the class token and 1.. the patches)",
+        )
     needle = tokenizer.encode_plain(text)
     if not needle:
         raise PositionError(f"token {text!r} encodes to no tokens")

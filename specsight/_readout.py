@@ -27,6 +27,11 @@ def metric_values(
     if kind == "logit_diff":
         return logits[:, tokens[0]] - logits[:, tokens[1]], None
     if kind == "top_k":
+        if (k or 10) > logits.shape[-1]:
+            raise RunError(
+                f"top_k asks for {k or 10} outputs but the model returns {logits.shape[-1]}",
+                hint=f"use k <= {logits.shape[-1]}",
+            )
         probs, ids = torch.softmax(logits, -1).topk(k or 10, dim=-1)
         return probs, ids
     raise RunError(f"unknown metric kind '{kind}'")

@@ -44,10 +44,23 @@ def describe_sites(info: ModelInfo, *, max_modules: int = 400) -> str:
         if info.n_heads
         else "no attention heads"
     )
-    lines = [
-        f"{info.model_id}: {info.architecture} (family {family}), {info.n_layers} layers, "
-        f"d_model {info.d_model}, {heads}, d_mlp {info.d_mlp}, vocabulary {info.vocab_size}",
-    ]
+    if info.inputs == "tensor":  # built by a factory: only the module tree is known
+        lines = [
+            f"{info.model_id}: {info.architecture}, built by a factory: no canonical sites; "
+            "ops name the module paths below, with their input or output",
+        ]
+    else:
+        image = info.image or {}
+        outputs = (
+            f"{info.vocab_size} classes, {image['size'][0]}x{image['size'][1]} images "
+            f"in {image['seq_len']} positions (class token + patches)"
+            if info.inputs == "image"
+            else f"vocabulary {info.vocab_size}"
+        )
+        lines = [
+            f"{info.model_id}: {info.architecture} (family {family}), {info.n_layers} layers, "
+            f"d_model {info.d_model}, {heads}, d_mlp {info.d_mlp}, {outputs}",
+        ]
     if table:
         lines.append(f"canonical sites (L = 0..{info.n_layers - 1}):")
         for name, tpl in table["sites"].items():

@@ -181,7 +181,8 @@ def print_summary(results: Results, console: Console) -> None:
         f"{timings.get('execute_s', 0):.2f} s"
     )
     if results.next_tokens:
-        console.print("[bold]next tokens[/bold]")
+        text = manifest.get("model", {}).get("inputs", "text") == "text"
+        console.print("[bold]next tokens[/bold]" if text else "[bold]top outputs[/bold]")
     for invoke, per_prompt in results.next_tokens.items():
         prompts = results.prompts.get(invoke, [])
         for i, tokens in enumerate(per_prompt):

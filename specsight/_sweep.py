@@ -110,6 +110,12 @@ def _axis_values(
                 f"'all' only applies to layer, pos and head, not to '{axis}'",
                 f"list the values, e.g. {axis}: [0.5, 1.0, 2.0]",
             )
+        if size is None and axis == "layer":
+            raise GridError(
+                axis,
+                "layer: all needs a known layer stack; this model (built by a factory) has none",
+                "list the layers, e.g. layer: [0, 1, 2]",
+            )
         if size is None:
             raise GridError(
                 axis,
@@ -142,7 +148,7 @@ def _axis_values(
 
 def expand_grid(
     sweep: dict[str, Any] | None,
-    n_layers: int,
+    n_layers: int | None,
     seq_len: int | None,
     *,
     n_heads: int | None = None,

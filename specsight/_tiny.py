@@ -35,7 +35,11 @@ TINY_MODELS: dict[str, str] = {
     "(seeded)",
     "tiny-olmo2": "random OLMo 2, 4 layers, d_model 64, 4 heads / 2 KV heads, post-norms (seeded)",
     "tiny-mamba": "random Mamba (state-space, no attention), 4 layers, d_model 64 (seeded)",
+    "tiny-vit": "random ViT image classifier, 4 layers, d_model 64, 4 heads, 32x32 images in "
+    "8x8 patches, 5 classes (seeded)",
 }
+#: the classes of tiny-vit
+TINY_VIT_LABELS = ("cat", "dog", "bird", "fish", "horse")
 _TINY_EOT = "<|endoftext|>"
 
 
@@ -78,6 +82,12 @@ def _tiny_config(name: str) -> Any:
             num_heads=4, intermediate_size=128, attention_types=[[["global", "local"], 2]],
             window_size=8, bos_token_id=eot, eos_token_id=eot,
         )  # fmt: skip
+    if name == "tiny-vit":
+        return transformers.ViTConfig(
+            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+            image_size=32, patch_size=8, num_channels=3,
+            id2label=dict(enumerate(TINY_VIT_LABELS)),
+        )  # fmt: skip
     if name == "tiny-mamba":
         return transformers.MambaConfig(
             vocab_size=vocab, hidden_size=64, num_hidden_layers=4, state_size=8, expand=2,
@@ -111,10 +121,11 @@ def _tiny_config(name: str) -> Any:
 
 def build_tiny(name: str, *, seed: int, attn_implementation: str | None) -> torch.nn.Module:
     """The same seed gives bit-identical weights; the global RNG is left untouched."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     config = _tiny_config(name)
+    auto = AutoModelForImageClassification if name == "tiny-vit" else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        return auto.from_config(config, **kwargs)

@@ -322,7 +322,11 @@ def _issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> 
         message = str(err["msg"])
         for prefix in ("Value error, ", "Assertion failed, "):
             message = message.removeprefix(prefix)
-        return Issue("bad-value", message, path), at_key
+        code = "missing-key" if message.startswith("missing required key") else "bad-value"
+        hint = None
+        if " | " in message:  # validators put their hint after a bar
+            message, hint = message.split(" | ", 1)
+        return Issue(code, message, path, hint=hint), at_key
     message = str(err["msg"])
     message = message[0].lower() + message[1:] if message else message
     return Issue("bad-value", f"invalid value {shown}: {message}", path), False

@@ -46,6 +46,25 @@ def token_major(hidden: torch.Tensor, batch: int, seq_len: int, module: str) -> 
     return hidden.view(batch, seq_len, *hidden.shape[1:])
 
 
+def row_major(hidden: torch.Tensor, batch: int, seq_len: int, module: str) -> torch.Tensor:
+    """A tensor of more than three axes (a conv feature map, say) viewed as [batch, pos, rest]:
+    positions when its second axis is the sequence, else one position holding the whole
+    flattened value of each row (writes go through)."""
+    if hidden.shape[0] != batch or seq_len not in (1, hidden.shape[1]):
+        raise RunError(
+            f"module '{module}' holds a tensor of shape {list(hidden.shape)}, which has no "
+            f"[batch, pos, ...] layout (batch {batch}, {seq_len} positions)",
+            hint="pick another module (`specsight sites MODEL` lists them)",
+        )
+    try:
+        return hidden.view(batch, seq_len, -1)
+    except RuntimeError:
+        raise RunError(
+            f"module '{module}' holds a non-contiguous tensor of shape {list(hidden.shape)}",
+            hint="act on this module's output, or on a module whose tensor is contiguous",
+        ) from None
+
+
 def attention_weights(output: Any, module: str) -> torch.Tensor:
     """The attention probabilities an attention module returns, as [batch, query, head, key]."""
     weights = None

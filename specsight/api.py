@@ -114,22 +114,14 @@ def run(
 ) -> Results:
     """Validate, compile and run a spec on this machine; optionally write ``out``."""
     from .engine import execute
-    from .models import load_model
+    from .models import load_model_ref
 
     started = time.perf_counter()
     spec = _as_spec(source)
     doc = doc_of(spec)
     t0 = time.perf_counter()
-    ref = spec.model
     if model is None:
-        model = load_model(
-            ref.id,
-            dtype=ref.dtype,
-            device=device or ref.device,
-            revision=ref.revision,
-            attn_implementation=ref.attn_implementation,
-            seed=ref.seed,
-        )
+        model = load_model_ref(spec.model, device=device, base_dir=doc.base_dir if doc else None)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = _compile(
@@ -169,7 +161,10 @@ def results_from_raw(
         row = plan.rows[row_index]
         decoded = [(model.tokenizer.token_str(i), round(float(p), 6)) for i, p in zip(ids, probs)]
         next_tokens.setdefault(row.invoke, []).append(decoded)
-    prompts = {name: inv.prompts for name, inv in spec.invokes.items()}
+    prompts = {
+        name: plan.invoke_info.get(name, {}).get("inputs") or inv.prompts
+        for name, inv in spec.invokes.items()
+    }
     if raw.generated:
         manifest["generated"] = _generated(plan, raw.generated, model.tokenizer)
     results = Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
@@ -304,6 +299,7 @@ def _manifest(
             "weights_sha256": model.weights_sha256,
             "architecture": model.info.architecture,
             "family": model.info.family,
+            "inputs": model.info.inputs,
             "dtype": model.dtype,
             "device": model.device,
             "seed": spec.model.seed,

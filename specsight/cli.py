@@ -289,12 +289,10 @@ def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
 def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
     """Compile SPEC and show the plan: forwards, rows, hooks, memory estimate."""
     from .api import compile_plan, load_spec
-    from .models import load_model_info
+    from .models import load_ref_info
 
     spec = load_spec(spec_path)
-    info, tokenizer = load_model_info(
-        spec.model.id, dtype=spec.model.dtype, revision=spec.model.revision, seed=spec.model.seed
-    )
+    info, tokenizer = load_ref_info(spec.model, base_dir=str(spec_path.resolve().parent))
     from .models import resolve_device
 
     device = resolve_device(spec.model.device)

@@ -15,6 +15,7 @@ from ._compile_ctx import MAX_ISSUES, _Abort, _Ctx, _Path, default_save_name
 from ._compile_expect import compile_expectations
 from ._compile_gen import check_generation, generate_forwards, op_steps
 from ._compile_grad import check_backward
+from ._compile_inputs import compile_inputs, position_labels
 from ._compile_metrics import compile_metric
 from ._compile_ops import compile_op
 from ._memory import estimate_memory
@@ -54,7 +55,8 @@ def compile_plan(
         raise ValueError("max_batch must be at least 1")
     doc = doc or from_data(spec.model_dump(by_alias=True, exclude_none=True))
     ctx = _Ctx(spec, info, tokenizer, doc, allow_files)
-    _tokenize(ctx)
+    compile_inputs(ctx)
+    _check_issues(ctx)
     _collect_save_names(ctx)
     stages = _stages(ctx)
     _check_issues(ctx)
@@ -106,6 +108,7 @@ def compile_plan(
             "stage": stages[name],
             "cells": len(ctx.grids[name].cells()) if ctx.grids[name].axes else 1,
             "axes": list(ctx.grids[name].axes),
+            **({"inputs": ctx.input_names[name]} if name in ctx.input_names else {}),
         }
         for name in order
     }
@@ -120,6 +123,7 @@ def compile_plan(
         metrics=tuple(m for m in metrics if m is not None),
         saves=tuple(saves),
         vectors=ctx.vectors,
+        inputs=ctx.inputs,
         axis_values=axis_values,
         axis_labels=axis_labels,
         invoke_info=invoke_info,
@@ -151,33 +155,12 @@ def _model_summary(info: ModelInfo) -> dict[str, Any]:
         "d_model": info.d_model,
         "n_heads": info.n_heads,
         "vocab_size": info.vocab_size,
+        "inputs": info.inputs,
         "layers_path": _layers_path(info),
     }
 
 
 # --- prompts and stages --------------------------------------------------------------------
-
-
-def _tokenize(ctx: _Ctx) -> None:
-    for name, invoke in ctx.spec.invokes.items():
-        ids_list = []
-        for i, prompt in enumerate(invoke.prompts):
-            path: _Path = ("invokes", name, "prompt") + (
-                (i,) if isinstance(invoke.prompt, list) else ()
-            )
-            ids = ctx.tok.encode(prompt)
-            if not ids:
-                ctx.fail("empty-prompt", "prompt encodes to no tokens", path)
-            limit = ctx.info.max_positions
-            if limit and len(ids) > limit:
-                ctx.fail(
-                    "prompt-too-long",
-                    f"prompt is {len(ids)} tokens; the model takes at most {limit}",
-                    path,
-                    "shorten the prompt",
-                )
-            ids_list.append(ids)
-        ctx.tokens[name] = ids_list
 
 
 def _sources_of(invoke: S.Invoke) -> list[tuple[int, str, str]]:
@@ -303,7 +286,7 @@ def _expand_invoke(ctx: _Ctx, name: str, max_cells: int = MAX_CELLS) -> None:
     try:
         grid = expand_grid(
             invoke.sweep,
-            ctx.info.n_layers,
+            ctx.info.n_layers if ctx.info.inputs != "tensor" else None,
             seq_len,
             n_heads=n_heads,
             zipped=invoke.sweep_mode == "zip",
@@ -344,7 +327,8 @@ def _expand_invoke(ctx: _Ctx, name: str, max_cells: int = MAX_CELLS) -> None:
     for cell_index in range(len(cells)):
         for prompt_index, ids in enumerate(ctx.tokens[name]):
             ctx.row_index[(name, cell_index, prompt_index)] = len(ctx.rows)
-            ctx.rows.append(Row(name, prompt_index, cell_index, tuple(ids)))
+            key = ctx.input_keys[name][prompt_index] if name in ctx.input_keys else None
+            ctx.rows.append(Row(name, prompt_index, cell_index, tuple(ids), key))
 
 
 def _swept_heads(ctx: _Ctx, invoke: S.Invoke) -> tuple[int, str]:
@@ -426,7 +410,7 @@ def _saves(ctx: _Ctx) -> list[PlanSave]:
     for name, keys in ctx.save_keys.items():
         invoke, site = ctx.save_meta[name]
         grid = ctx.grids[invoke]
-        many = isinstance(ctx.spec.invokes[invoke].prompt, list)
+        many = ctx.spec.invokes[invoke].many_inputs
         axes = tuple(grid.axes) + (("prompt",) if many else ())
         shape = tuple(grid.shape) + ((len(ctx.tokens[invoke]),) if many else ())
         npos = list(ctx.save_npos[name])
@@ -446,8 +430,8 @@ def _axes(ctx: _Ctx) -> tuple[dict[str, dict[str, list[Any]]], dict[str, dict[st
         values[name] = grid.axis_values()
         labels[name] = {}
         if "pos" in grid.axes and not grid.zipped:
-            strs = ctx.tok.token_strs(ctx.tokens[name][0])
+            strs = position_labels(ctx, name)
             labels[name]["pos"] = [f"{p}:{strs[p]}" for p in values[name]["pos"]]
-        if isinstance(ctx.spec.invokes[name].prompt, list):
+        if ctx.spec.invokes[name].many_inputs:
             values[name]["prompt"] = list(range(len(ctx.tokens[name])))
     return values, labels

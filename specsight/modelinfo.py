@@ -33,6 +33,14 @@ class ModelInfo:
     n_params: int | None = None
     #: every named submodule, in registration order, as (name, class name)
     modules: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    #: what invokes give the model: "text" (prompts), "image" (image files, e.g. ViT) or
+    #: "tensor" (tensor files, models built by a factory)
+    inputs: str = "text"
+    #: image models: how an image file becomes pixel values (size [h, w], channels, resample,
+    #: rescale_factor, image_mean, image_std) and the sequence length (patches + class token)
+    image: dict[str, Any] | None = None
+    #: classifiers: the class labels, by index (metric targets may name them)
+    labels: tuple[str, ...] | None = None
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -56,6 +64,8 @@ class ModelInfo:
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
         data = dict(data)
         data["modules"] = tuple((str(n), str(t)) for n, t in data.get("modules", ()))
+        if data.get("labels") is not None:
+            data["labels"] = tuple(str(label) for label in data["labels"])
         return cls(**data)
 
     @classmethod

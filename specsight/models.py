@@ -38,7 +38,7 @@ from ._tiny import TINY_MODELS, build_tiny, tiny_tokenizer
 from .errors import ModelLoadError, did_you_mean
 from .modelinfo import ModelInfo
 from .sites import detect_family
-from .tokenizer import Tokenizer
+from .tokenizer import LabelTokenizer, Tokenizer
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -154,11 +154,16 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
                 return value
         return default
 
+    image = _image_info(config)
     d_model = pick("hidden_size", "n_embd", "d_model")
     # models without attention (state-space models such as Mamba) have no heads: 0
     n_heads = pick("num_attention_heads", "n_head", "num_heads", default=0)
     n_layers = pick("num_hidden_layers", "n_layer", "num_layers")
     vocab = pick("vocab_size")
+    labels = None
+    if image is not None:  # an image classifier: its "vocabulary" is its classes
+        labels = tuple(str(config.id2label[i]) for i in range(len(config.id2label)))
+        vocab = len(labels)
     if None in (d_model, n_layers, vocab):
         raise ModelLoadError(
             f"cannot read the shape of '{model_id}' from its config ({type(config).__name__})"
@@ -180,7 +185,56 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
         dtype=dtype,
         n_params=sum(p.numel() for p in model.parameters()),  # tied weights count once
         modules=modules,
+        inputs="text" if image is None else "image",
+        image=image,
+        labels=labels,
     )
+
+
+#: how image processors of ViT-like models prepare pixels unless the folder says otherwise
+_IMAGE_DEFAULTS = {
+    "resample": "bilinear",
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+
+def _image_info(config: Any) -> dict[str, Any] | None:
+    """The pixel preparation and sequence length of a patch-based image model, else None."""
+    size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if size is None or patch is None or getattr(config, "vocab_size", None) is not None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return {
+        "size": [int(height), int(width)],
+        "channels": int(getattr(config, "num_channels", 3)),
+        **_IMAGE_DEFAULTS,
+        "seq_len": (height // patch_h) * (width // patch_w) + 1,
+    }
+
+
+def _with_processor(info: ModelInfo, folder: Path | None) -> ModelInfo:
+    """Image models: the folder's ``preprocessor_config.json`` overrides the default pixel
+    preparation (mean, std, rescale factor, size)."""
+    if info.image is None or folder is None or not (folder / "preprocessor_config.json").is_file():
+        return info
+    config = _read_json(folder / "preprocessor_config.json")
+    image = dict(info.image)
+    for key in ("image_mean", "image_std", "rescale_factor"):
+        if config.get(key) is not None:
+            image[key] = config[key]
+    if not config.get("do_rescale", True):
+        image["rescale_factor"] = 1.0
+    if not config.get("do_normalize", True):
+        image["image_mean"], image["image_std"] = [0.0] * 3, [1.0] * 3
+    size = config.get("size")
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        image["size"] = [int(size["height"]), int(size["width"])]
+    resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(config.get("resample", 2))
+    image["resample"] = resample or "bilinear"
+    return replace(info, image=image)
 
 
 def list_models() -> list[dict]:
@@ -209,19 +263,56 @@ def load_model(
     kind, folder = _resolve(model_id, revision)
     if kind == "tiny":
         model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
-        model, tokenizer = model.to(torch_dtype), tiny_tokenizer()
+        model = model.to(torch_dtype)
     else:
         model = _from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind)
-        tokenizer = _folder_tokenizer(folder, model_id)
     if kind == "builtin":  # shape info and the float32 hash were stored at conversion
         info = replace(_cached_info(folder), model_id=model_id, dtype=dtype)
         sha = _builtin_hash(folder, dtype, model)
     else:
-        info, sha = model_info_from_module(model, model_id, dtype), hash_weights(model)
+        info = _with_processor(model_info_from_module(model, model_id, dtype), folder)
+        sha = hash_weights(model)
+    tokenizer = _tokenizer_for(info, folder, model_id)
     model.train(False)  # inference mode: no dropout
     model.requires_grad_(False)
     model.to(target)
     return LoadedModel(model, tokenizer, info, model_id, revision, sha, target, dtype)
+
+
+def load_model_ref(
+    ref: Any, *, device: str | None = None, base_dir: str | None = None
+) -> LoadedModel:
+    """Load the model a spec's ``model:`` entry names: an id, or a factory (called here, with
+    ``base_dir``, the spec's folder, importable)."""
+    if ref.factory is None:
+        return load_model(
+            ref.id,
+            dtype=ref.dtype,
+            device=device or ref.device,
+            revision=ref.revision,
+            attn_implementation=ref.attn_implementation,
+            seed=ref.seed,
+        )
+    from ._factory import build_factory_model, factory_info
+
+    torch_dtype, target = _torch_dtype(ref.dtype), resolve_device(device or ref.device)
+    model = build_factory_model(ref.factory, dict(ref.args), seed=ref.seed, base_dir=base_dir)
+    model = model.to(torch_dtype)
+    model.train(False)
+    model.requires_grad_(False)
+    info, tokenizer = factory_info(model, ref.name, ref.dtype)
+    sha = hash_weights(model)
+    model.to(target)
+    return LoadedModel(model, tokenizer, info, ref.name, None, sha, target, ref.dtype)
+
+
+def load_ref_info(ref: Any, *, base_dir: str | None = None) -> tuple[ModelInfo, Tokenizer]:
+    """ModelInfo and tokenizer of a spec's ``model:`` entry (a factory model is built on the
+    CPU, since its structure is only known by calling it)."""
+    if ref.factory is None:
+        return load_model_info(ref.id, dtype=ref.dtype, revision=ref.revision, seed=ref.seed)
+    loaded = load_model_ref(ref, device="cpu", base_dir=base_dir)
+    return loaded.info, loaded.tokenizer
 
 
 def load_model_info(
@@ -233,21 +324,43 @@ def load_model_info(
     if kind == "tiny":
         with torch.device("meta"):
             model = build_tiny(model_id, seed=seed, attn_implementation=None)
-        return model_info_from_module(model, model_id, dtype), tiny_tokenizer()
+        info = model_info_from_module(model, model_id, dtype)
+        return info, _tokenizer_for(info, None, model_id)
     if kind == "builtin":
         info = replace(_cached_info(folder), model_id=model_id, dtype=dtype)
         return info, _folder_tokenizer(folder, model_id)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = _config_of(folder)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = _auto_class(config).from_config(config)
     except Exception as exc:
         hint = _OFFLINE_HINT.format(id=model_id) if kind == "hub" else "is it a model folder?"
         msg = f"cannot read the config of '{model_id}' in {folder}: {exc}"
         raise ModelLoadError(msg, hint=hint) from None
-    return model_info_from_module(model, model_id, dtype), _folder_tokenizer(folder, model_id)
+    info = _with_processor(model_info_from_module(model, model_id, dtype), folder)
+    return info, _tokenizer_for(info, folder, model_id)
+
+
+def _config_of(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+def _auto_class(config: Any) -> Any:
+    """Image classifiers (ViT) load as such; every other model as a causal LM."""
+    import transformers
+
+    if _image_info(config) is not None:
+        return transformers.AutoModelForImageClassification
+    return transformers.AutoModelForCausalLM
+
+
+def _tokenizer_for(info: ModelInfo, folder: Path | None, model_id: str) -> Tokenizer:
+    """Text models: the folder's tokenizer (the tiny one without a folder); others: labels."""
+    if info.inputs != "text":
+        return LabelTokenizer(info.labels)
+    return _folder_tokenizer(folder, model_id) if folder is not None else tiny_tokenizer()
 
 
 # --------------------------------------------------------------------------- resolution
@@ -293,14 +406,11 @@ def _no_progress_bars() -> Iterator[None]:
 def _from_pretrained(
     folder: Path, model_id: str, dtype: torch.dtype, attn_implementation: str | None, kind: str
 ) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     try:
+        auto = _auto_class(_config_of(folder))
         with _no_progress_bars():
-            return AutoModelForCausalLM.from_pretrained(
-                str(folder), local_files_only=True, **kwargs
-            )
+            return auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except Exception as exc:
         hint = _OFFLINE_HINT.format(id=model_id) if kind == "hub" else "is it a model folder?"
         msg = f"cannot load the weights of '{model_id}' from {folder}: {exc}"

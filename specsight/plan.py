@@ -36,7 +36,14 @@ class Row:
     invoke: str
     prompt_index: int
     cell: int  # index into the invoke's sweep grid (0 when not swept)
-    tokens: tuple[int, ...]
+    tokens: tuple[int, ...]  # placeholders (zeros) for image and tensor inputs
+    #: image and tensor inputs: the key of this row's input in ``Plan.inputs``
+    input: str | None = None
+
+    @property
+    def identity(self) -> tuple[tuple[int, ...], str | None]:
+        """What the model sees of this row before any op: equal identities, equal activations."""
+        return self.tokens, self.input
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,8 @@ class Plan:
     metrics: tuple[PlanMetric, ...]
     saves: tuple[PlanSave, ...]
     vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: image and tensor inputs of rows: key -> {shape, dtype, values (flat)}
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     axis_values: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     axis_labels: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     invoke_info: dict[str, dict[str, Any]] = field(default_factory=dict)

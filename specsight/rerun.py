@@ -25,7 +25,7 @@ def rerun_folder(
     atol: float = 0.0,
 ) -> RunDiff:
     from .api import load_spec, run
-    from .models import load_model
+    from .models import load_model_ref
     from .results import Results
 
     old = Results.load(run_dir)
@@ -47,14 +47,8 @@ def rerun_folder(
         spec = load_spec(content)
     model_meta = old.manifest.get("model", {})
     ref = spec.model
-    loaded = load_model(
-        ref.id,
-        dtype=ref.dtype,
-        device=model_meta.get("device") or ref.device,
-        revision=ref.revision,
-        attn_implementation=ref.attn_implementation,
-        seed=ref.seed,
-    )
+    base_dir = str(Path(spec_file).resolve().parent) if spec_file else None
+    loaded = load_model_ref(ref, device=model_meta.get("device") or ref.device, base_dir=base_dir)
     blocking = []
     if loaded.weights_sha256 != model_meta.get("weights_sha256"):
         blocking.append(

@@ -94,7 +94,7 @@ def family_table(info: ModelInfo) -> dict | None:
     """The site table of a model: its family's, else one inferred from its module tree."""
     if info.family is not None:
         return FAMILIES[info.family]
-    if not info.modules:
+    if not info.modules or info.inputs == "tensor":  # factory models: raw module paths only
         return None
     return infer_family(info.architecture, info.modules, info.n_layers)
 

@@ -22,6 +22,7 @@ __all__ = [
     "Spec",
     "ModelRef",
     "Invoke",
+    "INPUT_KINDS",
     "Op",
     "Metric",
     "OP_NAMES",
@@ -103,6 +104,11 @@ class SavedVector(_Strict):
 
 
 VectorSource = Union[list[float], FileVector, SavedVector]
+
+
+class FileTensor(FileVector):
+    """Input tensors in a .safetensors or .npy file beside the spec, batch axis first: one row
+    per item (models built by a ``factory``)."""
 
 
 # --- ops -----------------------------------------------------------------------------------
@@ -231,11 +237,24 @@ class Generate(_Strict):
 
 
 class Invoke(_Strict):
-    """A named group of prompts run together, with the ops that act on them."""
+    """A named group of inputs run together, with the ops that act on them.
+
+    Text models take ``prompt``; image models (ViT) take ``image``, files beside the spec;
+    models built by a ``factory`` take ``input``, a tensor file whose first axis is the batch.
+    """
 
     prompt: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+        | None
+    ) = None
+    image: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+        | None
+    ) = Field(None, description="image models: image file(s) (PNG, JPEG, ...) beside the spec")
+    input: FileTensor | None = Field(
+        None, description="factory models: a tensor file beside the spec, batch axis first"
     )
     ops: list[Op] = Field(default_factory=list)
     sweep: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], SweepValues] | None = (
@@ -249,9 +268,47 @@ class Invoke(_Strict):
         None, description="generate new tokens; results hold '<invoke>/generated_ids' and text"
     )
 
+    @model_validator(mode="after")
+    def _one_input(self) -> Invoke:
+        given = [k for k in INPUT_KINDS if getattr(self, k) is not None]
+        if not given:
+            raise ValueError(
+                "missing required key 'prompt' | text models take 'prompt', image models "
+                "'image' (files beside the spec), factory models 'input' (a tensor file)"
+            )
+        if len(given) > 1:
+            raise ValueError(
+                f"{' and '.join(repr(k) for k in given)} are both given | keep one: 'prompt' "
+                "for text, 'image' for image models, 'input' for factory models"
+            )
+        return self
+
+    @property
+    def input_kind(self) -> str:
+        """``prompt``, ``image`` or ``input``."""
+        return next(k for k in INPUT_KINDS if getattr(self, k) is not None)
+
     @property
     def prompts(self) -> list[str]:
+        """The text prompts (empty for image and tensor inputs)."""
+        if self.prompt is None:
+            return []
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def many_inputs(self) -> bool:
+        """Whether results get a ``prompt`` axis: a list of prompts or images, or a tensor
+        file (whose first axis is the batch)."""
+        return isinstance(self.prompt, list) or isinstance(self.image, list) or bool(self.input)
+
+    @property
+    def images(self) -> list[str]:
+        if self.image is None:
+            return []
+        return [self.image] if isinstance(self.image, str) else list(self.image)
+
+
+INPUT_KINDS = ("prompt", "image", "input")
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -361,16 +418,55 @@ METRIC_KINDS = tuple(METRIC_CLASSES)
 
 
 class ModelRef(_Strict):
-    """Which model to run and how. A bare string is the same as ``{id: ...}``."""
+    """Which model to run and how. A bare string is the same as ``{id: ...}``.
 
-    id: str = Field(
-        min_length=1, description="'smollm2-135m', 'tiny-llama', a Hugging Face id or a folder"
+    ``factory`` builds any ``torch.nn.Module`` by calling ``package.module:function`` with
+    ``args`` (local runs only; a module beside the spec is importable). Such models have no
+    canonical sites or vocabulary: ops name raw module paths and invokes give ``input`` tensors.
+    """
+
+    id: str | None = Field(
+        None,
+        min_length=1,
+        description="'smollm2-135m', 'tiny-llama', a Hugging Face id or a folder",
+    )
+    factory: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="'package.module:function' returning a torch.nn.Module (local runs only)",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the factory function"
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     revision: str | None = None
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of tiny random models")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="seed of tiny random models and of factory calls"
+    )
+
+    @model_validator(mode="after")
+    def _id_or_factory(self) -> ModelRef:
+        if self.id is None and self.factory is None:
+            raise ValueError(
+                "missing required key 'id' | add 'id:' (a model name, Hugging Face id or "
+                "folder), or 'factory: package.module:function' for any torch module"
+            )
+        if self.id is not None and self.factory is not None:
+            raise ValueError("'id' and 'factory' are both given | keep one of them")
+        if self.factory is None and self.args:
+            raise ValueError("'args' go with 'factory' | remove 'args', or use 'factory'")
+        if self.factory is not None and (self.revision or self.attn_implementation):
+            raise ValueError(
+                "'revision' and 'attn_implementation' apply to model ids | remove them"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        """The model's name in results: its id, or ``factory:package.module:function``."""
+        return self.id if self.id is not None else f"factory:{self.factory}"
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]

@@ -33,7 +33,9 @@ FAMILY_MODELS = {
     "tiny-gemma2": "gemma2",
     "tiny-phi3": "phi3",
     "tiny-olmo2": "olmo2",
+    "tiny-vit": "vit",
 }
+IMAGE = ROOT / "specs" / "images" / "red_square.png"
 TOKENS = list(range(0, 1024, 16))  # logits compared on these ids at the last position
 LAYER = 1
 
@@ -59,18 +61,20 @@ def _concrete(site: str, info) -> str:
 def _family_run(name: str) -> dict:
     """One run per model: every site saved, patched with its own clean value, and zeroed."""
     lm = _model(name)
-    invokes: dict = {"clean": {"prompt": IOI, "ops": []}}
-    metrics: dict = {"clean": {"kind": "logits", "invoke": "clean", "tokens": TOKENS}}
+    given = {"image": str(IMAGE)} if lm.info.inputs == "image" else {"prompt": IOI}
+    tokens = [t for t in TOKENS if t < lm.info.vocab_size]
+    invokes: dict = {"clean": {**given, "ops": []}}
+    metrics: dict = {"clean": {"kind": "logits", "invoke": "clean", "tokens": tokens}}
     for i, site in enumerate(_sites(name)):
         concrete = _concrete(site, lm.info)
         invokes["clean"]["ops"].append({"op": "save", "site": concrete, "name": f"save_{i}"})
         invokes[f"patch_{i}"] = {
-            "prompt": IOI,
+            **given,
             "ops": [{"op": "patch", "site": concrete, "from": "clean"}],
         }
-        invokes[f"zero_{i}"] = {"prompt": IOI, "ops": [{"op": "zero", "site": concrete}]}
+        invokes[f"zero_{i}"] = {**given, "ops": [{"op": "zero", "site": concrete}]}
         for kind in ("patch", "zero"):
-            metrics[f"{kind}_{i}"] = {"kind": "logits", "invoke": f"{kind}_{i}", "tokens": TOKENS}
+            metrics[f"{kind}_{i}"] = {"kind": "logits", "invoke": f"{kind}_{i}", "tokens": tokens}
     spec = {"specsight": 1, "model": name, "invokes": invokes, "metrics": metrics}
     results = specsight.run(spec, model=lm)
     return {"results": results, "index": {s: i for i, s in enumerate(_sites(name))}}
@@ -94,7 +98,10 @@ def test_canonical_site(model: str, site: str) -> None:
     assert len(resolved) == 1 and resolved[0].module in info.module_names
     run = _family_run(model)
     results, i = run["results"], run["index"][site]
-    n_tokens = len(_model(model).tokenizer.encode(IOI))
+    if info.inputs == "image":  # the class token and the patches
+        n_tokens = info.image["seq_len"]
+    else:
+        n_tokens = len(_model(model).tokenizer.encode(IOI))
     assert tuple(results[f"save_{i}"].shape) == (n_tokens, *_expected_shape(site, info))
     clean = results["clean"]
     patched = (results[f"patch_{i}"] - clean).abs().max().item()
@@ -108,11 +115,14 @@ def test_every_family_has_a_tiny_model_and_the_core_sites() -> None:
     core = {"embed", "resid_pre", "resid_post", "attn_out", "mlp_out", "final_norm", "logits"}
     heads = {"q", "k", "v", "head_z", "attn_pattern"}
     for family, table in FAMILIES.items():
-        assert core | heads <= set(table["sites"]), family
+        # a ViT classifier returns one output per image, not per position: no logits site
+        expected = core - {"logits"} if family == "vit" else core
+        assert expected | heads <= set(table["sites"]), family
         for name in set(table["unsupported"]):
             assert name not in table["sites"]
     assert "resid_mid" in FAMILIES["gpt_neox"]["unsupported"]
     assert "mlp_act" in FAMILIES["mixtral"]["unsupported"]
+    assert "one vector per image" in FAMILIES["vit"]["unsupported"]["logits"]
 
 
 def test_unsupported_site_says_why() -> None:
@@ -386,7 +396,10 @@ def test_plan_with_head_windows_round_trips_json() -> None:
 # --------------------------------------------------------------------------- attention patterns
 
 
-@pytest.mark.parametrize("model", list(FAMILY_MODELS))
+TEXT_MODELS = [m for m in FAMILY_MODELS if m != "tiny-vit"]  # tiny-vit: tests/test_inputs.py
+
+
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_attention_pattern_with_eager_attention(model: str) -> None:
     lm = _model(model, eager=True)
     ops = [

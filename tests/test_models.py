@@ -71,7 +71,7 @@ def test_tiny_is_deterministic_per_seed(name: str) -> None:
     assert len(a.weights_sha256) == 64
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [n for n in TINY if n != "tiny-vit"])  # ViT: test_inputs.py
 def test_tiny_model_info(name: str) -> None:
     lm = load_model(name, device="cpu")
     architecture, family, n_kv = TINY_SHAPES[name]

@@ -418,6 +418,10 @@ def run_remote(
     ``timeout`` (seconds) passing, with a RunError."""
     spec = source if isinstance(source, Spec) else load_spec(source)
     doc = doc_of(spec)
+    if spec.model.factory is not None:
+        from .runner import factory_refusal
+
+        raise factory_refusal(doc)
     remote = client or RemoteClient(url, api_key)
     try:
         entry = remote.model_entry(spec.model.id)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .._pack import first_layers, pack_rows
 from ..api import results_from_raw
 from ..compile import compile_plan
-from ..errors import SpecError, SpecsightError
+from ..errors import Issue, SpecError, SpecsightError
 from ..load import LoadedDoc, from_data
 from ..plan import Plan, PlanMetric, PlanSave, Row, RowOp
 from ..spec import Spec, validate_spec
@@ -90,6 +90,20 @@ def _check(what: str, estimate: int, limit: int, hint: str) -> None:
         raise LimitError(what, estimate, limit, hint)
 
 
+def factory_refusal(doc: LoadedDoc | None) -> SpecError:
+    """The error a ``model.factory`` spec gets from a server (and from the client, early)."""
+    message = (
+        "model.factory runs local Python code; a server never imports or runs code named by a spec"
+    )
+    hint = (
+        "run this spec locally (without --remote), or name one of the server's models in model.id"
+    )
+    path = ("model", "factory")
+    if doc is None:
+        return SpecError([Issue("factory-remote", message, path, None, None, None, hint)])
+    return SpecError(doc.source.issue("factory-remote", message, path, hint=hint))
+
+
 def prepare_job(
     spec_data: dict[str, Any], model: LoadedModel, limits: Limits, *, spec_file: str | None = None
 ) -> PreparedJob:
@@ -98,6 +112,8 @@ def prepare_job(
     Raises SpecError (422: located issues) or LimitError (413)."""
     doc = from_data(spec_data, file=spec_file)
     spec = validate_spec(doc)
+    if spec.model.factory is not None:
+        raise factory_refusal(doc)
     if spec.model.id != model.model_id:
         raise SpecError(
             doc.source.issue(
