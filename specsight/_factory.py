@@ -61,7 +61,9 @@ def build_factory_model(
     if not callable(function):
         names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
         hint = did_you_mean(function_name, names) or f"'{module_name}' defines: {', '.join(names)}"
-        raise ModelLoadError(f"{where}: '{module_name}' has no function '{function_name}'", hint)
+        raise ModelLoadError(
+            f"{where}: '{module_name}' has no function '{function_name}'", hint=hint
+        )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -75,7 +77,7 @@ def build_factory_model(
         raise ModelLoadError(f"{where} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(
-            f"{where} returned a {type(model).__name__}, not a torch.nn.Module",
+            f"{where} returned an object of type {type(model).__name__}, not a torch.nn.Module",
             hint="return the model itself",
         )
     return model

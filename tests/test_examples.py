@@ -47,6 +47,7 @@ def test_every_example_has_a_behaviour_test():
         "mlp_zero_ablation.yaml",
         "steering_add.yaml",
         "steering_generate.yaml",
+        "vit_patching.yaml",
     }
     assert set(EXAMPLES) == tested, "a new example in specs/ needs its own test here"
 
@@ -185,3 +186,16 @@ def test_ioi_attribution_ranks_cells_like_the_exact_sweep(smollm, record_propert
     assert atp.shape == effect.shape == (30, 14)
     assert rho > 0.9
     assert atp_s < exact_s
+
+
+def test_vit_patching_example(tmp_path):
+    """Images beside the spec; the class token at the last layer carries the whole output."""
+    started = time.perf_counter()
+    results = specsight.run(SPECS / "vit_patching.yaml", out=tmp_path)
+    print(f"\n[runtime] vit_patching.yaml: {time.perf_counter() - started:.2f} s")
+    assert len(results.expectations) == 3 and all(o.ok for o in results.expectations)
+    recovery = results["recovery"]
+    assert tuple(recovery.shape) == (4, 17)
+    assert results.manifest["model"]["inputs"] == "image"
+    assert results.prompts["clean"] == ["images/red_square.png"]
+    assert any(tmp_path.glob("*.png"))  # the heatmaps
