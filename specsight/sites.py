@@ -266,6 +266,13 @@ def resolve_site(text: str, info: ModelInfo) -> list[Site]:
     if table is not None and head in table["sites"]:
         return _resolve_canonical(table, head, rest or None, info, text)
     names = set(info.module_names)
+    if head in CANONICAL and head not in names and info.inputs == "tensor":
+        shown = [n for n in info.module_names if n.count(".") <= 1][:12]
+        raise SiteError(
+            f"canonical site '{head}' needs a site table; a model built by a factory has none",
+            "name a module path with .input or .output (default), e.g. one of: "
+            + ", ".join(shown),
+        )
     if head in CANONICAL and head not in names:
         what = table["label"] if table else f"{info.architecture} (no site table)"
         reason = (table or {}).get("unsupported", {}).get(head, "no module holds it")

@@ -391,7 +391,9 @@ def test_factory_errors_say_what_and_where(factory_dir: Path) -> None:
     assert "layer: all needs a known layer stack" in error_of(spec)
     spec = _tagger_spec()
     spec["invokes"]["base"]["ops"] = [{"op": "save", "site": "resid_post.0"}]
-    assert "spec.yaml:" in error_of(spec)
+    message = error_of(spec)
+    assert "spec.yaml:" in message and "a model built by a factory has none" in message
+    assert "blocks.0" in message
     spec = _tagger_spec()
     spec["metrics"]["verb"]["token"] = "vreb"
     assert "did you mean 'verb'" in error_of(spec)
@@ -463,3 +465,12 @@ def test_run_error_for_output_without_logits(factory_dir: Path) -> None:
     }
     with pytest.raises(RunError, match="metrics need \\[batch, classes\\]"):
         specsight.run(_write(factory_dir, spec))
+
+
+def test_image_specs_run_locally_only(tmp_path: Path) -> None:
+    from specsight.remote.client import run_remote
+
+    shutil.copy(RED, tmp_path / "red.png")
+    path = _write(tmp_path, _vit_spec({"a": {"image": "red.png"}}))
+    with pytest.raises(SpecError, match="'image' inputs are files, which run locally only"):
+        run_remote(path, url="http://127.0.0.1:9", api_key="unused")

@@ -422,6 +422,16 @@ def run_remote(
         from .runner import factory_refusal
 
         raise factory_refusal(doc)
+    for name, invoke in spec.invokes.items():
+        if invoke.input_kind != "prompt":
+            path = ("invokes", name, invoke.input_kind)
+            message = f"'{invoke.input_kind}' inputs are files, which run locally only"
+            hint = "run this spec without --remote (servers take text prompts for now)"
+            raise SpecError(
+                doc.source.issue("file-input-remote", message, path, hint=hint)
+                if doc is not None
+                else [Issue("file-input-remote", message, path, None, None, None, hint)]
+            )
     remote = client or RemoteClient(url, api_key)
     try:
         entry = remote.model_entry(spec.model.id)
