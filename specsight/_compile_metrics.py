@@ -58,6 +58,14 @@ def compile_metric(ctx: _Ctx, name: str, metric: Any) -> PlanMetric | None:
         )
         ctx.fail("unknown-invoke", f"no invoke named '{metric.invoke}'", path + ("invoke",), hint)
         return None
+    if ctx.info.inputs == "image" and "position" in metric.model_fields_set:
+        ctx.fail(
+            "classifier-position",
+            "an image classifier has one output per image, not one per position",
+            path + ("position",),
+            "remove 'position'; to read a position inside the model, save a site there",
+        )
+        return None
     try:
         grid = ctx.grids[metric.invoke]
         cells = len(grid.cells()) if grid.axes else 1

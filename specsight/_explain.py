@@ -49,8 +49,11 @@ def explain_plan(plan: Plan) -> str:
             dims = " x ".join(f"{a}[{len(plan.axis_values[name][a])}]" for a in inv["axes"])
             sweep = f", sweep {dims} = {inv['cells']} cells"
         rows = inv["cells"] * inv["prompts"]
+        kind = plan.model_summary.get("inputs", "text")
+        given = {"text": "prompt(s)", "image": "image(s)", "tensor": "input(s)"}.get(kind, "")
+        unit = "tokens" if kind == "text" else "positions"
         lines.append(
-            f"  {name}: {inv['prompts']} prompt(s) of {tokens} tokens{sweep}, {rows} row(s), stage {inv['stage']}"
+            f"  {name}: {inv['prompts']} {given} of {tokens} {unit}{sweep}, {rows} row(s), stage {inv['stage']}"
         )
     sizes = Counter(len(f.rows) for f in plan.forwards)
     size_text = ", ".join(
@@ -138,10 +141,10 @@ def explain_plan(plan: Plan) -> str:
                 n_pos = len(plan.rows[metric.rows[0]].tokens)
                 dims += [("site", len(metric.sites)), ("pos", n_pos)]
             shape = " x ".join(f"{a}={n}" for a, n in dims) or "scalar"
-            positions = _ranges(list(metric.positions))
-            lines.append(
-                f"  {metric.name}: {what} on {metric.invoke} @ position {positions} -> [{shape}]"
-            )
+            where = f"@ position {_ranges(list(metric.positions))}"
+            if plan.model_summary.get("inputs") == "image":
+                where = "(the classifier's output)"
+            lines.append(f"  {metric.name}: {what} on {metric.invoke} {where} -> [{shape}]")
     if plan.backward is not None:
         lines.append(
             f"backward: from {plan.backward}, summed over its rows (parameters frozen; "

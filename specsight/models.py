@@ -30,15 +30,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import tokenizers
 import torch
 
 from ._gguf import gguf_to_folder
 from ._tiny import TINY_MODELS, build_tiny, tiny_tokenizer
+from ._vision import image_info, with_processor
 from .errors import ModelLoadError, did_you_mean
 from .modelinfo import ModelInfo
 from .sites import detect_family
-from .tokenizer import LabelTokenizer, Tokenizer
+from .tokenizer import LabelTokenizer, Tokenizer, folder_tokenizer
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -154,7 +154,7 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
                 return value
         return default
 
-    image = _image_info(config)
+    image = image_info(config)
     d_model = pick("hidden_size", "n_embd", "d_model")
     # models without attention (state-space models such as Mamba) have no heads: 0
     n_heads = pick("num_attention_heads", "n_head", "num_heads", default=0)
@@ -191,52 +191,6 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
     )
 
 
-#: how image processors of ViT-like models prepare pixels unless the folder says otherwise
-_IMAGE_DEFAULTS = {
-    "resample": "bilinear",
-    "rescale_factor": 1 / 255,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-}
-
-
-def _image_info(config: Any) -> dict[str, Any] | None:
-    """The pixel preparation and sequence length of a patch-based image model, else None."""
-    size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-    if size is None or patch is None or getattr(config, "vocab_size", None) is not None:
-        return None
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return {
-        "size": [int(height), int(width)],
-        "channels": int(getattr(config, "num_channels", 3)),
-        **_IMAGE_DEFAULTS,
-        "seq_len": (height // patch_h) * (width // patch_w) + 1,
-    }
-
-
-def _with_processor(info: ModelInfo, folder: Path | None) -> ModelInfo:
-    """Image models: the folder's ``preprocessor_config.json`` overrides the default pixel
-    preparation (mean, std, rescale factor, size)."""
-    if info.image is None or folder is None or not (folder / "preprocessor_config.json").is_file():
-        return info
-    config = _read_json(folder / "preprocessor_config.json")
-    image = dict(info.image)
-    for key in ("image_mean", "image_std", "rescale_factor"):
-        if config.get(key) is not None:
-            image[key] = config[key]
-    if not config.get("do_rescale", True):
-        image["rescale_factor"] = 1.0
-    if not config.get("do_normalize", True):
-        image["image_mean"], image["image_std"] = [0.0] * 3, [1.0] * 3
-    size = config.get("size")
-    if isinstance(size, dict) and "height" in size and "width" in size:
-        image["size"] = [int(size["height"]), int(size["width"])]
-    resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(config.get("resample", 2))
-    image["resample"] = resample or "bilinear"
-    return replace(info, image=image)
-
-
 def list_models() -> list[dict]:
     """The built-in and tiny models, for ``specsight models``."""
     out: list[dict] = [
@@ -270,7 +224,7 @@ def load_model(
         info = replace(_cached_info(folder), model_id=model_id, dtype=dtype)
         sha = _builtin_hash(folder, dtype, model)
     else:
-        info = _with_processor(model_info_from_module(model, model_id, dtype), folder)
+        info = with_processor(model_info_from_module(model, model_id, dtype), folder)
         sha = hash_weights(model)
     tokenizer = _tokenizer_for(info, folder, model_id)
     model.train(False)  # inference mode: no dropout
@@ -328,7 +282,7 @@ def load_model_info(
         return info, _tokenizer_for(info, None, model_id)
     if kind == "builtin":
         info = replace(_cached_info(folder), model_id=model_id, dtype=dtype)
-        return info, _folder_tokenizer(folder, model_id)
+        return info, folder_tokenizer(folder, model_id)
     try:
         config = _config_of(folder)
         with torch.device("meta"):
@@ -337,7 +291,7 @@ def load_model_info(
         hint = _OFFLINE_HINT.format(id=model_id) if kind == "hub" else "is it a model folder?"
         msg = f"cannot read the config of '{model_id}' in {folder}: {exc}"
         raise ModelLoadError(msg, hint=hint) from None
-    info = _with_processor(model_info_from_module(model, model_id, dtype), folder)
+    info = with_processor(model_info_from_module(model, model_id, dtype), folder)
     return info, _tokenizer_for(info, folder, model_id)
 
 
@@ -351,7 +305,7 @@ def _auto_class(config: Any) -> Any:
     """Image classifiers (ViT) load as such; every other model as a causal LM."""
     import transformers
 
-    if _image_info(config) is not None:
+    if image_info(config) is not None:
         return transformers.AutoModelForImageClassification
     return transformers.AutoModelForCausalLM
 
@@ -360,7 +314,7 @@ def _tokenizer_for(info: ModelInfo, folder: Path | None, model_id: str) -> Token
     """Text models: the folder's tokenizer (the tiny one without a folder); others: labels."""
     if info.inputs != "text":
         return LabelTokenizer(info.labels)
-    return _folder_tokenizer(folder, model_id) if folder is not None else tiny_tokenizer()
+    return folder_tokenizer(folder, model_id) if folder is not None else tiny_tokenizer()
 
 
 # --------------------------------------------------------------------------- resolution
@@ -415,50 +369,6 @@ def _from_pretrained(
         hint = _OFFLINE_HINT.format(id=model_id) if kind == "hub" else "is it a model folder?"
         msg = f"cannot load the weights of '{model_id}' from {folder}: {exc}"
         raise ModelLoadError(msg, hint=hint) from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _pad_id(folder: Path, backend: tokenizers.Tokenizer) -> int:
-    """The tokenizer's pad token if any, else its eos token, else 0."""
-    sources = [_read_json(folder / n) for n in ("tokenizer_config.json", "special_tokens_map.json")]
-    model_cfg = _read_json(folder / "config.json")
-    for kind in ("pad", "eos"):
-        for source in sources:
-            token = source.get(f"{kind}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and backend.token_to_id(token) is not None:
-                return int(backend.token_to_id(token))
-        value = model_cfg.get(f"{kind}_token_id")
-        value = value[0] if isinstance(value, list) and value else value
-        if isinstance(value, int) and 0 <= value < backend.get_vocab_size(with_added_tokens=True):
-            return value
-    return 0
-
-
-def _folder_tokenizer(folder: Path, model_id: str) -> Tokenizer:
-    """``tokenizer.json`` when the folder has one, else AutoTokenizer's fast backend."""
-    if (folder / "tokenizer.json").is_file():
-        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            auto = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:
-            msg = f"cannot load the tokenizer of '{model_id}' from {folder}: {exc}"
-            raise ModelLoadError(msg) from None
-        backend = getattr(auto, "backend_tokenizer", None)
-        if backend is None:
-            msg = f"the tokenizer of '{model_id}' has no fast (tokenizers) version"
-            raise ModelLoadError(msg, hint="add a tokenizer.json to the model folder")
-    return Tokenizer(backend, pad_id=_pad_id(folder, backend))
 
 
 # --------------------------------------------------------------------------- tiny models

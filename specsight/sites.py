@@ -270,8 +270,7 @@ def resolve_site(text: str, info: ModelInfo) -> list[Site]:
         shown = [n for n in info.module_names if n.count(".") <= 1][:12]
         raise SiteError(
             f"canonical site '{head}' needs a site table; a model built by a factory has none",
-            "name a module path with .input or .output (default), e.g. one of: "
-            + ", ".join(shown),
+            "name a module path with .input or .output (default), e.g. one of: " + ", ".join(shown),
         )
     if head in CANONICAL and head not in names:
         what = table["label"] if table else f"{info.architecture} (no site table)"

@@ -1,16 +1,21 @@
 """A small torch-free tokenizer wrapper around the `tokenizers` library.
 
 The compiler resolves positions and metric tokens with it; the engine only ever sees token ids.
+Models without text inputs get a :class:`LabelTokenizer` (their class labels); model folders
+are read by :func:`folder_tokenizer`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import tokenizers
 
-__all__ = ["Tokenizer", "LabelTokenizer"]
+from .errors import ModelLoadError
+
+__all__ = ["Tokenizer", "LabelTokenizer", "folder_tokenizer"]
 
 
 class Tokenizer:
@@ -94,3 +99,47 @@ class LabelTokenizer(Tokenizer):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         raise TypeError("a model without text inputs has no tokenizer to save")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _pad_id(folder: Path, backend: tokenizers.Tokenizer) -> int:
+    """The tokenizer's pad token if any, else its eos token, else 0."""
+    sources = [_read_json(folder / n) for n in ("tokenizer_config.json", "special_tokens_map.json")]
+    model_cfg = _read_json(folder / "config.json")
+    for kind in ("pad", "eos"):
+        for source in sources:
+            token = source.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and backend.token_to_id(token) is not None:
+                return int(backend.token_to_id(token))
+        value = model_cfg.get(f"{kind}_token_id")
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int) and 0 <= value < backend.get_vocab_size(with_added_tokens=True):
+            return value
+    return 0
+
+
+def folder_tokenizer(folder: Path, model_id: str) -> Tokenizer:
+    """``tokenizer.json`` when the folder has one, else AutoTokenizer's fast backend."""
+    if (folder / "tokenizer.json").is_file():
+        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            auto = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            msg = f"cannot load the tokenizer of '{model_id}' from {folder}: {exc}"
+            raise ModelLoadError(msg) from None
+        backend = getattr(auto, "backend_tokenizer", None)
+        if backend is None:
+            msg = f"the tokenizer of '{model_id}' has no fast (tokenizers) version"
+            raise ModelLoadError(msg, hint="add a tokenizer.json to the model folder")
+    return Tokenizer(backend, pad_id=_pad_id(folder, backend))

@@ -200,6 +200,15 @@ def test_unknown_class_label_suggests_one() -> None:
         specsight.run(spec, model=_vit())
 
 
+def test_classifier_metrics_have_no_position() -> None:
+    spec = _vit_spec(
+        {"a": {"image": str(RED)}},
+        {"p": {"kind": "prob", "invoke": "a", "token": "cat", "position": 3}},
+    )
+    with pytest.raises(SpecError, match="one output per image"):
+        specsight.run(spec, model=_vit())
+
+
 def test_unreadable_image_is_a_located_error(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not an image")
     path = tmp_path / "s.yaml"
