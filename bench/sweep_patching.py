@@ -46,7 +46,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from _common import cpu_name, replace_section  # bench/ is on sys.path when a script runs
+from _common import (  # bench/ is on sys.path when a script runs
+    RANDOM_LLAMAS,
+    cpu_name,
+    random_llama,
+    replace_section,
+    tokenizer_dir,
+)
 
 if TYPE_CHECKING:
     from specsight.models import LoadedModel
@@ -78,24 +84,6 @@ QUICK_METHODS = {"hooks_per_cell", "nnsight_per_cell"}
 QUICK_LAYERS = 3
 #: the model each device benchmarks by default; other models are self-tests
 DEFAULT_MODEL = {"cpu": "smollm2-135m", "cuda": "llama8b-random"}
-RANDOM_LLAMAS: dict[str, dict[str, int]] = {
-    "llama-small-random": {
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "vocab_size": 49152,
-    },
-    "llama8b-random": {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-    },
-}
 TOLERANCE = 1e-4
 #: other processes using more cores than this during a method make its timings suspect
 BUSY_CORES = 0.2
@@ -141,31 +129,12 @@ def _one_token(loaded: LoadedModel, text: str) -> int:
     return ids[0]
 
 
-def _random_llama(name: str, device: str) -> LoadedModel:
-    """A Llama with random weights (seed 0), bf16 on CUDA, fp32 on CPU; SmolLM2's tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from specsight.models import LoadedModel, load_model_info, model_info_from_module
-
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    dtype_name = str(dtype).removeprefix("torch.")
-    _, tokenizer = load_model_info("smollm2-135m")  # ids < 49152 fit every vocabulary here
-    config = LlamaConfig(**RANDOM_LLAMAS[name])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.train(False)
-    model.requires_grad_(False)
-    info = model_info_from_module(model, name, dtype_name)
-    return LoadedModel(model, tokenizer, info, name, None, "random-seed-0", device, dtype_name)
-
-
 def load_setup(model_name: str, device: str) -> Setup:
     """Load the model and tokenize the prompts."""
     from specsight.models import load_model
 
     if model_name in RANDOM_LLAMAS:
-        loaded = _random_llama(model_name, device)
+        loaded = random_llama(model_name, device)
     else:
         loaded = load_model(model_name, device=device)
     clean = loaded.tokenizer.encode(CLEAN)
@@ -299,9 +268,7 @@ def nnsight_model(setup: Setup) -> Any:
     from nnsight import TransformersModel
     from transformers import AutoTokenizer
 
-    from specsight.models import cache_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "smollm2-135m"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
     for prompt, ids in ((CLEAN, setup.clean_ids), (CORRUPT, setup.corrupt_ids)):
         if tokenizer(prompt)["input_ids"] != ids[0].tolist():
             raise SystemExit("the Hugging Face tokenizer disagrees with specsight's")
@@ -475,7 +442,7 @@ def measure_single_forward(setup: Setup, args: argparse.Namespace) -> dict[str, 
     hook_saved = hooks_save_all(setup)
     results = run_specsight(setup, spec, args.max_batch)
     diff = max(
-        (results[f"clean/resid_post.{i}"].float() - t[0].float()).abs().max().item()
+        (results[f"clean/resid_post.{i}"].float().cpu() - t[0].float().cpu()).abs().max().item()
         for i, t in enumerate(hook_saved)
     )
     hook_times, spec_times = [], []
@@ -593,10 +560,18 @@ def run_child(method: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.quick:
             cmd.append("--quick")
         print(f"running {method} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(cmd, check=False)
+        try:
+            done = subprocess.run(cmd, check=False, timeout=args.method_timeout)
+        except subprocess.TimeoutExpired:  # the child is killed before this is raised
+            msg = f"{method} ran past --method-timeout {args.method_timeout:g} s"
+            raise MethodFailed(msg) from None
         if done.returncode != 0:
-            raise SystemExit(f"FAILED: {method} exited with status {done.returncode}")
+            raise MethodFailed(f"{method} exited with status {done.returncode}")
         return json.loads(out.read_text())
+
+
+class MethodFailed(RuntimeError):
+    """A method's child process failed or ran too long."""
 
 
 def wait_idle(max_wait_s: float) -> None:
@@ -612,18 +587,24 @@ def wait_idle(max_wait_s: float) -> None:
     print("  still busy; running anyway", file=sys.stderr)
 
 
-def parse_methods(text: str | None, device: str, run_all: bool) -> list[str]:
-    """Method names in run order; the reference (b) is always included."""
+def parse_methods(
+    text: str | None, device: str, run_all: bool, reuse_reference: bool = False
+) -> list[str]:
+    """Method names in run order; the reference (b) is always included (unless
+    ``reuse_reference``: the stored (b) is kept).
+
+    Without ``text``: every method in the table's order. With it: the order given, (b) first
+    when it is missing (so partial results always hold the reference)."""
     if text is None:
         skip = {"nnsight_per_cell"} if device.startswith("cuda") and not run_all else set()
         return [m for m in ALL_METHODS if m not in skip]
-    names = {ALIASES.get(t.strip(), t.strip()) for t in text.split(",") if t.strip()}
-    unknown = names - set(ALL_METHODS)
+    names = [ALIASES.get(t.strip(), t.strip()) for t in text.split(",") if t.strip()]
+    unknown = set(names) - set(ALL_METHODS)
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}; choose from {ALL_METHODS}")
-    if names & set(SWEEP_METHODS):
-        names.add(REFERENCE)
-    return [m for m in ALL_METHODS if m in names]
+    if set(names) & set(SWEEP_METHODS) and REFERENCE not in names and not reuse_reference:
+        names.insert(0, REFERENCE)
+    return list(dict.fromkeys(names))
 
 
 def max_abs_diff(grid: list[list[float | None]], reference: list[list[float | None]]) -> float:
@@ -755,20 +736,46 @@ def report_markdown(report: dict[str, Any]) -> str:
     if "single_forward" in entries:
         lines += [*single_table(entries["single_forward"]), ""]
     lines += ["```", *target_lines(report["targets"]), "```"]
+    for name, reason in report.get("failed", {}).items():
+        lines.append(f"\nNot measured: {name}: {reason}.")
     return "\n".join(lines)
 
 
-def collect(args: argparse.Namespace, stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Run the chosen methods, each in its own process, over the stored entries if merging."""
-    methods = [] if args.report else parse_methods(args.methods, args.device, args.all)
+def collect(
+    args: argparse.Namespace,
+    stored: dict[str, Any],
+    failed: dict[str, str],
+    save: Callable[[dict[str, dict[str, Any]]], None],
+) -> dict[str, dict[str, Any]]:
+    """Run the chosen methods, each in its own process, over the stored entries if merging.
+
+    After each method ``save`` gets the entries so far. A failed method ends the run, unless
+    ``--keep-going``: then its reason goes into ``failed`` and the next method runs."""
+    reuse = args.reuse_reference and REFERENCE in stored.get("methods", {})
+    if args.reuse_reference and not reuse:
+        print("  no stored (b) to reuse: running it", file=sys.stderr, flush=True)
+    methods = [] if args.report else parse_methods(args.methods, args.device, args.all, reuse)
     entries = dict(stored.get("methods", {})) if args.merge or args.report else {}
+    if args.merge or args.report:
+        failed.update({k: v for k, v in stored.get("failed", {}).items() if k not in methods})
     for method in methods:
         if args.wait_idle:
             wait_idle(args.wait_idle)
-        entries[method] = run_child(method, args)
+        try:
+            entries[method] = run_child(method, args)
+        except MethodFailed as exc:
+            if not args.keep_going:
+                raise SystemExit(f"FAILED: {exc}") from None
+            print(f"FAILED: {exc}; going on", file=sys.stderr, flush=True)
+            entries.pop(method, None)
+            failed[method] = str(exc)
+            continue
+        failed.pop(method, None)
         busy = entries[method]["other_load_cores"]
         if busy > BUSY_CORES:
             print(f"  warning: other processes kept {busy:.1f} cores busy", file=sys.stderr)
+        if method != methods[-1]:
+            save(entries)
     if REFERENCE not in entries and "single_forward" not in entries:
         raise SystemExit("nothing measured")
     return entries
@@ -789,13 +796,15 @@ def check_agreement(entries: dict[str, dict[str, Any]]) -> bool:
     return ok
 
 
-def orchestrate(args: argparse.Namespace) -> int:
-    key = report_key(args)
-    path = RESULTS_DIR / f"sweep_patching_{key}.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    entries = collect(args, stored)
+def build_report(
+    args: argparse.Namespace,
+    stored: dict[str, Any],
+    entries: dict[str, dict[str, Any]],
+    failed: dict[str, str],
+) -> tuple[dict[str, Any], bool]:
+    """The JSON report of ``entries`` and whether the grids agree with (b)."""
     ok = check_agreement(entries)
-    first = entries.get(REFERENCE) or entries["single_forward"]
+    first = entries.get(REFERENCE) or entries.get("single_forward") or next(iter(entries.values()))
     config = {**first["config"], "cells": first["config"]["n_layers"] * first["config"]["n_pos"]}
     machine = stored["machine"] if args.report and stored else machine_info(args.device)
     report = {
@@ -808,11 +817,42 @@ def orchestrate(args: argparse.Namespace) -> int:
         "methods": entries,
         "targets": targets(entries),
     }
+    if failed:
+        report["failed"] = dict(failed)
+    return report, ok
+
+
+def write_report(path: Path, report: dict[str, Any], out_dir: str | None) -> None:
+    """Write the JSON report (atomically) and copy it into ``out_dir`` if given."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1) + "\n"
+    targets_ = [path] + ([Path(out_dir) / path.name] if out_dir else [])
+    for target in targets_:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    key = report_key(args)
+    path = RESULTS_DIR / f"sweep_patching_{key}.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    failed: dict[str, str] = {}
+
+    def save_partial(entries: dict[str, dict[str, Any]]) -> None:
+        report, _ = build_report(args, stored, dict(entries), failed)
+        write_report(path, {**report, "partial": True}, args.out_dir)
+        print(f"  (partial results written to {path.name})", file=sys.stderr, flush=True)
+
+    entries = collect(args, stored, failed, save_partial)
+    report, ok = build_report(args, stored, entries, failed)
     markdown = report_markdown(report)
     print("\n" + markdown)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(path, report, args.out_dir)
     print(f"\nwrote {path.relative_to(BENCH_DIR.parent)}")
+    if args.out_dir:
+        print(f"copied it into {args.out_dir}")
     if not ok:
         print("FAILED: grids disagree with (b); README left unchanged", file=sys.stderr)
         return 1
@@ -845,8 +885,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each method, wait up to S s for the CPUs to be idle")  # fmt: skip
+    p.add_argument("--keep-going", action="store_true",
+                   help="a failed method is recorded in the JSON and the next one runs")  # fmt: skip
+    p.add_argument("--method-timeout", type=float, metavar="S",
+                   help="kill a method's process after S s (a failure)")  # fmt: skip
+    p.add_argument("--out-dir", help="also write the JSON report into this folder, after each "
+                   "method (partial) and at the end")  # fmt: skip
     p.add_argument("--merge", action="store_true",
                    help="keep the stored results of methods not rerun")  # fmt: skip
+    p.add_argument("--reuse-reference", action="store_true",
+                   help="with --merge: keep the stored (b) instead of rerunning it (saves a "
+                   "model load; same machine and session only)")  # fmt: skip
     p.add_argument("--report", action="store_true",
                    help="run nothing: rebuild the table from the stored JSON")  # fmt: skip
     p.add_argument("--readme", action=argparse.BooleanOptionalAction,
@@ -858,6 +907,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model = DEFAULT_MODEL.get(device, "smollm2-135m")
     if args.method and not args.json_out:
         p.error("--method needs --json-out")
+    if args.reuse_reference and not args.merge:
+        p.error("--reuse-reference needs --merge")
     return args
 
 
