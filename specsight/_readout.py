@@ -85,7 +85,11 @@ def logit_lens(
     norm, unembed = (modules[name] for name in metric.lens_modules)
     hidden = torch.cat([store[key] for key in metric.store_keys])
     with torch.inference_mode():
-        probs = torch.softmax(unembed(norm(hidden.unsqueeze(0)))[0].float(), -1)
+        normed = norm(hidden.unsqueeze(0))
+        weight = next(unembed.parameters(), None)
+        if weight is not None:  # some norms (Mamba's) return float32 from bf16 inputs
+            normed = normed.to(weight.dtype)
+        probs = torch.softmax(unembed(normed)[0].float(), -1)
     top_probs, top_ids = probs.topk(metric.k or 5, dim=-1)
     shape = (*metric.shape, len(metric.sites))
     headline = probs[:, metric.tokens[0]] if metric.tokens else top_probs[:, 0]

@@ -586,3 +586,15 @@ def test_readme_sites_table_is_current() -> None:
         "`python -c 'from pathlib import Path; from specsight._site_docs import "
         'update_readme_table; update_readme_table(Path("README.md"))\'`'
     )
+
+
+def test_logit_lens_in_bfloat16_on_a_norm_that_returns_float32() -> None:
+    """Mamba's RMSNorm returns float32 from bfloat16 inputs; the lens casts before unembedding."""
+    spec = {
+        "specsight": 1,
+        "model": {"id": "tiny-mamba", "dtype": "bfloat16", "device": "cpu"},
+        "invokes": {"a": {"prompt": IOI}},
+        "metrics": {"lens": {"kind": "logit_lens", "invoke": "a"}},
+    }
+    lens = specsight.run(spec)["lens"]
+    assert tuple(lens.shape) == (4,) and torch.isfinite(lens).all()
