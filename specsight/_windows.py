@@ -14,9 +14,22 @@ import torch
 
 from .errors import RunError
 
-__all__ = ["attention_weights", "col_index", "token_major"]
+__all__ = ["attention_weights", "col_index", "pos_index", "row_major", "token_major"]
 
 _COLS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def pos_index(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Positions as an index tensor on ``device``, cached: a fresh host-to-device copy inside a
+    hook would make the CPU wait for the GPU at every site."""
+    key = ("pos", positions, str(device))
+    index = _COLS.get(key)
+    if index is None:
+        if len(_COLS) > 4096:
+            _COLS.clear()
+        with torch.inference_mode(False):  # a cached tensor may serve a later backward pass
+            index = _COLS[key] = torch.tensor(positions, dtype=torch.long).to(device)
+    return index
 
 
 def col_index(
@@ -30,8 +43,9 @@ def col_index(
     if index is None:
         if len(_COLS) > 4096:
             _COLS.clear()
-        parts = [torch.arange(start, stop, dtype=torch.long) for start, stop in cols]
-        index = _COLS[key] = torch.cat(parts).to(device)
+        with torch.inference_mode(False):
+            parts = [torch.arange(start, stop, dtype=torch.long) for start, stop in cols]
+            index = _COLS[key] = torch.cat(parts).to(device)
     return index
 
 

@@ -28,7 +28,7 @@ import torch
 from ._forward import RowInputs, run_forward
 from ._grad import attribution, backward_from, grad_scope, keep_grad
 from ._readout import assemble, logit_lens, read_metric
-from ._windows import attention_weights, col_index, row_major, token_major
+from ._windows import attention_weights, col_index, pos_index, row_major, token_major
 from .errors import RunError
 from .hooks import HookScope, hidden_of, module_table, replace_hidden
 from .plan import Forward, Plan, RowOp
@@ -217,7 +217,7 @@ class _Runner:
 
     def _apply_one(self, op: RowOp, hidden: torch.Tensor) -> None:
         row = self.local[op.row]
-        positions = torch.tensor(op.positions, device=hidden.device, dtype=torch.long)
+        positions = pos_index(op.positions, hidden.device)
         cols = col_index(op.cols, hidden.device)
         if op.io == "pattern":  # [batch, query, head, key]: keys past the row's tokens are padding
             value = hidden[row, positions] if cols is None else hidden[row, positions][:, cols]
@@ -239,7 +239,8 @@ class _Runner:
         elif op.kind == "capture":
             self.store[op.store] = hidden[row, : len(op.positions)].detach().clone()
         elif op.kind == "patch":
-            source = self.store[op.sources[0]][list(op.source_positions)]
+            stored = self.store[op.sources[0]]
+            source = stored[pos_index(tuple(op.source_positions), stored.device)]
             if cols is not None:
                 source = source[:, cols.to(source.device)]
             hidden[index] = source.to(hidden.dtype)

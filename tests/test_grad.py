@@ -108,3 +108,16 @@ def test_gradient_errors_are_located():
     spec = _spec("tiny-llama", "hi", [])
     spec["invokes"]["y"] = {"prompt": "hi", "ops": [grad]}
     assert _codes(spec) == {("grad-invoke", ("invokes", "y", "ops", 0, "grad"))}
+
+
+def test_index_tensors_cached_in_inference_mode_serve_a_later_backward():
+    """Position and column indices are cached across runs; one made during an inference-mode
+    run must still work inside a backward run (with a prompt length no other test uses)."""
+    m = tiny("tiny-llama")
+    prompt = "Mary and John went to the big old store"
+    ops = [{"op": "save", "site": "resid_post.1"}, {"op": "save", "site": "q.1", "heads": [1]}]
+    plain = {"specsight": 1, "model": "tiny-llama", "invokes": {"x": {"prompt": prompt, "ops": ops}}}
+    specsight.run(plain, model=m)
+    grads = [{**op, "grad": True, "name": f"g{i}"} for i, op in enumerate(ops)]
+    results = specsight.run(_spec("tiny-llama", prompt, grads), model=m)
+    assert torch.isfinite(results["g0"]).all() and results["g1"].abs().sum() > 0
