@@ -100,6 +100,26 @@ def logit_lens(
     }
 
 
+def to_host(store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The store on the CPU, copied in one transfer per dtype rather than one per value (each
+    device-to-host copy waits for the device)."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, value in store.items():
+        if value.device.type != "cpu":
+            by_dtype.setdefault(value.dtype, []).append(key)
+    if not by_dtype:
+        return store
+    out = dict(store)
+    for keys in by_dtype.values():
+        flat = torch.cat([store[key].detach().reshape(-1) for key in keys]).cpu()
+        offset = 0
+        for key in keys:
+            size = store[key].numel()
+            out[key] = flat[offset : offset + size].view(store[key].shape)
+            offset += size
+    return out
+
+
 def assemble(
     keys: tuple[str, ...], shape: tuple[int, ...], store: dict[str, torch.Tensor]
 ) -> torch.Tensor:
@@ -112,7 +132,9 @@ def assemble(
     # pieces differ in positions (prompts of different lengths) and, for attention patterns,
     # in keys: pad every axis to the longest with NaN
     longest = [max(sizes) for sizes in zip(*(p.shape for p in pieces))]
-    if any(list(p.shape) != longest for p in pieces):
+    if len(pieces) == 1:
+        stacked = pieces[0].unsqueeze(0)
+    elif any(list(p.shape) != longest for p in pieces):
         padded = torch.full((len(pieces), *longest), float("nan"), dtype=pieces[0].dtype)
         for i, piece in enumerate(pieces):
             padded[(i, *(slice(0, n) for n in piece.shape))] = piece

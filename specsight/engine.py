@@ -27,7 +27,7 @@ import torch
 
 from ._forward import RowInputs, run_forward
 from ._grad import attribution, backward_from, grad_scope, keep_grad
-from ._readout import assemble, logit_lens, read_metric
+from ._readout import assemble, logit_lens, read_metric, to_host
 from ._windows import attention_weights, col_index, pos_index, row_major, token_major
 from .errors import RunError
 from .hooks import HookScope, hidden_of, module_table, replace_hidden
@@ -399,7 +399,8 @@ def execute(
     out.metrics = dict(
         sorted(out.metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0]))
     )
+    host = to_host({k: runner.store[k] for save in plan.saves for k in save.keys})
     for save in plan.saves:
-        out.saves[save.name] = assemble(save.keys, save.shape, runner.store)
+        out.saves[save.name] = assemble(save.keys, save.shape, host)
     out.timings["execute_s"] = time.perf_counter() - started
     return out

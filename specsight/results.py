@@ -30,7 +30,8 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     t = tensor.detach().cpu().contiguous()
     flat = t.reshape(-1)
     digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    digest.update(flat.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))  # no copy of the bytes
     return digest.hexdigest()
 
 
