@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_patching import hooks_save_all, load_setup, save_all_spec, sync  # noqa: E402
 

@@ -116,7 +116,11 @@ def test_index_tensors_cached_in_inference_mode_serve_a_later_backward():
     m = tiny("tiny-llama")
     prompt = "Mary and John went to the big old store"
     ops = [{"op": "save", "site": "resid_post.1"}, {"op": "save", "site": "q.1", "heads": [1]}]
-    plain = {"specsight": 1, "model": "tiny-llama", "invokes": {"x": {"prompt": prompt, "ops": ops}}}
+    plain = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {"x": {"prompt": prompt, "ops": ops}},
+    }
     specsight.run(plain, model=m)
     grads = [{**op, "grad": True, "name": f"g{i}"} for i, op in enumerate(ops)]
     results = specsight.run(_spec("tiny-llama", prompt, grads), model=m)
