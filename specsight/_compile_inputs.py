@@ -117,8 +117,12 @@ def _pixels(ctx: _Ctx, full: str, file: str, path: _Path, image: dict[str, Any])
     if array.ndim == 2:
         array = array[:, :, None]
     array = array * float(image.get("rescale_factor", 1 / 255))
-    mean = np.asarray(image.get("image_mean", [0.0] * array.shape[2]), dtype=np.float64)
-    std = np.asarray(image.get("image_std", [1.0] * array.shape[2]), dtype=np.float64)
+    channels = array.shape[2]
+    mean = np.asarray(image.get("image_mean", [0.0]), dtype=np.float64).reshape(-1)
+    std = np.asarray(image.get("image_std", [1.0]), dtype=np.float64).reshape(-1)
+    if mean.size not in (1, channels) or std.size not in (1, channels):
+        raise ctx.fail("image-file", f"the model's image mean/std do not have {channels} values",
+                       path, "check the model's preprocessor_config.json")  # fmt: skip
     array = (array - mean) / std
     return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
 

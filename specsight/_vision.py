@@ -21,8 +21,8 @@ __all__ = ["image_info", "with_processor"]
 _IMAGE_DEFAULTS = {
     "resample": "bilinear",
     "rescale_factor": 1 / 255,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
+    "image_mean": [0.5],  # one value for every channel
+    "image_std": [0.5],
 }
 
 
@@ -54,7 +54,7 @@ def with_processor(info: ModelInfo, folder: Path | None) -> ModelInfo:
     if not config.get("do_rescale", True):
         image["rescale_factor"] = 1.0
     if not config.get("do_normalize", True):
-        image["image_mean"], image["image_std"] = [0.0] * 3, [1.0] * 3
+        image["image_mean"], image["image_std"] = [0.0], [1.0]
     size = config.get("size")
     if isinstance(size, dict) and "height" in size and "width" in size:
         image["size"] = [int(size["height"]), int(size["width"])]

@@ -483,3 +483,40 @@ def test_image_specs_run_locally_only(tmp_path: Path) -> None:
     path = _write(tmp_path, _vit_spec({"a": {"image": "red.png"}}))
     with pytest.raises(SpecError, match="'image' inputs are files, which run locally only"):
         run_remote(path, url="http://127.0.0.1:9", api_key="unused")
+
+
+def test_grayscale_vit_folder_with_its_own_preprocessor(tmp_path: Path) -> None:
+    """A local ViT folder: one channel, 16x16 images, its preprocessor_config.json's mean/std."""
+    import json
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=16, patch_size=8, num_channels=1, id2label={0: "zero", 1: "one"},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    processor = {"image_mean": [0.25], "image_std": [0.5], "size": {"height": 16, "width": 16}}
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(processor))
+    shutil.copy(RED, tmp_path / "red.png")
+    spec = {
+        "specsight": 1,
+        "model": {"id": str(tmp_path / "vit"), "device": "cpu"},
+        "invokes": {"a": {"image": "red.png", "ops": [{"op": "save", "site": "embed"}]}},
+        "metrics": {"p": {"kind": "prob", "invoke": "a", "token": "one"}},
+    }
+    path = _write(tmp_path, spec)
+    plan_info = specsight.models.load_model_info(str(tmp_path / "vit"))[0]
+    assert plan_info.image["image_mean"] == [0.25] and plan_info.image["seq_len"] == 5
+    results = specsight.run(path)
+    assert tuple(results["a/embed"].shape) == (5, 32)
+    from PIL import Image
+
+    with Image.open(RED) as image:
+        gray = np.asarray(image.convert("L").resize((16, 16), resample=2), dtype=np.float64)
+    pixels = torch.tensor(((gray / 255 - 0.25) / 0.5)[None, None], dtype=torch.float32)
+    model = ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(pixel_values=pixels).logits, -1)[0, 1]
+    torch.testing.assert_close(results["p"], expected, rtol=1e-4, atol=1e-6)
