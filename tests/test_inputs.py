@@ -520,3 +520,10 @@ def test_grayscale_vit_folder_with_its_own_preprocessor(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = torch.softmax(model(pixel_values=pixels).logits, -1)[0, 1]
     torch.testing.assert_close(results["p"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_servers_refuse_to_serve_image_models(tmp_path: Path) -> None:
+    args = ["serve", "--model", "tiny-vit", "--insecure-no-auth", "--db", str(tmp_path / "j.db")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "reads image inputs; a server serves text models only" in result.output

@@ -387,12 +387,18 @@ def serve(
     if not len(keys) and not keys.insecure:
         raise ValueError("the key ring holds no key")
 
+    from ..errors import ModelLoadError
     from ..models import load_model
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     models: dict[str, LoadedModel] = {}
     for model_id in model_ids:
         loaded = load_model(model_id, device=device, dtype=dtype)
+        if loaded.info.inputs != "text":
+            raise ModelLoadError(
+                f"'{model_id}' reads {loaded.info.inputs} inputs; a server serves text models only",
+                hint="run specs on this model locally (specsight run SPEC)",
+            )
         models[loaded.model_id] = loaded
         log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
     store = JobStore(db_path)
