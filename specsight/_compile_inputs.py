@@ -189,7 +189,7 @@ def _existing_file(ctx: _Ctx, file: str, path: _Path, what: str) -> str:
 
 
 def read_array_file(ctx: _Ctx, source: S.FileVector, path: _Path, what: str) -> Any:
-    """The numpy array in a .npy or .safetensors file beside the spec (never a pickle)."""
+    """The numpy array in a .npy or .safetensors file beside the spec (object arrays refused)."""
     full = _existing_file(ctx, source.file, path + ("file",), what)
     try:
         import numpy as np

@@ -35,6 +35,7 @@ from ..spec import SPEC_VERSION, AddOp, FileVector, SetOp, Spec
 from ..tokenizer import Tokenizer
 from . import protocol as P
 from .protocol import ErrorBody, JobStatus, ModelEntry, ModelsResponse
+from .runner import refuse_local_only
 
 if TYPE_CHECKING:
     from ..results import Results
@@ -418,20 +419,7 @@ def run_remote(
     ``timeout`` (seconds) passing, with a RunError."""
     spec = source if isinstance(source, Spec) else load_spec(source)
     doc = doc_of(spec)
-    if spec.model.factory is not None:
-        from .runner import factory_refusal
-
-        raise factory_refusal(doc)
-    for name, invoke in spec.invokes.items():
-        if invoke.input_kind != "prompt":
-            path = ("invokes", name, invoke.input_kind)
-            message = f"'{invoke.input_kind}' inputs are files, which run locally only"
-            hint = "run this spec without --remote (servers take text prompts for now)"
-            raise SpecError(
-                doc.source.issue("file-input-remote", message, path, hint=hint)
-                if doc is not None
-                else [Issue("file-input-remote", message, path, None, None, None, hint)]
-            )
+    refuse_local_only(spec, doc)
     remote = client or RemoteClient(url, api_key)
     try:
         entry = remote.model_entry(spec.model.id)

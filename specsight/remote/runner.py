@@ -104,6 +104,21 @@ def factory_refusal(doc: LoadedDoc | None) -> SpecError:
     return SpecError(doc.source.issue("factory-remote", message, path, hint=hint))
 
 
+def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
+    """Raise the SpecError a spec that can only run locally gets: a factory model, or image and
+    tensor inputs (files, which a server never reads)."""
+    if spec.model.factory is not None:
+        raise factory_refusal(doc)
+    for name, invoke in spec.invokes.items():
+        if invoke.input_kind != "prompt":
+            path = ("invokes", name, invoke.input_kind)
+            message = f"'{invoke.input_kind}' inputs are files, which run locally only"
+            hint = "run this spec without --remote (servers take text prompts for now)"
+            if doc is None:
+                raise SpecError([Issue("file-input-remote", message, path, None, None, None, hint)])
+            raise SpecError(doc.source.issue("file-input-remote", message, path, hint=hint))
+
+
 def prepare_job(
     spec_data: dict[str, Any], model: LoadedModel, limits: Limits, *, spec_file: str | None = None
 ) -> PreparedJob:
