@@ -229,7 +229,6 @@ def position_labels(ctx: _Ctx, name: str) -> list[str]:
     if kind == "prompt":
         return ctx.tok.token_strs(tokens)
     if kind == "image":
-        size = (ctx.info.image or {}).get("size", [1, 1])
-        per_row = max(1, round(((len(tokens) - 1) * size[1] / max(size[0], 1)) ** 0.5))
+        per_row = (ctx.info.image or {}).get("grid", [1, len(tokens) - 1])[1]
         return ["[CLS]"] + [f"p{p // per_row},{p % per_row}" for p in range(len(tokens) - 1)]
     return [str(i) for i in range(len(tokens))]

@@ -37,6 +37,7 @@ def image_info(config: Any) -> dict[str, Any] | None:
         "size": [int(height), int(width)],
         "channels": int(getattr(config, "num_channels", 3)),
         **_IMAGE_DEFAULTS,
+        "grid": [height // patch_h, width // patch_w],  # [patch rows, patches per row]
         "seq_len": (height // patch_h) * (width // patch_w) + 1,
     }
 

@@ -90,18 +90,24 @@ def _check(what: str, estimate: int, limit: int, hint: str) -> None:
         raise LimitError(what, estimate, limit, hint)
 
 
+def _local_only(
+    doc: LoadedDoc | None, code: str, message: str, path: tuple, hint: str
+) -> SpecError:
+    """A SpecError located in ``doc`` when there is one."""
+    if doc is None:
+        return SpecError([Issue(code, message, path, None, None, None, hint)])
+    return SpecError(doc.source.issue(code, message, path, hint=hint))
+
+
 def factory_refusal(doc: LoadedDoc | None) -> SpecError:
     """The error a ``model.factory`` spec gets from a server (and from the client, early)."""
-    message = (
-        "model.factory runs local Python code; a server never imports or runs code named by a spec"
+    return _local_only(
+        doc,
+        "factory-remote",
+        "model.factory runs local Python code; a server never imports or runs code named by a spec",
+        ("model", "factory"),
+        "run this spec locally (without --remote), or name one of the server's models in model.id",
     )
-    hint = (
-        "run this spec locally (without --remote), or name one of the server's models in model.id"
-    )
-    path = ("model", "factory")
-    if doc is None:
-        return SpecError([Issue("factory-remote", message, path, None, None, None, hint)])
-    return SpecError(doc.source.issue("factory-remote", message, path, hint=hint))
 
 
 def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
@@ -111,12 +117,13 @@ def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
         raise factory_refusal(doc)
     for name, invoke in spec.invokes.items():
         if invoke.input_kind != "prompt":
-            path = ("invokes", name, invoke.input_kind)
-            message = f"'{invoke.input_kind}' inputs are files, which run locally only"
-            hint = "run this spec without --remote (servers take text prompts for now)"
-            if doc is None:
-                raise SpecError([Issue("file-input-remote", message, path, None, None, None, hint)])
-            raise SpecError(doc.source.issue("file-input-remote", message, path, hint=hint))
+            raise _local_only(
+                doc,
+                "file-input-remote",
+                f"'{invoke.input_kind}' inputs are files, which run locally only",
+                ("invokes", name, invoke.input_kind),
+                "run this spec without --remote (servers take text prompts for now)",
+            )
 
 
 def prepare_job(
