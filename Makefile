@@ -25,8 +25,9 @@ test: venv
 	$(BIN)/specsight check specs/ --junit runs/junit-specs.xml
 
 lint: venv
-	$(BIN)/ruff check specsight tests cli.py
-	$(BIN)/ruff format --check specsight tests cli.py
+	$(BIN)/ruff check specsight tests bench cli.py
+	$(BIN)/ruff format --check specsight tests bench cli.py
+	$(BIN)/lint-imports
 
 golden: venv
 	$(BIN)/python -m pytest tests/test_golden.py --update-golden

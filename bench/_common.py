@@ -66,7 +66,7 @@ def tokenizer_dir() -> Path:
     env = os.environ.get(TOKENIZER_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    from specsight.models import cache_dir, load_model_info
+    from specsight.models.load import cache_dir, load_model_info
 
     load_model_info("smollm2-135m")  # converts the built-in model when it is not cached yet
     return cache_dir() / "models" / "smollm2-135m"
@@ -74,7 +74,7 @@ def tokenizer_dir() -> Path:
 
 def smollm2_tokenizer() -> Any:
     """specsight's Tokenizer of SmolLM2: from ``$SPECSIGHT_BENCH_TOKENIZER`` when set."""
-    from specsight.models import load_model_info
+    from specsight.models.load import load_model_info
 
     env = os.environ.get(TOKENIZER_ENV)
     # a folder id reads its config.json on the meta device and its tokenizer.json: no weights
@@ -104,7 +104,7 @@ def random_llama(name: str, device: str, dtype: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from specsight.models import LoadedModel, model_info_from_module
+    from specsight.models.load import LoadedModel, model_info_from_module
 
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

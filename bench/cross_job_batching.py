@@ -52,7 +52,7 @@ from safetensors.torch import load as load_safetensors
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
-    from specsight.models import LoadedModel
+    from specsight.models.load import LoadedModel
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -292,7 +292,7 @@ def measure_model(
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every torch thread count of ``--threads`` x every model of ``--models``; the record."""
     import specsight
-    from specsight.models import load_model
+    from specsight.models.load import load_model
 
     default_threads = torch.get_num_threads()
     load_before = os.getloadavg()

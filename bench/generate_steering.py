@@ -582,7 +582,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace) -> Any:
-    from specsight.models import load_model
+    from specsight.models.load import load_model
 
     if args.model in RANDOM_LLAMAS:
         return random_llama(args.model, args.device, getattr(torch, args.dtype))

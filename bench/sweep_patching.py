@@ -55,7 +55,7 @@ from _common import (  # bench/ is on sys.path when a script runs
 )
 
 if TYPE_CHECKING:
-    from specsight.models import LoadedModel
+    from specsight.models.load import LoadedModel
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -131,7 +131,7 @@ def _one_token(loaded: LoadedModel, text: str) -> int:
 
 def load_setup(model_name: str, device: str) -> Setup:
     """Load the model and tokenize the prompts."""
-    from specsight.models import load_model
+    from specsight.models.load import load_model
 
     if model_name in RANDOM_LLAMAS:
         loaded = random_llama(model_name, device)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from .api import compile_plan, load_spec, run
 from .errors import Issue, ModelLoadError, RunError, SpecError, SpecsightError
-from .modelinfo import ModelInfo
+from .models import ModelInfo
 from .plan import Plan
 from .spec import Spec
+from .version import __version__
 
 if TYPE_CHECKING:
     from .results import Results

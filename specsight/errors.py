@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 __all__ = [
+    "MAX_ISSUES",
     "Issue",
     "SpecsightError",
     "SpecError",
@@ -26,6 +27,9 @@ __all__ = [
 ]
 
 PathPart = str | int
+
+#: at most this many issues are collected into one SpecError (loader and compiler alike)
+MAX_ISSUES = 50
 
 
 def format_path(path: Sequence[PathPart]) -> str:

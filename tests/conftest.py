@@ -1,15 +1,24 @@
-"""Shared fixtures: tiny models (built once per session), the built-in model, golden updating."""
+"""Shared fixtures: tiny models (built once per session), the built-in model, golden updating,
+and the IOI patching spec most tests start from."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 GOLDEN = Path(__file__).resolve().parent / "golden"
+
+#: the IOI prompt pair: both 14 tokens on SmolLM2 and on the tiny tokenizer; the second name
+#: (position 9) differs
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+#: the patch of the IOI sweep: the clean residual stream at one (layer, position) cell
+PATCH = {"op": "patch", "site": "resid_post.{layer}", "positions": ["{pos}"], "from": "clean"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -24,14 +33,14 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
 @functools.cache
 def tiny(name: str = "tiny-llama", seed: int = 0):
     """A tiny random model, loaded once per test session."""
-    from specsight.models import load_model
+    from specsight.models.load import load_model
 
     return load_model(name, seed=seed, device="cpu")
 
 
 @functools.cache
 def builtin():
-    from specsight.models import load_model
+    from specsight.models.load import load_model
 
     return load_model("smollm2-135m", device="cpu")
 
@@ -49,3 +58,60 @@ def tiny_gpt2():
 @pytest.fixture(scope="session")
 def smollm():
     return builtin()
+
+
+def ioi_spec(
+    model: str = "tiny-llama",
+    *,
+    name: str | None = None,
+    sweep: dict[str, Any] | None = None,
+    patched: str = "corrupt",
+    baseline: str | None = None,
+    recovery: str | None = None,
+    target: str | int = " Mary",
+    foil: str | int = " John",
+    ops: list[dict[str, Any]] | tuple = (),
+    clean_ops: list[dict[str, Any]] | tuple = (),
+    clean_ld: bool = True,
+    metrics: dict[str, Any] | None = None,
+    invoke_extra: dict[str, Any] | None = None,
+    **top: Any,
+) -> dict[str, Any]:
+    """The IOI residual patching experiment as spec data.
+
+    Invokes: ``clean``, the unpatched corrupted run ``baseline`` (when named), and ``patched``
+    (the corrupted prompt swept over ``sweep``, default every layer x position, with
+    :data:`PATCH` and then ``ops``). Metrics: ``ld`` (the logit difference target - foil on the
+    patched invoke), ``clean_ld``, ``base_ld`` (with a baseline), a recovery metric named
+    ``recovery``, then ``metrics``. ``top`` adds top-level keys (``expect``, ...).
+    """
+
+    def logit_diff(invoke: str) -> dict[str, Any]:
+        return {"kind": "logit_diff", "invoke": invoke, "target": target, "foil": foil}
+
+    invokes: dict[str, Any] = {"clean": {"prompt": CLEAN}}
+    if clean_ops:
+        invokes["clean"]["ops"] = list(clean_ops)
+    if baseline is not None:
+        invokes[baseline] = {"prompt": CORRUPT}
+    invokes[patched] = {
+        "prompt": CORRUPT,
+        "sweep": sweep or {"layer": "all", "pos": "all"},
+        "ops": [dict(PATCH), *ops],
+        **(invoke_extra or {}),
+    }
+    measured: dict[str, Any] = {"ld": logit_diff(patched)}
+    if clean_ld:
+        measured["clean_ld"] = logit_diff("clean")
+    if baseline is not None:
+        measured["base_ld"] = logit_diff(baseline)
+    if recovery is not None:
+        measured[recovery] = {
+            "kind": "recovery",
+            "patched": "ld",
+            "clean": "clean_ld",
+            "corrupt": "base_ld",
+        }
+    measured.update(metrics or {})
+    head: dict[str, Any] = {"specsight": 1, **({"name": name} if name else {}), "model": model}
+    return {**head, "invokes": invokes, "metrics": measured, **top}

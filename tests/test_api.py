@@ -15,14 +15,13 @@ import torch
 import yaml
 
 import specsight
-from specsight.models import load_model_info
+from specsight.models.load import load_model_info
 from specsight.plan import Plan
 from specsight.results import MANIFEST_FILE, RESULTS_FILE, Results, tensor_sha256
+from tests.conftest import CLEAN, CORRUPT
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 SPEC = {
     "specsight": 1,
@@ -75,7 +74,7 @@ def spec_file(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny3():
-    from specsight.models import load_model
+    from specsight.models.load import load_model
 
     return load_model("tiny-llama", seed=3, device="cpu")
 
@@ -296,8 +295,8 @@ def test_compile_plan_reports_spec_errors_with_positions(tmp_path):
 def test_a_spec_never_gets_a_stale_document():
     """Documents are remembered per spec object; a new object reusing a dead one's id must not
     inherit its file positions or hash."""
-    from specsight.api import _DOCS, doc_of
     from specsight.spec import Spec
+    from specsight.spec.validate import _DOCS, doc_of
 
     kept = specsight.load_spec(SPEC)
     before = len(_DOCS)

@@ -9,10 +9,7 @@ import torch
 import specsight
 from specsight.api import compile_plan, load_spec
 from specsight.errors import SpecError
-from tests.conftest import tiny
-
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+from tests.conftest import CLEAN, CORRUPT, ioi_spec, tiny
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -23,38 +20,16 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _spec(model: str) -> dict:
-    target, foil = 5, 7
-    return {
-        "specsight": 1,
-        "model": model,
-        "invokes": {
-            "clean": {"prompt": CLEAN},
-            "corrupt": {"prompt": CORRUPT},
-            "patched": {
-                "prompt": CORRUPT,
-                "sweep": {"layer": "all", "pos": "all"},
-                "ops": [
-                    {
-                        "op": "patch",
-                        "site": "resid_post.{layer}",
-                        "positions": ["{pos}"],
-                        "from": "clean",
-                    }
-                ],
-            },
-        },
-        "metrics": {
-            "atp": {
-                "kind": "attribution",
-                "clean": "clean",
-                "corrupt": "corrupt",
-                "target": target,
-                "foil": foil,
-            },
-            "exact": {"kind": "logit_diff", "invoke": "patched", "target": target, "foil": foil},
-            "base": {"kind": "logit_diff", "invoke": "corrupt", "target": target, "foil": foil},
-        },
-    }
+    atp = {"kind": "attribution", "clean": "clean", "corrupt": "corrupt", "target": 5, "foil": 7}
+    return ioi_spec(
+        model,
+        patched="patched",
+        baseline="corrupt",
+        target=5,
+        foil=7,
+        clean_ld=False,
+        metrics={"atp": atp},
+    )
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
@@ -62,7 +37,7 @@ def test_attribution_ranks_cells_like_exact_patching(model):
     m = tiny(model)
     results = specsight.run(_spec(model), model=m)
     atp = results["atp"]
-    exact = results["exact"] - results["base"]
+    exact = results["ld"] - results["base_ld"]
     assert atp.shape == exact.shape == (m.info.n_layers, 14)
     assert results.axes("atp") == ["site", "pos"]
     # the prompts agree before position 9: patching there changes nothing, and AtP says 0
@@ -107,7 +82,7 @@ def test_attribution_errors():
     m = tiny("tiny-llama")
     spec = _spec("tiny-llama")
     spec["invokes"]["corrupt"]["prompt"] = "Mary gave a drink to"
-    spec["backward"] = {"metric": "base"}
+    spec["backward"] = {"metric": "base_ld"}
     with pytest.raises(SpecError) as err:
         compile_plan(load_spec(spec), m.info, m.tokenizer)
     codes = {(i.code, i.path) for i in err.value.issues}

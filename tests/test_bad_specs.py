@@ -30,8 +30,7 @@ from click.testing import CliRunner
 from specsight.cli import main
 from specsight.compile import compile_plan
 from specsight.errors import SpecError
-from specsight.load import MAX_BYTES, load_file
-from specsight.spec import validate_spec
+from specsight.spec import MAX_BYTES, load_file, validate_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_specs"
@@ -77,7 +76,7 @@ CASES = sorted([p.name for p in BAD.iterdir() if p.suffix in (".yaml", ".json")]
 
 @functools.cache
 def _model_info(model_id: str):
-    from specsight.models import load_model_info
+    from specsight.models.load import load_model_info
 
     return load_model_info(model_id)
 

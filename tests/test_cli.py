@@ -17,38 +17,20 @@ from click.testing import CliRunner
 
 from specsight.cli import main
 from specsight.plan import Plan
+from tests.conftest import CLEAN, ioi_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
-
-TINY_SPEC = {
-    "specsight": 1,
-    "name": "tiny-cli",
-    "model": "tiny-llama",
-    "invokes": {
-        "clean": {"prompt": CLEAN},
-        "corrupt": {
-            "prompt": CORRUPT,
-            "sweep": {"layer": "all", "pos": [0, 9, 13]},
-            "ops": [
-                {
-                    "op": "patch",
-                    "site": "resid_post.{layer}",
-                    "positions": ["{pos}"],
-                    "from": "clean",
-                },
-                {"op": "save", "site": "resid_post.1", "name": "rp1"},
-            ],
-        },
-    },
-    "metrics": {
-        "ld": {"kind": "logit_diff", "invoke": "corrupt", "target": " Mary", "foil": " John"},
+TINY_SPEC = ioi_spec(
+    name="tiny-cli",
+    sweep={"layer": "all", "pos": [0, 9, 13]},
+    ops=[{"op": "save", "site": "resid_post.1", "name": "rp1"}],
+    clean_ld=False,
+    metrics={
         "p_mary": {"kind": "prob", "invoke": "clean", "token": " Mary"},
         "top": {"kind": "top_k", "invoke": "clean", "k": 3},
     },
-}
+)
 
 #: an unknown op on line 7 (a spec mistake: exit 2)
 BAD_SPEC = """\
@@ -201,7 +183,7 @@ def test_run_json_is_strict_even_with_nan_results(runner, tmp_path):
 
 
 def test_progress_bar_goes_to_stderr():
-    from specsight.cli import _progress_callback
+    from specsight.cli.run import progress_callback as _progress_callback
 
     callback, progress = _progress_callback(True)
     assert callback is not None

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from specsight.remote.auth import hash_key
+from tests.conftest import CLEAN, CORRUPT
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "crash-key"
@@ -45,8 +46,7 @@ ROUNDS = int(os.environ.get("SPECSIGHT_CRASH_ROUNDS", "20"))
 SEED = 20261126
 READY_TIMEOUT_S = 90.0
 DRAIN_TIMEOUT_S = 150.0
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
 SMALL_FACTORS = (0.0, 0.5, 1.5, 2.0)
 
 

@@ -168,7 +168,7 @@ def test_steering_generate(smollm, record_property, tmp_path):
     assert "an amazing writer" in results.summary()
 
 
-def test_ioi_attribution_ranks_cells_like_the_exact_sweep(smollm, record_property, tmp_path):
+def test_ioi_attribution_finds_the_cells_the_exact_sweep_finds(smollm, record_property, tmp_path):
     results = timed_run("ioi_attribution.yaml", smollm, record_property, tmp_path / "atp")
     assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
     started = time.perf_counter()
@@ -178,13 +178,24 @@ def test_ioi_attribution_ranks_cells_like_the_exact_sweep(smollm, record_propert
     atp = specsight.run(SPECS / "ioi_attribution.yaml", model=smollm)["atp"]
     atp_s = time.perf_counter() - started
     effect = exact["logit_diff"] - exact["corrupt_logit_diff"]
-    ranks = [t.flatten().argsort().argsort().double() for t in (atp, effect)]
-    ranks = [r - r.mean() for r in ranks]
-    rho = float((ranks[0] * ranks[1]).sum() / (ranks[0].norm() * ranks[1].norm()))
-    print(f"\n[atp] rank correlation {rho:.3f}; attribution {atp_s:.2f} s, exact {exact_s:.2f} s")
-    record_property("rank_correlation", round(rho, 4))
     assert atp.shape == effect.shape == (30, 14)
-    assert rho > 0.9
+    # Most cells change nothing (their exact effect is float noise, ~1e-5), so a rank
+    # correlation over all cells measures the order of noise. Judge the cells that matter:
+    # every cell whose patch restores more than 5 logits is found (attribution > 2), no cell the
+    # exact sweep calls null gets a large attribution, and the two grids correlate linearly.
+    strong, null = effect > 5, effect.abs() < 0.5
+    pearson = float(torch.corrcoef(torch.stack([atp.flatten(), effect.flatten()]))[0, 1])
+    print(
+        f"\n[atp] {int(strong.sum())} strong cells, min attribution there "
+        f"{float(atp[strong].min()):.2f}; max |attribution| on {int(null.sum())} null cells "
+        f"{float(atp[null].abs().max()):.2f}; pearson {pearson:.3f}; "
+        f"attribution {atp_s:.2f} s, exact {exact_s:.2f} s"
+    )
+    record_property("pearson", round(pearson, 4))
+    assert int(strong.sum()) >= 20 and bool((atp[strong] > 2).all())
+    assert float(atp[null].abs().max()) < 1.0
+    assert not bool(((atp > 5) & (effect < 2)).any())
+    assert pearson > 0.8
     assert atp_s < exact_s
 
 

@@ -14,46 +14,20 @@ from click.testing import CliRunner
 import specsight
 from specsight.cli import main
 from specsight.errors import SpecError
-from tests.conftest import tiny
-
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+from tests.conftest import CLEAN, ioi_spec, tiny
 
 
 def base_spec(expect: list[dict], **extra) -> dict:
-    return {
-        "specsight": 1,
-        "name": "tiny-expect",
-        "model": "tiny-llama",
-        "invokes": {
-            "clean": {"prompt": CLEAN},
-            "corrupt": {
-                "prompt": CORRUPT,
-                "sweep": {"layer": "all", "pos": [0, 9, 13]},
-                "ops": [
-                    {
-                        "op": "patch",
-                        "site": "resid_post.{layer}",
-                        "positions": ["{pos}"],
-                        "from": "clean",
-                    }
-                ],
-            },
-        },
-        "metrics": {
-            "ld": {"kind": "logit_diff", "invoke": "corrupt", "target": " Mary", "foil": " John"},
-            "clean_ld": {
-                "kind": "logit_diff",
-                "invoke": "clean",
-                "target": " Mary",
-                "foil": " John",
-            },
+    return ioi_spec(
+        name="tiny-expect",
+        sweep={"layer": "all", "pos": [0, 9, 13]},
+        metrics={
             "top": {"kind": "top_k", "invoke": "clean", "k": 5},
             "probs": {"kind": "prob", "invoke": "clean", "tokens": [" Mary", " John"]},
         },
-        "expect": expect,
+        expect=expect,
         **extra,
-    }
+    )
 
 
 @pytest.fixture(scope="module")

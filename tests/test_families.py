@@ -14,12 +14,12 @@ import yaml
 
 import specsight
 from specsight.errors import RunError, SpecError
-from specsight.models import load_model, load_model_info
+from specsight.models.load import load_model, load_model_info
 from specsight.sites import FAMILIES, canonical_names, detect_family, family_table, resolve_site
+from tests.conftest import CLEAN as IOI
+from tests.conftest import CORRUPT as IOI_CORRUPT
 
 ROOT = Path(__file__).resolve().parent.parent
-IOI = "When Mary and John went to the store, John gave a drink to"
-IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 #: tiny model of each family
 FAMILY_MODELS = {
     "tiny-gpt2": "gpt2",
@@ -519,7 +519,7 @@ def test_unknown_transformer_from_a_local_folder(tmp_path: Path) -> None:
     """A GPT-J folder (no table): layer stack, attention and MLP inferred; patching works."""
     import transformers
 
-    from specsight._tiny import _tiny_tokenizer_json
+    from specsight.models.load.tiny import _tiny_tokenizer_json
 
     config = transformers.GPTJConfig(
         vocab_size=1024, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=128,
@@ -579,11 +579,11 @@ def test_sites_command_shows_head_layouts() -> None:
 
 
 def test_readme_sites_table_is_current() -> None:
-    from specsight._site_docs import update_readme_table
+    from specsight.sites import update_readme_table
 
     assert update_readme_table(ROOT / "README.md", write=False), (
         "the README's site table is stale: run "
-        "`python -c 'from pathlib import Path; from specsight._site_docs import "
+        "`python -c 'from pathlib import Path; from specsight.sites import "
         'update_readme_table; update_readme_table(Path("README.md"))\'`'
     )
 

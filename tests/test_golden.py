@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from specsight.api import compile_plan, load_spec
-from specsight.models import load_model_info
+from specsight.models.load import load_model_info
 from tests.conftest import GOLDEN, SPECS
 
 # The steering examples need layer 6 and multi-token words of the real model's vocabulary;

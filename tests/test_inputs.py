@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 import specsight
 from specsight.cli import main
 from specsight.errors import ModelLoadError, RunError, SpecError
-from specsight.models import load_model
+from specsight.models.load import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "specs" / "images"
@@ -425,9 +425,9 @@ def test_factory_errors_say_what_and_where(factory_dir: Path) -> None:
 
 
 def test_factory_model_is_refused_by_servers(factory_dir: Path) -> None:
-    from specsight.remote.client import run_remote
+    from specsight.remote.admission import prepare_job
     from specsight.remote.protocol import Limits
-    from specsight.remote.runner import prepare_job
+    from specsight.remote.submit import run_remote
 
     path = _write(factory_dir, _tagger_spec())
     with pytest.raises(SpecError) as exc:  # the client refuses before any request
@@ -477,7 +477,7 @@ def test_run_error_for_output_without_logits(factory_dir: Path) -> None:
 
 
 def test_image_specs_run_locally_only(tmp_path: Path) -> None:
-    from specsight.remote.client import run_remote
+    from specsight.remote.submit import run_remote
 
     shutil.copy(RED, tmp_path / "red.png")
     path = _write(tmp_path, _vit_spec({"a": {"image": "red.png"}}))
@@ -507,7 +507,7 @@ def test_grayscale_vit_folder_with_its_own_preprocessor(tmp_path: Path) -> None:
         "metrics": {"p": {"kind": "prob", "invoke": "a", "token": "one"}},
     }
     path = _write(tmp_path, spec)
-    plan_info = specsight.models.load_model_info(str(tmp_path / "vit"))[0]
+    plan_info = specsight.models.load.load_model_info(str(tmp_path / "vit"))[0]
     assert plan_info.image["image_mean"] == [0.25] and plan_info.image["seq_len"] == 5
     results = specsight.run(path)
     assert tuple(results["a/embed"].shape) == (5, 32)

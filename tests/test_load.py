@@ -10,7 +10,7 @@ import time
 import pytest
 
 from specsight.errors import Issue, SpecError
-from specsight.load import MAX_BYTES, MAX_DEPTH, SourceMap, from_data, load_file, load_text
+from specsight.spec import MAX_BYTES, MAX_DEPTH, SourceMap, from_data, load_file, load_text
 
 SPEC = """\
 model: gpt2  # a comment

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from specsight import _tiny, models
+import specsight
 from specsight.errors import ModelLoadError
-from specsight.models import (
+from specsight.models import load as models
+from specsight.models.load import (
     TINY_MODELS,
     cache_dir,
     hash_weights,
@@ -31,8 +32,9 @@ from specsight.models import (
     load_model_info,
     resolve_device,
 )
+from specsight.models.load import tiny as _tiny
+from tests.conftest import CLEAN as IOI
 
-IOI = "When Mary and John went to the store, John gave a drink to"
 TINY = sorted(TINY_MODELS)
 #: tiny model -> (architecture, family, n_kv_heads)
 TINY_SHAPES = {
@@ -133,10 +135,10 @@ def test_tiny_tokenizer() -> None:
 
 def test_tiny_tokenizer_training_is_deterministic_across_processes() -> None:
     code = (
-        "import hashlib, specsight._tiny as m;"
+        "import hashlib, specsight.models.load.tiny as m;"
         "print(hashlib.sha256(m._tiny_tokenizer_json().encode()).hexdigest())"
     )
-    root = str(Path(models.__file__).parent.parent)
+    root = str(Path(specsight.__file__).parent.parent)
     outs = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
@@ -353,8 +355,8 @@ def test_builtin_bfloat16(smol: models.LoadedModel) -> None:
 @pytest.mark.slow
 def test_builtin_conversion_race(tmp_path: Path) -> None:
     """Two processes converting into one empty cache: one folder, no temp leftovers."""
-    code = "import specsight.models as m; print(m.load_model_info('smollm2-135m')[0].n_layers)"
-    root = str(Path(models.__file__).parent.parent)
+    code = "import specsight.models.load as m; print(m.load_model_info('smollm2-135m')[0].n_layers)"
+    root = str(Path(specsight.__file__).parent.parent)
     env = {**os.environ, "SPECSIGHT_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     procs = [
         subprocess.Popen(

@@ -29,55 +29,28 @@ from specsight.api import run as run_local
 from specsight.cli import main
 from specsight.errors import RunError, SpecError
 from specsight.remote import protocol as P
-from specsight.remote.client import KEY_HINT, RemoteClient, run_remote
+from specsight.remote.client import KEY_HINT, RemoteClient
+from specsight.remote.submit import run_remote
 from specsight.results import Results
 
-from .conftest import tiny
+from .conftest import CLEAN, ioi_spec, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://fake.test"
 KEY = "secret-key"
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 #: an IOI patching sweep with a save and several metrics
-IOI_SPEC: dict[str, Any] = {
-    "specsight": 1,
-    "name": "ioi-remote",
-    "model": "tiny-llama",
-    "invokes": {
-        "clean": {
-            "prompt": CLEAN,
-            "ops": [{"op": "save", "site": "resid_post.1", "name": "clean_rp1"}],
-        },
-        "corrupt": {
-            "prompt": CORRUPT,
-            "sweep": {"layer": "all", "pos": [0, 9, 13]},
-            "ops": [
-                {
-                    "op": "patch",
-                    "site": "resid_post.{layer}",
-                    "positions": ["{pos}"],
-                    "from": "clean",
-                }
-            ],
-        },
-        "baseline": {"prompt": CORRUPT},
-    },
-    "metrics": {
-        "clean_ld": {"kind": "logit_diff", "invoke": "clean", "target": " Mary", "foil": " John"},
-        "base_ld": {"kind": "logit_diff", "invoke": "baseline", "target": " Mary", "foil": " John"},
-        "ld": {"kind": "logit_diff", "invoke": "corrupt", "target": " Mary", "foil": " John"},
-        "recovery": {
-            "kind": "recovery",
-            "patched": "ld",
-            "clean": "clean_ld",
-            "corrupt": "base_ld",
-        },
+IOI_SPEC: dict[str, Any] = ioi_spec(
+    name="ioi-remote",
+    sweep={"layer": "all", "pos": [0, 9, 13]},
+    baseline="baseline",
+    recovery="recovery",
+    clean_ops=[{"op": "save", "site": "resid_post.1", "name": "clean_rp1"}],
+    metrics={
         "p_mary": {"kind": "prob", "invoke": "clean", "token": " Mary"},
         "top": {"kind": "top_k", "invoke": "clean", "k": 3},
     },
-}
+)
 
 #: an unknown op on line 7, column 9 (caught locally, before anything is sent)
 BAD_SPEC = """\
@@ -178,7 +151,8 @@ class FakeServer:
         return self._poll(job)
 
     def _submit(self, request: httpx.Request) -> httpx.Response:
-        from specsight.remote.runner import LimitError, prepare_job, run_jobs
+        from specsight.remote.admission import LimitError, prepare_job
+        from specsight.remote.batching import run_jobs
 
         if self.queue_full:
             self.queue_full -= 1

@@ -83,8 +83,7 @@ BASE = {"specsight": 1, "model": "tiny-llama", "invokes": {"a": {"prompt": "hi"}
 )
 def test_jsonschema_and_pydantic_agree(patch, valid):
     from specsight.errors import SpecError
-    from specsight.load import from_data
-    from specsight.spec import validate_spec
+    from specsight.spec import from_data, validate_spec
 
     data = {**BASE, **patch}
     schema_ok = not list(_validator().iter_errors(data))

@@ -16,21 +16,23 @@ from safetensors.torch import load as load_safetensors
 
 import specsight
 from specsight.cli import main
-from specsight.remote import runner
+from specsight.remote import batching
 from specsight.remote.auth import INSECURE_OWNER, KeyFileError, KeyRing, hash_key
 from specsight.remote.jobs import JobStore
 from specsight.remote.protocol import ErrorBody, JobStatus, Limits, ModelsResponse
 from specsight.remote.server import create_app
 from specsight.remote.worker import results_payload
 
+from .conftest import CLEAN as CLEAN_PROMPT
+from .conftest import CORRUPT as CORRUPT_PROMPT
 from .conftest import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"alice": "alice-key", "bob": "bob-key"}
 ALICE = {"X-API-Key": "alice-key"}
 BOB = {"X-API-Key": "bob-key"}
-CLEAN = ["When Mary and John went to the store, John gave a drink to"]
-CORRUPT = ["When Mary and John went to the store, Mary gave a drink to"]
+CLEAN = [CLEAN_PROMPT]
+CORRUPT = [CORRUPT_PROMPT]
 
 
 def spec(factor: float | None = None, prompt: list[str] | None = None, **extra) -> dict:
@@ -434,13 +436,13 @@ def test_cancel_a_queued_job(idle):
 def test_cancel_a_running_job(idle, monkeypatch):
     """A cancel requested while the job runs stops it at the next forward: cancelled."""
     job = submit(idle, spec()).json()["id"]
-    real = runner.run_jobs
+    real = batching.run_jobs
 
     def cancel_then_run(jobs, model, *, progress=None):
         assert idle.delete(f"/v1/jobs/{job}", headers=ALICE).json()["state"] == "running"
         return real(jobs, model, progress=progress)
 
-    monkeypatch.setattr(runner, "run_jobs", cancel_then_run)
+    monkeypatch.setattr(batching, "run_jobs", cancel_then_run)
     assert worker_of(idle).run_once() == 1
     assert idle.get(f"/v1/jobs/{job}", headers=ALICE).json()["state"] == "cancelled"
 
@@ -458,13 +460,13 @@ def test_a_failing_job_fails_alone(idle, model):
 
 def test_queued_jobs_run_batched(idle, model, monkeypatch):
     calls = []
-    real = runner.run_jobs
+    real = batching.run_jobs
 
     def counting(jobs, loaded, *, progress=None):
         calls.append(len(jobs))
         return real(jobs, loaded, progress=progress)
 
-    monkeypatch.setattr(runner, "run_jobs", counting)
+    monkeypatch.setattr(batching, "run_jobs", counting)
     specs = [spec(), spec(0.25), spec(3.0, prompt=CORRUPT + CLEAN)]
     specs.append(spec(0.5, seed=7, deterministic=True))  # runs apart: its own seed
     ids = [
@@ -511,7 +513,7 @@ def test_drain_requeues_a_batch_that_outlives_the_grace_period(make_app, monkeyp
             progress(0, 10)
             time.sleep(0.01)
 
-    monkeypatch.setattr(runner, "run_jobs", slow)
+    monkeypatch.setattr(batching, "run_jobs", slow)
     app = make_app(grace_s=0.3)
     store = app.state.server.store
     with TestClient(app) as c:
@@ -525,13 +527,13 @@ def test_drain_requeues_a_batch_that_outlives_the_grace_period(make_app, monkeyp
 
 
 def test_drain_lets_the_running_batch_finish(make_app, monkeypatch):
-    real = runner.run_jobs
+    real = batching.run_jobs
 
     def slowish(jobs, model, *, progress=None):
         time.sleep(0.3)
         return real(jobs, model, progress=progress)
 
-    monkeypatch.setattr(runner, "run_jobs", slowish)
+    monkeypatch.setattr(batching, "run_jobs", slowish)
     app = make_app(grace_s=30)
     store = app.state.server.store
     with TestClient(app) as c:
@@ -615,8 +617,7 @@ def test_serve_runs_jobs_and_drains_on_sigterm(tmp_path):
 
 
 def test_no_unsafe_deserialisation_on_the_remote_path():
-    files = sorted((ROOT / "specsight" / "remote").glob("*.py"))
-    files += [ROOT / "specsight" / name for name in ("engine.py", "compile.py", "plan.py")]
+    files = sorted((ROOT / "specsight").rglob("*.py"))  # the server path, and everything else
     pattern = re.compile(r"\bpickle\b|torch\.load\(|(?<![\w.])eval\(|(?<![\w.])exec\(")
     for path in files:
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -645,10 +646,12 @@ def test_schemathesis_finds_no_server_errors(make_app):
         submit_op = operation.label == "POST /v1/jobs"
 
         @given(case=operation.as_strategy(headers=dict(ALICE)))
+        @_documented_example(operation)
         @settings(
             max_examples=150 if submit_op else 30,
             deadline=None,
             database=None,
+            derandomize=True,  # the same cases every run: a failure here reproduces
             phases=[Phase.explicit, Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
@@ -662,7 +665,7 @@ def test_schemathesis_finds_no_server_errors(make_app):
 
         check()
     assert len(seen) == len(operations)
-    assert seen["POST /v1/jobs"] & {200, 202}, seen  # fuzzed specs do get queued
+    assert seen["POST /v1/jobs"] & {200, 202}, seen  # the documented example is queued
     server = app.state.server
     while server.worker.run_once():
         pass
@@ -670,6 +673,18 @@ def test_schemathesis_finds_no_server_errors(make_app):
     assert counts["queued"] == counts["running"] == 0
     failed = [server.store.get(j, "alice") for j in _failed_ids(server.store)]
     assert not [r.error for r in failed if r.error.error == "internal-error"]
+
+
+def _documented_example(operation):
+    """The request body example the OpenAPI document gives, as the first case (it must run)."""
+    from hypothesis import example
+
+    body = operation.definition.raw.get("requestBody", {}).get("content", {})
+    documented = body.get("application/json", {}).get("example")
+    if documented is None:
+        return lambda test: test
+    case = operation.Case(body=documented, headers=dict(ALICE), media_type="application/json")
+    return example(case=case)
 
 
 def _failed_ids(store: JobStore) -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from specsight.cli import main
-from specsight.models import load_model_info
+from specsight.models.load import load_model_info
 from specsight.sites import SiteError, resolve_site
 
 

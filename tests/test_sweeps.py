@@ -7,48 +7,14 @@ import pytest
 import torch
 
 import specsight
-from specsight._sweep import GridError, expand_grid
+from specsight.compile import GridError, expand_grid
 from specsight.errors import SpecError
-from specsight.models import load_model_info
-from tests.conftest import tiny
-
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+from specsight.models.load import load_model_info
+from tests.conftest import CLEAN, CORRUPT, ioi_spec, tiny
 
 
 def ioi(model: str = "tiny-llama", sweep: dict | None = None, **invoke_extra) -> dict:
-    return {
-        "specsight": 1,
-        "model": model,
-        "invokes": {
-            "clean": {"prompt": CLEAN},
-            "base": {"prompt": CORRUPT},
-            "corrupt": {
-                "prompt": CORRUPT,
-                "sweep": sweep or {"layer": "all", "pos": "all"},
-                "ops": [
-                    {
-                        "op": "patch",
-                        "site": "resid_post.{layer}",
-                        "positions": ["{pos}"],
-                        "from": "clean",
-                    }
-                ],
-                **invoke_extra,
-            },
-        },
-        "metrics": {
-            "ld": {"kind": "logit_diff", "invoke": "corrupt", "target": " Mary", "foil": " John"},
-            "clean_ld": {
-                "kind": "logit_diff",
-                "invoke": "clean",
-                "target": " Mary",
-                "foil": " John",
-            },
-            "base_ld": {"kind": "logit_diff", "invoke": "base", "target": " Mary", "foil": " John"},
-            "rec": {"kind": "recovery", "patched": "ld", "clean": "clean_ld", "corrupt": "base_ld"},
-        },
-    }
+    return ioi_spec(model, sweep=sweep, baseline="base", recovery="rec", invoke_extra=invoke_extra)
 
 
 def compiled(spec: dict, **options):

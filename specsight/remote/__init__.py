@@ -1,5 +1,11 @@
-"""Remote execution: a FastAPI server that runs specs on loaded models, and its client.
+"""Remote execution: a shared server runs specs as data, never user code.
 
-The server never runs user code: a job is spec data, compiled against the server's own model
-and run by the same engine as a local run. See :mod:`specsight.remote.protocol`.
+Client side: :func:`specsight.remote.submit.run_remote` (``specsight run --remote``) over
+:class:`specsight.remote.client.RemoteClient`. Server side (the ``server`` extra):
+:func:`specsight.remote.serve.serve` runs :func:`specsight.remote.server.create_app` (FastAPI
+routes, :mod:`.intake` checks) with jobs in :class:`specsight.remote.jobs.JobStore`, admitted
+by :mod:`.admission` and run by the :class:`specsight.remote.worker.Worker` through
+:mod:`.batching`. The wire format is :mod:`.protocol`; keys are :mod:`.auth`.
+
+Nothing is imported here, so the client needs neither FastAPI nor the server's models.
 """

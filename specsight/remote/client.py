@@ -1,46 +1,34 @@
-"""The client of ``specsight serve``, behind ``specsight run SPEC --remote URL``.
-
-:func:`run_remote` compiles the spec here against the server's ModelInfo and tokenizer (spec
-mistakes show with file:line:col before anything is sent), inlines vectors from files beside the
-spec, submits it with an idempotency key, polls, and downloads the exact ``results.safetensors``
-bytes the server wrote, checked against the server's sha256 and each tensor's sha256. Failures
-are :class:`~specsight.errors.RunError` with a hint, or a located SpecError. Wire protocol:
-:mod:`specsight.remote.protocol`.
+"""The HTTP client of ``specsight serve`` (:class:`RemoteClient`): models and tokenizers,
+submitting with an idempotency key, polling, cancelling, and downloading the exact
+``results.safetensors`` bytes the server wrote, checked against the server's sha256 and each
+tensor's sha256. Failures are :class:`~specsight.errors.RunError` with a hint, or a located
+SpecError. Wire protocol: :mod:`specsight.remote.protocol`; the whole ``--remote`` run:
+:mod:`specsight.remote.submit`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
-import os
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import tokenizers
 from pydantic import ValidationError
 
-from .. import __version__
-from ..api import compile_plan, doc_of, load_spec
-from ..compile import DEFAULT_MAX_BATCH
-from ..errors import Issue, RunError, SpecError, format_path
-from ..load import LoadedDoc
-from ..modelinfo import ModelInfo
-from ..plan import Plan
-from ..spec import SPEC_VERSION, AddOp, FileVector, SetOp, Spec
-from ..tokenizer import Tokenizer
+from ..errors import Issue, RunError, SpecError
+from ..models import Tokenizer
+from ..spec import SPEC_VERSION, LoadedDoc
+from ..version import __version__
 from . import protocol as P
 from .protocol import ErrorBody, JobStatus, ModelEntry, ModelsResponse
-from .runner import refuse_local_only
 
 if TYPE_CHECKING:
     from ..results import Results
 
-__all__ = ["RemoteClient", "run_remote", "KEY_HINT"]
+__all__ = ["KEY_HINT", "RemoteClient", "error_from_body", "relocate", "results_from_bytes"]
 
 KEY_HINT = "set SPECSIGHT_API_KEY or pass --api-key"
 _MAX_RETRY_AFTER = 30.0  # seconds: a longer Retry-After is cut to this
@@ -62,7 +50,7 @@ def _issue_from_wire(data: dict[str, Any]) -> Issue:
     return Issue(code, message, path, *(data.get(k) for k in ("file", "line", "col", "hint")))
 
 
-def _error_from_body(body: ErrorBody, prefix: str = "") -> RunError | SpecError:
+def error_from_body(body: ErrorBody, prefix: str = "") -> RunError | SpecError:
     """The exception standing for an error body (a 4xx answer or a failed job's error)."""
     if body.issues or body.error == "invalid-spec":
         issues = [_issue_from_wire(i) for i in body.issues]
@@ -171,7 +159,7 @@ class RemoteClient:
             after = float(retry) if retry.replace(".", "", 1).isdigit() else 1.0
             return _QueueFull(body.message, min(max(after, 0.0), _MAX_RETRY_AFTER))
         if code in (413, 422):
-            return _error_from_body(body)
+            return error_from_body(body)
         if code == 404:
             return RunError(f"{self.url}: {body.message}", hint=body.hint)
         return RunError(f"the server answered {code}: {body.message}", hint=body.hint)
@@ -363,130 +351,3 @@ def results_from_bytes(data: bytes, manifest: dict[str, Any], *, job_id: str = "
         for inv, per in summary.get("next_tokens", {}).items()
     }
     return Results(metrics, saves, manifest, next_tokens, summary.get("prompts", {}))
-
-
-def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[str, Any]:
-    """The spec's data with every ``{file: ...}`` vector replaced by its values, as compiled
-    into ``plan`` (a server reads no files). A file named by a sweep variable that gives
-    different vectors per cell cannot be inlined: a located SpecError."""
-    dump = {"mode": "json", "by_alias": True, "exclude_none": True}
-    data = copy.deepcopy(doc.data) if doc is not None else spec.model_dump(**dump)
-    keys: dict[str, set[str]] = {}
-    for op in plan.ops:
-        if op.vector is not None:
-            keys.setdefault(op.origin, set()).add(op.vector)
-    issues = []
-    for name, invoke in spec.invokes.items():
-        for index, op in enumerate(invoke.ops):
-            attr = "vector" if isinstance(op, AddOp) else "value" if isinstance(op, SetOp) else ""
-            if not attr or not isinstance(getattr(op, attr), FileVector):
-                continue
-            path = ("invokes", name, "ops", index)
-            found = keys.get(format_path(path), set())
-            if len(found) != 1:
-                message = "a vector file that differs per sweep cell cannot be sent to a server"
-                where = path + (attr, "file")
-                line, col = doc.source.locate(where) if doc else (None, None)
-                file = doc.file if doc else None
-                hint = "use one file, or run locally"
-                issues.append(Issue("remote-file-vector", message, where, file, line, col, hint))
-                continue
-            values = list(plan.vectors[found.pop()])
-            ops = data["invokes"][name]["ops"]
-            if isinstance(ops[index], dict) and attr in ops[index]:
-                ops[index][attr] = values
-            else:
-                ops[index] = {**op.model_dump(**dump), attr: values}
-    if issues:
-        raise SpecError(issues)
-    return data
-
-
-def run_remote(
-    source: str | os.PathLike[str] | dict[str, Any] | Spec,
-    url: str,
-    *,
-    api_key: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    progress: StatusCallback | None = None,
-    client: RemoteClient | None = None,
-    poll: float = 0.2,
-    timeout: float | None = None,
-) -> Results:
-    """Run a spec on a specsight server; the same Results (and ``out`` files) as a local run.
-
-    Ctrl-C while waiting cancels the remote job and re-raises KeyboardInterrupt; so does a
-    ``timeout`` (seconds) passing, with a RunError."""
-    spec = source if isinstance(source, Spec) else load_spec(source)
-    doc = doc_of(spec)
-    refuse_local_only(spec, doc)
-    remote = client or RemoteClient(url, api_key)
-    try:
-        entry = remote.model_entry(spec.model.id)
-        info = ModelInfo.from_dict(entry.info)
-        tokenizer = remote.tokenizer(entry.id)
-        plan = compile_plan(spec, info, tokenizer, max_batch=DEFAULT_MAX_BATCH, allow_files=True)
-        data = inline_file_vectors(spec, doc, plan)
-        try:
-            job = remote.submit(data, spec_file=doc.file if doc else None)
-        except SpecError as exc:
-            raise relocate(exc, doc) from None
-        try:
-            final = remote.wait(job.id, poll=poll, on_status=progress, timeout=timeout)
-        except (KeyboardInterrupt, RunError) as exc:
-            _cancel_quietly(remote, job.id)
-            if isinstance(exc, KeyboardInterrupt):
-                raise KeyboardInterrupt(f"cancelled remote job {job.id}") from None
-            raise
-        if final.state == "cancelled":
-            raise RunError(f"remote job {job.id} was cancelled on the server")
-        if final.state == "failed":
-            body = final.error or ErrorBody(error="failed", message="no reason given")
-            error = _error_from_body(body, prefix=f"remote job {job.id} failed: ")
-            raise relocate(error, doc) if isinstance(error, SpecError) else error
-        result_bytes, manifest = remote.download(job.id, final)
-        results = results_from_bytes(result_bytes, manifest, job_id=job.id)
-        _local_order(results, spec, plan)
-        results.manifest["remote"] = {
-            "url": remote.url,
-            "job_id": job.id,
-            "server_version": remote.models().server_version,
-            "spec_file_sha256": doc.sha256 if doc else None,
-        }
-    finally:
-        if client is None:
-            remote.close()
-    if out is not None:
-        _write(Path(out), result_bytes, results)
-    return results
-
-
-def _local_order(results: Results, spec: Spec, plan: Plan) -> None:
-    """Tensors, next tokens and prompts in a local run's order (the summary's order)."""
-
-    def ranked(items: dict[str, Any], names: list[str]) -> dict[str, Any]:
-        rank: dict[str, int] = {}
-        for i, name in enumerate(names):
-            rank.setdefault(name, i)
-        return dict(sorted(items.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-
-    suffixes = ("", "/ids", "/probs")
-    results.metrics = ranked(results.metrics, [m.name + s for m in plan.metrics for s in suffixes])
-    results.saves = ranked(results.saves, [s.name for s in plan.saves])
-    results.next_tokens = ranked(results.next_tokens, [row.invoke for row in plan.rows])
-    results.prompts = ranked(results.prompts, list(spec.invokes))
-
-
-def _cancel_quietly(remote: RemoteClient, job_id: str) -> None:
-    with contextlib.suppress(Exception):  # best effort: the job may be gone, the server down
-        remote.cancel(job_id)
-
-
-def _write(folder: Path, result_bytes: bytes, results: Results) -> None:
-    """The files of a local run, with results.safetensors exactly the server's bytes."""
-    from ..results import RESULTS_FILE
-
-    results.save(folder)
-    tmp = folder / (RESULTS_FILE + ".tmp")
-    tmp.write_bytes(result_bytes)
-    os.replace(tmp, folder / RESULTS_FILE)

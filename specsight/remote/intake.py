@@ -3,7 +3,7 @@ and how every answer that is not a success is shaped.
 
 Checks, in order: the body size (before any parsing), strict JSON, the
 :class:`~.protocol.SubmitRequest` fields, the spec version, the model, the sweep size, then
-validation, compilation and limits (:func:`~.runner.prepare_job`). Each failure is an
+validation, compilation and limits (:func:`~.admission.prepare_job`). Each failure is an
 :class:`ApiError` carrying an :class:`~.protocol.ErrorBody`, as is every other error answer
 (:func:`install_error_handlers`). Nothing here touches a model's weights, reads a file or
 evaluates anything from the request.
@@ -23,13 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from ..errors import Issue, SpecError, SpecsightError, did_you_mean
-from ..load import from_data
-from ..spec import SPEC_VERSION, validate_spec
-from . import runner
+from ..spec import SPEC_VERSION, from_data, validate_spec
+from ..version import __version__
+from . import admission
 from .protocol import ErrorBody, Limits, SubmitRequest
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..models.load import LoadedModel
 
 __all__ = [
     "ApiError",
@@ -184,21 +184,21 @@ def _check_cells(spec: dict[str, Any], model: LoadedModel, limits: Limits) -> No
         return  # malformed: validation reports it
     if total > limits.max_cells:
         hint = "split the sweep into several jobs"
-        raise runner.LimitError("sweep cells", total, limits.max_cells, hint)
+        raise admission.LimitError("sweep cells", total, limits.max_cells, hint)
 
 
 def prepare(
     models: dict[str, LoadedModel], req: SubmitRequest, limits: Limits
-) -> tuple[LoadedModel, runner.PreparedJob]:
+) -> tuple[LoadedModel, admission.PreparedJob]:
     """Model, validation, compilation and limits: 422 (located issues) or 413 (limits)."""
     try:
         model = _model_for(models, req.spec, req.spec_file)
         _check_cells(req.spec, model, limits)
-        return model, runner.prepare_job(req.spec, model, limits, spec_file=req.spec_file)
+        return model, admission.prepare_job(req.spec, model, limits, spec_file=req.spec_file)
     except SpecError as exc:
         issues = [i.to_dict() for i in exc.issues]
         raise ApiError(422, "invalid-spec", exc.render(), issues=issues) from None
-    except runner.LimitError as exc:
+    except admission.LimitError as exc:
         raise ApiError(413, **exc.to_dict()) from None
     except SpecsightError as exc:
         raise ApiError(422, "invalid-spec", str(exc)) from None
@@ -279,5 +279,17 @@ def openapi_schema(app: FastAPI, models: dict[str, LoadedModel]) -> dict[str, An
     submit["properties"]["spec"] = {"$ref": "#/components/schemas/Spec"}
     submit["properties"]["spec_version"]["enum"] = [SPEC_VERSION]
     schemas["SubmitRequest"] = submit
+    if served:  # a request that runs, for readers of the document and for fuzzers' first case
+        body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+        body["example"] = {
+            "spec": {
+                "specsight": SPEC_VERSION,
+                "model": served[0],
+                "invokes": {"a": {"prompt": "The Eiffel Tower is in the city of"}},
+                "metrics": {"top": {"kind": "top_k", "invoke": "a", "k": 5}},
+            },
+            "spec_version": SPEC_VERSION,
+            "client_version": __version__,
+        }
     app.openapi_schema = doc
     return doc

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +24,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
-from .. import __version__
 from ..sites import canonical_names
 from ..spec import METRIC_KINDS, OP_NAMES, SPEC_VERSION
+from ..version import __version__
 from .auth import KeyRing
 from .intake import (
     ApiError,
@@ -52,9 +51,9 @@ from .protocol import (
 from .worker import Worker
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..models.load import LoadedModel
 
-__all__ = ["ApiError", "create_app", "serve"]
+__all__ = ["ApiError", "ServerState", "create_app"]
 
 log = logging.getLogger("specsight.serve")
 _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="an API key")
@@ -355,81 +354,3 @@ def _api_router() -> APIRouter:
         return Response(model.tokenizer.backend.to_str(), media_type="application/json")
 
     return router
-
-
-# --- running it -------------------------------------------------------------------------------
-
-
-def serve(
-    model_ids: list[str],
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    db_path: str | os.PathLike[str] = "specsight-jobs.sqlite",
-    keys_file: str | os.PathLike[str] | None = None,
-    *,
-    keys: KeyRing | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    limits: Limits | None = None,
-    batch_jobs: int = 16,
-    grace_s: float = 30.0,
-    log_level: str = "info",
-) -> None:
-    """Load the models once, recover the job store, serve until SIGTERM/SIGINT, then drain.
-
-    Keys come from ``keys`` or ``keys_file``; there is no default (see ``KeyRing.allow_all``)."""
-    import uvicorn
-
-    if keys is None:
-        if keys_file is None:
-            raise ValueError("serve needs keys or a keys_file")
-        keys = KeyRing.from_file(keys_file)
-    if not len(keys) and not keys.insecure:
-        raise ValueError("the key ring holds no key")
-
-    from ..errors import ModelLoadError
-    from ..models import load_model
-
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    models: dict[str, LoadedModel] = {}
-    for model_id in model_ids:
-        loaded = load_model(model_id, device=device, dtype=dtype)
-        if loaded.info.inputs != "text":
-            raise ModelLoadError(
-                f"'{model_id}' reads {loaded.info.inputs} inputs; a server serves text models only",
-                hint="run specs on this model locally (specsight run SPEC)",
-            )
-        models[loaded.model_id] = loaded
-        log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
-    store = JobStore(db_path)
-    try:
-        log.info("job store %s: recovered %s; %s", db_path, store.recover(), store.counts())
-        app = create_app(
-            models, store=store, keys=keys, limits=limits, batch_jobs=batch_jobs, grace_s=grace_s
-        )
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
-        _draining_server(config, app.state.server, on_stopped=store.close).run()
-    finally:
-        store.close()
-
-
-def _draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any:
-    """uvicorn's Server, answering 503 on /readyz from the moment a signal arrives (uvicorn
-    then stops accepting connections, finishes open requests and runs the lifespan shutdown,
-    which drains the worker). ``on_stopped`` runs before uvicorn re-raises the signal."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            state.begin_drain()
-            super().handle_exit(sig, frame)
-
-        @contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    on_stopped()
-
-    return Server(config)

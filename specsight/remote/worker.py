@@ -1,7 +1,7 @@
 """The job worker of ``specsight serve``: one thread that claims queued jobs and runs them.
 
 Queued jobs of the same model are claimed together and run through
-:func:`~specsight.remote.runner.run_jobs` in shared forwards. A job that fails is failed alone:
+:func:`~specsight.remote.batching.run_jobs` in shared forwards. A job that fails is failed alone:
 when a batch fails as a whole, its jobs are run again one by one. A cancelled job stops at the
 next forward; a draining server stops claiming, lets the running batch finish within a grace
 period and otherwise gives its jobs back to the queue.
@@ -18,13 +18,14 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import RunError, SpecError, SpecsightError
-from . import runner
+from . import admission, batching
 from .protocol import ErrorBody, Limits
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..models.load import LoadedModel
     from ..results import Results
-    from .jobs import JobRecord, JobStore
+    from .jobs import JobStore
+    from .records import JobRecord
 
 __all__ = ["Worker", "results_payload", "error_body"]
 
@@ -63,7 +64,7 @@ def error_body(exc: BaseException) -> ErrorBody:
     if isinstance(exc, SpecError):
         issues = [i.to_dict() for i in exc.issues]
         return ErrorBody(error="invalid-spec", message=exc.render(), issues=issues)
-    if isinstance(exc, runner.LimitError):
+    if isinstance(exc, admission.LimitError):
         return ErrorBody(**exc.to_dict())
     if isinstance(exc, RunError):
         message, hint = exc.message[:_MESSAGE_MAX], exc.hint
@@ -172,13 +173,13 @@ class Worker:
 
     def _run_records(self, records: list[JobRecord]) -> None:
         model = self.models.get(records[0].model)
-        prepared: list[tuple[JobRecord, runner.PreparedJob]] = []
+        prepared: list[tuple[JobRecord, admission.PreparedJob]] = []
         for rec in records:
             try:
                 if model is None:
                     raise RunError(f"this server no longer runs model '{rec.model}'")
                 spec = json.loads(rec.spec_json)
-                job = runner.prepare_job(spec, model, self.limits, spec_file=rec.spec_file)
+                job = admission.prepare_job(spec, model, self.limits, spec_file=rec.spec_file)
             except Exception as exc:
                 self._fail(rec, exc)
                 continue
@@ -186,14 +187,14 @@ class Worker:
         if model is None:
             return
         # one merged run uses one seed and one determinism setting: group jobs by them
-        groups: dict[tuple[int, bool], list[tuple[JobRecord, runner.PreparedJob]]] = {}
+        groups: dict[tuple[int, bool], list[tuple[JobRecord, admission.PreparedJob]]] = {}
         for rec, job in prepared:
             groups.setdefault((job.plan.seed, job.plan.deterministic), []).append((rec, job))
         for group in groups.values():
             self._run_group(group, model)
 
     def _run_group(
-        self, group: list[tuple[JobRecord, runner.PreparedJob]], model: LoadedModel
+        self, group: list[tuple[JobRecord, admission.PreparedJob]], model: LoadedModel
     ) -> None:
         pending = list(group)
         while pending:
@@ -221,7 +222,7 @@ class Worker:
             return
 
     def _execute(
-        self, group: list[tuple[JobRecord, runner.PreparedJob]], model: LoadedModel
+        self, group: list[tuple[JobRecord, admission.PreparedJob]], model: LoadedModel
     ) -> list[Results]:
         ids = [rec.id for rec, _ in group]
         rows = [len(job.plan.rows) for _, job in group]
@@ -242,7 +243,7 @@ class Worker:
 
         started = time.perf_counter()
         try:
-            results = runner.run_jobs([job for _, job in group], model, progress=progress)
+            results = batching.run_jobs([job for _, job in group], model, progress=progress)
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc):
                 _empty_cache()

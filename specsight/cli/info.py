@@ -1,0 +1,113 @@
+"""Looking without running: ``specsight plan`` (a spec's compiled plan), ``schema`` (the JSON
+Schema of specs), ``sites`` (a model's sites and module tree) and ``models``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .app import guard, json_option, main
+
+__all__: list[str] = []
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per forward at most (default: sized from free memory).",
+)
+@json_option
+@guard
+def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
+    """Compile SPEC and show the plan: forwards, rows, hooks, memory estimate."""
+    from ..api import compile_plan, load_spec
+    from ..models.load import load_ref_info, resolve_device
+
+    spec = load_spec(spec_path)
+    info, tokenizer = load_ref_info(spec.model, base_dir=str(spec_path.resolve().parent))
+    device = resolve_device(spec.model.device)
+    compiled = compile_plan(spec, info, tokenizer, max_batch=max_batch, device=device)
+    if as_json:
+        click.echo(compiled.to_json())
+    else:
+        click.echo(compiled.explain())
+
+
+@main.command()
+@click.option(
+    "--check",
+    "check_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    is_flag=False,
+    flag_value="schemas/spec.v1.json",
+    help="Fail if this file differs from the current schema (default schemas/spec.v1.json).",
+)
+@click.option(
+    "--write",
+    "write_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the schema to this file.",
+)
+def schema(check_path: Path | None, write_path: Path | None) -> None:
+    """Print the JSON Schema of spec v1 (or check / write a copy of it)."""
+    from ..spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if check_path is not None:
+        if not check_path.exists() or check_path.read_text() != text:
+            click.echo(
+                f"{check_path} is stale: regenerate it with `specsight schema --write {check_path}`",
+                err=True,
+            )
+            sys.exit(1)
+        click.echo(f"{check_path} is up to date")
+        return
+    if write_path is not None:
+        write_path.parent.mkdir(parents=True, exist_ok=True)
+        write_path.write_text(text)
+        click.echo(f"wrote {write_path}")
+        return
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("model_id", metavar="MODEL")
+@json_option
+@guard
+def sites(model_id: str, as_json: bool) -> None:
+    """Show MODEL's canonical sites and module tree (no weights loaded)."""
+    from ..models.load import load_model_info
+    from ..sites import describe_sites
+
+    info, _ = load_model_info(model_id)
+    if as_json:
+        click.echo(info.to_json())
+    else:
+        click.echo(describe_sites(info))
+
+
+@main.command()
+@json_option
+@guard
+def models(as_json: bool) -> None:
+    """List the built-in and tiny models."""
+    from ..models.load import list_models
+
+    entries = list_models()
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    width = max(len(e["name"]) for e in entries)
+    for entry in entries:
+        cached = ""
+        if entry.get("kind") == "builtin":
+            cached = " (cached)" if entry.get("cached") else " (converted on first use)"
+        click.echo(f"{entry['name']:<{width}}  {entry['kind']:<8} {entry['description']}{cached}")
+    click.echo("Also: any Hugging Face model id available offline, or a local model folder.")

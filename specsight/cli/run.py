@@ -1,0 +1,205 @@
+"""``specsight run`` (on this machine, or on a server with ``--remote``) and ``specsight
+validate``; the progress bar runs show on a terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import SpecError
+from .app import guard, json_option, main, strict_json
+
+__all__ = ["progress_callback"]
+
+
+def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None, Any]:
+    """A progress bar for runs of several forwards: rows done, rate, time left (stderr only)."""
+    if not enabled:
+        return None, None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("rows"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        transient=True,
+        console=Console(stderr=True),  # on stderr (the stream checked above), never stdout
+    )
+    task = progress.add_task("rows", total=None, rate="")
+    first: list[
+        tuple[float, int]
+    ] = []  # (time, rows) at the first report: the rate excludes set-up
+
+    def update(done: int, total: int) -> None:
+        if done >= total and not progress.live.is_started:
+            return  # everything ran in one forward: nothing to show
+        now = time.perf_counter()
+        if not first:
+            first.append((now, done))
+            progress.start()
+        start, base = first[0]
+        rate = f"{(done - base) / (now - start):.1f} rows/s" if now > start and done > base else ""
+        progress.update(task, completed=done, total=total, rate=rate)
+
+    return update, progress
+
+
+def _run_remote(
+    spec_path: Path, url: str, api_key: str | None, out: Path | None, show_progress: bool
+) -> Any:
+    """``run --remote``: queue position and rows done on stderr; Ctrl-C cancels the job."""
+    from ..remote.submit import run_remote
+
+    update, progress = progress_callback(show_progress)
+    shown: list[int | None] = []
+
+    def on_status(status: Any) -> None:
+        if not show_progress:
+            return
+        if status.state == "queued" and (not shown or shown[-1] != status.queue_position):
+            shown.append(status.queue_position)
+            click.echo(f"queued on {url}: position {status.queue_position}", err=True)
+        elif status.state == "running" and status.progress.total and update is not None:
+            update(status.progress.done, status.progress.total)
+
+    try:
+        return run_remote(spec_path, url, api_key=api_key, out=out, progress=on_status)
+    except KeyboardInterrupt as exc:
+        click.echo(str(exc) or "interrupted", err=True)
+        sys.exit(130)
+    finally:
+        if progress is not None and progress.live.is_started:
+            progress.stop()
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write results.safetensors and manifest.json here.",
+)
+@click.option("--device", help="Override the spec's device (cpu, cuda, cuda:1, mps).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per forward at most (default: sized from free memory, at most 64 on CPU).",
+)
+@click.option(
+    "--remote",
+    metavar="URL",
+    default=None,
+    help="Run on a `specsight serve` server (e.g. http://host:8000) instead of this machine.",
+)
+@click.option(
+    "--api-key",
+    metavar="KEY",
+    envvar="SPECSIGHT_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="The server's API key (with --remote).",
+)
+@json_option
+@guard
+def run(
+    spec_path: Path,
+    out: Path | None,
+    device: str | None,
+    max_batch: int | None,
+    remote: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Validate, compile and run SPEC on this machine (or on a server with --remote)."""
+    from ..api import run as run_spec
+    from ..results import Results
+
+    show_progress = not as_json and sys.stderr.isatty()
+    if remote is not None:
+        if device is not None or max_batch is not None:
+            raise click.UsageError("--device and --max-batch are the server's choice with --remote")
+        results: Results = _run_remote(spec_path, remote, api_key, out, show_progress)
+    else:
+        callback, progress = progress_callback(show_progress)
+        try:
+            results = run_spec(
+                spec_path, out=out, device=device, max_batch=max_batch, progress=callback
+            )
+        finally:
+            if progress is not None and progress.live.is_started:
+                progress.stop()
+    if as_json:
+        payload = {
+            "ok": results.ok,
+            "metrics": {name: t.tolist() for name, t in results.metrics.items()},
+            "saves": {name: list(t.shape) for name, t in results.saves.items()},
+            "next_tokens": results.next_tokens,
+            "expectations": [o.to_dict() for o in results.expectations],
+            "manifest": results.manifest,
+            "out": str(out) if out else None,
+        }
+        click.echo(json.dumps(strict_json(payload), indent=2, allow_nan=False))
+        sys.exit(0 if results.ok else 1)
+    import shutil
+
+    from rich.console import Console
+
+    from ..results import print_summary
+
+    print_summary(
+        results, Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120))
+    )
+    if out:
+        click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
+    if not results.ok:
+        failed = sum(not o.ok for o in results.expectations)
+        click.echo(f"{failed} of {len(results.expectations)} expectation(s) failed", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument(
+    "spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(path_type=Path)
+)
+@json_option
+@guard
+def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check that each SPEC is well formed (no model needed)."""
+    from ..api import load_spec
+
+    failures: list[SpecError] = []
+    for path in spec_paths:
+        try:
+            load_spec(path)
+            if not as_json:
+                click.echo(f"ok: {path}")
+        except SpecError as exc:
+            failures.append(exc)
+            if not as_json:
+                click.echo(exc.render(), err=True)
+    if as_json:
+        issues = [i.to_dict() for exc in failures for i in exc.issues]
+        click.echo(
+            json.dumps({"ok": not failures, "checked": len(spec_paths), "issues": issues}, indent=2)
+        )
+    if failures:
+        sys.exit(2)

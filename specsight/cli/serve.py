@@ -1,0 +1,157 @@
+"""CLI commands for the server side of remote execution: ``serve`` and ``hash-key``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .app import guard, main
+
+__all__: list[str] = []
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model_ids",
+    multiple=True,
+    required=True,
+    help="A model to serve (repeat for several); loaded once at start.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("specsight-jobs.sqlite"),
+    show_default=True,
+    help="The SQLite job store (created if missing; jobs survive restarts).",
+)
+@click.option(
+    "--keys",
+    "keys_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="API keys file of 'name:sha256hex' lines (see hash-key); else $SPECSIGHT_API_KEYS.",
+)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Accept any request without a key (never in production).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+)
+@click.option("--max-queue", type=click.IntRange(min=1), default=None, help="Queued jobs at most.")
+@click.option(
+    "--batch-jobs",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Queued jobs of one model run together in shared forwards, at most this many.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds a running batch may take to finish at shutdown before it is requeued.",
+)
+@guard
+def serve(
+    model_ids: tuple[str, ...],
+    host: str,
+    port: int,
+    db_path: Path,
+    keys_file: Path | None,
+    insecure_no_auth: bool,
+    device: str,
+    dtype: str,
+    max_queue: int | None,
+    batch_jobs: int,
+    grace: float,
+) -> None:
+    """Serve MODELs over HTTP: clients run specs here with `specsight run --remote`."""
+    import os
+
+    from ..remote.auth import ENV_VAR, KeyFileError, KeyRing
+    from ..remote.protocol import Limits
+
+    try:
+        from ..remote.serve import serve as run_server
+    except ImportError as exc:  # fastapi / uvicorn are the optional 'server' extra
+        raise click.UsageError(
+            f"specsight serve needs FastAPI and uvicorn ({exc}): pip install 'specsight[server]'"
+        ) from None
+
+    try:
+        if keys_file is not None:
+            keys = KeyRing.from_file(keys_file)
+        elif os.environ.get(ENV_VAR, "").strip():
+            keys = KeyRing.from_env()
+        else:
+            keys = None
+    except KeyFileError as exc:
+        raise click.UsageError(str(exc)) from None
+    if keys is not None and insecure_no_auth:
+        raise click.UsageError("--insecure-no-auth and API keys exclude each other")
+    if keys is not None and not len(keys):
+        raise click.UsageError("the API keys hold no key; add one with `specsight hash-key`")
+    if keys is None:
+        if not insecure_no_auth:
+            raise click.UsageError(
+                f"no API keys: pass --keys FILE or set {ENV_VAR} (lines from `specsight "
+                "hash-key`), or --insecure-no-auth to accept anyone"
+            )
+        keys = KeyRing.allow_all()
+        exposed = "" if host in ("127.0.0.1", "localhost", "::1") else f" ON {host}, REACHABLE"
+        click.secho(
+            f"WARNING: --insecure-no-auth: ANY client{exposed} can run jobs on this server "
+            "without a key. Never use this outside a trusted machine.",
+            err=True,
+            fg="red",
+            bold=True,
+        )
+    limits = Limits() if max_queue is None else Limits(max_queue=max_queue)
+    run_server(
+        list(model_ids),
+        keys=keys,
+        host=host,
+        port=port,
+        db_path=db_path,
+        device=device,
+        dtype=dtype,
+        limits=limits,
+        batch_jobs=batch_jobs,
+        grace_s=grace,
+    )
+
+
+@main.command("hash-key")
+@click.option("--name", default="default", show_default=True, help="The key's owner name.")
+@click.option("--generate", is_flag=True, help="Make a new random key (printed once, to stderr).")
+def hash_key_command(name: str, generate: bool) -> None:
+    """Print the 'name:sha256' keys-file line of an API key read from stdin (or --generate)."""
+    from ..remote.auth import KeyFileError, KeyRing, generate_key, hash_key
+
+    if generate:
+        raw = generate_key()
+        click.echo(f"API key for {name} (shown once; give it to the client): {raw}", err=True)
+    elif sys.stdin.isatty():
+        raw = click.prompt("API key", hide_input=True, err=True)
+    else:
+        raw = sys.stdin.readline().rstrip("\r\n")
+    if not raw:
+        raise click.UsageError("no key read from stdin (or pass --generate)")
+    line = f"{name}:{hash_key(raw)}"
+    try:
+        KeyRing.parse(line)
+    except KeyFileError:
+        raise click.UsageError(f"bad --name '{name}': use letters, digits, _ . @ -") from None
+    click.echo(line)

@@ -1,0 +1,35 @@
+"""The compiler: a validated :class:`~specsight.spec.Spec` and a model's
+:class:`~specsight.models.ModelInfo` and tokenizer into a :class:`~specsight.plan.Plan` (no torch).
+
+:func:`compile_plan` runs the passes over a shared :class:`Context`: inputs (prompts, images,
+tensors), stages (what reads from what), cells (sweeps into rows), ops, metrics, generation and
+gradient checks, expectations, then packing rows into forwards under a memory budget.
+"""
+
+from .compiler import DEFAULT_MAX_BATCH, compile_plan
+from .context import Abort, Context, SpecPath
+from .memory import activation_budget, batch_cap, estimate_memory, row_bytes
+from .packing import first_layers, pack_rows
+from .positions import PositionError, resolve_position, resolve_positions
+from .sweep import MAX_CELLS, Grid, GridError, expand_grid
+
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "MAX_CELLS",
+    "Abort",
+    "Context",
+    "Grid",
+    "GridError",
+    "PositionError",
+    "SpecPath",
+    "activation_budget",
+    "batch_cap",
+    "compile_plan",
+    "estimate_memory",
+    "expand_grid",
+    "first_layers",
+    "pack_rows",
+    "resolve_position",
+    "resolve_positions",
+    "row_bytes",
+]

@@ -1,0 +1,116 @@
+"""Expanding invokes into rows (torch-free): a sweep's grid of cells times the invoke's prompts,
+one row each, and every op compiled once per cell with the cell's values substituted for its
+placeholders. Unknown and unused sweep variables are located errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .. import spec as S
+from ..errors import did_you_mean
+from ..plan import Row
+from ..sites import family_table
+from .context import Abort, Context, SpecPath
+from .generation import op_steps
+from .ops import compile_op
+from .sweep import MAX_CELLS, Grid, GridError, expand_grid, placeholders, substitute
+
+__all__ = ["expand_invoke", "compile_invoke_ops"]
+
+
+def expand_invoke(ctx: Context, name: str, max_cells: int = MAX_CELLS) -> None:
+    invoke = ctx.spec.invokes[name]
+    lengths = {len(t) for t in ctx.tokens[name]}
+    seq_len = lengths.pop() if len(lengths) == 1 else None
+    n_heads, head_label = _swept_heads(ctx, invoke)
+    try:
+        grid = expand_grid(
+            invoke.sweep,
+            ctx.info.n_layers if ctx.info.inputs != "tensor" else None,
+            seq_len,
+            n_heads=n_heads,
+            zipped=invoke.sweep_mode == "zip",
+            head_label=head_label,
+            max_cells=max_cells,
+        )
+    except GridError as exc:
+        ctx.fail("bad-sweep", exc.message, ("invokes", name, "sweep", exc.axis), exc.hint)
+        grid = Grid((), ())
+    declared = tuple(invoke.sweep or ())
+    unknown: dict[str, SpecPath] = {}
+    for i, op in enumerate(invoke.ops):
+        for field, value in op.model_dump(by_alias=True).items():
+            for var in sorted(placeholders(value) - set(declared)):
+                unknown.setdefault(var, ("invokes", name, "ops", i, field))
+    near_miss = set()
+    for var, where in unknown.items():
+        suggestion = did_you_mean(var, declared)
+        if suggestion:
+            near_miss.update(a for a in declared if f"'{a}'" in suggestion)
+        ctx.fail(
+            "unknown-variable",
+            f"placeholder '{{{var}}}' names no sweep variable",
+            where,
+            suggestion or "declare it under 'sweep:'",
+        )
+    used = placeholders([op.model_dump(by_alias=True) for op in invoke.ops])
+    for axis in declared:
+        if axis not in used and axis not in near_miss:
+            ctx.fail(
+                "unused-sweep",
+                f"sweep variable '{axis}' is not used by any op",
+                ("invokes", name, "sweep", axis),
+                f"use '{{{axis}}}' in an op, or remove it",
+            )
+    ctx.grids[name] = grid
+    cells = grid.cells() if grid.axes else [{}]
+    for cell_index in range(len(cells)):
+        for prompt_index, ids in enumerate(ctx.tokens[name]):
+            ctx.row_index[(name, cell_index, prompt_index)] = len(ctx.rows)
+            key = ctx.input_keys[name][prompt_index] if name in ctx.input_keys else None
+            ctx.rows.append(Row(name, prompt_index, cell_index, tuple(ids), key))
+
+
+def _swept_heads(ctx: Context, invoke: S.Invoke) -> tuple[int, str]:
+    """What ``head: all`` means: the key/value heads when every op that selects
+    ``heads: {head}`` acts on a key or value site (grouped-query attention), else all heads."""
+    table = family_table(ctx.info)
+    kinds = set()
+    for op in invoke.ops:
+        if "head" in placeholders(op.heads):
+            tpl = (table["sites"] if table else {}).get(op.site.partition(".")[0])
+            kinds.add(getattr(tpl, "heads", None))
+    if kinds == {"kv"} and ctx.info.n_kv_heads != ctx.info.n_heads:
+        return ctx.info.n_kv_heads, "key/value heads"
+    return ctx.info.n_heads, "heads"
+
+
+def compile_invoke_ops(ctx: Context, name: str) -> None:
+    invoke = ctx.spec.invokes[name]
+    grid = ctx.grids[name]
+    cells = grid.cells() if grid.axes else [{}]
+    for op_index, op in enumerate(invoke.ops):
+        path: SpecPath = ("invokes", name, "ops", op_index)
+        raw = op.model_dump(by_alias=True)
+        try:
+            steps = op_steps(ctx, invoke, op, path)
+        except Abort:
+            continue
+        first_new = len(ctx.ops)
+        for cell_index, variables in enumerate(cells):
+            concrete = op
+            if variables:
+                try:
+                    concrete = type(op).model_validate(substitute(raw, variables))
+                except Exception as exc:  # pydantic ValidationError after substitution
+                    ctx.fail(
+                        "bad-value", f"after substituting {variables}: {exc}".splitlines()[0], path
+                    )
+                    continue
+            try:
+                compile_op(ctx, name, concrete, op, path, cell_index)
+            except Abort:
+                continue
+        if steps is not None:
+            ctx.ops[first_new:] = [replace(o, steps=steps) for o in ctx.ops[first_new:]]

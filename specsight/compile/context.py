@@ -1,0 +1,107 @@
+"""The compiler's working state, shared by its passes: the spec and model it compiles against,
+the rows and ops built so far, stored values, and the issues collected on the way.
+
+A pass records a problem with :meth:`Context.fail` (located through the spec's source map) and
+raises the :class:`Abort` it returns to give up on one op or metric; the compiler raises every
+issue at once between passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import spec as S
+from ..errors import MAX_ISSUES, Issue, did_you_mean
+from ..models import ModelInfo, Tokenizer
+from ..plan import Row, RowOp
+from .sweep import Grid
+
+__all__ = ["SpecPath", "Abort", "Context", "plain", "default_save_name"]
+
+SpecPath = tuple[Any, ...]
+
+
+class Abort(Exception):
+    """Raised inside one op or metric after its issue is recorded."""
+
+
+@dataclass
+class Context:
+    """Everything one compilation knows and has built so far."""
+
+    spec: S.Spec
+    info: ModelInfo
+    tok: Tokenizer
+    doc: S.LoadedDoc
+    allow_files: bool
+    issues: dict[tuple[SpecPath, str], Issue] = field(default_factory=dict)
+    tokens: dict[str, list[list[int]]] = field(default_factory=dict)
+    grids: dict[str, Grid] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    row_index: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    ops: list[RowOp] = field(default_factory=list)
+    captures: dict[str, RowOp] = field(default_factory=dict)
+    vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: image and tensor inputs: key -> {shape, dtype, values}; per invoke, each row's key and
+    #: a name to show for it (the file, or file[i])
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    input_keys: dict[str, list[str]] = field(default_factory=dict)
+    input_names: dict[str, list[str]] = field(default_factory=dict)
+    save_names: dict[str, tuple[str, int]] = field(default_factory=dict)
+    save_keys: dict[str, list[str]] = field(default_factory=dict)
+    save_npos: dict[str, list[int]] = field(default_factory=dict)
+    save_meta: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def fail(self, code: str, message: str, path: SpecPath, hint: str | None = None) -> Abort:
+        """Record a located issue (once per path and message); returns the Abort to raise."""
+        key = (path, message)
+        if key not in self.issues and len(self.issues) < MAX_ISSUES:
+            line, col = self.doc.source.locate(path)
+            self.issues[key] = Issue(code, message, path, self.doc.file, line, col, hint)
+        return Abort()
+
+    def token_id(self, ref: str | int, path: SpecPath) -> int:
+        """The vocabulary id of a metric's token (text or id; a class label for classifiers)."""
+        if isinstance(ref, int):
+            if self.info.vocab_size and ref >= self.info.vocab_size:  # 0: unknown (factory models)
+                raise self.fail(
+                    "bad-token",
+                    f"token id {ref} is outside the vocabulary of {self.info.vocab_size} tokens",
+                    path,
+                    f"ids go from 0 to {self.info.vocab_size - 1}",
+                )
+            return ref
+        ids = self.tok.encode_plain(ref)
+        if not self.tok.has_text and len(ids) != 1:
+            labels = list(getattr(self.tok, "labels", []))
+            hint = (did_you_mean(ref, labels) or "labels: " + ", ".join(labels)) if labels else None
+            raise self.fail(
+                "bad-token",
+                f"no output class is labelled {ref!r}",
+                path,
+                hint or "this model's outputs have no labels: give a class index (an integer)",
+            )
+        if len(ids) != 1:
+            pieces = " + ".join(repr(t) for t in self.tok.token_strs(ids))
+            raise self.fail(
+                "multi-token",
+                f"{ref!r} is {len(ids)} tokens, {pieces}; a metric needs one token",
+                path,
+                "use a single token, often with a leading space such as ' Paris', or a token id",
+            )
+        return ids[0]
+
+
+def plain(value: Any) -> Any:
+    """A position selector as plain data (token selectors as mappings), for the resolvers."""
+    if isinstance(value, S.TokenSelector):
+        return value.model_dump()
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def default_save_name(invoke: str, site: str, grad: bool = False) -> str:
+    """A save's result name when the op gives none: ``invoke/site`` (``/grad`` for gradients)."""
+    return f"{invoke}/{site}" + ("/grad" if grad else "")

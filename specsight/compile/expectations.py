@@ -1,0 +1,189 @@
+"""Compiling ``expect:`` entries (torch-free): the tensor each names, the cells ``where`` picks,
+the token an ``argmax``/``top_k`` check means, and the entry's place in the spec file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import did_you_mean, format_path
+from ..plan import PlanExpectation, PlanMetric, PlanSave
+from .context import Abort, Context, SpecPath
+
+__all__ = ["compile_expectations"]
+
+_TOKEN_AXIS_KINDS = ("logits", "logprob", "prob")
+
+
+def _tensor_axes(metric: PlanMetric | None, save: PlanSave | None) -> tuple[str, ...]:
+    if save is not None:
+        return (*save.axes, "position", "hidden")
+    assert metric is not None
+    suffix: tuple[str, ...] = ()
+    if metric.kind == "logit_lens":
+        suffix = ("site",)
+    elif metric.kind == "attribution":
+        suffix = ("site", "pos")
+    elif metric.kind in _TOKEN_AXIS_KINDS and not metric.squeeze_token:
+        suffix = ("token",)
+    return (*metric.axes, *suffix)
+
+
+def _axis_values(
+    ctx: Context, metric: PlanMetric | None, save: PlanSave | None, axis: str
+) -> list[Any]:
+    invoke = metric.invoke if metric is not None else save.invoke  # type: ignore[union-attr]
+    if metric is not None and axis == "site":
+        return list(metric.sites)
+    if metric is not None and metric.kind == "attribution" and axis == "pos":
+        return list(range(len(ctx.tokens[invoke][0])))
+    if metric is not None and axis == "token":
+        return list(metric.token_strs)
+    return list(ctx.grids[invoke].axis_values().get(axis, [])) or list(
+        range(len(ctx.tokens[invoke])) if axis == "prompt" else []
+    )
+
+
+def _pick(values: list[Any], selector: Any, axis: str, fail: Any) -> tuple[int, ...]:
+    """Indices of the axis values a selector names (a value, a list, or a 'start:stop' range)."""
+    items = selector if isinstance(selector, list) else [selector]
+    picked: list[int] = []
+    for item in items:
+        if (
+            isinstance(item, str)
+            and ":" in item
+            and all(p.lstrip("-").isdigit() or p == "" for p in item.split(":")[:2])
+        ):
+            start_s, stop_s = item.split(":")[:2]
+            start = int(start_s) if start_s else None
+            stop = int(stop_s) if stop_s else None
+            found = [
+                i
+                for i, v in enumerate(values)
+                if isinstance(v, int | float)
+                and (start is None or v >= start)
+                and (stop is None or v < stop)
+            ]
+        else:
+            found = [i for i, v in enumerate(values) if v == item or str(v) == str(item)]
+        if not found:
+            shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+            raise fail(f"{axis} {item!r} is not on this axis", f"{axis} takes {shown}")
+        picked.extend(i for i in found if i not in picked)
+    return tuple(picked)
+
+
+def compile_expectations(
+    ctx: Context, metrics: list[PlanMetric | None], saves: list[PlanSave]
+) -> list[PlanExpectation]:
+    by_metric = {m.name: m for m in metrics if m is not None}
+    by_save = {s.name: s for s in saves}
+    out = []
+    for index, expectation in enumerate(ctx.spec.expect):
+        path: SpecPath = ("expect", index)
+        try:
+            out.append(_compile_one(ctx, index, expectation, path, by_metric, by_save))
+        except Abort:
+            continue
+    return out
+
+
+def _compile_one(
+    ctx: Context,
+    index: int,
+    exp: Any,
+    path: SpecPath,
+    by_metric: dict[str, PlanMetric],
+    by_save: dict[str, PlanSave],
+) -> PlanExpectation:
+    metric = save = None
+    if exp.metric is not None:
+        metric = by_metric.get(exp.metric)
+        if metric is None:
+            hint = did_you_mean(exp.metric, by_metric) or "metrics: " + ", ".join(by_metric)
+            raise ctx.fail(
+                "unknown-metric", f"no metric named '{exp.metric}'", path + ("metric",), hint
+            )
+    else:
+        save = by_save.get(exp.saved)
+        if save is None:
+            hint = did_you_mean(exp.saved, by_save) or "saved values: " + (
+                ", ".join(by_save) or "none"
+            )
+            raise ctx.fail(
+                "unknown-saved", f"no saved value named '{exp.saved}'", path + ("saved",), hint
+            )
+    axes = _tensor_axes(metric, save)
+    select: list[tuple[int, ...] | None] = [None] * len(axes)
+    for axis, selector in exp.where.items():
+        if axis not in axes or axis in ("hidden", "k"):
+            hint = did_you_mean(axis, axes) or (
+                "axes: " + ", ".join(axes) if axes else "this result has no axes"
+            )
+            raise ctx.fail(
+                "unknown-axis", f"the result has no axis '{axis}'", path + ("where", axis), hint
+            )
+
+        def fail(message: str, hint: str | None, _axis: str = axis) -> Any:
+            return ctx.fail("bad-cell", message, path + ("where", _axis), hint)
+
+        values = _axis_values(ctx, metric, save, axis)
+        select[axes.index(axis)] = _pick(values, selector, axis, fail)
+    kind = metric.kind if metric is not None else None
+    token_id = token_str = token_index = None
+    for check in ("argmax", "top_k"):
+        ref = getattr(exp, check)
+        if ref is None:
+            continue
+        allowed = (
+            ("top_k", "logit_lens")
+            if check == "top_k"
+            else ("top_k", "logit_lens", *_TOKEN_AXIS_KINDS)
+        )
+        if kind not in allowed or (kind in _TOKEN_AXIS_KINDS and metric.squeeze_token):  # type: ignore[union-attr]
+            raise ctx.fail(
+                "bad-check",
+                f"'{check}' does not apply to {kind or 'a saved value'}",
+                path + (check,),
+                f"use it on a {' or '.join(allowed[:2])} metric"
+                + (" or a metric with several tokens" if check == "argmax" else ""),
+            )
+        token_id = ctx.token_id(ref, path + (check,))
+        token_str = ctx.tok.token_str(token_id)
+        if kind in _TOKEN_AXIS_KINDS:
+            if token_id not in metric.tokens:  # type: ignore[union-attr]
+                raise ctx.fail(
+                    "bad-check",
+                    f"{token_str!r} is not one of the metric's tokens",
+                    path + (check,),
+                    "argmax compares the metric's own tokens: "
+                    + ", ".join(map(repr, metric.token_strs)),  # type: ignore[union-attr]
+                )
+            token_index = list(metric.tokens).index(token_id)  # type: ignore[union-attr]
+    checks = {
+        name: getattr(exp, name)
+        for name in ("equals", "approx", "greater_than", "less_than")
+        if getattr(exp, name) is not None
+    }
+    if "approx" in checks:
+        checks.update(rtol=exp.rtol, atol=exp.atol)
+    if exp.argmax is not None:
+        checks["argmax"] = True
+    if exp.top_k is not None:
+        checks["top_k"] = True
+    line, col = ctx.doc.source.locate(path)
+    location = f"{ctx.doc.file or '<spec>'}:{line}:{col}" if line else (ctx.doc.file or "<spec>")
+    return PlanExpectation(
+        index=index,
+        target=metric.name if metric is not None else save.name,  # type: ignore[union-attr]
+        target_kind="metric" if metric is not None else "saved",
+        metric_kind=kind,
+        axes=axes,
+        select=tuple(select),
+        over=exp.over,
+        checks=checks,
+        token_id=token_id,
+        token_str=token_str,
+        token_index=token_index,
+        location=f"{location} {format_path(path)}",
+        message=exp.message,
+    )

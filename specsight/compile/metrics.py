@@ -1,0 +1,209 @@
+"""Compiling metrics: which rows and position each reads, token ids, result axes (torch-free)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import did_you_mean, format_path
+from ..plan import PlanMetric, RowOp
+from ..sites import SiteError, family_table, resolve_site
+from .attribution import compile_attribution
+from .context import Abort, Context, SpecPath, plain
+from .positions import PositionError, resolve_position
+
+__all__ = ["compile_metric"]
+
+
+def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
+    path: SpecPath = ("metrics", name)
+    if metric.kind == "recovery":
+        return _recovery(ctx, name, metric, path)
+    if metric.kind == "attribution":
+        return compile_attribution(ctx, name, metric, path)
+    if metric.invoke not in ctx.spec.invokes:
+        hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(
+            ctx.spec.invokes
+        )
+        ctx.fail("unknown-invoke", f"no invoke named '{metric.invoke}'", path + ("invoke",), hint)
+        return None
+    if ctx.info.inputs == "image" and "position" in metric.model_fields_set:
+        ctx.fail(
+            "classifier-position",
+            "an image classifier has one output per image, not one per position",
+            path + ("position",),
+            "remove 'position'; to read a position inside the model, save a site there",
+        )
+        return None
+    try:
+        grid = ctx.grids[metric.invoke]
+        cells = len(grid.cells()) if grid.axes else 1
+        prompts = ctx.tokens[metric.invoke]
+        rows, positions = [], []
+        for cell in range(cells):
+            for prompt_index, tokens in enumerate(prompts):
+                rows.append(ctx.row_index[(metric.invoke, cell, prompt_index)])
+                try:
+                    picked = resolve_position(plain(metric.position), tokens, ctx.tok)
+                except PositionError as exc:
+                    raise ctx.fail(
+                        "bad-position", exc.message, path + ("position",), exc.hint
+                    ) from None
+                if len(picked) != 1:
+                    raise ctx.fail(
+                        "bad-position",
+                        f"a metric reads one position; this selects {len(picked)}",
+                        path + ("position",),
+                        "use 'last', an index such as -1, or {token: ' John'}",
+                    )
+                positions.append(picked[0])
+        tokens_ref: list[str | int] = []
+        squeeze = False
+        if metric.kind == "logit_diff":
+            tokens_ref = [metric.target, metric.foil]
+            token_paths = [path + ("target",), path + ("foil",)]
+        elif metric.kind == "top_k":
+            token_paths = []
+            if ctx.info.vocab_size and metric.k > ctx.info.vocab_size:
+                raise ctx.fail(
+                    "bad-k",
+                    f"k = {metric.k} but the model has {ctx.info.vocab_size} outputs",
+                    path + ("k",),
+                    f"use k <= {ctx.info.vocab_size}",
+                )
+        elif metric.kind == "logit_lens":
+            squeeze = True
+            tokens_ref = [metric.token] if metric.token is not None else []
+            token_paths = [path + ("token",)]
+            lens = _lens(ctx, name, metric, rows, positions, path)
+        else:
+            squeeze = metric.token is not None
+            tokens_ref = [metric.token] if squeeze else list(metric.tokens)
+            token_paths = (
+                [path + ("token",)]
+                if squeeze
+                else [path + ("tokens", i) for i in range(len(tokens_ref))]
+            )
+        ids = [ctx.token_id(ref, p) for ref, p in zip(tokens_ref, token_paths)]
+    except Abort:
+        return None
+    axes = tuple(grid.axes) + (("prompt",) if ctx.spec.invokes[metric.invoke].many_inputs else ())
+    shape = tuple(grid.shape) + ((len(prompts),) if "prompt" in axes else ())
+    extra = {}
+    if metric.kind == "logit_lens":
+        extra = dict(zip(("sites", "store_keys", "lens_modules"), lens))
+    return PlanMetric(
+        name=name,
+        kind=metric.kind,
+        invoke=metric.invoke,
+        rows=tuple(rows),
+        positions=tuple(positions),
+        tokens=tuple(ids),
+        token_strs=tuple(ctx.tok.token_str(i) for i in ids),
+        k=getattr(metric, "k", None),
+        squeeze_token=squeeze,
+        axes=axes,
+        shape=shape,
+        **extra,
+    )
+
+
+def _lens(
+    ctx: Context, name: str, metric: Any, rows: list[int], positions: list[int], path: SpecPath
+) -> tuple:
+    """Save ops feeding a logit lens, and the modules that decode what they save."""
+    table = family_table(ctx.info)
+    if table is None or not {"final_norm", "logits"} <= set(table["sites"]):
+        raise ctx.fail(
+            "no-lens",
+            f"logit_lens needs the final norm and unembedding, unknown for {ctx.info.architecture}",
+            path + ("kind",),
+        )
+    try:
+        sites = resolve_site(metric.site, ctx.info)
+    except SiteError as exc:
+        raise ctx.fail("unknown-site", exc.message, path + ("site",), exc.hint) from None
+    for site in sites:
+        if site.heads is not None or site.width not in (None, ctx.info.d_model):
+            raise ctx.fail(
+                "lens-site",
+                f"logit_lens decodes residual-stream sites; '{site.name}' is not d_model wide",
+                path + ("site",),
+                "use resid_post.*, resid_mid.*, attn_out.* or mlp_out.*",
+            )
+    keys = []
+    for row, pos in zip(rows, positions):
+        for site in sites:
+            key = f"lens/{name}/{row}/{site.name}"
+            keys.append(key)
+            ctx.ops.append(
+                RowOp(
+                    "save",
+                    site.name,
+                    site.module,
+                    site.io,
+                    row,
+                    (pos,),
+                    store=key,
+                    origin=format_path(path),
+                    layer=site.layer,
+                )
+            )
+    modules = (table["sites"]["final_norm"][0], table["sites"]["logits"][0])
+    return tuple(s.name for s in sites), tuple(keys), modules
+
+
+_SCALAR_KINDS = ("logit_diff", "logits", "logprob", "prob")
+
+
+def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetric | None:
+    """(patched - corrupt) / (clean - corrupt): the clean and corrupt metrics must not be swept."""
+    metrics = ctx.spec.metrics
+    inputs, ok = [], True
+    for role in ("patched", "clean", "corrupt"):
+        ref = getattr(metric, role)
+        other = metrics.get(ref)
+        if other is None or ref == name:
+            candidates = [n for n, m in metrics.items() if n != name and m.kind in _SCALAR_KINDS]
+            hint = did_you_mean(ref, candidates) or "metrics: " + ", ".join(candidates)
+            ctx.fail(
+                "unknown-metric",
+                f"no metric named '{ref}' to use as '{role}'",
+                path + (role,),
+                hint,
+            )
+            ok = False
+        elif other.kind not in _SCALAR_KINDS:
+            ctx.fail(
+                "bad-recovery",
+                f"'{ref}' is a {other.kind} metric; recovery needs logit_diff, logits, logprob or prob",
+                path + (role,),
+            )
+            ok = False
+        elif role != "patched" and (
+            ctx.grids[other.invoke].axes or ctx.spec.invokes[other.invoke].many_inputs
+        ):
+            ctx.fail(
+                "bad-recovery",
+                f"the {role} metric '{ref}' must be one value: its invoke has a sweep or several prompts",
+                path + (role,),
+                "measure the clean and corrupted runs in invokes with one prompt and no sweep",
+            )
+            ok = False
+        inputs.append(ref)
+    if not ok:
+        return None
+    patched = metrics[metric.patched]
+    grid = ctx.grids[patched.invoke]
+    many = ctx.spec.invokes[patched.invoke].many_inputs
+    axes = tuple(grid.axes) + (("prompt",) if many else ())
+    shape = tuple(grid.shape) + ((len(ctx.tokens[patched.invoke]),) if many else ())
+    return PlanMetric(
+        name=name,
+        kind="recovery",
+        invoke=patched.invoke,
+        rows=(),
+        positions=(),
+        axes=axes,
+        shape=shape,
+        inputs=tuple(inputs),
+    )

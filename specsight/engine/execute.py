@@ -1,0 +1,177 @@
+"""The engine's entry point: :func:`execute` runs every forward of a Plan on a torch model and
+returns the raw result tensors (:class:`EngineOutput`).
+
+One :class:`~.hooks.HookScope` owns every hook handle and removes them all when the run ends, on
+success or failure. Each forward pads its rows on the right (real tokens keep their positions
+and never see padding), runs with the :class:`~.runner.Runner`'s action tables active, and has
+its metrics read from the logits (:mod:`.readout`); generating forwards go through
+:mod:`.generate`, backward passes through :mod:`.grad`. The run is seeded (and, on request,
+deterministic) without disturbing the caller's random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import RunError
+from ..plan import Plan
+from .device import model_device, model_dtype
+from .forward import RowInputs, run_forward
+from .generate import run_generation
+from .grad import attribution, backward_from, grad_scope
+from .hooks import HookScope, module_table
+from .readout import assemble, logit_lens, read_metric, to_host
+from .runner import Runner
+
+__all__ = ["EngineOutput", "execute"]
+
+NEXT_TOKEN_K = 5
+
+
+@dataclass
+class EngineOutput:
+    """Raw tensors of a run, before they become :class:`~specsight.results.Results`."""
+
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    saves: dict[str, torch.Tensor] = field(default_factory=dict)
+    next_tokens: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+    #: generating rows: the new token ids, up to and including the first end-of-sequence token
+    generated: dict[int, list[int]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for this run without disturbing the caller's random state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms for the run (``deterministic: true``), then restored."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def execute(
+    plan: Plan,
+    model: torch.nn.Module,
+    *,
+    pad_id: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EngineOutput:
+    """Run every forward of ``plan`` on ``model``; hooks never outlive this call."""
+    device = model_device(model)
+    dtype = model_dtype(model)
+    runner = Runner(plan, model, device, pad_id)
+    out = EngineOutput()
+    metric_slots = {m.name: {row: i for i, row in enumerate(m.rows)} for m in plan.metrics}
+    buffers: dict[str, torch.Tensor] = {}
+    summary_rows = {
+        i for i, row in enumerate(plan.rows) if not plan.invoke_info.get(row.invoke, {}).get("axes")
+    }
+    metrics_by_name = {m.name: m for m in plan.metrics}
+    grad_rows = set(metrics_by_name[plan.backward].rows) if plan.backward else set()
+    started = time.perf_counter()
+    done = 0
+    layers_path = plan.model_summary.get("layers_path")
+    keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
+    inputs = RowInputs(plan, dtype)
+    with (
+        HookScope(model) as scope,
+        torch.no_grad() if plan.backward else torch.inference_mode(),
+        _seeded(plan.seed, device),
+        _deterministic(plan.deterministic),
+    ):
+        for layer in sorted({f.shared_prefix for f in plan.forwards if f.shared_prefix}):
+            if layers_path is None:
+                raise RunError("the plan reuses layer prefixes but names no layer stack")
+            scope.add_expander(f"{layers_path}.{layer}", runner.expander(layer))
+        for site in plan.hooks():
+            scope.add(site[0], site[1], runner.hook(site))
+        for forward in plan.forwards:
+            if forward.generate is not None:
+                out.saves.update(run_generation(runner, forward, dtype, out.generated))
+                done += len(forward.rows)
+                if progress is not None:
+                    progress(done, len(plan.rows))
+                continue
+            backward = plan.backward is not None and any(r in grad_rows for r in forward.rows)
+            if backward:  # every row runs in full: gradients need each row's own graph
+                forward = replace(forward, shared_prefix=0)
+            runner.prepare(forward, dtype)
+            with grad_scope(model, backward):
+                logits, column = run_forward(
+                    plan, model, forward, device, pad_id, keep_supported, inputs
+                )
+                if backward:
+                    backward_from(
+                        metrics_by_name[plan.backward],
+                        metric_slots[plan.backward],
+                        forward,
+                        logits,
+                        column,
+                    )
+            logits = logits.detach()
+            for metric in plan.metrics:
+                if metric.kind not in ("logit_lens", "attribution"):
+                    read_metric(metric, metric_slots[metric.name], forward, logits, column, buffers)
+            for i, row in enumerate(forward.rows):
+                if row in summary_rows:
+                    last = column(len(plan.rows[row].tokens) - 1)
+                    probs = torch.softmax(logits[i, last].float(), -1)
+                    probs, top = probs.topk(min(NEXT_TOKEN_K, probs.shape[-1]))
+                    out.next_tokens[row] = (top.tolist(), probs.tolist())
+            done += len(forward.rows)
+            if progress is not None:
+                progress(done, len(plan.rows))
+    modules = module_table(model)
+    for metric in plan.metrics:
+        if metric.kind == "logit_lens":
+            out.metrics.update(logit_lens(metric, runner.store, modules))
+            continue
+        if metric.kind == "attribution":
+            out.metrics[metric.name] = attribution(metric, runner.store)
+            continue
+        if metric.kind == "recovery":
+            continue
+        values = buffers[metric.name]
+        suffix = tuple(values.shape[1:])
+        if metric.squeeze_token and suffix:
+            suffix = ()
+            values = values[..., 0]
+        out.metrics[metric.name] = values.reshape(tuple(metric.shape) + suffix)
+        if f"{metric.name}/ids" in buffers:
+            out.metrics[f"{metric.name}/ids"] = buffers[f"{metric.name}/ids"].reshape(
+                tuple(metric.shape) + suffix
+            )
+    for metric in plan.metrics:
+        if metric.kind == "recovery":
+            patched, clean, corrupt = (out.metrics[name] for name in metric.inputs)
+            out.metrics[metric.name] = (patched - corrupt) / (clean - corrupt)
+    # Metrics come back in the order the spec lists them.
+    order = {m.name: i for i, m in enumerate(plan.metrics)}
+    out.metrics = dict(
+        sorted(out.metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0]))
+    )
+    host = to_host({k: runner.store[k] for save in plan.saves for k in save.keys})
+    for save in plan.saves:
+        out.saves[save.name] = assemble(save.keys, save.shape, host)
+    out.timings["execute_s"] = time.perf_counter() - started
+    return out

@@ -1,0 +1,104 @@
+"""One batched forward of a plan: inputs (token ids, image pixels or tensors) in, logits out.
+
+Text rows are padded on the right with an attention mask; image and tensor rows are stacked
+(they share one shape). The logits come from whatever the model returns: ``.logits``, a plain
+tensor, or a tuple's first element; a classifier's ``[batch, classes]`` is read as one position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import RunError
+from ..plan import Forward, Plan
+
+__all__ = ["RowInputs", "run_forward"]
+
+
+def run_forward(
+    plan: Plan,
+    model: torch.nn.Module,
+    forward: Forward,
+    device: torch.device,
+    pad_id: int,
+    keep_supported: bool,
+    inputs: RowInputs,
+) -> tuple[torch.Tensor, Callable[[int], int]]:
+    """Run one forward; returns its logits and a map from position to logits column."""
+    column: Callable[[int], int] = int
+    try:
+        kind = plan.model_summary.get("inputs", "text")
+        if kind != "text":
+            batch = torch.stack([inputs.get(plan.rows[row].input) for row in forward.rows])
+            if forward.shared_prefix:  # identical rows: run one, copied at the shared layer
+                batch = batch[:1]
+            batch = batch.to(device)
+            output = model(pixel_values=batch) if kind == "image" else model(batch)
+        else:
+            ids = torch.full((len(forward.rows), forward.seq_len), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(forward.rows):
+                tokens = plan.rows[row].tokens
+                ids[i, : len(tokens)] = torch.tensor(tokens)
+                mask[i, : len(tokens)] = 1
+            if forward.shared_prefix:  # identical rows: run one, copied at the shared layer
+                ids, mask = ids[:1], mask[:1]
+            kwargs: dict[str, Any] = {"use_cache": False}
+            if forward.keep_logits is not None and keep_supported:
+                kwargs["logits_to_keep"] = torch.tensor(forward.keep_logits, device=device)
+                index = {pos: j for j, pos in enumerate(forward.keep_logits)}
+                column = index.__getitem__
+            output = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    except torch.OutOfMemoryError:
+        raise RunError(
+            f"out of memory in a forward of {len(forward.rows)} rows x {forward.seq_len} tokens",
+            hint="lower --max-batch",
+        ) from None
+    logits = _logits_of(output)
+    if logits.shape[0] != len(forward.rows):
+        raise RunError(f"the model returned {logits.shape[0]} rows for {len(forward.rows)}")
+    if logits.dim() == 2:  # one output per row (a classifier): every position reads it
+        return logits[:, None], lambda _pos: 0
+    return logits, column
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    """The output tensor metrics read: ``.logits`` of a model output, a plain tensor, or the
+    first element of a tuple (models built by a factory return any of these)."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, tuple | list) and output:
+        logits = output[0]
+    if logits is None:
+        logits = output
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise RunError(
+            f"the model's output is {shape}; metrics need [batch, classes] or "
+            "[batch, positions, vocabulary]",
+            hint="return logits from the model (or a tuple whose first element they are)",
+        )
+    return logits
+
+
+class RowInputs:
+    """Row inputs (image pixels, tensors) of a plan as tensors, converted once."""
+
+    def __init__(self, plan: Plan, dtype: torch.dtype):
+        self.plan, self.dtype = plan, dtype
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str | None) -> torch.Tensor:
+        if key is None:
+            raise RunError("a row of a model without text inputs has no input")
+        if key not in self.cache:
+            entry = self.plan.inputs[key]
+            is_int = entry["dtype"] == "int64"
+            tensor = torch.tensor(entry["values"], dtype=torch.long if is_int else torch.float32)
+            tensor = tensor.reshape(entry["shape"])
+            self.cache[key] = tensor if is_int else tensor.to(self.dtype)
+        return self.cache[key]

@@ -1,0 +1,148 @@
+"""Generation: runs one generating forward of a plan through Hugging Face ``model.generate``
+with the plan's hooks active.
+
+Prompts are padded on the left (with an attention mask), so every row's new tokens line up;
+op positions, which index each prompt's real tokens, are shifted by the row's padding. A
+pre-hook on the model counts its forward calls: call 0 is the prompt pass (step 0), call s the
+decode step that feeds new token s-1 under the KV cache. Before each call it installs the
+action tables of the ops active in that step: in step 0 at their prompt positions, in later
+steps at the only position there is, the new token. Saves are stored per step
+(``<store>@<step>``) and stacked by the plan's ``PlanSave``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from ..errors import RunError
+from ..plan import Forward, RowOp
+from .runner import ActionTables, Runner
+
+__all__ = ["run_generation", "eos_ids"]
+
+
+def eos_ids(model: torch.nn.Module) -> set[int]:
+    """The end-of-sequence token ids of a model's generation config."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
+
+
+def _step_ops(runner: Runner, forward: Forward, offsets: dict[int, int], step: int):
+    """Per row, the ops active in ``step`` with their positions in this step's input."""
+    out: dict[int, list[RowOp]] = {}
+    for row in forward.rows:
+        active = []
+        for op in runner.ops_by_row.get(row, ()):
+            if op.steps is None or step not in op.steps:
+                continue
+            positions = tuple(p + offsets[row] for p in op.positions) if step == 0 else (0,)
+            store = None if op.store is None else f"{op.store}@{step}"
+            active.append(replace(op, positions=positions, store=store))
+        if active:
+            out[row] = active
+    return out
+
+
+def run_generation(
+    runner: Runner, forward: Forward, dtype: torch.dtype, generated: dict[int, list[int]]
+) -> dict[str, torch.Tensor]:
+    """Generate for the rows of ``forward``; returns ``{invoke}/generated_ids`` tensors and
+    fills ``generated`` with each row's new tokens (cut after the first end-of-sequence)."""
+    plan, model, device, pad_id = runner.plan, runner.model, runner.device, runner.pad_id
+    config = dict(forward.generate or {})
+    rows = forward.rows
+    width = forward.seq_len
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    offsets: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        tokens = plan.rows[row].tokens
+        offsets[row] = width - len(tokens)
+        ids[i, offsets[row] :] = torch.tensor(tokens)
+        mask[i, offsets[row] :] = 1
+    state = {"step": 0}
+
+    # decode steps whose active ops keep nothing per step share their action tables
+    cache: dict[tuple[Any, ...], ActionTables] = {}
+
+    def on_call(_mod: Any, args: tuple, kwargs: dict) -> None:
+        step = state["step"]
+        state["step"] += 1
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(inputs, torch.Tensor):
+            inputs = kwargs["inputs_embeds"]
+        seq = inputs.shape[1]
+        key = None
+        if step > 0:
+            active = [
+                (row, i)
+                for row in rows
+                for i, op in enumerate(runner.ops_by_row.get(row, ()))
+                if op.steps is not None and step in op.steps
+            ]
+            if not any(runner.ops_by_row[row][i].store for row, i in active):
+                key = (tuple(active), seq)
+                if key in cache:
+                    runner.activate(cache[key])
+                    return
+        tables = runner.prepare(
+            replace(forward, seq_len=seq), dtype, _step_ops(runner, forward, offsets, step)
+        )
+        if key is not None:
+            cache[key] = tables
+
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": config["max_new_tokens"],
+        "do_sample": config["do_sample"],
+        "pad_token_id": pad_id,
+    }
+    if config["do_sample"]:
+        kwargs.update(temperature=config["temperature"], top_p=config["top_p"], top_k=0)
+        torch.manual_seed(config["seed"])
+    handle = model.register_forward_pre_hook(on_call, with_kwargs=True, prepend=True)
+    try:
+        sequences = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+        )
+    except torch.OutOfMemoryError:
+        raise RunError(
+            f"out of memory generating for {len(rows)} prompts", hint="generate fewer prompts"
+        ) from None
+    finally:
+        handle.remove()
+    _fill_missing_steps(runner, forward)
+    new = sequences[:, width:].cpu()
+    stops = eos_ids(model)
+    for i, row in enumerate(rows):
+        tokens = new[i].tolist()
+        for j, token in enumerate(tokens):
+            if token in stops:
+                tokens = tokens[: j + 1]
+                break
+        generated[row] = tokens
+    invoke = plan.rows[rows[0]].invoke
+    return {f"{invoke}/generated_ids": new}
+
+
+def _fill_missing_steps(runner: Runner, forward: Forward) -> None:
+    """Steps that never ran (every row ended early) keep NaN values in per-step saves."""
+    for row in forward.rows:
+        for op in runner.ops_by_row.get(row, ()):
+            if op.kind != "save" or op.steps is None:
+                continue
+            done = [
+                runner.store[f"{op.store}@{s}"]
+                for s in op.steps
+                if f"{op.store}@{s}" in runner.store
+            ]
+            for step in op.steps:
+                key = f"{op.store}@{step}"
+                if key not in runner.store:
+                    like = done[-1][-1:] if done else torch.zeros(1)
+                    runner.store[key] = torch.full_like(like, float("nan"))

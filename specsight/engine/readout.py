@@ -1,0 +1,144 @@
+"""Reading results out of a run: metric values from logits, the logit lens, and saved values
+assembled from per-row pieces (padded with NaN where prompts differ in length)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import RunError
+from ..plan import Forward
+
+__all__ = ["assemble", "logit_lens", "metric_rows", "metric_values", "read_metric"]
+
+
+def metric_values(
+    kind: str, logits: torch.Tensor, tokens: tuple[int, ...], k: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = logits.float()
+    if kind == "logits":
+        return logits[:, list(tokens)], None
+    if kind == "logprob":
+        return torch.log_softmax(logits, -1)[:, list(tokens)], None
+    if kind == "prob":
+        return torch.softmax(logits, -1)[:, list(tokens)], None
+    if kind == "logit_diff":
+        return logits[:, tokens[0]] - logits[:, tokens[1]], None
+    if kind == "top_k":
+        if (k or 10) > logits.shape[-1]:
+            raise RunError(
+                f"top_k asks for {k or 10} outputs but the model returns {logits.shape[-1]}",
+                hint=f"use k <= {logits.shape[-1]}",
+            )
+        probs, ids = torch.softmax(logits, -1).topk(k or 10, dim=-1)
+        return probs, ids
+    raise RunError(f"unknown metric kind '{kind}'")
+
+
+def metric_rows(
+    metric: Any,
+    kind: str,
+    slots: dict[int, int],
+    forward: Forward,
+    logits: torch.Tensor,
+    column: Callable[[int], int],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """A metric's values on the rows of this forward it reads: (values, token ids or None,
+    the rows' slots in the metric's result), or None when it reads none of them."""
+    picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
+    if not picked:
+        return None
+    device = logits.device
+    local = torch.tensor([i for i, _ in picked], device=device)
+    pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
+    values, token_ids = metric_values(kind, logits[local, pos], metric.tokens, metric.k)
+    return values, token_ids, torch.tensor([slots[row] for _, row in picked])
+
+
+def read_metric(
+    metric: Any,
+    slots: dict[int, int],
+    forward: Forward,
+    logits: torch.Tensor,
+    column: Callable[[int], int],
+    buffers: dict[str, torch.Tensor],
+) -> None:
+    """Compute one metric for the rows of this forward into its result buffer."""
+    picked = metric_rows(metric, metric.kind, slots, forward, logits, column)
+    if picked is None:
+        return
+    values, token_ids, index = picked
+    for name, tensor in ((metric.name, values), (f"{metric.name}/ids", token_ids)):
+        if tensor is None:
+            continue
+        if name not in buffers:
+            buffers[name] = torch.empty((len(metric.rows), *tensor.shape[1:]), dtype=tensor.dtype)
+        buffers[name][index] = tensor.cpu()
+
+
+def logit_lens(
+    metric: Any, store: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]
+) -> dict[str, torch.Tensor]:
+    """Decode stored residuals through the final norm and unembedding (after hooks are gone)."""
+    norm, unembed = (modules[name] for name in metric.lens_modules)
+    hidden = torch.cat([store[key] for key in metric.store_keys])
+    with torch.inference_mode():
+        normed = norm(hidden.unsqueeze(0))
+        weight = next(unembed.parameters(), None)
+        if weight is not None:  # some norms (Mamba's) return float32 from bf16 inputs
+            normed = normed.to(weight.dtype)
+        probs = torch.softmax(unembed(normed)[0].float(), -1)
+    top_probs, top_ids = probs.topk(metric.k or 5, dim=-1)
+    shape = (*metric.shape, len(metric.sites))
+    headline = probs[:, metric.tokens[0]] if metric.tokens else top_probs[:, 0]
+    return {
+        metric.name: headline.cpu().reshape(shape),
+        f"{metric.name}/ids": top_ids.cpu().reshape(*shape, -1),
+        f"{metric.name}/probs": top_probs.cpu().reshape(*shape, -1),
+    }
+
+
+def to_host(store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The store on the CPU, copied in one transfer per dtype rather than one per value (each
+    device-to-host copy waits for the device)."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, value in store.items():
+        if value.device.type != "cpu":
+            by_dtype.setdefault(value.dtype, []).append(key)
+    if not by_dtype:
+        return store
+    out = dict(store)
+    for keys in by_dtype.values():
+        flat = torch.cat([store[key].detach().reshape(-1) for key in keys]).cpu()
+        offset = 0
+        for key in keys:
+            size = store[key].numel()
+            out[key] = flat[offset : offset + size].view(store[key].shape)
+            offset += size
+    return out
+
+
+def assemble(
+    keys: tuple[str, ...], shape: tuple[int, ...], store: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    pieces = [
+        store[key].float().cpu()
+        if store[key].dtype in (torch.bfloat16, torch.float16)
+        else store[key].cpu()
+        for key in keys
+    ]
+    # pieces differ in positions (prompts of different lengths) and, for attention patterns,
+    # in keys: pad every axis to the longest with NaN
+    longest = [max(sizes) for sizes in zip(*(p.shape for p in pieces))]
+    if len(pieces) == 1:
+        stacked = pieces[0].unsqueeze(0)
+    elif any(list(p.shape) != longest for p in pieces):
+        padded = torch.full((len(pieces), *longest), float("nan"), dtype=pieces[0].dtype)
+        for i, piece in enumerate(pieces):
+            padded[(i, *(slice(0, n) for n in piece.shape))] = piece
+        stacked = padded
+    else:
+        stacked = torch.stack(pieces)
+    return stacked.reshape(*shape, *stacked.shape[1:]) if shape else stacked[0]

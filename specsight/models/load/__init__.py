@@ -1,0 +1,31 @@
+"""Loading models (torch): by id (the built-in ``smollm2-135m``, ``tiny-<family>``, folders and
+the local hub cache; nothing is downloaded) or from a spec's ``model:`` entry (factories too),
+with their tokenizer, :class:`~specsight.models.ModelInfo` and weights hash."""
+
+from .builtin import BUILTIN_MODELS, cache_dir
+from .introspect import hash_weights, model_info_from_module
+from .loader import (
+    LoadedModel,
+    list_models,
+    load_model,
+    load_model_info,
+    load_model_ref,
+    load_ref_info,
+    resolve_device,
+)
+from .tiny import TINY_MODELS
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "TINY_MODELS",
+    "LoadedModel",
+    "cache_dir",
+    "hash_weights",
+    "list_models",
+    "load_model",
+    "load_model_info",
+    "load_model_ref",
+    "load_ref_info",
+    "model_info_from_module",
+    "resolve_device",
+]

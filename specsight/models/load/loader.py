@@ -1,0 +1,227 @@
+"""Loading the model a spec names, by id: the built-in ``smollm2-135m`` (:mod:`.builtin`), a
+tiny random ``tiny-<family>`` model (:mod:`.tiny`), a local folder or a Hugging Face id already
+in the local hub cache (:mod:`.folder`; nothing is ever downloaded), or a factory
+(:mod:`.factory`). The model comes back in eval mode, gradients off, on its device, with its
+tokenizer, :class:`ModelInfo` and weights hash.
+
+:func:`load_model_info` answers shape questions without loading weights (meta device or the
+cached ``modelinfo.json``), so compiling a spec stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import ModelLoadError, did_you_mean
+from ..info import ModelInfo
+from ..tokenizer import LabelTokenizer, Tokenizer
+from .builtin import BUILTIN_MODELS, builtin_hash, builtin_info, ensure_builtin, is_cached
+from .folder import OFFLINE_HINT, auto_class, config_of, folder_tokenizer, from_pretrained
+from .introspect import hash_weights, model_info_from_module
+from .tiny import TINY_MODELS, build_tiny, tiny_tokenizer
+from .vision import with_processor
+
+__all__ = [
+    "LoadedModel",
+    "list_models",
+    "load_model",
+    "load_model_info",
+    "load_model_ref",
+    "load_ref_info",
+    "resolve_device",
+]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine, with everything a run records about it."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    info: ModelInfo
+    model_id: str
+    revision: str | None
+    weights_sha256: str
+    device: str
+    dtype: str
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda:N`` when CUDA is available, else ``cpu``; others are checked."""
+    text = (device or "auto").strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    fallback = "use device: cpu or auto"
+    if text == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError("device 'mps' is not available here", hint=fallback)
+        return "mps"
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ModelLoadError(
+            f"unknown device '{device}'", hint="use auto, cpu, cuda, cuda:N or mps"
+        )
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device '{device}' asked for, but CUDA is not available", hint=fallback
+        )
+    index = int(match.group(1)) if match.group(1) else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        hint = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        raise ModelLoadError(f"device '{device}' does not exist", hint=hint)
+    return f"cuda:{index}"
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        hint = did_you_mean(dtype, _DTYPES) or "use float32, float16 or bfloat16"
+        raise ModelLoadError(f"unknown dtype '{dtype}'", hint=hint)
+    return _DTYPES[dtype]
+
+
+def list_models() -> list[dict]:
+    """The built-in and tiny models, for ``specsight models``."""
+    out: list[dict] = [
+        {"name": name, "kind": "builtin", "description": desc, "cached": is_cached()}
+        for name, desc in BUILTIN_MODELS.items()
+    ]
+    out += [
+        {"name": name, "kind": "tiny", "description": desc} for name, desc in TINY_MODELS.items()
+    ]
+    return out
+
+
+def load_model(
+    model_id: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model in eval mode with gradients off, on ``device``, in ``dtype``."""
+    torch_dtype, target = _torch_dtype(dtype), resolve_device(device)
+    kind, folder = _resolve(model_id, revision)
+    if kind == "tiny":
+        model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
+        model = model.to(torch_dtype)
+    else:
+        model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind)
+    if kind == "builtin":  # shape info and the float32 hash were stored at conversion
+        info = replace(builtin_info(folder), model_id=model_id, dtype=dtype)
+        sha = builtin_hash(folder, dtype, model)
+    else:
+        info = with_processor(model_info_from_module(model, model_id, dtype), folder)
+        sha = hash_weights(model)
+    tokenizer = _tokenizer_for(info, folder, model_id)
+    model.train(False)  # inference mode: no dropout
+    model.requires_grad_(False)
+    model.to(target)
+    return LoadedModel(model, tokenizer, info, model_id, revision, sha, target, dtype)
+
+
+def load_model_ref(
+    ref: Any, *, device: str | None = None, base_dir: str | None = None
+) -> LoadedModel:
+    """Load the model a spec's ``model:`` entry names: an id, or a factory (called here, with
+    ``base_dir``, the spec's folder, importable)."""
+    if ref.factory is None:
+        return load_model(
+            ref.id,
+            dtype=ref.dtype,
+            device=device or ref.device,
+            revision=ref.revision,
+            attn_implementation=ref.attn_implementation,
+            seed=ref.seed,
+        )
+    from .factory import build_factory_model, factory_info
+
+    torch_dtype, target = _torch_dtype(ref.dtype), resolve_device(device or ref.device)
+    model = build_factory_model(ref.factory, dict(ref.args), seed=ref.seed, base_dir=base_dir)
+    model = model.to(torch_dtype)
+    model.train(False)
+    model.requires_grad_(False)
+    info, tokenizer = factory_info(model, ref.name, ref.dtype)
+    sha = hash_weights(model)
+    model.to(target)
+    return LoadedModel(model, tokenizer, info, ref.name, None, sha, target, ref.dtype)
+
+
+def load_ref_info(ref: Any, *, base_dir: str | None = None) -> tuple[ModelInfo, Tokenizer]:
+    """ModelInfo and tokenizer of a spec's ``model:`` entry (a factory model is built on the
+    CPU, since its structure is only known by calling it)."""
+    if ref.factory is None:
+        return load_model_info(ref.id, dtype=ref.dtype, revision=ref.revision, seed=ref.seed)
+    loaded = load_model_ref(ref, device="cpu", base_dir=base_dir)
+    return loaded.info, loaded.tokenizer
+
+
+def load_model_info(
+    model_id: str, *, dtype: str = "float32", revision: str | None = None, seed: int = 0
+) -> tuple[ModelInfo, Tokenizer]:
+    """ModelInfo and tokenizer without loading weights (the built-in is converted if needed)."""
+    _torch_dtype(dtype)
+    kind, folder = _resolve(model_id, revision)
+    if kind == "tiny":
+        with torch.device("meta"):
+            model = build_tiny(model_id, seed=seed, attn_implementation=None)
+        info = model_info_from_module(model, model_id, dtype)
+        return info, _tokenizer_for(info, None, model_id)
+    if kind == "builtin":
+        info = replace(builtin_info(folder), model_id=model_id, dtype=dtype)
+        return info, folder_tokenizer(folder, model_id)
+    try:
+        config = config_of(folder)
+        with torch.device("meta"):
+            model = auto_class(config).from_config(config)
+    except Exception as exc:
+        hint = OFFLINE_HINT.format(id=model_id) if kind == "hub" else "is it a model folder?"
+        msg = f"cannot read the config of '{model_id}' in {folder}: {exc}"
+        raise ModelLoadError(msg, hint=hint) from None
+    info = with_processor(model_info_from_module(model, model_id, dtype), folder)
+    return info, _tokenizer_for(info, folder, model_id)
+
+
+def _tokenizer_for(info: ModelInfo, folder: Path | None, model_id: str) -> Tokenizer:
+    """Text models: the folder's tokenizer (the tiny one without a folder); others: labels."""
+    if info.inputs != "text":
+        return LabelTokenizer(info.labels)
+    return folder_tokenizer(folder, model_id) if folder is not None else tiny_tokenizer()
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _resolve(model_id: str, revision: str | None) -> tuple[str, Path | None]:
+    """``("builtin", folder)``, ``("tiny", None)``, ``("dir", folder)`` or ``("hub", snapshot)``."""
+    known = [*BUILTIN_MODELS, *TINY_MODELS]
+    if model_id in known:
+        if revision is not None:
+            raise ModelLoadError(f"'{model_id}' has no revisions", hint="remove model.revision")
+        return ("tiny", None) if model_id in TINY_MODELS else ("builtin", ensure_builtin())
+    if Path(model_id).expanduser().is_dir():
+        return "dir", Path(model_id).expanduser()
+    if os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1:
+        hint = did_you_mean(model_id, known) or f"known models: {', '.join(known)}"
+        raise ModelLoadError(f"model folder '{model_id}' does not exist", hint=hint)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return "hub", Path(snapshot_download(model_id, revision=revision, local_files_only=True))
+    except Exception:
+        raise ModelLoadError(
+            f"model '{model_id}' is not built in, not a local folder and not in the Hugging Face "
+            "cache (specsight never downloads)",
+            hint=did_you_mean(model_id, known) or OFFLINE_HINT.format(id=model_id),
+        ) from None

@@ -1,0 +1,196 @@
+"""Admitting a job: a submitted spec validated and compiled against the server's model, within
+the server's limits (:class:`LimitError`, HTTP 413), and the refusals of what runs locally only
+(factories, file inputs).
+
+Nothing here reads files or runs user code: a remote spec is data, compiled with file vectors
+refused, and the plan holds only token ids, module names, positions and numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..compile import compile_plan
+from ..errors import Issue, SpecError, SpecsightError
+from ..plan import Plan
+from ..spec import LoadedDoc, Spec, from_data, validate_spec
+from .protocol import Limits
+
+if TYPE_CHECKING:
+    from ..models.load import LoadedModel
+
+__all__ = [
+    "LimitError",
+    "PreparedJob",
+    "estimate_result_bytes",
+    "factory_refusal",
+    "prepare_job",
+    "refuse_local_only",
+]
+
+
+class LimitError(SpecsightError):
+    """A job asks for more than the server allows (HTTP 413)."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, estimate: int, limit: int, hint: str | None = None):
+        self.what, self.estimate, self.limit, self.hint = what, estimate, limit, hint
+        super().__init__(f"{what}: {estimate} exceeds the server's limit of {limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": "limit-exceeded",
+            "message": str(self),
+            "hint": self.hint,
+            "estimate": self.estimate,
+            "limit": self.limit,
+        }
+
+
+@dataclass
+class PreparedJob:
+    """A validated, compiled job, ready to run."""
+
+    spec: Spec
+    doc: LoadedDoc
+    plan: Plan
+    result_bytes: int
+
+
+def estimate_result_bytes(plan: Plan, info: Any) -> int:
+    """Bytes of the tensors a plan returns (metrics and saves), before running it."""
+    total = 0
+    for metric in plan.metrics:
+        cells = 1
+        for n in metric.shape:
+            cells *= n
+        per = {
+            "logits": len(metric.tokens),
+            "logprob": len(metric.tokens),
+            "prob": len(metric.tokens),
+        }
+        width = per.get(metric.kind, 1)
+        if metric.kind == "top_k":
+            width = 2 * (metric.k or 10)
+        if metric.kind == "logit_lens":
+            width = len(metric.sites) * (1 + 2 * (metric.k or 5))
+        total += cells * width * 8
+    for save in plan.saves:
+        width = info.vocab_size if save.site == "logits" else info.d_model
+        total += sum(save.n_positions) * width * 4
+    return total
+
+
+def _served_seed(model: LoadedModel) -> int:
+    return int(getattr(model, "seed", 0) or 0)
+
+
+def _check(what: str, estimate: int, limit: int, hint: str) -> None:
+    if estimate > limit:
+        raise LimitError(what, estimate, limit, hint)
+
+
+def _local_only(
+    doc: LoadedDoc | None, code: str, message: str, path: tuple, hint: str
+) -> SpecError:
+    """A SpecError located in ``doc`` when there is one."""
+    if doc is None:
+        return SpecError([Issue(code, message, path, None, None, None, hint)])
+    return SpecError(doc.source.issue(code, message, path, hint=hint))
+
+
+def factory_refusal(doc: LoadedDoc | None) -> SpecError:
+    """The error a ``model.factory`` spec gets from a server (and from the client, early)."""
+    return _local_only(
+        doc,
+        "factory-remote",
+        "model.factory runs local Python code; a server never imports or runs code named by a spec",
+        ("model", "factory"),
+        "run this spec locally (without --remote), or name one of the server's models in model.id",
+    )
+
+
+def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
+    """Raise the SpecError a spec that can only run locally gets: a factory model, or image and
+    tensor inputs (files, which a server never reads)."""
+    if spec.model.factory is not None:
+        raise factory_refusal(doc)
+    for name, invoke in spec.invokes.items():
+        if invoke.input_kind != "prompt":
+            raise _local_only(
+                doc,
+                "file-input-remote",
+                f"'{invoke.input_kind}' inputs are files, which run locally only",
+                ("invokes", name, invoke.input_kind),
+                "run this spec without --remote (servers take text prompts for now)",
+            )
+
+
+def prepare_job(
+    spec_data: dict[str, Any], model: LoadedModel, limits: Limits, *, spec_file: str | None = None
+) -> PreparedJob:
+    """Validate and compile a submitted spec against the server's model, enforcing limits.
+
+    Raises SpecError (422: located issues) or LimitError (413)."""
+    doc = from_data(spec_data, file=spec_file)
+    spec = validate_spec(doc)
+    if spec.model.factory is not None:
+        raise factory_refusal(doc)
+    if spec.model.id != model.model_id:
+        raise SpecError(
+            doc.source.issue(
+                "unknown-model",
+                f"this server runs '{model.model_id}', not '{spec.model.id}'",
+                ("model",),
+                hint="pick a model from GET /v1/models",
+            )
+        )
+    given = spec.model.model_fields_set
+    if "dtype" in given and spec.model.dtype != model.dtype:
+        raise SpecError(
+            doc.source.issue(
+                "model-mismatch",
+                f"this server runs '{model.model_id}' in {model.dtype}, not {spec.model.dtype}",
+                ("model", "dtype"),
+                hint=f"write dtype: {model.dtype}, or run locally",
+            )
+        )
+    if "seed" in given and spec.model.seed != _served_seed(model):
+        raise SpecError(
+            doc.source.issue(
+                "model-mismatch",
+                f"this server's '{model.model_id}' was built with seed {_served_seed(model)}, not {spec.model.seed}",
+                ("model", "seed"),
+                hint="drop model.seed, or run locally",
+            )
+        )
+    for invoke in spec.invokes.values():
+        for op in invoke.ops:
+            vector = getattr(op, "vector", None) or getattr(op, "value", None)
+            if isinstance(vector, list):
+                _check(
+                    "inline vector values",
+                    len(vector),
+                    limits.max_vector_values,
+                    "send a shorter vector",
+                )
+    plan = compile_plan(
+        spec, model.info, model.tokenizer, doc=doc, allow_files=False, max_cells=limits.max_cells
+    )
+    cells = sum(int(info.get("cells", 1)) for info in plan.invoke_info.values())
+    _check("sweep cells", cells, limits.max_cells, "split the sweep into several jobs")
+    _check("batch rows", len(plan.rows), limits.max_rows, "split the spec into several jobs")
+    longest = max(len(row.tokens) for row in plan.rows)
+    _check("prompt tokens", longest, limits.max_prompt_tokens, "shorten the prompts")
+    tokens = sum(len(row.tokens) for row in plan.rows)
+    _check("tokens in all rows", tokens, limits.max_total_tokens, "sweep fewer cells per job")
+    result_bytes = estimate_result_bytes(plan, model.info)
+    _check(
+        "estimated result bytes",
+        result_bytes,
+        limits.max_result_bytes,
+        "save fewer sites or positions",
+    )
+    return PreparedJob(spec, doc, plan, result_bytes)

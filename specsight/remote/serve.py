@@ -1,0 +1,95 @@
+"""Running ``specsight serve``: load the models once, recover the job store, serve the API
+with uvicorn until SIGTERM/SIGINT, then drain (``/readyz`` turns 503, the running batch finishes
+or is requeued) and close the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import ModelLoadError
+from ..models.load import LoadedModel, load_model
+from .auth import KeyRing
+from .jobs import JobStore
+from .protocol import Limits
+from .server import ServerState, create_app
+
+__all__ = ["serve"]
+
+log = logging.getLogger("specsight.serve")
+
+
+def serve(
+    model_ids: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    db_path: str | os.PathLike[str] = "specsight-jobs.sqlite",
+    keys_file: str | os.PathLike[str] | None = None,
+    *,
+    keys: KeyRing | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    limits: Limits | None = None,
+    batch_jobs: int = 16,
+    grace_s: float = 30.0,
+    log_level: str = "info",
+) -> None:
+    """Load the models once, recover the job store, serve until SIGTERM/SIGINT, then drain.
+
+    Keys come from ``keys`` or ``keys_file``; there is no default (see ``KeyRing.allow_all``)."""
+    import uvicorn
+
+    if keys is None:
+        if keys_file is None:
+            raise ValueError("serve needs keys or a keys_file")
+        keys = KeyRing.from_file(keys_file)
+    if not len(keys) and not keys.insecure:
+        raise ValueError("the key ring holds no key")
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    models: dict[str, LoadedModel] = {}
+    for model_id in model_ids:
+        loaded = load_model(model_id, device=device, dtype=dtype)
+        if loaded.info.inputs != "text":
+            raise ModelLoadError(
+                f"'{model_id}' reads {loaded.info.inputs} inputs; a server serves text models only",
+                hint="run specs on this model locally (specsight run SPEC)",
+            )
+        models[loaded.model_id] = loaded
+        log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
+    store = JobStore(db_path)
+    try:
+        log.info("job store %s: recovered %s; %s", db_path, store.recover(), store.counts())
+        app = create_app(
+            models, store=store, keys=keys, limits=limits, batch_jobs=batch_jobs, grace_s=grace_s
+        )
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+        _draining_server(config, app.state.server, on_stopped=store.close).run()
+    finally:
+        store.close()
+
+
+def _draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any:
+    """uvicorn's Server, answering 503 on /readyz from the moment a signal arrives (uvicorn
+    then stops accepting connections, finishes open requests and runs the lifespan shutdown,
+    which drains the worker). ``on_stopped`` runs before uvicorn re-raises the signal."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.begin_drain()
+            super().handle_exit(sig, frame)
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    on_stopped()
+
+    return Server(config)

@@ -1,0 +1,30 @@
+"""Results of a run (torch): :class:`Results` (tensors by name, files, summary), built from the
+engine's output with its manifest by :func:`results_from_raw`; the terminal summary, heatmaps,
+the ``expect:`` verdicts (:class:`Outcome`) and run comparison (:func:`compare_runs`).
+"""
+
+from .compare import BLOCKING_FIELDS, RunDiff, TensorDiff, compare_runs
+from .expect import Outcome, evaluate
+from .labels import axis_labels, cell_label, coords
+from .manifest import results_from_raw
+from .results import MANIFEST_FILE, RESULTS_FILE, Results, tensor_sha256
+from .summary import print_summary, render_summary
+
+__all__ = [
+    "BLOCKING_FIELDS",
+    "MANIFEST_FILE",
+    "RESULTS_FILE",
+    "Outcome",
+    "Results",
+    "RunDiff",
+    "TensorDiff",
+    "axis_labels",
+    "cell_label",
+    "compare_runs",
+    "coords",
+    "evaluate",
+    "print_summary",
+    "render_summary",
+    "results_from_raw",
+    "tensor_sha256",
+]

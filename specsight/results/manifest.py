@@ -1,0 +1,202 @@
+"""Building a run's :class:`~.results.Results` from the engine's raw output: tensors named and
+shaped, decoded next tokens and generated text, the expectations' verdicts, and the manifest
+(spec and weight hashes, model, plan summary, versions, timings, each tensor's sha256, axes and
+labels) that makes a run checkable and rerunnable.
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from typing import Any
+
+from ..engine import EngineOutput
+from ..models import Tokenizer
+from ..models.load import LoadedModel
+from ..plan import Plan
+from ..spec import LoadedDoc, Spec
+from ..version import __version__
+from .expect import evaluate
+from .results import Results, tensor_sha256
+
+__all__ = ["results_from_raw"]
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "specsight": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def results_from_raw(
+    spec: Spec,
+    doc: LoadedDoc | None,
+    plan: Plan,
+    model: LoadedModel,
+    raw: EngineOutput,
+    timings: dict[str, float],
+) -> Results:
+    """Results (tensors, manifest, decoded next tokens) from an engine output of ``plan``."""
+    manifest = _manifest(spec, doc, plan, model, raw, timings)
+    next_tokens: dict[str, list[list[tuple[str, float]]]] = {}
+    for row_index, (ids, probs) in sorted(raw.next_tokens.items()):
+        row = plan.rows[row_index]
+        decoded = [(model.tokenizer.token_str(i), round(float(p), 6)) for i, p in zip(ids, probs)]
+        next_tokens.setdefault(row.invoke, []).append(decoded)
+    prompts = {
+        name: plan.invoke_info.get(name, {}).get("inputs") or inv.prompts
+        for name, inv in spec.invokes.items()
+    }
+    if raw.generated:
+        manifest["generated"] = _generated(plan, raw.generated, model.tokenizer)
+    results = Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
+    if plan.expectations:
+        results.expectations = evaluate(plan.expectations, results.tensors, manifest["tensors"])
+        manifest["expectations"] = [o.to_dict() for o in results.expectations]
+    return results
+
+
+def _generated(
+    plan: Plan, generated: dict[int, list[int]], tokenizer: Tokenizer
+) -> dict[str, list[dict[str, Any]]]:
+    """Per generating invoke, per prompt: the new token ids and their decoded text."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row_index, ids in sorted(generated.items()):
+        row = plan.rows[row_index]
+        text = tokenizer.backend.decode(ids, skip_special_tokens=True)
+        out.setdefault(row.invoke, []).append({"ids": ids, "text": text})
+    return out
+
+
+def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
+    meta: dict[str, dict[str, Any]] = {}
+    for metric in plan.metrics:
+        axes = list(metric.axes)
+        values = {a: plan.axis_values.get(metric.invoke, {}).get(a) for a in axes}
+        labels = {
+            a: plan.axis_labels.get(metric.invoke, {}).get(a)
+            for a in axes
+            if plan.axis_labels.get(metric.invoke, {}).get(a)
+        }
+        tensor = raw.metrics[metric.name]
+        suffix = []
+        if metric.kind == "top_k":
+            suffix = ["k"]
+        elif metric.kind in ("logits", "logprob", "prob") and not metric.squeeze_token:
+            suffix = ["token"]
+        elif metric.kind == "logit_lens":
+            suffix = ["site"]
+            values["site"] = list(metric.sites)
+        elif metric.kind == "attribution":
+            suffix = ["site", "pos"]
+            values["site"] = list(metric.sites)
+            values["pos"] = list(range(tensor.shape[-1]))
+        entry: dict[str, Any] = {
+            "kind": "metric",
+            "metric_kind": metric.kind,
+            "invoke": metric.invoke,
+            "axes": axes + suffix,
+            "axis_values": values,
+            "axis_labels": labels,
+            "token_strs": list(metric.token_strs),
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).replace("torch.", ""),
+            "sha256": tensor_sha256(tensor),
+        }
+        companions = {"top_k": ["ids"], "logit_lens": ["ids", "probs"]}.get(metric.kind, [])
+        if companions:
+            ids = raw.metrics[f"{metric.name}/ids"]
+            probs = tensor if metric.kind == "top_k" else raw.metrics[f"{metric.name}/probs"]
+            flat_ids = ids.reshape(-1, ids.shape[-1])
+            flat_probs = probs.reshape(-1, probs.shape[-1])
+            if flat_ids.shape[0] <= 64:
+                entry["decoded"] = [
+                    [
+                        (tokenizer.token_str(int(t)), round(float(p), 6))
+                        for t, p in zip(flat_ids[i], flat_probs[i])
+                    ]
+                    for i in range(flat_ids.shape[0])
+                ]
+        for companion in companions:
+            extra = raw.metrics[f"{metric.name}/{companion}"]
+            meta[f"{metric.name}/{companion}"] = {
+                **{k: v for k, v in entry.items() if k != "decoded"},
+                "axes": entry["axes"] + (["k"] if metric.kind == "logit_lens" else []),
+                "companion_of": metric.name,
+                "shape": list(extra.shape),
+                "dtype": str(extra.dtype).replace("torch.", ""),
+                "sha256": tensor_sha256(extra),
+            }
+        meta[metric.name] = entry
+    for save in plan.saves:
+        tensor = raw.saves[save.name]
+        meta[save.name] = {
+            "kind": "save",
+            "invoke": save.invoke,
+            "site": save.site,
+            "axes": list(save.axes) + ["position", "hidden"],
+            "axis_values": {a: plan.axis_values.get(save.invoke, {}).get(a) for a in save.axes},
+            "padded_with_nan": len(set(save.n_positions)) > 1,
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).replace("torch.", ""),
+            "sha256": tensor_sha256(tensor),
+        }
+    for name, tensor in raw.saves.items():
+        if name.endswith("/generated_ids") and name not in meta:
+            meta[name] = {
+                "kind": "save",
+                "invoke": name.rsplit("/", 1)[0],
+                "axes": ["prompt", "new_token"],
+                "shape": list(tensor.shape),
+                "dtype": str(tensor.dtype).replace("torch.", ""),
+                "sha256": tensor_sha256(tensor),
+            }
+    return meta
+
+
+def _manifest(
+    spec: Spec,
+    doc: LoadedDoc | None,
+    plan: Plan,
+    model: LoadedModel,
+    raw: EngineOutput,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "format": "specsight-manifest-1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "spec": {
+            "name": spec.name,
+            "file": doc.file if doc else None,
+            "sha256": plan.spec_sha256,
+            "content": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        },
+        "model": {
+            "id": model.model_id,
+            "revision": model.revision,
+            "weights_sha256": model.weights_sha256,
+            "architecture": model.info.architecture,
+            "family": model.info.family,
+            "inputs": model.info.inputs,
+            "dtype": model.dtype,
+            "device": model.device,
+            "seed": spec.model.seed,
+        },
+        "plan": {
+            "rows": len(plan.rows),
+            "forwards": len(plan.forwards),
+            "max_batch": plan.max_batch,
+            "hooks": len(plan.hooks()),
+            "memory_estimate": plan.memory_estimate,
+        },
+        "versions": _versions(),
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "tensors": _tensor_meta(plan, raw, model.tokenizer),
+    }

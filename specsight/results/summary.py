@@ -1,0 +1,217 @@
+"""The terminal summary of a run: next tokens per invoke, metric values, tables for sweeps."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from .expect import Outcome
+from .labels import axis_labels, cell_label, coords
+
+__all__ = ["RunView", "render_summary", "print_summary"]
+
+
+class RunView(Protocol):
+    """What the summary reads of a run (a :class:`~specsight.results.Results`)."""
+
+    metrics: dict[str, Any]
+    saves: dict[str, Any]
+    manifest: dict[str, Any]
+    next_tokens: dict[str, list[list[tuple[str, float]]]]
+    prompts: dict[str, list[str]]
+    expectations: list[Outcome]
+
+
+_MAX_GRID_COLUMNS = 40
+_MAX_LIST = 64
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    if value != value:  # NaN
+        return "nan"
+    return f"{value:+.{digits}f}" if abs(value) < 1000 else f"{value:+.3g}"
+
+
+def _shorten(text: str, limit: int = 70) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tokens(items: list[Any]) -> str:
+    return "  ".join(f"{tok!r} {prob:.3f}" for tok, prob in items)
+
+
+def _style(value: float, lo: float, hi: float) -> str:
+    if value != value or hi <= lo:
+        return ""
+    if lo < 0 < hi:  # diverging around zero
+        scale = value / (hi if value > 0 else -lo)
+        return (
+            "bold green"
+            if scale > 0.5
+            else ("bold red" if scale < -0.5 else ("green" if scale > 0.2 else ""))
+        )
+    frac = (value - lo) / (hi - lo)
+    return "bold green" if frac > 0.75 else ("dim" if frac < 0.25 else "")
+
+
+def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
+    """A 2-D metric as a table: first axis down, second across (position labels as headers)."""
+    axes = meta.get("axes", [])
+    rows_label, cols_label = axis_labels(meta, axes[0]), axis_labels(meta, axes[1])
+    data = tensor.float()
+    finite = data.nan_to_num(0)
+    lo, hi = float(finite.min()), float(finite.max())
+    table = Table(
+        title=Text(f"{name} [{axes[0]} x {axes[1]}]"),  # Text: no markup in names or axes
+        title_justify="left",
+        box=None,
+        padding=(0, 1),
+    )
+    table.add_column(axes[0], justify="right", style="bold")
+    for label in cols_label or [str(i) for i in range(data.shape[1])]:
+        index, sep, token = label.partition(":")
+        table.add_column(
+            Text(f"{index}\n{_shorten(token, 8)}" if sep and index.isdigit() else label),
+            justify="right",
+        )
+    for i in range(data.shape[0]):
+        label = rows_label[i] if i < len(rows_label) else str(i)
+        digits = 3 if max(abs(lo), abs(hi)) < 1 else 2
+        table.add_row(
+            Text(label),
+            *[Text(_fmt(float(v), digits), style=_style(float(v), lo, hi)) for v in data[i]],
+        )
+    return table
+
+
+def _strongest(name: str, tensor: Any, meta: dict[str, Any], n: int = 5) -> list[str]:
+    axes = meta.get("axes", [])[: tensor.ndim]
+    flat = tensor.float().flatten()
+    order = flat.nan_to_num(float("-inf")).topk(min(n, flat.numel())).indices.tolist()
+    lines = [f"  strongest cells of {name}:"]
+    for index in order:
+        where = cell_label(meta, axes, coords(index, tuple(tensor.shape)))
+        lines.append(f"    {_fmt(float(flat[index]))}  at {where}")
+    return lines
+
+
+def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]) -> None:
+    axes = meta.get("axes", [])
+    kind = meta.get("metric_kind")
+    decoded = meta.get("decoded")
+    if kind == "top_k" and decoded is not None:
+        cell_axes = axes[:-1]
+        for i, items in enumerate(decoded):
+            where = cell_label(meta, cell_axes, coords(i, tuple(tensor.shape[:-1])))
+            label = f"{name}[{where}]" if where else name
+            console.print(f"  [magenta]{escape(label)}[/magenta]  {escape(_tokens(items))}")
+        return
+    if kind == "logit_lens" and decoded is not None and tensor.ndim == 1:
+        sites = axis_labels(meta, "site")
+        token = meta.get("token_strs") or []
+        table = Table(
+            title=Text(f"{name} (logit lens)"), title_justify="left", box=None, padding=(0, 1)
+        )
+        table.add_column("site", style="bold")
+        table.add_column(Text(f"p({token[0]!r})" if token else "top-1 p"), justify="right")
+        table.add_column("top tokens")
+        for i, items in enumerate(decoded):
+            table.add_row(
+                Text(sites[i] if i < len(sites) else str(i)),
+                f"{float(tensor[i]):.3f}",
+                Text(_tokens(items)),
+            )
+        console.print(table)
+        return
+    if tensor.ndim == 0:
+        token = meta.get("token_strs") or []
+        what = (
+            f" ({kind} of {token[0]!r})" if kind in ("prob", "logprob", "logits") and token else ""
+        )
+        console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what)} = {_fmt(float(tensor))}")
+    elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:
+        console.print(_grid(name, tensor, meta))
+        for line in _strongest(name, tensor, meta):
+            console.print(line, markup=False)
+    elif tensor.ndim == 1 and tensor.numel() <= _MAX_LIST:
+        axis = axes[0] if axes else "index"
+        labels = axis_labels(meta, axis)
+        values = tensor.tolist()
+        shown = "  ".join(
+            f"{labels[i] if i < len(labels) else i}: {_fmt(v)}" for i, v in enumerate(values)
+        )
+        console.print(f"  [magenta]{escape(name)}[/magenta] by {axis}: {escape(shown)}")
+    else:
+        console.print(
+            f"  [magenta]{escape(name)}[/magenta] shape {list(tensor.shape)} ({' x '.join(axes)})"
+        )
+        for line in _strongest(name, tensor, meta):
+            console.print(line, markup=False)
+
+
+def print_summary(results: RunView, console: Console) -> None:
+    """Print the summary of ``results`` on ``console``."""
+    manifest = results.manifest
+    model = manifest.get("model", {})
+    timings = manifest.get("timings", {})
+    plan = manifest.get("plan", {})
+    title = manifest.get("spec", {}).get("name") or "spec"
+    console.print(
+        f"[bold]{escape(str(title))}[/bold] on {escape(str(model.get('id')))} ({model.get('dtype')}, {model.get('device')}): "
+        f"{plan.get('rows', '?')} row(s) in {plan.get('forwards', '?')} forward(s), "
+        f"{timings.get('execute_s', 0):.2f} s"
+    )
+    if results.next_tokens:
+        text = manifest.get("model", {}).get("inputs", "text") == "text"
+        console.print("[bold]next tokens[/bold]" if text else "[bold]top outputs[/bold]")
+    for invoke, per_prompt in results.next_tokens.items():
+        prompts = results.prompts.get(invoke, [])
+        for i, tokens in enumerate(per_prompt):
+            label = invoke if len(per_prompt) == 1 else f"{invoke}[{i}]"
+            prompt = prompts[i] if i < len(prompts) else ""
+            console.print(f"  [cyan]{escape(label)}[/cyan] {escape(repr(_shorten(prompt)))}")
+            console.print(f"      -> {escape(_tokens(tokens))}")
+    if manifest.get("generated"):
+        console.print("[bold]generated[/bold]")
+    for invoke, per_prompt in manifest.get("generated", {}).items():
+        prompts = results.prompts.get(invoke, [])
+        for i, entry in enumerate(per_prompt):
+            label = invoke if len(per_prompt) == 1 else f"{invoke}[{i}]"
+            prompt = prompts[i] if i < len(prompts) else ""
+            console.print(f"  [cyan]{escape(label)}[/cyan] {escape(repr(_shorten(prompt)))}")
+            console.print(f"      -> {escape(repr(entry['text']))}")
+    tensors_meta = manifest.get("tensors", {})
+    shown = [
+        (n, t)
+        for n, t in results.metrics.items()
+        if not tensors_meta.get(n, {}).get("companion_of")
+    ]
+    if shown:
+        console.print("[bold]metrics[/bold]")
+    for name, tensor in shown:
+        _print_metric(console, name, tensor, tensors_meta.get(name, {}))
+    if results.expectations:
+        console.print("[bold]expectations[/bold]")
+        for outcome in results.expectations:
+            console.print(Text(outcome.format()), style="green" if outcome.ok else "bold red")
+    if results.saves:
+        console.print(
+            "[bold]saved[/bold] "
+            + escape(", ".join(f"{n} {list(t.shape)}" for n, t in results.saves.items()))
+        )
+
+
+def render_summary(results: RunView, *, width: int = 120) -> str:
+    """The summary as plain text, ``width`` columns wide."""
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer, width=width, no_color=True, highlight=False, force_terminal=False
+    )
+    print_summary(results, console)
+    return buffer.getvalue()

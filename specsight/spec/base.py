@@ -1,0 +1,78 @@
+"""Spec v1 building blocks shared by the spec's modules: the strict base model, sweep
+placeholders, position selectors and token references."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "SPEC_VERSION",
+    "NAME_PATTERN",
+    "PLACEHOLDER_PATTERN",
+    "Placeholder",
+    "Number",
+    "StrictModel",
+    "TokenSelector",
+    "PositionSelector",
+    "Positions",
+    "TokenRef",
+]
+
+SPEC_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+PLACEHOLDER_PATTERN = r"^-?\{[A-Za-z_][A-Za-z0-9_]*\}$"
+
+Placeholder = Annotated[
+    str,
+    Field(
+        pattern=PLACEHOLDER_PATTERN, description="a sweep variable, e.g. '{factor}' or '-{factor}'"
+    ),
+]
+Number = Union[float, Placeholder]
+
+
+class StrictModel(BaseModel):
+    """The base of every spec model: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- selectors -----------------------------------------------------------------------------
+
+
+class TokenSelector(StrictModel):
+    """The position of a token in the prompt: ``{token: " John", occurrence: 2}``."""
+
+    token: str = Field(
+        min_length=1, description="token text as the tokenizer spells it, e.g. ' John'"
+    )
+    occurrence: int = Field(
+        1,
+        description="1 = first occurrence, 2 = second, -1 = last",
+        json_schema_extra={"not": {"const": 0}},
+    )
+
+    @field_validator("occurrence")
+    @classmethod
+    def _nonzero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("occurrence counts from 1 (first) or from -1 (last); 0 is not allowed")
+        return value
+
+
+PositionSelector = Union[
+    int,
+    Annotated[
+        str,
+        Field(
+            description="'all', 'last', 'first', an index such as '-2', a slice 'a:b', or a placeholder '{pos}'"
+        ),
+    ],
+    TokenSelector,
+]
+Positions = Union[PositionSelector, list[PositionSelector]]
+
+
+TokenRef = Union[Annotated[str, Field(min_length=1)], Annotated[int, Field(ge=0)]]

@@ -1,0 +1,177 @@
+"""Spec v1 metrics (what is measured on the output) and expectations (claims checked after
+the run)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, Field, model_validator
+
+from .base import PositionSelector, StrictModel, TokenRef
+
+__all__ = [
+    "LogitsMetric",
+    "LogprobMetric",
+    "ProbMetric",
+    "LogitDiffMetric",
+    "TopKMetric",
+    "LogitLensMetric",
+    "RecoveryMetric",
+    "AttributionMetric",
+    "Metric",
+    "METRIC_CLASSES",
+    "METRIC_KINDS",
+    "Expectation",
+    "Backward",
+]
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+class _MetricBase(StrictModel):
+    invoke: str = Field(description="the invoke whose output is measured")
+    position: PositionSelector = Field(
+        "last", description="the position whose next-token output is read"
+    )
+
+
+class _TokenMetric(_MetricBase):
+    token: TokenRef | None = None
+    tokens: list[TokenRef] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> _TokenMetric:
+        if (self.token is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'token' (one token) or 'tokens' (a list)")
+        return self
+
+
+class LogitsMetric(_TokenMetric):
+    kind: Literal["logits"]
+
+
+class LogprobMetric(_TokenMetric):
+    kind: Literal["logprob"]
+
+
+class ProbMetric(_TokenMetric):
+    kind: Literal["prob"]
+
+
+class LogitDiffMetric(_MetricBase):
+    kind: Literal["logit_diff"]
+    target: TokenRef
+    foil: TokenRef
+
+
+class TopKMetric(_MetricBase):
+    kind: Literal["top_k"]
+    k: int = Field(10, ge=1, le=1000)
+
+
+class LogitLensMetric(_MetricBase):
+    """Decode intermediate residual streams through the final norm and unembedding."""
+
+    kind: Literal["logit_lens"]
+    site: str = Field("resid_post.*", description="sites to decode, e.g. 'resid_post.*'")
+    token: TokenRef | None = Field(None, description="report this token's probability per site")
+    k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
+
+
+class RecoveryMetric(StrictModel):
+    """Patching recovery: (patched - corrupt) / (clean - corrupt), from three other metrics."""
+
+    kind: Literal["recovery"]
+    patched: str = Field(description="the metric measured with the patch (often swept)")
+    clean: str = Field(description="the same metric on the clean run")
+    corrupt: str = Field(description="the same metric on the corrupted run without patches")
+
+
+class AttributionMetric(StrictModel):
+    """Attribution patching: per site and position, gradient x (clean - corrupt) of the
+    corrupted run's logit difference; one clean forward, one corrupted forward + backward."""
+
+    kind: Literal["attribution"]
+    clean: str = Field(description="the clean invoke (one prompt, no sweep)")
+    corrupt: str = Field(description="the corrupted invoke, as many tokens as the clean one")
+    site: str = Field("resid_post.*", description="sites to attribute, e.g. 'resid_post.*'")
+    target: TokenRef
+    foil: TokenRef
+    position: PositionSelector = Field(
+        "last", description="the position whose logit difference is differentiated"
+    )
+
+
+Metric = Annotated[
+    AttributionMetric
+    | LogitsMetric
+    | LogprobMetric
+    | ProbMetric
+    | LogitDiffMetric
+    | TopKMetric
+    | LogitLensMetric
+    | RecoveryMetric,
+    Field(discriminator="kind"),
+]
+METRIC_CLASSES: dict[str, type[BaseModel]] = {
+    "logits": LogitsMetric,
+    "logprob": LogprobMetric,
+    "prob": ProbMetric,
+    "logit_diff": LogitDiffMetric,
+    "top_k": TopKMetric,
+    "logit_lens": LogitLensMetric,
+    "recovery": RecoveryMetric,
+    "attribution": AttributionMetric,
+}
+METRIC_KINDS = tuple(METRIC_CLASSES)
+
+
+# --- expectations --------------------------------------------------------------------------
+
+CellValue = Union[int, float, Annotated[str, Field(min_length=1)]]
+CellSelector = Union[CellValue, Annotated[list[CellValue], Field(min_length=1)]]
+Expected = Union[float, list[Any]]
+
+_CHECKS = ("equals", "approx", "greater_than", "less_than", "argmax", "top_k")
+
+
+class Expectation(StrictModel):
+    """A claim about a metric or saved value; ``specsight check`` fails when it does not hold.
+
+    ``where`` picks cells of a swept result (``{layer: "0:19", pos: 9}``: an axis value, a list
+    or a range); ``over`` says whether ``all`` picked cells (default) or ``any`` must pass.
+    """
+
+    metric: str | None = Field(None, description="a metric name")
+    saved: str | None = Field(None, description="a saved value's name")
+    where: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_+]*$")], CellSelector] = Field(
+        default_factory=dict, description="axis -> value, list of values or 'start:stop' range"
+    )
+    over: Literal["all", "any"] = "all"
+    equals: Expected | None = Field(None, description="exactly this value (or nested list)")
+    approx: Expected | None = Field(None, description="this value within rtol/atol")
+    rtol: float = Field(1e-5, ge=0)
+    atol: float = Field(1e-6, ge=0)
+    greater_than: float | None = None
+    less_than: float | None = None
+    argmax: TokenRef | None = Field(
+        None, description="the top token (top_k, logit_lens, or among a metric's tokens)"
+    )
+    top_k: TokenRef | None = Field(
+        None, description="a token that must be among a top_k metric's tokens"
+    )
+    message: str | None = Field(None, description="what the claim means, shown when it fails")
+
+    @model_validator(mode="after")
+    def _one_target_some_check(self) -> Expectation:
+        if (self.metric is None) == (self.saved is None):
+            raise ValueError("give exactly one of 'metric' or 'saved'")
+        if all(getattr(self, check) is None for check in _CHECKS):
+            raise ValueError("give a check: " + ", ".join(_CHECKS))
+        return self
+
+
+class Backward(StrictModel):
+    """A backward pass from a metric (summed over its rows), for ``save`` ops with ``grad``."""
+
+    metric: str = Field(description="a metric of kind logits, logprob, prob or logit_diff")

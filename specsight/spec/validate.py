@@ -1,0 +1,163 @@
+"""Validation with located errors: loaded spec data becomes a :class:`Spec`, or one SpecError
+listing every problem with where it is (file:line:col and path), what, and how to fix it.
+
+Where no branch of a union fits, the branches that got furthest into the data are kept; a
+typo'd key and the missing key it stands for count as one problem. Each remaining group of
+pydantic errors is put into words by :func:`.issues.issue_for`.
+
+:func:`load_spec` loads and validates in one step and remembers the document each spec came
+from (:func:`doc_of`), so later errors (compiling, a server's answer) can still name file
+positions.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import Issue, SpecError, did_you_mean
+from .base import SPEC_VERSION
+from .document import Spec
+from .issues import data_path, describe_value, issue_for
+from .load import from_data, load_file
+from .source import LoadedDoc
+
+__all__ = ["validate_spec", "load_spec", "doc_of"]
+
+
+def validate_spec(doc: LoadedDoc) -> Spec:
+    """Validate loaded data into a :class:`Spec`, or raise one SpecError with every problem."""
+    data = doc.data
+    if isinstance(data, dict) and "specsight" in data:
+        version = data["specsight"]
+        line, col = doc.source.locate(("specsight",))
+        if isinstance(version, bool) or not isinstance(version, (int, float)):
+            message = (
+                f"expected the spec format version {SPEC_VERSION}, got {describe_value(version)}"
+            )
+            hint = f"write 'specsight: {SPEC_VERSION}', a number"
+            raise SpecError(Issue("version", message, ("specsight",), doc.file, line, col, hint))
+        if version != SPEC_VERSION:
+            message = (
+                f"this is spec format version {describe_value(version)}; "
+                f"this specsight reads version {SPEC_VERSION}"
+            )
+            hint = f"upgrade specsight, or write 'specsight: {SPEC_VERSION}'"
+            raise SpecError(Issue("version", message, ("specsight",), doc.file, line, col, hint))
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+
+    # Where no branch of a union fits, keep the branches that got furthest into the data (for
+    # a list of prompts holding one number: the list branch's error about that item, not the
+    # string branch's error about the whole list); among those, the ones with the fewest
+    # errors, a typo'd key and the key it stands for counting as one.
+    found: list[tuple[dict[str, Any], tuple[Any, ...]]] = []
+    members: dict[tuple[Any, ...], dict[Any, list[int]]] = {}  # union point -> branch -> errors
+    for index, err in enumerate(errors):
+        loc = tuple(err["loc"])
+        dropped: list[tuple[int, Any]] = []
+        path = data_path(loc, data, dropped)
+        found.append((err, path))
+        for i, part in dropped:
+            if part != "[key]" and not (err["type"] == "missing" and i == len(loc) - 1):
+                members.setdefault(loc[:i], {}).setdefault(part, []).append(index)
+
+    def is_typo(extra: int, missing: int) -> bool:
+        """Whether error ``extra`` is an unknown key standing for the key ``missing`` lacks."""
+        (e, e_path), (m, _) = found[extra], found[missing]
+        return (
+            e["type"] == "extra_forbidden"
+            and m["type"] == "missing"
+            and tuple(e["loc"][:-1]) == tuple(m["loc"][:-1])
+            and did_you_mean(str(e_path[-1]), [str(m["loc"][-1])]) is not None
+        )
+
+    def depth(index: int) -> int:
+        err, path = found[index]
+        return len(path) + (err["type"] == "missing")  # a missing key lies inside its mapping
+
+    def cost(indices: list[int]) -> int:
+        typos = sum(any(is_typo(i, j) for j in indices) for i in indices)
+        return len(indices) - typos
+
+    dropped_errors: set[int] = set()
+    exclusive: dict[tuple[Any, ...], list[int]] = {}  # mapping path -> keys of rival branches
+    for branches in members.values():
+        if len(branches) < 2:
+            continue
+        deepest = {tag: max(depth(i) for i in indices) for tag, indices in branches.items()}
+        finalists = [tag for tag in branches if deepest[tag] == max(deepest.values())]
+        fewest = min(cost(branches[tag]) for tag in finalists)
+        winners = [tag for tag in finalists if cost(branches[tag]) == fewest]
+        for tag, indices in branches.items():
+            if tag not in winners:
+                dropped_errors.update(indices)
+        rest = [i for tag in winners for i in branches[tag]]
+        if len(winners) > 1 and all(found[i][0]["type"] == "extra_forbidden" for i in rest):
+            # e.g. {file: ..., saved: ...}: each branch of the union refuses the other's key
+            exclusive.setdefault(found[rest[0]][1][:-1], []).extend(rest)
+            dropped_errors.update(rest)
+    kept = [found[i] for i in range(len(found)) if i not in dropped_errors]
+
+    # A typo'd key also leaves the key it stands for missing: report the typo only.
+    meant: dict[tuple[Any, ...], str] = {}
+    for i in range(len(found)):
+        for j in range(len(found)):
+            if i not in dropped_errors and j not in dropped_errors and is_typo(i, j):
+                meant.setdefault(found[i][1], str(found[j][0]["loc"][-1]))
+    covered = {(path[:-1], wanted) for path, wanted in meant.items()}
+
+    grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for err, path in kept:
+        kind = err["type"]
+        if kind == "missing" and (path, str(err["loc"][-1])) in covered:
+            continue
+        alone = tuple(err["loc"]) if kind in ("union_tag_invalid", "union_tag_not_found") else ()
+        grouped.setdefault(
+            (path, alone, kind if kind in ("missing", "extra_forbidden") else ""), []
+        ).append(err)
+    issues: list[Issue] = []
+    for path, indices in exclusive.items():
+        keys = sorted({str(found[i][1][-1]) for i in indices})
+        message = "give either " + " or ".join(f"'{k}'" for k in keys) + ", not both"
+        if len(keys) > 2:
+            message = "give only one of " + ", ".join(f"'{k}'" for k in keys)
+        line, col = doc.source.locate(path, key=True)
+        issues.append(Issue("bad-value", message, path, doc.file, line, col))
+    for (path, _, _), errs in grouped.items():
+        issue, at_key = issue_for(errs, path, data)
+        if issue.code == "unknown-key" and issue.path in meant:
+            hint = f"did you mean '{meant[issue.path]}'?"
+            issue = Issue(issue.code, issue.message, issue.path, hint=hint)
+        line, col = doc.source.locate(issue.path, key=at_key)
+        issue = issue.located(doc.file, line, col)
+        if issue not in issues:
+            issues.append(issue)
+    issues.sort(key=lambda i: (i.line or 0, i.col or 0))
+    raise SpecError(issues) from None
+
+
+#: id(spec) -> (a weak reference to the spec, its document); an entry goes when its spec does,
+#: so a later object that reuses the id never gets a stale document
+_DOCS: dict[int, tuple[weakref.ref[Spec], LoadedDoc]] = {}
+
+
+def doc_of(spec: Spec) -> LoadedDoc | None:
+    """The loaded document a spec came from (for file positions in later errors)."""
+    entry = _DOCS.get(id(spec))
+    return entry[1] if entry is not None and entry[0]() is spec else None
+
+
+def load_spec(source: str | os.PathLike[str] | dict[str, Any]) -> Spec:
+    """Load and validate a spec from a file path or a dict. Raises SpecError."""
+    doc = from_data(source) if isinstance(source, dict) else load_file(source)
+    spec = validate_spec(doc)
+    key = id(spec)
+    _DOCS[key] = (weakref.ref(spec), doc)
+    weakref.finalize(spec, _DOCS.pop, key, None)
+    return spec
