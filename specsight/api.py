@@ -18,18 +18,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .compile import activation_budget, batch_cap
+from .compile import activation_budget, batch_cap, check_references
 from .compile import compile_plan as _compile
-from .errors import RunError
+from .errors import ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
 from .plan import Plan
-from .spec import Spec, doc_of, load_spec
+from .spec import Spec, doc_of, document_of, load_spec
 
 if TYPE_CHECKING:
     from .models.load import LoadedModel
     from .results import Results, RunDiff
 
-__all__ = ["load_spec", "compile_plan", "run", "rerun_folder", "doc_of"]
+__all__ = [
+    "load_spec",
+    "compile_plan",
+    "run",
+    "rerun_folder",
+    "doc_of",
+    "load_model_for",
+    "model_info_for",
+    "validate",
+]
 
 
 def compile_plan(
@@ -59,6 +68,57 @@ def compile_plan(
     )
 
 
+def _located(exc: ModelNotFoundError, spec: Spec) -> SpecError:
+    """A model that does not exist, as a spec error at the field that names it."""
+    doc = document_of(spec)
+    return SpecError(
+        doc.source.issue("unknown-model", exc.message, ("model", exc.field), hint=exc.hint)
+    )
+
+
+def load_model_for(spec: Spec, *, device: str | None = None) -> LoadedModel:
+    """The model a spec's ``model:`` names, loaded; a model that does not exist is a located
+    SpecError (exit 2), a model that fails to load a ModelLoadError (exit 1)."""
+    from .models.load import load_model_ref
+
+    doc = doc_of(spec)
+    try:
+        return load_model_ref(spec.model, device=device, base_dir=doc.base_dir if doc else None)
+    except ModelNotFoundError as exc:
+        raise _located(exc, spec) from None
+
+
+def model_info_for(spec: Spec) -> tuple[ModelInfo, Tokenizer]:
+    """ModelInfo and tokenizer of a spec's model without loading weights (see
+    :func:`load_model_for` for errors)."""
+    from .models.load import load_ref_info
+
+    doc = doc_of(spec)
+    try:
+        return load_ref_info(spec.model, base_dir=doc.base_dir if doc else None)
+    except ModelNotFoundError as exc:
+        raise _located(exc, spec) from None
+
+
+def validate(source: str | os.PathLike[str] | dict[str, Any] | Spec) -> str | None:
+    """Check a spec as far as this machine can without loading weights (``specsight
+    validate``). With the model's files here (tiny models, the converted built-in, folders,
+    the hub cache) it is compiled, so everything ``plan`` catches is caught; otherwise the
+    checks that need no model run, and the returned note says what was not checked. Raises
+    one SpecError with every problem found."""
+    from .models.catalog import is_here
+
+    spec = _as_spec(source)
+    if is_here(spec.model):
+        compile_plan(spec, *model_info_for(spec), max_batch=1)
+        return None
+    check_references(spec, document_of(spec))
+    return (
+        f"model '{spec.model.name}' is not here: sites, layers, positions and tokens were not "
+        "checked"
+    )
+
+
 def _activation_budget(device: str) -> int:
     """Activation bytes a forward may use on ``device`` (torch is imported for CUDA only)."""
     if device.startswith("cuda"):
@@ -85,18 +145,21 @@ def run(
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     prefix_reuse: bool = True,
+    force: bool = False,
 ) -> Results:
-    """Validate, compile and run a spec on this machine; optionally write ``out``."""
+    """Validate, compile and run a spec on this machine; optionally write ``out`` (a folder
+    holding another spec's run is replaced only with ``force``; checked before running)."""
     from .engine import execute
-    from .models.load import load_model_ref
-    from .results import results_from_raw
+    from .results import check_out_dir, results_from_raw
 
     started = time.perf_counter()
     spec = _as_spec(source)
     doc = doc_of(spec)
+    if out is not None:
+        check_out_dir(Path(out), document_of(spec).sha256, force=force)
     t0 = time.perf_counter()
     if model is None:
-        model = load_model_ref(spec.model, device=device, base_dir=doc.base_dir if doc else None)
+        model = load_model_for(spec, device=device)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = _compile(
@@ -115,7 +178,7 @@ def run(
     timings["total_s"] = time.perf_counter() - started
     results = results_from_raw(spec, doc, plan, model, raw, timings)
     if out is not None:
-        results.save(out)
+        results.save(out, force=force)
     return results
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "SpecError",
     "RunError",
     "ModelLoadError",
+    "ModelNotFoundError",
+    "OutputError",
     "did_you_mean",
     "format_path",
 ]
@@ -135,8 +137,8 @@ class SpecError(SpecsightError):
         return {"error": "SpecError", "issues": [i.to_dict() for i in self.issues]}
 
 
-class RunError(SpecsightError):
-    """A valid spec failed while running (model, device, numerics)."""
+class _HintedError(SpecsightError):
+    """An error with one message and an optional hint on how to fix it."""
 
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
@@ -147,5 +149,25 @@ class RunError(SpecsightError):
         return {"error": type(self).__name__, "message": self.message, "hint": self.hint}
 
 
+class RunError(_HintedError):
+    """A valid spec failed while running (model, device, numerics)."""
+
+
 class ModelLoadError(RunError):
     """A model could not be found, converted or loaded."""
+
+
+class ModelNotFoundError(ModelLoadError):
+    """The spec names a model (``field`` of ``model:``: id, revision, factory) that does not
+    exist here: a spec mistake, reported at that field when the spec's file is known."""
+
+    def __init__(self, message: str, *, field: str = "id", hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.field = field
+
+
+class OutputError(_HintedError):
+    """An output folder that cannot be written, or would replace something it must not (another
+    spec's run, files that are not a run). A usage mistake: exit code 2, found before running."""
+
+    exit_code = 2

@@ -103,10 +103,13 @@ def test_star_import_gives_exactly_all():
 
 
 def test_imports_and_validation_stay_torch_free(tmp_path):
-    """Importing the package, the compiler, and validating a spec (``specsight validate``)
-    must not import torch: checked step by step in a fresh interpreter."""
+    """Importing the package, the compiler, loading a spec, and validating one whose model is
+    not here (``specsight validate``) must not import torch: checked step by step in a fresh
+    interpreter. (With the model's files here, validate compiles against its shapes.)"""
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(yaml.safe_dump({**SPEC, "model": "some-lab/not-on-this-machine"}))
     script = textwrap.dedent(
         f"""
         import sys
@@ -126,8 +129,9 @@ def test_imports_and_validation_stay_torch_free(tmp_path):
         check("load_spec")
         from click.testing import CliRunner
         from specsight.cli import main
-        result = CliRunner().invoke(main, ["validate", {str(spec)!r}])
+        result = CliRunner().invoke(main, ["validate", {str(elsewhere)!r}])
         assert result.exit_code == 0, result.output
+        assert "not compiled" in result.output, result.output
         check("specsight validate")
         """
     )

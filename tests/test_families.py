@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import specsight
-from specsight.errors import RunError, SpecError
+from specsight.errors import SpecError
 from specsight.models.load import load_model, load_model_info
 from specsight.sites import FAMILIES, canonical_names, detect_family, family_table, resolve_site
 from tests.conftest import CLEAN as IOI
@@ -425,12 +425,16 @@ def test_attention_pattern_with_eager_attention(model: str) -> None:
 
 
 def test_attention_pattern_needs_eager_attention() -> None:
+    """Known before running: the model's default attention (sdpa) returns no weights."""
     ops = [{"op": "save", "site": "attn_pattern.1"}]
     spec = {"specsight": 1, "model": "tiny-llama", "invokes": {"a": {"prompt": IOI, "ops": ops}}}
-    with pytest.raises(RunError) as exc:
+    assert _model("tiny-llama").info.attn_implementation == "sdpa"
+    with pytest.raises(SpecError) as exc:
         specsight.run(spec, model=_model("tiny-llama"))
-    assert exc.value.message.startswith("invokes.a.ops[0]: module 'model.layers.1.self_attn'")
-    assert "attn_implementation: eager" in (exc.value.hint or "")
+    (issue,) = exc.value.issues
+    assert issue.path == ("invokes", "a", "ops", 0, "site") and issue.code == "needs-eager"
+    assert "sdpa attention does not return them" in issue.message
+    assert "attn_implementation: eager" in (issue.hint or "")
     spec["model"] = {"id": "tiny-llama", "attn_implementation": "sdpa"}
     with pytest.raises(SpecError, match="needs the attention weights"):
         specsight.run(spec, model=_model("tiny-llama"))

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from ..errors import RunError, SpecError, SpecsightError
-from .app import main
+from ..errors import SpecError, SpecsightError
+from .app import guard, main
 
 __all__: list[str] = []
 
@@ -59,8 +59,7 @@ def _model_key(spec: Any, device: str | None) -> tuple:
 def _check_one(
     path: Path, models: dict, device: str | None, against: Path | None, rtol: float, atol: float
 ) -> _Checked:
-    from ..api import doc_of, load_spec, run
-    from ..models.load import load_model_ref
+    from ..api import load_model_for, load_spec, run
 
     item = _Checked(str(path))
     started = time.perf_counter()
@@ -68,10 +67,7 @@ def _check_one(
         spec = load_spec(path)
         key = _model_key(spec, device)
         if key not in models:
-            doc = doc_of(spec)
-            models[key] = load_model_ref(
-                spec.model, device=key[3], base_dir=doc.base_dir if doc else None
-            )
+            models[key] = load_model_for(spec, device=key[3])
         results = run(spec, model=models[key])
         item.outcomes = results.expectations
         if against is not None:
@@ -184,6 +180,7 @@ def _exit_code(items: list[_Checked]) -> int:
 @click.option("--atol", type=float, default=1e-6, show_default=True)
 @click.option("--device", help="Override every spec's device.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@guard
 def check(
     paths: tuple[Path, ...],
     junit: Path | None,
@@ -224,6 +221,7 @@ def check(
 @click.argument("run_b", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--rtol", type=float, default=1e-5, show_default=True)
 @click.option("--atol", type=float, default=1e-6, show_default=True)
+@guard
 def diff(run_a: Path, run_b: Path, rtol: float, atol: float) -> None:
     """Compare two run folders (written by --out): manifests, then every tensor."""
     from ..results import compare_runs
@@ -242,15 +240,12 @@ def diff(run_a: Path, run_b: Path, rtol: float, atol: float) -> None:
 )
 @click.option("--rtol", type=float, default=0.0, show_default=True)
 @click.option("--atol", type=float, default=0.0, show_default=True)
+@guard
 def rerun(run_dir: Path, out: Path | None, rtol: float, atol: float) -> None:
     """Run a run folder's spec again and report whether the results match (exactly, by default)."""
     from ..api import rerun_folder
 
-    try:
-        result = rerun_folder(run_dir, out=out, rtol=rtol, atol=atol)
-    except SpecsightError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    result = rerun_folder(run_dir, out=out, rtol=rtol, atol=atol)
     click.echo(result.format())
     click.echo("rerun matches" if result.ok else "rerun does NOT match")
     sys.exit(0 if result.ok else 1)
@@ -264,7 +259,4 @@ def _load_run(folder: Path) -> Any:
             raise click.UsageError(
                 f"{folder} is not a run folder: it has no {name} (write one with --out)"
             )
-    try:
-        return Results.load(folder)
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read the run in {folder}: {exc}") from None
+    return Results.load(folder)

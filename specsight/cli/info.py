@@ -26,11 +26,11 @@ __all__: list[str] = []
 @guard
 def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
     """Compile SPEC and show the plan: forwards, rows, hooks, memory estimate."""
-    from ..api import compile_plan, load_spec
-    from ..models.load import load_ref_info, resolve_device
+    from ..api import compile_plan, load_spec, model_info_for
+    from ..models.load import resolve_device
 
     spec = load_spec(spec_path)
-    info, tokenizer = load_ref_info(spec.model, base_dir=str(spec_path.resolve().parent))
+    info, tokenizer = model_info_for(spec)
     device = resolve_device(spec.model.device)
     compiled = compile_plan(spec, info, tokenizer, max_batch=max_batch, device=device)
     if as_json:

@@ -63,7 +63,12 @@ def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None,
 
 
 def _run_remote(
-    spec_path: Path, url: str, api_key: str | None, out: Path | None, show_progress: bool
+    spec_path: Path,
+    url: str,
+    api_key: str | None,
+    out: Path | None,
+    force: bool,
+    show_progress: bool,
 ) -> Any:
     """``run --remote``: queue position and rows done on stderr; Ctrl-C cancels the job."""
     from ..remote.submit import run_remote
@@ -81,7 +86,7 @@ def _run_remote(
             update(status.progress.done, status.progress.total)
 
     try:
-        return run_remote(spec_path, url, api_key=api_key, out=out, progress=on_status)
+        return run_remote(spec_path, url, api_key=api_key, out=out, force=force, progress=on_status)
     except KeyboardInterrupt as exc:
         click.echo(str(exc) or "interrupted", err=True)
         sys.exit(130)
@@ -96,6 +101,9 @@ def _run_remote(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write results.safetensors and manifest.json here.",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace a run of another spec in --out (never other files)."
 )
 @click.option("--device", help="Override the spec's device (cpu, cuda, cuda:1, mps).")
 @click.option(
@@ -123,6 +131,7 @@ def _run_remote(
 def run(
     spec_path: Path,
     out: Path | None,
+    force: bool,
     device: str | None,
     max_batch: int | None,
     remote: str | None,
@@ -137,12 +146,17 @@ def run(
     if remote is not None:
         if device is not None or max_batch is not None:
             raise click.UsageError("--device and --max-batch are the server's choice with --remote")
-        results: Results = _run_remote(spec_path, remote, api_key, out, show_progress)
+        results: Results = _run_remote(spec_path, remote, api_key, out, force, show_progress)
     else:
         callback, progress = progress_callback(show_progress)
         try:
             results = run_spec(
-                spec_path, out=out, device=device, max_batch=max_batch, progress=callback
+                spec_path,
+                out=out,
+                force=force,
+                device=device,
+                max_batch=max_batch,
+                progress=callback,
             )
         finally:
             if progress is not None and progress.live.is_started:
@@ -183,23 +197,32 @@ def run(
 @json_option
 @guard
 def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
-    """Check that each SPEC is well formed (no model needed)."""
-    from ..api import load_spec
+    """Check each SPEC without loading weights: compiled against the model when its files are
+    here, else every check that needs no model (the output says which)."""
+    from ..api import validate as validate_spec
 
     failures: list[SpecError] = []
+    not_compiled: list[dict[str, str]] = []
     for path in spec_paths:
         try:
-            load_spec(path)
-            if not as_json:
-                click.echo(f"ok: {path}")
+            note = validate_spec(path)
         except SpecError as exc:
             failures.append(exc)
             if not as_json:
                 click.echo(exc.render(), err=True)
+            continue
+        if note is not None:
+            not_compiled.append({"file": str(path), "note": note})
+        if not as_json:
+            click.echo(f"ok: {path}" + (f" (not compiled: {note})" if note else ""))
     if as_json:
         issues = [i.to_dict() for exc in failures for i in exc.issues]
-        click.echo(
-            json.dumps({"ok": not failures, "checked": len(spec_paths), "issues": issues}, indent=2)
-        )
+        payload = {
+            "ok": not failures,
+            "checked": len(spec_paths),
+            "issues": issues,
+            "not_compiled": not_compiled,
+        }
+        click.echo(json.dumps(payload, indent=2))
     if failures:
         sys.exit(2)

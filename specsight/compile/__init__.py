@@ -11,6 +11,7 @@ from .context import Abort, Context, SpecPath
 from .memory import activation_budget, batch_cap, estimate_memory, row_bytes
 from .packing import first_layers, pack_rows
 from .positions import PositionError, resolve_position, resolve_positions
+from .references import check_references
 from .sweep import MAX_CELLS, Grid, GridError, expand_grid
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "PositionError",
     "SpecPath",
     "activation_budget",
+    "check_references",
     "batch_cap",
     "compile_plan",
     "estimate_memory",

@@ -6,37 +6,27 @@ placeholders. Unknown and unused sweep variables are located errors.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
+
+from pydantic import ValidationError
 
 from .. import spec as S
 from ..errors import did_you_mean
 from ..plan import Row
 from ..sites import family_table
-from .context import Abort, Context, SpecPath
+from ..spec.issues import data_path, issue_for
+from .context import Abort, Context, SpecContext, SpecPath
 from .generation import op_steps
 from .ops import compile_op
 from .sweep import MAX_CELLS, Grid, GridError, expand_grid, placeholders, substitute
 
-__all__ = ["expand_invoke", "compile_invoke_ops"]
+__all__ = ["check_variables", "expand_invoke", "compile_invoke_ops"]
 
 
-def expand_invoke(ctx: Context, name: str, max_cells: int = MAX_CELLS) -> None:
+def check_variables(ctx: SpecContext, name: str) -> None:
+    """Every ``{placeholder}`` in an invoke's ops names a sweep variable, and every sweep
+    variable is used (needs no model)."""
     invoke = ctx.spec.invokes[name]
-    lengths = {len(t) for t in ctx.tokens[name]}
-    seq_len = lengths.pop() if len(lengths) == 1 else None
-    n_heads, head_label = _swept_heads(ctx, invoke)
-    try:
-        grid = expand_grid(
-            invoke.sweep,
-            ctx.info.n_layers if ctx.info.inputs != "tensor" else None,
-            seq_len,
-            n_heads=n_heads,
-            zipped=invoke.sweep_mode == "zip",
-            head_label=head_label,
-            max_cells=max_cells,
-        )
-    except GridError as exc:
-        ctx.fail("bad-sweep", exc.message, ("invokes", name, "sweep", exc.axis), exc.hint)
-        grid = Grid((), ())
     declared = tuple(invoke.sweep or ())
     unknown: dict[str, SpecPath] = {}
     for i, op in enumerate(invoke.ops):
@@ -63,6 +53,27 @@ def expand_invoke(ctx: Context, name: str, max_cells: int = MAX_CELLS) -> None:
                 ("invokes", name, "sweep", axis),
                 f"use '{{{axis}}}' in an op, or remove it",
             )
+
+
+def expand_invoke(ctx: Context, name: str, max_cells: int = MAX_CELLS) -> None:
+    invoke = ctx.spec.invokes[name]
+    lengths = {len(t) for t in ctx.tokens[name]}
+    seq_len = lengths.pop() if len(lengths) == 1 else None
+    n_heads, head_label = _swept_heads(ctx, invoke)
+    try:
+        grid = expand_grid(
+            invoke.sweep,
+            ctx.info.n_layers if ctx.info.inputs != "tensor" else None,
+            seq_len,
+            n_heads=n_heads,
+            zipped=invoke.sweep_mode == "zip",
+            head_label=head_label,
+            max_cells=max_cells,
+        )
+    except GridError as exc:
+        ctx.fail("bad-sweep", exc.message, ("invokes", name, "sweep", exc.axis), exc.hint)
+        grid = Grid((), ())
+    check_variables(ctx, name)
     ctx.grids[name] = grid
     cells = grid.cells() if grid.axes else [{}]
     for cell_index in range(len(cells)):
@@ -87,6 +98,8 @@ def _swept_heads(ctx: Context, invoke: S.Invoke) -> tuple[int, str]:
 
 
 def compile_invoke_ops(ctx: Context, name: str) -> None:
+    """Every op of invoke ``name``, once per sweep cell; a problem that recurs in many cells is
+    reported once, saying in how many."""
     invoke = ctx.spec.invokes[name]
     grid = ctx.grids[name]
     cells = grid.cells() if grid.axes else [{}]
@@ -98,19 +111,56 @@ def compile_invoke_ops(ctx: Context, name: str) -> None:
         except Abort:
             continue
         first_new = len(ctx.ops)
+        known, failed = set(ctx.issues), 0
         for cell_index, variables in enumerate(cells):
             concrete = op
             if variables:
+                data = substitute(raw, variables)
                 try:
-                    concrete = type(op).model_validate(substitute(raw, variables))
-                except Exception as exc:  # pydantic ValidationError after substitution
-                    ctx.fail(
-                        "bad-value", f"after substituting {variables}: {exc}".splitlines()[0], path
-                    )
+                    concrete = type(op).model_validate(data)
+                except ValidationError as exc:
+                    _substitution_issue(ctx, exc, data, variables, path)
+                    failed += 1
                     continue
             try:
                 compile_op(ctx, name, concrete, op, path, cell_index)
             except Abort:
-                continue
+                failed += 1
+        if len(cells) > 1:
+            _merge_cell_issues(ctx, known, failed, len(cells))
         if steps is not None:
             ctx.ops[first_new:] = [replace(o, steps=steps) for o in ctx.ops[first_new:]]
+
+
+def _substitution_issue(
+    ctx: Context,
+    exc: ValidationError,
+    data: dict[str, Any],
+    variables: dict[str, Any],
+    path: SpecPath,
+) -> None:
+    """An op that is invalid once a cell's values are in it (a float where a head goes), in
+    the words spec validation uses."""
+    errors = exc.errors(include_url=False)
+    where = data_path(tuple(errors[0]["loc"]), data)
+    group = [e for e in errors if data_path(tuple(e["loc"]), data) == where]
+    issue, _ = issue_for(group, where, data)
+    cell = ", ".join(f"{k}={v!r}" for k, v in variables.items())
+    ctx.fail(issue.code, f"with {cell}: {issue.message}", path + issue.path, issue.hint)
+
+
+def _merge_cell_issues(ctx: Context, known: set[Any], failed: int, n_cells: int) -> None:
+    """Issues this op added in several cells with the same code at the same place: the first,
+    saying in how many cells the op failed."""
+    groups: dict[tuple[Any, str], list[Any]] = {}
+    for key, issue in ctx.issues.items():
+        if key not in known:
+            groups.setdefault((issue.path, issue.code), []).append(key)
+    for keys in groups.values():
+        if len(keys) < 2:
+            continue
+        first = ctx.issues[keys[0]]
+        for key in keys:
+            del ctx.issues[key]
+        message = f"{first.message} (in {failed} of the {n_cells} sweep cells)"
+        ctx.issues[keys[0]] = replace(first, message=message)

@@ -18,7 +18,7 @@ from ..sites import family_table
 from .cells import compile_invoke_ops, expand_invoke
 from .context import Context
 from .expectations import compile_expectations
-from .generation import check_generation, generate_forwards
+from .generation import check_generation, check_generation_length, generate_forwards
 from .gradients import check_backward
 from .inputs import compile_inputs
 from .layout import after_layer_modules, logit_positions, plan_saves, result_axes
@@ -53,14 +53,15 @@ def compile_plan(
     """
     if max_batch is not None and max_batch < 1:
         raise ValueError("max_batch must be at least 1")
-    doc = doc or S.from_data(spec.model_dump(by_alias=True, exclude_none=True))
-    ctx = Context(spec, info, tokenizer, doc, allow_files)
+    doc = doc or S.document_of(spec)
+    ctx = Context(spec=spec, doc=doc, info=info, tok=tokenizer, allow_files=allow_files)
     compile_inputs(ctx)
     _check_issues(ctx)
     collect_save_names(ctx)
     stages = order_stages(ctx)
     _check_issues(ctx)
     check_generation(ctx)
+    check_generation_length(ctx)
     _check_issues(ctx)
     order = sorted(spec.invokes, key=lambda name: (stages[name], list(spec.invokes).index(name)))
     for name in order:

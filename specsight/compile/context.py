@@ -17,7 +17,7 @@ from ..models import ModelInfo, Tokenizer
 from ..plan import Row, RowOp
 from .sweep import Grid
 
-__all__ = ["SpecPath", "Abort", "Context", "plain", "default_save_name"]
+__all__ = ["SpecPath", "Abort", "SpecContext", "Context", "plain", "default_save_name"]
 
 SpecPath = tuple[Any, ...]
 
@@ -26,16 +26,33 @@ class Abort(Exception):
     """Raised inside one op or metric after its issue is recorded."""
 
 
-@dataclass
-class Context:
-    """Everything one compilation knows and has built so far."""
+@dataclass(kw_only=True)
+class SpecContext:
+    """What checks that need no model work with: the spec, its document, the save names found
+    and the issues collected."""
 
     spec: S.Spec
+    doc: S.LoadedDoc
+    issues: dict[tuple[SpecPath, str], Issue] = field(default_factory=dict)
+    #: save name -> (invoke, op index)
+    save_names: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def fail(self, code: str, message: str, path: SpecPath, hint: str | None = None) -> Abort:
+        """Record a located issue (once per path and message); returns the Abort to raise."""
+        key = (path, message)
+        if key not in self.issues and len(self.issues) < MAX_ISSUES:
+            line, col = self.doc.source.locate(path)
+            self.issues[key] = Issue(code, message, path, self.doc.file, line, col, hint)
+        return Abort()
+
+
+@dataclass(kw_only=True)
+class Context(SpecContext):
+    """Everything one compilation against a model knows and has built so far."""
+
     info: ModelInfo
     tok: Tokenizer
-    doc: S.LoadedDoc
-    allow_files: bool
-    issues: dict[tuple[SpecPath, str], Issue] = field(default_factory=dict)
+    allow_files: bool = True
     tokens: dict[str, list[list[int]]] = field(default_factory=dict)
     grids: dict[str, Grid] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
@@ -48,18 +65,9 @@ class Context:
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_keys: dict[str, list[str]] = field(default_factory=dict)
     input_names: dict[str, list[str]] = field(default_factory=dict)
-    save_names: dict[str, tuple[str, int]] = field(default_factory=dict)
     save_keys: dict[str, list[str]] = field(default_factory=dict)
     save_npos: dict[str, list[int]] = field(default_factory=dict)
     save_meta: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-    def fail(self, code: str, message: str, path: SpecPath, hint: str | None = None) -> Abort:
-        """Record a located issue (once per path and message); returns the Abort to raise."""
-        key = (path, message)
-        if key not in self.issues and len(self.issues) < MAX_ISSUES:
-            line, col = self.doc.source.locate(path)
-            self.issues[key] = Issue(code, message, path, self.doc.file, line, col, hint)
-        return Abort()
 
     def token_id(self, ref: str | int, path: SpecPath) -> int:
         """The vocabulary id of a metric's token (text or id; a class label for classifiers)."""

@@ -9,7 +9,7 @@ from ..errors import did_you_mean, format_path
 from ..plan import PlanExpectation, PlanMetric, PlanSave
 from .context import Abort, Context, SpecPath
 
-__all__ = ["compile_expectations"]
+__all__ = ["compile_expectations", "pick_cells"]
 
 _TOKEN_AXIS_KINDS = ("logits", "logprob", "prob")
 
@@ -43,7 +43,7 @@ def _axis_values(
     )
 
 
-def _pick(values: list[Any], selector: Any, axis: str, fail: Any) -> tuple[int, ...]:
+def pick_cells(values: list[Any], selector: Any, axis: str, fail: Any) -> tuple[int, ...]:
     """Indices of the axis values a selector names (a value, a list, or a 'start:stop' range)."""
     items = selector if isinstance(selector, list) else [selector]
     picked: list[int] = []
@@ -127,7 +127,7 @@ def _compile_one(
             return ctx.fail("bad-cell", message, path + ("where", _axis), hint)
 
         values = _axis_values(ctx, metric, save, axis)
-        select[axes.index(axis)] = _pick(values, selector, axis, fail)
+        select[axes.index(axis)] = pick_cells(values, selector, axis, fail)
     kind = metric.kind if metric is not None else None
     token_id = token_str = token_index = None
     for check in ("argmax", "top_k"):

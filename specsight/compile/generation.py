@@ -13,9 +13,15 @@ from typing import Any
 
 from .. import spec as S
 from ..plan import Forward
-from .context import Context, SpecPath
+from .context import Context, SpecContext, SpecPath
 
-__all__ = ["check_generation", "op_steps", "generate_forwards", "generation_config"]
+__all__ = [
+    "check_generation",
+    "check_generation_length",
+    "op_steps",
+    "generate_forwards",
+    "generation_config",
+]
 
 _NEW_TOKEN = ("all", "last", -1, "-1")
 
@@ -26,7 +32,7 @@ def _reaches_new_token(positions: Any) -> bool:
     return positions in _NEW_TOKEN
 
 
-def check_generation(ctx: Context) -> None:
+def check_generation(ctx: SpecContext) -> None:
     """Reject what cannot work with generating invokes (located errors)."""
     generating = {n for n, inv in ctx.spec.invokes.items() if inv.generate is not None}
     for name, invoke in ctx.spec.invokes.items():
@@ -86,6 +92,23 @@ def check_generation(ctx: Context) -> None:
                 ("metrics", name, "invoke"),
                 "measure a copy of the invoke without 'generate'; generated tokens are in "
                 f"'{invoke}/generated_ids'",
+            )
+
+
+def check_generation_length(ctx: Context) -> None:
+    """Prompt plus new tokens must fit the model's context."""
+    for name, invoke in ctx.spec.invokes.items():
+        if invoke.generate is None:
+            continue
+        longest = max((len(t) for t in ctx.tokens.get(name, ())), default=0)
+        limit = ctx.info.max_positions
+        if limit and longest + invoke.generate.max_new_tokens > limit:
+            ctx.fail(
+                "generate-too-long",
+                f"the longest prompt ({longest} tokens) and {invoke.generate.max_new_tokens} new "
+                f"tokens exceed the model's context of {limit} positions",
+                ("invokes", name, "generate", "max_new_tokens"),
+                f"generate at most {max(limit - longest, 0)} tokens, or shorten the prompt",
             )
 
 

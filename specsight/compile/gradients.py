@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from .. import spec as S
 from ..errors import did_you_mean
-from .context import Context
+from .context import SpecContext
 
 __all__ = ["check_backward", "BACKWARD_KINDS"]
 
 BACKWARD_KINDS = ("logits", "logprob", "prob", "logit_diff")
 
 
-def check_backward(ctx: Context) -> str | None:
+def check_backward(ctx: SpecContext) -> str | None:
     """The backward metric's name (None without ``backward:``), after located checks."""
     backward = ctx.spec.backward
     metric = None

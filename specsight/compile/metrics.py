@@ -8,10 +8,10 @@ from ..errors import did_you_mean, format_path
 from ..plan import PlanMetric, RowOp
 from ..sites import SiteError, family_table, resolve_site
 from .attribution import compile_attribution
-from .context import Abort, Context, SpecPath, plain
+from .context import Abort, Context, SpecContext, SpecPath, plain
 from .positions import PositionError, resolve_position
 
-__all__ = ["compile_metric"]
+__all__ = ["compile_metric", "metric_invoke_exists", "recovery_inputs_ok"]
 
 
 def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
@@ -20,11 +20,7 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         return _recovery(ctx, name, metric, path)
     if metric.kind == "attribution":
         return compile_attribution(ctx, name, metric, path)
-    if metric.invoke not in ctx.spec.invokes:
-        hint = did_you_mean(metric.invoke, ctx.spec.invokes) or "invokes: " + ", ".join(
-            ctx.spec.invokes
-        )
-        ctx.fail("unknown-invoke", f"no invoke named '{metric.invoke}'", path + ("invoke",), hint)
+    if not metric_invoke_exists(ctx, name, metric):
         return None
     if ctx.info.inputs == "image" and "position" in metric.model_fields_set:
         ctx.fail(
@@ -155,10 +151,22 @@ def _lens(
 _SCALAR_KINDS = ("logit_diff", "logits", "logprob", "prob")
 
 
-def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetric | None:
-    """(patched - corrupt) / (clean - corrupt): the clean and corrupt metrics must not be swept."""
-    metrics = ctx.spec.metrics
-    inputs, ok = [], True
+def metric_invoke_exists(ctx: SpecContext, name: str, metric: Any) -> bool:
+    """Whether a metric's invoke exists (a located issue when not; needs no model)."""
+    if metric.invoke in ctx.spec.invokes:
+        return True
+    invokes = ctx.spec.invokes
+    hint = did_you_mean(metric.invoke, invokes) or "invokes: " + ", ".join(invokes)
+    path = ("metrics", name, "invoke")
+    ctx.fail("unknown-invoke", f"no invoke named '{metric.invoke}'", path, hint)
+    return False
+
+
+def recovery_inputs_ok(ctx: SpecContext, name: str, metric: Any) -> bool:
+    """Whether the metrics a recovery is computed from exist and fit: scalar kinds, and single
+    values for clean and corrupt (located issues when not; needs no model)."""
+    metrics, path = ctx.spec.metrics, ("metrics", name)
+    ok = True
     for role in ("patched", "clean", "corrupt"):
         ref = getattr(metric, role)
         other = metrics.get(ref)
@@ -179,8 +187,10 @@ def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetri
                 path + (role,),
             )
             ok = False
+        elif other.invoke not in ctx.spec.invokes:  # that metric reports its unknown invoke
+            ok = False
         elif role != "patched" and (
-            ctx.grids[other.invoke].axes or ctx.spec.invokes[other.invoke].many_inputs
+            ctx.spec.invokes[other.invoke].sweep or ctx.spec.invokes[other.invoke].many_inputs
         ):
             ctx.fail(
                 "bad-recovery",
@@ -189,9 +199,15 @@ def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetri
                 "measure the clean and corrupted runs in invokes with one prompt and no sweep",
             )
             ok = False
-        inputs.append(ref)
-    if not ok:
+    return ok
+
+
+def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetric | None:
+    """(patched - corrupt) / (clean - corrupt): the clean and corrupt metrics must not be swept."""
+    if not recovery_inputs_ok(ctx, name, metric):
         return None
+    metrics = ctx.spec.metrics
+    inputs = [metric.patched, metric.clean, metric.corrupt]
     patched = metrics[metric.patched]
     grid = ctx.grids[patched.invoke]
     many = ctx.spec.invokes[patched.invoke].many_inputs

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .. import spec as S
-from ..errors import format_path
+from ..errors import did_you_mean, format_path
 from ..plan import RowOp
 from ..sites import Site, SiteError, head_columns, resolve_site
 from .context import Context, SpecPath, default_save_name, plain
@@ -98,12 +98,13 @@ def _check_pattern(ctx: Context, op: Any, site: Site, path: SpecPath) -> None:
             path + ("op",),
             "to change attention, act on q, k, v or head_z of that layer",
         )
-    impl = ctx.spec.model.attn_implementation
-    if impl not in (None, "eager"):
+    impl = ctx.spec.model.attn_implementation or ctx.info.attn_implementation
+    if impl != "eager":
+        why = f"{impl} attention does not" if impl else "only eager attention does"
         raise ctx.fail(
             "needs-eager",
-            f"'{site.name}' needs the attention weights, which {impl} attention does not return",
-            ("model", "attn_implementation"),
+            f"'{site.name}' needs the attention weights, and {why} return them",
+            path + ("site",),
             "set model: {id: ..., attn_implementation: eager}",
         )
 
@@ -252,6 +253,15 @@ def _vector_op(
         return
     source = op.vector if kind == "add" else op.value
     keys = ctx.save_keys.get(source.saved, [])
+    if not keys:  # a save of several sites keeps one value per site, under the site's name
+        saved = sorted(ctx.save_keys)
+        raise ctx.fail(
+            "saved-sites",
+            f"'{source.saved}' saves several sites, each under its own name",
+            path + (attr, "saved"),
+            did_you_mean(source.saved, saved, n=3)
+            or "name one of: " + ", ".join(saved[:8]) + (", ..." if len(saved) > 8 else ""),
+        )
     if source.reduce == "none" and len(keys) != 1:
         raise ctx.fail(
             "saved-rows",

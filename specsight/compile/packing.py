@@ -71,6 +71,7 @@ def pack_rows(
             keep = None
             if keep_logits is not None:
                 keep = tuple(sorted(set().union(*(keep_logits.get(r, set()) for r in chunk))))
+                keep = keep or (seq - 1,)  # nothing reads these rows' logits: the fewest there are
             forwards.append(Forward(stage, tuple(sorted(chunk)), seq, shared, keep))
     return forwards
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .. import spec as S
 from ..errors import did_you_mean, format_path
-from .context import Context, SpecPath, default_save_name
+from .context import SpecContext, SpecPath, default_save_name
 
 __all__ = ["collect_save_names", "order_stages"]
 
@@ -25,7 +25,7 @@ def _sources_of(invoke: S.Invoke) -> list[tuple[int, str, str]]:
     return refs
 
 
-def collect_save_names(ctx: Context) -> None:
+def collect_save_names(ctx: SpecContext) -> None:
     for name, invoke in ctx.spec.invokes.items():
         for i, op in enumerate(invoke.ops):
             if isinstance(op, S.SaveOp):
@@ -50,7 +50,7 @@ def collect_save_names(ctx: Context) -> None:
                 ctx.save_names[save_name] = (name, i)
 
 
-def order_stages(ctx: Context) -> dict[str, int]:
+def order_stages(ctx: SpecContext) -> dict[str, int]:
     """Stage of each invoke: 0 when it reads nothing, else one past everything it reads."""
     names = list(ctx.spec.invokes)
     save_owner = {save: owner for save, (owner, _) in ctx.save_names.items()}

@@ -45,7 +45,8 @@ def grad_scope(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         raise RunError("gradients need the model's input embedding module; none was found")
 
     def leaf(_mod: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
-        return output.detach().requires_grad_(True)
+        # a copy of the leaf flows on, so ops may change it in place (a leaf can't be)
+        return output.detach().requires_grad_(True).clone()
 
     handle = embed.register_forward_hook(leaf, prepend=True)
     try:

@@ -49,6 +49,24 @@ def replace_hidden(value: Any, hidden: torch.Tensor) -> Any:
 # --- hooks ---------------------------------------------------------------------------------
 
 
+def _with_input(
+    name: str, args: tuple, kwargs: dict, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> tuple[tuple, dict] | None:
+    """``fn`` on a module call's hidden-state input (the first positional argument, else
+    ``hidden_states=``, else the first tensor keyword); the call's arguments with the input
+    replaced when ``fn`` returns a tensor, else None (unchanged)."""
+    if args:
+        new = fn(hidden_of(args[0]))
+        return None if new is None else ((replace_hidden(args[0], new), *args[1:]), kwargs)
+    key = "hidden_states" if "hidden_states" in kwargs else None
+    if key is None:
+        key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+    if key is None:
+        raise RunError(f"module '{name}' was called without a tensor input")
+    new = fn(kwargs[key])
+    return None if new is None else (args, {**kwargs, key: new})
+
+
 _MODULE_TABLES: weakref.WeakKeyDictionary[
     torch.nn.Module, tuple[int, dict[str, torch.nn.Module]]
 ] = weakref.WeakKeyDictionary()
@@ -81,7 +99,8 @@ class HookScope:
         return self._modules[name]
 
     def add(self, name: str, io: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
-        """Call ``fn(hidden)`` at a module's input or output; a returned tensor replaces it."""
+        """Call ``fn(hidden)`` at a module's input or output; a returned tensor replaces it
+        (a pattern site's ``fn`` only reads)."""
         module = self.module(name)
         if io == "pattern":  # read-only: ``fn`` gets the whole output (attention weights inside)
 
@@ -99,16 +118,7 @@ class HookScope:
         else:
 
             def pre(_mod: Any, args: tuple, kwargs: dict) -> Any:
-                if args:
-                    fn(hidden_of(args[0]))
-                elif "hidden_states" in kwargs:
-                    fn(kwargs["hidden_states"])
-                else:
-                    tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-                    if not tensors:
-                        raise RunError(f"module '{name}' was called without a tensor input")
-                    fn(tensors[0])
-                return None
+                return _with_input(name, args, kwargs, fn)
 
             self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
@@ -118,11 +128,7 @@ class HookScope:
         module = self.module(name)
 
         def pre(_mod: Any, args: tuple, kwargs: dict) -> Any:
-            if args:
-                new = fn(hidden_of(args[0]))
-                return None if new is None else ((new, *args[1:]), kwargs)
-            new = fn(kwargs["hidden_states"])
-            return None if new is None else (args, {**kwargs, "hidden_states": new})
+            return _with_input(name, args, kwargs, fn)
 
         self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
 

@@ -6,7 +6,8 @@ At a site, each row's ops run in the order the spec declares them. Ops of differ
 independent, so ops of one kind on the same columns apply as one indexed tensor operation.
 Outputs are modified on a copy that replaces the module's return value; inputs are modified in
 place, so a residual stream read through a norm's input (``resid_mid``) changes the residual
-itself, not only what the norm sees. Per-head sites act on column windows of their tensor, and
+itself, not only what the norm sees (under autograd, an input that is a view is replaced by a
+changed copy instead: its base may be saved for the backward pass). Per-head sites act on column windows of their tensor, and
 token-flattened tensors are viewed per row (:mod:`.views`).
 """
 
@@ -25,6 +26,13 @@ from .grad import keep_grad
 from .views import attention_weights, col_index, pos_index, row_major, token_major
 
 __all__ = ["ActionTables", "Runner"]
+
+_SITE_HINT = "check the op's positions and columns against the site (`specsight sites MODEL`)"
+_HINTS = {
+    "add": "check the vector width against the site's shape (`specsight sites MODEL`)",
+    "set": "check the value's width against the site's shape (`specsight sites MODEL`)",
+    "patch": "patch between prompts of the same length, or give source_positions",
+}
 
 
 @dataclass
@@ -155,7 +163,14 @@ class Runner:
             writes = any(
                 g.kind not in ("save", "capture", "grad") for level in levels for g in level
             )
-            if writes and io == "output":
+            # outputs change on a copy that replaces them; inputs in place (the residual they
+            # carry changes too), except a view under autograd: its base may be saved for the
+            # backward pass (an attention output), so a changed copy replaces the input
+            replace = writes and (
+                io == "output"
+                or (io == "input" and hidden._base is not None and hidden.requires_grad)
+            )
+            if replace:
                 hidden = hidden.clone()
             if io == "pattern":
                 try:
@@ -171,7 +186,7 @@ class Runner:
             for level in levels:
                 for group in level:
                     self._apply(group, work)
-            return hidden if writes and io == "output" else None
+            return hidden if replace else None
 
         return apply
 
@@ -203,11 +218,11 @@ class Runner:
                 self._apply_one(op, hidden)
         except RunError:
             raise
-        except RuntimeError as exc:
+        except Exception as exc:  # any failure of a user's op is that op's run error
             op = group.ops[0]
             raise RunError(
                 f"{op.origin}: {kind} at '{op.site}' failed: {exc}".split("\n")[0],
-                hint="check the vector width against the site's shape (`specsight sites MODEL`)",
+                hint=_HINTS.get(kind, _SITE_HINT),
             ) from None
 
     def _apply_one(self, op: RowOp, hidden: torch.Tensor) -> None:

@@ -42,6 +42,9 @@ class ModelInfo:
     image: dict[str, Any] | None = None
     #: classifiers: the class labels, by index (metric targets may name them)
     labels: tuple[str, ...] | None = None
+    #: the attention implementation the model runs with unless a spec asks for another
+    #: ("eager", "sdpa", ...; None when unknown)
+    attn_implementation: str | None = None
 
     @property
     def module_names(self) -> tuple[str, ...]:

@@ -16,8 +16,8 @@ from ..compile import DEFAULT_MAX_BATCH, compile_plan
 from ..errors import Issue, RunError, SpecError, format_path
 from ..models import ModelInfo
 from ..plan import Plan
-from ..results import RESULTS_FILE, Results
-from ..spec import AddOp, FileVector, LoadedDoc, SetOp, Spec, doc_of, load_spec
+from ..results import Results, check_out_dir
+from ..spec import AddOp, FileVector, LoadedDoc, SetOp, Spec, doc_of, document_of, load_spec
 from .admission import refuse_local_only
 from .client import RemoteClient, StatusCallback, error_from_body, relocate, results_from_bytes
 from .protocol import ErrorBody
@@ -68,6 +68,7 @@ def run_remote(
     *,
     api_key: str | None = None,
     out: str | os.PathLike[str] | None = None,
+    force: bool = False,
     progress: StatusCallback | None = None,
     client: RemoteClient | None = None,
     poll: float = 0.2,
@@ -80,6 +81,8 @@ def run_remote(
     spec = source if isinstance(source, Spec) else load_spec(source)
     doc = doc_of(spec)
     refuse_local_only(spec, doc)
+    if out is not None:
+        check_out_dir(Path(out), document_of(spec).sha256, force=force)
     remote = client or RemoteClient(url, api_key)
     try:
         entry = remote.model_entry(spec.model.id)
@@ -119,7 +122,7 @@ def run_remote(
         if client is None:
             remote.close()
     if out is not None:
-        _write(Path(out), result_bytes, results)
+        results.save(out, force=force, results_bytes=result_bytes)
     return results
 
 
@@ -142,11 +145,3 @@ def _local_order(results: Results, spec: Spec, plan: Plan) -> None:
 def _cancel_quietly(remote: RemoteClient, job_id: str) -> None:
     with contextlib.suppress(Exception):  # best effort: the job may be gone, the server down
         remote.cancel(job_id)
-
-
-def _write(folder: Path, result_bytes: bytes, results: Results) -> None:
-    """The files of a local run, with results.safetensors exactly the server's bytes."""
-    results.save(folder)
-    tmp = folder / (RESULTS_FILE + ".tmp")
-    tmp.write_bytes(result_bytes)
-    os.replace(tmp, folder / RESULTS_FILE)

@@ -5,6 +5,7 @@ the ``expect:`` verdicts (:class:`Outcome`) and run comparison (:func:`compare_r
 
 from .compare import BLOCKING_FIELDS, RunDiff, TensorDiff, compare_runs
 from .expect import Outcome, evaluate
+from .folder import check_out_dir, write_folder
 from .labels import axis_labels, cell_label, coords
 from .manifest import results_from_raw
 from .results import MANIFEST_FILE, RESULTS_FILE, Results, tensor_sha256
@@ -19,6 +20,7 @@ __all__ = [
     "RunDiff",
     "TensorDiff",
     "axis_labels",
+    "check_out_dir",
     "cell_label",
     "compare_runs",
     "coords",
@@ -27,4 +29,5 @@ __all__ = [
     "render_summary",
     "results_from_raw",
     "tensor_sha256",
+    "write_folder",
 ]

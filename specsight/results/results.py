@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import did_you_mean
+from ..errors import RunError, did_you_mean
 from .expect import Outcome
+from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
 from .plots import write_heatmaps
 from .summary import render_summary
 
 __all__ = ["Results", "tensor_sha256", "RESULTS_FILE", "MANIFEST_FILE"]
-
-RESULTS_FILE = "results.safetensors"
-MANIFEST_FILE = "manifest.json"
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -76,29 +75,59 @@ class Results:
 
     # --- files -----------------------------------------------------------------------------
 
-    def save(self, out_dir: str | os.PathLike[str], *, plots: bool = True) -> Path:
+    def save(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        plots: bool = True,
+        force: bool = False,
+        results_bytes: bytes | None = None,
+    ) -> Path:
         """Write ``results.safetensors``, ``manifest.json`` and, for every metric swept over
-        two axes, a heatmap ``<metric>.png`` into ``out_dir``."""
-        folder = Path(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().cpu().contiguous() for name, t in sorted(self.tensors.items())}
-        metadata = {"format": "specsight-results-1"}
-        tmp = folder / (RESULTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, folder / RESULTS_FILE)
-        manifest = dict(self.manifest)
-        manifest["summary"] = {"next_tokens": self.next_tokens, "prompts": self.prompts}
-        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if plots:
-            write_heatmaps(self.metrics, self.manifest, folder)
-        return folder
+        two axes, a heatmap ``<metric>.png`` into ``out_dir``, atomically: a folder holding
+        another spec's run is replaced only with ``force``. ``results_bytes`` are written as
+        ``results.safetensors`` instead of serialising the tensors (a server's exact bytes)."""
+
+        def write(folder: Path) -> None:
+            if results_bytes is not None:
+                (folder / RESULTS_FILE).write_bytes(results_bytes)
+            else:
+                tensors = {
+                    n: t.detach().cpu().contiguous() for n, t in sorted(self.tensors.items())
+                }
+                metadata = {"format": "specsight-results-1"}
+                save_file(tensors, str(folder / RESULTS_FILE), metadata=metadata)
+            manifest = dict(self.manifest)
+            manifest["summary"] = {"next_tokens": self.next_tokens, "prompts": self.prompts}
+            text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+            (folder / MANIFEST_FILE).write_text(text, encoding="utf-8")
+            if plots:
+                write_heatmaps(self.metrics, self.manifest, folder)
+
+        return write_folder(Path(out_dir), write, self.spec_sha256, force=force)
+
+    @property
+    def spec_sha256(self) -> str:
+        """The sha256 of the spec this run comes from."""
+        return str(self.manifest.get("spec", {}).get("sha256", ""))
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str]) -> Results:
-        """Read a folder written by :meth:`save`."""
+        """Read a folder written by :meth:`save` (a RunError when it is not one)."""
         folder = Path(out_dir)
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        tensors = load_file(str(folder / RESULTS_FILE))
+        for name in (MANIFEST_FILE, RESULTS_FILE):
+            if not (folder / name).is_file():
+                raise RunError(
+                    f"{folder} is not a run folder: it has no {name}",
+                    hint="write one with specsight run SPEC --out FOLDER",
+                )
+        try:
+            manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+            tensors = load_file(str(folder / RESULTS_FILE))
+            if not isinstance(manifest, dict):
+                raise ValueError("the manifest is not a JSON object")
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise RunError(f"cannot read the run in {folder}: {exc}") from None
         kinds = {name: meta.get("kind") for name, meta in manifest.get("tensors", {}).items()}
         metrics = {n: t for n, t in tensors.items() if kinds.get(n) != "save"}
         saves = {n: t for n, t in tensors.items() if kinds.get(n) == "save"}

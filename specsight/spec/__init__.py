@@ -58,7 +58,7 @@ from .ops import (
     ZeroOp,
 )
 from .source import MAX_BYTES, MAX_DEPTH, LoadedDoc, SourceMap
-from .validate import doc_of, load_spec, validate_spec
+from .validate import doc_of, document_of, load_spec, validate_spec
 
 __all__ = [
     "SPEC_VERSION",
@@ -74,6 +74,7 @@ __all__ = [
     "validate_spec",
     "load_spec",
     "doc_of",
+    "document_of",
     "json_schema",
     "Spec",
     "ModelRef",

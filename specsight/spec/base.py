@@ -34,9 +34,9 @@ Number = Union[float, Placeholder]
 
 
 class StrictModel(BaseModel):
-    """The base of every spec model: frozen, unknown keys refused."""
+    """The base of every spec model: frozen, unknown keys and non-finite numbers refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- selectors -----------------------------------------------------------------------------

@@ -199,7 +199,9 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 class Spec(StrictModel):
     """A whole experiment."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, title="specsight spec v1")
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, title="specsight spec v1"
+    )
 
     specsight: Literal[1] = Field(description="spec format version")
     name: str | None = None

@@ -261,6 +261,8 @@ def issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> t
         elif kind == "model_type" and cls is not None:
             hint = "keys: " + ", ".join(_keys_of(cls))
         return Issue("bad-value", f"expected {what}, got {shown}", path, hint=hint), at_key
+    if kind == "finite_number":
+        return Issue("bad-value", f"expected a finite number, got {shown}", path), False
     if kind == "literal_error":
         expected_text = str(ctx.get("expected", ""))
         options = [a or b for a, b in re.findall(r"'([^']*)'|(\d+)", expected_text)]

@@ -18,12 +18,14 @@ from ..errors import Issue, SpecError, did_you_mean
 from .load_json import parse_json
 from .load_yaml import parse_yaml
 from .source import (
+    INT_TOO_LARGE,
     MAX_BYTES,
     MAX_DEPTH,
     TOO_DEEP,
     LoadedDoc,
     Path,
     SourceMap,
+    int_out_of_range,
     kind_of,
     not_a_mapping,
 )
@@ -119,10 +121,13 @@ def from_data(data: dict[str, Any], *, file: str | None = None) -> LoadedDoc:
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
             if isinstance(node, dict) and not isinstance(key, str):
-                msg = f"mapping keys must be strings, not {kind_of(key)} ({key!r})"
+                msg = f"mapping keys must be strings, not {kind_of(key)} ({_shown(key)})"
                 issues.append(Issue("bad-key", msg, path, file))
             elif isinstance(value, (dict, list, tuple)):
                 todo.append((value, path + (key,)))
+            elif isinstance(value, int) and int_out_of_range(value):
+                msg = f"an integer of {value.bit_length()} bits is too large"
+                issues.append(Issue("bad-value", msg, path + (key,), file, hint=INT_TOO_LARGE))
     if issues:
         raise SpecError(issues)
     dumped = json.dumps(
@@ -130,3 +135,11 @@ def from_data(data: dict[str, Any], *, file: str | None = None) -> LoadedDoc:
     )
     digest = hashlib.sha256(dumped.encode("utf-8", "surrogatepass")).hexdigest()
     return LoadedDoc(copy.deepcopy(data), SourceMap(file), file, None, digest)
+
+
+def _shown(value: Any) -> str:
+    """A short repr (an integer too long to print gets its size instead)."""
+    if isinstance(value, int) and int_out_of_range(value):
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

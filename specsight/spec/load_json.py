@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import Issue, SpecError
 from .source import (
+    INT_TOO_LARGE,
     MAX_DEPTH,
     NOKEY,
     TOO_DEEP,
@@ -19,6 +20,7 @@ from .source import (
     Path,
     Pos,
     SourceMap,
+    int_too_large,
     not_a_mapping,
     not_a_mapping_hint,
 )
@@ -36,6 +38,12 @@ class _BadConstant(Exception):
 
 def _reject_constant(name: str) -> Any:
     raise _BadConstant(name)
+
+
+def _parse_int(text: str) -> int:
+    if int_too_large(text):
+        raise _BadConstant(text)
+    return int(text)
 
 
 def _dup_issue(
@@ -99,6 +107,9 @@ def _scan_json(text: str, file: str | None) -> tuple[SourceMap, list[Issue], lis
         elif token in _JSON_CONSTANTS:
             msg = f"{token} is not a valid JSON value"
             consts.append(Issue("bad-value", msg, path, file, *pos, hint="use a finite number"))
+        elif int_too_large(token):
+            msg = f"the integer '{token[:20]}...' ({len(token)} characters) is too large"
+            consts.append(Issue("bad-value", msg, path, file, *pos, hint=INT_TOO_LARGE))
     return SourceMap(file, values, keys), dups, consts
 
 
@@ -138,9 +149,14 @@ def parse_json(text: str, file: str | None) -> tuple[dict[str, Any], SourceMap]:
         return out
 
     try:
-        data = json.loads(text, object_pairs_hook=pairs_hook, parse_constant=_reject_constant)
+        data = json.loads(
+            text,
+            object_pairs_hook=pairs_hook,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+        )
     except _BadConstant as exc:
-        msg = f"{exc.args[0]} is not a valid JSON value"
+        msg = f"{exc.args[0][:20]} is not a valid JSON value"
         raise SpecError(consts or [Issue("bad-value", msg, (), file)]) from None
     except json.JSONDecodeError as exc:
         raise SpecError(_json_syntax_issue(exc, text, file)) from None

@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import MAX_ISSUES, Issue, SpecError
 from .source import (
+    INT_TOO_LARGE,
     MAX_DEPTH,
     NOKEY,
     START_HINT,
@@ -25,6 +26,7 @@ from .source import (
     Path,
     Pos,
     SourceMap,
+    int_too_large,
     kind_of,
     not_a_mapping,
     not_a_mapping_hint,
@@ -187,6 +189,10 @@ class _YamlBuilder:
             return text
         if tag in ("map", "seq"):
             self._add("bad-value", f"a scalar cannot carry the tag !!{tag}", path, pos)
+            return text
+        if tag in ("plain", "int") and int_too_large(text):
+            message = f"the integer '{text[:20]}...' ({len(text)} characters) is too large"
+            self._add("bad-value", message, path, pos, hint=INT_TOO_LARGE)
             return text
         try:
             value = _resolve(text, None if tag == "plain" else tag)

@@ -129,7 +129,9 @@ class SetOp(SiteOp):
 class PatchOp(SiteOp):
     """Replace the site with the same site's value in another invoke."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True
+    )
 
     op: Literal["patch"]
     from_: str = Field(alias="from", description="the invoke to copy from")

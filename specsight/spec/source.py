@@ -8,6 +8,7 @@ lines and columns are 1-based.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ __all__ = [
     "kind_of",
     "not_a_mapping",
     "not_a_mapping_hint",
+    "INT_TOO_LARGE",
+    "int_too_large",
+    "int_out_of_range",
 ]
 
 MAX_BYTES = 1_000_000
@@ -123,3 +127,23 @@ class Frame:
     key: Any = NOKEY
     seen: dict[str, int] = field(default_factory=dict)
     count: int = 0
+
+
+INT_TOO_LARGE = "integers in a spec fit in 64 bits"
+_INT_LITERAL = re.compile(r"[-+]?(0x[0-9a-fA-F]+|0o[0-7]+|[0-9]+)")
+
+
+def int_too_large(text: str) -> bool:
+    """Whether an integer literal (decimal, ``0x``, ``0o``) lies outside 64 bits, judged from its
+    digits before any conversion (Python refuses to convert over 4,300 decimal digits)."""
+    if not _INT_LITERAL.fullmatch(text):
+        return False
+    body = text.lstrip("+-")
+    base = {"0x": 16, "0o": 8}.get(body[:2], 10)
+    digits = (body[2:] if base != 10 else body).lstrip("0")
+    return len(digits) > 24 or int(digits or "0", base) >= 2**64
+
+
+def int_out_of_range(value: int) -> bool:
+    """Whether an integer value lies outside 64 bits (specs built in Python)."""
+    return value.bit_length() > 64

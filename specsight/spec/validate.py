@@ -25,7 +25,7 @@ from .issues import data_path, describe_value, issue_for
 from .load import from_data, load_file
 from .source import LoadedDoc
 
-__all__ = ["validate_spec", "load_spec", "doc_of"]
+__all__ = ["validate_spec", "load_spec", "doc_of", "document_of"]
 
 
 def validate_spec(doc: LoadedDoc) -> Spec:
@@ -161,3 +161,9 @@ def load_spec(source: str | os.PathLike[str] | dict[str, Any]) -> Spec:
     _DOCS[key] = (weakref.ref(spec), doc)
     weakref.finalize(spec, _DOCS.pop, key, None)
     return spec
+
+
+def document_of(spec: Spec) -> LoadedDoc:
+    """The document a spec came from, or (for a spec built in Python) its data as a document:
+    what the plan and the manifest hash."""
+    return doc_of(spec) or from_data(spec.model_dump(by_alias=True, exclude_none=True))

@@ -2,7 +2,7 @@
 the local hub cache; nothing is downloaded) or from a spec's ``model:`` entry (factories too),
 with their tokenizer, :class:`~specsight.models.ModelInfo` and weights hash."""
 
-from .builtin import BUILTIN_MODELS, cache_dir
+from ..catalog import BUILTIN_MODELS, TINY_MODELS, cache_dir
 from .introspect import hash_weights, model_info_from_module
 from .loader import (
     LoadedModel,
@@ -13,7 +13,6 @@ from .loader import (
     load_ref_info,
     resolve_device,
 )
-from .tiny import TINY_MODELS
 
 __all__ = [
     "BUILTIN_MODELS",

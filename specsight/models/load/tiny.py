@@ -14,30 +14,11 @@ from typing import Any
 import tokenizers
 import torch
 
+from ..catalog import TINY_MODELS
 from ..tokenizer import Tokenizer
 
 __all__ = ["TINY_MODELS", "build_tiny", "tiny_tokenizer"]
 
-TINY_MODELS: dict[str, str] = {
-    "tiny-gpt2": "random GPT-2, 4 layers, d_model 64, 4 heads (seeded)",
-    "tiny-llama": "random Llama, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
-    "tiny-mistral": "random Mistral, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
-    "tiny-qwen2": "random Qwen2, 4 layers, d_model 64, 4 heads / 2 KV heads (seeded)",
-    "tiny-gpt-neo": "random GPT-Neo, 4 layers (global/local attention), d_model 64, 4 heads (seeded)",
-    "tiny-gpt-neox": "random GPT-NeoX (Pythia), 4 layers, d_model 64, 4 heads, parallel residual "
-    "(seeded)",
-    "tiny-mixtral": "random Mixtral, 4 layers, d_model 64, 4 heads / 2 KV heads, 4 experts (top 2) "
-    "(seeded)",
-    "tiny-qwen3": "random Qwen3, 4 layers, d_model 64, 4 heads / 2 KV heads, q/k norms (seeded)",
-    "tiny-gemma2": "random Gemma 2, 4 layers, d_model 64, 4 heads / 2 KV heads, post-norms "
-    "(seeded)",
-    "tiny-phi3": "random Phi-3, 4 layers, d_model 64, 4 heads / 2 KV heads, fused qkv and gate_up "
-    "(seeded)",
-    "tiny-olmo2": "random OLMo 2, 4 layers, d_model 64, 4 heads / 2 KV heads, post-norms (seeded)",
-    "tiny-mamba": "random Mamba (state-space, no attention), 4 layers, d_model 64 (seeded)",
-    "tiny-vit": "random ViT image classifier, 4 layers, d_model 64, 4 heads, 32x32 images in "
-    "8x8 patches, 5 classes (seeded)",
-}
 #: the classes of tiny-vit
 TINY_VIT_LABELS = ("cat", "dog", "bird", "fish", "horse")
 _TINY_EOT = "<|endoftext|>"

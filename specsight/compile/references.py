@@ -1,0 +1,133 @@
+"""The checks of a spec that need no model (``specsight validate`` without the model's files):
+every name a spec uses refers to something it defines (invokes, saved values, metrics,
+sweep variables), invokes do not read from each other in a loop, and generation, gradients
+and expectations are used where they can work. The compiler runs the same passes; what needs
+the model (sites, layers, positions, tokens, sizes) is left to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import SpecError, did_you_mean
+from ..spec import LoadedDoc, SaveOp, Spec
+from .cells import check_variables
+from .context import Abort, SpecContext, SpecPath
+from .expectations import pick_cells
+from .generation import check_generation
+from .gradients import check_backward
+from .metrics import metric_invoke_exists, recovery_inputs_ok
+from .stages import collect_save_names, order_stages
+
+__all__ = ["check_references"]
+
+
+def check_references(spec: Spec, doc: LoadedDoc) -> None:
+    """Raise one SpecError with every problem found without a model."""
+    ctx = SpecContext(spec=spec, doc=doc)
+    collect_save_names(ctx)
+    order_stages(ctx)
+    check_generation(ctx)
+    for name in spec.invokes:
+        check_variables(ctx, name)
+    for name, metric in spec.metrics.items():
+        if metric.kind == "recovery":
+            recovery_inputs_ok(ctx, name, metric)
+        elif metric.kind == "attribution":
+            _attribution_invokes(ctx, name, metric)
+        else:
+            metric_invoke_exists(ctx, name, metric)
+    check_backward(ctx)
+    _expectation_targets(ctx)
+    if ctx.issues:
+        issues = sorted(ctx.issues.values(), key=lambda i: (i.line or 0, i.col or 0))
+        raise SpecError(issues)
+
+
+def _attribution_invokes(ctx: SpecContext, name: str, metric: object) -> None:
+    invokes = ctx.spec.invokes
+    for role in ("clean", "corrupt"):
+        ref = getattr(metric, role)
+        if ref not in invokes:
+            hint = did_you_mean(ref, invokes) or "invokes: " + ", ".join(invokes)
+            ctx.fail("unknown-invoke", f"no invoke named '{ref}'", ("metrics", name, role), hint)
+
+
+_TOKEN_KINDS = ("logits", "logprob", "prob")
+
+
+def _metric_axes(ctx: SpecContext, name: str) -> tuple[str, ...] | None:
+    """The axes of a metric's result, from the spec alone (None when its invoke is unknown)."""
+    metric = ctx.spec.metrics[name]
+    if metric.kind == "attribution":
+        return ("site", "pos")
+    owner = metric
+    if metric.kind == "recovery":  # shaped like the patched metric's invoke
+        owner = ctx.spec.metrics.get(metric.patched)
+        if owner is None or owner.kind in ("recovery", "attribution"):
+            return None
+    invoke = ctx.spec.invokes.get(owner.invoke)
+    if invoke is None:
+        return None
+    axes = tuple(invoke.sweep or ()) + (("prompt",) if invoke.many_inputs else ())
+    if metric.kind == "logit_lens":
+        axes += ("site",)
+    elif metric.kind in _TOKEN_KINDS and metric.tokens is not None:
+        axes += ("token",)
+    return axes
+
+
+def _check_where(ctx: SpecContext, exp: Any, path: SpecPath) -> None:
+    """``where`` names axes the metric has, and values its sweep lists (when it lists them)."""
+    axes = _metric_axes(ctx, exp.metric)
+    if axes is None:
+        return
+    metric = ctx.spec.metrics[exp.metric]
+    owner = ctx.spec.metrics[metric.patched] if metric.kind == "recovery" else metric
+    sweep = ctx.spec.invokes[owner.invoke].sweep or {} if metric.kind != "attribution" else {}
+    for axis, selector in exp.where.items():
+        if axis not in axes:
+            hint = did_you_mean(axis, axes) or (
+                "axes: " + ", ".join(axes) if axes else "this result has no axes"
+            )
+            ctx.fail(
+                "unknown-axis", f"the result has no axis '{axis}'", path + ("where", axis), hint
+            )
+            continue
+        listed = sweep.get(axis)
+        if isinstance(listed, list):
+
+            def fail(message: str, hint: str | None, _axis: str = axis) -> Abort:
+                return ctx.fail("bad-cell", message, path + ("where", _axis), hint)
+
+            try:
+                pick_cells(listed, selector, axis, fail)
+            except Abort:
+                continue
+
+
+def _expectation_targets(ctx: SpecContext) -> None:
+    """Expectations name metrics the spec has and axes and swept values those metrics have, and
+    saved values its saves make (a save of a wildcard or range of sites names its values per
+    site, known only with the model)."""
+    metrics = ctx.spec.metrics
+    saves = set(ctx.save_names)
+    per_site = any(
+        isinstance(op, SaveOp) and not op.name and ("*" in op.site or ":" in op.site)
+        for invoke in ctx.spec.invokes.values()
+        for op in invoke.ops
+    )
+    for index, exp in enumerate(ctx.spec.expect):
+        path = ("expect", index)
+        if exp.metric is not None and exp.metric not in metrics:
+            hint = did_you_mean(exp.metric, metrics) or "metrics: " + ", ".join(metrics)
+            ctx.fail("unknown-metric", f"no metric named '{exp.metric}'", path + ("metric",), hint)
+        elif exp.metric is not None:
+            _check_where(ctx, exp, path)
+        elif exp.saved is not None and exp.saved not in saves and not per_site:
+            hint = did_you_mean(exp.saved, saves) or "saved values: " + (
+                ", ".join(sorted(saves)) or "none"
+            )
+            ctx.fail(
+                "unknown-saved", f"no saved value named '{exp.saved}'", path + ("saved",), hint
+            )

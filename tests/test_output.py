@@ -1,0 +1,128 @@
+"""Run folders (--out) are written atomically: never partial, never mixed with another run,
+never replacing another spec's run without --force or files that are not a run; problems with
+the folder are found before the run starts (exit 2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import specsight
+from specsight.cli import main
+from specsight.errors import OutputError
+from specsight.results import MANIFEST_FILE, RESULTS_FILE, Results
+from tests.conftest import ioi_spec, tiny
+
+SPEC = ioi_spec(name="folder-a", sweep={"layer": "all", "pos": [9, 13]})
+OTHER = ioi_spec(name="folder-b", sweep={"layer": "all", "pos": [0, 9]})
+
+
+def _write(tmp_path: Path, spec: dict, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_a_rerun_replaces_the_folder_whole(tmp_path):
+    out = tmp_path / "run"
+    specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
+    first = (out / MANIFEST_FILE).read_text()
+    (out / "stale.png").write_bytes(b"a heatmap of an older run")
+    specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
+    assert not (out / "stale.png").exists()  # the folder was replaced, not written into
+    assert (out / MANIFEST_FILE).read_text() != first  # a new manifest (timings, created)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILE, RESULTS_FILE, "ld.png"])
+    assert _leftovers(tmp_path) == []
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_another_specs_run_is_kept_unless_forced(tmp_path):
+    out = tmp_path / "run"
+    specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
+    before = (out / RESULTS_FILE).read_bytes()
+    with pytest.raises(OutputError, match="holds a run of another spec \\('folder-a'\\)") as err:
+        specsight.run(OTHER, model=tiny("tiny-llama"), out=out)
+    assert "--force" in str(err.value)
+    assert (out / RESULTS_FILE).read_bytes() == before
+    specsight.run(OTHER, model=tiny("tiny-llama"), out=out, force=True)
+    assert Results.load(out).manifest["spec"]["name"] == "folder-b"
+
+
+def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(OutputError, match="holds files but no run"):
+            specsight.run(SPEC, model=tiny("tiny-llama"), out=out, force=force)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_interrupted_write_leaves_the_previous_run_intact(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("specsight.results.results.write_heatmaps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_leaves_no_partial_folder(tmp_path, monkeypatch):
+    out = tmp_path / "new"
+
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("specsight.results.results.save_file", full)
+    with pytest.raises(OutputError, match="No space left on device"):
+        specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_folder_problems_are_found_before_running(tmp_path, monkeypatch):
+    """An output that cannot be written fails in milliseconds with exit 2, not after the run
+    as an internal error."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    spec = _write(tmp_path, SPEC, "s.yaml")
+
+    def no_run(*_args, **_kwargs):  # the run must not start
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("specsight.models.load.load_model_ref", no_run)
+    runner = CliRunner()
+    for out, message in (
+        (blocker / "run", "is a file, not a folder"),
+        (blocker, "is a file"),
+    ):
+        result = runner.invoke(main, ["run", str(spec), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_parent_is_refused_before_running(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            specsight.run(SPEC, model=tiny("tiny-llama"), out=locked / "run")
+    finally:
+        locked.chmod(0o755)
