@@ -68,6 +68,10 @@ class Context(SpecContext):
     save_keys: dict[str, list[str]] = field(default_factory=dict)
     save_npos: dict[str, list[int]] = field(default_factory=dict)
     save_meta: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: save name -> (axes of each row's value, the values along them every row shares)
+    save_layout: dict[str, tuple[tuple[str, ...], dict[str, list[int]]]] = field(
+        default_factory=dict
+    )
 
     def token_id(self, ref: str | int, path: SpecPath) -> int:
         """The vocabulary id of a metric's token (text or id; a class label for classifiers)."""

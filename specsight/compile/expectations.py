@@ -16,7 +16,7 @@ _TOKEN_AXIS_KINDS = ("logits", "logprob", "prob")
 
 def _tensor_axes(metric: PlanMetric | None, save: PlanSave | None) -> tuple[str, ...]:
     if save is not None:
-        return (*save.axes, "position", "hidden")
+        return (*save.axes, *save.value_axes)
     assert metric is not None
     suffix: tuple[str, ...] = ()
     if metric.kind == "logit_lens":
@@ -38,6 +38,8 @@ def _axis_values(
         return list(range(len(ctx.tokens[invoke][0])))
     if metric is not None and axis == "token":
         return list(metric.token_strs)
+    if save is not None and axis in save.value_axis_values:
+        return list(save.value_axis_values[axis])
     return list(ctx.grids[invoke].axis_values().get(axis, [])) or list(
         range(len(ctx.tokens[invoke])) if axis == "prompt" else []
     )

@@ -53,11 +53,19 @@ def plan_saves(ctx: Context) -> list[PlanSave]:
         shape = tuple(grid.shape) + ((len(ctx.tokens[invoke]),) if many else ())
         npos = list(ctx.save_npos[name])
         steps = step_of.get(keys[0])
+        value_axes, values = ctx.save_layout[name]
+        values = dict(values)
         if steps is not None:  # generation: one value per step, stacked after the prompt axis
             keys = [f"{key}@{s}" for key in keys for s in steps]
             npos = [n if s == 0 else 1 for n in npos for s in steps]
             axes, shape = axes + ("step",), shape + (len(steps),)
-        out.append(PlanSave(name, invoke, site, tuple(keys), tuple(npos), axes, shape))
+            if steps != (0,):  # later steps hold the new token, not the prompt's positions
+                values.pop(value_axes[0], None)
+        out.append(
+            PlanSave(
+                name, invoke, site, tuple(keys), tuple(npos), axes, shape, value_axes, values
+            )
+        )
     return out
 
 

@@ -75,17 +75,18 @@ def _window(ctx: Context, op: Any, site: Site, path: SpecPath) -> dict[str, Any]
                 path + ("heads",),
                 "remove 'heads', or use a head site such as 'head_z.5'",
             )
-        return {"cols": None, "head_dim": None, "width": site.width}
+        return {"cols": None, "head_dim": None, "width": site.width, "heads": None}
     if site.io == "pattern":
         _check_pattern(ctx, op, site, path)
     heads = _head_indices(ctx, op.heads, site, path + ("heads",))
-    count = site.heads.n_heads if heads is None else len(heads)
+    chosen = list(range(site.heads.n_heads)) if heads is None else heads
     if site.io == "pattern":
-        return {"cols": head_columns(site, heads), "head_dim": None, "width": None}
+        return {"cols": head_columns(site, heads), "head_dim": None, "width": None, "heads": chosen}
     return {
         "cols": head_columns(site, heads),
         "head_dim": site.heads.d_head,
-        "width": count * site.heads.d_head,
+        "width": len(chosen) * site.heads.d_head,
+        "heads": chosen,
     }
 
 
@@ -144,6 +145,7 @@ def compile_op(
                 ctx.save_keys.setdefault(save_name, []).append(key)
                 ctx.save_npos.setdefault(save_name, []).append(len(positions))
                 ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
+                _value_layout(ctx, save_name, site, window["heads"], positions)
                 ctx.ops.append(RowOp("grad" if op.grad else "save", store=key, **common))
             elif isinstance(op, S.ZeroOp):
                 ctx.ops.append(RowOp("zero", **common))
@@ -153,6 +155,27 @@ def compile_op(
                 _vector_op(ctx, op, site, common, vector_key, path, window["width"])
             elif isinstance(op, S.PatchOp):
                 _patch_op(ctx, invoke, op, site, prompt_index, tokens, common, path)
+
+
+def _value_layout(
+    ctx: Context, save_name: str, site: Site, heads: list[int] | None, positions: list[int]
+) -> None:
+    """The axes of a save's per-row value and the values along them that every row shares
+    (positions differing between rows are left out)."""
+    axes = ("position", "hidden")
+    if site.io == "pattern":
+        axes = ("query", "head", "key")
+    elif heads is not None:
+        axes = ("position", "head", "head_dim")
+    first = ctx.save_layout.get(save_name)
+    values: dict[str, list[int]] = {axes[0]: list(positions)}
+    if heads is not None:
+        values["head"] = list(heads)
+    if first is not None and first[1].get(axes[0]) != values[axes[0]]:
+        values.pop(axes[0])
+    if first is not None and axes[0] not in first[1]:
+        values.pop(axes[0], None)
+    ctx.save_layout[save_name] = (axes, values)
 
 
 def _patch_op(

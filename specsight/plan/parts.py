@@ -118,6 +118,12 @@ class PlanSave:
     n_positions: tuple[int, ...]
     axes: tuple[str, ...] = ()
     shape: tuple[int, ...] = ()
+    #: the axes of each row's value after ``axes``: ("position", "hidden"); head sites
+    #: ("position", "head", "head_dim"); attention patterns ("query", "head", "key")
+    value_axes: tuple[str, ...] = ("position", "hidden")
+    #: the values along value axes that are the same in every row: the selected positions,
+    #: the selected heads
+    value_axis_values: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,11 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
             "kind": "save",
             "invoke": save.invoke,
             "site": save.site,
-            "axes": list(save.axes) + ["position", "hidden"],
-            "axis_values": {a: plan.axis_values.get(save.invoke, {}).get(a) for a in save.axes},
+            "axes": list(save.axes) + list(save.value_axes),
+            "axis_values": {
+                **{a: plan.axis_values.get(save.invoke, {}).get(a) for a in save.axes},
+                **save.value_axis_values,
+            },
             "padded_with_nan": len(set(save.n_positions)) > 1,
             "shape": list(tensor.shape),
             "dtype": str(tensor.dtype).replace("torch.", ""),
