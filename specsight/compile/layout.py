@@ -62,9 +62,7 @@ def plan_saves(ctx: Context) -> list[PlanSave]:
             if steps != (0,):  # later steps hold the new token, not the prompt's positions
                 values.pop(value_axes[0], None)
         out.append(
-            PlanSave(
-                name, invoke, site, tuple(keys), tuple(npos), axes, shape, value_axes, values
-            )
+            PlanSave(name, invoke, site, tuple(keys), tuple(npos), axes, shape, value_axes, values)
         )
     return out
 
