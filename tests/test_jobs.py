@@ -89,7 +89,8 @@ def test_owner_isolation(store: JobStore) -> None:
     [claimed] = store.claim("w")
     assert store.succeed(claimed.id, "w", result=b"x", manifest_json="{}", sha256="h")
     assert store.result(job.id, OTHER) is None
-    assert store.result(job.id, OWNER) == (b"x", "{}", "h")
+    path, manifest, sha = store.result(job.id, OWNER)
+    assert (path.read_bytes(), manifest, sha) == (b"x", "{}", "h")
 
 
 def test_idempotency(store: JobStore) -> None:
@@ -193,11 +194,12 @@ def test_succeed_writes_result_atomically(store: JobStore) -> None:
     assert not store.succeed(job.id, "other", result=b"x", manifest_json="{}", sha256="h")
     data = os.urandom(100_000)
     assert store.succeed(job.id, "w", result=data, manifest_json='{"a": 1}', sha256="abc")
-    assert store.result(job.id, OWNER) == (data, '{"a": 1}', "abc")
+    path, manifest, sha = store.result(job.id, OWNER)
+    assert (path.read_bytes(), manifest, sha) == (data, '{"a": 1}', "abc")
     st = store.status(job.id, OWNER)
     assert st.state == "succeeded" and st.result_sha256 == "abc" and st.finished >= st.started
     assert not store.succeed(job.id, "w", result=b"y", manifest_json="{}", sha256="h2")
-    assert store.result(job.id, OWNER)[0] == data
+    assert store.result(job.id, OWNER)[0].read_bytes() == data
 
 
 def test_succeed_refused_after_cancel(store: JobStore) -> None:
@@ -208,7 +210,8 @@ def test_succeed_refused_after_cancel(store: JobStore) -> None:
     assert not store.succeed(job.id, "w", result=b"x", manifest_json="{}", sha256="h")
     assert store.get(job.id, OWNER).state == "cancelled"
     assert store.result(job.id, OWNER) is None
-    assert store._con().execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
+    assert store._con().execute("SELECT COUNT(*) FROM result_files").fetchone()[0] == 0
+    assert list(store.files.folder.iterdir()) == []  # the file written for it is gone too
 
 
 def test_cancel_queued_running_terminal(store: JobStore) -> None:
@@ -358,3 +361,70 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(RuntimeError, match="closed"):
         submit(store)
+
+
+# --------------------------------------------------------------------------- results on disk
+
+
+def test_results_are_files_deleted_after_the_retention_period(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db", retention_s=3600)
+    try:
+        job = submit(store)
+        store.claim("w")
+        assert store.succeed(job.id, "w", result=b"bytes", manifest_json="{}", sha256="h")
+        path = store.result(job.id, OWNER)[0]
+        assert path.parent == tmp_path / "jobs.db.results" and path.read_bytes() == b"bytes"
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert store.expire_results() == 0  # not yet
+        assert store.expire_results(now=time.time() + 3601) == 1
+        assert store.result(job.id, OWNER) is None and not path.exists()
+        assert store.status(job.id, OWNER).state == "succeeded"  # the job stays
+    finally:
+        store.close()
+
+
+def test_a_crash_between_writing_and_recording_leaves_no_file(store: JobStore) -> None:
+    job = submit(store)
+    store.claim("w")
+    store.files.write(job.id, b"written, never recorded")  # the process died here
+    (store.files.folder / "x.tmp").write_bytes(b"half")  # or here, mid-write
+    assert store.recover()["requeued"] == 1
+    assert list(store.files.folder.iterdir()) == []
+
+
+def test_a_schema_1_store_moves_its_results_into_files(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL,
+            model TEXT NOT NULL, state TEXT NOT NULL, spec_json TEXT NOT NULL, spec_file TEXT,
+            idempotency_key TEXT, result_estimate INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL,
+            finished REAL, progress_done INTEGER NOT NULL DEFAULT 0,
+            progress_total INTEGER NOT NULL DEFAULT 0, error TEXT, result_sha256 TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0, worker TEXT, lease_until REAL);
+        CREATE TABLE results (job_id TEXT PRIMARY KEY REFERENCES jobs (id), data BLOB NOT NULL,
+            manifest TEXT NOT NULL, sha256 TEXT NOT NULL);
+        """
+    )
+    now = time.time()
+    con.execute(
+        "INSERT INTO jobs (id, owner, model, state, spec_json, created, finished)"
+        " VALUES ('job1', ?, 'tiny', 'succeeded', '{}', ?, ?)",
+        (OWNER, now, now),
+    )
+    con.execute("INSERT INTO results VALUES ('job1', ?, '{\"m\": 1}', 'sha')", (b"\x00blob",))
+    con.commit()
+    con.close()
+    store = JobStore(path)
+    try:
+        file, manifest, sha = store.result("job1", OWNER)
+        assert (file.read_bytes(), manifest, sha) == (b"\x00blob", '{"m": 1}', "sha")
+        tables = {r[0] for r in store._con().execute("SELECT name FROM sqlite_master")}
+        assert "results" not in tables and "result_files" in tables
+    finally:
+        store.close()

@@ -438,9 +438,9 @@ def test_cancel_a_running_job(idle, monkeypatch):
     job = submit(idle, spec()).json()["id"]
     real = batching.run_jobs
 
-    def cancel_then_run(jobs, model, *, progress=None):
+    def cancel_then_run(jobs, model, **watch):
         assert idle.delete(f"/v1/jobs/{job}", headers=ALICE).json()["state"] == "running"
-        return real(jobs, model, progress=progress)
+        return real(jobs, model, **watch)
 
     monkeypatch.setattr(batching, "run_jobs", cancel_then_run)
     assert worker_of(idle).run_once() == 1
@@ -462,9 +462,9 @@ def test_queued_jobs_run_batched(idle, model, monkeypatch):
     calls = []
     real = batching.run_jobs
 
-    def counting(jobs, loaded, *, progress=None):
+    def counting(jobs, loaded, **watch):
         calls.append(len(jobs))
-        return real(jobs, loaded, progress=progress)
+        return real(jobs, loaded, **watch)
 
     monkeypatch.setattr(batching, "run_jobs", counting)
     specs = [spec(), spec(0.25), spec(3.0, prompt=CORRUPT + CLEAN)]
@@ -507,9 +507,10 @@ def test_readyz_is_503_while_draining(client):
 def test_drain_requeues_a_batch_that_outlives_the_grace_period(make_app, monkeypatch):
     started = []
 
-    def slow(jobs, model, *, progress=None):
+    def slow(jobs, model, *, progress=None, checkpoint=None):
         started.append(len(jobs))
-        while True:  # a long run: forwards keep reporting progress
+        while True:  # a long run: every forward passes the checkpoint
+            checkpoint()
             progress(0, 10)
             time.sleep(0.01)
 
@@ -529,9 +530,9 @@ def test_drain_requeues_a_batch_that_outlives_the_grace_period(make_app, monkeyp
 def test_drain_lets_the_running_batch_finish(make_app, monkeypatch):
     real = batching.run_jobs
 
-    def slowish(jobs, model, *, progress=None):
+    def slowish(jobs, model, **watch):
         time.sleep(0.3)
-        return real(jobs, model, progress=progress)
+        return real(jobs, model, **watch)
 
     monkeypatch.setattr(batching, "run_jobs", slowish)
     app = make_app(grace_s=30)

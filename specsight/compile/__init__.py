@@ -12,6 +12,7 @@ from .memory import activation_budget, batch_cap, estimate_memory, row_bytes
 from .packing import first_layers, pack_rows
 from .positions import PositionError, resolve_position, resolve_positions
 from .references import check_references
+from .sizes import SpecSizes, spec_sizes
 from .sweep import MAX_CELLS, Grid, GridError, expand_grid
 
 __all__ = [
@@ -34,4 +35,6 @@ __all__ = [
     "resolve_position",
     "resolve_positions",
     "row_bytes",
+    "spec_sizes",
+    "SpecSizes",
 ]

@@ -19,6 +19,8 @@ __all__ = [
     "check_generation",
     "check_generation_length",
     "op_steps",
+    "reaches_new_token",
+    "step_count",
     "generate_forwards",
     "generation_config",
 ]
@@ -26,9 +28,10 @@ __all__ = [
 _NEW_TOKEN = ("all", "last", -1, "-1")
 
 
-def _reaches_new_token(positions: Any) -> bool:
+def reaches_new_token(positions: Any) -> bool:
+    """Whether positions select the new token in every decode step (all, last, -1)."""
     if isinstance(positions, list):
-        return len(positions) == 1 and _reaches_new_token(positions[0])
+        return len(positions) == 1 and reaches_new_token(positions[0])
     return positions in _NEW_TOKEN
 
 
@@ -148,6 +151,18 @@ def _step_list(ctx: Context, selector: Any, n_steps: int, path: SpecPath) -> lis
     return sorted(out)
 
 
+def step_count(selector: Any, n_steps: int) -> int:
+    """How many steps a ``steps:`` selector names (out-of-range steps left out)."""
+    if selector is None or selector == "all":
+        return n_steps
+    if selector == "prompt":
+        return 1
+    if isinstance(selector, str):
+        start, _, stop = selector.partition(":")
+        return len(range(int(start or 0), min(int(stop or n_steps), n_steps)))
+    return len({step for step in selector if 0 <= step < n_steps})
+
+
 def op_steps(ctx: Context, invoke: S.Invoke, op: Any, path: SpecPath) -> tuple[int, ...] | None:
     """The steps an op of ``invoke`` really acts in (None when the invoke does not generate)."""
     if invoke.generate is None:
@@ -164,7 +179,7 @@ def op_steps(ctx: Context, invoke: S.Invoke, op: Any, path: SpecPath) -> tuple[i
                 "use steps: prompt, or remove 'steps'",
             )
         return (0,)
-    if _reaches_new_token(op.positions):
+    if reaches_new_token(op.positions):
         return tuple(steps)
     if 0 not in steps:
         shown = op.steps if isinstance(op.steps, str) else steps

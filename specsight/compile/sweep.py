@@ -14,7 +14,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Grid", "GridError", "expand_grid", "substitute", "placeholders"]
+__all__ = [
+    "Grid",
+    "GridError",
+    "count_cells",
+    "count_values",
+    "expand_grid",
+    "substitute",
+    "placeholders",
+]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -144,6 +152,41 @@ def _axis_values(
         if bound is not None:
             values = [v % bound for v in values]
     return values
+
+
+def count_values(axis: str, values: Any, sizes: dict[str, int | None]) -> int | None:
+    """How many values a sweep axis takes, without listing them (None: expanding the axis
+    says what is wrong with it)."""
+    if isinstance(values, list):
+        return len(values)
+    if not isinstance(values, str):
+        return None
+    if values == "all":
+        return sizes.get(axis)
+    if not _RANGE.match(values.strip()):
+        return None
+    start, stop, *rest = (int(p) if p.strip() else None for p in values.split(":"))
+    step = rest[0] if rest else None
+    if step == 0 or len(rest) > 1:
+        return None
+    size = sizes.get(axis)
+    if size is not None:
+        return len(range(size)[slice(start, stop, step)])
+    if start is None or stop is None:
+        return None
+    try:
+        return len(range(start, stop, step or 1))
+    except OverflowError:  # more than sys.maxsize values
+        return 2**63
+
+
+def count_cells(sweep: dict[str, Any] | None, sizes: dict[str, int | None], zipped: bool) -> int:
+    """The cells of a sweep, counted without listing them (an axis that cannot be counted
+    counts as one value: expanding it reports its problem)."""
+    if not sweep:
+        return 1
+    lengths = [count_values(axis, values, sizes) or 1 for axis, values in sweep.items()]
+    return max(lengths) if zipped else math.prod(lengths)
 
 
 def expand_grid(

@@ -10,6 +10,7 @@ generated ids, timings). Inside: the :class:`~.runner.Runner` applies ops at hoo
 from .device import device_free_bytes
 from .execute import EngineOutput, execute
 from .hooks import HookScope, hidden_of, replace_hidden
+from .widths import module_widths
 
 __all__ = [
     "EngineOutput",
@@ -17,5 +18,6 @@ __all__ = [
     "device_free_bytes",
     "execute",
     "hidden_of",
+    "module_widths",
     "replace_hidden",
 ]

@@ -75,11 +75,16 @@ def execute(
     *,
     pad_id: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> EngineOutput:
-    """Run every forward of ``plan`` on ``model``; hooks never outlive this call."""
+    """Run every forward of ``plan`` on ``model``; hooks never outlive this call.
+
+    ``progress(rows done, rows)`` is called after each forward; ``checkpoint()`` before each
+    forward and each decode step of generation, so that what it raises (a cancelled job, a
+    time limit) stops the run there."""
     device = model_device(model)
     dtype = model_dtype(model)
-    runner = Runner(plan, model, device, pad_id)
+    runner = Runner(plan, model, device, pad_id, checkpoint=checkpoint)
     out = EngineOutput()
     metric_slots = {m.name: {row: i for i, row in enumerate(m.rows)} for m in plan.metrics}
     buffers: dict[str, torch.Tensor] = {}
@@ -106,6 +111,8 @@ def execute(
         for site in plan.hooks():
             scope.add(site[0], site[1], runner.hook(site))
         for forward in plan.forwards:
+            if checkpoint is not None:
+                checkpoint()
             if forward.generate is not None:
                 out.saves.update(run_generation(runner, forward, dtype, out.generated))
                 done += len(forward.rows)

@@ -72,6 +72,8 @@ def run_generation(
     cache: dict[tuple[Any, ...], ActionTables] = {}
 
     def on_call(_mod: Any, args: tuple, kwargs: dict) -> None:
+        if runner.checkpoint is not None:  # every decode step: a cancel need not wait
+            runner.checkpoint()
         step = state["step"]
         state["step"] += 1
         inputs = kwargs.get("input_ids", args[0] if args else None)

@@ -61,8 +61,17 @@ class ActionTables:
 class Runner:
     """A plan's ops on one model: stored values, vectors, and the active action tables."""
 
-    def __init__(self, plan: Plan, model: torch.nn.Module, device: torch.device, pad_id: int):
+    def __init__(
+        self,
+        plan: Plan,
+        model: torch.nn.Module,
+        device: torch.device,
+        pad_id: int,
+        *,
+        checkpoint: Callable[[], None] | None = None,
+    ):
         self.plan = plan
+        self.checkpoint = checkpoint  # called before every forward call of the model
         self.model = model
         self.device = device
         self.pad_id = pad_id

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..compile import compile_plan
+from ..compile import compile_plan, spec_sizes
 from ..errors import Issue, SpecError, SpecsightError
 from ..plan import Plan
 from ..spec import LoadedDoc, Spec, from_data, validate_spec
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LimitError",
     "PreparedJob",
-    "estimate_result_bytes",
     "factory_refusal",
     "prepare_job",
     "refuse_local_only",
@@ -57,30 +56,6 @@ class PreparedJob:
     doc: LoadedDoc
     plan: Plan
     result_bytes: int
-
-
-def estimate_result_bytes(plan: Plan, info: Any) -> int:
-    """Bytes of the tensors a plan returns (metrics and saves), before running it."""
-    total = 0
-    for metric in plan.metrics:
-        cells = 1
-        for n in metric.shape:
-            cells *= n
-        per = {
-            "logits": len(metric.tokens),
-            "logprob": len(metric.tokens),
-            "prob": len(metric.tokens),
-        }
-        width = per.get(metric.kind, 1)
-        if metric.kind == "top_k":
-            width = 2 * (metric.k or 10)
-        if metric.kind == "logit_lens":
-            width = len(metric.sites) * (1 + 2 * (metric.k or 5))
-        total += cells * width * 8
-    for save in plan.saves:
-        width = info.vocab_size if save.site == "logits" else info.d_model
-        total += sum(save.n_positions) * width * 4
-    return total
 
 
 def _served_seed(model: LoadedModel) -> int:
@@ -128,6 +103,36 @@ def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
             )
 
 
+def _refuse_unserved(spec: Spec, doc: LoadedDoc, model: LoadedModel) -> None:
+    """Model fields the server cannot honour, refused rather than ignored: another revision,
+    device or attention implementation than the one it loaded."""
+    ref, given = spec.model, spec.model.model_fields_set
+    served = {
+        "revision": model.revision,
+        "device": model.device,
+        "attn_implementation": model.info.attn_implementation,
+    }
+    asked = {
+        "revision": ref.revision if "revision" in given else None,
+        "device": ref.device if "device" in given and ref.device != "auto" else None,
+        "attn_implementation": ref.attn_implementation if "attn_implementation" in given else None,
+    }
+    for field, wanted in asked.items():
+        have = served[field]
+        if wanted is None or wanted == have or (field == "device" and str(have).startswith(wanted)):
+            continue
+        what = {"revision": "revision", "device": "on", "attn_implementation": "with attention"}
+        runs = f"{what[field]} {have}" if have else f"without a {field}"
+        raise SpecError(
+            doc.source.issue(
+                "model-mismatch",
+                f"this server runs '{model.model_id}' {runs}, not {wanted}",
+                ("model", field),
+                hint=f"remove model.{field}, or run locally",
+            )
+        )
+
+
 def prepare_job(
     spec_data: dict[str, Any], model: LoadedModel, limits: Limits, *, spec_file: str | None = None
 ) -> PreparedJob:
@@ -157,6 +162,7 @@ def prepare_job(
                 hint=f"write dtype: {model.dtype}, or run locally",
             )
         )
+    _refuse_unserved(spec, doc, model)
     if "seed" in given and spec.model.seed != _served_seed(model):
         raise SpecError(
             doc.source.issue(
@@ -176,21 +182,32 @@ def prepare_job(
                     limits.max_vector_values,
                     "send a shorter vector",
                 )
-    plan = compile_plan(
-        spec, model.info, model.tokenizer, doc=doc, allow_files=False, max_cells=limits.max_cells
+    # every size from the spec's dimensions, before compiling materialises anything per row
+    sizes = spec_sizes(
+        spec,
+        model.info,
+        model.tokenizer,
+        module_widths=model.module_widths,
+        max_cells=limits.max_cells,
     )
-    cells = sum(int(info.get("cells", 1)) for info in plan.invoke_info.values())
-    _check("sweep cells", cells, limits.max_cells, "split the sweep into several jobs")
-    _check("batch rows", len(plan.rows), limits.max_rows, "split the spec into several jobs")
-    longest = max(len(row.tokens) for row in plan.rows)
-    _check("prompt tokens", longest, limits.max_prompt_tokens, "shorten the prompts")
-    tokens = sum(len(row.tokens) for row in plan.rows)
-    _check("tokens in all rows", tokens, limits.max_total_tokens, "sweep fewer cells per job")
-    result_bytes = estimate_result_bytes(plan, model.info)
+    _check("sweep cells", sizes.cells, limits.max_cells, "split the sweep into several jobs")
+    _check("batch rows", sizes.rows, limits.max_rows, "split the spec into several jobs")
+    _check("prompt tokens", sizes.longest_prompt, limits.max_prompt_tokens, "shorten the prompts")
+    _check(
+        "tokens in all rows",
+        sizes.total_tokens,
+        limits.max_total_tokens,
+        "sweep fewer cells per job",
+    )
+    _check("new tokens", sizes.max_new_tokens, limits.max_new_tokens, "generate fewer tokens")
+    result_bytes = sizes.result_bytes
     _check(
         "estimated result bytes",
         result_bytes,
         limits.max_result_bytes,
-        "save fewer sites or positions",
+        "save fewer sites, positions or steps",
+    )
+    plan = compile_plan(
+        spec, model.info, model.tokenizer, doc=doc, allow_files=False, max_cells=limits.max_cells
     )
     return PreparedJob(spec, doc, plan, result_bytes)

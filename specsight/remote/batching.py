@@ -140,17 +140,20 @@ def run_jobs(
     model: LoadedModel,
     *,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> list[Results]:
-    """Run jobs for one model; several jobs share forwards (one merged plan)."""
+    """Run jobs for one model; several jobs share forwards (one merged plan). ``progress``
+    and ``checkpoint`` are the engine's (see :func:`specsight.engine.execute`)."""
     if not jobs:
         return []
     if len(jobs) > 1 and any(not _mergeable(job.plan) for job in jobs):
         # generation and backward passes have their own forward loops: run such jobs alone
         mergeable = [job for job in jobs if _mergeable(job.plan)]
         alone = [job for job in jobs if not _mergeable(job.plan)]
-        done = {id(j): r for j, r in zip(mergeable, run_jobs(mergeable, model, progress=progress))}
+        watch = {"progress": progress, "checkpoint": checkpoint}
+        done = {id(j): r for j, r in zip(mergeable, run_jobs(mergeable, model, **watch))}
         for job in alone:
-            done[id(job)] = run_jobs([job], model, progress=progress)[0]
+            done[id(job)] = run_jobs([job], model, **watch)[0]
         return [done[id(job)] for job in jobs]
     started = time.perf_counter()
     plans = [job.plan for job in jobs]
@@ -163,7 +166,13 @@ def run_jobs(
             table = FAMILIES[info.family]["sites"]
             after = {table["final_norm"][0], table["logits"][0]}
         merged = merge_plans(plans, info.n_layers, after)
-    raw = execute(merged, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
+    raw = execute(
+        merged,
+        model.model,
+        pad_id=model.tokenizer.pad_id,
+        progress=progress,
+        checkpoint=checkpoint,
+    )
     shares = [raw] if len(jobs) == 1 else _split(raw, plans)
     results = []
     for job, share in zip(jobs, shares):

@@ -140,60 +140,12 @@ def _model_for(
     return model
 
 
-def _axis_length(axis: str, values: Any, sizes: dict[str, int]) -> int | None:
-    """How many values a sweep axis takes, without listing them (None: let validation say)."""
-    if isinstance(values, list):
-        return len(values)
-    if not isinstance(values, str):
-        return None
-    if values == "all":
-        return sizes.get(axis)
-    start, stop, *rest = (int(p) if p.strip() else None for p in values.split(":"))
-    step = rest[0] if rest else None
-    if step == 0 or len(rest) > 1:
-        return None
-    if axis in sizes:
-        return len(range(sizes[axis])[slice(start, stop, step)])
-    if start is None or stop is None:
-        return None
-    try:
-        return len(range(start, stop, step or 1))
-    except OverflowError:  # more than sys.maxsize values
-        return 2**63
-
-
-def _check_cells(spec: dict[str, Any], model: LoadedModel, limits: Limits) -> None:
-    """Refuse a sweep of more than ``limits.max_cells`` cells before compiling expands it
-    (a range such as ``x: "0:10000000000"`` would otherwise be listed in full)."""
-    total = 0
-    try:
-        for invoke in (spec.get("invokes") or {}).values():
-            sweep = invoke.get("sweep") or {}
-            prompts = invoke.get("prompt")
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-            longest = max((len(model.tokenizer.encode(p)) for p in prompts), default=0)
-            sizes = {"layer": model.info.n_layers, "head": model.info.n_heads, "pos": longest}
-            lengths = [_axis_length(a, v, sizes) for a, v in sweep.items()]
-            if None in lengths:
-                continue
-            cells = 1
-            for n in lengths:
-                cells = max(cells, n) if invoke.get("sweep_mode") == "zip" else cells * n
-            total += cells
-    except (AttributeError, TypeError, ValueError):
-        return  # malformed: validation reports it
-    if total > limits.max_cells:
-        hint = "split the sweep into several jobs"
-        raise admission.LimitError("sweep cells", total, limits.max_cells, hint)
-
-
 def prepare(
     models: dict[str, LoadedModel], req: SubmitRequest, limits: Limits
 ) -> tuple[LoadedModel, admission.PreparedJob]:
     """Model, validation, compilation and limits: 422 (located issues) or 413 (limits)."""
     try:
         model = _model_for(models, req.spec, req.spec_file)
-        _check_cells(req.spec, model, limits)
         return model, admission.prepare_job(req.spec, model, limits, spec_file=req.spec_file)
     except SpecError as exc:
         issues = [i.to_dict() for i in exc.issues]

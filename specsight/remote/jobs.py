@@ -1,4 +1,5 @@
-"""The durable job store of ``specsight serve``: jobs in an embedded SQLite database.
+"""The durable job store of ``specsight serve``: jobs in an embedded SQLite database
+(:mod:`.sqlite_db`), their results in files beside it (:mod:`.result_files`).
 
 The database runs in WAL mode with ``synchronous=FULL``, so a job is on disk once
 :meth:`JobStore.submit` returns (the server answers 202 only after that). A job moves
@@ -7,8 +8,9 @@ running job holds a lease (``lease_until``) that its worker extends with
 :meth:`JobStore.heartbeat`. After a crash,
 :meth:`JobStore.recover` puts every running job back in the queue, or fails it once it has been
 started ``max_attempts`` times; :meth:`JobStore.expire_leases` does the same, while the server
-lives, for jobs whose lease passed. No job vanishes. A job's result (the safetensors bytes, the
-manifest and their sha256) is written in the same transaction that marks it succeeded.
+lives, for jobs whose lease passed. No job vanishes. A job's result file is written and synced
+before the transaction that records it (with the manifest and sha256) and marks the job
+succeeded; results are deleted ``retention_s`` after their job finished.
 
 API keys are never stored: the server passes ``owner``, already a hash of the key. Every
 owner-facing read (:meth:`~JobStore.get`, :meth:`~JobStore.status`, :meth:`~JobStore.result`,
@@ -24,17 +26,17 @@ import math
 import os
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from pathlib import Path
 
 from .protocol import TERMINAL_STATES, ErrorBody, JobStatus
 from .records import JobRecord, QueueFull
+from .result_files import ResultFiles
+from .sqlite_db import SqliteDatabase
 
 __all__ = ["SCHEMA_VERSION", "JobRecord", "JobStore", "QueueFull"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,11 +52,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
-CREATE TABLE IF NOT EXISTS results (
-    job_id TEXT PRIMARY KEY REFERENCES jobs (id), data BLOB NOT NULL, manifest TEXT NOT NULL,
-    sha256 TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS result_files (
+    job_id TEXT PRIMARY KEY REFERENCES jobs (id), manifest TEXT NOT NULL, sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL
 );
 """
+#: retention of results when the store is not told otherwise
+RETENTION_S = 7 * 24 * 3600.0
 _COLS = (
     "id, owner, model, state, spec_json, spec_file, attempts, created, started, finished, "
     "progress_done, progress_total, error, result_sha256, cancel_requested, worker, lease_until, "
@@ -66,71 +70,26 @@ _CRASH_HINT = (
 )
 
 
-class JobStore:
-    """Jobs in a SQLite file; safe to share between threads (one connection per thread)."""
+class JobStore(SqliteDatabase):
+    """Jobs in a SQLite file, results in files beside it; safe to share between threads."""
 
-    def __init__(self, path: str | os.PathLike, *, max_attempts: int = 3, lease_s: float = 30.0):
-        self.path = os.fspath(path)
-        if self.path == ":memory:" or self.path.startswith("file:"):
-            raise ValueError("JobStore needs a file path (each thread opens its own connection)")
+    schema = _SCHEMA
+    schema_version = SCHEMA_VERSION
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        max_attempts: int = 3,
+        lease_s: float = 30.0,
+        results_dir: str | os.PathLike | None = None,
+        retention_s: float = RETENTION_S,
+    ):
         if max_attempts < 1 or lease_s <= 0:
             raise ValueError("max_attempts must be >= 1 and lease_s > 0")
-        self.max_attempts, self.lease_s = max_attempts, lease_s
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        if not os.path.exists(self.path):  # results are private: the -wal/-shm files follow suit
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        con = self._con()
-        if con.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-            raise RuntimeError(f"{self.path}: SQLite refused WAL mode")
-        with self._tx() as c:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    c.execute(stmt)
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            q = "SELECT value FROM meta WHERE key='schema_version'"
-            found = int(c.execute(q).fetchone()[0])
-        if found != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: job store schema {found}, expected {SCHEMA_VERSION}")
-
-    # -- connections and transactions ------------------------------------------------------
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            with self._lock:
-                if self._closed:
-                    raise RuntimeError("the job store is closed")
-                con = sqlite3.connect(
-                    self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-                )
-                con.execute("PRAGMA busy_timeout=30000")
-                con.execute("PRAGMA synchronous=FULL")
-                con.execute("PRAGMA foreign_keys=ON")
-                self._conns.append(con)
-            self._local.con = con
-        return con
-
-    @contextmanager
-    def _tx(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            yield con
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-
-    def _one(self, sql: str, *args: object) -> tuple | None:
-        return self._con().execute(sql, args).fetchone()
-
-    def _update(self, sql: str, *args: object) -> bool:
-        """Run one UPDATE in its own transaction; True when it changed exactly one job."""
-        with self._tx() as con:
-            return con.execute(sql, args).rowcount == 1
+        self.max_attempts, self.lease_s, self.retention_s = max_attempts, lease_s, retention_s
+        self.files = ResultFiles(results_dir or f"{os.fspath(path)}.results")
+        super().__init__(path, {1: lambda con: _migrate_from_1(con, self.files)})
 
     def _record(self, con: sqlite3.Connection, job_id: str, owner: str | None) -> JobRecord | None:
         q = f"SELECT {_COLS} FROM jobs WHERE id=? AND (? IS NULL OR owner=?)"
@@ -155,9 +114,11 @@ class JobStore:
         idempotency_key: str | None,
         result_estimate: int = 0,
         max_queue: int | None = None,
+        max_per_owner: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; durable on return. ``(job, created)``; a repeated
-        ``idempotency_key`` of the same owner returns the existing job with ``created=False``."""
+        ``idempotency_key`` of the same owner returns the existing job with ``created=False``.
+        QueueFull when ``max_queue`` jobs are queued, or ``max_per_owner`` of this owner's."""
         with self._tx() as con:
             if idempotency_key is not None:
                 q = "SELECT id FROM jobs WHERE owner=? AND idempotency_key=?"
@@ -168,6 +129,12 @@ class JobStore:
                 queued = con.execute("SELECT COUNT(*) FROM jobs WHERE state='queued'").fetchone()[0]
                 if queued >= max_queue:
                     raise QueueFull(queued, max_queue, self._retry_after(con))
+            if max_per_owner is not None:
+                q = "SELECT COUNT(*) FROM jobs WHERE state='queued' AND owner=?"
+                mine = con.execute(q, (owner,)).fetchone()[0]
+                if mine >= max_per_owner:
+                    retry = self._retry_after(con)
+                    raise QueueFull(mine, max_per_owner, retry, whose="this key's")
             job_id = secrets.token_urlsafe(12)
             row = (job_id, owner, model, spec_json, spec_file, idempotency_key, result_estimate)
             con.execute(
@@ -196,15 +163,32 @@ class JobStore:
             rec = self._record(con, job_id, owner)
             return self._status(con, rec) if rec else None
 
-    def result(self, job_id: str, owner: str) -> tuple[bytes, str, str] | None:
-        """``(safetensors bytes, manifest json, sha256)`` of a succeeded job of ``owner``."""
+    def result(self, job_id: str, owner: str) -> tuple[Path, str, str] | None:
+        """``(results.safetensors file, manifest json, sha256)`` of a succeeded job of
+        ``owner`` whose result is still kept."""
         row = self._one(
-            "SELECT r.data, r.manifest, r.sha256 FROM results r JOIN jobs j ON j.id = r.job_id"
+            "SELECT r.manifest, r.sha256 FROM result_files r JOIN jobs j ON j.id = r.job_id"
             " WHERE r.job_id=? AND j.owner=? AND j.state='succeeded'",
             job_id,
             owner,
         )
-        return None if row is None else (bytes(row[0]), row[1], row[2])
+        return None if row is None else (self.files.path(job_id), row[0], row[1])
+
+    def expire_results(self, now: float | None = None) -> int:
+        """Delete the results of jobs finished more than ``retention_s`` ago; the count (their
+        jobs stay, succeeded, with the result gone)."""
+        before = (time.time() if now is None else now) - self.retention_s
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT r.job_id FROM result_files r JOIN jobs j ON j.id = r.job_id"
+                " WHERE j.finished < ?",
+                (before,),
+            ).fetchall()
+            for (job_id,) in rows:
+                con.execute("DELETE FROM result_files WHERE job_id=?", (job_id,))
+        for (job_id,) in rows:
+            self.files.delete(job_id)
+        return len(rows)
 
     def queued_count(self) -> int:
         return self._one("SELECT COUNT(*) FROM jobs WHERE state='queued'")[0]  # type: ignore[index]
@@ -218,16 +202,31 @@ class JobStore:
     # -- the worker side ---------------------------------------------------------------------
     def claim(self, worker: str, *, model: str | None = None, limit: int = 1) -> list[JobRecord]:
         """Move up to ``limit`` oldest queued jobs (all of one model: ``model``, or the oldest
-        job's) to running under ``worker`` with a fresh lease; ``attempts`` += 1."""
+        job's) to running under ``worker`` with a fresh lease; ``attempts`` += 1.
+
+        A job run before (its batch crashed, or its lease ran out) runs alone: the job that
+        crashed a batch then crashes only itself, and the others succeed."""
         with self._tx() as con:
-            if model is None:
-                q = "SELECT model FROM jobs WHERE state='queued' ORDER BY seq LIMIT 1"
-                row = con.execute(q).fetchone()
-                if row is None:
-                    return []
-                model = row[0]
-            q = "SELECT id FROM jobs WHERE state='queued' AND model=? ORDER BY seq LIMIT ?"
-            ids = [r[0] for r in con.execute(q, (model, max(0, limit)))]
+            where, args = (
+                ("state='queued'", ())
+                if model is None
+                else (
+                    "state='queued' AND model=?",
+                    (model,),
+                )
+            )
+            q = f"SELECT id, model, attempts FROM jobs WHERE {where} ORDER BY seq LIMIT 1"
+            first = con.execute(q, args).fetchone()
+            if first is None:
+                return []
+            if first[2] > 0:
+                ids = [first[0]]
+            else:
+                q = (
+                    "SELECT id FROM jobs WHERE state='queued' AND model=? AND attempts=0"
+                    " ORDER BY seq LIMIT ?"
+                )
+                ids = [r[0] for r in con.execute(q, (first[1], max(0, limit)))]
             now = time.time()
             for job_id in ids:
                 con.execute(
@@ -269,24 +268,30 @@ class JobStore:
     def succeed(
         self, job_id: str, worker: str, *, result: bytes, manifest_json: str, sha256: str
     ) -> bool:
-        """Store the result and mark the job succeeded, in one transaction. False (nothing
-        written) when the job no longer runs under ``worker``; a job whose cancel was requested
-        becomes cancelled instead (also False)."""
+        """Write the result file, then record it and mark the job succeeded in one
+        transaction. False (nothing kept) when the job no longer runs under ``worker``; a job
+        whose cancel was requested becomes cancelled instead (also False)."""
+        running = "SELECT 1 FROM jobs WHERE id=? AND worker=? AND state='running'"
+        written = self._one(running, job_id, worker) is not None
+        if written:
+            self.files.write(job_id, result)
+        done = False
         with self._tx() as con:
-            if self._finish_cancelled(con, job_id, worker):
-                return False
-            cur = con.execute(
-                "UPDATE jobs SET state='succeeded', finished=?, result_sha256=?, worker=NULL,"
-                " lease_until=NULL WHERE id=? AND worker=? AND state='running'",
-                (time.time(), sha256, job_id, worker),
-            )
-            if cur.rowcount != 1:
-                return False
-            con.execute(
-                "INSERT OR REPLACE INTO results (job_id, data, manifest, sha256) VALUES (?,?,?,?)",
-                (job_id, sqlite3.Binary(result), manifest_json, sha256),
-            )
-            return True
+            if not self._finish_cancelled(con, job_id, worker):
+                cur = con.execute(
+                    "UPDATE jobs SET state='succeeded', finished=?, result_sha256=?, worker=NULL,"
+                    " lease_until=NULL WHERE id=? AND worker=? AND state='running'",
+                    (time.time(), sha256, job_id, worker),
+                )
+                done = cur.rowcount == 1
+            if done:
+                con.execute(
+                    "INSERT OR REPLACE INTO result_files VALUES (?, ?, ?, ?)",
+                    (job_id, manifest_json, sha256, len(result)),
+                )
+        if written and not done:
+            self.files.delete(job_id)
+        return done
 
     def fail(self, job_id: str, worker: str | None, error: ErrorBody) -> bool:
         """Mark the job failed with ``error``. With ``worker``: only while it runs under that
@@ -335,8 +340,12 @@ class JobStore:
     # -- crash recovery ------------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
         """At server start: every running job is orphaned. Re-queue it (attempts kept) while
-        ``attempts < max_attempts``, else fail it (``crashed``); a pending cancel -> cancelled."""
-        return self._reclaim(None, "the server stopped {n} times while running this job")
+        ``attempts < max_attempts``, else fail it (``crashed``); a pending cancel -> cancelled.
+        Result files the store does not name (a crash between writing and recording) go."""
+        counts = self._reclaim(None, "the server stopped {n} times while running this job")
+        kept = {row[0] for row in self._con().execute("SELECT job_id FROM result_files")}
+        self.files.remove_others(kept)
+        return counts
 
     def expire_leases(self) -> dict[str, int]:
         """As :meth:`recover`, for running jobs whose lease passed (a stuck or lost worker)."""
@@ -369,18 +378,17 @@ class JobStore:
                 out["requeued" if state == "queued" else state] += 1
         return out
 
-    def close(self) -> None:
-        """Close every thread's connection; the store is unusable afterwards."""
-        with self._lock:
-            self._closed = True
-            conns, self._conns = self._conns, []
-        for con in conns:
-            with suppress(sqlite3.Error):
-                con.close()
-        self._local = threading.local()
 
-    def __enter__(self) -> JobStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _migrate_from_1(con: sqlite3.Connection, files: ResultFiles) -> None:
+    """Schema 1 kept results as blobs in the database: move them into files."""
+    rows = con.execute("SELECT job_id, data, manifest, sha256 FROM results").fetchall()
+    con.execute(
+        "CREATE TABLE result_files (job_id TEXT PRIMARY KEY REFERENCES jobs (id),"
+        " manifest TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL)"
+    )
+    for job_id, data, manifest, sha256 in rows:
+        files.write(job_id, bytes(data))
+        con.execute(
+            "INSERT INTO result_files VALUES (?, ?, ?, ?)", (job_id, manifest, sha256, len(data))
+        )
+    con.execute("DROP TABLE results")

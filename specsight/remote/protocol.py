@@ -105,6 +105,10 @@ class Limits(_Wire):
     max_result_bytes: int = 512_000_000
     max_vector_values: int = 65_536
     max_queue: int = 64
+    #: one key's queued jobs at most: the others keep room in the queue
+    max_queue_per_key: int = 16
+    #: a job (or a batch of jobs) running longer than this fails, or runs again alone
+    max_job_seconds: float = 600.0
 
 
 class ModelEntry(_Wire):

@@ -11,11 +11,11 @@ __all__ = ["JobRecord", "QueueFull"]
 
 
 class QueueFull(Exception):
-    """The queue holds ``max_queue`` jobs already (HTTP 429 with ``Retry-After: retry_after``)."""
+    """The queue, or one key's share of it, is full (HTTP 429 with ``Retry-After``)."""
 
-    def __init__(self, queued: int, limit: int, retry_after: int):
+    def __init__(self, queued: int, limit: int, retry_after: int, *, whose: str = "the"):
         self.queued, self.limit, self.retry_after = queued, limit, retry_after
-        super().__init__(f"the job queue is full ({queued} queued, limit {limit})")
+        super().__init__(f"{whose} job queue is full ({queued} queued, limit {limit})")
 
 
 @dataclass(frozen=True)

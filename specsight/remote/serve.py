@@ -14,11 +14,12 @@ from typing import Any
 from ..errors import ModelLoadError
 from ..models.load import LoadedModel, load_model
 from .auth import KeyRing
+from .connections import GuardedH11, connection_limit, install_log_limits
 from .jobs import JobStore
 from .protocol import Limits
 from .server import ServerState, create_app
 
-__all__ = ["serve"]
+__all__ = ["serve", "server_config"]
 
 log = logging.getLogger("specsight.serve")
 
@@ -41,7 +42,6 @@ def serve(
     """Load the models once, recover the job store, serve until SIGTERM/SIGINT, then drain.
 
     Keys come from ``keys`` or ``keys_file``; there is no default (see ``KeyRing.allow_all``)."""
-    import uvicorn
 
     if keys is None:
         if keys_file is None:
@@ -67,10 +67,38 @@ def serve(
         app = create_app(
             models, store=store, keys=keys, limits=limits, batch_jobs=batch_jobs, grace_s=grace_s
         )
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+        config = server_config(app, host=host, port=port, log_level=log_level)
         _draining_server(config, app.state.server, on_stopped=store.close).run()
     finally:
         store.close()
+
+
+def server_config(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    header_timeout_s: float | None = None,
+) -> Any:
+    """uvicorn's configuration for the API: request headers within a time limit, connections
+    below the open-file limit, repeated log lines bounded."""
+    import uvicorn
+
+    install_log_limits("asyncio", "uvicorn.error", "specsight.serve")
+    http = GuardedH11
+    if header_timeout_s is not None:
+        http = type("GuardedH11", (GuardedH11,), {"header_timeout_s": header_timeout_s})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        http=http,
+        limit_concurrency=connection_limit(),
+        timeout_keep_alive=5,
+    )
 
 
 def _draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any:

@@ -17,13 +17,16 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
+from ..engine import module_widths
 from ..sites import canonical_names
 from ..spec import METRIC_KINDS, OP_NAMES, SPEC_VERSION
 from ..version import __version__
@@ -66,6 +69,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 _JSON_SCHEMA = {"type": "object", "additionalProperties": True}
+_INTAKE_WAITING = 32  # submits waiting for an intake thread before new ones get 503
 
 
 @dataclass
@@ -80,6 +84,9 @@ class ServerState:
     start_worker: bool
     grace_s: float
     draining: threading.Event = field(default_factory=threading.Event)
+    #: threads that check and compile submitted specs: their own, not the event loop's
+    #: shared pool, so a burst of submits never starves status polls and downloads
+    intake: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2))
 
     def begin_drain(self) -> None:
         """Answer 503 on /readyz and refuse new jobs from now on."""
@@ -130,6 +137,9 @@ def create_app(
     if not models:
         raise ValueError("create_app needs at least one model")
     limits = limits or Limits()
+    for loaded in models.values():  # result sizes of raw module paths need their widths
+        if loaded.module_widths is None:
+            loaded.module_widths = module_widths(loaded.model, pad_id=loaded.tokenizer.pad_id)
     worker = Worker(models, store, limits, batch_jobs=batch_jobs, idle_s=idle_s)
     state = ServerState(dict(models), store, keys, limits, worker, start_worker, grace_s)
 
@@ -221,7 +231,16 @@ def _api_router() -> APIRouter:
                 hint="submit again shortly",
                 headers={"Retry-After": "5"},
             )
-        model, job = await run_in_threadpool(prepare, state.models, req, state.limits)
+        if state.intake.statistics().tasks_waiting >= _INTAKE_WAITING:
+            raise ApiError(
+                503,
+                "busy",
+                "the server is checking many submitted specs; submit again shortly",
+                headers={"Retry-After": "2"},
+            )
+        model, job = await anyio.to_thread.run_sync(
+            prepare, state.models, req, state.limits, limiter=state.intake
+        )
         spec_json = json.dumps(req.spec, ensure_ascii=False)  # key order kept: it orders the plan
         try:
             record, created = await run_in_threadpool(
@@ -233,6 +252,7 @@ def _api_router() -> APIRouter:
                     idempotency_key=idempotency_key,
                     result_estimate=job.result_bytes,
                     max_queue=state.limits.max_queue,
+                    max_per_owner=state.limits.max_queue_per_key,
                 )
             )
         except QueueFull as exc:
@@ -262,10 +282,19 @@ def _api_router() -> APIRouter:
     def get_job(request: Request, job_id: str, owner: str = Depends(require_owner)) -> Any:
         return status_of(request, job_id, owner)
 
-    def finished_result(request: Request, job_id: str, owner: str) -> tuple[bytes, str, str]:
-        found = _state(request).store.result(job_id, owner)
+    def finished_result(request: Request, job_id: str, owner: str) -> tuple[Path, str, str]:
+        store = _state(request).store
+        found = store.result(job_id, owner)
         if found is None:
             state = status_of(request, job_id, owner).state  # 404 when unknown
+            if state == "succeeded":
+                days = store.retention_s / 86400
+                raise ApiError(
+                    410,
+                    "result-deleted",
+                    f"the result of job '{job_id}' was deleted {days:g} days after the job ended",
+                    hint="run the spec again",
+                )
             raise ApiError(
                 409,
                 "not-ready",
@@ -274,7 +303,10 @@ def _api_router() -> APIRouter:
             )
         return found
 
-    not_ready = {409: {"model": ErrorBody, "description": "the job has not succeeded"}}
+    not_ready = {
+        409: {"model": ErrorBody, "description": "the job has not succeeded"},
+        410: {"model": ErrorBody, "description": "the result was deleted (retention period)"},
+    }
 
     @router.get(
         "/jobs/{job_id}/result",
@@ -291,9 +323,10 @@ def _api_router() -> APIRouter:
         },
     )
     def get_result(request: Request, job_id: str, owner: str = Depends(require_owner)) -> Any:
-        data, _, digest = finished_result(request, job_id, owner)
-        return Response(
-            data, media_type="application/octet-stream", headers={SHA256_HEADER: digest}
+        path, _, digest = finished_result(request, job_id, owner)
+        # streamed from disk: a download does not hold the result in memory
+        return FileResponse(
+            path, media_type="application/octet-stream", headers={SHA256_HEADER: digest}
         )
 
     @router.get(

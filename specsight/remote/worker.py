@@ -3,7 +3,7 @@
 Queued jobs of the same model are claimed together and run through
 :func:`~specsight.remote.batching.run_jobs` in shared forwards. A job that fails is failed alone:
 when a batch fails as a whole, its jobs are run again one by one. A cancelled job stops at the
-next forward; a draining server stops claiming, lets the running batch finish within a grace
+next forward or decode step, and so does a job past its time limit; a draining server stops claiming, lets the running batch finish within a grace
 period and otherwise gives its jobs back to the queue.
 """
 
@@ -142,6 +142,7 @@ class Worker:
                 if time.monotonic() >= next_expiry:
                     next_expiry = time.monotonic() + self.expire_every_s
                     self.store.expire_leases()
+                    self.store.expire_results()
                 ran = self.run_once()
             except Exception:  # the store or a bug: keep serving, but say so
                 log.exception("worker error")
@@ -226,24 +227,39 @@ class Worker:
     ) -> list[Results]:
         ids = [rec.id for rec, _ in group]
         rows = [len(job.plan.rows) for _, job in group]
-        last_write = [0.0]
+        limit = self.limits.max_job_seconds
+        deadline = time.monotonic() + limit
+        last = {"write": 0.0, "check": 0.0}
 
         def progress(done: int, total: int) -> None:
-            if self._abort.is_set():
-                raise _Aborted()
             now = time.monotonic()
-            if done >= total or now - last_write[0] >= _WRITE_EVERY_S:
-                last_write[0] = now
+            if done >= total or now - last["write"] >= _WRITE_EVERY_S:
+                last["write"] = now
                 for job_id, n in zip(ids, rows):
                     share = n if done >= total else min(n, round(done / max(total, 1) * n))
                     self.store.progress(job_id, share, n)
+
+        def checkpoint() -> None:
+            """Before every forward and decode step: shutdown, time limit, cancel, lease."""
+            if self._abort.is_set():
+                raise _Aborted()
+            now = time.monotonic()
+            if now > deadline:
+                hint = "sweep fewer cells or generate fewer tokens per job"
+                raise admission.LimitError(
+                    "run time (s)", int(now - deadline + limit), int(limit), hint
+                )
+            if now - last["check"] >= _WRITE_EVERY_S:
+                last["check"] = now
+                for job_id in ids:
                     self.store.heartbeat(job_id, self.id)
-            if any(self.store.cancel_requested(job_id) for job_id in ids):
-                raise _Cancelled()
+                if any(self.store.cancel_requested(job_id) for job_id in ids):
+                    raise _Cancelled()
 
         started = time.perf_counter()
         try:
-            results = batching.run_jobs([job for _, job in group], model, progress=progress)
+            jobs = [job for _, job in group]
+            results = batching.run_jobs(jobs, model, progress=progress, checkpoint=checkpoint)
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc):
                 _empty_cache()

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..errors import Issue, SpecError, did_you_mean
+from ..errors import MAX_ISSUES, Issue, SpecError, did_you_mean
 from .base import SPEC_VERSION
 from .document import Spec
 from .issues import data_path, describe_value, issue_for
@@ -52,38 +52,50 @@ def validate_spec(doc: LoadedDoc) -> Spec:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
 
+    raise SpecError(_issues(errors, data, doc)) from None
+
+
+def _issues(errors: list[dict[str, Any]], data: Any, doc: LoadedDoc) -> list[Issue]:
+    """The located issues standing for pydantic's errors, at most MAX_ISSUES (then one that
+    counts the rest), in time linear in the number of errors."""
     # Where no branch of a union fits, keep the branches that got furthest into the data (for
     # a list of prompts holding one number: the list branch's error about that item, not the
     # string branch's error about the whole list); among those, the ones with the fewest
     # errors, a typo'd key and the key it stands for counting as one.
     found: list[tuple[dict[str, Any], tuple[Any, ...]]] = []
     members: dict[tuple[Any, ...], dict[Any, list[int]]] = {}  # union point -> branch -> errors
+    missing_in: dict[tuple[Any, ...], list[int]] = {}  # mapping (as a loc) -> missing keys
     for index, err in enumerate(errors):
         loc = tuple(err["loc"])
         dropped: list[tuple[int, Any]] = []
         path = data_path(loc, data, dropped)
         found.append((err, path))
+        if err["type"] == "missing":
+            missing_in.setdefault(loc[:-1], []).append(index)
         for i, part in dropped:
             if part != "[key]" and not (err["type"] == "missing" and i == len(loc) - 1):
                 members.setdefault(loc[:i], {}).setdefault(part, []).append(index)
 
-    def is_typo(extra: int, missing: int) -> bool:
-        """Whether error ``extra`` is an unknown key standing for the key ``missing`` lacks."""
-        (e, e_path), (m, _) = found[extra], found[missing]
-        return (
-            e["type"] == "extra_forbidden"
-            and m["type"] == "missing"
-            and tuple(e["loc"][:-1]) == tuple(m["loc"][:-1])
-            and did_you_mean(str(e_path[-1]), [str(m["loc"][-1])]) is not None
-        )
+    def typo_of(extra: int, among: set[int] | None = None) -> int | None:
+        """The missing-key error (among ``among``) that unknown key ``extra`` stands for."""
+        e, e_path = found[extra]
+        if e["type"] != "extra_forbidden":
+            return None
+        for missing in missing_in.get(tuple(e["loc"][:-1]), ()):
+            if among is not None and missing not in among:
+                continue
+            wanted = str(found[missing][0]["loc"][-1])
+            if did_you_mean(str(e_path[-1]), [wanted]) is not None:
+                return missing
+        return None
 
     def depth(index: int) -> int:
         err, path = found[index]
         return len(path) + (err["type"] == "missing")  # a missing key lies inside its mapping
 
     def cost(indices: list[int]) -> int:
-        typos = sum(any(is_typo(i, j) for j in indices) for i in indices)
-        return len(indices) - typos
+        among = set(indices)
+        return len(indices) - sum(typo_of(i, among) is not None for i in indices)
 
     dropped_errors: set[int] = set()
     exclusive: dict[tuple[Any, ...], list[int]] = {}  # mapping path -> keys of rival branches
@@ -92,8 +104,8 @@ def validate_spec(doc: LoadedDoc) -> Spec:
             continue
         deepest = {tag: max(depth(i) for i in indices) for tag, indices in branches.items()}
         finalists = [tag for tag in branches if deepest[tag] == max(deepest.values())]
-        fewest = min(cost(branches[tag]) for tag in finalists)
-        winners = [tag for tag in finalists if cost(branches[tag]) == fewest]
+        costs = {tag: cost(branches[tag]) for tag in finalists}
+        winners = [tag for tag in finalists if costs[tag] == min(costs.values())]
         for tag, indices in branches.items():
             if tag not in winners:
                 dropped_errors.update(indices)
@@ -102,18 +114,19 @@ def validate_spec(doc: LoadedDoc) -> Spec:
             # e.g. {file: ..., saved: ...}: each branch of the union refuses the other's key
             exclusive.setdefault(found[rest[0]][1][:-1], []).extend(rest)
             dropped_errors.update(rest)
-    kept = [found[i] for i in range(len(found)) if i not in dropped_errors]
 
     # A typo'd key also leaves the key it stands for missing: report the typo only.
     meant: dict[tuple[Any, ...], str] = {}
-    for i in range(len(found)):
-        for j in range(len(found)):
-            if i not in dropped_errors and j not in dropped_errors and is_typo(i, j):
-                meant.setdefault(found[i][1], str(found[j][0]["loc"][-1]))
+    live = set(range(len(found))) - dropped_errors
+    for i in sorted(live):
+        j = typo_of(i, live)
+        if j is not None:
+            meant.setdefault(found[i][1], str(found[j][0]["loc"][-1]))
     covered = {(path[:-1], wanted) for path, wanted in meant.items()}
 
     grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for err, path in kept:
+    for index in sorted(live):
+        err, path = found[index]
         kind = err["type"]
         if kind == "missing" and (path, str(err["loc"][-1])) in covered:
             continue
@@ -121,25 +134,33 @@ def validate_spec(doc: LoadedDoc) -> Spec:
         grouped.setdefault(
             (path, alone, kind if kind in ("missing", "extra_forbidden") else ""), []
         ).append(err)
-    issues: list[Issue] = []
+    issues: dict[Issue, None] = {}
     for path, indices in exclusive.items():
         keys = sorted({str(found[i][1][-1]) for i in indices})
         message = "give either " + " or ".join(f"'{k}'" for k in keys) + ", not both"
         if len(keys) > 2:
             message = "give only one of " + ", ".join(f"'{k}'" for k in keys)
         line, col = doc.source.locate(path, key=True)
-        issues.append(Issue("bad-value", message, path, doc.file, line, col))
-    for (path, _, _), errs in grouped.items():
-        issue, at_key = issue_for(errs, path, data)
+        issues[Issue("bad-value", message, path, doc.file, line, col)] = None
+    # put only the first groups into words: a spec with thousands of problems gets MAX_ISSUES
+    order = sorted(
+        grouped, key=lambda key: tuple(v or 0 for v in doc.source.locate(key[0], key=True))
+    )
+    for key in order:
+        if len(issues) >= MAX_ISSUES:
+            break
+        issue, at_key = issue_for(grouped[key], key[0], data)
         if issue.code == "unknown-key" and issue.path in meant:
             hint = f"did you mean '{meant[issue.path]}'?"
             issue = Issue(issue.code, issue.message, issue.path, hint=hint)
         line, col = doc.source.locate(issue.path, key=at_key)
-        issue = issue.located(doc.file, line, col)
-        if issue not in issues:
-            issues.append(issue)
-    issues.sort(key=lambda i: (i.line or 0, i.col or 0))
-    raise SpecError(issues) from None
+        issues[issue.located(doc.file, line, col)] = None
+    shown = sorted(issues, key=lambda i: (i.line or 0, i.col or 0))
+    more = len(exclusive) + len(grouped) - len(shown)
+    if more > 0:
+        message = f"and {more} more problems like these, not listed"
+        shown.append(Issue("more-issues", message, (), doc.file, hint="fix these first"))
+    return shown
 
 
 #: id(spec) -> (a weak reference to the spec, its document); an entry goes when its spec does,

@@ -53,6 +53,9 @@ class LoadedModel:
     weights_sha256: str
     device: str
     dtype: str
+    #: ``{(module, io): width}`` measured on the model, for sizing results before running
+    #: (filled in by a server; see :func:`specsight.engine.module_widths`)
+    module_widths: dict[tuple[str, str], int] | None = None
 
 
 def resolve_device(device: str) -> str:

@@ -1,0 +1,216 @@
+"""What a spec asks of a model, computed from the spec before compiling it (torch-free): sweep
+cells, batch rows, prompt tokens, new tokens, and the exact bytes of every result tensor.
+
+A server checks these against its limits before any work proportional to them (compiling
+materialises every row, op and per-step store key). The sizes follow the engine's shapes: a
+saved value is stacked over the sweep, prompt and step axes and padded to the longest row
+(float32); metrics and token ids have their own widths; generation adds the new ids (int64).
+Raw module paths take their widths from ``module_widths`` (measured on the real model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import spec as S
+from ..models import ModelInfo, Tokenizer
+from ..sites import Site, SiteError, resolve_site
+from .context import default_save_name, plain
+from .generation import reaches_new_token, step_count
+from .positions import PositionError, resolve_positions
+from .sweep import MAX_CELLS, Grid, GridError, count_cells, expand_grid, substitute
+
+__all__ = ["SpecSizes", "spec_sizes"]
+
+_FLOAT, _INT = 4, 8
+_TOKEN_KINDS = ("logits", "logprob", "prob")
+
+
+@dataclass
+class SpecSizes:
+    """The sizes of a spec's run; ``tensors`` maps each result tensor's name to its bytes."""
+
+    cells: int = 0
+    rows: int = 0
+    longest_prompt: int = 0
+    total_tokens: int = 0
+    max_new_tokens: int = 0
+    tensors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def result_bytes(self) -> int:
+        return sum(self.tensors.values())
+
+
+@dataclass
+class _Invoke:
+    tokens: list[list[int]]
+    grid: Grid
+    lead: tuple[int, ...]  # result axes before a value's own: sweep cells, then prompts
+    cells: list[dict[str, Any]]
+
+
+def spec_sizes(
+    spec: S.Spec,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    *,
+    module_widths: dict[tuple[str, str], int] | None = None,
+    max_cells: int = MAX_CELLS,
+) -> SpecSizes:
+    """The sizes of ``spec`` on this model (text inputs). Problems compiling would report
+    (an unknown site, a bad position) are skipped here: they add nothing. Over ``max_cells``
+    cells only the counts are filled in (nothing is expanded)."""
+    sizes = SpecSizes()
+    tokens = {
+        name: [tokenizer.encode(p) for p in inv.prompts] for name, inv in spec.invokes.items()
+    }
+    for name, invoke in spec.invokes.items():  # counted first: a sweep is expanded only within
+        longest = max(map(len, tokens[name]), default=0)  # the limit on cells
+        axes = {"layer": info.n_layers, "head": info.n_heads, "pos": longest}
+        cells = count_cells(invoke.sweep, axes, invoke.sweep_mode == "zip")
+        sizes.cells += cells
+        sizes.rows += cells * len(tokens[name])
+        sizes.longest_prompt = max(sizes.longest_prompt, longest)
+        sizes.total_tokens += cells * sum(map(len, tokens[name]))
+        if invoke.generate is not None:
+            new = invoke.generate.max_new_tokens
+            sizes.max_new_tokens = max(sizes.max_new_tokens, new)
+            sizes.tensors[f"{name}/generated_ids"] = len(tokens[name]) * new * _INT
+    if sizes.cells > max_cells:
+        return sizes
+    invokes: dict[str, _Invoke] = {}
+    for name, invoke in spec.invokes.items():
+        lengths = {len(t) for t in tokens[name]}
+        try:
+            grid = expand_grid(
+                invoke.sweep,
+                info.n_layers,
+                lengths.pop() if len(lengths) == 1 else None,
+                n_heads=info.n_heads,
+                zipped=invoke.sweep_mode == "zip",
+                max_cells=max_cells,
+            )
+        except GridError:
+            grid = Grid((), ())
+        cells = grid.cells() if grid.axes else [{}]
+        lead = tuple(grid.shape) + ((len(tokens[name]),) if invoke.many_inputs else ())
+        invokes[name] = _Invoke(tokens[name], grid, lead, cells)
+        for op in invoke.ops:
+            if isinstance(op, S.SaveOp):
+                widths = module_widths or {}
+                _save_sizes(sizes, info, tokenizer, name, invoke, invokes[name], op, widths)
+    for name, metric in spec.metrics.items():
+        _metric_sizes(sizes, spec, info, invokes, name, metric)
+    return sizes
+
+
+def _sites(text: str, info: ModelInfo, cache: dict[str, list[Site]]) -> list[Site]:
+    if text not in cache:
+        try:
+            cache[text] = resolve_site(text, info)
+        except SiteError:
+            cache[text] = []
+    return cache[text]
+
+
+def _count_heads(selector: Any, site: Site) -> int:
+    if selector is None or selector == "all":
+        return site.heads.n_heads if site.heads else 0
+    return len(selector) if isinstance(selector, list) else 1
+
+
+def _width(site: Site, info: ModelInfo, widths: dict[tuple[str, str], int]) -> int:
+    if site.width is not None and site.canonical is not None:
+        return site.width
+    return widths.get((site.module, site.io), site.width or info.d_model)
+
+
+def _save_sizes(
+    sizes: SpecSizes,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    invoke_name: str,
+    invoke: S.Invoke,
+    shape: _Invoke,
+    op: S.SaveOp,
+    widths: dict[tuple[str, str], int],
+) -> None:
+    """One save op: a tensor per concrete site, padded to its longest row."""
+    raw = op.model_dump(by_alias=True)
+    cache: dict[str, list[Site]] = {}
+    longest: dict[str, list[int]] = {}  # site name -> [positions, keys]
+    sites_of: dict[str, Site] = {}
+    heads: dict[str, int] = {}
+    for variables in shape.cells:
+        concrete = substitute(raw, variables) if variables else raw
+        for site in _sites(str(concrete["site"]), info, cache):
+            sites_of.setdefault(site.name, site)
+            heads[site.name] = _count_heads(concrete.get("heads"), site)
+            for tokens in shape.tokens:
+                try:
+                    selected = resolve_positions(plain(concrete["positions"]), tokens, tokenizer)
+                except PositionError:
+                    selected = []
+                count = len(selected)
+                best = longest.setdefault(site.name, [0, 0])
+                best[0], best[1] = max(best[0], count), max(best[1], len(tokens))
+    steps = ()
+    if invoke.generate is not None:
+        n = step_count(op.steps, invoke.generate.max_new_tokens)
+        steps = (n,) if reaches_new_token(op.positions) else (1,)
+    several = len(sites_of) > 1 and len(shape.cells) == 1
+    for site_name, site in sites_of.items():
+        positions, keys = longest[site_name]
+        if steps and steps[0] > 1:
+            positions = max(positions, 1)
+        if site.io == "pattern":
+            value = (positions, heads[site_name], keys)
+        elif site.heads is not None:
+            value = (positions, heads[site_name], site.heads.d_head)
+        else:
+            value = (positions, _width(site, info, widths))
+        if several:
+            name = default_save_name(invoke_name, site_name, op.grad)
+        else:
+            name = op.name or default_save_name(invoke_name, op.site, op.grad)
+        sizes.tensors[name] = math.prod(shape.lead + steps + value) * _FLOAT
+
+
+def _metric_sizes(
+    sizes: SpecSizes,
+    spec: S.Spec,
+    info: ModelInfo,
+    invokes: dict[str, _Invoke],
+    name: str,
+    metric: Any,
+) -> None:
+    if metric.kind == "attribution":
+        corrupt = invokes.get(metric.corrupt)
+        n_pos = len(corrupt.tokens[0]) if corrupt and corrupt.tokens else 0
+        n_sites = len(_sites(metric.site, info, {}))
+        sizes.tensors[name] = n_sites * n_pos * _FLOAT
+        return
+    owner = metric
+    if metric.kind == "recovery":
+        owner = spec.metrics.get(metric.patched)
+        if owner is None or owner.kind not in _TOKEN_KINDS + ("logit_diff",):
+            return
+    shape = invokes.get(owner.invoke)
+    if shape is None:
+        return
+    cells = math.prod(shape.lead)
+    if owner.kind in _TOKEN_KINDS and owner.tokens is not None:
+        cells *= len(owner.tokens)
+    if metric.kind == "top_k":
+        sizes.tensors[name] = cells * metric.k * _FLOAT
+        sizes.tensors[f"{name}/ids"] = cells * metric.k * _INT
+    elif metric.kind == "logit_lens":
+        n_sites = len(_sites(metric.site, info, {}))
+        sizes.tensors[name] = cells * n_sites * _FLOAT
+        sizes.tensors[f"{name}/ids"] = cells * n_sites * metric.k * _INT
+        sizes.tensors[f"{name}/probs"] = cells * n_sites * metric.k * _FLOAT
+    else:
+        sizes.tensors[name] = cells * _FLOAT

@@ -1,0 +1,147 @@
+"""A job's result size, computed from the spec before compiling, equals the real result's
+tensor bytes for every site kind, raw module path, metric kind and generation shape."""
+
+from __future__ import annotations
+
+import pytest
+
+import specsight
+from specsight.compile import spec_sizes
+from specsight.engine import module_widths
+from specsight.models.load import load_model
+from tests.conftest import CLEAN, CORRUPT, ioi_spec, tiny
+
+PROMPTS = [CLEAN, "Hello there", "The Eiffel Tower is in"]
+
+
+def _save(site: str, name: str, **fields) -> dict:
+    return {"op": "save", "site": site, "name": name, **fields}
+
+
+CASES = {
+    "canonical, prompts of different lengths": {
+        "a": {"prompt": PROMPTS, "ops": [_save("resid_post.1", "r"), _save("mlp_act.2", "m")]}
+    },
+    "head sites": {
+        "a": {
+            "prompt": PROMPTS,
+            "ops": [
+                _save("head_z.1", "z", heads=[0, 3], positions=[0, -1]),
+                _save("k.2", "k"),
+                _save("q.0", "q", heads=1),
+            ],
+        }
+    },
+    "raw paths": {
+        "a": {
+            "prompt": CLEAN,
+            "ops": [
+                _save("lm_head", "logits_out"),
+                _save("model.layers.1.mlp.act_fn", "act", positions="last"),
+                _save("model.layers.1.mlp.down_proj.input", "down_in"),
+                _save("model.embed_tokens", "emb"),
+            ],
+        }
+    },
+    "wildcard save": {
+        "a": {"prompt": PROMPTS[:2], "ops": [{"op": "save", "site": "resid_post.*"}]}
+    },
+    "swept saves": {
+        "a": {
+            "prompt": [CLEAN, CORRUPT],
+            "sweep": {"layer": "all", "pos": [0, 5, 13]},
+            "ops": [_save("resid_post.{layer}", "s", positions=["{pos}", -1])],
+        }
+    },
+    "generation": {
+        "g": {
+            "prompt": PROMPTS,
+            "generate": {"max_new_tokens": 3},
+            "ops": [
+                _save("resid_post.1", "every", positions="last", steps="all"),
+                _save("mlp_out.2", "first", positions="all", steps="prompt"),
+                _save("resid_post.0", "some", positions=-1, steps=[0, 2]),
+            ],
+        }
+    },
+}
+
+
+def _metrics_spec() -> dict:
+    spec = ioi_spec(sweep={"layer": "all", "pos": [9, 13]}, baseline="base", recovery="rec")
+    spec["invokes"]["two"] = {
+        "prompt": [CLEAN, "Mary and John"],
+        "ops": [_save("resid_post.2", "g", grad=True)],
+    }
+    spec["metrics"].update(
+        {
+            "ids": {"kind": "logits", "invoke": "corrupt", "tokens": [" Mary", " John", 5]},
+            "p": {"kind": "prob", "invoke": "base", "token": " Mary"},
+            "top": {"kind": "top_k", "invoke": "two", "k": 7},
+            "lens": {"kind": "logit_lens", "invoke": "base", "site": "resid_post.1:3", "k": 4},
+            "cl": {"kind": "logit_diff", "invoke": "two", "target": " Mary", "foil": " John"},
+        }
+    )
+    spec["backward"] = {"metric": "cl"}
+    return spec
+
+
+def _assert_exact(spec: dict, lm) -> None:
+    results = specsight.run(spec, model=lm)
+    real = {name: t.numel() * t.element_size() for name, t in results.tensors.items()}
+    widths = module_widths(lm.model, pad_id=lm.tokenizer.pad_id)
+    sizes = spec_sizes(specsight.load_spec(spec), lm.info, lm.tokenizer, module_widths=widths)
+    assert sizes.tensors == real
+    assert sizes.result_bytes == sum(real.values())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_result_size_of_saves_is_exact(case):
+    _assert_exact(
+        {"specsight": 1, "model": "tiny-llama", "invokes": CASES[case]}, tiny("tiny-llama")
+    )
+
+
+def test_result_size_of_attention_patterns_is_exact():
+    lm = load_model("tiny-llama", device="cpu", attn_implementation="eager")
+    ops = [_save("attn_pattern.1", "p"), _save("attn_pattern.2", "h", heads=[1], positions=[2, -1])]
+    model = {"id": "tiny-llama", "attn_implementation": "eager"}
+    _assert_exact(
+        {"specsight": 1, "model": model, "invokes": {"a": {"prompt": PROMPTS, "ops": ops}}}, lm
+    )
+
+
+def test_result_size_of_metrics_is_exact():
+    _assert_exact(_metrics_spec(), tiny("tiny-llama"))
+
+
+def test_result_size_of_attribution_is_exact():
+    atp = {
+        "kind": "attribution",
+        "clean": "clean",
+        "corrupt": "base",
+        "target": " Mary",
+        "foil": " John",
+    }
+    spec = ioi_spec(sweep={"layer": "0:2", "pos": [9]}, baseline="base", metrics={"atp": atp})
+    _assert_exact(spec, tiny("tiny-llama"))
+
+
+def test_counts_without_expanding_a_huge_sweep():
+    spec = specsight.load_spec(
+        {
+            "specsight": 1,
+            "model": "tiny-llama",
+            "invokes": {
+                "a": {
+                    "prompt": CLEAN,
+                    "sweep": {"x": "0:10000000000"},
+                    "ops": [{"op": "scale", "site": "mlp_out.1", "factor": "{x}"}],
+                }
+            },
+        }
+    )
+    lm = tiny("tiny-llama")
+    sizes = spec_sizes(spec, lm.info, lm.tokenizer, max_cells=20_000)
+    assert sizes.cells == 10_000_000_000 and sizes.rows == 10_000_000_000
+    assert sizes.tensors == {}
