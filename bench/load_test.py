@@ -95,10 +95,18 @@ class Server:
     """``specsight serve`` in a subprocess on a free loopback port; always stopped by
     :meth:`stop` (SIGTERM, then SIGKILL after ``timeout``)."""
 
-    def __init__(self, folder: Path, model: str, batch_jobs: int, torch_threads: int | None):
+    def __init__(
+        self,
+        folder: Path,
+        model: str,
+        batch_jobs: int,
+        torch_threads: int | None,
+        keys: dict[str, str] | None = None,
+    ):
         from specsight.remote.auth import hash_key
 
-        (folder / "keys").write_text(f"load:{hash_key(KEY)}\n")
+        keys = keys or {"load": KEY}
+        (folder / "keys").write_text("".join(f"{n}:{hash_key(k)}\n" for n, k in keys.items()))
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = folder / "server.log"
