@@ -207,3 +207,23 @@ def test_mlp_act_is_the_down_projections_input(model):
         handle.remove()
     got = _saves(model, ["mlp_act.1"])["mlp_act.1"]
     torch.testing.assert_close(got, kept["x"][0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model", list(DOWN_PROJ))
+def test_embed_final_norm_and_logits_mean_what_they_say(model):
+    """embed is the token embedding of the ids; logits are the unembedding of final_norm and,
+    but for a final soft cap (Gemma 2 applies tanh(x / cap) * cap after it), the model's own
+    output."""
+    lm = tiny(model)
+    ids = _ids(lm, CLEAN)
+    with torch.inference_mode():
+        embedded = lm.model.get_input_embeddings()(ids)[0]
+        output = lm.model(ids).logits[0]
+    s = _saves(model, ["embed", "final_norm", "logits"])
+    torch.testing.assert_close(s["embed"], embedded, atol=0, rtol=0)
+    with torch.inference_mode():
+        unembedded = lm.model.get_output_embeddings()(s["final_norm"])
+    torch.testing.assert_close(s["logits"], unembedded, atol=1e-5, rtol=1e-5)
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    capped = torch.tanh(s["logits"] / cap) * cap if cap else s["logits"]
+    torch.testing.assert_close(capped, output, atol=1e-5, rtol=1e-5)

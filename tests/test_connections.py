@@ -98,3 +98,54 @@ def test_a_burst_of_one_log_line_is_bounded(caplog):
         assert len(lines) == 6 and lines[-1] == "another message"
     finally:
         logger.removeFilter(limiter)
+
+
+@pytest.mark.slow
+def test_a_low_open_file_limit_keeps_the_server_answering_and_its_log_short(tmp_path):
+    """``specsight serve`` under ``ulimit -n 128``, flooded with connections that never finish
+    their headers: /readyz keeps answering, the flood is cut off, the log stays short."""
+    import subprocess
+    import sys
+
+    from specsight.remote.auth import hash_key
+
+    (tmp_path / "keys").write_text(f"a:{hash_key('k')}\n")
+    port = _free_port()
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-c", "from specsight.cli import main; main()", "serve"]
+    command += ["--model", "tiny-llama", "--device", "cpu", "--port", str(port)]
+    command += ["--db", str(tmp_path / "jobs.sqlite"), "--keys", str(tmp_path / "keys")]
+    command += ["--header-timeout", "1"]
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=low_limit)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        flood = []
+        for _ in range(400):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n")
+                flood.append(sock)
+            except OSError:
+                break
+        answered = httpx.get(f"{url}/readyz", timeout=10).status_code
+        assert answered in (200, 503)  # answers, even while flooded
+        time.sleep(2.5)  # the flood's headers never came: cut off
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        for sock in flood:
+            sock.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert log.stat().st_size < 200_000, log.read_text()[-2000:]

@@ -311,3 +311,15 @@ def test_a_patch_between_prompts_of_different_lengths():
     spec["invokes"]["corrupt"]["prompt"] = CORRUPT + " her"
     results = specsight.run(spec, model=tiny("tiny-llama"))  # position 9 exists in both
     assert results["ld"].shape == (4, 1)
+
+
+def test_validation_of_sixty_thousand_unknown_keys_takes_under_a_second():
+    import time
+
+    spec = _spec({"a": {"prompt": CLEAN, **{f"unknown_{i}": i for i in range(60_000)}}})
+    started = time.perf_counter()
+    with pytest.raises(SpecError) as err:
+        specsight.load_spec(spec)
+    assert time.perf_counter() - started < 1.0
+    assert len(err.value.issues) == 51 and err.value.issues[-1].code == "more-issues"
+    assert "59950 more problems" in err.value.issues[-1].message

@@ -63,6 +63,20 @@ __all__: list[str] = []
     show_default=True,
     help="Seconds a running batch may take to finish at shutdown before it is requeued.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers; slower connections are closed.",
+)
+@click.option(
+    "--retention-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="Days a finished job's result is kept before it is deleted.",
+)
 @guard
 def serve(
     model_ids: tuple[str, ...],
@@ -76,6 +90,8 @@ def serve(
     max_queue: int | None,
     batch_jobs: int,
     grace: float,
+    header_timeout: float,
+    retention_days: float,
 ) -> None:
     """Serve MODELs over HTTP: clients run specs here with `specsight run --remote`."""
     import os
@@ -130,6 +146,8 @@ def serve(
         limits=limits,
         batch_jobs=batch_jobs,
         grace_s=grace,
+        header_timeout_s=header_timeout,
+        retention_days=retention_days,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import ModelLoadError
 from ..models.load import LoadedModel, load_model
 from .auth import KeyRing
-from .connections import GuardedH11, connection_limit, install_log_limits
+from .connections import HEADER_TIMEOUT_S, GuardedH11, connection_limit, install_log_limits
 from .jobs import JobStore
 from .protocol import Limits
 from .server import ServerState, create_app
@@ -38,6 +38,8 @@ def serve(
     batch_jobs: int = 16,
     grace_s: float = 30.0,
     log_level: str = "info",
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    retention_days: float = 7.0,
 ) -> None:
     """Load the models once, recover the job store, serve until SIGTERM/SIGINT, then drain.
 
@@ -61,13 +63,15 @@ def serve(
             )
         models[loaded.model_id] = loaded
         log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
-    store = JobStore(db_path)
+    store = JobStore(db_path, retention_s=retention_days * 86400)
     try:
         log.info("job store %s: recovered %s; %s", db_path, store.recover(), store.counts())
         app = create_app(
             models, store=store, keys=keys, limits=limits, batch_jobs=batch_jobs, grace_s=grace_s
         )
-        config = server_config(app, host=host, port=port, log_level=log_level)
+        config = server_config(
+            app, host=host, port=port, log_level=log_level, header_timeout_s=header_timeout_s
+        )
         _draining_server(config, app.state.server, on_stopped=store.close).run()
     finally:
         store.close()

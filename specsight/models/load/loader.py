@@ -123,10 +123,9 @@ def load_model(
     else:
         model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind)
     if kind == "builtin":  # shape info and the float32 hash were stored at conversion
-        impl = getattr(model.config, "_attn_implementation", None)
-        info = replace(
-            builtin_info(folder), model_id=model_id, dtype=dtype, attn_implementation=impl
-        )
+        cached = builtin_info(folder)  # recorded at conversion: the default implementation
+        impl = attn_implementation or cached.attn_implementation
+        info = replace(cached, model_id=model_id, dtype=dtype, attn_implementation=impl)
         sha = builtin_hash(folder, dtype, model)
     else:
         info = with_processor(model_info_from_module(model, model_id, dtype), folder)
