@@ -137,7 +137,7 @@ class Server:
         command = [sys.executable, "-c", "from specsight.cli import main; main()", "serve"]
         command += ["--model", "tiny-llama", "--device", "cpu", "--port", str(self.port)]
         command += ["--db", str(folder / "jobs.sqlite"), "--keys", str(folder / "keys")]
-        command += ["--max-queue", "10000", "--grace", "1"]
+        command += ["--max-queue", "10000", "--max-queue-per-key", "10000", "--grace", "1"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.log = log
         with open(log, "ab") as out:
@@ -338,7 +338,9 @@ def _check_database(db: Path, submits: list[Submit], final: dict[str, dict[str, 
     """One job per key; exactly the succeeded jobs have a result, with the right sha256."""
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT id, idempotency_key, state, result_sha256 FROM jobs").fetchall()
-        results = dict(con.execute("SELECT job_id, sha256 FROM results").fetchall())
+        results = dict(con.execute("SELECT job_id, sha256 FROM result_files").fetchall())
+    folder = db.parent / f"{db.name}.results"
+    files = {path.name.removesuffix(".safetensors"): path for path in folder.iterdir()}
     by_key = {key: job_id for job_id, key, _, _ in rows}
     assert len(by_key) == len(rows), "a key has two jobs"
     assert by_key == {a.key: a.job_id for a in submits}
@@ -346,5 +348,6 @@ def _check_database(db: Path, submits: list[Submit], final: dict[str, dict[str, 
         assert state == final[job_id]["state"]
         if state == "succeeded":
             assert results.get(job_id) == sha, job_id
+            assert hashlib.sha256(files[job_id].read_bytes()).hexdigest() == sha, job_id
         else:
-            assert job_id not in results, job_id
+            assert job_id not in results and job_id not in files, job_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -50,6 +51,18 @@ __all__: list[str] = []
 )
 @click.option("--max-queue", type=click.IntRange(min=1), default=None, help="Queued jobs at most.")
 @click.option(
+    "--max-queue-per-key",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Queued jobs of one API key at most (default: a quarter of --max-queue, at least 16).",
+)
+@click.option(
+    "--max-job-seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="A job (or batch) running longer fails, or runs again alone (default 600).",
+)
+@click.option(
     "--batch-jobs",
     type=click.IntRange(min=1),
     default=16,
@@ -88,6 +101,8 @@ def serve(
     device: str,
     dtype: str,
     max_queue: int | None,
+    max_queue_per_key: int | None,
+    max_job_seconds: float | None,
     batch_jobs: int,
     grace: float,
     header_timeout: float,
@@ -97,7 +112,6 @@ def serve(
     import os
 
     from ..remote.auth import ENV_VAR, KeyFileError, KeyRing
-    from ..remote.protocol import Limits
 
     try:
         from ..remote.serve import serve as run_server
@@ -134,7 +148,7 @@ def serve(
             fg="red",
             bold=True,
         )
-    limits = Limits() if max_queue is None else Limits(max_queue=max_queue)
+    limits = _limits(max_queue, max_queue_per_key, max_job_seconds)
     run_server(
         list(model_ids),
         keys=keys,
@@ -173,3 +187,20 @@ def hash_key_command(name: str, generate: bool) -> None:
     except KeyFileError:
         raise click.UsageError(f"bad --name '{name}': use letters, digits, _ . @ -") from None
     click.echo(line)
+
+
+def _limits(
+    max_queue: int | None, max_queue_per_key: int | None, max_job_seconds: float | None
+) -> Any:
+    """The server's limits from the command line (defaults for what is not given)."""
+    from ..remote.protocol import Limits
+
+    given: dict[str, Any] = {}
+    if max_queue is not None:
+        given["max_queue"] = max_queue
+        given["max_queue_per_key"] = max(16, max_queue // 4)
+    if max_queue_per_key is not None:
+        given["max_queue_per_key"] = max_queue_per_key
+    if max_job_seconds is not None:
+        given["max_job_seconds"] = max_job_seconds
+    return Limits(**given)
