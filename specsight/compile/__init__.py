@@ -8,6 +8,7 @@ gradient checks, expectations, then packing rows into forwards under a memory bu
 
 from .compiler import DEFAULT_MAX_BATCH, compile_plan
 from .context import Abort, Context, SpecPath
+from .dataset import dataset_rows
 from .memory import activation_budget, batch_cap, estimate_memory, row_bytes
 from .packing import first_layers, pack_rows
 from .positions import PositionError, resolve_position, resolve_positions
@@ -28,6 +29,7 @@ __all__ = [
     "check_references",
     "batch_cap",
     "compile_plan",
+    "dataset_rows",
     "estimate_memory",
     "expand_grid",
     "first_layers",

@@ -24,23 +24,32 @@ __all__ = ["check_variables", "expand_invoke", "compile_invoke_ops"]
 
 
 def check_variables(ctx: SpecContext, name: str) -> None:
-    """Every ``{placeholder}`` in an invoke's ops names a sweep variable, and every sweep
-    variable is used (needs no model)."""
+    """Every ``{placeholder}`` in an invoke's ops names a sweep variable (or, in positions of an
+    invoke over the dataset, a dataset column), and every sweep variable is used (needs no
+    model)."""
     invoke = ctx.spec.invokes[name]
     declared = tuple(invoke.sweep or ())
+    columns = set(ctx.items.columns) if ctx.items is not None else set()
     unknown: dict[str, SpecPath] = {}
     for i, op in enumerate(invoke.ops):
         for field, value in op.model_dump(by_alias=True).items():
+            where: SpecPath = ("invokes", name, "ops", i, field)
             for var in sorted(placeholders(value) - set(declared)):
-                unknown.setdefault(var, ("invokes", name, "ops", i, field))
+                if var in columns:
+                    _column_use(ctx, name, var, field, where)
+                else:
+                    unknown.setdefault(var, where)
     near_miss = set()
     for var, where in unknown.items():
         suggestion = did_you_mean(var, declared)
         if suggestion:
             near_miss.update(a for a in declared if f"'{a}'" in suggestion)
+        elif columns:
+            suggestion = did_you_mean(var, sorted(columns))
         ctx.fail(
             "unknown-variable",
-            f"placeholder '{{{var}}}' names no sweep variable",
+            f"placeholder '{{{var}}}' names no sweep variable"
+            + (" or dataset column" if columns else ""),
             where,
             suggestion or "declare it under 'sweep:'",
         )
@@ -53,6 +62,29 @@ def check_variables(ctx: SpecContext, name: str) -> None:
                 ("invokes", name, "sweep", axis),
                 f"use '{{{axis}}}' in an op, or remove it",
             )
+
+
+#: op fields whose templates take a dataset row's values
+_PER_ROW_FIELDS = ("positions", "source_positions")
+
+
+def _column_use(ctx: SpecContext, name: str, column: str, field: str, where: SpecPath) -> None:
+    """A dataset column in an op: only in positions, and only in an invoke over the dataset."""
+    if name not in ctx.item_invokes:
+        ctx.fail(
+            "not-over-dataset",
+            f"'{{{column}}}' is a dataset column, but invoke '{name}' does not run over the "
+            "dataset",
+            where,
+            "give the invoke a prompt that names a column, such as prompt: '{clean}'",
+        )
+    elif field not in _PER_ROW_FIELDS:
+        ctx.fail(
+            "column-field",
+            f"'{{{column}}}' is a dataset column; '{field}' is the same for every row",
+            where,
+            "columns fill in prompts, positions ({token: '{s}'}) and metric tokens",
+        )
 
 
 def expand_invoke(ctx: Context, name: str, max_cells: int = MAX_CELLS) -> None:

@@ -17,6 +17,7 @@ from ..plan import Plan
 from ..sites import family_table
 from .cells import compile_invoke_ops, expand_invoke
 from .context import Context
+from .dataset import check_metric_columns
 from .expectations import compile_expectations
 from .generation import check_generation, check_generation_length, generate_forwards
 from .gradients import check_backward
@@ -56,6 +57,9 @@ def compile_plan(
     doc = doc or S.document_of(spec)
     ctx = Context(spec=spec, doc=doc, info=info, tok=tokenizer, allow_files=allow_files)
     compile_inputs(ctx)
+    for name, metric in spec.metrics.items():  # with the prompts' columns, in one report
+        if getattr(metric, "invoke", None) in spec.invokes:
+            check_metric_columns(ctx, name, metric)
     _check_issues(ctx)
     collect_save_names(ctx)
     stages = order_stages(ctx)
@@ -133,6 +137,9 @@ def compile_plan(
         deterministic=spec.deterministic,
         seed=spec.seed,
         backward=backward,
+        dataset=None
+        if ctx.items is None
+        else {**ctx.items.describe(), "invokes": sorted(ctx.item_invokes)},
     )
     return replace(plan, memory_estimate=estimate_memory(plan, info))
 

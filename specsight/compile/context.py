@@ -17,13 +17,45 @@ from ..models import ModelInfo, Tokenizer
 from ..plan import Row, RowOp
 from .sweep import Grid
 
-__all__ = ["SpecPath", "Abort", "SpecContext", "Context", "plain", "default_save_name"]
+__all__ = [
+    "SpecPath",
+    "Abort",
+    "Items",
+    "SpecContext",
+    "Context",
+    "plain",
+    "default_save_name",
+]
 
 SpecPath = tuple[Any, ...]
 
 
 class Abort(Exception):
     """Raised inside one op or metric after its issue is recorded."""
+
+
+@dataclass(frozen=True)
+class Items:
+    """The rows an experiment runs over, after sampling; values as the file gave them."""
+
+    rows: tuple[dict[str, Any], ...]
+    columns: tuple[str, ...]
+    #: the row numbers (from 0) of ``rows`` in the dataset
+    indices: tuple[int, ...]
+    total: int
+    sha256: str
+    file: str | None
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records of the dataset."""
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "rows": self.total,
+            "columns": list(self.columns),
+            "used": len(self.rows),
+            "sample": None if len(self.rows) == self.total else list(self.indices),
+        }
 
 
 @dataclass(kw_only=True)
@@ -36,6 +68,17 @@ class SpecContext:
     issues: dict[tuple[SpecPath, str], Issue] = field(default_factory=dict)
     #: save name -> (invoke, op index)
     save_names: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: the dataset's rows (after sampling), when the spec has one
+    items: Items | None = None
+    #: the invokes that run once per dataset row (their prompt names a column)
+    item_invokes: set[str] = field(default_factory=set)
+
+    def input_axis(self, invoke: str) -> str | None:
+        """The result axis an invoke's inputs make: ``item`` (a dataset's rows), ``prompt``
+        (a list of prompts, images or a tensor file's rows), or None (one input)."""
+        if invoke in self.item_invokes:
+            return "item"
+        return "prompt" if self.spec.invokes[invoke].many_inputs else None
 
     def fail(self, code: str, message: str, path: SpecPath, hint: str | None = None) -> Abort:
         """Record a located issue (once per path and message); returns the Abort to raise."""
@@ -73,13 +116,15 @@ class Context(SpecContext):
         default_factory=dict
     )
 
-    def token_id(self, ref: str | int, path: SpecPath) -> int:
-        """The vocabulary id of a metric's token (text or id; a class label for classifiers)."""
+    def token_id(self, ref: str | int, path: SpecPath, where: str = "") -> int:
+        """The vocabulary id of a metric's token (text or id; a class label for classifiers).
+        ``where`` starts the message of an issue (``"item 3 (...): "``)."""
         if isinstance(ref, int):
             if self.info.vocab_size and ref >= self.info.vocab_size:  # 0: unknown (factory models)
                 raise self.fail(
                     "bad-token",
-                    f"token id {ref} is outside the vocabulary of {self.info.vocab_size} tokens",
+                    f"{where}token id {ref} is outside the vocabulary of "
+                    f"{self.info.vocab_size} tokens",
                     path,
                     f"ids go from 0 to {self.info.vocab_size - 1}",
                 )
@@ -90,15 +135,15 @@ class Context(SpecContext):
             hint = (did_you_mean(ref, labels) or "labels: " + ", ".join(labels)) if labels else None
             raise self.fail(
                 "bad-token",
-                f"no output class is labelled {ref!r}",
+                f"{where}no output class is labelled {ref!r}",
                 path,
                 hint or "this model's outputs have no labels: give a class index (an integer)",
             )
         if len(ids) != 1:
-            pieces = " + ".join(repr(t) for t in self.tok.token_strs(ids))
+            pieces = " + ".join(repr(t) for t in self.tok.token_strs(ids)) or "nothing"
             raise self.fail(
                 "multi-token",
-                f"{ref!r} is {len(ids)} tokens, {pieces}; a metric needs one token",
+                f"{where}{ref!r} is {len(ids)} tokens, {pieces}; a metric needs one token",
                 path,
                 "use a single token, often with a leading space such as ' Paris', or a token id",
             )

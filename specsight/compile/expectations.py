@@ -41,7 +41,7 @@ def _axis_values(
     if save is not None and axis in save.value_axis_values:
         return list(save.value_axis_values[axis])
     return list(ctx.grids[invoke].axis_values().get(axis, [])) or list(
-        range(len(ctx.tokens[invoke])) if axis == "prompt" else []
+        range(len(ctx.tokens[invoke])) if axis == ctx.input_axis(invoke) else []
     )
 
 

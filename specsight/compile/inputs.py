@@ -16,6 +16,7 @@ from typing import Any
 from .. import spec as S
 from ..errors import did_you_mean
 from .context import Abort, Context, SpecPath
+from .dataset import invoke_prompts, use_dataset
 
 __all__ = ["compile_inputs", "read_array_file", "position_labels"]
 
@@ -32,6 +33,7 @@ def compile_inputs(ctx: Context) -> None:
     """Fill ``ctx.tokens`` (and ``ctx.inputs`` / ``ctx.input_keys``) for every invoke."""
     model_kind = ctx.info.inputs
     shapes: dict[tuple[int, ...], str] = {}
+    use_dataset(ctx, allow_files=ctx.allow_files)
     for name, invoke in ctx.spec.invokes.items():
         path: SpecPath = ("invokes", name, invoke.input_kind)
         if _KIND_OF[invoke.input_kind] != model_kind:
@@ -55,23 +57,28 @@ def compile_inputs(ctx: Context) -> None:
 
 def _tokenize(ctx: Context, name: str, invoke: S.Invoke) -> None:
     ids_list = []
-    for i, prompt in enumerate(invoke.prompts):
+    per_item = name in ctx.item_invokes
+    for i, prompt in enumerate(invoke_prompts(ctx, name, invoke)):
         path: SpecPath = ("invokes", name, "prompt") + (
             (i,) if isinstance(invoke.prompt, list) else ()
         )
         ids = ctx.tok.encode(prompt)
         if not ids:
-            ctx.fail("empty-prompt", "prompt encodes to no tokens", path)
+            which = f"item {i}: " if per_item else ""
+            ctx.fail("empty-prompt", f"{which}prompt encodes to no tokens", path)
         limit = ctx.info.max_positions
         if limit and len(ids) > limit:
+            which = f"item {i}: " if per_item else ""
             ctx.fail(
                 "prompt-too-long",
-                f"prompt is {len(ids)} tokens; the model takes at most {limit}",
+                f"{which}prompt is {len(ids)} tokens; the model takes at most {limit}",
                 path,
                 "shorten the prompt",
             )
         ids_list.append(ids)
     ctx.tokens[name] = ids_list
+    if per_item:  # what results show as each row's prompt
+        ctx.input_names[name] = invoke_prompts(ctx, name, invoke)
 
 
 def _store(ctx: Context, name: str, array: Any) -> str:

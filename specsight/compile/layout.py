@@ -48,9 +48,9 @@ def plan_saves(ctx: Context) -> list[PlanSave]:
     for name, keys in ctx.save_keys.items():
         invoke, site = ctx.save_meta[name]
         grid = ctx.grids[invoke]
-        many = ctx.spec.invokes[invoke].many_inputs
-        axes = tuple(grid.axes) + (("prompt",) if many else ())
-        shape = tuple(grid.shape) + ((len(ctx.tokens[invoke]),) if many else ())
+        each = ctx.input_axis(invoke)
+        axes = tuple(grid.axes) + ((each,) if each else ())
+        shape = tuple(grid.shape) + ((len(ctx.tokens[invoke]),) if each else ())
         npos = list(ctx.save_npos[name])
         steps = step_of.get(keys[0])
         value_axes, values = ctx.save_layout[name]
@@ -78,6 +78,7 @@ def result_axes(
         if "pos" in grid.axes and not grid.zipped:
             strs = position_labels(ctx, name)
             labels[name]["pos"] = [f"{p}:{strs[p]}" for p in values[name]["pos"]]
-        if ctx.spec.invokes[name].many_inputs:
-            values[name]["prompt"] = list(range(len(ctx.tokens[name])))
+        each = ctx.input_axis(name)
+        if each:
+            values[name][each] = list(range(len(ctx.tokens[name])))
     return values, labels

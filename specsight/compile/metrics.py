@@ -9,6 +9,13 @@ from ..plan import PlanMetric, RowOp
 from ..sites import SiteError, family_table, resolve_site
 from .attribution import compile_attribution
 from .context import Abort, Context, SpecContext, SpecPath, plain
+from .dataset import (
+    check_metric_columns,
+    column_names,
+    item_label,
+    render_selector,
+    render_value,
+)
 from .positions import PositionError, resolve_position
 
 __all__ = ["compile_metric", "metric_invoke_exists", "recovery_inputs_ok"]
@@ -34,24 +41,15 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         grid = ctx.grids[metric.invoke]
         cells = len(grid.cells()) if grid.axes else 1
         prompts = ctx.tokens[metric.invoke]
+        item = _item_of(ctx, name, metric)
+        picked = [
+            _metric_position(ctx, metric, tokens, item(i), path) for i, tokens in enumerate(prompts)
+        ]
         rows, positions = [], []
         for cell in range(cells):
-            for prompt_index, tokens in enumerate(prompts):
+            for prompt_index in range(len(prompts)):
                 rows.append(ctx.row_index[(metric.invoke, cell, prompt_index)])
-                try:
-                    picked = resolve_position(plain(metric.position), tokens, ctx.tok)
-                except PositionError as exc:
-                    raise ctx.fail(
-                        "bad-position", exc.message, path + ("position",), exc.hint
-                    ) from None
-                if len(picked) != 1:
-                    raise ctx.fail(
-                        "bad-position",
-                        f"a metric reads one position; this selects {len(picked)}",
-                        path + ("position",),
-                        "use 'last', an index such as -1, or {token: ' John'}",
-                    )
-                positions.append(picked[0])
+                positions.append(picked[prompt_index])
         tokens_ref: list[str | int] = []
         squeeze = False
         if metric.kind == "logit_diff":
@@ -79,11 +77,26 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
                 if squeeze
                 else [path + ("tokens", i) for i in range(len(tokens_ref))]
             )
-        ids = [ctx.token_id(ref, p) for ref, p in zip(tokens_ref, token_paths)]
+        ids: list[int] = []
+        row_ids: tuple[tuple[int, ...], ...] = ()
+        if column_names(tokens_ref):
+            per_item = [
+                tuple(
+                    ctx.token_id(render_value(ref, ctx.items.rows[i]), p, _where(ctx, i, ref))  # type: ignore[union-attr]
+                    for ref, p in zip(tokens_ref, token_paths)
+                )
+                for i in range(len(prompts))
+            ]
+            row_ids = tuple(per_item[i] for _ in range(cells) for i in range(len(prompts)))
+            token_strs = tuple(str(ref) for ref in tokens_ref)
+        else:
+            ids = [ctx.token_id(ref, p) for ref, p in zip(tokens_ref, token_paths)]
+            token_strs = tuple(ctx.tok.token_str(i) for i in ids)
     except Abort:
         return None
-    axes = tuple(grid.axes) + (("prompt",) if ctx.spec.invokes[metric.invoke].many_inputs else ())
-    shape = tuple(grid.shape) + ((len(prompts),) if "prompt" in axes else ())
+    each = ctx.input_axis(metric.invoke)
+    axes = tuple(grid.axes) + ((each,) if each else ())
+    shape = tuple(grid.shape) + ((len(prompts),) if each else ())
     extra = {}
     if metric.kind == "logit_lens":
         extra = dict(zip(("sites", "store_keys", "lens_modules"), lens))
@@ -94,13 +107,49 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         rows=tuple(rows),
         positions=tuple(positions),
         tokens=tuple(ids),
-        token_strs=tuple(ctx.tok.token_str(i) for i in ids),
+        row_tokens=row_ids,
+        token_strs=token_strs,
         k=getattr(metric, "k", None),
         squeeze_token=squeeze,
         axes=axes,
         shape=shape,
         **extra,
     )
+
+
+def _item_of(ctx: Context, name: str, metric: Any) -> Any:
+    """prompt index -> the dataset item it is (None when the invoke is not over the dataset)."""
+    if not check_metric_columns(ctx, name, metric):
+        raise Abort
+    return (lambda i: i) if metric.invoke in ctx.item_invokes else (lambda i: None)
+
+
+def _where(ctx: Context, item: int, template: Any) -> str:
+    assert ctx.items is not None
+    return item_label(ctx.items, item, template) + ": "
+
+
+def _metric_position(
+    ctx: Context, metric: Any, tokens: list[int], item: int | None, path: SpecPath
+) -> int:
+    """The one position a metric reads in a prompt (in a dataset item, with its values)."""
+    selector = plain(metric.position)
+    concrete = selector if item is None else render_selector(selector, ctx.items.rows[item])  # type: ignore[union-attr]
+    where = "" if item is None else _where(ctx, item, selector)
+    try:
+        picked = resolve_position(concrete, tokens, ctx.tok)
+    except PositionError as exc:
+        raise ctx.fail(
+            "bad-position", where + exc.message, path + ("position",), exc.hint
+        ) from None
+    if len(picked) != 1:
+        raise ctx.fail(
+            "bad-position",
+            f"{where}a metric reads one position; this selects {len(picked)}",
+            path + ("position",),
+            "use 'last', an index such as -1, or {token: ' John'}",
+        )
+    return picked[0]
 
 
 def _lens(
@@ -189,17 +238,35 @@ def recovery_inputs_ok(ctx: SpecContext, name: str, metric: Any) -> bool:
             ok = False
         elif other.invoke not in ctx.spec.invokes:  # that metric reports its unknown invoke
             ok = False
-        elif role != "patched" and (
-            ctx.spec.invokes[other.invoke].sweep or ctx.spec.invokes[other.invoke].many_inputs
-        ):
+        elif role != "patched" and not _matches_patched(ctx, other.invoke, metrics, metric):
             ctx.fail(
                 "bad-recovery",
-                f"the {role} metric '{ref}' must be one value: its invoke has a sweep or several prompts",
+                f"the {role} metric '{ref}' must be one value, or one per item of the patched "
+                "metric: its invoke has a sweep, or other prompts than the patched one",
                 path + (role,),
-                "measure the clean and corrupted runs in invokes with one prompt and no sweep",
+                "measure the clean and corrupted runs in invokes with one prompt (or the "
+                "dataset's items) and no sweep",
             )
             ok = False
     return ok
+
+
+def _matches_patched(ctx: SpecContext, invoke: str, metrics: Any, metric: Any) -> bool:
+    """Whether a recovery's clean or corrupt invoke gives one value, or one per input of the
+    patched metric's invoke (the same dataset items, or as many prompts)."""
+    spec_invoke = ctx.spec.invokes[invoke]
+    if spec_invoke.sweep:
+        return False
+    axis = ctx.input_axis(invoke)
+    if axis is None:
+        return True
+    patched = metrics.get(metric.patched)
+    if patched is None or patched.invoke not in ctx.spec.invokes:
+        return True  # reported for the patched metric
+    if axis != ctx.input_axis(patched.invoke):
+        return False
+    other = ctx.spec.invokes[patched.invoke]
+    return axis == "item" or len(spec_invoke.prompts) == len(other.prompts)
 
 
 def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetric | None:
@@ -210,9 +277,9 @@ def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetri
     inputs = [metric.patched, metric.clean, metric.corrupt]
     patched = metrics[metric.patched]
     grid = ctx.grids[patched.invoke]
-    many = ctx.spec.invokes[patched.invoke].many_inputs
-    axes = tuple(grid.axes) + (("prompt",) if many else ())
-    shape = tuple(grid.shape) + ((len(ctx.tokens[patched.invoke]),) if many else ())
+    each = ctx.input_axis(patched.invoke)
+    axes = tuple(grid.axes) + ((each,) if each else ())
+    shape = tuple(grid.shape) + ((len(ctx.tokens[patched.invoke]),) if each else ())
     return PlanMetric(
         name=name,
         kind="recovery",

@@ -11,6 +11,7 @@ from ..errors import did_you_mean, format_path
 from ..plan import RowOp
 from ..sites import Site, SiteError, head_columns, resolve_site
 from .context import Context, SpecPath, default_save_name, plain
+from .dataset import item_label, render_selector
 from .inputs import read_array_file
 from .positions import PositionError, resolve_positions
 
@@ -24,18 +25,38 @@ def _sites(ctx: Context, site: str, path: SpecPath) -> list[Site]:
         raise ctx.fail("unknown-site", exc.message, path + ("site",), exc.hint) from None
 
 
-def _positions(ctx: Context, selectors: Any, tokens: list[int], path: SpecPath) -> list[int]:
-    """Resolve selectors; an error points at the list item that failed."""
+def _positions(
+    ctx: Context, selectors: Any, tokens: list[int], path: SpecPath, item: int | None = None
+) -> list[int]:
+    """Resolve selectors (in a dataset item: with its values in their templates); an error
+    points at the list item that failed, and names the dataset item."""
     items = selectors if isinstance(selectors, list) else [selectors]
     out: list[int] = []
-    for index, item in enumerate(items):
+    for index, selector in enumerate(items):
         where = path + (index,) if isinstance(selectors, list) else path
+        concrete = plain(selector)
+        if item is not None and ctx.items is not None:
+            concrete = render_selector(concrete, ctx.items.rows[item])
         try:
-            picked = resolve_positions(plain(item), tokens, ctx.tok)
+            picked = resolve_positions(concrete, tokens, ctx.tok)
         except PositionError as exc:
-            raise ctx.fail("bad-position", exc.message, where, exc.hint) from None
+            message = exc.message
+            if item is not None and ctx.items is not None:
+                message = f"{item_label(ctx.items, item, plain(selector))}: {message}"
+            raise ctx.fail("bad-position", message, where, exc.hint) from None
         out.extend(p for p in picked if p not in out)
     return out
+
+
+def _item(ctx: Context, invoke: str, prompt_index: int) -> int | None:
+    """The dataset item a row of ``invoke`` runs on (None: the invoke is not over the dataset)."""
+    return prompt_index if invoke in ctx.item_invokes else None
+
+
+def _in_item(ctx: Context, invoke: str, prompt_index: int) -> str:
+    """``"item 3 (row 4 of ioi.jsonl): "`` for a row of an invoke over the dataset, else ``""``."""
+    item = _item(ctx, invoke, prompt_index)
+    return "" if item is None or ctx.items is None else item_label(ctx.items, item) + ": "
 
 
 def _head_indices(ctx: Context, selector: Any, site: Site, path: SpecPath) -> list[int] | None:
@@ -126,7 +147,9 @@ def compile_op(
         window = _window(ctx, op, site, path)
         for prompt_index, tokens in enumerate(ctx.tokens[invoke]):
             row = ctx.row_index[(invoke, cell, prompt_index)]
-            positions = _positions(ctx, op.positions, tokens, path + ("positions",))
+            positions = _positions(
+                ctx, op.positions, tokens, path + ("positions",), _item(ctx, invoke, prompt_index)
+            )
             common = dict(
                 site=site.name, module=site.module, io=site.io, row=row, positions=tuple(positions)
             )
@@ -208,11 +231,13 @@ def _patch_op(
     src_tokens = ctx.tokens[source][src_prompt]
     selectors = op.source_positions if op.source_positions is not None else op.positions
     where = path + ("source_positions" if op.source_positions is not None else "positions",)
-    src_positions = _positions(ctx, selectors, src_tokens, where)
+    src_positions = _positions(ctx, selectors, src_tokens, where, _item(ctx, source, src_prompt))
     if len(src_positions) != len(common["positions"]):
         raise ctx.fail(
             "position-count",
-            f"the op selects {len(common['positions'])} position(s) in '{invoke}' but {len(src_positions)} in '{source}'",
+            _in_item(ctx, invoke, prompt_index)
+            + f"the op selects {len(common['positions'])} position(s) in '{invoke}' but "
+            f"{len(src_positions)} in '{source}'",
             where,
             "make 'positions' and 'source_positions' select the same number of tokens"
             if op.source_positions is not None

@@ -13,6 +13,7 @@ from ..errors import SpecError, did_you_mean
 from ..spec import LoadedDoc, SaveOp, Spec
 from .cells import check_variables
 from .context import Abort, SpecContext, SpecPath
+from .dataset import check_metric_columns, invoke_prompts, use_dataset
 from .expectations import pick_cells
 from .generation import check_generation
 from .gradients import check_backward
@@ -25,6 +26,9 @@ __all__ = ["check_references"]
 def check_references(spec: Spec, doc: LoadedDoc) -> None:
     """Raise one SpecError with every problem found without a model."""
     ctx = SpecContext(spec=spec, doc=doc)
+    use_dataset(ctx)
+    for name, invoke in spec.invokes.items():
+        invoke_prompts(ctx, name, invoke)  # flags unknown columns
     collect_save_names(ctx)
     order_stages(ctx)
     check_generation(ctx)
@@ -35,8 +39,8 @@ def check_references(spec: Spec, doc: LoadedDoc) -> None:
             recovery_inputs_ok(ctx, name, metric)
         elif metric.kind == "attribution":
             _attribution_invokes(ctx, name, metric)
-        else:
-            metric_invoke_exists(ctx, name, metric)
+        elif metric_invoke_exists(ctx, name, metric):
+            check_metric_columns(ctx, name, metric)
     check_backward(ctx)
     _expectation_targets(ctx)
     if ctx.issues:
@@ -69,7 +73,8 @@ def _metric_axes(ctx: SpecContext, name: str) -> tuple[str, ...] | None:
     invoke = ctx.spec.invokes.get(owner.invoke)
     if invoke is None:
         return None
-    axes = tuple(invoke.sweep or ()) + (("prompt",) if invoke.many_inputs else ())
+    each = ctx.input_axis(owner.invoke)
+    axes = tuple(invoke.sweep or ()) + ((each,) if each else ())
     if metric.kind == "logit_lens":
         axes += ("site",)
     elif metric.kind in _TOKEN_KINDS and metric.tokens is not None:

@@ -17,7 +17,9 @@ from typing import Any
 from .. import spec as S
 from ..models import ModelInfo, Tokenizer
 from ..sites import Site, SiteError, resolve_site
-from .context import default_save_name, plain
+from ..spec import document_of
+from .context import SpecContext, default_save_name, plain
+from .dataset import invoke_prompts, render_selector, use_dataset
 from .generation import reaches_new_token, step_count
 from .positions import PositionError, resolve_positions
 from .sweep import MAX_CELLS, Grid, GridError, count_cells, expand_grid, substitute
@@ -50,6 +52,8 @@ class _Invoke:
     grid: Grid
     lead: tuple[int, ...]  # result axes before a value's own: sweep cells, then prompts
     cells: list[dict[str, Any]]
+    #: an invoke over the dataset: its rows, whose values fill position templates
+    items: tuple[dict[str, Any], ...] | None = None
 
 
 def spec_sizes(
@@ -64,8 +68,11 @@ def spec_sizes(
     (an unknown site, a bad position) are skipped here: they add nothing. Over ``max_cells``
     cells only the counts are filled in (nothing is expanded)."""
     sizes = SpecSizes()
+    ctx = SpecContext(spec=spec, doc=document_of(spec))
+    use_dataset(ctx, allow_files=False)  # a server's spec has its rows inline
     tokens = {
-        name: [tokenizer.encode(p) for p in inv.prompts] for name, inv in spec.invokes.items()
+        name: [tokenizer.encode(p) for p in invoke_prompts(ctx, name, inv)]
+        for name, inv in spec.invokes.items()
     }
     for name, invoke in spec.invokes.items():  # counted first: a sweep is expanded only within
         longest = max(map(len, tokens[name]), default=0)  # the limit on cells
@@ -96,8 +103,9 @@ def spec_sizes(
         except GridError:
             grid = Grid((), ())
         cells = grid.cells() if grid.axes else [{}]
-        lead = tuple(grid.shape) + ((len(tokens[name]),) if invoke.many_inputs else ())
-        invokes[name] = _Invoke(tokens[name], grid, lead, cells)
+        lead = tuple(grid.shape) + ((len(tokens[name]),) if ctx.input_axis(name) else ())
+        items = ctx.items.rows if name in ctx.item_invokes and ctx.items else None
+        invokes[name] = _Invoke(tokens[name], grid, lead, cells, items)
         for op in invoke.ops:
             if isinstance(op, S.SaveOp):
                 widths = module_widths or {}
@@ -149,9 +157,12 @@ def _save_sizes(
         for site in _sites(str(concrete["site"]), info, cache):
             sites_of.setdefault(site.name, site)
             heads[site.name] = _count_heads(concrete.get("heads"), site)
-            for tokens in shape.tokens:
+            for index, tokens in enumerate(shape.tokens):
+                selector = plain(concrete["positions"])
+                if shape.items is not None:
+                    selector = render_selector(selector, shape.items[index])
                 try:
-                    selected = resolve_positions(plain(concrete["positions"]), tokens, tokenizer)
+                    selected = resolve_positions(selector, tokens, tokenizer)
                 except PositionError:
                     selected = []
                 count = len(selected)

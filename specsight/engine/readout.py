@@ -15,17 +15,26 @@ __all__ = ["assemble", "logit_lens", "metric_rows", "metric_values", "read_metri
 
 
 def metric_values(
-    kind: str, logits: torch.Tensor, tokens: tuple[int, ...], k: int | None
+    kind: str, logits: torch.Tensor, tokens: tuple[int, ...] | torch.Tensor, k: int | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A metric of each row's logits ([rows, vocab]); ``tokens`` are the ids every row reads,
+    or an [rows, n] tensor of each row's own (a dataset's per-item answers)."""
     logits = logits.float()
+
+    def pick(values: torch.Tensor) -> torch.Tensor:
+        if isinstance(tokens, torch.Tensor):
+            return values.gather(1, tokens)
+        return values[:, list(tokens)]
+
     if kind == "logits":
-        return logits[:, list(tokens)], None
+        return pick(logits), None
     if kind == "logprob":
-        return torch.log_softmax(logits, -1)[:, list(tokens)], None
+        return pick(torch.log_softmax(logits, -1)), None
     if kind == "prob":
-        return torch.softmax(logits, -1)[:, list(tokens)], None
+        return pick(torch.softmax(logits, -1)), None
     if kind == "logit_diff":
-        return logits[:, tokens[0]] - logits[:, tokens[1]], None
+        both = pick(logits)
+        return both[:, 0] - both[:, 1], None
     if kind == "top_k":
         if (k or 10) > logits.shape[-1]:
             raise RunError(
@@ -53,7 +62,10 @@ def metric_rows(
     device = logits.device
     local = torch.tensor([i for i, _ in picked], device=device)
     pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
-    values, token_ids = metric_values(kind, logits[local, pos], metric.tokens, metric.k)
+    tokens: tuple[int, ...] | torch.Tensor = metric.tokens
+    if metric.row_tokens:
+        tokens = torch.tensor([metric.row_tokens[slots[row]] for _, row in picked], device=device)
+    values, token_ids = metric_values(kind, logits[local, pos], tokens, metric.k)
     return values, token_ids, torch.tensor([slots[row] for _, row in picked])
 
 
@@ -92,7 +104,13 @@ def logit_lens(
         probs = torch.softmax(unembed(normed)[0].float(), -1)
     top_probs, top_ids = probs.topk(metric.k or 5, dim=-1)
     shape = (*metric.shape, len(metric.sites))
-    headline = probs[:, metric.tokens[0]] if metric.tokens else top_probs[:, 0]
+    if metric.row_tokens:  # each row's own token, for each of its sites
+        ids = torch.tensor([t[0] for t in metric.row_tokens]).repeat_interleave(len(metric.sites))
+        headline = probs.gather(1, ids.to(probs.device)[:, None])[:, 0]
+    elif metric.tokens:
+        headline = probs[:, metric.tokens[0]]
+    else:
+        headline = top_probs[:, 0]
     return {
         metric.name: headline.cpu().reshape(shape),
         f"{metric.name}/ids": top_ids.cpu().reshape(*shape, -1),

@@ -93,6 +93,9 @@ class PlanMetric:
     rows: tuple[int, ...]  # in result order, row-major over ``axes``
     positions: tuple[int, ...]  # the position read, per row
     tokens: tuple[int, ...] = ()
+    #: tokens that differ per row (a dataset's ``target: "{io}"``): one tuple per entry of
+    #: ``rows``, used instead of ``tokens``; ``token_strs`` then holds the templates
+    row_tokens: tuple[tuple[int, ...], ...] = ()
     token_strs: tuple[str, ...] = ()
     k: int | None = None
     squeeze_token: bool = False

@@ -45,6 +45,8 @@ class Plan:
     seed: int = 0
     #: the metric a backward pass starts from (``backward:``), None: no backward pass
     backward: str | None = None
+    #: the dataset the rows came from: {file, sha256, rows, columns, used, sample, invokes}
+    dataset: dict[str, Any] | None = None
     version: int = PLAN_VERSION
 
     # --- queries ---------------------------------------------------------------------------
@@ -140,8 +142,20 @@ def _explain(plan: Plan) -> str:
     lines = [
         f"plan for {title} on {plan.model['id']} ({m['architecture']}, {m['n_layers']} layers, "
         f"d_model {m['d_model']}), {plan.model['dtype']}",
-        "invokes:",
     ]
+    data = plan.dataset
+    if data is not None:
+        source = data["file"] or "inline rows"
+        used = (
+            f"{data['used']} of {data['rows']} rows (sampled)"
+            if data["sample"]
+            else (f"{data['rows']} rows")
+        )
+        lines.append(
+            f"dataset: {source}, {used}, columns {', '.join(data['columns'])}; sha256 "
+            f"{data['sha256'][:12]}; one row per item in {', '.join(data['invokes']) or '-'}"
+        )
+    lines.append("invokes:")
     for name, inv in plan.invoke_info.items():
         tokens = "/".join(str(t) for t in sorted(set(inv["tokens"])))
         sweep = ""
@@ -151,6 +165,8 @@ def _explain(plan: Plan) -> str:
         rows = inv["cells"] * inv["prompts"]
         kind = plan.model_summary.get("inputs", "text")
         given = {"text": "prompt(s)", "image": "image(s)", "tensor": "input(s)"}.get(kind, "")
+        if data is not None and name in data["invokes"]:
+            given = "item(s)"
         unit = "tokens" if kind == "text" else "positions"
         lines.append(
             f"  {name}: {inv['prompts']} {given} of {tokens} {unit}{sweep}, {rows} row(s), stage {inv['stage']}"

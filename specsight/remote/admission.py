@@ -172,6 +172,13 @@ def prepare_job(
                 hint="drop model.seed, or run locally",
             )
         )
+    if spec.dataset is not None and spec.dataset.rows is not None:
+        _check(
+            "dataset rows",
+            len(spec.dataset.rows),
+            limits.max_dataset_rows,
+            "sample the dataset (dataset: {sample: {n: ...}}) or split it into several jobs",
+        )
     for invoke in spec.invokes.values():
         for op in invoke.ops:
             vector = getattr(op, "vector", None) or getattr(op, "value", None)

@@ -104,6 +104,8 @@ class Limits(_Wire):
     max_new_tokens: int = 256
     max_result_bytes: int = 512_000_000
     max_vector_values: int = 65_536
+    #: rows an inline dataset may have (the client sends only the rows a sample keeps)
+    max_dataset_rows: int = 100_000
     max_queue: int = 64
     #: one key's queued jobs at most: the others keep room in the queue
     max_queue_per_key: int = 16

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..compile import DEFAULT_MAX_BATCH, compile_plan
+from ..compile import DEFAULT_MAX_BATCH, compile_plan, dataset_rows
 from ..errors import Issue, RunError, SpecError, format_path
 from ..models import ModelInfo
 from ..plan import Plan
@@ -27,7 +27,7 @@ __all__ = ["inline_file_vectors", "run_remote"]
 
 def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[str, Any]:
     """The spec's data with every ``{file: ...}`` vector replaced by its values, as compiled
-    into ``plan`` (a server reads no files). A file named by a sweep variable that gives
+    into ``plan``, and the dataset by the rows it uses (a server reads no files). A file named by a sweep variable that gives
     different vectors per cell cannot be inlined: a located SpecError."""
     dump = {"mode": "json", "by_alias": True, "exclude_none": True}
     data = copy.deepcopy(doc.data) if doc is not None else spec.model_dump(**dump)
@@ -59,6 +59,9 @@ def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[s
                 ops[index] = {**op.model_dump(**dump), attr: values}
     if issues:
         raise SpecError(issues)
+    rows = dataset_rows(spec, doc or document_of(spec))
+    if rows is not None:  # the rows a sample keeps, in order: the server's items are ours
+        data["dataset"] = {"rows": rows}
     return data
 
 
@@ -118,6 +121,8 @@ def run_remote(
             "server_version": remote.models().server_version,
             "spec_file_sha256": doc.sha256 if doc else None,
         }
+        if plan.dataset is not None:  # where the rows came from, not the inline copy sent
+            results.manifest["dataset"] = plan.dataset
     finally:
         if client is None:
             remote.close()

@@ -199,6 +199,7 @@ def _manifest(
             "hooks": len(plan.hooks()),
             "memory_estimate": plan.memory_estimate,
         },
+        "dataset": plan.dataset,
         "versions": _versions(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "tensors": _tensor_meta(plan, raw, model.tokenizer),

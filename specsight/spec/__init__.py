@@ -19,10 +19,12 @@ from .base import (
 )
 from .document import (
     INPUT_KINDS,
+    Dataset,
     FileTensor,
     Generate,
     Invoke,
     ModelRef,
+    Sample,
     Sampling,
     Spec,
     json_schema,
@@ -80,6 +82,8 @@ __all__ = [
     "ModelRef",
     "Invoke",
     "INPUT_KINDS",
+    "Dataset",
+    "Sample",
     "Generate",
     "Sampling",
     "FileTensor",

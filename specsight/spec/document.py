@@ -19,6 +19,8 @@ from .ops import FileVector, Op
 
 __all__ = [
     "INPUT_KINDS",
+    "Dataset",
+    "Sample",
     "FileTensor",
     "SweepValues",
     "Sampling",
@@ -138,6 +140,46 @@ class Invoke(StrictModel):
 INPUT_KINDS = ("prompt", "image", "input")
 
 
+# --- datasets ------------------------------------------------------------------------------
+
+Cell = Union[str, int, float, bool, None]
+
+
+class Sample(StrictModel):
+    """A reproducible subset of a dataset's rows: ``n`` of them, drawn with ``seed``."""
+
+    n: int = Field(ge=1, description="how many rows")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the draw")
+
+
+class Dataset(StrictModel):
+    """Rows whose columns invokes and metrics use as templates: ``prompt: "{clean}"``,
+    ``target: "{io}"``, ``positions: {token: "{s}"}``. An invoke whose prompt names a column
+    runs once per row (its results get an ``item`` axis)."""
+
+    file: str | None = Field(
+        None, min_length=1, description="a .jsonl or .csv file beside the spec, one row a line"
+    )
+    rows: Annotated[list[dict[str, Cell]], Field(min_length=1)] | None = Field(
+        None, description="the rows inline"
+    )
+    sample: Sample | None = Field(None, description="use a seeded subset of the rows")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_list(cls, value: Any) -> Any:
+        return {"rows": value} if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _file_or_rows(self) -> Dataset:
+        if (self.file is None) == (self.rows is None):
+            raise ValueError(
+                "give exactly one of 'file' (a .jsonl or .csv file beside the spec) or 'rows' "
+                "| e.g. dataset: {file: data/ioi.jsonl}"
+            )
+        return self
+
+
 # --- model, spec ---------------------------------------------------------------------------
 
 
@@ -207,6 +249,9 @@ class Spec(StrictModel):
     name: str | None = None
     description: str | None = None
     model: ModelRef
+    dataset: Dataset | None = Field(
+        None, description="rows (a file beside the spec, or inline) that invokes template over"
+    )
     invokes: dict[Name, Invoke] = Field(min_length=1)
     metrics: dict[Name, Metric] = Field(default_factory=dict)
     backward: Backward | None = Field(
