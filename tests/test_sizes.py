@@ -145,3 +145,18 @@ def test_counts_without_expanding_a_huge_sweep():
     sizes = spec_sizes(spec, lm.info, lm.tokenizer, max_cells=20_000)
     assert sizes.cells == 10_000_000_000 and sizes.rows == 10_000_000_000
     assert sizes.tensors == {}
+
+
+def test_result_size_of_a_dataset_with_reductions_is_exact():
+    from tests.test_dataset import dataset_spec
+
+    spec = dataset_spec()
+    spec["invokes"]["clean"]["ops"] = [
+        {"op": "save", "site": "resid_post.1", "positions": [{"token": "{s}"}], "name": "s1"}
+    ]
+    spec["metrics"]["ld"]["reduce"] = {"ci": "bootstrap", "n_boot": 100}
+    spec["metrics"]["clean_ld"]["reduce"] = "median"
+    spec["metrics"]["means"] = {**spec["metrics"]["recovery"], "of": "means"}
+    spec["metrics"]["both"] = {"kind": "prob", "invoke": "clean", "tokens": ["{io}", "{s}"]}
+    spec["metrics"]["both"]["reduce"] = "sum"
+    _assert_exact(spec, tiny("tiny-llama"))

@@ -313,13 +313,15 @@ def test_a_patch_between_prompts_of_different_lengths():
     assert results["ld"].shape == (4, 1)
 
 
-def test_validation_of_sixty_thousand_unknown_keys_takes_under_a_second():
+def test_validation_of_sixty_thousand_unknown_keys_is_linear_not_quadratic():
+    # about 0.7 s on 2 cores; a quadratic pass over 60,000 keys would take minutes, so the
+    # bound is loose enough for a loaded CI machine
     import time
 
     spec = _spec({"a": {"prompt": CLEAN, **{f"unknown_{i}": i for i in range(60_000)}}})
     started = time.perf_counter()
     with pytest.raises(SpecError) as err:
         specsight.load_spec(spec)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10.0
     assert len(err.value.issues) == 51 and err.value.issues[-1].code == "more-issues"
     assert "59950 more problems" in err.value.issues[-1].message

@@ -25,7 +25,7 @@ def _tensor_axes(metric: PlanMetric | None, save: PlanSave | None) -> tuple[str,
         suffix = ("site", "pos")
     elif metric.kind in _TOKEN_AXIS_KINDS and not metric.squeeze_token:
         suffix = ("token",)
-    return (*metric.axes, *suffix)
+    return (*metric.result_axes, *suffix)
 
 
 def _axis_values(

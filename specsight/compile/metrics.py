@@ -7,6 +7,7 @@ from typing import Any
 from ..errors import did_you_mean, format_path
 from ..plan import PlanMetric, RowOp
 from ..sites import SiteError, family_table, resolve_site
+from .aggregate import compile_reduce
 from .attribution import compile_attribution
 from .context import Abort, Context, SpecContext, SpecPath, plain
 from .dataset import (
@@ -92,11 +93,12 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         else:
             ids = [ctx.token_id(ref, p) for ref, p in zip(tokens_ref, token_paths)]
             token_strs = tuple(ctx.tok.token_str(i) for i in ids)
+        each = ctx.input_axis(metric.invoke)
+        axes = tuple(grid.axes) + ((each,) if each else ())
+        shape = tuple(grid.shape) + ((len(prompts),) if each else ())
+        reduce = compile_reduce(ctx, name, metric, axes, shape, each)
     except Abort:
         return None
-    each = ctx.input_axis(metric.invoke)
-    axes = tuple(grid.axes) + ((each,) if each else ())
-    shape = tuple(grid.shape) + ((len(prompts),) if each else ())
     extra = {}
     if metric.kind == "logit_lens":
         extra = dict(zip(("sites", "store_keys", "lens_modules"), lens))
@@ -113,6 +115,7 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         squeeze_token=squeeze,
         axes=axes,
         shape=shape,
+        reduce=reduce,
         **extra,
     )
 
@@ -280,6 +283,14 @@ def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetri
     each = ctx.input_axis(patched.invoke)
     axes = tuple(grid.axes) + ((each,) if each else ())
     shape = tuple(grid.shape) + ((len(ctx.tokens[patched.invoke]),) if each else ())
+    try:
+        reduce = compile_reduce(ctx, name, metric, axes, shape, each)
+    except Abort:
+        return None
+    if reduce is not None:  # which of clean and corrupt have a value per item
+        reduce["inputs_per_item"] = [
+            ctx.input_axis(metrics[ref].invoke) is not None for ref in inputs[1:]
+        ]
     return PlanMetric(
         name=name,
         kind="recovery",
@@ -289,4 +300,5 @@ def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetri
         axes=axes,
         shape=shape,
         inputs=tuple(inputs),
+        reduce=reduce,
     )

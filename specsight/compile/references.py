@@ -75,6 +75,12 @@ def _metric_axes(ctx: SpecContext, name: str) -> tuple[str, ...] | None:
         return None
     each = ctx.input_axis(owner.invoke)
     axes = tuple(invoke.sweep or ()) + ((each,) if each else ())
+    reduce = getattr(metric, "reduce", None)
+    if reduce is None and getattr(metric, "of", None) == "means":
+        axes = tuple(a for a in axes if a != each)
+    elif reduce is not None:
+        over = reduce.over if "over" in reduce.model_fields_set or not each else each
+        axes = tuple(a for a in axes if a != over)
     if metric.kind == "logit_lens":
         axes += ("site",)
     elif metric.kind in _TOKEN_KINDS and metric.tokens is not None:

@@ -51,6 +51,7 @@ class _Invoke:
     tokens: list[list[int]]
     grid: Grid
     lead: tuple[int, ...]  # result axes before a value's own: sweep cells, then prompts
+    axes: tuple[str, ...]  # the names of ``lead``
     cells: list[dict[str, Any]]
     #: an invoke over the dataset: its rows, whose values fill position templates
     items: tuple[dict[str, Any], ...] | None = None
@@ -105,7 +106,9 @@ def spec_sizes(
         cells = grid.cells() if grid.axes else [{}]
         lead = tuple(grid.shape) + ((len(tokens[name]),) if ctx.input_axis(name) else ())
         items = ctx.items.rows if name in ctx.item_invokes and ctx.items else None
-        invokes[name] = _Invoke(tokens[name], grid, lead, cells, items)
+        each = ctx.input_axis(name)
+        names = tuple(grid.axes) + ((each,) if each else ())
+        invokes[name] = _Invoke(tokens[name], grid, lead, names, cells, items)
         for op in invoke.ops:
             if isinstance(op, S.SaveOp):
                 widths = module_widths or {}
@@ -225,3 +228,22 @@ def _metric_sizes(
         sizes.tensors[f"{name}/probs"] = cells * n_sites * metric.k * _FLOAT
     else:
         sizes.tensors[name] = cells * _FLOAT
+    _reduce_sizes(sizes, name, metric, shape)
+
+
+def _reduce_sizes(sizes: SpecSizes, name: str, metric: Any, shape: _Invoke) -> None:
+    """A reduced metric: the per-item values stay (``/items``); the statistic, its standard
+    error and interval are one item's size."""
+    reduce = getattr(metric, "reduce", None)
+    if reduce is None and getattr(metric, "of", None) != "means":
+        return
+    full = sizes.tensors.get(name, 0)
+    n = shape.lead[-1] if shape.lead else 1  # the input axis, the usual one to reduce
+    if reduce is not None and reduce.over in shape.axes:
+        n = shape.lead[shape.axes.index(reduce.over)]
+    one = full // max(n, 1)
+    sizes.tensors[f"{name}/items"] = full
+    sizes.tensors[name] = one
+    sizes.tensors[f"{name}/stderr"] = one
+    if reduce is not None and reduce.ci:
+        sizes.tensors[f"{name}/ci_low"] = sizes.tensors[f"{name}/ci_high"] = one

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import RunError
 from ..plan import Plan
+from .aggregate import aggregate
 from .device import model_device, model_dtype
 from .forward import RowInputs, run_forward
 from .generate import run_generation
@@ -172,6 +173,7 @@ def execute(
         if metric.kind == "recovery":
             patched, clean, corrupt = (out.metrics[name] for name in metric.inputs)
             out.metrics[metric.name] = (patched - corrupt) / (clean - corrupt)
+    aggregate(plan, out.metrics)
     # Metrics come back in the order the spec lists them.
     order = {m.name: i for i, m in enumerate(plan.metrics)}
     out.metrics = dict(

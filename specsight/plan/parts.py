@@ -108,6 +108,16 @@ class PlanMetric:
     lens_modules: tuple[str, ...] = ()
     #: recovery: the (patched, clean, corrupt) metrics it is computed from
     inputs: tuple[str, ...] = ()
+    #: an aggregate over one of ``axes``: {over, axis, size, stat, ci, level, n_boot, seed,
+    #: of} (None: the metric keeps every row's value)
+    reduce: dict[str, Any] | None = None
+
+    @property
+    def result_axes(self) -> tuple[str, ...]:
+        """``axes`` as the result has them: without the reduced axis."""
+        if not self.reduce:
+            return self.axes
+        return tuple(a for i, a in enumerate(self.axes) if i != self.reduce["axis"])
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,21 @@ def _ranges(values: list[int]) -> str:
     return ",".join(parts)
 
 
+def _dims(metric: PlanMetric) -> list[str]:
+    """``layer=30`` per axis of a metric's result (a reduced axis left out)."""
+    skip = metric.reduce["axis"] if metric.reduce else None
+    return [f"{a}={n}" for i, (a, n) in enumerate(zip(metric.axes, metric.shape)) if i != skip]
+
+
+def _reduced(metric: PlanMetric) -> str:
+    """``, mean over 64 items (+ stderr, 95% bootstrap interval)``."""
+    r = metric.reduce
+    if not r:
+        return ""
+    extra = "stderr" + (f", {r['level']:.0%} bootstrap interval" if r["ci"] else "")
+    return f", {r['stat']} over {r['size']} {r['over']}s (+ {extra}, per-item values)"
+
+
 def _explain(plan: Plan) -> str:
     m = plan.model_summary
     title = plan.spec_name or "(unnamed spec)"
@@ -232,10 +247,10 @@ def _explain(plan: Plan) -> str:
             elif metric.kind == "recovery":
                 patched, clean, corrupt = metric.inputs
                 what = f"recovery = ({patched} - {corrupt}) / ({clean} - {corrupt})"
-                shape = (
-                    " x ".join(f"{a}={n}" for a, n in zip(metric.axes, metric.shape)) or "scalar"
-                )
-                lines.append(f"  {metric.name}: {what} -> [{shape}]")
+                if metric.reduce and metric.reduce["of"] == "means":
+                    what = f"recovery of means = (mean {patched} - mean {corrupt}) / (mean {clean} - mean {corrupt})"
+                shape = " x ".join(_dims(metric)) or "scalar"
+                lines.append(f"  {metric.name}: {what} -> [{shape}]{_reduced(metric)}")
                 continue
             elif metric.kind == "logit_lens":
                 token = f"{metric.token_strs[0]!r}, " if metric.token_strs else ""
@@ -250,17 +265,19 @@ def _explain(plan: Plan) -> str:
                 )
             elif metric.token_strs:
                 what = f"{metric.kind}({', '.join(repr(t) for t in metric.token_strs)})"
-            dims = list(zip(metric.axes, metric.shape))
+            dims = _dims(metric)
             if metric.kind == "logit_lens":
-                dims.append(("site", len(metric.sites)))
+                dims.append(f"site={len(metric.sites)}")
             if metric.kind == "attribution":
                 n_pos = len(plan.rows[metric.rows[0]].tokens)
-                dims += [("site", len(metric.sites)), ("pos", n_pos)]
-            shape = " x ".join(f"{a}={n}" for a, n in dims) or "scalar"
+                dims += [f"site={len(metric.sites)}", f"pos={n_pos}"]
+            shape = " x ".join(dims) or "scalar"
             where = f"@ position {_ranges(list(metric.positions))}"
             if plan.model_summary.get("inputs") == "image":
                 where = "(the classifier's output)"
-            lines.append(f"  {metric.name}: {what} on {metric.invoke} {where} -> [{shape}]")
+            lines.append(
+                f"  {metric.name}: {what} on {metric.invoke} {where} -> [{shape}]{_reduced(metric)}"
+            )
     if plan.backward is not None:
         lines.append(
             f"backward: from {plan.backward}, summed over its rows (parameters frozen; "

@@ -80,6 +80,7 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
     for metric in plan.metrics:
         axes = list(metric.axes)
         values = {a: plan.axis_values.get(metric.invoke, {}).get(a) for a in axes}
+        axes = list(metric.result_axes)
         labels = {
             a: plan.axis_labels.get(metric.invoke, {}).get(a)
             for a in axes
@@ -124,6 +125,10 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
                     ]
                     for i in range(flat_ids.shape[0])
                 ]
+        if metric.kind == "recovery":  # what "strongest cells" measures from
+            entry["baseline"] = 0.0
+        if metric.reduce:
+            _reduce_meta(meta, metric, entry, raw)
         for companion in companions:
             extra = raw.metrics[f"{metric.name}/{companion}"]
             meta[f"{metric.name}/{companion}"] = {
@@ -162,6 +167,29 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
                 "sha256": tensor_sha256(tensor),
             }
     return meta
+
+
+def _reduce_meta(
+    meta: dict[str, dict[str, Any]], metric: Any, entry: dict[str, Any], raw: EngineOutput
+) -> None:
+    """The entries of a reduced metric's companions (stderr, interval, per-item values)."""
+    reduce = metric.reduce
+    entry["reduce"] = {k: reduce[k] for k in ("over", "size", "stat", "ci", "level", "of")}
+    suffix = entry["axes"][len(metric.result_axes) :]
+    for companion in ("stderr", "ci_low", "ci_high", "items"):
+        name = f"{metric.name}/{companion}"
+        if name not in raw.metrics:
+            continue
+        tensor = raw.metrics[name]
+        axes = list(metric.axes) + suffix if companion == "items" else entry["axes"]
+        meta[name] = {
+            **{k: v for k, v in entry.items() if k not in ("decoded", "reduce", "baseline")},
+            "axes": axes,
+            "companion_of": metric.name,
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).replace("torch.", ""),
+            "sha256": tensor_sha256(tensor),
+        }
 
 
 def _manifest(

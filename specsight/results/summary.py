@@ -29,6 +29,7 @@ class RunView(Protocol):
 
 _MAX_GRID_COLUMNS = 40
 _MAX_LIST = 64
+_MAX_PROMPTS = 4  # next tokens shown per invoke (a dataset's invokes have many items)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -90,18 +91,52 @@ def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
     return table
 
 
-def _strongest(name: str, tensor: Any, meta: dict[str, Any], n: int = 5) -> list[str]:
+def _strongest(
+    name: str, tensor: Any, meta: dict[str, Any], extra: dict[str, Any], n: int = 5
+) -> list[str]:
+    """The cells furthest from the baseline (0 for a recovery, the baseline metric's value for
+    an effect), signed; without a baseline, the largest values."""
     axes = meta.get("axes", [])[: tensor.ndim]
     flat = tensor.float().flatten()
-    order = flat.nan_to_num(float("-inf")).topk(min(n, flat.numel())).indices.tolist()
-    lines = [f"  strongest cells of {name}:"]
+    baseline = meta.get("baseline")
+    if baseline is None:
+        score = flat.nan_to_num(float("-inf"))
+        title = f"  strongest cells of {name}:"
+    else:
+        score = (flat - baseline).abs().nan_to_num(float("-inf"))
+        title = f"  strongest cells of {name} (furthest from {baseline:g}):"
+    order = score.topk(min(n, flat.numel())).indices.tolist()
+    lines = [title]
     for index in order:
-        where = cell_label(meta, axes, coords(index, tuple(tensor.shape)))
-        lines.append(f"    {_fmt(float(flat[index]))}  at {where}")
+        cell = coords(index, tuple(tensor.shape))
+        where = cell_label(meta, axes, cell)
+        lines.append(f"    {_fmt(float(flat[index]))}{_spread(extra, tuple(cell))}  at {where}")
     return lines
 
 
-def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]) -> None:
+def _over(meta: dict[str, Any]) -> str:
+    """`` (mean over 64 items)`` for a reduced metric."""
+    reduce = meta.get("reduce")
+    if not reduce:
+        return ""
+    what = "recovery of means" if reduce.get("of") == "means" else reduce["stat"]
+    return f" ({what} over {reduce['size']} {reduce['over']}s)"
+
+
+def _spread(extra: dict[str, Any], index: tuple[int, ...]) -> str:
+    """`` ± 0.12`` (the standard error) and the bootstrap interval of one cell, when stored."""
+    text = ""
+    if "stderr" in extra:
+        text += f" ± {float(extra['stderr'][index]):.3g}"
+    if "ci_low" in extra:
+        low, high = float(extra["ci_low"][index]), float(extra["ci_high"][index])
+        text += f" [{_fmt(low)}, {_fmt(high)}]"
+    return text
+
+
+def _print_metric(
+    console: Console, name: str, tensor: Any, meta: dict[str, Any], extra: dict[str, Any]
+) -> None:
     axes = meta.get("axes", [])
     kind = meta.get("metric_kind")
     decoded = meta.get("decoded")
@@ -134,24 +169,29 @@ def _print_metric(console: Console, name: str, tensor: Any, meta: dict[str, Any]
         what = (
             f" ({kind} of {token[0]!r})" if kind in ("prob", "logprob", "logits") and token else ""
         )
-        console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what)} = {_fmt(float(tensor))}")
+        value = _fmt(float(tensor)) + _spread(extra, ())
+        console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what + _over(meta))} = {value}")
     elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:
-        console.print(_grid(name, tensor, meta))
-        for line in _strongest(name, tensor, meta):
+        console.print(_grid(name + _over(meta), tensor, meta))
+        for line in _strongest(name, tensor, meta, extra):
             console.print(line, markup=False)
     elif tensor.ndim == 1 and tensor.numel() <= _MAX_LIST:
         axis = axes[0] if axes else "index"
         labels = axis_labels(meta, axis)
         values = tensor.tolist()
         shown = "  ".join(
-            f"{labels[i] if i < len(labels) else i}: {_fmt(v)}" for i, v in enumerate(values)
+            f"{labels[i] if i < len(labels) else i}: {_fmt(v)}{_spread(extra, (i,))}"
+            for i, v in enumerate(values)
         )
-        console.print(f"  [magenta]{escape(name)}[/magenta] by {axis}: {escape(shown)}")
+        console.print(
+            f"  [magenta]{escape(name)}[/magenta]{escape(_over(meta))} by {axis}: {escape(shown)}"
+        )
     else:
         console.print(
-            f"  [magenta]{escape(name)}[/magenta] shape {list(tensor.shape)} ({' x '.join(axes)})"
+            f"  [magenta]{escape(name)}[/magenta]{escape(_over(meta))} shape "
+            f"{list(tensor.shape)} ({' x '.join(axes)})"
         )
-        for line in _strongest(name, tensor, meta):
+        for line in _strongest(name, tensor, meta, extra):
             console.print(line, markup=False)
 
 
@@ -173,6 +213,9 @@ def print_summary(results: RunView, console: Console) -> None:
     for invoke, per_prompt in results.next_tokens.items():
         prompts = results.prompts.get(invoke, [])
         for i, tokens in enumerate(per_prompt):
+            if i == _MAX_PROMPTS and len(per_prompt) > _MAX_PROMPTS + 1:
+                console.print(f"  [cyan]{escape(invoke)}[/cyan] ... {len(per_prompt) - i} more")
+                break
             label = invoke if len(per_prompt) == 1 else f"{invoke}[{i}]"
             prompt = prompts[i] if i < len(prompts) else ""
             console.print(f"  [cyan]{escape(label)}[/cyan] {escape(repr(_shorten(prompt)))}")
@@ -195,7 +238,12 @@ def print_summary(results: RunView, console: Console) -> None:
     if shown:
         console.print("[bold]metrics[/bold]")
     for name, tensor in shown:
-        _print_metric(console, name, tensor, tensors_meta.get(name, {}))
+        extra = {
+            key.rpartition("/")[2]: value
+            for key, value in results.metrics.items()
+            if tensors_meta.get(key, {}).get("companion_of") == name
+        }
+        _print_metric(console, name, tensor, tensors_meta.get(name, {}), extra)
     if results.expectations:
         console.print("[bold]expectations[/bold]")
         for outcome in results.expectations:

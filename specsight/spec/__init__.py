@@ -43,6 +43,7 @@ from .metrics import (
     Metric,
     ProbMetric,
     RecoveryMetric,
+    Reduce,
     TopKMetric,
 )
 from .ops import (
@@ -111,6 +112,7 @@ __all__ = [
     "TopKMetric",
     "LogitLensMetric",
     "RecoveryMetric",
+    "Reduce",
     "AttributionMetric",
     "METRIC_CLASSES",
     "METRIC_KINDS",

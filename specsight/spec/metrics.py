@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from .base import PositionSelector, StrictModel, TokenRef
 
 __all__ = [
+    "Reduce",
     "LogitsMetric",
     "LogprobMetric",
     "ProbMetric",
@@ -28,7 +29,32 @@ __all__ = [
 # --- metrics -------------------------------------------------------------------------------
 
 
-class _MetricBase(StrictModel):
+class Reduce(StrictModel):
+    """An aggregate of a metric over one of its axes (a dataset's items, by default): the
+    statistic replaces the metric; its standard error, the per-item values and (on request) a
+    seeded bootstrap interval are stored beside it (``<name>/stderr``, ``<name>/items``,
+    ``<name>/ci_low``, ``<name>/ci_high``). ``reduce: mean`` is short for ``{stat: mean}``."""
+
+    over: str = Field("item", description="the axis reduced: item, prompt, or a sweep variable")
+    stat: Literal["mean", "median", "sum"] = "mean"
+    ci: Literal["bootstrap"] | None = Field(
+        None, description="add a percentile bootstrap interval (resampling the axis)"
+    )
+    level: float = Field(0.95, gt=0, lt=1, description="the interval's coverage")
+    n_boot: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the resampling")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, value: Any) -> Any:
+        return {"stat": value} if isinstance(value, str) else value
+
+
+class _Reducible(StrictModel):
+    reduce: Reduce | None = Field(None, description="aggregate over items (or another axis)")
+
+
+class _MetricBase(_Reducible):
     invoke: str = Field(description="the invoke whose output is measured")
     position: PositionSelector = Field(
         "last", description="the position whose next-token output is read"
@@ -78,10 +104,17 @@ class LogitLensMetric(_MetricBase):
     k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
 
 
-class RecoveryMetric(StrictModel):
-    """Patching recovery: (patched - corrupt) / (clean - corrupt), from three other metrics."""
+class RecoveryMetric(_Reducible):
+    """Patching recovery: (patched - corrupt) / (clean - corrupt), from three other metrics.
+
+    Over a dataset, ``of: items`` (default) is each item's recovery (reduced by ``reduce``,
+    e.g. the mean of recoveries); ``of: means`` is the recovery of the means, (mean patched -
+    mean corrupt) / (mean clean - mean corrupt), reduced over ``reduce.over`` (item)."""
 
     kind: Literal["recovery"]
+    of: Literal["items", "means"] = Field(
+        "items", description="items: per-item recovery; means: the recovery of the means"
+    )
     patched: str = Field(description="the metric measured with the patch (often swept)")
     clean: str = Field(description="the same metric on the clean run")
     corrupt: str = Field(description="the same metric on the corrupted run without patches")
