@@ -184,3 +184,93 @@ def test_a_list_of_prompts_reduces_over_prompts():
         want.append(float(logits[0, -1].softmax(-1)[mary]))
     assert results["p"].item() == pytest.approx(np.mean(want), abs=1e-6)
     assert results.axes("p/items") == ["prompt"]
+
+
+# --------------------------------------------------------------------------- effects
+
+
+def _ablation_spec(reduce=None, baseline="clean_ld"):
+    """Zero each head of layers 0 and 1 on the clean prompts; the effect is measured per item."""
+    spec = dataset_spec({"rows": SIX})
+    spec["invokes"] = {
+        "clean": {"prompt": "{clean}"},
+        "ablated": {
+            "prompt": "{clean}",
+            "sweep": {"layer": [0, 1], "head": "all"},
+            "ops": [{"op": "zero", "site": "head_z.{layer}", "heads": ["{head}"]}],
+        },
+    }
+    ld = {"kind": "logit_diff", "target": "{io}", "foil": "{s}"}
+    spec["metrics"] = {
+        "clean_ld": {**ld, "invoke": "clean"},
+        "ablated_ld": {**ld, "invoke": "ablated", "baseline": baseline},
+    }
+    if reduce is not None:
+        spec["metrics"]["ablated_ld"]["reduce"] = reduce
+    return spec
+
+
+def _hand_ablation(lm, row, layer: int, head: int) -> float:
+    """A layer's attention output projection input with one head's columns zeroed, by hand."""
+    attn = lm.model.model.layers[layer].self_attn
+    d_head = lm.info.d_model // lm.info.n_heads
+
+    def zero(_m, args):
+        hidden = args[0].clone()
+        hidden[..., head * d_head : (head + 1) * d_head] = 0
+        return (hidden, *args[1:])
+
+    handle = attn.o_proj.register_forward_pre_hook(zero)
+    try:
+        return _hand_ld(lm, row["clean"], row["io"], row["s"])
+    finally:
+        handle.remove()
+
+
+def test_effects_are_per_item_differences_from_the_baseline_and_rank_the_summary():
+    lm = tiny()
+    clean = np.array([_hand_ld(lm, r["clean"], r["io"], r["s"]) for r in SIX])
+    ablated = np.array(
+        [
+            [[_hand_ablation(lm, r, layer, h) for r in SIX] for h in range(lm.info.n_heads)]
+            for layer in (0, 1)
+        ]
+    )
+    plain = specsight.run(_ablation_spec(), model=lm)
+    np.testing.assert_allclose(plain["ablated_ld"].numpy(), ablated, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain["ablated_ld/effect"].numpy(), ablated - clean, atol=1e-5)
+    reduced = specsight.run(_ablation_spec("mean"), model=lm)
+    effect = (ablated - clean).mean(-1)
+    np.testing.assert_allclose(reduced["ablated_ld/effect"].numpy(), effect, atol=1e-5)
+    summary = reduced.summary()
+    assert "strongest cells of ablated_ld (largest |effect| vs clean_ld)" in summary
+    first = summary.split("largest |effect| vs clean_ld):")[1].splitlines()[1]
+    layer, head = np.unravel_index(np.abs(effect).argmax(), effect.shape)
+    assert first.endswith(f"at layer={layer}, head={head}")
+    assert f"(effect {effect[layer, head]:+.3f})" in first
+    assert reduced.manifest["tensors"]["ablated_ld/effect"]["axes"] == ["layer", "head"]
+
+
+@pytest.mark.parametrize(
+    "baseline, extra, expected",
+    [
+        ("clean_lb", {}, "no metric named 'clean_lb' to use as the baseline"),
+        ("p", {"p": {"kind": "prob", "invoke": "clean", "token": "{io}"}}, "'p' is a prob metric"),
+        ("ablated_ld", {}, "no metric named 'ablated_ld'"),
+        (
+            "swept",
+            {"swept": {"kind": "logit_diff", "invoke": "ablated", "target": "{io}", "foil": "{s}"}},
+            "its invoke has a sweep",
+        ),
+    ],
+)
+def test_baseline_misuse_is_located(baseline, extra, expected):
+    spec = _ablation_spec(baseline=baseline)
+    spec["metrics"].update(extra)
+    for check in (
+        validate,
+        lambda s: specsight.compile_plan(specsight.load_spec(s), tiny().info, tiny().tokenizer),
+    ):
+        with pytest.raises(SpecError) as info:
+            check(spec)
+        assert "metrics.ablated_ld.baseline" in str(info.value) and expected in str(info.value)

@@ -113,7 +113,7 @@ def test_run_prints_readable_summary(runner, tiny_spec):
     assert "p_mary (prob of ' Mary') = " in out
     assert "\n  top  '" in out
     assert "ld [layer x pos]" in out
-    assert "strongest cells of ld:" in out
+    assert "strongest cells of ld (largest values; set 'baseline' to rank by effect):" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.strip().startswith("layer"))
     assert lines[header - 1].split() == ["0", "9", "13"]  # positions, then their tokens

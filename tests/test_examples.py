@@ -43,6 +43,7 @@ def test_every_example_has_a_behaviour_test():
     tested = {
         "eiffel_logit_lens.yaml",
         "ioi_attribution.yaml",
+        "ioi_dataset.yaml",
         "ioi_patching.yaml",
         "mlp_zero_ablation.yaml",
         "steering_add.yaml",
@@ -110,6 +111,30 @@ def test_ioi_patching(smollm, record_property, tmp_path):
     assert (swept[:, 0:9] - corrupt).abs().max() < 0.05
     # patching the last position after the last layer restores the clean run exactly
     assert float(swept[29, 13]) == pytest.approx(clean, abs=1e-3)
+
+
+def test_ioi_dataset(smollm, record_property, tmp_path):
+    results = timed_run("ioi_dataset.yaml", smollm, record_property, tmp_path)
+    data = results.manifest["dataset"]
+    rows = [json.loads(line) for line in (SPECS / "data" / "ioi.jsonl").read_text().splitlines()]
+    assert data["rows"] == len(rows) == 64 and data["used"] == 16 and len(data["sample"]) == 16
+    # each item measured on its own names, checked against the model called directly
+    want = []
+    for index in data["sample"]:
+        row = rows[index]
+        ids = torch.tensor([smollm.tokenizer.encode(row["clean"])])
+        with torch.inference_mode():
+            logits = smollm.model(ids).logits[0, -1]
+        io, s = (smollm.tokenizer.encode_plain(row[c])[0] for c in ("io", "s"))
+        want.append(float(logits[io] - logits[s]))
+    torch.testing.assert_close(results["clean_ld/items"], torch.tensor(want), rtol=1e-4, atol=1e-4)
+    assert float(results["clean_ld"]) == pytest.approx(sum(want) / len(want), abs=1e-4)
+    assert results.axes("recovery") == ["layer", "pos"]
+    assert all(outcome.ok for outcome in results.expectations)
+    # the heads whose ablation costs most are ranked first, with the sign of their effect
+    summary = results.summary()
+    assert "strongest cells of ablated_ld (largest |effect| vs clean_ld)" in summary
+    assert "(effect -2.59" in summary  # head 23.3 first
 
 
 def test_mlp_zero_ablation(smollm, record_property, tmp_path):

@@ -5,6 +5,8 @@ Regenerate with `make golden` (pytest tests/test_golden.py --update-golden) and 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import yaml
 
@@ -12,7 +14,8 @@ from specsight.api import compile_plan, load_spec
 from specsight.models.load import load_model_info
 from tests.conftest import GOLDEN, SPECS
 
-# The steering examples need layer 6 and multi-token words of the real model's vocabulary;
+# The steering examples need layer 6 and multi-token words of the real model's vocabulary, and
+# the dataset example layers 20-29;
 # their tiny-model twins live in tests/golden/specs.
 TINY_SPECS = GOLDEN / "specs"
 #: examples already written for a tiny model (images beside the spec), compiled as they are
@@ -20,7 +23,7 @@ OWN_MODEL = {"vit_patching": ("tiny-vit",)}
 CASES = [
     (spec_path.stem, model)
     for spec_path in sorted(SPECS.glob("*.yaml")) + sorted(TINY_SPECS.glob("*.yaml"))
-    if spec_path.stem not in ("steering_add", "steering_generate")
+    if spec_path.stem not in ("steering_add", "steering_generate", "ioi_dataset")
     for model in OWN_MODEL.get(spec_path.stem, ("tiny-llama", "tiny-gpt2"))
 ]
 
@@ -35,7 +38,8 @@ def _compiled(stem: str, model: str, max_batch: int = 16):
     data.pop("expect", None)  # the examples' claims are about the built-in model's numbers
     spec = load_spec(data)
     info, tokenizer = load_model_info(model)
-    return compile_plan(spec, info, tokenizer, max_batch=max_batch)
+    with contextlib.chdir(SPECS):  # a dict's dataset file is relative to the working folder
+        return compile_plan(spec, info, tokenizer, max_batch=max_batch)
 
 
 @pytest.mark.parametrize("stem, model", CASES, ids=[f"{s}-{m}" for s, m in CASES])

@@ -155,6 +155,8 @@ def test_result_size_of_a_dataset_with_reductions_is_exact():
         {"op": "save", "site": "resid_post.1", "positions": [{"token": "{s}"}], "name": "s1"}
     ]
     spec["metrics"]["ld"]["reduce"] = {"ci": "bootstrap", "n_boot": 100}
+    spec["metrics"]["ld"]["baseline"] = "base_ld"
+    spec["metrics"]["one"] = {**spec["metrics"]["clean_ld"], "baseline": "clean_ld"}
     spec["metrics"]["clean_ld"]["reduce"] = "median"
     spec["metrics"]["means"] = {**spec["metrics"]["recovery"], "of": "means"}
     spec["metrics"]["both"] = {"kind": "prob", "invoke": "clean", "tokens": ["{io}", "{s}"]}

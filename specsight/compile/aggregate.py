@@ -12,9 +12,9 @@ from typing import Any
 
 from .. import spec as S
 from ..errors import did_you_mean
-from .context import Context, SpecPath
+from .context import Context, SpecContext, SpecPath
 
-__all__ = ["compile_reduce"]
+__all__ = ["check_baseline", "compile_reduce", "one_per_input"]
 
 
 def compile_reduce(
@@ -71,3 +71,65 @@ def compile_reduce(
         "seed": reduce.seed,
         "of": of,
     }
+
+
+def one_per_input(ctx: SpecContext, invoke: str, reference: str) -> bool:
+    """Whether ``invoke`` gives one value, or one per input of ``reference`` (the same dataset
+    items, or as many prompts): what a recovery's clean run and a baseline must give."""
+    spec_invoke = ctx.spec.invokes[invoke]
+    if spec_invoke.sweep:
+        return False
+    axis = ctx.input_axis(invoke)
+    if axis is None:
+        return True
+    if axis != ctx.input_axis(reference):
+        return False
+    return axis == "item" or len(spec_invoke.prompts) == len(ctx.spec.invokes[reference].prompts)
+
+
+def check_baseline(ctx: SpecContext, name: str, metric: Any) -> bool:
+    """A metric's ``baseline`` names another metric of the same kind whose invoke gives one
+    value or one per item (located issues when not; needs no model)."""
+    ref = getattr(metric, "baseline", None)
+    if ref is None:
+        return True
+    path: SpecPath = ("metrics", name, "baseline")
+    metrics = ctx.spec.metrics
+    other = metrics.get(ref)
+    if metric.kind in ("top_k", "logit_lens"):
+        ctx.fail(
+            "bad-baseline",
+            f"a {metric.kind} metric has no baseline: its values are per token",
+            path,
+            "give the baseline to a logit_diff, logits, logprob or prob metric",
+        )
+        return False
+    if other is None or ref == name:
+        same = [n for n, m in metrics.items() if n != name and m.kind == metric.kind]
+        hint = did_you_mean(ref, same) or "metrics of that kind: " + (", ".join(same) or "none")
+        ctx.fail("unknown-metric", f"no metric named '{ref}' to use as the baseline", path, hint)
+        return False
+    if other.kind != metric.kind:
+        ctx.fail(
+            "bad-baseline",
+            f"'{ref}' is a {other.kind} metric; the baseline of a {metric.kind} metric must be "
+            "one too",
+            path,
+            f"measure the unmodified run with kind: {metric.kind}",
+        )
+        return False
+    invokes = ctx.spec.invokes
+    if (
+        other.invoke in invokes
+        and metric.invoke in invokes
+        and not one_per_input(ctx, other.invoke, metric.invoke)
+    ):
+        ctx.fail(
+            "bad-baseline",
+            f"the baseline '{ref}' must be one value, or one per item of '{name}': its "
+            "invoke has a sweep, or other prompts",
+            path,
+            "measure the unmodified run in an invoke without a sweep, over the same items",
+        )
+        return False
+    return True

@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import did_you_mean, format_path
 from ..plan import PlanMetric, RowOp
 from ..sites import SiteError, family_table, resolve_site
-from .aggregate import compile_reduce
+from .aggregate import check_baseline, compile_reduce, one_per_input
 from .attribution import compile_attribution
 from .context import Abort, Context, SpecContext, SpecPath, plain
 from .dataset import (
@@ -97,6 +97,8 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         axes = tuple(grid.axes) + ((each,) if each else ())
         shape = tuple(grid.shape) + ((len(prompts),) if each else ())
         reduce = compile_reduce(ctx, name, metric, axes, shape, each)
+        if not check_baseline(ctx, name, metric):
+            raise Abort
     except Abort:
         return None
     extra = {}
@@ -116,6 +118,7 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         axes=axes,
         shape=shape,
         reduce=reduce,
+        baseline=getattr(metric, "baseline", None),
         **extra,
     )
 
@@ -241,7 +244,7 @@ def recovery_inputs_ok(ctx: SpecContext, name: str, metric: Any) -> bool:
             ok = False
         elif other.invoke not in ctx.spec.invokes:  # that metric reports its unknown invoke
             ok = False
-        elif role != "patched" and not _matches_patched(ctx, other.invoke, metrics, metric):
+        elif role != "patched" and not _patched_fits(ctx, other.invoke, metrics, metric):
             ctx.fail(
                 "bad-recovery",
                 f"the {role} metric '{ref}' must be one value, or one per item of the patched "
@@ -254,22 +257,11 @@ def recovery_inputs_ok(ctx: SpecContext, name: str, metric: Any) -> bool:
     return ok
 
 
-def _matches_patched(ctx: SpecContext, invoke: str, metrics: Any, metric: Any) -> bool:
-    """Whether a recovery's clean or corrupt invoke gives one value, or one per input of the
-    patched metric's invoke (the same dataset items, or as many prompts)."""
-    spec_invoke = ctx.spec.invokes[invoke]
-    if spec_invoke.sweep:
-        return False
-    axis = ctx.input_axis(invoke)
-    if axis is None:
-        return True
+def _patched_fits(ctx: SpecContext, invoke: str, metrics: Any, metric: Any) -> bool:
     patched = metrics.get(metric.patched)
     if patched is None or patched.invoke not in ctx.spec.invokes:
         return True  # reported for the patched metric
-    if axis != ctx.input_axis(patched.invoke):
-        return False
-    other = ctx.spec.invokes[patched.invoke]
-    return axis == "item" or len(spec_invoke.prompts) == len(other.prompts)
+    return one_per_input(ctx, invoke, patched.invoke)
 
 
 def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetric | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import SpecError, did_you_mean
 from ..spec import LoadedDoc, SaveOp, Spec
+from .aggregate import check_baseline
 from .cells import check_variables
 from .context import Abort, SpecContext, SpecPath
 from .dataset import check_metric_columns, invoke_prompts, use_dataset
@@ -41,6 +42,7 @@ def check_references(spec: Spec, doc: LoadedDoc) -> None:
             _attribution_invokes(ctx, name, metric)
         elif metric_invoke_exists(ctx, name, metric):
             check_metric_columns(ctx, name, metric)
+            check_baseline(ctx, name, metric)
     check_backward(ctx)
     _expectation_targets(ctx)
     if ctx.issues:

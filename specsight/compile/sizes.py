@@ -229,6 +229,8 @@ def _metric_sizes(
     else:
         sizes.tensors[name] = cells * _FLOAT
     _reduce_sizes(sizes, name, metric, shape)
+    if getattr(metric, "baseline", None) is not None:
+        sizes.tensors[f"{name}/effect"] = sizes.tensors[name]
 
 
 def _reduce_sizes(sizes: SpecSizes, name: str, metric: Any, shape: _Invoke) -> None:

@@ -1,4 +1,5 @@
-"""Aggregates over a metric's items: the statistic (mean, median or sum) replaces the
+"""Effects and aggregates. A metric with a baseline gets ``<name>/effect``, its value minus
+the baseline's (item by item when the baseline has items). Aggregates over a metric's items: the statistic (mean, median or sum) replaces the
 metric, and beside it go the per-item values (``<name>/items``), the standard error
 (``<name>/stderr``) and, on request, a percentile bootstrap interval (``<name>/ci_low``,
 ``<name>/ci_high``).
@@ -29,9 +30,16 @@ def aggregate(plan: Plan, metrics: dict[str, torch.Tensor]) -> None:
     aggregate, adding the companions; inputs are read before any is replaced."""
     raw = dict(metrics)
     for metric in plan.metrics:
+        if metric.baseline is not None:  # per item when the baseline has items (broadcast)
+            raw[f"{metric.name}/effect"] = raw[metric.name] - raw[metric.baseline]
+            metrics[f"{metric.name}/effect"] = raw[f"{metric.name}/effect"]
+    for metric in plan.metrics:
         spec = metric.reduce
         if not spec:
             continue
+        if metric.baseline is not None:
+            effect = _plain(raw[f"{metric.name}/effect"], spec)(None)
+            metrics[f"{metric.name}/effect"] = effect
         n = spec["size"]
         if metric.kind == "recovery" and spec["of"] == "means":
             statistic = _recovery_of_means(metric, raw, spec)

@@ -111,6 +111,8 @@ class PlanMetric:
     #: an aggregate over one of ``axes``: {over, axis, size, stat, ci, level, n_boot, seed,
     #: of} (None: the metric keeps every row's value)
     reduce: dict[str, Any] | None = None
+    #: the metric of the unmodified run this one's ``/effect`` is measured from
+    baseline: str | None = None
 
     @property
     def result_axes(self) -> tuple[str, ...]:

@@ -277,6 +277,7 @@ def _explain(plan: Plan) -> str:
                 where = "(the classifier's output)"
             lines.append(
                 f"  {metric.name}: {what} on {metric.invoke} {where} -> [{shape}]{_reduced(metric)}"
+                + (f"; effect = value - {metric.baseline}" if metric.baseline else "")
             )
     if plan.backward is not None:
         lines.append(

@@ -129,6 +129,9 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
             entry["baseline"] = 0.0
         if metric.reduce:
             _reduce_meta(meta, metric, entry, raw)
+        if metric.baseline is not None:
+            entry["baseline_metric"] = metric.baseline
+            _companion(meta, metric.name, "effect", entry, entry["axes"], raw)
         for companion in companions:
             extra = raw.metrics[f"{metric.name}/{companion}"]
             meta[f"{metric.name}/{companion}"] = {
@@ -177,19 +180,32 @@ def _reduce_meta(
     entry["reduce"] = {k: reduce[k] for k in ("over", "size", "stat", "ci", "level", "of")}
     suffix = entry["axes"][len(metric.result_axes) :]
     for companion in ("stderr", "ci_low", "ci_high", "items"):
-        name = f"{metric.name}/{companion}"
-        if name not in raw.metrics:
-            continue
-        tensor = raw.metrics[name]
         axes = list(metric.axes) + suffix if companion == "items" else entry["axes"]
-        meta[name] = {
-            **{k: v for k, v in entry.items() if k not in ("decoded", "reduce", "baseline")},
-            "axes": axes,
-            "companion_of": metric.name,
-            "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype).replace("torch.", ""),
-            "sha256": tensor_sha256(tensor),
-        }
+        _companion(meta, metric.name, companion, entry, axes, raw)
+
+
+def _companion(
+    meta: dict[str, dict[str, Any]],
+    name: str,
+    companion: str,
+    entry: dict[str, Any],
+    axes: list[str],
+    raw: EngineOutput,
+) -> None:
+    """The manifest entry of ``<name>/<companion>`` (when the run made it)."""
+    key = f"{name}/{companion}"
+    if key not in raw.metrics:
+        return
+    tensor = raw.metrics[key]
+    skip = ("decoded", "reduce", "baseline", "baseline_metric")
+    meta[key] = {
+        **{k: v for k, v in entry.items() if k not in skip},
+        "axes": axes,
+        "companion_of": name,
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).replace("torch.", ""),
+        "sha256": tensor_sha256(tensor),
+    }
 
 
 def _manifest(

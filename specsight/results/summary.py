@@ -98,19 +98,28 @@ def _strongest(
     an effect), signed; without a baseline, the largest values."""
     axes = meta.get("axes", [])[: tensor.ndim]
     flat = tensor.float().flatten()
-    baseline = meta.get("baseline")
-    if baseline is None:
-        score = flat.nan_to_num(float("-inf"))
-        title = f"  strongest cells of {name}:"
-    else:
+    baseline, effect = meta.get("baseline"), extra.get("effect")
+    if effect is not None and tuple(effect.shape) == tuple(tensor.shape):
+        effect = effect.float().flatten()
+        score = effect.abs().nan_to_num(float("-inf"))
+        title = f"  strongest cells of {name} (largest |effect| vs {meta.get('baseline_metric')}):"
+    elif baseline is not None:
+        effect = None
         score = (flat - baseline).abs().nan_to_num(float("-inf"))
         title = f"  strongest cells of {name} (furthest from {baseline:g}):"
+    else:
+        effect = None
+        score = flat.nan_to_num(float("-inf"))
+        title = f"  strongest cells of {name} (largest values; set 'baseline' to rank by effect):"
     order = score.topk(min(n, flat.numel())).indices.tolist()
     lines = [title]
     for index in order:
         cell = coords(index, tuple(tensor.shape))
         where = cell_label(meta, axes, cell)
-        lines.append(f"    {_fmt(float(flat[index]))}{_spread(extra, tuple(cell))}  at {where}")
+        shown = f"{_fmt(float(flat[index]))}{_spread(extra, tuple(cell))}"
+        if effect is not None:
+            shown += f" (effect {_fmt(float(effect[index]))})"
+        lines.append(f"    {shown}  at {where}")
     return lines
 
 

@@ -283,8 +283,28 @@ def json_schema() -> dict[str, Any]:
     schema["properties"]["model"] = {
         "anyOf": [{"type": "string", "minLength": 1}, {"$ref": "#/$defs/ModelRef"}]
     }
+    _accept_shorthands(schema)
     _close_pattern_objects(schema)
     return schema
+
+
+def _accept_shorthands(node: Any) -> None:
+    """What the models' before-validators accept, in the schema too: ``reduce: mean`` and a
+    dataset given as a bare list of rows."""
+    shorthand = {
+        "#/$defs/Reduce": {"enum": ["mean", "median", "sum"]},
+        "#/$defs/Dataset": {"type": "array", "items": {"type": "object"}, "minItems": 1},
+    }
+    if isinstance(node, dict):
+        options = node.get("anyOf")
+        if isinstance(options, list):
+            refs = [o.get("$ref") for o in options if isinstance(o, dict)]
+            node["anyOf"] = options + [shorthand[r] for r in refs if r in shorthand]
+        for value in node.values():
+            _accept_shorthands(value)
+    elif isinstance(node, list):
+        for value in node:
+            _accept_shorthands(value)
 
 
 def _close_pattern_objects(node: Any) -> None:

@@ -59,6 +59,11 @@ class _MetricBase(_Reducible):
     position: PositionSelector = Field(
         "last", description="the position whose next-token output is read"
     )
+    baseline: str | None = Field(
+        None,
+        description="a metric of the same kind on an unmodified run: adds <name>/effect = "
+        "value - baseline (per item over a dataset), which 'strongest cells' ranks by",
+    )
 
 
 class _TokenMetric(_MetricBase):
