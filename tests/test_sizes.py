@@ -152,7 +152,8 @@ def test_result_size_of_a_dataset_with_reductions_is_exact():
 
     spec = dataset_spec()
     spec["invokes"]["clean"]["ops"] = [
-        {"op": "save", "site": "resid_post.1", "positions": [{"token": "{s}"}], "name": "s1"}
+        {"op": "save", "site": "resid_post.1", "positions": [{"token": "{s}"}], "name": "s1"},
+        {"op": "save", "site": "mlp_act.2", "dims": [3, "10:20"], "name": "act"},
     ]
     spec["metrics"]["ld"]["reduce"] = {"ci": "bootstrap", "n_boot": 100}
     spec["metrics"]["ld"]["baseline"] = "base_ld"

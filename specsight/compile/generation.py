@@ -40,13 +40,14 @@ def check_generation(ctx: SpecContext) -> None:
     generating = {n for n, inv in ctx.spec.invokes.items() if inv.generate is not None}
     for name, invoke in ctx.spec.invokes.items():
         for i, op in enumerate(invoke.ops):
-            if isinstance(op, S.PatchOp) and op.from_ in generating:
-                ctx.fail(
-                    "patch-from-generate",
-                    f"cannot patch from '{op.from_}': it generates",
-                    ("invokes", name, "ops", i, "from"),
-                    "patch from an invoke without 'generate'",
-                )
+            for field_name, source in S.invoke_sources(op):
+                if source in generating:
+                    ctx.fail(
+                        "patch-from-generate",
+                        f"cannot read '{source}' in a {op.op}: it generates",
+                        ("invokes", name, "ops", i, field_name),
+                        f"{op.op} from an invoke without 'generate'",
+                    )
         if invoke.generate is None:
             for i, op in enumerate(invoke.ops):
                 if op.steps is not None:
@@ -169,11 +170,12 @@ def op_steps(ctx: Context, invoke: S.Invoke, op: Any, path: SpecPath) -> tuple[i
         return None
     n_steps = invoke.generate.max_new_tokens
     steps = _step_list(ctx, op.steps, n_steps, path + ("steps",))
-    if isinstance(op, S.PatchOp):  # a patch copies prompt positions: the prompt pass only
+    if S.invoke_sources(op) or isinstance(op, S.SkipOp | S.NoiseOp):
+        # copies of other prompts' positions, a layer's input, seeded noise: the prompt pass
         if op.steps is not None and steps != [0]:
             raise ctx.fail(
                 "patch-steps",
-                "a patch copies positions of another prompt, so it applies in the prompt pass "
+                f"a {op.op} acts on the prompt's positions, so it applies in the prompt pass "
                 f"(step 0) only; its steps are {op.steps}",
                 path + ("steps",),
                 "use steps: prompt, or remove 'steps'",

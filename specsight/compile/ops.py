@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from .. import spec as S
 from ..errors import did_you_mean, format_path
 from ..plan import RowOp
-from ..sites import Site, SiteError, head_columns, resolve_site
+from ..sites import Site, SiteError, resolve_site
+from .ablations import capture_key, compile_ablation, derangement, vector_key
 from .context import Context, SpecPath, default_save_name, plain
 from .dataset import item_label, render_selector
 from .inputs import read_array_file
 from .positions import PositionError, resolve_positions
+from .windows import op_window
 
 __all__ = ["compile_op"]
 
@@ -59,78 +59,6 @@ def _in_item(ctx: Context, invoke: str, prompt_index: int) -> str:
     return "" if item is None or ctx.items is None else item_label(ctx.items, item) + ": "
 
 
-def _head_indices(ctx: Context, selector: Any, site: Site, path: SpecPath) -> list[int] | None:
-    """The heads an op picks (None: all), range-checked against the site's head count."""
-    if selector is None or selector == "all":
-        return None
-    layout = site.heads
-    assert layout is not None
-    n = layout.n_heads
-    picked: list[int] = []
-    for value in selector if isinstance(selector, list) else [selector]:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ctx.fail("bad-head", f"a head is an integer, not {value!r}", path)
-        if not -n <= value < n:
-            gqa = site.canonical in ("k", "v") and n != ctx.info.n_heads
-            what = "key/value heads" if gqa else "heads"
-            message = f"head {value} is out of range: '{site.name}' has {n} {what}"
-            if gqa:
-                message += f" (grouped-query attention: {ctx.info.n_heads} query heads share them)"
-            hint = f"use 0..{n - 1}"
-            if gqa:
-                hint += f"; to sweep this site's heads write sweep: {{head: '0:{n}'}}"
-            raise ctx.fail("bad-head", message, path, hint)
-        if value % n not in picked:
-            picked.append(value % n)
-    return picked
-
-
-def _window(ctx: Context, op: Any, site: Site, path: SpecPath) -> dict[str, Any]:
-    """Columns, head size and width of what the op touches at ``site``."""
-    if site.heads is None:
-        if op.heads is not None:
-            raise ctx.fail(
-                "not-a-head-site",
-                f"site '{site.name}' has no heads; 'heads' applies to per-head sites "
-                "(head_z, q, k, v, attn_pattern)",
-                path + ("heads",),
-                "remove 'heads', or use a head site such as 'head_z.5'",
-            )
-        return {"cols": None, "head_dim": None, "width": site.width, "heads": None}
-    if site.io == "pattern":
-        _check_pattern(ctx, op, site, path)
-    heads = _head_indices(ctx, op.heads, site, path + ("heads",))
-    chosen = list(range(site.heads.n_heads)) if heads is None else heads
-    if site.io == "pattern":
-        return {"cols": head_columns(site, heads), "head_dim": None, "width": None, "heads": chosen}
-    return {
-        "cols": head_columns(site, heads),
-        "head_dim": site.heads.d_head,
-        "width": len(chosen) * site.heads.d_head,
-        "heads": chosen,
-    }
-
-
-def _check_pattern(ctx: Context, op: Any, site: Site, path: SpecPath) -> None:
-    if not isinstance(op, S.SaveOp):
-        raise ctx.fail(
-            "pattern-save-only",
-            f"'{site.name}' can only be saved: the module returns its attention weights after "
-            "using them, so changing them changes nothing",
-            path + ("op",),
-            "to change attention, act on q, k, v or head_z of that layer",
-        )
-    impl = ctx.spec.model.attn_implementation or ctx.info.attn_implementation
-    if impl != "eager":
-        why = f"{impl} attention does not" if impl else "only eager attention does"
-        raise ctx.fail(
-            "needs-eager",
-            f"'{site.name}' needs the attention weights, and {why} return them",
-            path + ("site",),
-            "set model: {id: ..., attn_implementation: eager}",
-        )
-
-
 def compile_op(
     ctx: Context, invoke: str, op: Any, template: Any, path: SpecPath, cell: int
 ) -> None:
@@ -144,7 +72,7 @@ def compile_op(
         )
     vector_key = _vector(ctx, op, path) if isinstance(op, S.AddOp | S.SetOp) else None
     for site in sites:
-        window = _window(ctx, op, site, path)
+        window = op_window(ctx, op, site, path)
         for prompt_index, tokens in enumerate(ctx.tokens[invoke]):
             row = ctx.row_index[(invoke, cell, prompt_index)]
             positions = _positions(
@@ -168,7 +96,7 @@ def compile_op(
                 ctx.save_keys.setdefault(save_name, []).append(key)
                 ctx.save_npos.setdefault(save_name, []).append(len(positions))
                 ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
-                _value_layout(ctx, save_name, site, window["heads"], positions)
+                _value_layout(ctx, save_name, site, window, positions)
                 ctx.ops.append(RowOp("grad" if op.grad else "save", store=key, **common))
             elif isinstance(op, S.ZeroOp):
                 ctx.ops.append(RowOp("zero", **common))
@@ -177,14 +105,21 @@ def compile_op(
             elif isinstance(op, S.AddOp | S.SetOp):
                 _vector_op(ctx, op, site, common, vector_key, path, window["width"])
             elif isinstance(op, S.PatchOp):
-                _patch_op(ctx, invoke, op, site, prompt_index, tokens, common, path)
+                src = 0 if len(ctx.tokens[op.from_]) == 1 else prompt_index
+                _patch_op(ctx, invoke, op, site, prompt_index, src, common, path)
+            elif isinstance(op, S.ResampleAblateOp):
+                src = _resampled(ctx, invoke, op, prompt_index, path)
+                _patch_op(ctx, invoke, op, site, prompt_index, src, common, path)
+            else:
+                compile_ablation(ctx, invoke, op, site, prompt_index, common, path, window["width"])
 
 
 def _value_layout(
-    ctx: Context, save_name: str, site: Site, heads: list[int] | None, positions: list[int]
+    ctx: Context, save_name: str, site: Site, window: dict[str, Any], positions: list[int]
 ) -> None:
     """The axes of a save's per-row value and the values along them that every row shares
     (positions differing between rows are left out)."""
+    heads = window["heads"]
     axes = ("position", "hidden")
     if site.io == "pattern":
         axes = ("query", "head", "key")
@@ -194,6 +129,8 @@ def _value_layout(
     values: dict[str, list[int]] = {axes[0]: list(positions)}
     if heads is not None:
         values["head"] = list(heads)
+    if window.get("dims") is not None:  # the chosen neurons or features
+        values["hidden"] = list(window["dims"])
     if first is not None and first[1].get(axes[0]) != values[axes[0]]:
         values.pop(axes[0])
     if first is not None and axes[0] not in first[1]:
@@ -201,62 +138,75 @@ def _value_layout(
     ctx.save_layout[save_name] = (axes, values)
 
 
+def _resampled(
+    ctx: Context, invoke: str, op: S.ResampleAblateOp, prompt_index: int, path: SpecPath
+) -> int:
+    """The source item a resample ablation reads for this row: a seeded derangement of the
+    items (the same in every sweep cell)."""
+    source, n = op.from_, len(ctx.tokens[invoke])
+    n_src = len(ctx.tokens[op.from_])
+    same = ctx.input_axis(source) == ctx.input_axis(invoke) and n_src == n
+    if not same or n < 2:
+        raise ctx.fail(
+            "resample-items",
+            f"resample_ablate pairs the items of '{invoke}' ({n}) with other items of "
+            f"'{source}' ({n_src}): both need the same two or more items",
+            path + ("from",),
+            "run both invokes over the dataset (prompt: '{column}'), or give both the same "
+            "list of prompts",
+        )
+    return derangement(n, int(op.seed))[prompt_index]
+
+
 def _patch_op(
     ctx: Context,
     invoke: str,
-    op: S.PatchOp,
+    op: S.PatchOp | S.ResampleAblateOp,
     site: Site,
     prompt_index: int,
-    tokens: list[int],
+    src_prompt: int,
     common: dict,
     path: SpecPath,
 ) -> None:
+    """Copy the site's value in row ``src_prompt`` of the source invoke (a patch, or a
+    resample ablation's other item) into this row."""
     source = op.from_
     if ctx.grids[source].axes:
         raise ctx.fail(
             "patch-from-sweep",
-            f"cannot patch from '{source}': it is swept, so it has no single value per site",
+            f"cannot {op.op} from '{source}': it is swept, so it has no single value per site",
             path + ("from",),
-            "patch from an invoke without a sweep",
+            f"{op.op} from an invoke without a sweep",
         )
     n_src, n_dst = len(ctx.tokens[source]), len(ctx.tokens[invoke])
-    if n_src not in (1, n_dst):
+    if isinstance(op, S.PatchOp) and n_src not in (1, n_dst):
         raise ctx.fail(
             "prompt-count",
             f"'{invoke}' has {n_dst} prompts but '{source}' has {n_src}",
             path + ("from",),
             "give the source one prompt (used for every row) or as many prompts as the target",
         )
-    src_prompt = 0 if n_src == 1 else prompt_index
     src_tokens = ctx.tokens[source][src_prompt]
-    selectors = op.source_positions if op.source_positions is not None else op.positions
-    where = path + ("source_positions" if op.source_positions is not None else "positions",)
+    selectors = getattr(op, "source_positions", None)
+    given = selectors is not None
+    selectors = selectors if given else op.positions
+    where = path + ("source_positions" if given else "positions",)
     src_positions = _positions(ctx, selectors, src_tokens, where, _item(ctx, source, src_prompt))
     if len(src_positions) != len(common["positions"]):
         raise ctx.fail(
             "position-count",
             _in_item(ctx, invoke, prompt_index)
             + f"the op selects {len(common['positions'])} position(s) in '{invoke}' but "
-            f"{len(src_positions)} in '{source}'",
+            f"{len(src_positions)} in '{source}'"
+            + (f" (item {src_prompt})" if src_prompt != prompt_index else ""),
             where,
             "make 'positions' and 'source_positions' select the same number of tokens"
-            if op.source_positions is not None
-            else "give 'source_positions' so both sides select the same number of tokens",
+            if given
+            else "give 'source_positions' so both sides select the same number of tokens"
+            if isinstance(op, S.PatchOp)
+            else "select positions every item has the same number of, e.g. {token: '{s}'}",
         )
-    src_row = ctx.row_index[(source, 0, src_prompt)]
-    key = f"capture/{source}/{src_prompt}/{site.module}/{site.io}"
-    if key not in ctx.captures:
-        ctx.captures[key] = RowOp(
-            "capture",
-            site=site.name,
-            module=site.module,
-            io=site.io,
-            row=src_row,
-            positions=tuple(range(len(src_tokens))),
-            store=key,
-            origin=common["origin"],
-            layer=site.layer,
-        )
+    key = capture_key(ctx, source, src_prompt, site, common["origin"])
     ctx.ops.append(RowOp("patch", sources=(key,), source_positions=tuple(src_positions), **common))
 
 
@@ -270,9 +220,7 @@ def _vector(ctx: Context, op: S.AddOp | S.SetOp, path: SpecPath) -> str | None:
         values = _read_vector_file(ctx, source, path + (attr,))
     else:
         values = tuple(float(v) for v in source)
-    key = "v" + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
-    ctx.vectors[key] = values
-    return key
+    return vector_key(ctx, values)
 
 
 def _vector_op(
@@ -301,6 +249,15 @@ def _vector_op(
         return
     source = op.vector if kind == "add" else op.value
     keys = ctx.save_keys.get(source.saved, [])
+    if not keys and source.saved not in ctx.save_names:  # a templated name, filled in
+        saved = sorted(ctx.save_keys)
+        raise ctx.fail(
+            "unknown-saved",
+            f"no saved value named '{source.saved}'",
+            path + (attr, "saved"),
+            did_you_mean(source.saved, saved, n=3)
+            or "saved values: " + ", ".join(saved[:8]) + (", ..." if len(saved) > 8 else ""),
+        )
     if not keys:  # a save of several sites keeps one value per site, under the site's name
         saved = sorted(ctx.save_keys)
         raise ctx.fail(

@@ -10,6 +10,7 @@ Raw module paths take their widths from ``module_widths`` (measured on the real 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from .dataset import invoke_prompts, render_selector, use_dataset
 from .generation import reaches_new_token, step_count
 from .positions import PositionError, resolve_positions
 from .sweep import MAX_CELLS, Grid, GridError, count_cells, expand_grid, substitute
+from .windows import DimsError, dim_indices
 
 __all__ = ["SpecSizes", "spec_sizes"]
 
@@ -186,6 +188,9 @@ def _save_sizes(
             value = (positions, heads[site_name], site.heads.d_head)
         else:
             value = (positions, _width(site, info, widths))
+            if raw.get("dims") is not None:
+                with contextlib.suppress(DimsError):
+                    value = (positions, len(dim_indices(raw["dims"], value[1], site_name)))
         if several:
             name = default_save_name(invoke_name, site_name, op.grad)
         else:

@@ -5,6 +5,8 @@ collected first (duplicates refused); missing and circular references are locate
 
 from __future__ import annotations
 
+import re
+
 from .. import spec as S
 from ..errors import did_you_mean, format_path
 from .context import SpecContext, SpecPath, default_save_name
@@ -12,16 +14,17 @@ from .context import SpecContext, SpecPath, default_save_name
 __all__ = ["collect_save_names", "order_stages"]
 
 
-def _sources_of(invoke: S.Invoke) -> list[tuple[int, str, str]]:
-    """(op index, kind, name) for every reference an invoke's ops make: patch sources and saved values."""
+def _sources_of(invoke: S.Invoke) -> list[tuple[int, str, str, str]]:
+    """(op index, kind, name, field) for every reference an invoke's ops make: patch and
+    ablation sources, noise scales, saved values."""
     refs = []
     for i, op in enumerate(invoke.ops):
-        if isinstance(op, S.PatchOp):
-            refs.append((i, "invoke", op.from_))
+        for field_name, source in S.invoke_sources(op):
+            refs.append((i, "invoke", source, field_name))
         for attr in ("vector", "value"):
             source = getattr(op, attr, None)
             if isinstance(source, S.SavedVector):
-                refs.append((i, "saved", source.saved))
+                refs.append((i, "saved", source.saved, attr))
     return refs
 
 
@@ -50,32 +53,56 @@ def collect_save_names(ctx: SpecContext) -> None:
                 ctx.save_names[save_name] = (name, i)
 
 
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+_SITE_INDEX = re.compile(r"(?<=\.)(\*|\d+(:\d*)?|:\d+)$")
+
+
+def _normalized(name: str) -> str:
+    """A save name with its layer index, range or wildcard (and any placeholder) as ``*``."""
+    return _SITE_INDEX.sub("*", _PLACEHOLDER.sub("*", name))
+
+
+def _owner_of_pattern(ref: str, save_owner: dict[str, str]) -> str | None:
+    """The invoke whose saves a templated name (``ref/mlp_out.{layer}``) reads: the saves of
+    a wildcard or range of sites (``ref/mlp_out.*``) or of single sites (``ref/mlp_out.3``)
+    whose names agree with it but for the layer."""
+    if not _PLACEHOLDER.search(ref):
+        return None
+    pattern = _normalized(ref)
+    owners = {owner for save, owner in save_owner.items() if _normalized(save) == pattern}
+    return owners.pop() if len(owners) == 1 else None
+
+
 def order_stages(ctx: SpecContext) -> dict[str, int]:
     """Stage of each invoke: 0 when it reads nothing, else one past everything it reads."""
     names = list(ctx.spec.invokes)
     save_owner = {save: owner for save, (owner, _) in ctx.save_names.items()}
     deps: dict[str, dict[str, SpecPath]] = {name: {} for name in names}
     for name, invoke in ctx.spec.invokes.items():
-        for i, kind, ref in _sources_of(invoke):
+        for i, kind, ref, field_name in _sources_of(invoke):
             op_path: SpecPath = ("invokes", name, "ops", i)
             if kind == "invoke":
                 if ref not in ctx.spec.invokes:
                     hint = did_you_mean(ref, names) or "invokes: " + ", ".join(names)
                     ctx.fail(
-                        "unknown-invoke", f"no invoke named '{ref}'", op_path + ("from",), hint
+                        "unknown-invoke", f"no invoke named '{ref}'", op_path + (field_name,), hint
                     )
                 elif ref == name:
+                    what = invoke.ops[i].op
                     ctx.fail(
                         "self-patch",
-                        "an invoke cannot patch from itself",
-                        op_path + ("from",),
-                        "patch from another invoke; to keep a value of this one, use a save op",
+                        f"an invoke cannot {'patch from' if what == 'patch' else 'read'} itself"
+                        + ("" if what == "patch" else f" ({what} reads '{field_name}' first)"),
+                        op_path + (field_name,),
+                        "patch from another invoke; to keep a value of this one, use a save op"
+                        if what == "patch"
+                        else "give the reference prompts an invoke of their own",
                     )
                 else:
-                    deps[name].setdefault(ref, op_path + ("from",))
+                    deps[name].setdefault(ref, op_path + (field_name,))
             else:
-                attr = "vector" if "vector" in type(invoke.ops[i]).model_fields else "value"
-                owner = save_owner.get(ref)
+                attr = field_name
+                owner = save_owner.get(ref) or _owner_of_pattern(ref, save_owner)
                 if owner is None:
                     hint = did_you_mean(ref, save_owner) or (
                         "saved values: " + ", ".join(save_owner) if save_owner else "add a save op"

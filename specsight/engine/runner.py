@@ -22,6 +22,7 @@ import torch
 
 from ..errors import RunError
 from ..plan import Forward, Plan, RowOp
+from .ablate import mean_value, noise_draw, project_out, span_basis, spread
 from .grad import keep_grad
 from .views import attention_weights, col_index, pos_index, row_major, token_major
 
@@ -32,6 +33,7 @@ _HINTS = {
     "add": "check the vector width against the site's shape (`specsight sites MODEL`)",
     "set": "check the value's width against the site's shape (`specsight sites MODEL`)",
     "patch": "patch between prompts of the same length, or give source_positions",
+    "project_out": "check the vectors' width against the site's shape (`specsight sites MODEL`)",
 }
 
 
@@ -78,6 +80,8 @@ class Runner:
         self.store: dict[str, torch.Tensor] = {}
         self.vectors: dict[str, torch.Tensor] = {}
         self.active: ActionTables | None = None
+        #: values ablations compute once from captures: means, spreads, bases
+        self.derived: dict[tuple, torch.Tensor | float] = {}
         self.ops_by_row: dict[int, list[RowOp]] = defaultdict(list)
         for op in plan.ops:
             self.ops_by_row[op.row].append(op)
@@ -276,8 +280,43 @@ class Runner:
                 )
             else:
                 hidden[index] = value.expand(len(op.positions), -1)
+        elif op.kind in ("mean", "noise", "project_out"):
+            self._ablate(op, hidden, index, cols)
         else:  # pragma: no cover - compile never emits other kinds
             raise RunError(f"unknown op kind '{op.kind}'")
+
+    def _ablate(
+        self, op: RowOp, hidden: torch.Tensor, index: tuple[Any, ...], cols: torch.Tensor | None
+    ) -> None:
+        """mean_ablate, noise and project_out at one row's positions (and columns)."""
+        if op.kind == "mean":
+            key = ("mean", op.sources, op.reduce)
+            if key not in self.derived:
+                self.derived[key] = mean_value([self.store[k] for k in op.sources], op.reduce)
+            table = self.derived[key]
+            value = table if op.reduce == "all" else table[list(op.positions)]  # type: ignore[index]
+            if cols is not None:
+                value = value[..., cols.to(value.device)]
+            hidden[index] = value.to(hidden.device, hidden.dtype).expand_as(hidden[index])
+        elif op.kind == "noise":
+            std = op.factor if op.factor is not None else 1.0
+            if op.sources:
+                key = ("spread", op.sources, op.cols)
+                if key not in self.derived:
+                    captures = [self.store[k] for k in op.sources]
+                    where = None if cols is None else cols.to(captures[0].device)
+                    self.derived[key] = spread(captures, where)
+                std *= self.derived[key]  # type: ignore[operator]
+            target = hidden[index]
+            draw = noise_draw(int(op.seed or 0), tuple(target.shape))
+            hidden[index] = target + (draw * std).to(hidden.device, hidden.dtype)
+        else:
+            key = ("basis", op.sources)
+            if key not in self.derived:
+                vectors = [self._vector(k, torch.float64) for k in op.sources]
+                self.derived[key] = span_basis(vectors)
+            basis = self.derived[key].to(hidden.device)  # type: ignore[union-attr]
+            hidden[index] = project_out(hidden[index], basis)
 
 
 def _not_per_position(hidden: torch.Tensor, seq_len: int) -> bool:

@@ -36,8 +36,11 @@ class Row:
 class RowOp:
     """One op acting on one row at one site.
 
-    ``kind`` is a spec op (save, zero, scale, add, set, patch) or ``capture``, the plan's own
-    op that keeps a row's whole sequence at a site for patches in later stages. ``io`` is
+    ``kind`` is a spec op (save, zero, scale, add, set, patch), an ablation's run-time form
+    (``mean``: the mean of ``sources`` captures, per position or over all; ``noise``: Gaussian
+    noise of std ``factor`` (times the empirical std of ``sources``); ``project_out``: the span
+    of the plan vectors ``sources`` removed), or ``capture``, the plan's own op that keeps a
+    row's whole sequence at a site for patches and ablations. ``io`` is
     ``input``, ``output`` or ``pattern`` (the attention weights a module returns, read as
     [batch, query, head, key]).
     """
@@ -65,6 +68,8 @@ class RowOp:
     #: generating invokes: the forward steps the op applies to (0: the prompt pass, at
     #: ``positions``; s >= 1: the new token only). None: not a generating invoke
     steps: tuple[int, ...] | None = None
+    #: ``noise``: the seed of this row's draw (the same for an item in every cell)
+    seed: int | None = None
 
 
 @dataclass(frozen=True)

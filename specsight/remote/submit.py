@@ -17,7 +17,17 @@ from ..errors import Issue, RunError, SpecError, format_path
 from ..models import ModelInfo
 from ..plan import Plan
 from ..results import Results, check_out_dir
-from ..spec import AddOp, FileVector, LoadedDoc, SetOp, Spec, doc_of, document_of, load_spec
+from ..spec import (
+    AddOp,
+    FileVector,
+    LoadedDoc,
+    ProjectOutOp,
+    SetOp,
+    Spec,
+    doc_of,
+    document_of,
+    load_spec,
+)
 from .admission import refuse_local_only
 from .client import RemoteClient, StatusCallback, error_from_body, relocate, results_from_bytes
 from .protocol import ErrorBody
@@ -31,14 +41,16 @@ def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[s
     different vectors per cell cannot be inlined: a located SpecError."""
     dump = {"mode": "json", "by_alias": True, "exclude_none": True}
     data = copy.deepcopy(doc.data) if doc is not None else spec.model_dump(**dump)
-    keys: dict[str, set[str]] = {}
+    keys: dict[str, set[Any]] = {}
     for op in plan.ops:
         if op.vector is not None:
             keys.setdefault(op.origin, set()).add(op.vector)
+        elif op.kind == "project_out":
+            keys.setdefault(op.origin, set()).add(op.sources)
     issues = []
     for name, invoke in spec.invokes.items():
         for index, op in enumerate(invoke.ops):
-            attr = "vector" if isinstance(op, AddOp) else "value" if isinstance(op, SetOp) else ""
+            attr = {AddOp: "vector", SetOp: "value", ProjectOutOp: "vectors"}.get(type(op), "")
             if not attr or not isinstance(getattr(op, attr), FileVector):
                 continue
             path = ("invokes", name, "ops", index)
@@ -51,7 +63,11 @@ def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[s
                 hint = "use one file, or run locally"
                 issues.append(Issue("remote-file-vector", message, where, file, line, col, hint))
                 continue
-            values = list(plan.vectors[found.pop()])
+            key = found.pop()
+            if isinstance(key, tuple):  # project_out: one vector per row of the file
+                values: list[Any] = [list(plan.vectors[k]) for k in key]
+            else:
+                values = list(plan.vectors[key])
             ops = data["invokes"][name]["ops"]
             if isinstance(ops[index], dict) and attr in ops[index]:
                 ops[index][attr] = values

@@ -1,5 +1,6 @@
-"""Spec v1 ops: what an invoke does at a model site (save, zero, scale, add, set, patch), and
-the vectors ``add``/``set`` take (inline, from a file beside the spec, or a saved value).
+"""Spec v1 ops: what an invoke does at a model site (save, zero, scale, add, set, patch, and the
+ablation family: mean_ablate, resample_ablate, noise, project_out, clamp, skip), and the
+vectors ``add``/``set`` take (inline, from a file beside the spec, or a saved value).
 
 Placeholders ``{name}`` in op fields refer to sweep variables (``{layer}``, ``{pos}``, ...).
 """
@@ -25,6 +26,14 @@ __all__ = [
     "AddOp",
     "SetOp",
     "PatchOp",
+    "MeanAblateOp",
+    "ResampleAblateOp",
+    "NoiseOp",
+    "ProjectOutOp",
+    "ClampOp",
+    "SkipOp",
+    "DimSelector",
+    "invoke_sources",
     "Op",
     "OP_CLASSES",
     "OP_NAMES",
@@ -67,6 +76,14 @@ StepSelector = Union[
 ]
 
 
+DimIndex = Union[
+    Annotated[int, Field(ge=0)],
+    Annotated[str, Field(pattern=r"^\d*:\d*$", description="a range of dims 'start:stop'")],
+    Placeholder,
+]
+DimSelector = Union[DimIndex, Annotated[list[DimIndex], Field(min_length=1)]]
+
+
 class SiteOp(StrictModel):
     site: str = Field(min_length=1, description="canonical site ('resid_post.5') or module path")
     positions: Positions = Field("all", description="token positions the op acts on")
@@ -81,6 +98,11 @@ class SiteOp(StrictModel):
         None,
         description="attention heads of a per-head site (head_z, q, k, v, attn_pattern): "
         "'all', an index, a list, or '{head}'; default all heads",
+    )
+    dims: DimSelector | None = Field(
+        None,
+        description="neurons or features of the site's last dimension the op reads and writes: "
+        "an index, a range 'a:b', or a list; default all (not with 'heads')",
     )
 
 
@@ -140,7 +162,89 @@ class PatchOp(SiteOp):
     )
 
 
-Op = Annotated[SaveOp | ZeroOp | ScaleOp | AddOp | SetOp | PatchOp, Field(discriminator="op")]
+_FROM_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
+Seed = Union[Annotated[int, Field(ge=0, le=2**63 - 1)], Placeholder]
+
+
+class MeanAblateOp(SiteOp):
+    """Replace the site with its mean over another invoke's rows (a reference prompt set or a
+    dataset): per position (``over: items``), or over every position too (``over: positions``)."""
+
+    model_config = _FROM_CONFIG
+
+    op: Literal["mean_ablate"]
+    from_: str = Field(alias="from", description="the invoke whose rows the mean is taken over")
+    over: Literal["items", "positions"] = Field(
+        "items",
+        description="items: a mean per position over the rows; positions: one mean over the "
+        "rows and their positions",
+    )
+
+
+class ResampleAblateOp(SiteOp):
+    """Replace the site with its value in another item of an invoke over the same dataset (or
+    list of prompts): item i reads item pi(i), pi a seeded derangement (no item reads itself)."""
+
+    model_config = _FROM_CONFIG
+
+    op: Literal["resample_ablate"]
+    from_: str = Field(alias="from", description="the invoke the values come from")
+    seed: Seed = 0
+
+
+class NoiseOp(SiteOp):
+    """Add Gaussian noise: ``std`` absolute, or ``scale`` times the site's empirical standard
+    deviation over another invoke's rows (``std_of``; causal tracing uses 3x that of the
+    embeddings). Seeded per item: an item gets the same noise in every sweep cell and every
+    invoke with the same seed."""
+
+    op: Literal["noise"]
+    std: Number | None = Field(None, description="the noise's standard deviation")
+    scale: Number = Field(1.0, description="with std_of: a multiple of the empirical std")
+    std_of: str | None = Field(
+        None, description="an invoke whose values at the site give the empirical std"
+    )
+    seed: Seed = 0
+
+
+class ProjectOutOp(SiteOp):
+    """Remove the component along a direction, or a subspace spanned by several vectors (they
+    need not be orthogonal): x - Q Q^T x with Q an orthonormal basis of their span."""
+
+    op: Literal["project_out"]
+    vectors: Union[Annotated[list[list[float]], Field(min_length=1)], FileVector] = Field(
+        description="one vector per row (a list of lists), or a file of a [k, width] array"
+    )
+
+
+class ClampOp(SiteOp):
+    """Set the chosen dims (``dims``) of the site to a value, e.g. a feature to a constant."""
+
+    op: Literal["clamp"]
+    value: Number
+
+
+class SkipOp(SiteOp):
+    """Skip a layer: its output (``site: resid_post.L``) is set to its input (resid_pre.L)."""
+
+    op: Literal["skip"]
+
+
+Op = Annotated[
+    SaveOp
+    | ZeroOp
+    | ScaleOp
+    | AddOp
+    | SetOp
+    | PatchOp
+    | MeanAblateOp
+    | ResampleAblateOp
+    | NoiseOp
+    | ProjectOutOp
+    | ClampOp
+    | SkipOp,
+    Field(discriminator="op"),
+]
 OP_CLASSES: dict[str, type[SiteOp]] = {
     "save": SaveOp,
     "zero": ZeroOp,
@@ -148,5 +252,21 @@ OP_CLASSES: dict[str, type[SiteOp]] = {
     "add": AddOp,
     "set": SetOp,
     "patch": PatchOp,
+    "mean_ablate": MeanAblateOp,
+    "resample_ablate": ResampleAblateOp,
+    "noise": NoiseOp,
+    "project_out": ProjectOutOp,
+    "clamp": ClampOp,
+    "skip": SkipOp,
 }
 OP_NAMES = tuple(OP_CLASSES)
+
+
+def invoke_sources(op: SiteOp) -> list[tuple[str, str]]:
+    """(field, invoke) for every other invoke an op reads: patch and ablation sources, the
+    invoke whose spread scales noise."""
+    if isinstance(op, PatchOp | MeanAblateOp | ResampleAblateOp):
+        return [("from", op.from_)]
+    if isinstance(op, NoiseOp) and op.std_of is not None:
+        return [("std_of", op.std_of)]
+    return []

@@ -1,0 +1,210 @@
+"""Compiling the ablation family (torch-free): mean_ablate, resample_ablate, noise, project_out,
+clamp and skip become RowOps the engine knows.
+
+* ``mean_ablate`` -> ``mean``: the captures of every row of the reference invoke, averaged per
+  position (``reduce: position``) or over positions too (``reduce: all``);
+* ``resample_ablate`` -> ``patch`` from item pi(i) of the source, pi a seeded derangement;
+* ``noise`` -> ``noise``: a seed per item, ``factor`` the std (or, with ``sources``, the multiple
+  of the reference rows' empirical std);
+* ``project_out`` -> ``project_out`` over plan vectors (the basis is made at run time);
+* ``clamp`` -> ``set`` with a constant vector over the chosen dims;
+* ``skip`` -> a capture of the layer's input in the same row and a ``patch`` of its output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from typing import Any
+
+from .. import spec as S
+from ..plan import RowOp
+from ..sites import Site, SiteError, resolve_site
+from .context import Context, SpecPath
+from .inputs import read_array_file
+
+__all__ = ["capture_key", "compile_ablation", "derangement", "vector_key"]
+
+
+def capture_key(ctx: Context, source: str, prompt: int, site: Site, origin: str) -> str:
+    """The store key of a source row's whole sequence at ``site``, captured once for every op
+    that reads it."""
+    key = f"capture/{source}/{prompt}/{site.module}/{site.io}"
+    if key not in ctx.captures:
+        ctx.captures[key] = RowOp(
+            "capture",
+            site=site.name,
+            module=site.module,
+            io=site.io,
+            row=ctx.row_index[(source, 0, prompt)],
+            positions=tuple(range(len(ctx.tokens[source][prompt]))),
+            store=key,
+            origin=origin,
+            layer=site.layer,
+        )
+    return key
+
+
+def vector_key(ctx: Context, values: tuple[float, ...]) -> str:
+    """Register a vector in the plan under a key derived from its values."""
+    key = "v" + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
+    ctx.vectors[key] = values
+    return key
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded permutation of range(n) that moves every index (Sattolo's shuffle: one cycle)."""
+    order = list(range(n))
+    rng = random.Random(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def compile_ablation(
+    ctx: Context,
+    invoke: str,
+    op: Any,
+    site: Site,
+    prompt_index: int,
+    common: dict[str, Any],
+    path: SpecPath,
+    width: int | None,
+) -> None:
+    """Append the RowOps of one ablation op on one row at one site."""
+    if isinstance(op, S.MeanAblateOp):
+        _mean(ctx, op, site, common, path)
+    elif isinstance(op, S.NoiseOp):
+        _noise(ctx, op, site, prompt_index, common, path)
+    elif isinstance(op, S.ProjectOutOp):
+        _project_out(ctx, op, site, common, path, width)
+    elif isinstance(op, S.ClampOp):
+        if op.dims is None:
+            raise ctx.fail(
+                "clamp-dims",
+                "clamp sets chosen dims to a value: say which",
+                path + ("op",),
+                "add dims: [index, ...] or dims: 'start:stop'",
+            )
+        n = sum(stop - start for start, stop in common["cols"])
+        ctx.ops.append(RowOp("set", vector=vector_key(ctx, (float(op.value),) * n), **common))
+    elif isinstance(op, S.SkipOp):
+        _skip(ctx, site, common, path)
+
+
+def _unswept(ctx: Context, source: str, op: Any, path: SpecPath, field: str) -> None:
+    if ctx.grids[source].axes:
+        raise ctx.fail(
+            "patch-from-sweep",
+            f"cannot {op.op} from '{source}': it is swept, so it has no single value per site",
+            path + (field,),
+            f"{op.op} from an invoke without a sweep",
+        )
+
+
+def _mean(ctx: Context, op: S.MeanAblateOp, site: Site, common: dict, path: SpecPath) -> None:
+    source = op.from_
+    _unswept(ctx, source, op, path, "from")
+    prompts = ctx.tokens[source]
+    keys = tuple(capture_key(ctx, source, i, site, common["origin"]) for i in range(len(prompts)))
+    longest = max(len(t) for t in prompts)
+    if op.over == "items" and max(common["positions"]) >= longest:
+        raise ctx.fail(
+            "bad-position",
+            f"position {max(common['positions'])} has no mean: the rows of '{source}' have at "
+            f"most {longest} tokens",
+            path + ("positions",),
+            "use over: positions (one mean over every position), or longer reference prompts",
+        )
+    reduce = "position" if op.over == "items" else "all"
+    ctx.ops.append(RowOp("mean", sources=keys, reduce=reduce, **common))
+
+
+def _noise(
+    ctx: Context, op: S.NoiseOp, site: Site, prompt_index: int, common: dict, path: SpecPath
+) -> None:
+    if (op.std is None) == (op.std_of is None):
+        raise ctx.fail(
+            "noise-scale",
+            "give the noise's size: 'std' (absolute), or 'std_of' an invoke (and 'scale', a "
+            "multiple of the site's standard deviation over its rows)",
+            path + ("op",),
+            "e.g. {op: noise, site: embed, positions: ..., std_of: clean, scale: 3}",
+        )
+    sources: tuple[str, ...] = ()
+    factor = float(op.std) if op.std is not None else float(op.scale)
+    if op.std_of is not None:
+        _unswept(ctx, op.std_of, op, path, "std_of")
+        n = len(ctx.tokens[op.std_of])
+        sources = tuple(capture_key(ctx, op.std_of, i, site, common["origin"]) for i in range(n))
+    # the same item gets the same noise in every cell and every invoke with this seed
+    seed = (int(op.seed) * 1_000_003 + prompt_index) % 2**63
+    ctx.ops.append(RowOp("noise", factor=factor, sources=sources, seed=seed, **common))
+
+
+def _project_out(
+    ctx: Context,
+    op: S.ProjectOutOp,
+    site: Site,
+    common: dict,
+    path: SpecPath,
+    width: int | None,
+) -> None:
+    where = path + ("vectors",)
+    if isinstance(op.vectors, S.FileVector):
+        array = read_array_file(ctx, op.vectors, where, "vectors")
+        if array.ndim not in (1, 2):
+            raise ctx.fail(
+                "vector-shape",
+                f"vectors in '{op.vectors.file}' have shape {list(array.shape)}; expected "
+                "[k, width] (or one vector)",
+                where + ("file",),
+            )
+        rows = array.reshape(-1, array.shape[-1]).astype("float64").tolist()
+    else:
+        rows = op.vectors
+    lengths = {len(row) for row in rows}
+    if len(lengths) != 1 or (width is not None and lengths != {width}):
+        shown = ", ".join(str(n) for n in sorted(lengths))
+        raise ctx.fail(
+            "vector-size",
+            f"the vectors have {shown} values but site '{site.name}' has width {width}",
+            where,
+            f"give vectors of {width} values" if width else "give vectors of equal length",
+        )
+    if not any(v for row in rows for v in row):
+        raise ctx.fail("zero-vectors", "the vectors to project out are all zero", where)
+    keys = tuple(vector_key(ctx, tuple(float(v) for v in row)) for row in rows)
+    ctx.ops.append(RowOp("project_out", sources=keys, **common))
+
+
+def _skip(ctx: Context, site: Site, common: dict, path: SpecPath) -> None:
+    if site.canonical != "resid_post" or site.layer is None:
+        raise ctx.fail(
+            "skip-site",
+            f"skip sets a layer's output to its input; '{site.name}' is not a layer's output",
+            path + ("site",),
+            "use site: resid_post.L (the output of layer L)",
+        )
+    try:
+        (inputs,) = resolve_site(f"resid_pre.{site.layer}", ctx.info)
+    except (SiteError, ValueError):
+        raise ctx.fail(
+            "skip-site", f"layer {site.layer}'s input is not known", path + ("site",)
+        ) from None
+    row = common["row"]
+    key = f"skip/{row}/{site.layer}"
+    ctx.captures[key] = RowOp(
+        "capture",
+        site=inputs.name,
+        module=inputs.module,
+        io=inputs.io,
+        row=row,
+        positions=tuple(range(len(ctx.rows[row].tokens))),
+        store=key,
+        origin=common["origin"],
+        layer=site.layer,
+    )
+    ctx.ops.append(RowOp("patch", sources=(key,), source_positions=common["positions"], **common))
