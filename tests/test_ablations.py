@@ -95,7 +95,7 @@ def test_mean_ablate_per_position_over_a_reference_invoke():
         model=LM,
     )
     want = []
-    for layer, block in enumerate(LAYERS):
+    for block in LAYERS:
         caps = [_capture(LM, r, block.mlp) for r in ROWS]
         longest = max(c.shape[0] for c in caps)
         mean = torch.stack(
@@ -114,7 +114,7 @@ def test_mean_ablate_per_position_over_a_reference_invoke():
                             block.mlp,
                             "post",
                             _replace(
-                                range(len(LM.tokenizer.encode(r["clean"]))), lambda p: mean[p]
+                                range(len(LM.tokenizer.encode(r["clean"]))), lambda p, m=mean: m[p]
                             ),
                         )
                     ],

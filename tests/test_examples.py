@@ -41,6 +41,7 @@ def timed_run(name: str, model, record_property, out: Path) -> specsight.Results
 
 def test_every_example_has_a_behaviour_test():
     tested = {
+        "causal_tracing.yaml",
         "eiffel_logit_lens.yaml",
         "ioi_attribution.yaml",
         "ioi_dataset.yaml",
@@ -111,6 +112,23 @@ def test_ioi_patching(smollm, record_property, tmp_path):
     assert (swept[:, 0:9] - corrupt).abs().max() < 0.05
     # patching the last position after the last layer restores the clean run exactly
     assert float(swept[29, 13]) == pytest.approx(clean, abs=1e-3)
+
+
+def test_causal_tracing(smollm, record_property, tmp_path):
+    results = timed_run("causal_tracing.yaml", smollm, record_property, tmp_path)
+    rows = [json.loads(line) for line in (SPECS / "data" / "facts.jsonl").read_text().splitlines()]
+    assert results.manifest["dataset"]["rows"] == len(rows) >= 16
+    # the clean probabilities, item by item, against the model called directly
+    want = []
+    for row in rows:
+        ids = torch.tensor([smollm.tokenizer.encode(row["prompt"])])
+        with torch.inference_mode():
+            probs = smollm.model(ids).logits[0, -1].softmax(-1)
+        want.append(float(probs[smollm.tokenizer.encode_plain(row["answer"])[0]]))
+    torch.testing.assert_close(results["p_clean/items"], torch.tensor(want), rtol=1e-4, atol=1e-5)
+    # restoring the last token after the last layer gives the clean output back exactly
+    assert float(results["last"][-1]) == pytest.approx(1.0, abs=1e-4)
+    assert all(outcome.ok for outcome in results.expectations)
 
 
 def test_ioi_dataset(smollm, record_property, tmp_path):

@@ -15,7 +15,7 @@ from specsight.models.load import load_model_info
 from tests.conftest import GOLDEN, SPECS
 
 # The steering examples need layer 6 and multi-token words of the real model's vocabulary, and
-# the dataset example layers 20-29;
+# the dataset examples layers 20-29 and the real vocabulary;
 # their tiny-model twins live in tests/golden/specs.
 TINY_SPECS = GOLDEN / "specs"
 #: examples already written for a tiny model (images beside the spec), compiled as they are
@@ -23,7 +23,7 @@ OWN_MODEL = {"vit_patching": ("tiny-vit",)}
 CASES = [
     (spec_path.stem, model)
     for spec_path in sorted(SPECS.glob("*.yaml")) + sorted(TINY_SPECS.glob("*.yaml"))
-    if spec_path.stem not in ("steering_add", "steering_generate", "ioi_dataset")
+    if spec_path.stem not in ("steering_add", "steering_generate", "ioi_dataset", "causal_tracing")
     for model in OWN_MODEL.get(spec_path.stem, ("tiny-llama", "tiny-gpt2"))
 ]
 
