@@ -162,4 +162,7 @@ def test_result_size_of_a_dataset_with_reductions_is_exact():
     spec["metrics"]["means"] = {**spec["metrics"]["recovery"], "of": "means"}
     spec["metrics"]["both"] = {"kind": "prob", "invoke": "clean", "tokens": ["{io}", "{s}"]}
     spec["metrics"]["both"]["reduce"] = "sum"
+    spec["metrics"]["kl"] = {"kind": "kl", "invoke": "patched", "reference": "clean"}
+    spec["metrics"]["loss"] = {"kind": "loss", "invoke": "base", "reduce": {"ci": "bootstrap"}}
+    spec["metrics"]["acc"] = {"kind": "accuracy", "invoke": "patched", "target": "{io}"}
     _assert_exact(spec, tiny("tiny-llama"))

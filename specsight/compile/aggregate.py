@@ -26,10 +26,12 @@ def compile_reduce(
     input_axis: str | None,
 ) -> dict[str, Any] | None:
     """The plan's description of a metric's reduction (None: not reduced); raises Abort after
-    a located issue."""
+    a located issue. Accuracy over items is their mean unless ``reduce`` says otherwise."""
     path: SpecPath = ("metrics", name, "reduce")
     of = getattr(metric, "of", "items")
     reduce = metric.reduce
+    if reduce is None and metric.kind == "accuracy" and input_axis is not None:
+        reduce = S.Reduce(over=input_axis)
     if reduce is None and of == "means":
         reduce = S.Reduce()
         path = ("metrics", name, "of")

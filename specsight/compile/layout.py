@@ -36,6 +36,11 @@ def logit_positions(
             continue
         for row, pos in zip(metric.rows, metric.positions):
             keep.setdefault(row, set()).add(pos)
+        for row, pos in zip(metric.reference_rows, metric.reference_positions):
+            keep.setdefault(row, set()).add(pos)
+        if metric.kind == "loss":  # every next-token prediction of the prompt
+            for row in metric.rows:
+                keep.setdefault(row, set()).update(range(len(ctx.rows[row].tokens)))
     for index, row in enumerate(ctx.rows):
         if not ctx.grids[row.invoke].axes:  # the summary shows next tokens of unswept rows
             keep.setdefault(index, set()).add(len(row.tokens) - 1)

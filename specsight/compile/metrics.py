@@ -17,6 +17,7 @@ from .dataset import (
     render_selector,
     render_value,
 )
+from .distributions import check_reference, kl_reference
 from .positions import PositionError, resolve_position
 
 __all__ = ["compile_metric", "metric_invoke_exists", "recovery_inputs_ok"]
@@ -38,14 +39,19 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
             "remove 'position'; to read a position inside the model, save a site there",
         )
         return None
+    reference: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
     try:
         grid = ctx.grids[metric.invoke]
         cells = len(grid.cells()) if grid.axes else 1
         prompts = ctx.tokens[metric.invoke]
         item = _item_of(ctx, name, metric)
-        picked = [
-            _metric_position(ctx, metric, tokens, item(i), path) for i, tokens in enumerate(prompts)
-        ]
+        if metric.kind == "loss":  # every position is read; the last stands for the row
+            picked = [len(tokens) - 1 for tokens in prompts]
+        else:
+            picked = [
+                _metric_position(ctx, metric, tokens, item(i), path)
+                for i, tokens in enumerate(prompts)
+            ]
         rows, positions = [], []
         for cell in range(cells):
             for prompt_index in range(len(prompts)):
@@ -65,6 +71,16 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
                     path + ("k",),
                     f"use k <= {ctx.info.vocab_size}",
                 )
+        elif metric.kind in ("kl", "loss"):
+            token_paths = []
+            if metric.kind == "kl":
+                if not check_reference(ctx, name, metric):
+                    raise Abort
+                where = _position_in(ctx, name, metric)
+                reference = kl_reference(ctx, metric, picked, cells, where)
+        elif metric.kind == "accuracy":
+            squeeze = True
+            tokens_ref, token_paths = [metric.target], [path + ("target",)]
         elif metric.kind == "logit_lens":
             squeeze = True
             tokens_ref = [metric.token] if metric.token is not None else []
@@ -119,6 +135,8 @@ def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
         shape=shape,
         reduce=reduce,
         baseline=getattr(metric, "baseline", None),
+        reference_rows=reference[0],
+        reference_positions=reference[1],
         **extra,
     )
 
@@ -128,6 +146,17 @@ def _item_of(ctx: Context, name: str, metric: Any) -> Any:
     if not check_metric_columns(ctx, name, metric):
         raise Abort
     return (lambda i: i) if metric.invoke in ctx.item_invokes else (lambda i: None)
+
+
+def _position_in(ctx: Context, name: str, metric: Any) -> Any:
+    """(invoke, prompt index) -> the position the metric's selector picks in that prompt."""
+
+    def position(invoke: str, prompt: int) -> int:
+        item = prompt if invoke in ctx.item_invokes else None
+        path = ("metrics", name)
+        return _metric_position(ctx, metric, ctx.tokens[invoke][prompt], item, path)
+
+    return position
 
 
 def _where(ctx: Context, item: int, template: Any) -> str:

@@ -15,6 +15,7 @@ from .aggregate import check_baseline
 from .cells import check_variables
 from .context import Abort, SpecContext, SpecPath
 from .dataset import check_metric_columns, invoke_prompts, use_dataset
+from .distributions import check_reference
 from .expectations import pick_cells
 from .generation import check_generation
 from .gradients import check_backward
@@ -43,6 +44,8 @@ def check_references(spec: Spec, doc: LoadedDoc) -> None:
         elif metric_invoke_exists(ctx, name, metric):
             check_metric_columns(ctx, name, metric)
             check_baseline(ctx, name, metric)
+            if metric.kind == "kl":
+                check_reference(ctx, name, metric)
     check_backward(ctx)
     _expectation_targets(ctx)
     if ctx.issues:

@@ -242,7 +242,8 @@ def _reduce_sizes(sizes: SpecSizes, name: str, metric: Any, shape: _Invoke) -> N
     """A reduced metric: the per-item values stay (``/items``); the statistic, its standard
     error and interval are one item's size."""
     reduce = getattr(metric, "reduce", None)
-    if reduce is None and getattr(metric, "of", None) != "means":
+    default = metric.kind == "accuracy" and shape.axes[-1:] in (("item",), ("prompt",))
+    if reduce is None and getattr(metric, "of", None) != "means" and not default:
         return
     full = sizes.tensors.get(name, 0)
     n = shape.lead[-1] if shape.lead else 1  # the input axis, the usual one to reduce

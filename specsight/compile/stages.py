@@ -10,6 +10,7 @@ import re
 from .. import spec as S
 from ..errors import did_you_mean, format_path
 from .context import SpecContext, SpecPath, default_save_name
+from .distributions import kl_dependencies
 
 __all__ = ["collect_save_names", "order_stages"]
 
@@ -122,6 +123,9 @@ def order_stages(ctx: SpecContext) -> dict[str, int]:
                     )
                 else:
                     deps[name].setdefault(owner, op_path + (attr, "saved"))
+    for invoke, refs in kl_dependencies(ctx).items():  # a kl metric reads its reference
+        for ref, where in refs.items():
+            deps[invoke].setdefault(ref, where)
     stages: dict[str, int] = {}
     visiting: list[str] = []
 

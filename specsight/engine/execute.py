@@ -93,6 +93,11 @@ def execute(
         i for i, row in enumerate(plan.rows) if not plan.invoke_info.get(row.invoke, {}).get("axes")
     }
     metrics_by_name = {m.name: m for m in plan.metrics}
+    wanted: dict[int, set[int]] = {}  # reference rows of kl metrics -> positions
+    for metric in plan.metrics:
+        for row, pos in zip(metric.reference_rows, metric.reference_positions):
+            wanted.setdefault(row, set()).add(pos)
+    references: dict[tuple[int, int], torch.Tensor] = {}
     grad_rows = set(metrics_by_name[plan.backward].rows) if plan.backward else set()
     started = time.perf_counter()
     done = 0
@@ -137,9 +142,15 @@ def execute(
                         column,
                     )
             logits = logits.detach()
+            for i, row in enumerate(forward.rows):  # what kl metrics of later stages compare to
+                for pos in wanted.get(row, ()):
+                    references[(row, pos)] = torch.log_softmax(logits[i, column(pos)].float(), -1)
             for metric in plan.metrics:
                 if metric.kind not in ("logit_lens", "attribution"):
-                    read_metric(metric, metric_slots[metric.name], forward, logits, column, buffers)
+                    slots = metric_slots[metric.name]
+                    read_metric(
+                        metric, slots, forward, logits, column, buffers, plan.rows, references
+                    )
             for i, row in enumerate(forward.rows):
                 if row in summary_rows:
                     last = column(len(plan.rows[row].tokens) - 1)

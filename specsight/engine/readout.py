@@ -35,6 +35,12 @@ def metric_values(
     if kind == "logit_diff":
         both = pick(logits)
         return both[:, 0] - both[:, 1], None
+    if kind == "accuracy":  # the target is the top token (torch's argmax: the first of ties)
+        if isinstance(tokens, torch.Tensor):
+            target = tokens[:, 0]
+        else:
+            target = torch.full((logits.shape[0],), tokens[0], device=logits.device)
+        return (logits.argmax(-1) == target).float(), None
     if kind == "top_k":
         if (k or 10) > logits.shape[-1]:
             raise RunError(
@@ -53,20 +59,54 @@ def metric_rows(
     forward: Forward,
     logits: torch.Tensor,
     column: Callable[[int], int],
+    rows: tuple[Any, ...] = (),
+    references: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
     """A metric's values on the rows of this forward it reads: (values, token ids or None,
-    the rows' slots in the metric's result), or None when it reads none of them."""
+    the rows' slots in the metric's result), or None when it reads none of them. ``rows``
+    (the plan's) give a loss its tokens; ``references`` a kl its reference distributions."""
     picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
     if not picked:
         return None
     device = logits.device
     local = torch.tensor([i for i, _ in picked], device=device)
     pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
+    index = torch.tensor([slots[row] for _, row in picked])
+    if kind == "kl":
+        assert references is not None
+        reference = torch.stack(
+            [
+                references[
+                    (metric.reference_rows[slots[row]], metric.reference_positions[slots[row]])
+                ]
+                for _, row in picked
+            ]
+        ).to(device)
+        logp = torch.log_softmax(logits[local, pos].float(), -1)
+        return (reference.exp() * (reference - logp)).sum(-1), None, index
+    if kind == "loss":
+        return (
+            torch.stack([_loss(rows[row].tokens, logits[i], column) for i, row in picked]),
+            None,
+            index,
+        )
     tokens: tuple[int, ...] | torch.Tensor = metric.tokens
     if metric.row_tokens:
         tokens = torch.tensor([metric.row_tokens[slots[row]] for _, row in picked], device=device)
     values, token_ids = metric_values(kind, logits[local, pos], tokens, metric.k)
-    return values, token_ids, torch.tensor([slots[row] for _, row in picked])
+    return values, token_ids, index
+
+
+def _loss(
+    tokens: tuple[int, ...], logits: torch.Tensor, column: Callable[[int], int]
+) -> torch.Tensor:
+    """The mean cross-entropy of a row's next-token predictions (NaN for a one-token row)."""
+    if len(tokens) < 2:
+        return torch.tensor(float("nan"), device=logits.device)
+    cols = torch.tensor([column(p) for p in range(len(tokens) - 1)], device=logits.device)
+    logp = torch.log_softmax(logits[cols].float(), -1)
+    targets = torch.tensor(tokens[1:], device=logits.device)
+    return -logp.gather(1, targets[:, None]).mean()
 
 
 def read_metric(
@@ -76,9 +116,11 @@ def read_metric(
     logits: torch.Tensor,
     column: Callable[[int], int],
     buffers: dict[str, torch.Tensor],
+    rows: tuple[Any, ...] = (),
+    references: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> None:
     """Compute one metric for the rows of this forward into its result buffer."""
-    picked = metric_rows(metric, metric.kind, slots, forward, logits, column)
+    picked = metric_rows(metric, metric.kind, slots, forward, logits, column, rows, references)
     if picked is None:
         return
     values, token_ids, index = picked

@@ -118,6 +118,9 @@ class PlanMetric:
     reduce: dict[str, Any] | None = None
     #: the metric of the unmodified run this one's ``/effect`` is measured from
     baseline: str | None = None
+    #: kl: the reference row and position of each entry of ``rows``
+    reference_rows: tuple[int, ...] = ()
+    reference_positions: tuple[int, ...] = ()
 
     @property
     def result_axes(self) -> tuple[str, ...]:

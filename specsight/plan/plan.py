@@ -263,6 +263,9 @@ def _explain(plan: Plan) -> str:
                     f"attribution = grad({metric.token_strs[0]!r} - {metric.token_strs[1]!r}) "
                     f". ({clean} - {corrupt}), sites {metric.sites[0]}..{metric.sites[-1]},"
                 )
+            elif metric.kind == "kl":
+                reference = plan.rows[metric.reference_rows[0]].invoke
+                what = f"KL({reference} || {metric.invoke}) of the next-token distributions"
             elif metric.token_strs:
                 what = f"{metric.kind}({', '.join(repr(t) for t in metric.token_strs)})"
             dims = _dims(metric)
@@ -273,6 +276,8 @@ def _explain(plan: Plan) -> str:
                 dims += [f"site={len(metric.sites)}", f"pos={n_pos}"]
             shape = " x ".join(dims) or "scalar"
             where = f"@ position {_ranges(list(metric.positions))}"
+            if metric.kind == "loss":
+                where = "(mean cross-entropy of every next-token prediction)"
             if plan.model_summary.get("inputs") == "image":
                 where = "(the classifier's output)"
             lines.append(

@@ -18,6 +18,9 @@ __all__ = [
     "TopKMetric",
     "LogitLensMetric",
     "RecoveryMetric",
+    "KlMetric",
+    "LossMetric",
+    "AccuracyMetric",
     "AttributionMetric",
     "Metric",
     "METRIC_CLASSES",
@@ -109,6 +112,32 @@ class LogitLensMetric(_MetricBase):
     k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
 
 
+class KlMetric(_MetricBase):
+    """KL(reference || invoke) of the next-token distributions at ``position``: how far an
+    intervention moves the whole distribution, not one logit. The reference is an unmodified
+    invoke giving one prompt or one per item; it runs in an earlier stage."""
+
+    kind: Literal["kl"]
+    reference: str = Field(description="the invoke whose next-token distribution is the reference")
+
+
+class LossMetric(_Reducible):
+    """The mean next-token cross-entropy over each prompt's tokens (nats): the side-effect
+    check of a steering vector or an ablation on ordinary text."""
+
+    kind: Literal["loss"]
+    invoke: str = Field(description="the invoke whose prompts are scored")
+    baseline: str | None = Field(None, description="a loss metric on an unmodified run")
+
+
+class AccuracyMetric(_MetricBase):
+    """1 where the top next token at ``position`` is ``target``, else 0; averaged over the
+    items (or prompts) unless ``reduce`` says otherwise."""
+
+    kind: Literal["accuracy"]
+    target: TokenRef
+
+
 class RecoveryMetric(_Reducible):
     """Patching recovery: (patched - corrupt) / (clean - corrupt), from three other metrics.
 
@@ -148,7 +177,10 @@ Metric = Annotated[
     | LogitDiffMetric
     | TopKMetric
     | LogitLensMetric
-    | RecoveryMetric,
+    | RecoveryMetric
+    | KlMetric
+    | LossMetric
+    | AccuracyMetric,
     Field(discriminator="kind"),
 ]
 METRIC_CLASSES: dict[str, type[BaseModel]] = {
@@ -160,6 +192,9 @@ METRIC_CLASSES: dict[str, type[BaseModel]] = {
     "logit_lens": LogitLensMetric,
     "recovery": RecoveryMetric,
     "attribution": AttributionMetric,
+    "kl": KlMetric,
+    "loss": LossMetric,
+    "accuracy": AccuracyMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)
 
