@@ -89,7 +89,7 @@ def compile_plan(
             max_batch = rows_for_budget(
                 info, seq, spec.model.dtype, memory_budget, cap=batch_cap, logits_positions=kept
             )
-    generating = generate_forwards(ctx, stages)
+    generating = generate_forwards(ctx, stages, max_batch)
     forwards = pack_rows(
         ctx.rows,
         stages,

@@ -58,13 +58,6 @@ def check_generation(ctx: SpecContext) -> None:
                         "add generate: {max_new_tokens: N} to the invoke, or remove 'steps'",
                     )
             continue
-        if invoke.sweep:
-            ctx.fail(
-                "generate-sweep",
-                "an invoke that generates cannot be swept",
-                ("invokes", name, "sweep"),
-                "write one invoke per setting",
-            )
         for i, op in enumerate(invoke.ops):
             if op.site.partition(".")[0] == "attn_pattern":
                 ctx.fail(
@@ -210,13 +203,16 @@ def generation_config(invoke: S.Invoke) -> dict[str, Any]:
     }
 
 
-def generate_forwards(ctx: Context, stages: dict[str, int]) -> list[Forward]:
-    """One forward (a whole generation, prompts batched with left padding) per invoke."""
+def generate_forwards(ctx: Context, stages: dict[str, int], max_batch: int) -> list[Forward]:
+    """Whole generations, prompts (and a sweep's cells) batched as rows with left padding, at
+    most ``max_batch`` rows each."""
     out = []
     for name, invoke in ctx.spec.invokes.items():
         if invoke.generate is None:
             continue
-        rows = tuple(i for i, row in enumerate(ctx.rows) if row.invoke == name)
-        seq = max(len(ctx.rows[r].tokens) for r in rows)
-        out.append(Forward(stages[name], rows, seq, 0, None, generation_config(invoke)))
+        rows = [i for i, row in enumerate(ctx.rows) if row.invoke == name]
+        for start in range(0, len(rows), max_batch):
+            chunk = tuple(rows[start : start + max_batch])
+            seq = max(len(ctx.rows[r].tokens) for r in chunk)
+            out.append(Forward(stages[name], chunk, seq, 0, None, generation_config(invoke)))
     return out

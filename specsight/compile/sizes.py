@@ -88,7 +88,7 @@ def spec_sizes(
         if invoke.generate is not None:
             new = invoke.generate.max_new_tokens
             sizes.max_new_tokens = max(sizes.max_new_tokens, new)
-            sizes.tensors[f"{name}/generated_ids"] = len(tokens[name]) * new * _INT
+            sizes.tensors[f"{name}/generated_ids"] = cells * len(tokens[name]) * new * _INT
     if sizes.cells > max_cells:
         return sizes
     invokes: dict[str, _Invoke] = {}

@@ -70,6 +70,26 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
+def _generated_ids(
+    plan: Plan, new_ids: dict[int, torch.Tensor], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """``<invoke>/generated_ids`` per generating invoke: [sweep axes..., prompts, new tokens],
+    padded with ``pad_id`` where forwards stopped at different lengths."""
+    out: dict[str, torch.Tensor] = {}
+    by_invoke: dict[str, list[int]] = {}
+    for row in sorted(new_ids):
+        by_invoke.setdefault(plan.rows[row].invoke, []).append(row)
+    for invoke, rows in by_invoke.items():
+        longest = max(len(new_ids[r]) for r in rows)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(new_ids[row])] = new_ids[row]
+        info = plan.invoke_info[invoke]
+        grid = tuple(len(plan.axis_values[invoke][axis]) for axis in info["axes"])
+        out[f"{invoke}/generated_ids"] = ids.reshape(*grid, info["prompts"], longest)
+    return out
+
+
 def execute(
     plan: Plan,
     model: torch.nn.Module,
@@ -98,6 +118,7 @@ def execute(
         for row, pos in zip(metric.reference_rows, metric.reference_positions):
             wanted.setdefault(row, set()).add(pos)
     references: dict[tuple[int, int], torch.Tensor] = {}
+    new_ids: dict[int, torch.Tensor] = {}  # generating rows: their new token ids
     grad_rows = set(metrics_by_name[plan.backward].rows) if plan.backward else set()
     started = time.perf_counter()
     done = 0
@@ -120,7 +141,7 @@ def execute(
             if checkpoint is not None:
                 checkpoint()
             if forward.generate is not None:
-                out.saves.update(run_generation(runner, forward, dtype, out.generated))
+                new_ids.update(run_generation(runner, forward, dtype, out.generated))
                 done += len(forward.rows)
                 if progress is not None:
                     progress(done, len(plan.rows))
@@ -190,6 +211,7 @@ def execute(
     out.metrics = dict(
         sorted(out.metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0]))
     )
+    out.saves.update(_generated_ids(plan, new_ids, pad_id))
     host = to_host({k: runner.store[k] for save in plan.saves for k in save.keys})
     for save in plan.saves:
         out.saves[save.name] = assemble(save.keys, save.shape, host)

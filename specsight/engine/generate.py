@@ -51,9 +51,10 @@ def _step_ops(runner: Runner, forward: Forward, offsets: dict[int, int], step: i
 
 def run_generation(
     runner: Runner, forward: Forward, dtype: torch.dtype, generated: dict[int, list[int]]
-) -> dict[str, torch.Tensor]:
-    """Generate for the rows of ``forward``; returns ``{invoke}/generated_ids`` tensors and
-    fills ``generated`` with each row's new tokens (cut after the first end-of-sequence)."""
+) -> dict[int, torch.Tensor]:
+    """Generate for the rows of ``forward``; returns each row's new token ids (as generated,
+    padding after an early end included) and fills ``generated`` with its new tokens cut
+    after the first end-of-sequence token."""
     plan, model, device, pad_id = runner.plan, runner.model, runner.device, runner.pad_id
     config = dict(forward.generate or {})
     rows = forward.rows
@@ -128,8 +129,7 @@ def run_generation(
                 tokens = tokens[: j + 1]
                 break
         generated[row] = tokens
-    invoke = plan.rows[rows[0]].invoke
-    return {f"{invoke}/generated_ids": new}
+    return {row: new[i] for i, row in enumerate(rows)}
 
 
 def _fill_missing_steps(runner: Runner, forward: Forward) -> None:

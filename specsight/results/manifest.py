@@ -71,7 +71,16 @@ def _generated(
     for row_index, ids in sorted(generated.items()):
         row = plan.rows[row_index]
         text = tokenizer.backend.decode(ids, skip_special_tokens=True)
-        out.setdefault(row.invoke, []).append({"ids": ids, "text": text})
+        entry: dict[str, Any] = {"ids": ids, "text": text, "prompt": row.prompt_index}
+        axes = plan.invoke_info.get(row.invoke, {}).get("axes", [])
+        if axes:  # the sweep cell: its value on each axis
+            sizes = [len(plan.axis_values[row.invoke][a]) for a in axes]
+            index, cell = row.cell, {}
+            for axis, size in reversed(list(zip(axes, sizes))):
+                cell[axis] = plan.axis_values[row.invoke][axis][index % size]
+                index //= size
+            entry["cell"] = dict(reversed(list(cell.items())))
+        out.setdefault(row.invoke, []).append(entry)
     return out
 
 
@@ -161,10 +170,14 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
         }
     for name, tensor in raw.saves.items():
         if name.endswith("/generated_ids") and name not in meta:
+            invoke = name.rsplit("/", 1)[0]
+            swept = list(plan.invoke_info.get(invoke, {}).get("axes", []))
+            over = plan.dataset is not None and invoke in plan.dataset["invokes"]
             meta[name] = {
                 "kind": "save",
-                "invoke": name.rsplit("/", 1)[0],
-                "axes": ["prompt", "new_token"],
+                "invoke": invoke,
+                "axes": [*swept, "item" if over else "prompt", "new_token"],
+                "axis_values": {a: plan.axis_values.get(invoke, {}).get(a) for a in swept},
                 "shape": list(tensor.shape),
                 "dtype": str(tensor.dtype).replace("torch.", ""),
                 "sha256": tensor_sha256(tensor),

@@ -234,8 +234,14 @@ def print_summary(results: RunView, console: Console) -> None:
     for invoke, per_prompt in manifest.get("generated", {}).items():
         prompts = results.prompts.get(invoke, [])
         for i, entry in enumerate(per_prompt):
-            label = invoke if len(per_prompt) == 1 else f"{invoke}[{i}]"
-            prompt = prompts[i] if i < len(prompts) else ""
+            if i == 2 * _MAX_PROMPTS and len(per_prompt) > 2 * _MAX_PROMPTS + 1:
+                console.print(f"  [cyan]{escape(invoke)}[/cyan] ... {len(per_prompt) - i} more")
+                break
+            p = entry.get("prompt", i)
+            where = [f"{k}={v}" for k, v in entry.get("cell", {}).items()]
+            where += [str(p)] if len(prompts) > 1 else []
+            label = f"{invoke}[{', '.join(where)}]" if where else invoke
+            prompt = prompts[p] if p < len(prompts) else ""
             console.print(f"  [cyan]{escape(label)}[/cyan] {escape(repr(_shorten(prompt)))}")
             console.print(f"      -> {escape(repr(entry['text']))}")
     tensors_meta = manifest.get("tensors", {})
