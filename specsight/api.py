@@ -50,10 +50,13 @@ def compile_plan(
     device: str = "cpu",
     allow_files: bool = True,
     prefix_reuse: bool = True,
+    position_reuse: bool = True,
 ) -> Plan:
     """Compile a spec for a model described by ``info`` (no torch needed for CPU devices).
 
     ``max_batch`` None sizes forwards from the memory available on ``device``.
+    ``prefix_reuse`` and ``position_reuse`` skip what identical rows share: the layers below
+    their first touched layer, the positions before their first touched position.
     """
     return _compile(
         spec,
@@ -65,6 +68,7 @@ def compile_plan(
         batch_cap=batch_cap(device),
         allow_files=allow_files,
         prefix_reuse=prefix_reuse,
+        position_reuse=position_reuse,
     )
 
 
@@ -145,6 +149,7 @@ def run(
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     prefix_reuse: bool = True,
+    position_reuse: bool = True,
     force: bool = False,
 ) -> Results:
     """Validate, compile and run a spec on this machine; optionally write ``out`` (a folder
@@ -171,6 +176,7 @@ def run(
         memory_budget=None if max_batch else _activation_budget(model.device),
         batch_cap=batch_cap(model.device),
         prefix_reuse=prefix_reuse,
+        position_reuse=position_reuse,
     )
     compile_s = time.perf_counter() - t0
     raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)

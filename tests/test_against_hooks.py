@@ -56,10 +56,16 @@ def _hand_patch(lm, layer: int, pos: int) -> float:
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
-@pytest.mark.parametrize("prefix_reuse", [True, False])
-def test_a_patching_sweep_equals_one_hand_written_patch_per_cell(model, prefix_reuse):
+@pytest.mark.parametrize(
+    "prefix_reuse, position_reuse", [(True, True), (True, False), (False, False)]
+)
+def test_a_patching_sweep_equals_one_hand_written_patch_per_cell(
+    model, prefix_reuse, position_reuse
+):
     lm = tiny(model)
-    results = specsight.run(ioi_spec(model), model=lm, prefix_reuse=prefix_reuse)
+    results = specsight.run(
+        ioi_spec(model), model=lm, prefix_reuse=prefix_reuse, position_reuse=position_reuse
+    )
     grid = results["ld"]
     assert tuple(grid.shape) == (4, 14)
     for layer in range(4):
@@ -227,3 +233,77 @@ def test_embed_final_norm_and_logits_mean_what_they_say(model):
     cap = getattr(lm.model.config, "final_logit_softcapping", None)
     capped = torch.tanh(s["logits"] / cap) * cap if cap else s["logits"]
     torch.testing.assert_close(capped, output, atol=1e-5, rtol=1e-5)
+
+
+TEXT_MODELS = [
+    "tiny-llama",
+    "tiny-gpt2",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-gpt-neo",
+    "tiny-gpt-neox",
+    "tiny-mixtral",
+    "tiny-gemma2",
+    "tiny-phi3",
+    "tiny-olmo2",
+    "tiny-mamba",
+]
+
+
+@pytest.mark.parametrize("model", TEXT_MODELS)
+def test_position_reuse_changes_no_number(model):
+    """Forwards that start late (reading earlier positions' keys and values from the untouched
+    run) give the plain batched results: patches, saves at late positions, ablations, metrics
+    at several positions, over a dataset's items."""
+    lm = tiny(model)
+    rows = [
+        {"p": CLEAN, "io": " Mary", "s": " John"},
+        {"p": CORRUPT, "io": " John", "s": " Mary"},
+    ]
+    spec = {
+        "specsight": 1,
+        "model": model,
+        "dataset": rows,
+        "invokes": {
+            "clean": {"prompt": CLEAN},
+            "swept": {
+                "prompt": "{p}",
+                "sweep": {"layer": "all", "pos": "all"},
+                "ops": [
+                    {
+                        "op": "patch",
+                        "site": "resid_post.{layer}",
+                        "positions": ["{pos}"],
+                        "from": "clean",
+                    },
+                    {"op": "save", "site": "resid_post.{layer}", "positions": [-1], "name": "last"},
+                ],
+            },
+            "ablated": {
+                "prompt": "{p}",
+                "sweep": {"layer": "all", "pos": "5:14"},
+                "ops": [
+                    {
+                        "op": "mean_ablate",
+                        "site": "resid_pre.{layer}",
+                        "positions": ["{pos}"],
+                        "from": "clean",
+                    },
+                    {"op": "noise", "site": "resid_post.{layer}", "positions": [-2], "std": 0.1},
+                ],
+            },
+        },
+        "metrics": {
+            "ld": {"kind": "logit_diff", "invoke": "swept", "target": "{io}", "foil": "{s}"},
+            "ab": {"kind": "logprob", "invoke": "ablated", "tokens": ["{io}", "{s}"]},
+            "kl": {"kind": "kl", "invoke": "ablated", "reference": "clean", "position": -3},
+        },
+    }
+    plain = specsight.run(spec, model=lm, position_reuse=False)
+    reused = specsight.run(spec, model=lm)
+    plan = specsight.compile_plan(specsight.load_spec(spec), lm.info, lm.tokenizer)
+    assert any(f.position_start for f in plan.forwards), "the plan should start some forwards late"
+    assert set(plain.tensors) == set(reused.tensors)
+    for name in plain.tensors:
+        torch.testing.assert_close(reused[name], plain[name], rtol=1e-4, atol=1e-4, equal_nan=True)

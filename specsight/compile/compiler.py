@@ -25,7 +25,7 @@ from .inputs import compile_inputs
 from .layout import after_layer_modules, logit_positions, plan_saves, result_axes
 from .memory import CPU_BATCH_CAP, estimate_memory
 from .metrics import compile_metric
-from .packing import first_layers, pack_rows, rows_for_budget
+from .packing import first_layers, first_positions, pack_rows, rows_for_budget
 from .stages import collect_save_names, order_stages
 from .sweep import MAX_CELLS
 
@@ -44,6 +44,7 @@ def compile_plan(
     memory_budget: int | None = None,
     batch_cap: int = DEFAULT_MAX_BATCH,
     prefix_reuse: bool = True,
+    position_reuse: bool = True,
     allow_files: bool = True,
     max_cells: int = MAX_CELLS,
 ) -> Plan:
@@ -90,6 +91,7 @@ def compile_plan(
                 info, seq, spec.model.dtype, memory_budget, cap=batch_cap, logits_positions=kept
             )
     generating = generate_forwards(ctx, stages, max_batch)
+    reuse_positions = position_reuse and prefix_reuse and info.inputs == "text"
     forwards = pack_rows(
         ctx.rows,
         stages,
@@ -99,6 +101,7 @@ def compile_plan(
         prefix_reuse=prefix_reuse,
         keep_logits=keep,
         skip={r for f in generating for r in f.rows},
+        starts=first_positions(ctx.rows, ops, keep) if reuse_positions else None,
     )
     if generating:
         forwards = sorted(forwards + generating, key=lambda f: f.stage)

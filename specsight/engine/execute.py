@@ -28,6 +28,7 @@ from .generate import run_generation
 from .grad import attribution, backward_from, grad_scope
 from .hooks import HookScope, module_table
 from .readout import assemble, logit_lens, read_metric, to_host
+from .reuse import PositionReuse
 from .runner import Runner
 
 __all__ = ["EngineOutput", "execute"]
@@ -125,6 +126,7 @@ def execute(
     layers_path = plan.model_summary.get("layers_path")
     keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
     inputs = RowInputs(plan, dtype)
+    reuse = PositionReuse(model, plan)
     with (
         HookScope(model) as scope,
         torch.no_grad() if plan.backward else torch.inference_mode(),
@@ -149,10 +151,16 @@ def execute(
             backward = plan.backward is not None and any(r in grad_rows for r in forward.rows)
             if backward:  # every row runs in full: gradients need each row's own graph
                 forward = replace(forward, shared_prefix=0)
-            runner.prepare(forward, dtype)
+            start = 0 if backward else reuse.start(forward)
+            late = None
+            if start:
+                batch = 1 if forward.shared_prefix else len(forward.rows)
+                late = reuse.kwargs(forward, batch, device, runner)
+                start = start if late is not None else 0
+            runner.prepare(replace(forward, seq_len=forward.seq_len - start), dtype, offset=start)
             with grad_scope(model, backward):
                 logits, column = run_forward(
-                    plan, model, forward, device, pad_id, keep_supported, inputs
+                    plan, model, forward, device, pad_id, keep_supported, inputs, late, start
                 )
                 if backward:
                     backward_from(

@@ -26,8 +26,12 @@ def run_forward(
     pad_id: int,
     keep_supported: bool,
     inputs: RowInputs,
+    late: dict[str, Any] | None = None,
+    start: int = 0,
 ) -> tuple[torch.Tensor, Callable[[int], int]]:
-    """Run one forward; returns its logits and a map from position to logits column."""
+    """Run one forward; returns its logits and a map from position to logits column.
+    ``late`` (with ``start``): the cache and positions of a forward of identical rows that
+    starts at position ``start`` (:mod:`.reuse`)."""
     column: Callable[[int], int] = int
     try:
         kind = plan.model_summary.get("inputs", "text")
@@ -47,8 +51,13 @@ def run_forward(
             if forward.shared_prefix:  # identical rows: run one, copied at the shared layer
                 ids, mask = ids[:1], mask[:1]
             kwargs: dict[str, Any] = {"use_cache": False}
+            if late is not None:  # the earlier positions' keys and values are in the cache
+                ids = ids[:, start:]
+                kwargs.update(late)
+                column = lambda pos: pos - start  # noqa: E731
             if forward.keep_logits is not None and keep_supported:
-                kwargs["logits_to_keep"] = torch.tensor(forward.keep_logits, device=device)
+                kept = [pos - start for pos in forward.keep_logits]
+                kwargs["logits_to_keep"] = torch.tensor(kept, device=device)
                 index = {pos: j for j, pos in enumerate(forward.keep_logits)}
                 column = index.__getitem__
             output = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)

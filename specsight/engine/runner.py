@@ -58,6 +58,8 @@ class ActionTables:
     forward: Forward
     local: dict[int, int]
     sites: dict[tuple[str, str], list[list[_Group]]]
+    #: the forward starts at this position: op positions index the input shifted by it
+    offset: int = 0
 
 
 class Runner:
@@ -96,9 +98,10 @@ class Runner:
         forward: Forward,
         dtype: torch.dtype,
         ops_by_row: dict[int, list[RowOp]] | None = None,
+        offset: int = 0,
     ) -> ActionTables:
         """Build the action tables of one forward (``ops_by_row`` overrides the plan's ops) and
-        make them the active ones."""
+        make them the active ones; ``offset``: the forward's inputs start at that position."""
         local = {row: i for i, row in enumerate(forward.rows)}
         per_site: dict[tuple[str, str], dict[int, list[RowOp]]] = defaultdict(
             lambda: defaultdict(list)
@@ -118,10 +121,10 @@ class Runner:
                     if level < len(ops):
                         kinds[(ops[level].kind, ops[level].cols)].append(ops[level])
                 levels.append(
-                    [self._group(key[0], ops, dtype, local) for key, ops in kinds.items()]
+                    [self._group(key[0], ops, dtype, local, offset) for key, ops in kinds.items()]
                 )
             sites[site] = levels
-        self.active = ActionTables(forward, local, sites)
+        self.active = ActionTables(forward, local, sites, offset)
         return self.active
 
     def activate(self, tables: ActionTables) -> None:
@@ -129,7 +132,7 @@ class Runner:
         self.active = tables
 
     def _group(
-        self, kind: str, ops: list[RowOp], dtype: torch.dtype, local: dict[int, int]
+        self, kind: str, ops: list[RowOp], dtype: torch.dtype, local: dict[int, int], offset: int
     ) -> _Group:
         group = _Group(kind, ops, cols=col_index(ops[0].cols, self.device))
         if kind in ("zero", "scale") or (kind in ("add", "set") and ops[0].vector is not None):
@@ -139,7 +142,7 @@ class Runner:
             for op in ops:
                 for pos in op.positions:
                     rows.append(local[op.row])
-                    positions.append(pos)
+                    positions.append(pos - offset)
                     factors.append(op.factor if op.factor is not None else 1.0)
                     if op.vector is not None:
                         vecs.append(op.vector)
@@ -239,8 +242,10 @@ class Runner:
             ) from None
 
     def _apply_one(self, op: RowOp, hidden: torch.Tensor) -> None:
-        row = self.active.local[op.row]  # type: ignore[union-attr]
-        positions = pos_index(op.positions, hidden.device)
+        active = self.active
+        assert active is not None
+        row = active.local[op.row]
+        positions = pos_index(tuple(p - active.offset for p in op.positions), hidden.device)
         cols = col_index(op.cols, hidden.device)
         if op.io == "pattern":  # [batch, query, head, key]: keys past the row's tokens are padding
             value = hidden[row, positions] if cols is None else hidden[row, positions][:, cols]

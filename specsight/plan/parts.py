@@ -86,6 +86,9 @@ class Forward:
     keep_logits: tuple[int, ...] | None = None
     #: generation: {max_new_tokens, do_sample, temperature, top_p, seed} (None: one forward)
     generate: dict[str, Any] | None = None
+    #: rows of identical tokens, untouched before this position: only positions from here on
+    #: run, attending to the untouched run's keys and values of the earlier ones (0: all run)
+    position_start: int = 0
 
 
 @dataclass(frozen=True)

@@ -199,8 +199,10 @@ def _explain(plan: Plan) -> str:
         if fwd.generate is not None:
             how = "sampled" if fwd.generate.get("do_sample") else "greedy"
             gen = f", generates {fwd.generate['max_new_tokens']} tokens ({how}, left-padded, KV cache)"
+        late = f", from position {fwd.position_start}" if fwd.position_start else ""
         lines.append(
-            f"  #{i} stage {fwd.stage}: {len(fwd.rows)} rows x {fwd.seq_len} tokens ({', '.join(invokes)}){gen}"
+            f"  #{i} stage {fwd.stage}: {len(fwd.rows)} rows x {fwd.seq_len} tokens{late} "
+            f"({', '.join(invokes)}){gen}"
         )
     if len(plan.forwards) > 6:
         lines.append(f"  ... {len(plan.forwards) - 6} more")
@@ -220,6 +222,18 @@ def _explain(plan: Plan) -> str:
         lines.append(
             f"prefix reuse: {len(reused)} forward(s) run their first layers once for all rows "
             f"(shared layers: {depths}); {100 * (full - done) / full:.0f}% of row-layers skipped"
+        )
+    late = [f for f in plan.forwards if f.position_start]
+    if late:
+        full = sum(len(f.rows) * f.seq_len for f in plan.forwards if f.generate is None)
+        skipped = sum(len(f.rows) * f.position_start for f in late)
+        starts = ", ".join(str(f.position_start) for f in late[:12]) + (
+            ", ..." if len(late) > 12 else ""
+        )
+        lines.append(
+            f"position reuse: {len(late)} forward(s) start late, reading earlier positions' "
+            f"keys and values from the untouched run (starts: {starts}); "
+            f"{100 * skipped / full:.0f}% of row-positions skipped"
         )
     kept = {len(f.keep_logits) for f in plan.forwards if f.keep_logits is not None}
     if kept:
