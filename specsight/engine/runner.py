@@ -48,6 +48,8 @@ class _Group:
     factors: torch.Tensor | None = None
     vectors: torch.Tensor | None = None
     cols: torch.Tensor | None = None
+    #: batched saves: how many positions of the gathered values each op keeps
+    counts: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,15 @@ class Runner:
         self, kind: str, ops: list[RowOp], dtype: torch.dtype, local: dict[int, int], offset: int
     ) -> _Group:
         group = _Group(kind, ops, cols=col_index(ops[0].cols, self.device))
+        if kind == "patch" and all(op.sources[0] in self.store for op in ops):
+            return self._patch_group(group, local, offset)
+        if kind == "save" and all(op.io != "pattern" for op in ops):
+            rows = [local[op.row] for op in ops for _ in op.positions]
+            positions = [p - offset for op in ops for p in op.positions]
+            group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
+            group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
+            group.counts = [len(op.positions) for op in ops]
+            return group
         if kind in ("zero", "scale") or (kind in ("add", "set") and ops[0].vector is not None):
             if kind in ("add", "set") and any(op.vector is None for op in ops):
                 return group  # mixed saved/inline sources: apply one by one
@@ -154,6 +165,30 @@ class Runner:
                 table = torch.stack([self._vector(k, dtype) for k in keys])
                 index = torch.tensor([keys.index(k) for k in vecs], device=self.device)
                 group.vectors = table[index]
+        return group
+
+    def _patch_group(self, group: _Group, local: dict[int, int], offset: int) -> _Group:
+        """Patches whose sources are stored already: every row's values gathered now, one
+        gather per source, written in the hook by one indexed assignment."""
+        rows, positions = [], []
+        by_source: dict[str, list[tuple[int, int]]] = {}
+        for op in group.ops:
+            for pos, src in zip(op.positions, op.source_positions or op.positions):
+                by_source.setdefault(op.sources[0], []).append((len(rows), src))
+                rows.append(local[op.row])
+                positions.append(pos - offset)
+        order, pieces = [], []
+        for key, entries in by_source.items():
+            stored = self.store[key]
+            picked = torch.tensor([src for _, src in entries], device=stored.device)
+            pieces.append(stored[picked].to(self.device))
+            order += [slot for slot, _ in entries]
+        values = torch.cat(pieces)[torch.argsort(torch.tensor(order, device=self.device))]
+        if group.cols is not None:
+            values = values[:, group.cols]
+        group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
+        group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
+        group.vectors = values
         return group
 
     def expander(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
@@ -221,7 +256,11 @@ class Runner:
                 index: tuple[torch.Tensor, ...] = (group.rows, group.positions)
                 if group.cols is not None:
                     index = (group.rows[:, None], group.positions[:, None], group.cols[None, :])
-                if kind == "zero":
+                if kind == "save":
+                    self._save_group(group, hidden[index])
+                elif kind == "patch":
+                    hidden[index] = group.vectors.to(hidden.dtype)
+                elif kind == "zero":
                     hidden[index] = 0
                 elif kind == "scale":
                     hidden[index] = hidden[index] * group.factors
@@ -240,6 +279,15 @@ class Runner:
                 f"{op.origin}: {kind} at '{op.site}' failed: {exc}".split("\n")[0],
                 hint=_HINTS.get(kind, _SITE_HINT),
             ) from None
+
+    def _save_group(self, group: _Group, gathered: torch.Tensor) -> None:
+        """Each op's positions of one gather, kept under its store key."""
+        values = gathered.detach().clone()
+        assert group.counts is not None
+        for op, value in zip(group.ops, torch.split(values, group.counts)):
+            if op.head_dim:  # [positions, heads, head_dim]
+                value = value.reshape(len(op.positions), -1, op.head_dim)
+            self.store[op.store] = value  # type: ignore[index]
 
     def _apply_one(self, op: RowOp, hidden: torch.Tensor) -> None:
         active = self.active
