@@ -397,3 +397,48 @@ def test_a_server_refuses_dataset_files_and_too_many_rows():
     with pytest.raises(LimitError) as info:
         prepare_job(dataset_spec(), lm, P.Limits(max_dataset_rows=2))
     assert info.value.to_dict()["message"].startswith("dataset rows")
+
+
+def test_the_new_features_run_remotely_as_they_run_locally(tmp_path):
+    """Aggregates, effects, the ablation family, kl/loss/accuracy and a swept generation,
+    through the wire protocol and the server's admission, against a local run."""
+    from specsight.remote.submit import run_remote
+    from tests.test_remote_client import URL, FakeServer, assert_same_tensors
+
+    spec = dataset_spec(
+        {"rows": ROWS},
+        expect=[{"metric": "recovery", "where": {"layer": 3}, "approx": 0, "atol": 1e-4}],
+    )
+    spec["metrics"]["ld"]["reduce"] = {"ci": "bootstrap", "n_boot": 200}
+    spec["metrics"]["ld"]["baseline"] = "base_ld"
+    spec["metrics"]["recovery"]["of"] = "means"
+    spec["invokes"]["ablated"] = {
+        "prompt": "{clean}",
+        "sweep": {"layer": "all"},
+        "ops": [
+            {"op": "mean_ablate", "site": "mlp_out.{layer}", "from": "clean"},
+            {"op": "noise", "site": "embed", "positions": [{"token": "{s}"}], "std_of": "clean"},
+            {"op": "resample_ablate", "site": "resid_post.0", "from": "clean", "positions": [-1]},
+        ],
+    }
+    spec["invokes"]["steered"] = {
+        "prompt": "{clean}",
+        "sweep": {"c": [0.5, 2]},
+        "generate": {"max_new_tokens": 3},
+        "ops": [{"op": "scale", "site": "resid_post.1", "factor": "{c}"}],
+    }
+    spec["metrics"].update(
+        {
+            "kl": {"kind": "kl", "invoke": "ablated", "reference": "clean"},
+            "loss": {"kind": "loss", "invoke": "ablated", "reduce": "median"},
+            "acc": {"kind": "accuracy", "invoke": "ablated", "target": "{io}"},
+        }
+    )
+    path = _spec_file(tmp_path, spec)
+    fake = FakeServer()
+    with fake.client() as client:
+        remote = run_remote(path, URL, client=client)
+    local = specsight.run(path, model=tiny())
+    assert_same_tensors(remote, local)
+    assert [o.ok for o in remote.expectations] == [o.ok for o in local.expectations] == [True]
+    assert remote.manifest["generated"] == local.manifest["generated"]
