@@ -304,6 +304,10 @@ def test_position_reuse_changes_no_number(model):
     reused = specsight.run(spec, model=lm)
     plan = specsight.compile_plan(specsight.load_spec(spec), lm.info, lm.tokenizer)
     assert any(f.position_start for f in plan.forwards), "the plan should start some forwards late"
+    assert any(  # layers skipped and rows of both items in one forward
+        f.from_base and f.shared_prefix and len({plan.rows[r].tokens for r in f.rows}) == 2
+        for f in plan.forwards
+    )
     assert set(plain.tensors) == set(reused.tensors)
     for name in plain.tensors:
         torch.testing.assert_close(reused[name], plain[name], rtol=1e-4, atol=1e-4, equal_nan=True)

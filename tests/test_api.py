@@ -261,7 +261,9 @@ def test_compile_plan_json_round_trip_and_explain():
     plan = specsight.compile_plan(spec, info, tokenizer, max_batch=3)
     assert isinstance(plan, specsight.Plan)
     assert len(plan.rows) == 9
-    assert len(plan.forwards) == 3  # one stage (nothing reads another invoke), 9 rows by 3
+    assert {f.stage for f in plan.forwards} == {0}  # nothing reads another invoke
+    assert sorted(r for f in plan.forwards for r in f.rows) == list(range(9))
+    assert all(len(f.rows) <= 3 for f in plan.forwards)  # every position runs: a logits save
     text = plan.to_json()
     again = Plan.from_json(text)
     assert again == plan

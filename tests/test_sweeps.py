@@ -94,7 +94,9 @@ def test_chunks_respect_max_batch_and_start_at_the_lowest_touched_layer_and_posi
     assert sorted(r for f in stage1 for r in f.rows) == sorted(
         i for i, row in enumerate(plan.rows) if row.invoke == "corrupt"
     )
-    assert all(len(f.rows) <= 10 for f in plan.forwards)
+    for f in plan.forwards:  # a late start computes fewer positions: more rows fit
+        assert len(f.rows) * (f.seq_len - f.position_start) <= 10 * f.seq_len
+        assert len(f.rows) <= (40 if f.from_base else 10)
     # rows are grouped so that chunks skip deep prefixes and start late
     assert max(f.shared_prefix for f in stage1) >= 2
     assert max(f.position_start for f in stage1) > 0
@@ -108,12 +110,16 @@ def test_chunks_respect_max_batch_and_start_at_the_lowest_touched_layer_and_posi
 def test_memory_budget_sizes_chunks():
     roomy = compiled(ioi(), memory_budget=1 << 30, batch_cap=64)
     tight = compiled(ioi(), memory_budget=200_000, batch_cap=64)
-    assert roomy.max_batch == 64 and max(len(f.rows) for f in roomy.forwards) <= 64
-    assert 1 <= tight.max_batch < 10 and max(len(f.rows) for f in tight.forwards) < 10
+
+    def full_rows(plan):  # rows x positions computed, in rows of every position
+        return max(len(f.rows) * (f.seq_len - f.position_start) / f.seq_len for f in plan.forwards)
+
+    assert roomy.max_batch == 64 and full_rows(roomy) <= 64
+    assert 1 <= tight.max_batch < 10 and full_rows(tight) < 10
     assert compiled(ioi(), max_batch=7).max_batch == 7
 
 
-def test_no_prefix_reuse_across_different_prompts():
+def test_prefix_reuse_across_different_prompts_only_from_their_untouched_runs():
     spec = ioi()
     spec["invokes"]["corrupt"]["prompt"] = [
         CORRUPT,
@@ -121,9 +127,17 @@ def test_no_prefix_reuse_across_different_prompts():
     ]
     spec["metrics"].pop("rec")
     plan = compiled(spec, max_batch=64)
+    assert any(len({plan.rows[r].tokens for r in f.rows}) == 2 for f in plan.forwards)
     for forward in plan.forwards:
         tokens = {plan.rows[r].tokens for r in forward.rows}
-        assert forward.shared_prefix == 0 or len(tokens) == 1
+        if forward.from_base:  # each row reads its own sequence's untouched run
+            assert len({len(t) for t in tokens}) == 1
+        else:  # one row runs the shared layers for all: they must be identical
+            assert forward.shared_prefix == 0 or len(tokens) == 1
+    plain = compiled(spec, max_batch=64, position_reuse=False)
+    for forward in plain.forwards:
+        tokens = {plan.rows[r].tokens for r in forward.rows}
+        assert not forward.from_base and (forward.shared_prefix == 0 or len(tokens) == 1)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])

@@ -13,7 +13,7 @@ from typing import Any
 from .. import spec as S
 from ..errors import SpecError
 from ..models import ModelInfo, Tokenizer
-from ..plan import Plan
+from ..plan import Plan, Row
 from ..sites import family_table
 from .cells import compile_invoke_ops, expand_invoke
 from .context import Context
@@ -23,7 +23,7 @@ from .generation import check_generation, check_generation_length, generate_forw
 from .gradients import check_backward
 from .inputs import compile_inputs
 from .layout import after_layer_modules, logit_positions, plan_saves, result_axes
-from .memory import CPU_BATCH_CAP, estimate_memory
+from .memory import CPU_BATCH_CAP, dtype_bytes, estimate_memory
 from .metrics import compile_metric
 from .packing import first_layers, first_positions, pack_rows, rows_for_budget
 from .stages import collect_save_names, order_stages
@@ -102,6 +102,7 @@ def compile_plan(
         keep_logits=keep,
         skip={r for f in generating for r in f.rows},
         starts=first_positions(ctx.rows, ops, keep) if reuse_positions else None,
+        block=_untouched_runs_per_block(info, ctx.rows, spec.model.dtype, memory_budget, max_batch),
     )
     if generating:
         forwards = sorted(forwards + generating, key=lambda f: f.stage)
@@ -145,6 +146,22 @@ def compile_plan(
         else {**ctx.items.describe(), "invokes": sorted(ctx.item_invokes)},
     )
     return replace(plan, memory_estimate=estimate_memory(plan, info))
+
+
+#: memory the engine may hold untouched runs in, when no memory budget is given
+_UNTOUCHED_RUNS_BYTES = 1 << 30
+
+
+def _untouched_runs_per_block(
+    info: ModelInfo, rows: list[Row], dtype: str, budget: int | None, max_batch: int
+) -> int:
+    """How many sequences' untouched runs (keys, values and layer inputs of every position)
+    the engine holds at once: what a quarter of the budget allows, at most ``max_batch``."""
+    seq = max((len(r.tokens) for r in rows), default=1)
+    width = 2 * info.n_kv_heads * info.d_head + info.d_model
+    per_sequence = seq * info.n_layers * width * dtype_bytes(dtype)
+    allowed = (budget // 4 if budget else _UNTOUCHED_RUNS_BYTES) // max(1, per_sequence)
+    return max(1, min(max_batch, allowed))
 
 
 def _layers_path(info: ModelInfo) -> str | None:

@@ -63,12 +63,26 @@ def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
     """Bytes for weights, peak activations of the largest forward, captured/saved values."""
     dtype = str(plan.model.get("dtype", "float32"))
     width = dtype_bytes(dtype)
-    peak = 0
+    peak = runs = 0
     for forward in plan.forwards:
         kept = None if forward.keep_logits is None else len(forward.keep_logits)
-        per_row = row_bytes(info, forward.seq_len, dtype, logits_positions=kept)
+        if forward.from_base:  # positions from the start run, attending to every position
+            seq, tail = forward.seq_len, forward.seq_len - forward.position_start
+            per_row = row_bytes(info, tail, dtype, logits_positions=kept)
+            per_row += seq * info.n_heads * (2 * info.d_head + tail) * width
+            sequences = len({plan.rows[r].tokens for r in forward.rows})
+            runs = max(
+                runs,
+                sequences
+                * seq
+                * info.n_layers
+                * (2 * info.n_kv_heads * info.d_head + info.d_model)
+                * width,
+            )
+        else:
+            per_row = row_bytes(info, forward.seq_len, dtype, logits_positions=kept)
         peak = max(peak, len(forward.rows) * per_row)
-    stored = 0
+    stored = runs  # the untouched runs the largest from_base forward reads
     for op in plan.ops:
         if op.kind in ("capture", "save"):
             stored += len(op.positions) * info.d_model * width

@@ -1,13 +1,12 @@
 """Packing rows into forwards (torch-free): stage order, sorting for prefix and position
 reuse, chunk sizes.
 
-Rows of one stage are grouped by their tokens. In a chunk whose rows share their tokens,
-nothing differs below the lowest touched layer, so those layers can run once on one row
-(``Forward.shared_prefix``); and, under causal attention, nothing differs before the first
-touched position in any layer, so the chunk can start there, reading the earlier positions'
-keys and values from the untouched run's cache (``Forward.position_start``). Rows of a large
-group are ordered to make both as deep as they can be (the cheapest of a few tile orders by
-layer and position); small groups share chunks, as rows of different tokens do.
+With position reuse, rows of sequences that gain from it read their sequence's untouched run
+(:mod:`.base_packing`: later layers and positions only, rows of many sequences per forward).
+The other rows are grouped by their tokens: in a chunk whose rows share their tokens, nothing
+differs below the lowest touched layer, so those layers run once on one row
+(``Forward.shared_prefix``); rows of a large group are ordered by that layer and cut where it
+costs least; small groups share chunks, as rows of different tokens do.
 
 ``rows_for_budget`` turns a memory budget into a chunk size using the plan's own estimate.
 """
@@ -19,6 +18,7 @@ from collections.abc import Iterable
 
 from ..models import ModelInfo
 from ..plan import Forward, Row, RowOp
+from .base_packing import FORWARD_OVERHEAD_ROWS, base_chunks, sequences_in_blocks, worth_a_base
 from .memory import row_bytes
 
 __all__ = ["pack_rows", "rows_for_budget", "first_layers", "first_positions"]
@@ -60,52 +60,33 @@ def first_positions(
     return first
 
 
-#: what one more forward costs, in rows of full work (launches, Python, weights read again)
-_FORWARD_OVERHEAD_ROWS = 4
 #: groups of identical rows smaller than this share chunks with other rows
 _MIN_GROUP = 8
 
 
-def _best_cuts(
-    order: list[int], first: list[int], start: list[int], max_batch: int, n: int, n_layers: int
-) -> tuple[int, list[list[int]]]:
-    """The cheapest cut of ``order`` into consecutive chunks of at most ``max_batch`` rows
-    (dynamic programming over the cut points)."""
+def _layer_chunks(
+    group: list[int], first: list[int], max_batch: int, n_layers: int
+) -> list[list[int]]:
+    """The cheapest cut of one group of identical rows, ordered by first touched layer, into
+    chunks of at most ``max_batch`` rows (dynamic programming over the cut points)."""
+    order = sorted(group, key=lambda r: (first[r], r))
+    overhead = FORWARD_OVERHEAD_ROWS * n_layers
     m = len(order)
     best = [0] + [-1] * m
     cut = [0] * (m + 1)
     for j in range(1, m + 1):
-        low_layer, low_start = n_layers, n
-        for i in range(j - 1, -1, -1):
-            r = order[i]
-            low_layer, low_start = min(low_layer, first[r]), min(low_start, start[r])
-            tail, size = n - low_start, j - i
-            if size > max_batch:
-                break
+        low_layer = n_layers
+        for i in range(j - 1, max(-1, j - 1 - max_batch), -1):
+            low_layer = min(low_layer, first[order[i]])
             shared = min(low_layer, n_layers - 1)
-            cost = best[i] + tail * (shared + size * (n_layers - shared))
-            cost += _FORWARD_OVERHEAD_ROWS * n * n_layers
+            cost = best[i] + shared + (j - i) * (n_layers - shared) + overhead
             if best[j] < 0 or cost < best[j]:
                 best[j], cut[j] = cost, i
     chunks, j = [], m
     while j > 0:
         chunks.append(order[cut[j] : j])
         j = cut[j]
-    return best[m], chunks[::-1]
-
-
-def _tile_chunks(
-    group: list[int], first: list[int], start: list[int], max_batch: int, n: int, n_layers: int
-) -> list[list[int]]:
-    """The cheapest chunking of one group of identical rows: a few orders (by layer then
-    position, by position then layer, tiles of a few layers or positions at a time), each cut
-    at its cheapest points."""
-    keys = [lambda r: (first[r], start[r], r), lambda r: (start[r], first[r], r)]
-    for t in (2, 4, 8, 16):
-        keys.append(lambda r, t=t: (first[r] // t, start[r], first[r], r))
-        keys.append(lambda r, t=t: (start[r] // t, first[r], start[r], r))
-    results = [_best_cuts(sorted(group, key=k), first, start, max_batch, n, n_layers) for k in keys]
-    return min(results, key=lambda result: result[0])[1]
+    return chunks[::-1]
 
 
 def pack_rows(
@@ -119,19 +100,34 @@ def pack_rows(
     keep_logits: dict[int, set[int]] | None = None,
     skip: set[int] | None = None,
     starts: list[int] | None = None,
+    block: int = 64,
 ) -> list[Forward]:
     """Forwards in stage order; within a stage, rows ordered so chunks share deep prefixes and
     late start positions (``starts``: each row's first touched position; None: no position
-    reuse)."""
+    reuse). With ``starts``, rows of sequences that gain from it read their untouched run
+    (:mod:`.base_packing`), ``block`` sequences at a time."""
     by_stage: dict[int, list[int]] = defaultdict(list)
     for index, row in enumerate(rows):
         if not skip or index not in skip:  # rows that generate have forwards of their own
             by_stage[stages[row.invoke]].append(index)
     forwards: list[Forward] = []
-    start = starts if starts is not None else [0] * len(rows)
     for stage in sorted(by_stage):
+        members = by_stage[stage]
+        if starts is not None and prefix_reuse:
+            members = _from_base(
+                rows,
+                members,
+                stage,
+                first,
+                starts,
+                max_batch,
+                n_layers,
+                keep_logits,
+                block,
+                forwards,
+            )
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for r in sorted(by_stage[stage], key=lambda r: (rows[r].tokens, rows[r].input or "")):
+        for r in sorted(members, key=lambda r: (rows[r].tokens, rows[r].input or "")):
             groups[rows[r].identity].append(r)
         pool: list[int] = []  # rows of small groups, packed together as they come
         chunks: list[list[int]] = []
@@ -140,27 +136,68 @@ def pack_rows(
             if len(group) < _MIN_GROUP or not prefix_reuse:
                 pool.extend(sorted(group, key=lambda r: (first[r], r)))
                 continue
-            shape = tuple((first[r], start[r]) for r in group)
+            shape = tuple(first[r] for r in group)
             if shape not in memo:
-                n = len(rows[group[0]].tokens)
-                local = list(range(len(group)))
-                f, s = [first[r] for r in group], [start[r] for r in group]
-                memo[shape] = _tile_chunks(local, f, s, max_batch, n, n_layers)
+                memo[shape] = _layer_chunks(
+                    list(range(len(group))), list(shape), max_batch, n_layers
+                )
             chunks += [[group[i] for i in chunk] for chunk in memo[shape]]
         chunks += [pool[i : i + max_batch] for i in range(0, len(pool), max_batch)]
         for chunk in chunks:
             seq = max(len(rows[r].tokens) for r in chunk)
-            shared = begin = 0
+            shared = 0
             if prefix_reuse and len(chunk) > 1 and len({rows[r].identity for r in chunk}) == 1:
                 # rows without ops report n_layers: the copy must still happen at a layer's input
                 shared = min(min(first[r] for r in chunk), n_layers - 1)
-                begin = min(start[r] for r in chunk)  # one row alone: the untouched run costs more
-            keep = None
-            if keep_logits is not None:
-                keep = tuple(sorted(set().union(*(keep_logits.get(r, set()) for r in chunk))))
-                keep = keep or (seq - 1,)  # nothing reads these rows' logits: the fewest there are
-            forwards.append(Forward(stage, tuple(sorted(chunk)), seq, shared, keep, None, begin))
+            keep = _kept(chunk, keep_logits, seq)
+            forwards.append(Forward(stage, tuple(sorted(chunk)), seq, shared, keep))
     return forwards
+
+
+def _kept(
+    chunk: list[int], keep_logits: dict[int, set[int]] | None, seq: int
+) -> tuple[int, ...] | None:
+    """The positions whose logits a forward of ``chunk`` unembeds (None: all)."""
+    if keep_logits is None:
+        return None
+    keep = tuple(sorted(set().union(*(keep_logits.get(r, set()) for r in chunk))))
+    return keep or (seq - 1,)  # nothing reads these rows' logits: the fewest there are
+
+
+def _from_base(
+    rows: list[Row],
+    members: list[int],
+    stage: int,
+    first: list[int],
+    start: list[int],
+    max_batch: int,
+    n_layers: int,
+    keep_logits: dict[int, set[int]] | None,
+    block: int,
+    forwards: list[Forward],
+) -> list[int]:
+    """Append the forwards of rows that read their sequence's untouched run; return the rest."""
+    by_sequence: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for r in members:
+        by_sequence[rows[r].tokens].append(r)
+    rest: list[int] = []
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for tokens, group in by_sequence.items():
+        if worth_a_base(group, first, start, len(tokens), n_layers):
+            by_length[len(tokens)].extend(group)
+        else:
+            rest.extend(group)
+    for n, group in sorted(by_length.items()):
+        for part in sequences_in_blocks(rows, group, block):
+            for chunk in base_chunks(part, first, start, max_batch, n, n_layers):
+                shared = min(min(first[r] for r in chunk), n_layers - 1)
+                begin = min(start[r] for r in chunk)
+                keep = _kept(chunk, keep_logits, n)
+                based = bool(shared or begin)  # else nothing to read: a plain forward
+                forwards.append(
+                    Forward(stage, tuple(sorted(chunk)), n, shared, keep, None, begin, based)
+                )
+    return rest
 
 
 def rows_for_budget(

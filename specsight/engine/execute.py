@@ -28,7 +28,7 @@ from .generate import run_generation
 from .grad import attribution, backward_from, grad_scope
 from .hooks import HookScope, module_table
 from .readout import assemble, logit_lens, read_metric, to_host
-from .reuse import PositionReuse
+from .reuse import UntouchedRuns
 from .runner import Runner
 
 __all__ = ["EngineOutput", "execute"]
@@ -91,6 +91,18 @@ def _generated_ids(
     return out
 
 
+def _layer_modules(
+    model: torch.nn.Module, layers_path: str | None, plan: Plan
+) -> list[torch.nn.Module] | None:
+    """The decoder layers, in order (None: the plan names no layer stack)."""
+    modules = module_table(model)
+    n_layers = int(plan.model_summary.get("n_layers", 0))
+    names = [f"{layers_path}.{i}" for i in range(n_layers)]
+    if layers_path is None or not all(name in modules for name in names):
+        return None
+    return [modules[name] for name in names]
+
+
 def execute(
     plan: Plan,
     model: torch.nn.Module,
@@ -126,7 +138,7 @@ def execute(
     layers_path = plan.model_summary.get("layers_path")
     keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
     inputs = RowInputs(plan, dtype)
-    reuse = PositionReuse(model, plan)
+    reuse = UntouchedRuns(model, plan, _layer_modules(model, layers_path, plan))
     with (
         HookScope(model) as scope,
         torch.no_grad() if plan.backward else torch.inference_mode(),
@@ -151,16 +163,25 @@ def execute(
             backward = plan.backward is not None and any(r in grad_rows for r in forward.rows)
             if backward:  # every row runs in full: gradients need each row's own graph
                 forward = replace(forward, shared_prefix=0)
-            start = 0 if backward else reuse.start(forward)
-            late = None
-            if start:
-                batch = 1 if forward.shared_prefix else len(forward.rows)
-                late = reuse.kwargs(forward, batch, device, runner)
-                start = start if late is not None else 0
+            how = None if backward else reuse.prepare(forward, device, runner)
+            if forward.from_base and how is None:  # a plain forward after all
+                forward = replace(forward, shared_prefix=0, position_start=0, from_base=False)
+            start = how.start if how is not None else 0
+            if how is not None:
+                forward = replace(forward, shared_prefix=how.skip, position_start=start)
+                runner.base_input = how.hidden
             runner.prepare(replace(forward, seq_len=forward.seq_len - start), dtype, offset=start)
-            with grad_scope(model, backward):
+            with grad_scope(model, backward), reuse.skipping(how.skip if how else 0):
                 logits, column = run_forward(
-                    plan, model, forward, device, pad_id, keep_supported, inputs, late, start
+                    plan,
+                    model,
+                    replace(forward, shared_prefix=0) if how is not None else forward,
+                    device,
+                    pad_id,
+                    keep_supported,
+                    inputs,
+                    how.kwargs if how is not None else None,
+                    start,
                 )
                 if backward:
                     backward_from(
@@ -170,6 +191,7 @@ def execute(
                         logits,
                         column,
                     )
+            runner.base_input = None
             logits = logits.detach()
             for i, row in enumerate(forward.rows):  # what kl metrics of later stages compare to
                 for pos in wanted.get(row, ()):

@@ -1,84 +1,233 @@
-"""Causal position reuse: rows of identical tokens, untouched before position p, need only
-positions p.. in every layer; the earlier positions' keys and values come from one run of the
-untouched tokens (its KV cache, computed once per token sequence and kept for a few). The
-cache handed to a forward is a fresh copy cut at p, one row for the layers a shared prefix
-runs once, every row after. Models that return no cache of keys and values run every
-position instead: the reuse only ever saves work.
+"""Reuse of untouched runs: forwards planned ``from_base`` compute only layers >= S at
+positions >= p, for rows of any number of token sequences of one length.
+
+Each sequence runs once untouched (no op; a few at a time in one batch, kept while forwards
+need them): its keys and values per layer, and its hidden state at the input of every layer a
+forward starts at. A ``from_base`` forward then gets a cache whose layers hold the untouched
+keys and values of positions < p (per row, by index; never written to, so nothing is copied
+per row), layers below S answer with their input instead of running, and layer S's input is
+replaced by the untouched hidden state at positions >= p. Where the model keeps no keys and
+values (Mamba), such a forward runs every position but still skips the layers below S.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..plan import Forward, Plan
+from .hooks import _with_input, hidden_of, replace_hidden
 
-__all__ = ["PositionReuse"]
+__all__ = ["UntouchedRuns", "Reuse"]
 
-_KEEP = 4  # token sequences whose untouched caches are kept at once
+_KEEP = 4  # untouched runs kept beyond what the largest forward needs
 
 
-class PositionReuse:
-    """The untouched runs' caches of one plan's token sequences, and the caches forwards get."""
+@dataclass
+class _Run:
+    """One sequence's untouched run."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan):
-        self.model, self.plan = model, plan
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [1, heads, n, d_head]
+    values: list[torch.Tensor] = field(default_factory=list)
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, d_model]
+
+
+@dataclass
+class Reuse:
+    """How one ``from_base`` forward runs: from ``start``, skipping layers below ``skip``."""
+
+    start: int
+    skip: int
+    kwargs: dict[str, Any]  # the cache and position ids handed to the model
+    hidden: torch.Tensor | None  # layer ``skip``'s input, [rows, positions from start, d]
+
+
+def _read_only_layer() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class ReadOnlyLayer(DynamicLayer):
+        """Keys and values of the positions before the start, one per sequence; ``update``
+        returns them (picked per row) with the new ones and stores nothing."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor | None):
+            super().__init__()
+            self.keys, self.values, self.index = keys, values, index
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            rows = key_states.shape[0]
+            if self.index is None:
+                keys = self.keys.expand(rows, -1, -1, -1)
+                values = self.values.expand(rows, -1, -1, -1)
+            else:
+                keys, values = self.keys[self.index], self.values[self.index]
+            return torch.cat([keys, key_states], -2), torch.cat([values, value_states], -2)
+
+    return ReadOnlyLayer
+
+
+class UntouchedRuns:
+    """The untouched runs of one plan's sequences, and how its ``from_base`` forwards use them."""
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, layers: list[torch.nn.Module] | None):
+        self.model, self.plan, self.layers = model, plan, layers
         params = inspect.signature(model.forward).parameters
-        self.kwarg = "cache" if "cache" in params else "past_key_values"
-        self.supported = self.kwarg in params and plan.model_summary.get("inputs", "text") == "text"
-        self.bases: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = (
-            OrderedDict()
-        )
+        self.kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
+        based = [f for f in plan.forwards if f.from_base]
+        self.input_layers = sorted({f.shared_prefix for f in based if f.shared_prefix})
+        self.keep = _KEEP + max((len(self._sequences(f)[0]) for f in based), default=0)
+        self.batch = max(1, plan.max_batch)
+        self.runs: OrderedDict[tuple[int, ...], _Run] = OrderedDict()
+        self.has_cache = self.kwarg is not None
+        self.templates: dict[int, Any] = {}  # layer -> an output of it (its structure)
+        self._read_only: type | None = None
 
-    def start(self, forward: Forward) -> int:
-        """Where this forward starts: its ``position_start`` when the model allows it, else 0."""
-        return forward.position_start if self.supported else 0
+    def _sequences(self, forward: Forward) -> tuple[list[tuple[int, ...]], list[int]]:
+        """The forward's distinct token sequences, and each row's index among them."""
+        seen: dict[tuple[int, ...], int] = {}
+        index = [seen.setdefault(self.plan.rows[r].tokens, len(seen)) for r in forward.rows]
+        return list(seen), index
 
-    def _base(self, tokens: tuple[int, ...], device: torch.device) -> list[Any] | None:
-        """Per layer (keys, values) of the untouched tokens; None when the model keeps none."""
-        if tokens in self.bases:
-            self.bases.move_to_end(tokens)
-            return self.bases[tokens]
-        ids = torch.tensor([tokens], device=device)
-        output = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        cache = getattr(output, "past_key_values", None)
-        layers = getattr(cache, "layers", None)
-        if not layers or not all(hasattr(layer, "keys") for layer in layers):
-            self.supported = False
+    def prepare(self, forward: Forward, device: torch.device, runner: Any) -> Reuse | None:
+        """How ``forward`` runs from its untouched runs; None: as a plain forward (every layer
+        and position), e.g. when the model's layer stack is not known."""
+        skip = forward.shared_prefix
+        if not forward.from_base or (skip and self.layers is None):
             return None
-        self.bases[tokens] = [(layer.keys, layer.values) for layer in layers]
-        if len(self.bases) > _KEEP:
-            self.bases.popitem(last=False)
-        return self.bases[tokens]
-
-    def kwargs(
-        self, forward: Forward, batch: int, device: torch.device, runner: Any
-    ) -> dict[str, Any] | None:
-        """The cache and positions of a forward that starts late; None: run every position."""
-        start = self.start(forward)
-        if not start:
+        sequences, index = self._sequences(forward)
+        runs = self._get(sequences, device, runner)
+        start = forward.position_start if self.has_cache else 0
+        if not start and not skip:
             return None
+        rows = torch.tensor(index, device=device) if len(sequences) > 1 else None
+        kwargs: dict[str, Any] = {}
+        if start:
+            kwargs = {
+                self.kwarg: self._cache(runs, start, rows, len(forward.rows)),
+                "position_ids": torch.arange(start, forward.seq_len, device=device)[None].expand(
+                    len(forward.rows), -1
+                ),
+                "use_cache": True,
+            }
+        hidden = None
+        if skip:
+            table = torch.stack([run.inputs[skip][start:] for run in runs])
+            hidden = table[rows] if rows is not None else table.expand(len(forward.rows), -1, -1)
+            hidden = hidden.contiguous()  # ops write into it row by row
+        return Reuse(start, skip, kwargs, hidden)
+
+    def _cache(self, runs: list[_Run], start: int, rows: torch.Tensor | None, n_rows: int) -> Any:
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
-        tokens = self.plan.rows[forward.rows[0]].tokens
-        active = runner.active
-        runner.active = None  # the untouched run: no op, no expansion
-        try:
-            base = self._base(tokens, device)
-        finally:
-            runner.active = active
-        if base is None:
-            return None
+        if self._read_only is None:
+            self._read_only = _read_only_layer()
         cache = DynamicCache(config=getattr(self.model, "config", None))
-        for layer, (keys, values) in enumerate(base):
-            rows = 1 if layer < forward.shared_prefix else len(forward.rows)
-            cache.update(
-                keys[:, :, :start].expand(rows, -1, -1, -1).contiguous(),
-                values[:, :, :start].expand(rows, -1, -1, -1).contiguous(),
-                layer,
-            )
-        positions = torch.arange(start, len(tokens), device=device)[None].expand(batch, -1)
-        return {self.kwarg: cache, "position_ids": positions, "use_cache": True}
+        for layer in range(len(runs[0].keys)):
+            keys = torch.cat([run.keys[layer][:, :, :start] for run in runs])
+            values = torch.cat([run.values[layer][:, :, :start] for run in runs])
+            if layer < len(cache.layers) and type(cache.layers[layer]) is not DynamicLayer:
+                # sliding windows and the like: their own update, on a copy per row
+                keys = keys[rows] if rows is not None else keys.expand(n_rows, -1, -1, -1)
+                values = values[rows] if rows is not None else values.expand(n_rows, -1, -1, -1)
+                cache.update(keys.contiguous(), values.contiguous(), layer)
+            elif layer < len(cache.layers):
+                cache.layers[layer] = self._read_only(keys, values, rows)
+            else:
+                cache.layers.append(self._read_only(keys, values, rows))
+        return cache
+
+    def _get(
+        self, sequences: list[tuple[int, ...]], device: torch.device, runner: Any
+    ) -> list[_Run]:
+        missing = [s for s in sequences if s not in self.runs]
+        for i in range(0, len(missing), self.batch):
+            active = runner.active
+            runner.active = None  # the untouched run: no op, no expansion
+            try:
+                self._run(missing[i : i + self.batch], device)
+            finally:
+                runner.active = active
+        for s in sequences:
+            self.runs.move_to_end(s)
+        while len(self.runs) > self.keep:
+            self.runs.popitem(last=False)
+        return [self.runs[s] for s in sequences]
+
+    def _run(self, sequences: list[tuple[int, ...]], device: torch.device) -> None:
+        """The untouched runs of ``sequences`` (one length), in one batch."""
+        ids = torch.tensor(sequences, device=device)
+        inputs: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def keeper(layer: int) -> Any:
+            def store(hidden: torch.Tensor) -> None:
+                inputs[layer] = hidden
+
+            def keep(_module: Any, args: tuple, kwargs: dict) -> None:
+                _with_input(f"layer {layer}", args, kwargs, store)
+
+            return keep
+
+        def templater(layer: int) -> Any:
+            def record(_module: Any, _args: Any, output: Any) -> None:
+                self.templates.setdefault(layer, output)
+
+            return record
+
+        layers = self.layers or []
+        for layer in self.input_layers:
+            handles.append(layers[layer].register_forward_pre_hook(keeper(layer), with_kwargs=True))
+        for layer in range(max(self.input_layers, default=0)):
+            if layer not in self.templates:
+                handles.append(layers[layer].register_forward_hook(templater(layer)))
+        try:
+            kwargs = {"use_cache": True} if self.has_cache else {}
+            output = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        cache = None
+        if self.has_cache and hasattr(output, "get"):
+            cache = output.get("cache", output.get("past_key_values"))
+        cache_layers = getattr(cache, "layers", None)
+        if not cache_layers or not all(getattr(c, "keys", None) is not None for c in cache_layers):
+            self.has_cache = False
+        for i, sequence in enumerate(sequences):
+            run = _Run()
+            if self.has_cache:
+                run.keys = [c.keys[i : i + 1].clone() for c in cache_layers]
+                run.values = [c.values[i : i + 1].clone() for c in cache_layers]
+            run.inputs = {layer: hidden[i].clone() for layer, hidden in inputs.items()}
+            self.runs[sequence] = run
+
+    @contextlib.contextmanager
+    def skipping(self, skip: int) -> Iterator[None]:
+        """Layers below ``skip`` answer with their input instead of running."""
+        layers = (self.layers or [])[:skip]
+        saved = [layer.__dict__.get("forward") for layer in layers]
+        for index, layer in enumerate(layers):
+            layer.forward = self._passthrough(index)
+        try:
+            yield
+        finally:
+            for layer, old in zip(layers, saved):
+                if old is None:
+                    del layer.forward
+                else:
+                    layer.forward = old
+
+    def _passthrough(self, layer: int) -> Any:
+        template = self.templates.get(layer)
+
+        def passthrough(*args: Any, **kwargs: Any) -> Any:
+            hidden = hidden_of(args[0]) if args else kwargs["hidden_states"]
+            return hidden if template is None else replace_hidden(template, hidden)
+
+        return passthrough

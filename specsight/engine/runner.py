@@ -84,6 +84,8 @@ class Runner:
         self.store: dict[str, torch.Tensor] = {}
         self.vectors: dict[str, torch.Tensor] = {}
         self.active: ActionTables | None = None
+        #: a ``from_base`` forward's input at its first running layer (from the untouched runs)
+        self.base_input: torch.Tensor | None = None
         #: values ablations compute once from captures: means, spreads, bases
         self.derived: dict[tuple, torch.Tensor | float] = {}
         self.ops_by_row: dict[int, list[RowOp]] = defaultdict(list)
@@ -192,12 +194,15 @@ class Runner:
         return group
 
     def expander(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        """Copies the single shared row to every row of the forward at ``layer``'s input."""
+        """At ``layer``'s input: copies the single shared row to every row of the forward, or
+        (``from_base``) puts in the untouched runs' hidden states."""
 
         def expand(hidden: torch.Tensor) -> torch.Tensor | None:
             active = self.active
             if active is None or active.forward.shared_prefix != layer:
                 return None
+            if active.forward.from_base:
+                return self.base_input
             return hidden.expand(len(active.forward.rows), *hidden.shape[1:]).contiguous()
 
         return expand

@@ -89,6 +89,11 @@ class Forward:
     #: rows of identical tokens, untouched before this position: only positions from here on
     #: run, attending to the untouched run's keys and values of the earlier ones (0: all run)
     position_start: int = 0
+    #: rows of one token length, of any sequences: layers below ``shared_prefix`` do not run
+    #: (layer ``shared_prefix``'s input comes from each row's untouched run, positions from
+    #: ``position_start`` on), nor do positions before ``position_start`` (their keys and
+    #: values come from the untouched run too)
+    from_base: bool = False
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,8 @@ def _explain(plan: Plan) -> str:
         f"{count} x {rows} rows" for rows, count in sorted(sizes.items(), reverse=True)
     )
     lines.append(
-        f"forwards: {len(plan.forwards)} ({size_text}; at most {plan.max_batch} rows each)"
+        f"forwards: {len(plan.forwards)} ({size_text}; at most {plan.max_batch} rows each, "
+        "counting rows x positions run when a forward starts late)"
     )
     for i, fwd in enumerate(plan.forwards[:6]):
         invokes = sorted({plan.rows[r].invoke for r in fwd.rows})
@@ -199,42 +200,18 @@ def _explain(plan: Plan) -> str:
         if fwd.generate is not None:
             how = "sampled" if fwd.generate.get("do_sample") else "greedy"
             gen = f", generates {fwd.generate['max_new_tokens']} tokens ({how}, left-padded, KV cache)"
-        late = f", from position {fwd.position_start}" if fwd.position_start else ""
+        late = ""
+        if fwd.from_base:
+            n_seq = len({plan.rows[r].tokens for r in fwd.rows})
+            late = f", from layer {fwd.shared_prefix} and position {fwd.position_start}"
+            late += f" on (untouched runs of {n_seq} sequence{'s' if n_seq > 1 else ''})"
         lines.append(
             f"  #{i} stage {fwd.stage}: {len(fwd.rows)} rows x {fwd.seq_len} tokens{late} "
             f"({', '.join(invokes)}){gen}"
         )
     if len(plan.forwards) > 6:
         lines.append(f"  ... {len(plan.forwards) - 6} more")
-    n_layers = int(m["n_layers"])
-    reused = [f for f in plan.forwards if f.shared_prefix]
-    if reused:
-        full = sum(len(f.rows) * n_layers for f in plan.forwards)
-        done = sum(
-            f.shared_prefix + len(f.rows) * (n_layers - f.shared_prefix)
-            if f.shared_prefix
-            else len(f.rows) * n_layers
-            for f in plan.forwards
-        )
-        depths = ", ".join(str(f.shared_prefix) for f in reused[:12]) + (
-            ", ..." if len(reused) > 12 else ""
-        )
-        lines.append(
-            f"prefix reuse: {len(reused)} forward(s) run their first layers once for all rows "
-            f"(shared layers: {depths}); {100 * (full - done) / full:.0f}% of row-layers skipped"
-        )
-    late = [f for f in plan.forwards if f.position_start]
-    if late:
-        full = sum(len(f.rows) * f.seq_len for f in plan.forwards if f.generate is None)
-        skipped = sum(len(f.rows) * f.position_start for f in late)
-        starts = ", ".join(str(f.position_start) for f in late[:12]) + (
-            ", ..." if len(late) > 12 else ""
-        )
-        lines.append(
-            f"position reuse: {len(late)} forward(s) start late, reading earlier positions' "
-            f"keys and values from the untouched run (starts: {starts}); "
-            f"{100 * skipped / full:.0f}% of row-positions skipped"
-        )
+    lines += _reuse_lines(plan, int(m["n_layers"]))
     kept = {len(f.keep_logits) for f in plan.forwards if f.keep_logits is not None}
     if kept:
         lines.append(
@@ -318,3 +295,36 @@ def _explain(plan: Plan) -> str:
             + f"; total {human_bytes(mem['total'])}"
         )
     return "\n".join(lines)
+
+
+def _reuse_lines(plan: Plan, n_layers: int) -> list[str]:
+    """What prefix reuse and the reuse of untouched runs save, in row-layer-positions."""
+    lines: list[str] = []
+    plain = [f for f in plan.forwards if f.generate is None]
+    full = sum(len(f.rows) * f.seq_len * n_layers for f in plain) or 1
+    shared = [f for f in plain if f.shared_prefix and not f.from_base]
+    if shared:
+        saved = sum((len(f.rows) - 1) * f.shared_prefix * f.seq_len for f in shared)
+        depths = ", ".join(str(f.shared_prefix) for f in shared[:12])
+        more = ", ..." if len(shared) > 12 else ""
+        lines.append(
+            f"prefix reuse: {len(shared)} forward(s) of identical rows run their first layers "
+            f"once (shared layers: {depths}{more}); {100 * saved / full:.0f}% of row-layers skipped"
+        )
+    based = [f for f in plain if f.from_base]
+    if based:
+        sequences = {plan.rows[r].tokens for f in based for r in f.rows}
+        done = sum(
+            len(f.rows) * (f.seq_len - f.position_start) * (n_layers - f.shared_prefix)
+            for f in based
+        ) + sum(len(t) * n_layers for t in sequences)
+        spent = sum(len(f.rows) * f.seq_len * n_layers for f in based)
+        starts = ", ".join(f"{f.shared_prefix}/{f.position_start}" for f in based[:12])
+        more = ", ..." if len(based) > 12 else ""
+        lines.append(
+            f"reuse of untouched runs: {len(based)} forward(s) run only layers >= L at positions"
+            f" >= p (L/p: {starts}{more}), reading layer L's input and earlier positions' keys "
+            f"and values from one untouched run per sequence ({len(sequences)}); "
+            f"{100 * (spent - done) / full:.0f}% of row-layer-positions skipped"
+        )
+    return lines
