@@ -115,6 +115,7 @@ class Context(SpecContext):
     save_layout: dict[str, tuple[tuple[str, ...], dict[str, list[int]]]] = field(
         default_factory=dict
     )
+    _plain_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def token_id(self, ref: str | int, path: SpecPath, where: str = "") -> int:
         """The vocabulary id of a metric's token (text or id; a class label for classifiers).
@@ -129,7 +130,9 @@ class Context(SpecContext):
                     f"ids go from 0 to {self.info.vocab_size - 1}",
                 )
             return ref
-        ids = self.tok.encode_plain(ref)
+        ids = self._plain_ids.get(ref)
+        if ids is None:  # a dataset's answer tokens repeat across its items
+            ids = self._plain_ids.setdefault(ref, self.tok.encode_plain(ref))
         if not self.tok.has_text and len(ids) != 1:
             labels = list(getattr(self.tok, "labels", []))
             hint = (did_you_mean(ref, labels) or "labels: " + ", ".join(labels)) if labels else None

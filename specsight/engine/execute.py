@@ -34,6 +34,8 @@ from .runner import Runner
 __all__ = ["EngineOutput", "execute"]
 
 NEXT_TOKEN_K = 5
+#: prompts per unswept invoke whose next tokens are recorded (a dataset may have 100k)
+NEXT_TOKEN_PROMPTS = 16
 
 
 @dataclass
@@ -123,7 +125,10 @@ def execute(
     metric_slots = {m.name: {row: i for i, row in enumerate(m.rows)} for m in plan.metrics}
     buffers: dict[str, torch.Tensor] = {}
     summary_rows = {
-        i for i, row in enumerate(plan.rows) if not plan.invoke_info.get(row.invoke, {}).get("axes")
+        i
+        for i, row in enumerate(plan.rows)
+        if not plan.invoke_info.get(row.invoke, {}).get("axes")
+        and row.prompt_index < NEXT_TOKEN_PROMPTS
     }
     metrics_by_name = {m.name: m for m in plan.metrics}
     wanted: dict[int, set[int]] = {}  # reference rows of kl metrics -> positions
