@@ -249,24 +249,20 @@ def _vector_op(
         return
     source = op.vector if kind == "add" else op.value
     keys = ctx.save_keys.get(source.saved, [])
-    if not keys and source.saved not in ctx.save_names:  # a templated name, filled in
+    if not keys:
         saved = sorted(ctx.save_keys)
-        raise ctx.fail(
-            "unknown-saved",
-            f"no saved value named '{source.saved}'",
-            path + (attr, "saved"),
-            did_you_mean(source.saved, saved, n=3)
-            or "saved values: " + ", ".join(saved[:8]) + (", ..." if len(saved) > 8 else ""),
-        )
-    if not keys:  # a save of several sites keeps one value per site, under the site's name
-        saved = sorted(ctx.save_keys)
-        raise ctx.fail(
-            "saved-sites",
-            f"'{source.saved}' saves several sites, each under its own name",
-            path + (attr, "saved"),
-            did_you_mean(source.saved, saved, n=3)
-            or "name one of: " + ", ".join(saved[:8]) + (", ..." if len(saved) > 8 else ""),
-        )
+        listed = ", ".join(saved[:8]) + (", ..." if len(saved) > 8 else "")
+        if source.saved not in ctx.save_names:  # a templated name, filled in
+            code, message = "unknown-saved", f"no saved value named '{source.saved}'"
+            listed = "saved values: " + listed
+        else:  # a save of several sites keeps one value per site, under the site's name
+            code, message = (
+                "saved-sites",
+                f"'{source.saved}' saves several sites, each under its own name",
+            )
+            listed = "name one of: " + listed
+        hint = did_you_mean(source.saved, saved, n=3) or listed
+        raise ctx.fail(code, message, path + (attr, "saved"), hint)
     if source.reduce == "none" and len(keys) != 1:
         raise ctx.fail(
             "saved-rows",

@@ -195,7 +195,9 @@ class UntouchedRuns:
                 handle.remove()
         cache = None
         if self.has_cache and hasattr(output, "get"):
-            cache = output.get("cache", output.get("past_key_values"))
+            cache = output.get("cache")  # transformers 5; 4 named it past_key_values
+            if cache is None and "past_key_values" in output:
+                cache = output["past_key_values"]
         cache_layers = getattr(cache, "layers", None)
         if not cache_layers or not all(getattr(c, "keys", None) is not None for c in cache_layers):
             self.has_cache = False
