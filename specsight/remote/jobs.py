@@ -88,7 +88,7 @@ class JobStore(SqliteDatabase):
         if max_attempts < 1 or lease_s <= 0:
             raise ValueError("max_attempts must be >= 1 and lease_s > 0")
         self.max_attempts, self.lease_s, self.retention_s = max_attempts, lease_s, retention_s
-        self.files = ResultFiles(results_dir or f"{os.fspath(path)}.results")
+        self.files = ResultFiles(results_dir) if results_dir else ResultFiles.beside(path)
         super().__init__(path, {1: lambda con: _migrate_from_1(con, self.files)})
 
     def _record(self, con: sqlite3.Connection, job_id: str, owner: str | None) -> JobRecord | None:

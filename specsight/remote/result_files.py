@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 from pathlib import Path
 
 __all__ = ["ResultFiles"]
@@ -25,6 +26,15 @@ class ResultFiles:
     def __init__(self, folder: str | os.PathLike[str]):
         self.folder = Path(folder)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    @classmethod
+    def beside(cls, store_path: str | os.PathLike[str]) -> ResultFiles:
+        """The folder ``<store>.results`` beside a store's database file; a temporary folder
+        for an in-memory database (not a ':memory:.results' folder in the working directory)."""
+        name = os.fspath(store_path)
+        if name == ":memory:" or name.startswith("file:"):
+            return cls(tempfile.mkdtemp(prefix="specsight-results-"))
+        return cls(f"{name}.results")
 
     def path(self, job_id: str) -> Path:
         if not _JOB_ID.fullmatch(job_id):  # ids come from the store; never a path
