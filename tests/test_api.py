@@ -368,3 +368,10 @@ def test_steering_with_coefficient_zero_is_the_unsteered_run(tiny3):
     assert results["steered"].shape == (2, 2)
     torch.testing.assert_close(results["steered"][0], results["base"], rtol=0, atol=1e-5)
     assert not torch.allclose(results["steered"][1], results["base"])
+
+
+def test_results_repr_is_one_short_line():
+    results = specsight.run(SPEC)
+    text = repr(results)
+    assert text.startswith("<Results of 'tiny-api' on tiny-llama: ld [4, 2],") and "\n" not in text
+    assert len(text) < 200 and "more" in text

@@ -122,7 +122,7 @@ def test_run_prints_readable_summary(runner, tiny_spec):
     assert [row[0] for row in table_rows] == ["0", "1", "2", "3"]
     assert all(len(row) == 4 for row in table_rows)
     assert "saved rp1 [4, 3, 14, 64]" in out
-    assert result.stderr == ""
+    assert result.stderr == "results not saved: add --out FOLDER to keep them\n"
 
 
 def test_run_out_writes_results_and_manifest(runner, tiny_spec, tmp_path):
@@ -132,6 +132,7 @@ def test_run_out_writes_results_and_manifest(runner, tiny_spec, tmp_path):
     assert (out / "results.safetensors").is_file()
     assert (out / "manifest.json").is_file()
     assert f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}" in result.stdout
+    assert "not saved" not in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "specsight-manifest-1"
     assert set(manifest["tensors"]) == {"ld", "p_mary", "top", "top/ids", "rp1"}

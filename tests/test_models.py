@@ -200,7 +200,7 @@ def test_hub_cache_is_used_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     lm.model.config.save_pretrained(str(partial))
     with pytest.raises(ModelLoadError) as err:
         load_model("specsight-test/partial", device="cpu")
-    assert "huggingface-cli download specsight-test/partial" in str(err.value.hint)
+    assert "hf download specsight-test/partial" in str(err.value.hint)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -232,7 +232,7 @@ def test_missing_folder_and_uncached_hub_id(
     with pytest.raises(ModelLoadError) as err:
         load_model("specsight-test/not-cached", device="cpu")
     assert "never downloads" in err.value.message
-    assert "huggingface-cli download specsight-test/not-cached" in str(err.value.hint)
+    assert "hf download specsight-test/not-cached" in str(err.value.hint)
     with pytest.raises(ModelLoadError):
         load_model_info("specsight-test/not-cached")
     assert time.perf_counter() - start < 10
@@ -278,6 +278,13 @@ def test_cache_dir_and_list_models(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert listed["smollm2-135m"]["cached"] is False
     assert {n for n, m in listed.items() if m["kind"] == "tiny"} == set(TINY)
     monkeypatch.delenv("SPECSIGHT_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == Path.home() / ".cache" / "specsight"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the XDG base directory spec
+    assert cache_dir() == tmp_path / "xdg" / "specsight"
+    monkeypatch.setenv(
+        "XDG_CACHE_HOME", "relative/cache"
+    )  # not absolute: ignored, as the spec says
     assert cache_dir() == Path.home() / ".cache" / "specsight"
 
 

@@ -64,6 +64,8 @@ BASE = {"specsight": 1, "model": "tiny-llama", "invokes": {"a": {"prompt": "hi"}
             },
             True,
         ),
+        ({"$schema": "../schemas/spec.v1.json"}, True),  # editors read it; specsight ignores it
+        ({"$schemas": "x"}, False),
         ({"extra_key": 1}, False),
         ({"specsight": 2}, False),
         ({"model": {"id": "x", "dtype": "float33"}}, False),

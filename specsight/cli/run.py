@@ -184,6 +184,8 @@ def run(
     )
     if out:
         click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
+    else:
+        click.echo("results not saved: add --out FOLDER to keep them", err=True)
     if not results.ok:
         failed = sum(not o.ok for o in results.expectations)
         click.echo(f"{failed} of {len(results.expectations)} expectation(s) failed", err=True)

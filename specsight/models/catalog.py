@@ -34,9 +34,14 @@ _CACHE_FILES = (
 
 
 def cache_dir() -> Path:
-    """Where converted models live: ``$SPECSIGHT_CACHE`` or ``~/.cache/specsight``."""
+    """Where converted models live: ``$SPECSIGHT_CACHE``, else ``$XDG_CACHE_HOME/specsight``,
+    else ``~/.cache/specsight``."""
     env = os.environ.get("SPECSIGHT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "specsight"
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "specsight"
 
 
 def builtin_dir() -> Path:

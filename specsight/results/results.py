@@ -37,7 +37,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-@dataclass
+@dataclass(repr=False)
 class Results:
     """What a run produced. ``results["logit_diff"]`` gives a tensor by name."""
 
@@ -59,6 +59,20 @@ class Results:
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.metrics, **self.saves}
+
+    def __repr__(self) -> str:
+        """One line: the spec, the model, the first few tensors with their shapes, the claims."""
+        about = self.manifest.get("spec", {})
+        spec = repr(about["name"]) if about.get("name") else about.get("file") or "a spec"
+        model = self.manifest.get("model", {}).get("id") or "?"
+        shown = [f"{n} {list(t.shape)}" for n, t in list(self.tensors.items())[:4]]
+        more = len(self.tensors) - len(shown)
+        listed = ", ".join(shown) + (f", +{more} more" if more > 0 else "")
+        claims = ""
+        if self.expectations:
+            held = sum(o.ok for o in self.expectations)
+            claims = f"; expect {held}/{len(self.expectations)} held"
+        return f"<Results of {spec} on {model}: {listed}{claims}>"
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensors = self.tensors

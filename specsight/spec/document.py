@@ -245,6 +245,11 @@ class Spec(StrictModel):
         extra="forbid", frozen=True, allow_inf_nan=False, title="specsight spec v1"
     )
 
+    schema_: str | None = Field(
+        None,
+        alias="$schema",
+        description="the JSON schema this file follows, for editors (specsight ignores it)",
+    )
     specsight: Literal[1] = Field(description="spec format version")
     name: str | None = None
     description: str | None = None

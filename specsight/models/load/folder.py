@@ -21,7 +21,7 @@ from .vision import image_info
 __all__ = ["OFFLINE_HINT", "config_of", "auto_class", "from_pretrained", "folder_tokenizer"]
 
 OFFLINE_HINT = (
-    "download it on a machine with network access (huggingface-cli download {id}) "
+    "download it on a machine with network access (hf download {id}) "
     "and point model.id to the folder"
 )
 
