@@ -478,3 +478,16 @@ def test_console_script_bad_spec_exit_code(tmp_path):
     assert proc.stdout == ""
     assert "unknown op 'zeroo'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(capsys):
+    from specsight.cli.run import plain_progress
+
+    quiet = plain_progress(interval=3600)  # a short run: nothing
+    quiet(10, 100)
+    assert capsys.readouterr().err == ""
+    update = plain_progress(interval=0)
+    update(25, 100)
+    update(100, 100)  # the end: the summary follows, no line
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rows 25/100 (25%), ")

@@ -15,7 +15,31 @@ import click
 from ..errors import SpecError
 from .app import guard, json_option, main, strict_json
 
-__all__ = ["progress_callback"]
+__all__ = ["progress_callback", "plain_progress"]
+
+#: seconds between progress lines when stderr is not a terminal (a CI log, a file)
+PLAIN_PROGRESS_S = 10.0
+
+
+def plain_progress(interval: float = PLAIN_PROGRESS_S) -> Callable[[int, int], None]:
+    """Progress as a plain line on stderr at most every ``interval`` seconds: a long run is
+    not silent in a log until its end, and a short one prints nothing."""
+    start = time.perf_counter()
+    last = [start]
+
+    def update(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done >= total or now - last[0] < interval:
+            return
+        last[0] = now
+        rate = done / (now - start) if now > start else 0.0
+        click.echo(
+            f"rows {done}/{total} ({100 * done / total:.0f}%), {rate:.1f} rows/s, "
+            f"{now - start:.0f} s",
+            err=True,
+        )
+
+    return update
 
 
 def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None, Any]:
@@ -149,6 +173,8 @@ def run(
         results: Results = _run_remote(spec_path, remote, api_key, out, force, show_progress)
     else:
         callback, progress = progress_callback(show_progress)
+        if callback is None and not as_json:
+            callback = plain_progress()
         try:
             results = run_spec(
                 spec_path,

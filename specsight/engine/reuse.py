@@ -229,7 +229,12 @@ class UntouchedRuns:
         template = self.templates.get(layer)
 
         def passthrough(*args: Any, **kwargs: Any) -> Any:
-            hidden = hidden_of(args[0]) if args else kwargs["hidden_states"]
+            if args:
+                hidden = hidden_of(args[0])
+            elif "hidden_states" in kwargs:
+                hidden = kwargs["hidden_states"]
+            else:  # the first tensor keyword, as hooks read a module's input
+                hidden = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             return hidden if template is None else replace_hidden(template, hidden)
 
         return passthrough
