@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import RunError, did_you_mean
 from .expect import Outcome
 from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
+from .frames import stack_sites, to_pandas, to_xarray
 from .plots import write_heatmaps
 from .summary import render_summary
 
@@ -73,6 +74,21 @@ class Results:
             held = sum(o.ok for o in self.expectations)
             claims = f"; expect {held}/{len(self.expectations)} held"
         return f"<Results of {spec} on {model}: {listed}{claims}>"
+
+    def to_pandas(self, name: str) -> Any:
+        """A long-format pandas DataFrame of one tensor: a column per axis (values, and
+        ``<axis>_label`` where labelled) and ``value``."""
+        return to_pandas(self, name)
+
+    def to_xarray(self, name: str | None = None) -> Any:
+        """One tensor as an xarray DataArray with named, labelled dims; every tensor as a
+        Dataset when ``name`` is None."""
+        return to_xarray(self, name)
+
+    def stack(self, site: str, invoke: str | None = None) -> torch.Tensor:
+        """Per-layer saves of ``site`` (``results.stack("resid_post")``) as one
+        ``[layer, ...]`` tensor."""
+        return stack_sites(self, site, invoke)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensors = self.tensors
