@@ -158,6 +158,13 @@ def test_same_spec_twice_is_bit_identical_and_rerun_matches(tmp_path):
     again = runner.invoke(main, ["rerun", str(tmp_path / "a")])
     assert again.exit_code == 0, again.output
     assert "rerun matches" in again.output
+    for command in (
+        ["diff", str(tmp_path / "a"), str(tmp_path / "b")],
+        ["rerun", str(tmp_path / "a")],
+    ):
+        data = json.loads(runner.invoke(main, [*command, "--json"]).output)
+        assert data["ok"] is True and data["blocking"] == []
+        assert {t["status"] for t in data["tensors"]} == {"equal"}
 
 
 def test_drift_fails_with_largest_differences(tmp_path):
@@ -197,6 +204,11 @@ def test_other_weights_or_dtype_are_reported_before_numbers(tmp_path):
         )
     weights = runner.invoke(main, ["diff", str(tmp_path / "seed0"), str(tmp_path / "seed1")])
     assert weights.exit_code == 1
+    as_json = runner.invoke(
+        main, ["diff", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--json"]
+    )
+    data = json.loads(as_json.output)
+    assert as_json.exit_code == 1 and data["ok"] is False and data["blocking"]
     assert (
         "INCOMPARABLE model.weights_sha256" in weights.output
         and "numbers not compared" in weights.output

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from ..errors import SpecError, SpecsightError
-from .app import guard, main
+from .app import guard, json_option, main, strict_json
 
 __all__: list[str] = []
 
@@ -221,14 +221,24 @@ def check(
 @click.argument("run_b", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--rtol", type=float, default=1e-5, show_default=True)
 @click.option("--atol", type=float, default=1e-6, show_default=True)
+@json_option
 @guard
-def diff(run_a: Path, run_b: Path, rtol: float, atol: float) -> None:
+def diff(run_a: Path, run_b: Path, rtol: float, atol: float, as_json: bool) -> None:
     """Compare two run folders (written by --out): manifests, then every tensor."""
     from ..results import compare_runs
 
     result = compare_runs(_load_run(run_a), _load_run(run_b), rtol=rtol, atol=atol)
-    click.echo(result.format())
+    _print_diff(result, as_json)
     sys.exit(0 if result.ok else 1)
+
+
+def _print_diff(result: Any, as_json: bool, verdict: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(strict_json(result.to_dict()), indent=2, default=str))
+        return
+    click.echo(result.format())
+    if verdict:
+        click.echo(verdict)
 
 
 @main.command()
@@ -240,14 +250,14 @@ def diff(run_a: Path, run_b: Path, rtol: float, atol: float) -> None:
 )
 @click.option("--rtol", type=float, default=0.0, show_default=True)
 @click.option("--atol", type=float, default=0.0, show_default=True)
+@json_option
 @guard
-def rerun(run_dir: Path, out: Path | None, rtol: float, atol: float) -> None:
+def rerun(run_dir: Path, out: Path | None, rtol: float, atol: float, as_json: bool) -> None:
     """Run a run folder's spec again and report whether the results match (exactly, by default)."""
     from ..api import rerun_folder
 
     result = rerun_folder(run_dir, out=out, rtol=rtol, atol=atol)
-    click.echo(result.format())
-    click.echo("rerun matches" if result.ok else "rerun does NOT match")
+    _print_diff(result, as_json, "rerun matches" if result.ok else "rerun does NOT match")
     sys.exit(0 if result.ok else 1)
 
 

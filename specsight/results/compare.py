@@ -8,7 +8,7 @@ as such *before* any tensor is compared, so a drift is never blamed on the wrong
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,19 @@ class RunDiff:
     @property
     def ok(self) -> bool:
         return not self.blocking and all(t.status in ("equal", "close") for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The comparison as JSON-ready data: blocking and informational manifest differences
+        (field, a, b) and one entry per tensor."""
+        return {
+            "ok": self.ok,
+            "blocking": [{"field": f, "a": a, "b": b} for f, a, b in self.blocking],
+            "info": [{"field": f, "a": a, "b": b} for f, a, b in self.info],
+            "tensors": [
+                {**asdict(t), "a_shape": list(t.a_shape), "b_shape": list(t.b_shape)}
+                for t in self.tensors
+            ],
+        }
 
     def format(self, *, limit: int = 20) -> str:
         lines = []
