@@ -376,3 +376,18 @@ def test_builtin_conversion_race(tmp_path: Path) -> None:
     assert outs == ["30", "30"]
     entries = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert entries == [".smollm2-135m.lock", "smollm2-135m"]
+
+
+def test_the_first_conversion_says_so_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from specsight.models.load import builtin
+
+    monkeypatch.setenv("SPECSIGHT_CACHE", str(tmp_path))
+    made: list[Path] = []
+    monkeypatch.setattr(builtin, "_convert_gguf", lambda _gguf, out: made.append(out))
+    monkeypatch.setattr(builtin, "is_cached", lambda folder: folder.exists() and bool(made))
+    target = builtin.ensure_builtin()
+    captured = capsys.readouterr()
+    assert made and "converting the built-in model" in captured.err and str(target) in captured.err
+    assert captured.out == ""

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -95,6 +96,11 @@ def ensure_builtin() -> Path:
             os.replace(target, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        print(  # the one slow first use: say what happens (stderr, never a result stream)
+            f"converting the built-in model {gguf_file.name} into {target} (once, ~20 s)",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             _convert_gguf(gguf_file, tmp)
             for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make them private
