@@ -491,3 +491,19 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(capsys):
     update(100, 100)  # the end: the summary follows, no line
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("rows 25/100 (25%), ")
+
+
+def test_quiet_prints_nothing_and_verbose_adds_plan_and_timings(runner, tiny_spec, tmp_path):
+    quiet = runner.invoke(main, ["run", str(tiny_spec), "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == "" and quiet.stderr == ""
+    verbose = runner.invoke(
+        main, ["run", str(tiny_spec), "--verbose", "--out", str(tmp_path / "o")]
+    )
+    assert verbose.exit_code == 0, verbose.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    plan = manifest["plan"]
+    line = next(x for x in verbose.stdout.splitlines() if x.startswith("plan: "))
+    assert f"{plan['rows']} rows in {plan['forwards']} forwards" in line and "execute" in line
+    both = runner.invoke(main, ["run", str(tiny_spec), "-q", "-v"])
+    assert both.exit_code == 2 and "contradict" in both.output

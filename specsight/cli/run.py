@@ -86,6 +86,31 @@ def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None,
     return update, progress
 
 
+def _print_run(results: Any, out: Path | None, verbose: bool) -> None:
+    """The terminal summary, where the results went, and (``verbose``) plan size and timings."""
+    import shutil
+
+    from rich.console import Console
+
+    from ..results import print_summary
+
+    print_summary(
+        results, Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120))
+    )
+    if verbose:
+        plan = results.manifest.get("plan", {})
+        timings = results.manifest.get("timings", {})
+        spent = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in timings.items())
+        click.echo(
+            f"plan: {plan.get('rows', '?')} rows in {plan.get('forwards', '?')} forwards "
+            f"(at most {plan.get('max_batch', '?')} rows each); {spent}"
+        )
+    if out:
+        click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
+    else:
+        click.echo("results not saved: add --out FOLDER to keep them", err=True)
+
+
 def _run_remote(
     spec_path: Path,
     url: str,
@@ -150,6 +175,8 @@ def _run_remote(
     default=None,
     help="The server's API key (with --remote).",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No summary and no progress: errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Also the plan's size and where the time went.")
 @json_option
 @guard
 def run(
@@ -160,20 +187,24 @@ def run(
     max_batch: int | None,
     remote: str | None,
     api_key: str | None,
+    quiet: bool,
+    verbose: bool,
     as_json: bool,
 ) -> None:
     """Validate, compile and run SPEC on this machine (or on a server with --remote)."""
     from ..api import run as run_spec
     from ..results import Results
 
-    show_progress = not as_json and sys.stderr.isatty()
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose contradict each other")
+    show_progress = not as_json and not quiet and sys.stderr.isatty()
     if remote is not None:
         if device is not None or max_batch is not None:
             raise click.UsageError("--device and --max-batch are the server's choice with --remote")
         results: Results = _run_remote(spec_path, remote, api_key, out, force, show_progress)
     else:
         callback, progress = progress_callback(show_progress)
-        if callback is None and not as_json:
+        if callback is None and not as_json and not quiet:
             callback = plain_progress()
         try:
             results = run_spec(
@@ -199,19 +230,8 @@ def run(
         }
         click.echo(json.dumps(strict_json(payload), indent=2, allow_nan=False))
         sys.exit(0 if results.ok else 1)
-    import shutil
-
-    from rich.console import Console
-
-    from ..results import print_summary
-
-    print_summary(
-        results, Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120))
-    )
-    if out:
-        click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
-    else:
-        click.echo("results not saved: add --out FOLDER to keep them", err=True)
+    if not quiet:
+        _print_run(results, out, verbose)
     if not results.ok:
         failed = sum(not o.ok for o in results.expectations)
         click.echo(f"{failed} of {len(results.expectations)} expectation(s) failed", err=True)
