@@ -34,10 +34,15 @@ def worth_a_base(
     group: list[int], first: list[int], start: list[int], n: int, n_layers: int
 ) -> bool:
     """Whether one untouched run of a sequence (one full row of work) costs less than what
-    its rows save by reading from it."""
+    its rows save by reading from it (``first`` at most the last layer)."""
     full = n * n_layers
-    saved = sum(full - (n - start[r]) * (n_layers - min(first[r], n_layers - 1)) for r in group)
+    saved = sum(full - (n - start[r]) * (n_layers - first[r]) for r in group)
     return saved > full
+
+
+def _late_cap(max_batch: int, n: int, tail: int) -> int:
+    """Rows a forward running ``tail`` of ``n`` positions may hold."""
+    return max(1, min(_LATE_ROWS * max_batch, max_batch * n // tail))
 
 
 def _orders(first: list[int], start: list[int]) -> list[Callable[[int], tuple]]:
@@ -69,8 +74,7 @@ def _cut(
             low_layer = min(low_layer, first[run[0]])
             low_start = min(low_start, start[run[0]])
             tail = n - low_start
-            cap = max(1, min(_LATE_ROWS * max_batch, max_batch * n // tail))
-            forwards = -(-rows // cap)
+            forwards = -(-rows // _late_cap(max_batch, n, tail))
             if forwards > 1 and i < j - 1:
                 break
             cost = best[i] + rows * tail * (n_layers - low_layer) + forwards * overhead
@@ -82,8 +86,7 @@ def _cut(
         i = cut[j]
         members = [r for run in runs[i:j] for r in run]
         low_start = min(start[r] for r in members)
-        cap = max(1, min(_LATE_ROWS * max_batch, max_batch * n // (n - low_start)))
-        pieces = -(-len(members) // cap)
+        pieces = -(-len(members) // _late_cap(max_batch, n, n - low_start))
         size = -(-len(members) // pieces)
         chunks[:0] = [members[k : k + size] for k in range(0, len(members), size)]
         j = i
@@ -94,8 +97,8 @@ def base_chunks(
     group: list[int], first: list[int], start: list[int], max_batch: int, n: int, n_layers: int
 ) -> list[list[int]]:
     """Forwards for rows of one token length ``n`` (any sequences): the cheapest of a few
-    orders by (position, layer), each cut at its cheapest points."""
-    first = [min(f, n_layers - 1) for f in first]  # a row without ops still runs the last layer
+    orders by (position, layer), each cut at its cheapest points (``first`` at most the last
+    layer)."""
     best: tuple[float, list[list[int]]] | None = None
     for key in _orders(first, start):
         runs: list[list[int]] = []

@@ -23,7 +23,7 @@ from .generation import check_generation, check_generation_length, generate_forw
 from .gradients import check_backward
 from .inputs import compile_inputs
 from .layout import after_layer_modules, logit_positions, plan_saves, result_axes
-from .memory import CPU_BATCH_CAP, dtype_bytes, estimate_memory
+from .memory import CPU_BATCH_CAP, estimate_memory, untouched_run_bytes
 from .metrics import compile_metric
 from .packing import first_layers, first_positions, pack_rows, rows_for_budget
 from .stages import collect_save_names, order_stages
@@ -158,8 +158,7 @@ def _untouched_runs_per_block(
     """How many sequences' untouched runs (keys, values and layer inputs of every position)
     the engine holds at once: what a quarter of the budget allows, at most ``max_batch``."""
     seq = max((len(r.tokens) for r in rows), default=1)
-    width = 2 * info.n_kv_heads * info.d_head + info.d_model
-    per_sequence = seq * info.n_layers * width * dtype_bytes(dtype)
+    per_sequence = untouched_run_bytes(info, seq, dtype)
     allowed = (budget // 4 if budget else _UNTOUCHED_RUNS_BYTES) // max(1, per_sequence)
     return max(1, min(max_batch, allowed))
 

@@ -22,6 +22,7 @@ __all__ = [
     "dtype_bytes",
     "estimate_memory",
     "row_bytes",
+    "untouched_run_bytes",
 ]
 
 CPU_BATCH_CAP = 64  # on CPU, throughput stops improving past ~64 rows (bench/README.md)
@@ -59,6 +60,13 @@ def row_bytes(
     return hidden + attention + logits
 
 
+def untouched_run_bytes(info: ModelInfo, seq_len: int, dtype: str) -> int:
+    """What the engine keeps of one sequence's untouched run: keys, values and the layer
+    inputs of every position, in every layer (an upper bound: it keeps the inputs it uses)."""
+    width = 2 * info.n_kv_heads * info.d_head + info.d_model
+    return seq_len * info.n_layers * width * dtype_bytes(dtype)
+
+
 def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
     """Bytes for weights, peak activations of the largest forward, captured/saved values."""
     dtype = str(plan.model.get("dtype", "float32"))
@@ -71,14 +79,7 @@ def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
             per_row = row_bytes(info, tail, dtype, logits_positions=kept)
             per_row += seq * info.n_heads * (2 * info.d_head + tail) * width
             sequences = len({plan.rows[r].tokens for r in forward.rows})
-            runs = max(
-                runs,
-                sequences
-                * seq
-                * info.n_layers
-                * (2 * info.n_kv_heads * info.d_head + info.d_model)
-                * width,
-            )
+            runs = max(runs, sequences * untouched_run_bytes(info, seq, dtype))
         else:
             per_row = row_bytes(info, forward.seq_len, dtype, logits_positions=kept)
         peak = max(peak, len(forward.rows) * per_row)

@@ -111,21 +111,15 @@ def pack_rows(
         if not skip or index not in skip:  # rows that generate have forwards of their own
             by_stage[stages[row.invoke]].append(index)
     forwards: list[Forward] = []
+    # a row without ops still runs the last layer: a forward of it starts there at the latest
+    last_layer = [min(f, n_layers - 1) for f in first] if starts is not None else first
     for stage in sorted(by_stage):
         members = by_stage[stage]
         if starts is not None and prefix_reuse:
-            members = _from_base(
-                rows,
-                members,
-                stage,
-                first,
-                starts,
-                max_batch,
-                n_layers,
-                keep_logits,
-                block,
-                forwards,
+            based, members = _from_base(
+                rows, members, stage, last_layer, starts, max_batch, n_layers, keep_logits, block
             )
+            forwards += based
         groups: dict[tuple, list[int]] = defaultdict(list)
         for r in sorted(members, key=lambda r: (rows[r].tokens, rows[r].input or "")):
             groups[rows[r].identity].append(r)
@@ -174,9 +168,9 @@ def _from_base(
     n_layers: int,
     keep_logits: dict[int, set[int]] | None,
     block: int,
-    forwards: list[Forward],
-) -> list[int]:
-    """Append the forwards of rows that read their sequence's untouched run; return the rest."""
+) -> tuple[list[Forward], list[int]]:
+    """The forwards of rows that read their sequence's untouched run, and the other rows
+    (``first`` at most the last layer)."""
     by_sequence: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for r in members:
         by_sequence[rows[r].tokens].append(r)
@@ -187,17 +181,18 @@ def _from_base(
             by_length[len(tokens)].extend(group)
         else:
             rest.extend(group)
+    forwards: list[Forward] = []
     for n, group in sorted(by_length.items()):
         for part in sequences_in_blocks(rows, group, block):
             for chunk in base_chunks(part, first, start, max_batch, n, n_layers):
-                shared = min(min(first[r] for r in chunk), n_layers - 1)
+                shared = min(first[r] for r in chunk)
                 begin = min(start[r] for r in chunk)
                 keep = _kept(chunk, keep_logits, n)
                 based = bool(shared or begin)  # else nothing to read: a plain forward
                 forwards.append(
                     Forward(stage, tuple(sorted(chunk)), n, shared, keep, None, begin, based)
                 )
-    return rest
+    return forwards, rest
 
 
 def rows_for_budget(

@@ -180,7 +180,7 @@ def execute(
                 logits, column = run_forward(
                     plan,
                     model,
-                    replace(forward, shared_prefix=0) if how is not None else forward,
+                    forward,
                     device,
                     pad_id,
                     keep_supported,

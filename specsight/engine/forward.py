@@ -30,14 +30,14 @@ def run_forward(
     start: int = 0,
 ) -> tuple[torch.Tensor, Callable[[int], int]]:
     """Run one forward; returns its logits and a map from position to logits column.
-    ``late`` (with ``start``): the cache and positions of a forward of identical rows that
-    starts at position ``start`` (:mod:`.reuse`)."""
+    ``late`` (with ``start``): the cache and positions of a ``from_base`` forward that starts
+    at position ``start`` (:mod:`.reuse`)."""
     column: Callable[[int], int] = int
     try:
         kind = plan.model_summary.get("inputs", "text")
         if kind != "text":
             batch = torch.stack([inputs.get(plan.rows[row].input) for row in forward.rows])
-            if forward.shared_prefix:  # identical rows: run one, copied at the shared layer
+            if forward.shared_prefix and not forward.from_base:  # identical rows: one runs
                 batch = batch[:1]
             batch = batch.to(device)
             output = model(pixel_values=batch) if kind == "image" else model(batch)
@@ -48,7 +48,7 @@ def run_forward(
                 tokens = plan.rows[row].tokens
                 ids[i, : len(tokens)] = torch.tensor(tokens)
                 mask[i, : len(tokens)] = 1
-            if forward.shared_prefix:  # identical rows: run one, copied at the shared layer
+            if forward.shared_prefix and not forward.from_base:  # identical rows: one runs
                 ids, mask = ids[:1], mask[:1]
             kwargs: dict[str, Any] = {"use_cache": False}
             if late is not None:  # the earlier positions' keys and values are in the cache

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import RunError
 
-__all__ = ["HookScope", "hidden_of", "replace_hidden", "module_table"]
+__all__ = ["HookScope", "hidden_of", "input_hidden", "replace_hidden", "module_table"]
 
 
 # --- output structure: one place that knows tensors, tuples and ModelOutputs -----------------
@@ -49,20 +49,34 @@ def replace_hidden(value: Any, hidden: torch.Tensor) -> Any:
 # --- hooks ---------------------------------------------------------------------------------
 
 
+def _input_key(name: str, args: tuple, kwargs: dict) -> str | None:
+    """Where a module call's hidden-state input is: None for the first positional argument,
+    else its keyword (``hidden_states``, else the first tensor keyword)."""
+    if args:
+        return None
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+    if key is None:
+        raise RunError(f"module '{name}' was called without a tensor input")
+    return key
+
+
+def input_hidden(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module call's hidden-state input, found as hooks find it."""
+    key = _input_key(name, args, kwargs)
+    return hidden_of(args[0]) if key is None else kwargs[key]
+
+
 def _with_input(
     name: str, args: tuple, kwargs: dict, fn: Callable[[torch.Tensor], torch.Tensor | None]
 ) -> tuple[tuple, dict] | None:
-    """``fn`` on a module call's hidden-state input (the first positional argument, else
-    ``hidden_states=``, else the first tensor keyword); the call's arguments with the input
-    replaced when ``fn`` returns a tensor, else None (unchanged)."""
-    if args:
+    """``fn`` on a module call's hidden-state input (:func:`input_hidden`); the call's
+    arguments with the input replaced when ``fn`` returns a tensor, else None (unchanged)."""
+    key = _input_key(name, args, kwargs)
+    if key is None:
         new = fn(hidden_of(args[0]))
         return None if new is None else ((replace_hidden(args[0], new), *args[1:]), kwargs)
-    key = "hidden_states" if "hidden_states" in kwargs else None
-    if key is None:
-        key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
-    if key is None:
-        raise RunError(f"module '{name}' was called without a tensor input")
     new = fn(kwargs[key])
     return None if new is None else (args, {**kwargs, key: new})
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..plan import Forward, Plan
-from .hooks import _with_input, hidden_of, replace_hidden
+from .hooks import input_hidden, replace_hidden
 
 __all__ = ["UntouchedRuns", "Reuse"]
 
@@ -100,6 +100,8 @@ class UntouchedRuns:
         skip = forward.shared_prefix
         if not forward.from_base or (skip and self.layers is None):
             return None
+        if not skip and not self.has_cache:  # nothing to read: no untouched run is worth it
+            return None
         sequences, index = self._sequences(forward)
         runs = self._get(sequences, device, runner)
         start = forward.position_start if self.has_cache else 0
@@ -167,11 +169,8 @@ class UntouchedRuns:
         handles = []
 
         def keeper(layer: int) -> Any:
-            def store(hidden: torch.Tensor) -> None:
-                inputs[layer] = hidden
-
             def keep(_module: Any, args: tuple, kwargs: dict) -> None:
-                _with_input(f"layer {layer}", args, kwargs, store)
+                inputs[layer] = input_hidden(f"layer {layer}", args, kwargs)
 
             return keep
 
@@ -229,12 +228,7 @@ class UntouchedRuns:
         template = self.templates.get(layer)
 
         def passthrough(*args: Any, **kwargs: Any) -> Any:
-            if args:
-                hidden = hidden_of(args[0])
-            elif "hidden_states" in kwargs:
-                hidden = kwargs["hidden_states"]
-            else:  # the first tensor keyword, as hooks read a module's input
-                hidden = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            hidden = input_hidden(f"layer {layer}", args, kwargs)
             return hidden if template is None else replace_hidden(template, hidden)
 
         return passthrough

@@ -142,25 +142,15 @@ class Runner:
         if kind == "patch" and all(op.sources[0] in self.store for op in ops):
             return self._patch_group(group, local, offset)
         if kind == "save" and all(op.io != "pattern" for op in ops):
-            rows = [local[op.row] for op in ops for _ in op.positions]
-            positions = [p - offset for op in ops for p in op.positions]
-            group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
-            group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
+            self._index(group, local, offset)
             group.counts = [len(op.positions) for op in ops]
             return group
         if kind in ("zero", "scale") or (kind in ("add", "set") and ops[0].vector is not None):
             if kind in ("add", "set") and any(op.vector is None for op in ops):
                 return group  # mixed saved/inline sources: apply one by one
-            rows, positions, factors, vecs = [], [], [], []
-            for op in ops:
-                for pos in op.positions:
-                    rows.append(local[op.row])
-                    positions.append(pos - offset)
-                    factors.append(op.factor if op.factor is not None else 1.0)
-                    if op.vector is not None:
-                        vecs.append(op.vector)
-            group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
-            group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
+            self._index(group, local, offset)
+            factors = [1.0 if op.factor is None else op.factor for op in ops for _ in op.positions]
+            vecs = [op.vector for op in ops for _ in op.positions if op.vector is not None]
             group.factors = torch.tensor(factors, device=self.device, dtype=dtype).unsqueeze(-1)
             if vecs:
                 keys = sorted(set(vecs))
@@ -172,13 +162,12 @@ class Runner:
     def _patch_group(self, group: _Group, local: dict[int, int], offset: int) -> _Group:
         """Patches whose sources are stored already: every row's values gathered now, one
         gather per source, written in the hook by one indexed assignment."""
-        rows, positions = [], []
         by_source: dict[str, list[tuple[int, int]]] = {}
+        slot = 0
         for op in group.ops:
-            for pos, src in zip(op.positions, op.source_positions or op.positions):
-                by_source.setdefault(op.sources[0], []).append((len(rows), src))
-                rows.append(local[op.row])
-                positions.append(pos - offset)
+            for _, src in zip(op.positions, op.source_positions or op.positions):
+                by_source.setdefault(op.sources[0], []).append((slot, src))
+                slot += 1
         order, pieces = [], []
         for key, entries in by_source.items():
             stored = self.store[key]
@@ -188,10 +177,16 @@ class Runner:
         values = torch.cat(pieces)[torch.argsort(torch.tensor(order, device=self.device))]
         if group.cols is not None:
             values = values[:, group.cols]
-        group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
-        group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
+        self._index(group, local, offset)
         group.vectors = values
         return group
+
+    def _index(self, group: _Group, local: dict[int, int], offset: int) -> None:
+        """The group's (row, position) pairs, one per op position, as index tensors."""
+        rows = [local[op.row] for op in group.ops for _ in op.positions]
+        positions = [p - offset for op in group.ops for p in op.positions]
+        group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
+        group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
 
     def expander(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
         """At ``layer``'s input: copies the single shared row to every row of the forward, or

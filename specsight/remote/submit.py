@@ -16,7 +16,7 @@ from ..compile import DEFAULT_MAX_BATCH, compile_plan, dataset_rows
 from ..errors import Issue, RunError, SpecError, format_path
 from ..models import ModelInfo
 from ..plan import Plan
-from ..results import Results, check_out_dir, evaluate
+from ..results import Results, check_out_dir
 from ..spec import (
     AddOp,
     FileVector,
@@ -140,10 +140,7 @@ def run_remote(
         if plan.dataset is not None:  # where the rows came from, not the inline copy sent
             results.manifest["dataset"] = plan.dataset
         if plan.expectations:  # judged here, so each verdict points into the local spec file
-            results.expectations = evaluate(
-                plan.expectations, results.tensors, results.manifest["tensors"]
-            )
-            results.manifest["expectations"] = [o.to_dict() for o in results.expectations]
+            results.judge(plan.expectations)
     finally:
         if client is None:
             remote.close()

@@ -16,7 +16,6 @@ from ..models.load import LoadedModel
 from ..plan import Plan
 from ..spec import LoadedDoc, Spec
 from ..version import __version__
-from .expect import evaluate
 from .results import Results, tensor_sha256
 
 __all__ = ["results_from_raw"]
@@ -58,8 +57,7 @@ def results_from_raw(
         manifest["generated"] = _generated(plan, raw.generated, model.tokenizer)
     results = Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
     if plan.expectations:
-        results.expectations = evaluate(plan.expectations, results.tensors, manifest["tensors"])
-        manifest["expectations"] = [o.to_dict() for o in results.expectations]
+        results.judge(plan.expectations)
     return results
 
 

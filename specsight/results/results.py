@@ -19,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import RunError, did_you_mean
-from .expect import Outcome
+from ..plan import PlanExpectation
+from .expect import Outcome, evaluate
 from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
 from .frames import stack_sites, to_pandas, to_xarray
 from .plots import write_heatmaps
@@ -56,6 +57,12 @@ class Results:
     def ok(self) -> bool:
         """True when every expectation held."""
         return all(outcome.ok for outcome in self.expectations)
+
+    def judge(self, expectations: tuple[PlanExpectation, ...]) -> None:
+        """Check a plan's ``expect:`` claims on these results: the verdicts go into
+        ``expectations`` and the manifest."""
+        self.expectations = evaluate(expectations, self.tensors, self.manifest["tensors"])
+        self.manifest["expectations"] = [o.to_dict() for o in self.expectations]
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
