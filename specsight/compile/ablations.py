@@ -27,22 +27,29 @@ from .inputs import read_array_file
 __all__ = ["capture_key", "compile_ablation", "derangement", "vector_key"]
 
 
+def _capture_whole(
+    ctx: Context, key: str, row: int, site: Site, origin: str, layer: int | None
+) -> None:
+    """Keep every position of ``row`` at ``site`` under store key ``key``."""
+    ctx.captures[key] = RowOp(
+        "capture",
+        site=site.name,
+        module=site.module,
+        io=site.io,
+        row=row,
+        positions=tuple(range(len(ctx.rows[row].tokens))),
+        store=key,
+        origin=origin,
+        layer=layer,
+    )
+
+
 def capture_key(ctx: Context, source: str, prompt: int, site: Site, origin: str) -> str:
     """The store key of a source row's whole sequence at ``site``, captured once for every op
     that reads it."""
     key = f"capture/{source}/{prompt}/{site.module}/{site.io}"
     if key not in ctx.captures:
-        ctx.captures[key] = RowOp(
-            "capture",
-            site=site.name,
-            module=site.module,
-            io=site.io,
-            row=ctx.row_index[(source, 0, prompt)],
-            positions=tuple(range(len(ctx.tokens[source][prompt]))),
-            store=key,
-            origin=origin,
-            layer=site.layer,
-        )
+        _capture_whole(ctx, key, ctx.row_index[(source, 0, prompt)], site, origin, site.layer)
     return key
 
 
@@ -196,15 +203,5 @@ def _skip(ctx: Context, site: Site, common: dict, path: SpecPath) -> None:
         ) from None
     row = common["row"]
     key = f"skip/{row}/{site.layer}"
-    ctx.captures[key] = RowOp(
-        "capture",
-        site=inputs.name,
-        module=inputs.module,
-        io=inputs.io,
-        row=row,
-        positions=tuple(range(len(ctx.rows[row].tokens))),
-        store=key,
-        origin=common["origin"],
-        layer=site.layer,
-    )
+    _capture_whole(ctx, key, row, inputs, common["origin"], site.layer)
     ctx.ops.append(RowOp("patch", sources=(key,), source_positions=common["positions"], **common))
