@@ -11,6 +11,7 @@ Importing this module does not import torch; running a spec does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -18,14 +19,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .compile import activation_budget, batch_cap, check_references
+from .compile import (
+    BLOCK_ROWS,
+    Items,
+    activation_budget,
+    batch_cap,
+    check_references,
+    fold_saves,
+    item_blocks,
+    read_items,
+    why_one_plan,
+    widen,
+)
 from .compile import compile_plan as _compile
 from .errors import ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
-from .plan import Plan
+from .plan import Plan, PlanSave
 from .spec import Spec, doc_of, document_of, load_spec
 
 if TYPE_CHECKING:
+    from .engine import EngineOutput
     from .models.load import LoadedModel
     from .results import Results, RunDiff
 
@@ -151,9 +164,14 @@ def run(
     prefix_reuse: bool = True,
     position_reuse: bool = True,
     force: bool = False,
+    block_rows: int = BLOCK_ROWS,
 ) -> Results:
     """Validate, compile and run a spec on this machine; optionally write ``out`` (a folder
-    holding another spec's run is replaced only with ``force``; checked before running)."""
+    holding another spec's run is replaced only with ``force``; checked before running).
+
+    A dataset run of more than ``block_rows`` rows is compiled and run a block of items at a
+    time (what it holds stays flat in the number of items), unless its items read each other
+    (see :func:`specsight.compile.why_one_plan`)."""
     from .engine import execute
     from .results import check_out_dir, results_from_raw
 
@@ -166,8 +184,8 @@ def run(
     if model is None:
         model = load_model_for(spec, device=device)
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plan = _compile(
+    compiler = functools.partial(
+        _compile,
         spec,
         model.info,
         model.tokenizer,
@@ -178,14 +196,82 @@ def run(
         prefix_reuse=prefix_reuse,
         position_reuse=position_reuse,
     )
-    compile_s = time.perf_counter() - t0
-    raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
+    t0 = time.perf_counter()
+    blocks = _item_blocks(spec, compiler, block_rows)
+    if blocks is None:
+        plan = compiler()
+        compile_s = time.perf_counter() - t0
+        raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
+    else:
+        probe_s = time.perf_counter() - t0
+        plan, raw, compile_s = _run_blocks(*blocks, compiler, model, progress)
+        compile_s += probe_s
     timings = {"load_model_s": load_s, "compile_s": compile_s, **raw.timings}
     timings["total_s"] = time.perf_counter() - started
     results = results_from_raw(spec, doc, plan, model, raw, timings)
     if out is not None:
         results.save(out, force=force)
     return results
+
+
+def _item_blocks(
+    spec: Spec, compiler: Callable[..., Plan], block_rows: int
+) -> tuple[Items, list[tuple[int, int]], Plan] | None:
+    """The items and item ranges of a run in blocks, and the plan of its first item (None:
+    the run is one plan). A spec whose first item does not compile runs as one plan, so
+    that its error report is complete."""
+    if why_one_plan(spec) is not None:
+        return None
+    items = read_items(spec, document_of(spec))
+    if items is None or len(items.rows) < 2:
+        return None
+    try:
+        probe = compiler(items=items.window(0, 1))
+    except SpecError:
+        return None
+    ranges = item_blocks(probe, len(items.rows), block_rows)
+    return (items, ranges, probe) if len(ranges) > 1 else None
+
+
+def _run_blocks(
+    items: Items,
+    ranges: list[tuple[int, int]],
+    probe: Plan,
+    compiler: Callable[..., Plan],
+    model: LoadedModel,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[Plan, EngineOutput, float]:
+    """Compile and run each block of items in turn, keeping only its per-item results; the
+    plan the results are labelled from, the joined output and the seconds spent compiling."""
+    from .engine import BlockJoin, execute
+
+    over = set((probe.dataset or {}).get("invokes", ()))
+    per_item = sum(1 for row in probe.rows if row.invoke in over)
+    total = per_item * len(items.rows) + (len(probe.rows) - per_item) * len(ranges)
+    join, tokens, first = BlockJoin(), {name: [] for name in over}, None
+    saves: dict[str, PlanSave] = {}
+    compile_s = 0.0
+    for start, stop in ranges:
+        t0 = time.perf_counter()
+        plan = compiler(items=items.window(start, stop))
+        compile_s += time.perf_counter() - t0
+        first = first or plan
+        fold_saves(saves, plan)
+        for name in over:
+            tokens[name] += plan.invoke_info[name]["tokens"]
+        done = join.rows
+
+        def shifted(rows: int, _total: int, done: int = done) -> None:
+            if progress is not None:
+                progress(done + rows, total)
+
+        raw = execute(
+            plan, model.model, pad_id=model.tokenizer.pad_id, progress=shifted, reduce=False
+        )
+        join.add(plan, raw)
+    assert first is not None
+    whole = widen(first, len(items.rows), tokens, saves)
+    return whole, join.finish(whole), compile_s
 
 
 def rerun_folder(

@@ -4,11 +4,13 @@
 :func:`compile_plan` runs the passes over a shared :class:`Context`: inputs (prompts, images,
 tensors), stages (what reads from what), cells (sweeps into rows), ops, metrics, generation and
 gradient checks, expectations, then packing rows into forwards under a memory budget.
+:mod:`.blocks` splits a large dataset run into blocks of items.
 """
 
+from .blocks import BLOCK_ROWS, fold_saves, item_blocks, why_one_plan, widen
 from .compiler import DEFAULT_MAX_BATCH, compile_plan
-from .context import Abort, Context, SpecPath
-from .dataset import dataset_rows
+from .context import Abort, Context, Items, SpecPath
+from .dataset import dataset_rows, read_items
 from .memory import activation_budget, batch_cap, estimate_memory, row_bytes
 from .packing import first_layers, pack_rows
 from .positions import PositionError, resolve_position, resolve_positions
@@ -17,7 +19,14 @@ from .sizes import SpecSizes, spec_sizes
 from .sweep import MAX_CELLS, Grid, GridError, expand_grid
 
 __all__ = [
+    "BLOCK_ROWS",
     "DEFAULT_MAX_BATCH",
+    "Items",
+    "fold_saves",
+    "item_blocks",
+    "read_items",
+    "why_one_plan",
+    "widen",
     "MAX_CELLS",
     "Abort",
     "Context",

@@ -84,7 +84,8 @@ def compile_ablation(
     if isinstance(op, S.MeanAblateOp):
         _mean(ctx, op, site, common, path)
     elif isinstance(op, S.NoiseOp):
-        _noise(ctx, op, site, prompt_index, common, path)
+        in_whole = ctx.items.offset if ctx.items and invoke in ctx.item_invokes else 0
+        _noise(ctx, op, site, prompt_index + in_whole, common, path)
     elif isinstance(op, S.ProjectOutOp):
         _project_out(ctx, op, site, common, path, width)
     elif isinstance(op, S.ClampOp):

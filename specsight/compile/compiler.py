@@ -16,7 +16,7 @@ from ..models import ModelInfo, Tokenizer
 from ..plan import Plan, Row
 from ..sites import family_table
 from .cells import compile_invoke_ops, expand_invoke
-from .context import Context
+from .context import Context, Items
 from .dataset import check_metric_columns
 from .expectations import compile_expectations
 from .generation import check_generation, check_generation_length, generate_forwards
@@ -47,16 +47,20 @@ def compile_plan(
     position_reuse: bool = True,
     allow_files: bool = True,
     max_cells: int = MAX_CELLS,
+    items: Items | None = None,
 ) -> Plan:
     """Compile a validated spec for one model. ``doc`` supplies file positions for errors.
 
     Rows per forward: ``max_batch`` when given; else as many as ``memory_budget`` bytes of
-    activations allow (at most ``batch_cap``); else ``batch_cap``.
+    activations allow (at most ``batch_cap``); else ``batch_cap``. ``items``: the dataset's
+    items already read (a window of them, for a run in blocks), instead of reading it.
     """
     if max_batch is not None and max_batch < 1:
         raise ValueError("max_batch must be at least 1")
     doc = doc or S.document_of(spec)
-    ctx = Context(spec=spec, doc=doc, info=info, tok=tokenizer, allow_files=allow_files)
+    ctx = Context(
+        spec=spec, doc=doc, info=info, tok=tokenizer, allow_files=allow_files, given_items=items
+    )
     compile_inputs(ctx)
     for name, metric in spec.metrics.items():  # with the prompts' columns, in one report
         if getattr(metric, "invoke", None) in spec.invokes:

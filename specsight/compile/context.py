@@ -8,6 +8,7 @@ issue at once between passes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +42,19 @@ class Items:
     rows: tuple[dict[str, Any], ...]
     columns: tuple[str, ...]
     #: the row numbers (from 0) of ``rows`` in the dataset
-    indices: tuple[int, ...]
+    indices: Sequence[int]
     total: int
     sha256: str
     file: str | None
+    #: a window of the items (a block of a run in blocks): the item number of ``rows[0]``
+    offset: int = 0
+    #: the window's whole: what :meth:`describe` reports (None: these items are the whole)
+    whole: Items | None = None
 
     def describe(self) -> dict[str, Any]:
-        """What the manifest records of the dataset."""
+        """What the manifest records of the dataset (of the whole, for a window)."""
+        if self.whole is not None:
+            return self.whole.describe()
         return {
             "file": self.file,
             "sha256": self.sha256,
@@ -56,6 +63,21 @@ class Items:
             "used": len(self.rows),
             "sample": None if len(self.rows) == self.total else list(self.indices),
         }
+
+    def window(self, start: int, stop: int) -> Items:
+        """Items ``start`` to ``stop`` (item numbers, labels and seeds stay those of the whole)."""
+        whole = self.whole or self
+        start, stop = start + self.offset, stop + self.offset
+        return Items(
+            whole.rows[start:stop],
+            whole.columns,
+            whole.indices[start:stop],
+            whole.total,
+            whole.sha256,
+            whole.file,
+            offset=start,
+            whole=whole,
+        )
 
 
 @dataclass(kw_only=True)
@@ -70,6 +92,8 @@ class SpecContext:
     save_names: dict[str, tuple[str, int]] = field(default_factory=dict)
     #: the dataset's rows (after sampling), when the spec has one
     items: Items | None = None
+    #: items read before compiling (a block of a run in blocks): used instead of the dataset
+    given_items: Items | None = None
     #: the invokes that run once per dataset row (their prompt names a column)
     item_invokes: set[str] = field(default_factory=set)
 

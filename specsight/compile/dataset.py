@@ -36,6 +36,7 @@ __all__ = [
     "item_label",
     "check_metric_columns",
     "dataset_rows",
+    "read_items",
 ]
 
 #: rows a dataset may have (after reading, before sampling)
@@ -99,7 +100,10 @@ def is_item_invoke(invoke: S.Invoke, items: Items | None) -> bool:
 def use_dataset(ctx: SpecContext, *, allow_files: bool = True) -> None:
     """Read the spec's dataset into ``ctx.items`` and mark the invokes that run over it;
     a sweep variable named like a column is a located issue."""
-    ctx.items = load_items(ctx, allow_files=allow_files)
+    if ctx.given_items is not None:
+        ctx.items = ctx.given_items
+    else:
+        ctx.items = load_items(ctx, allow_files=allow_files)
     if ctx.items is None:
         return
     columns = set(ctx.items.columns)
@@ -118,11 +122,18 @@ def use_dataset(ctx: SpecContext, *, allow_files: bool = True) -> None:
 def dataset_rows(spec: S.Spec, doc: S.LoadedDoc) -> list[dict[str, Any]] | None:
     """The rows a spec's dataset uses after sampling (None: no dataset; a SpecError when the
     dataset cannot be read)."""
+    items = read_items(spec, doc)
+    return None if items is None else [dict(row) for row in items.rows]
+
+
+def read_items(spec: S.Spec, doc: S.LoadedDoc, *, allow_files: bool = True) -> Items | None:
+    """The spec's dataset read and sampled once (None: no dataset; a SpecError when it cannot
+    be read), for a run that compiles it in blocks of items."""
     ctx = SpecContext(spec=spec, doc=doc)
-    items = load_items(ctx)
+    items = load_items(ctx, allow_files=allow_files)
     if ctx.issues:
         raise SpecError(sorted(ctx.issues.values(), key=lambda i: (i.line or 0, i.col or 0)))
-    return None if items is None else [dict(row) for row in items.rows]
+    return items
 
 
 def load_items(ctx: SpecContext, *, allow_files: bool = True) -> Items | None:
@@ -132,14 +143,15 @@ def load_items(ctx: SpecContext, *, allow_files: bool = True) -> Items | None:
         return None
     path: SpecPath = ("dataset",)
     if dataset.rows is not None:
-        raw = json.dumps(dataset.rows, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        rows, file = [dict(r) for r in dataset.rows], None
+        digest = _rows_sha256(dataset.rows)
+        rows, file = list(dataset.rows), None  # read-only: shared with the spec
     else:
         file = dataset.file
         read = _read_file(ctx, str(file), path + ("file",), allow_files)
         if read is None:
             return None
         rows, raw = read
+        digest = hashlib.sha256(raw).hexdigest()
     if not rows:
         ctx.fail("empty-dataset", "the dataset has no rows", path, "add rows to the file")
         return None
@@ -148,15 +160,27 @@ def load_items(ctx: SpecContext, *, allow_files: bool = True) -> Items | None:
         ctx.fail("dataset-too-large", message, path, "sample it, or split the file")
         return None
     columns = tuple(dict.fromkeys(key for row in rows for key in row))
-    indices = list(range(len(rows)))
+    indices: range | list[int] = range(len(rows))
     if dataset.sample is not None:
         if dataset.sample.n > len(rows):
             message = f"sample.n is {dataset.sample.n} but the dataset has {len(rows)} rows"
             ctx.fail("bad-sample", message, path + ("sample", "n"), f"use n <= {len(rows)}")
             return None
         indices = sorted(random.Random(dataset.sample.seed).sample(indices, dataset.sample.n))
-    picked = tuple(rows[i] for i in indices)
-    return Items(picked, columns, tuple(indices), len(rows), hashlib.sha256(raw).hexdigest(), file)
+    picked = rows if isinstance(indices, range) else [rows[i] for i in indices]
+    order = indices if isinstance(indices, range) else tuple(indices)  # a range takes no memory
+    return Items(tuple(picked), columns, order, len(rows), digest, file)
+
+
+def _rows_sha256(rows: list[dict[str, Any]], chunk: int = 1000) -> str:
+    """The sha256 of ``json.dumps(rows, sort_keys=True, ensure_ascii=False)`` in UTF-8,
+    encoded ``chunk`` rows at a time (100k rows are never one string)."""
+    digest = hashlib.sha256(b"[")
+    for start in range(0, len(rows), chunk):
+        text = json.dumps(rows[start : start + chunk], sort_keys=True, ensure_ascii=False)
+        digest.update((", " if start else "").encode() + text[1:-1].encode("utf-8"))
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 def _read_file(
@@ -276,7 +300,7 @@ def render_selector(selector: Any, row: dict[str, Any]) -> Any:
 def item_label(items: Items, index: int, template: Any = None) -> str:
     """How an error names one item: ``item 3 (line 18 of ioi.jsonl)``, and the values the
     template's columns took in it (``{s} = ' John'``)."""
-    where = f"item {index}"
+    where = f"item {items.offset + index}"
     if items.file is not None:
         where += f" (row {items.indices[index] + 1} of {os.path.basename(items.file)})"
     values = [

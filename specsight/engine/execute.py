@@ -31,7 +31,7 @@ from .readout import assemble, logit_lens, read_metric, to_host
 from .reuse import UntouchedRuns
 from .runner import Runner
 
-__all__ = ["EngineOutput", "execute"]
+__all__ = ["EngineOutput", "execute", "finish_metrics"]
 
 NEXT_TOKEN_K = 5
 #: prompts per unswept invoke whose next tokens are recorded (a dataset may have 100k)
@@ -48,6 +48,8 @@ class EngineOutput:
     #: generating rows: the new token ids, up to and including the first end-of-sequence token
     generated: dict[int, list[int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: a run in blocks: its rows, forwards and blocks over all blocks (empty: one plan)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -105,6 +107,13 @@ def _layer_modules(
     return [modules[name] for name in names]
 
 
+def finish_metrics(plan: Plan, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-item metrics aggregated (effects, reductions), in the order the spec lists them."""
+    aggregate(plan, metrics)
+    order = {m.name: i for i, m in enumerate(plan.metrics)}
+    return dict(sorted(metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0])))
+
+
 def execute(
     plan: Plan,
     model: torch.nn.Module,
@@ -112,12 +121,14 @@ def execute(
     pad_id: int = 0,
     progress: Callable[[int, int], None] | None = None,
     checkpoint: Callable[[], None] | None = None,
+    reduce: bool = True,
 ) -> EngineOutput:
     """Run every forward of ``plan`` on ``model``; hooks never outlive this call.
 
     ``progress(rows done, rows)`` is called after each forward; ``checkpoint()`` before each
     forward and each decode step of generation, so that what it raises (a cancelled job, a
-    time limit) stops the run there."""
+    time limit) stops the run there. ``reduce=False`` leaves metrics per item (a block of a
+    run in blocks: :func:`finish_metrics` aggregates the joined blocks)."""
     device = model_device(model)
     dtype = model_dtype(model)
     runner = Runner(plan, model, device, pad_id, checkpoint=checkpoint)
@@ -240,12 +251,8 @@ def execute(
         if metric.kind == "recovery":
             patched, clean, corrupt = (out.metrics[name] for name in metric.inputs)
             out.metrics[metric.name] = (patched - corrupt) / (clean - corrupt)
-    aggregate(plan, out.metrics)
-    # Metrics come back in the order the spec lists them.
-    order = {m.name: i for i, m in enumerate(plan.metrics)}
-    out.metrics = dict(
-        sorted(out.metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0]))
-    )
+    if reduce:
+        out.metrics = finish_metrics(plan, out.metrics)
     out.saves.update(_generated_ids(plan, new_ids, pad_id))
     host = to_host({k: runner.store[k] for save in plan.saves for k in save.keys})
     for save in plan.saves:

@@ -219,6 +219,17 @@ def _companion(
     }
 
 
+def _content(spec: Spec) -> dict[str, Any]:
+    """The spec as JSON data; inline dataset rows (plain values already) are shared, not
+    copied: a run over 100k inline rows does not hold them twice."""
+    rows = spec.dataset.rows if spec.dataset is not None else None
+    skip = {"dataset": {"rows"}} if rows is not None else None
+    content = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=skip)
+    if rows is not None:
+        content["dataset"]["rows"] = rows
+    return content
+
+
 def _manifest(
     spec: Spec,
     doc: LoadedDoc | None,
@@ -234,7 +245,7 @@ def _manifest(
             "name": spec.name,
             "file": doc.file if doc else None,
             "sha256": plan.spec_sha256,
-            "content": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "content": _content(spec),
         },
         "model": {
             "id": model.model_id,
@@ -253,6 +264,7 @@ def _manifest(
             "max_batch": plan.max_batch,
             "hooks": len(plan.hooks()),
             "memory_estimate": plan.memory_estimate,
+            **raw.counts,  # a run in blocks: rows and forwards of every block, and how many
         },
         "dataset": plan.dataset,
         "versions": _versions(),

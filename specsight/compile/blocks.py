@@ -1,0 +1,134 @@
+"""Runs in blocks of items (torch-free): a dataset run whose rows would not fit one plan
+comfortably is compiled and run a block of items at a time, so that what it holds does not grow
+with the number of items (a plan keeps a few kB per row: token ids, ops, metric slots).
+
+A block is an ordinary plan over a window of the items (item numbers, labels and seeds stay the
+whole dataset's); invokes that do not run over the dataset run again in every block. The
+engine's per-item results of the blocks are joined along the ``item`` axis and only then
+aggregated, so a mean, a median, a bootstrap interval or a claim sees every item.
+
+A spec runs in one plan when an item's rows read other items' values (``mean_ablate``,
+``resample_ablate``, ``noise`` with ``std_of``, saved values), when it generates or runs a
+backward pass over the dataset, or when a claim names single items: :func:`why_one_plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .. import spec as S
+from ..plan import Plan, PlanSave
+
+__all__ = ["BLOCK_ROWS", "why_one_plan", "item_blocks", "fold_saves", "widen"]
+
+#: rows a block's plan holds at most (unless one item has more): a few tens of MB of plan
+BLOCK_ROWS = 32_768
+
+_CROSS_ITEM_OPS = {"mean_ablate": "mean_ablate", "resample_ablate": "resample_ablate"}
+
+
+def _reads_saved(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "saved" in value or any(_reads_saved(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_reads_saved(v) for v in value)
+    return False
+
+
+def why_one_plan(spec: S.Spec) -> str | None:
+    """Why the spec's items must share one plan (None: they can run in blocks)."""
+    if spec.dataset is None:
+        return "no dataset"
+    if spec.backward is not None:
+        return "a backward pass"
+    for name, invoke in spec.invokes.items():
+        if invoke.generate is not None:
+            return f"invoke '{name}' generates"
+        for op in invoke.ops or []:
+            data = op.model_dump(by_alias=True, exclude_none=True)
+            kind = data.get("op")
+            if kind in _CROSS_ITEM_OPS:
+                return f"invoke '{name}' has {kind} (it reads other items)"
+            if kind == "noise" and data.get("std_of") is not None:
+                return f"invoke '{name}' scales noise by a std over items"
+            if _reads_saved(data):
+                return f"invoke '{name}' reads a saved value"
+    for expectation in spec.expect or []:
+        if expectation.saved is not None:
+            return "a claim on a saved value"
+        if "item" in expectation.where or expectation.equals is not None:
+            return "a claim names single items"
+        if expectation.approx is not None and not isinstance(expectation.approx, int | float):
+            return "a claim names single items"
+    return None
+
+
+def item_blocks(probe: Plan, n_items: int, block_rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
+    """Item ranges (the last may be shorter) whose plans hold at most ``block_rows`` rows, from
+    ``probe``: the plan of the spec over one item (its rows per item, and the rows of invokes
+    that run once)."""
+    over = set((probe.dataset or {}).get("invokes", ()))
+    per_item = sum(1 for row in probe.rows if row.invoke in over)
+    once = len(probe.rows) - per_item
+    if per_item == 0:
+        return [(0, n_items)]
+    size = max(1, (block_rows - once) // per_item)
+    return [(start, min(n_items, start + size)) for start in range(0, n_items, size)]
+
+
+def fold_saves(seen: dict[str, PlanSave], plan: Plan) -> None:
+    """Fold one block's saves into ``seen``: what every block's rows share along the value
+    axes (the positions every row saved), and the position counts of any row."""
+    for save in plan.saves:
+        old = seen.get(save.name)
+        if old is None:
+            seen[save.name] = save
+            continue
+        shared = {
+            axis: values
+            for axis, values in old.value_axis_values.items()
+            if save.value_axis_values.get(axis) == values
+        }
+        counts = tuple(sorted(set(old.n_positions) | set(save.n_positions)))
+        seen[save.name] = replace(old, value_axis_values=shared, n_positions=counts)
+
+
+def widen(
+    first: Plan, n_items: int, tokens: dict[str, list[int]], saves: dict[str, PlanSave]
+) -> Plan:
+    """The plan of the first block, described as the whole run: every item on the ``item``
+    axes of metrics, saves and invokes (``tokens``: each item invoke's prompt lengths;
+    ``saves``: the blocks' saves folded by :func:`fold_saves`). Rows, ops and forwards stay
+    the first block's; it is what results are labelled from."""
+    over = set((first.dataset or {}).get("invokes", ()))
+
+    def grown(axes: tuple[str, ...], shape: tuple[int, ...], invoke: str) -> tuple[int, ...]:
+        if invoke not in over or "item" not in axes:
+            return shape
+        sizes = list(shape)
+        sizes[axes.index("item")] = n_items
+        return tuple(sizes)
+
+    metrics = []
+    for metric in first.metrics:
+        reduce = metric.reduce
+        if reduce and metric.invoke in over and metric.axes[reduce["axis"]] == "item":
+            reduce = {**reduce, "size": n_items}
+        shape = grown(metric.axes, metric.shape, metric.invoke)
+        metrics.append(replace(metric, shape=shape, reduce=reduce))
+    saves = [replace(s, shape=grown(s.axes, s.shape, s.invoke)) for s in saves.values()]
+    axis_values = {name: dict(values) for name, values in first.axis_values.items()}
+    invoke_info = {name: dict(info) for name, info in first.invoke_info.items()}
+    for name in over:
+        if "item" in axis_values.get(name, {}):
+            axis_values[name]["item"] = list(range(n_items))
+        invoke_info[name]["prompts"] = n_items
+        invoke_info[name]["tokens"] = tokens[name]
+    return replace(
+        first,
+        metrics=tuple(metrics),
+        saves=tuple(saves),
+        axis_values=axis_values,
+        invoke_info=invoke_info,
+    )
