@@ -28,6 +28,7 @@ from .compile import (
     fold_saves,
     item_blocks,
     read_items,
+    rows_per_item,
     why_one_plan,
     widen,
 )
@@ -229,7 +230,7 @@ def _item_blocks(
         probe = compiler(items=items.window(0, 1))
     except SpecError:
         return None
-    ranges = item_blocks(probe, len(items.rows), block_rows)
+    ranges = item_blocks(*rows_per_item(probe, 1), len(items.rows), block_rows)
     return (items, ranges, probe) if len(ranges) > 1 else None
 
 
@@ -246,8 +247,8 @@ def _run_blocks(
     from .engine import BlockJoin, execute
 
     over = set((probe.dataset or {}).get("invokes", ()))
-    per_item = sum(1 for row in probe.rows if row.invoke in over)
-    total = per_item * len(items.rows) + (len(probe.rows) - per_item) * len(ranges)
+    per_item, once = rows_per_item(probe, 1)
+    total = per_item * len(items.rows) + once * len(ranges)
     join, tokens, first = BlockJoin(), {name: [] for name in over}, None
     saves: dict[str, PlanSave] = {}
     compile_s = 0.0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import specsight
-from specsight.compile import why_one_plan
+from specsight.compile import describe_blocks, why_one_plan
 from specsight.errors import SpecError
 from tests.conftest import tiny
 from tests.test_dataset import ROWS, _hand_ld, _hand_patch, dataset_spec
@@ -138,3 +138,22 @@ def test_one_plan_runs_are_not_split():
     spec["invokes"]["base"]["ops"] = [{"op": "mean_ablate", "site": "mlp_out.0", "from": "clean"}]
     results = specsight.run(spec, model=lm, block_rows=6)
     assert "blocks" not in results.manifest["plan"]
+
+
+def test_plan_says_how_a_large_dataset_runs():
+    lm = tiny("tiny-llama")
+    spec = specsight.load_spec(dataset_spec({"rows": ITEMS}))
+    plan = specsight.compile_plan(spec, lm.info, lm.tokenizer, max_batch=8)
+    per_item = 2 + lm.info.n_layers
+    assert describe_blocks(spec, plan) is None  # 54 rows: one plan
+    text = describe_blocks(spec, plan, block_rows=2 * per_item)
+    assert text == f"runs in 5 blocks of up to 2 items (at most {2 * per_item} rows each)"
+    ablated = dataset_spec({"rows": ITEMS})
+    ablated["invokes"]["base"]["ops"] = [
+        {"op": "mean_ablate", "site": "mlp_out.0", "from": "clean"}
+    ]
+    ablated = specsight.load_spec(ablated)
+    plan = specsight.compile_plan(ablated, lm.info, lm.tokenizer, max_batch=8)
+    assert describe_blocks(ablated, plan, block_rows=10) == (
+        "runs as one plan of 54 rows: invoke 'base' has mean_ablate (it reads other items)"
+    )

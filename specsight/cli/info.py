@@ -27,6 +27,7 @@ __all__: list[str] = []
 def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
     """Compile SPEC and show the plan: forwards, rows, hooks, memory estimate."""
     from ..api import compile_plan, load_spec, model_info_for
+    from ..compile import describe_blocks
     from ..models.load import resolve_device
 
     spec = load_spec(spec_path)
@@ -37,6 +38,9 @@ def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
         click.echo(compiled.to_json())
     else:
         click.echo(compiled.explain())
+        blocks = describe_blocks(spec, compiled)
+        if blocks:
+            click.echo(blocks)
 
 
 @main.command()

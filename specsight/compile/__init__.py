@@ -7,7 +7,15 @@ gradient checks, expectations, then packing rows into forwards under a memory bu
 :mod:`.blocks` splits a large dataset run into blocks of items.
 """
 
-from .blocks import BLOCK_ROWS, fold_saves, item_blocks, why_one_plan, widen
+from .blocks import (
+    BLOCK_ROWS,
+    describe_blocks,
+    fold_saves,
+    item_blocks,
+    rows_per_item,
+    why_one_plan,
+    widen,
+)
 from .compiler import DEFAULT_MAX_BATCH, compile_plan
 from .context import Abort, Context, Items, SpecPath
 from .dataset import dataset_rows, read_items
@@ -22,7 +30,9 @@ __all__ = [
     "BLOCK_ROWS",
     "DEFAULT_MAX_BATCH",
     "Items",
+    "describe_blocks",
     "fold_saves",
+    "rows_per_item",
     "item_blocks",
     "read_items",
     "why_one_plan",

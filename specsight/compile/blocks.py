@@ -20,7 +20,15 @@ from typing import Any
 from .. import spec as S
 from ..plan import Plan, PlanSave
 
-__all__ = ["BLOCK_ROWS", "why_one_plan", "item_blocks", "fold_saves", "widen"]
+__all__ = [
+    "BLOCK_ROWS",
+    "why_one_plan",
+    "rows_per_item",
+    "item_blocks",
+    "describe_blocks",
+    "fold_saves",
+    "widen",
+]
 
 #: rows a block's plan holds at most (unless one item has more): a few tens of MB of plan
 BLOCK_ROWS = 32_768
@@ -64,17 +72,38 @@ def why_one_plan(spec: S.Spec) -> str | None:
     return None
 
 
-def item_blocks(probe: Plan, n_items: int, block_rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
-    """Item ranges (the last may be shorter) whose plans hold at most ``block_rows`` rows, from
-    ``probe``: the plan of the spec over one item (its rows per item, and the rows of invokes
-    that run once)."""
-    over = set((probe.dataset or {}).get("invokes", ()))
-    per_item = sum(1 for row in probe.rows if row.invoke in over)
-    once = len(probe.rows) - per_item
+def rows_per_item(plan: Plan, n_items: int) -> tuple[int, int]:
+    """(rows per item, rows of invokes that run once) of a plan over ``n_items`` items."""
+    over = set((plan.dataset or {}).get("invokes", ()))
+    item_rows = sum(1 for row in plan.rows if row.invoke in over)
+    return item_rows // max(1, n_items), len(plan.rows) - item_rows
+
+
+def item_blocks(
+    per_item: int, once: int, n_items: int, block_rows: int = BLOCK_ROWS
+) -> list[tuple[int, int]]:
+    """Item ranges (the last may be shorter) whose plans hold at most ``block_rows`` rows:
+    ``per_item`` rows per item, and ``once`` rows of invokes that run once."""
     if per_item == 0:
         return [(0, n_items)]
     size = max(1, (block_rows - once) // per_item)
     return [(start, min(n_items, start + size)) for start in range(0, n_items, size)]
+
+
+def describe_blocks(spec: S.Spec, plan: Plan, block_rows: int = BLOCK_ROWS) -> str | None:
+    """How ``specsight run`` runs the plan of a whole dataset, when not as one plan of at most
+    ``block_rows`` rows (None)."""
+    if plan.dataset is None or len(plan.rows) <= block_rows:
+        return None
+    why = why_one_plan(spec)
+    if why is not None:
+        return f"runs as one plan of {len(plan.rows):,} rows: {why}"
+    n_items = int(plan.dataset["used"])
+    ranges = item_blocks(*rows_per_item(plan, n_items), n_items, block_rows)
+    size = ranges[0][1] - ranges[0][0]
+    return (
+        f"runs in {len(ranges)} blocks of up to {size:,} items (at most {block_rows:,} rows each)"
+    )
 
 
 def fold_saves(seen: dict[str, PlanSave], plan: Plan) -> None:
