@@ -34,7 +34,12 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+#: every module of the package; ``examples/`` holds example specs and their data scripts
+MODULES: dict[str, Path] = {
+    _module_name(p): p
+    for p in sorted(PACKAGE.rglob("*.py"))
+    if p.relative_to(PACKAGE).parts[0] != "examples"
+}
 
 
 def _is_package(name: str) -> bool:

@@ -2,10 +2,10 @@
 
 Commands by module: ``run`` and ``validate`` (:mod:`.run`); ``plan``, ``schema``, ``sites`` and
 ``models`` (:mod:`.info`); ``check``, ``diff`` and ``rerun`` (:mod:`.check`); ``serve`` and
-``hash-key`` (:mod:`.serve`). Shared error handling and ``--json`` live in :mod:`.app`.
+``hash-key`` (:mod:`.serve`); ``examples`` and ``init`` (:mod:`.start`). Shared error handling and ``--json`` live in :mod:`.app`.
 """
 
-from . import check, info, run, serve  # noqa: F401 - importing a module registers its commands
+from . import check, info, run, serve, start  # noqa: F401 - importing a module registers its commands
 from .app import main
 
 __all__ = ["main"]
