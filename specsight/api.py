@@ -33,12 +33,15 @@ from .compile import (
     widen,
 )
 from .compile import compile_plan as _compile
-from .errors import ModelNotFoundError, RunError, SpecError
+from .errors import ModelLoadError, ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
+from .models.catalog import IN_MEMORY
 from .plan import Plan, PlanSave
 from .spec import Spec, doc_of, document_of, load_spec
 
 if TYPE_CHECKING:
+    import torch
+
     from .engine import EngineOutput
     from .models.load import LoadedModel
     from .results import Results, RunDiff
@@ -94,12 +97,23 @@ def _located(exc: ModelNotFoundError, spec: Spec) -> SpecError:
     )
 
 
+def _not_in_memory(spec: Spec) -> None:
+    """A spec with ``model: in-memory`` has no model to load: a located SpecError."""
+    if spec.model.id == IN_MEMORY:
+        message = "'in-memory' names no model to load: this spec runs on a model passed to run()"
+        hint = "specsight.run(spec, model=hf_model, tokenizer=hf_tokenizer) in Python"
+        raise SpecError(
+            document_of(spec).source.issue("in-memory-model", message, ("model", "id"), hint=hint)
+        )
+
+
 def load_model_for(spec: Spec, *, device: str | None = None) -> LoadedModel:
     """The model a spec's ``model:`` names, loaded; a model that does not exist is a located
     SpecError (exit 2), a model that fails to load a ModelLoadError (exit 1)."""
     from .models.load import load_model_ref
 
     doc = doc_of(spec)
+    _not_in_memory(spec)
     try:
         return load_model_ref(spec.model, device=device, base_dir=doc.base_dir if doc else None)
     except ModelNotFoundError as exc:
@@ -112,6 +126,7 @@ def model_info_for(spec: Spec) -> tuple[ModelInfo, Tokenizer]:
     from .models.load import load_ref_info
 
     doc = doc_of(spec)
+    _not_in_memory(spec)
     try:
         return load_ref_info(spec.model, base_dir=doc.base_dir if doc else None)
     except ModelNotFoundError as exc:
@@ -157,7 +172,8 @@ def _as_spec(source: Any) -> Spec:
 def run(
     source: str | os.PathLike[str] | dict[str, Any] | Spec,
     *,
-    model: LoadedModel | None = None,
+    model: LoadedModel | torch.nn.Module | None = None,
+    tokenizer: Any = None,
     out: str | os.PathLike[str] | None = None,
     max_batch: int | None = None,
     device: str | None = None,
@@ -169,6 +185,11 @@ def run(
 ) -> Results:
     """Validate, compile and run a spec on this machine; optionally write ``out`` (a folder
     holding another spec's run is replaced only with ``force``; checked before running).
+
+    ``model``: the model to run instead of loading the spec's: a Hugging Face model (with its
+    ``tokenizer``, for text) or a :class:`~specsight.models.load.LoadedModel`. It must be the
+    model the spec names (family, layers, widths, heads, vocabulary: a located SpecError
+    otherwise), unless the spec says ``model: in-memory``.
 
     A dataset run of more than ``block_rows`` rows is compiled and run a block of items at a
     time (what it holds stays flat in the number of items), unless its items read each other
@@ -184,6 +205,8 @@ def run(
     t0 = time.perf_counter()
     if model is None:
         model = load_model_for(spec, device=device)
+    else:
+        model = _given_model(spec, model, tokenizer)
     load_s = time.perf_counter() - t0
     compiler = functools.partial(
         _compile,
@@ -213,6 +236,32 @@ def run(
     if out is not None:
         results.save(out, force=force)
     return results
+
+
+def _given_model(spec: Spec, model: Any, tokenizer: Any) -> LoadedModel:
+    """The model passed to :func:`run`, wrapped when it is a plain Hugging Face model, and
+    checked against the spec's ``model:`` (what is known of it without weights)."""
+    from .models.load import LoadedModel, model_mismatch, wrap_model
+
+    in_memory = spec.model.id == IN_MEMORY
+    if not isinstance(model, LoadedModel):
+        name = type(model).__name__ if in_memory else spec.model.name
+        model = wrap_model(model, tokenizer, model_id=name)
+    elif tokenizer is not None:
+        raise TypeError("tokenizer= goes with a Hugging Face model; a LoadedModel has its own")
+    if in_memory or spec.model.factory is not None:
+        return model
+    try:
+        expected, _ = model_info_for(spec)
+    except (SpecError, ModelLoadError):  # the spec's model is not on this machine
+        return model
+    why = model_mismatch(expected, model.info)
+    if why is not None:
+        doc = document_of(spec)
+        message = f"the model passed to run() is not '{spec.model.name}': {why}"
+        hint = "pass the model the spec names, or write model: in-memory in the spec"
+        raise SpecError(doc.source.issue("model-mismatch", message, ("model", "id"), hint=hint))
+    return model
 
 
 def _item_blocks(

@@ -17,7 +17,11 @@ __all__ = [
     "cache_dir",
     "is_cached",
     "is_here",
+    "IN_MEMORY",
 ]
+
+#: the ``model:`` id of a spec that runs only on a model passed from Python (``run(model=...)``)
+IN_MEMORY = "in-memory"
 
 BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, d_model 576), dequantized from the Q4_1 "

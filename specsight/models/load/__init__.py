@@ -1,8 +1,10 @@
 """Loading models (torch): by id (the built-in ``smollm2-135m``, ``tiny-<family>``, folders and
 the local hub cache; nothing is downloaded) or from a spec's ``model:`` entry (factories too),
-with their tokenizer, :class:`~specsight.models.ModelInfo` and weights hash."""
+with their tokenizer, :class:`~specsight.models.ModelInfo` and weights hash; a model already in
+memory is wrapped and checked against the spec (:mod:`.in_memory`)."""
 
 from ..catalog import BUILTIN_MODELS, TINY_MODELS, cache_dir
+from .in_memory import IN_MEMORY, model_mismatch, wrap_model
 from .introspect import hash_weights, model_info_from_module
 from .loader import (
     LoadedModel,
@@ -15,6 +17,7 @@ from .loader import (
 )
 
 __all__ = [
+    "IN_MEMORY",
     "BUILTIN_MODELS",
     "TINY_MODELS",
     "LoadedModel",
@@ -26,5 +29,7 @@ __all__ = [
     "load_model_ref",
     "load_ref_info",
     "model_info_from_module",
+    "model_mismatch",
+    "wrap_model",
     "resolve_device",
 ]
