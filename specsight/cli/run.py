@@ -94,9 +94,7 @@ def _print_run(results: Any, out: Path | None, verbose: bool) -> None:
 
     from ..results import print_summary
 
-    print_summary(
-        results, Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120))
-    )
+    print_summary(results, Console(highlight=False, width=shutil.get_terminal_size().columns))
     if verbose:
         plan = results.manifest.get("plan", {})
         timings = results.manifest.get("timings", {})

@@ -27,15 +27,24 @@ class RunView(Protocol):
     expectations: list[Outcome]
 
 
-_MAX_GRID_COLUMNS = 40
+_MAX_GRID_COLUMNS = 64
 _MAX_LIST = 64
 _MAX_PROMPTS = 4  # next tokens shown per invoke (a dataset's invokes have many items)
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def _fmt(value: float, digits: int = 3, tiny: bool = True) -> str:
+    """Signed, ``digits`` decimals; a large value, and (``tiny``) one that would print as 0.000
+    but is not 0, in scientific notation (3 significant digits)."""
     if value != value:  # NaN
         return "nan"
+    if tiny and value != 0 and abs(value) < 0.5 * 10**-digits:
+        return f"{value:+.2e}"
     return f"{value:+.{digits}f}" if abs(value) < 1000 else f"{value:+.3g}"
+
+
+def _prob(value: float) -> str:
+    """A probability: 3 decimals, or scientific notation below 0.001 (so it is not 0.000)."""
+    return f"{value:.3f}" if value >= 0.0005 or value == 0 else f"{value:.1e}"
 
 
 def _shorten(text: str, limit: int = 70) -> str:
@@ -44,7 +53,7 @@ def _shorten(text: str, limit: int = 70) -> str:
 
 
 def _tokens(items: list[Any]) -> str:
-    return "  ".join(f"{tok!r} {prob:.3f}" for tok, prob in items)
+    return "  ".join(f"{tok!r} {_prob(prob)}" for tok, prob in items)
 
 
 def _style(value: float, lo: float, hi: float) -> str:
@@ -61,34 +70,47 @@ def _style(value: float, lo: float, hi: float) -> str:
     return "bold green" if frac > 0.75 else ("dim" if frac < 0.25 else "")
 
 
-def _grid(name: str, tensor: Any, meta: dict[str, Any]) -> Table:
-    """A 2-D metric as a table: first axis down, second across (position labels as headers)."""
+def _grids(name: str, tensor: Any, meta: dict[str, Any], width: int) -> list[Table]:
+    """A 2-D metric as tables ``width`` columns wide: first axis down, second across (position
+    labels as headers), its columns split over as many tables as it takes."""
     axes = meta.get("axes", [])
     rows_label, cols_label = axis_labels(meta, axes[0]), axis_labels(meta, axes[1])
     data = tensor.float()
     finite = data.nan_to_num(0)
     lo, hi = float(finite.min()), float(finite.max())
-    table = Table(
-        title=Text(f"{name} [{axes[0]} x {axes[1]}]"),  # Text: no markup in names or axes
-        title_justify="left",
-        box=None,
-        padding=(0, 1),
-    )
-    table.add_column(axes[0], justify="right", style="bold")
+    top = max(abs(lo), abs(hi))
+    digits = 3 if top < 1 else 2
+    # near-zero cells of a grid read as 0.000; only a grid that is all near zero goes scientific
+    cells = [[_fmt(float(v), digits, tiny=top < 5e-4) for v in row] for row in data]
+    rows = [rows_label[i] if i < len(rows_label) else str(i) for i in range(data.shape[0])]
+    headers = []
     for label in cols_label or [str(i) for i in range(data.shape[1])]:
         index, sep, token = label.partition(":")
-        table.add_column(
-            Text(f"{index}\n{_shorten(token, 8)}" if sep and index.isdigit() else label),
-            justify="right",
-        )
-    for i in range(data.shape[0]):
-        label = rows_label[i] if i < len(rows_label) else str(i)
-        digits = 3 if max(abs(lo), abs(hi)) < 1 else 2
-        table.add_row(
-            Text(label),
-            *[Text(_fmt(float(v), digits), style=_style(float(v), lo, hi)) for v in data[i]],
-        )
-    return table
+        headers.append(f"{index}\n{_shorten(token, 8)}" if sep and index.isdigit() else label)
+    first = max(len(axes[0]), *(len(r) for r in rows)) + 2
+    widest = max(
+        max((len(c) for row in cells for c in row), default=1),
+        *(max(len(part) for part in h.split("\n")) for h in headers),
+    )
+    per_table = max(1, (width - first) // (widest + 2))
+    tables = []
+    for start in range(0, data.shape[1], per_table):
+        stop = min(data.shape[1], start + per_table)
+        title = f"{name} [{axes[0]} x {axes[1]}]"
+        if start:  # Text: no markup in names or axes
+            title = f"{name} ({axes[1]} {start}-{stop - 1})"
+        table = Table(title=Text(title), title_justify="left", box=None, padding=(0, 1))
+        table.add_column(axes[0], justify="right", style="bold")
+        for header in headers[start:stop]:
+            table.add_column(Text(header), justify="right")
+        for i, label in enumerate(rows):
+            styled = [
+                Text(cells[i][j], style=_style(float(data[i, j]), lo, hi))
+                for j in range(start, stop)
+            ]
+            table.add_row(Text(label), *styled)
+        tables.append(table)
+    return tables
 
 
 def _strongest(
@@ -168,7 +190,7 @@ def _print_metric(
         for i, items in enumerate(decoded):
             table.add_row(
                 Text(sites[i] if i < len(sites) else str(i)),
-                f"{float(tensor[i]):.3f}",
+                _prob(float(tensor[i])),
                 Text(_tokens(items)),
             )
         console.print(table)
@@ -181,7 +203,8 @@ def _print_metric(
         value = _fmt(float(tensor)) + _spread(extra, ())
         console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what + _over(meta))} = {value}")
     elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:
-        console.print(_grid(name + _over(meta), tensor, meta))
+        for table in _grids(name + _over(meta), tensor, meta, console.width):
+            console.print(table)
         for line in _strongest(name, tensor, meta, extra):
             console.print(line, markup=False)
     elif tensor.ndim == 1 and tensor.numel() <= _MAX_LIST:
