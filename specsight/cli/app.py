@@ -1,8 +1,8 @@
 """The ``specsight`` command group and what every command shares: mapping errors to messages
 and exit codes, the ``--json`` option, and strict JSON output.
 
-Exit codes: 0 ok, 1 run failure, 2 bad spec or usage. ``--json`` prints results or errors as
-data on stdout (strict JSON: a NaN or infinite value is written as null). A user mistake never
+Exit codes: 0 ok, 1 run failure, 2 bad spec or usage. ``-q``/``-v`` say less or more.
+``--json`` prints results or errors as data on stdout (strict JSON: a NaN or infinite value is written as null). A user mistake never
 shows a traceback; an internal error does, labelled as one.
 """
 
@@ -20,7 +20,7 @@ import click
 
 from ..errors import SpecError, SpecsightError
 
-__all__ = ["main", "guard", "json_option", "strict_json"]
+__all__ = ["main", "guard", "json_option", "strict_json", "verbosity_options", "check_verbosity"]
 
 
 def strict_json(value: Any) -> Any:
@@ -80,6 +80,19 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print results or errors as JSON."
 )
+
+
+def verbosity_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-q/--quiet`` (errors and failures only) and ``-v/--verbose`` (more detail), passed to
+    the command as ``quiet`` and ``verbose``; see :func:`check_verbosity`."""
+    fn = click.option("-v", "--verbose", is_flag=True, help="Say more (see the command).")(fn)
+    return click.option("-q", "--quiet", is_flag=True, help="Errors and failures only.")(fn)
+
+
+def check_verbosity(quiet: bool, verbose: bool) -> None:
+    """Both at once is a usage error (exit 2)."""
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose contradict each other")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

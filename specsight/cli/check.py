@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from ..errors import SpecError, SpecsightError
-from .app import guard, json_option, main, strict_json
+from .app import check_verbosity, guard, json_option, main, strict_json, verbosity_options
 
 __all__: list[str] = []
 
@@ -125,12 +125,15 @@ def _junit(items: list[_Checked], path: Path) -> None:
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def _report(items: list[_Checked]) -> None:
+def _report(items: list[_Checked], quiet: bool = False, verbose: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = Console(highlight=False)
+    bad = [i for i in items if i.status != "ok" or (i.diff is not None and not i.diff.ok)]
+    if quiet and not bad:
+        return
     table = Table(box=None, padding=(0, 2))
     for column in ("spec", "status", "expectations", "seconds"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
@@ -141,10 +144,11 @@ def _report(items: list[_Checked]) -> None:
             Text(item.path), Text(item.status, style=style[item.status]),
             f"{held}/{len(item.outcomes)}", f"{item.seconds:.1f}",
         )  # fmt: skip
-    console.print(table)
+    if not quiet:
+        console.print(table)
     for item in items:
         for outcome in item.outcomes:
-            if not outcome.ok:
+            if verbose or not outcome.ok:
                 console.print(Text(outcome.format()))
         if item.error:
             console.print(Text(f"{item.path}: {item.error}"))
@@ -179,6 +183,7 @@ def _exit_code(items: list[_Checked]) -> int:
 @click.option("--rtol", type=float, default=1e-5, show_default=True)
 @click.option("--atol", type=float, default=1e-6, show_default=True)
 @click.option("--device", help="Override every spec's device.")
+@verbosity_options
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 @guard
 def check(
@@ -188,10 +193,13 @@ def check(
     rtol: float,
     atol: float,
     device: str | None,
+    quiet: bool,
+    verbose: bool,
     as_json: bool,
 ) -> None:
     """Run specs (files or folders) and their expectations: exit 0 when all hold,
-    1 when any fails, 2 for a bad spec."""
+    1 when any fails, 2 for a bad spec. -q: only what failed; -v: every claim's verdict."""
+    check_verbosity(quiet, verbose)
     specs = _collect(paths)
     if not specs:
         raise click.UsageError("no .yaml/.yml/.json specs under the given paths")
@@ -212,7 +220,7 @@ def check(
         ]  # fmt: skip
         click.echo(json.dumps(payload, indent=2))
     else:
-        _report(items)
+        _report(items, quiet, verbose)
     sys.exit(_exit_code(items))
 
 
@@ -221,22 +229,36 @@ def check(
 @click.argument("run_b", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--rtol", type=float, default=1e-5, show_default=True)
 @click.option("--atol", type=float, default=1e-6, show_default=True)
+@verbosity_options
 @json_option
 @guard
-def diff(run_a: Path, run_b: Path, rtol: float, atol: float, as_json: bool) -> None:
-    """Compare two run folders (written by --out): manifests, then every tensor."""
+def diff(
+    run_a: Path, run_b: Path, rtol: float, atol: float, quiet: bool, verbose: bool, as_json: bool
+) -> None:
+    """Compare two run folders (written by --out): manifests, then every tensor. -q: nothing
+    (the exit code says); -v: every tensor, not the 20 that differ most."""
     from ..results import compare_runs
 
+    check_verbosity(quiet, verbose)
     result = compare_runs(_load_run(run_a), _load_run(run_b), rtol=rtol, atol=atol)
-    _print_diff(result, as_json)
+    _print_diff(result, as_json, quiet=quiet, verbose=verbose)
     sys.exit(0 if result.ok else 1)
 
 
-def _print_diff(result: Any, as_json: bool, verdict: str | None = None) -> None:
+def _print_diff(
+    result: Any,
+    as_json: bool,
+    verdict: str | None = None,
+    *,
+    quiet: bool = False,
+    verbose: bool = False,
+) -> None:
     if as_json:
         click.echo(json.dumps(strict_json(result.to_dict()), indent=2, default=str))
         return
-    click.echo(result.format())
+    if quiet:
+        return
+    click.echo(result.format(limit=len(result.tensors) if verbose else 20))
     if verdict:
         click.echo(verdict)
 
@@ -250,14 +272,26 @@ def _print_diff(result: Any, as_json: bool, verdict: str | None = None) -> None:
 )
 @click.option("--rtol", type=float, default=0.0, show_default=True)
 @click.option("--atol", type=float, default=0.0, show_default=True)
+@verbosity_options
 @json_option
 @guard
-def rerun(run_dir: Path, out: Path | None, rtol: float, atol: float, as_json: bool) -> None:
-    """Run a run folder's spec again and report whether the results match (exactly, by default)."""
+def rerun(
+    run_dir: Path,
+    out: Path | None,
+    rtol: float,
+    atol: float,
+    quiet: bool,
+    verbose: bool,
+    as_json: bool,
+) -> None:
+    """Run a run folder's spec again and report whether the results match (exactly, by
+    default). -q: nothing (the exit code says); -v: every tensor."""
     from ..api import rerun_folder
 
+    check_verbosity(quiet, verbose)
     result = rerun_folder(run_dir, out=out, rtol=rtol, atol=atol)
-    _print_diff(result, as_json, "rerun matches" if result.ok else "rerun does NOT match")
+    verdict = "rerun matches" if result.ok else "rerun does NOT match"
+    _print_diff(result, as_json, verdict, quiet=quiet, verbose=verbose)
     sys.exit(0 if result.ok else 1)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ..errors import SpecError
-from .app import guard, json_option, main, strict_json
+from .app import check_verbosity, guard, json_option, main, strict_json, verbosity_options
 
 __all__ = ["progress_callback", "plain_progress"]
 
@@ -173,8 +173,7 @@ def _run_remote(
     default=None,
     help="The server's API key (with --remote).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No summary and no progress: errors only.")
-@click.option("-v", "--verbose", is_flag=True, help="Also the plan's size and where the time went.")
+@verbosity_options
 @json_option
 @guard
 def run(
@@ -189,12 +188,12 @@ def run(
     verbose: bool,
     as_json: bool,
 ) -> None:
-    """Validate, compile and run SPEC on this machine (or on a server with --remote)."""
+    """Validate, compile and run SPEC on this machine (or on a server with --remote). -q: no
+    summary and no progress; -v: also the plan's size and where the time went."""
     from ..api import run as run_spec
     from ..results import Results
 
-    if quiet and verbose:
-        raise click.UsageError("--quiet and --verbose contradict each other")
+    check_verbosity(quiet, verbose)
     show_progress = not as_json and not quiet and sys.stderr.isatty()
     if remote is not None:
         if device is not None or max_batch is not None:
@@ -240,13 +239,16 @@ def run(
 @click.argument(
     "spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(path_type=Path)
 )
+@verbosity_options
 @json_option
 @guard
-def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
+def validate(spec_paths: tuple[Path, ...], quiet: bool, verbose: bool, as_json: bool) -> None:
     """Check each SPEC without loading weights: compiled against the model when its files are
-    here, else every check that needs no model (the output says which)."""
+    here, else every check that needs no model (the output says which). -q: errors only; -v:
+    say for each spec what it was checked against."""
     from ..api import validate as validate_spec
 
+    check_verbosity(quiet, verbose)
     failures: list[SpecError] = []
     not_compiled: list[dict[str, str]] = []
     for path in spec_paths:
@@ -259,8 +261,9 @@ def validate(spec_paths: tuple[Path, ...], as_json: bool) -> None:
             continue
         if note is not None:
             not_compiled.append({"file": str(path), "note": note})
-        if not as_json:
-            click.echo(f"ok: {path}" + (f" (not compiled: {note})" if note else ""))
+        if not as_json and not quiet:
+            how = " (compiled against its model's shapes and tokenizer)" if verbose else ""
+            click.echo(f"ok: {path}" + (f" (not compiled: {note})" if note else how))
     if as_json:
         issues = [i.to_dict() for exc in failures for i in exc.issues]
         payload = {

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .app import guard, main
+from .app import guard, json_option, main
 
 __all__: list[str] = []
 
@@ -168,7 +169,8 @@ def serve(
 @main.command("hash-key")
 @click.option("--name", default="default", show_default=True, help="The key's owner name.")
 @click.option("--generate", is_flag=True, help="Make a new random key (printed once, to stderr).")
-def hash_key_command(name: str, generate: bool) -> None:
+@json_option
+def hash_key_command(name: str, generate: bool, as_json: bool) -> None:
     """Print the 'name:sha256' keys-file line of an API key read from stdin (or --generate)."""
     from ..remote.auth import KeyFileError, KeyRing, generate_key, hash_key
 
@@ -186,7 +188,7 @@ def hash_key_command(name: str, generate: bool) -> None:
         KeyRing.parse(line)
     except KeyFileError:
         raise click.UsageError(f"bad --name '{name}': use letters, digits, _ . @ -") from None
-    click.echo(line)
+    click.echo(json.dumps({"name": name, "line": line}) if as_json else line)
 
 
 def _limits(

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import OutputError
-from .app import guard, json_option, main
+from .app import check_verbosity, guard, json_option, main, verbosity_options
 
 __all__: list[str] = []
 
@@ -62,11 +62,14 @@ def _example_files() -> list[Path]:
     "folder", metavar="[DIR]", default="specsight-examples", type=click.Path(path_type=Path)
 )
 @click.option("--force", is_flag=True, help="Overwrite files that are already there.")
+@verbosity_options
 @json_option
 @guard
-def examples(folder: Path, force: bool, as_json: bool) -> None:
+def examples(folder: Path, force: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Copy the example specs, their data and the schema into DIR (default
-    specsight-examples): DIR/specs/*.yaml, DIR/specs/data, DIR/schemas/spec.v1.json."""
+    specsight-examples): DIR/specs/*.yaml, DIR/specs/data, DIR/schemas/spec.v1.json.
+    -q: nothing on success; -v: every file written."""
+    check_verbosity(quiet, verbose)
     files = _example_files()
     clashes = [f for f in files if (folder / f).exists()]
     if clashes and not force:
@@ -84,6 +87,10 @@ def examples(folder: Path, force: bool, as_json: bool) -> None:
             json.dumps({"ok": True, "folder": str(folder), "files": len(files), "specs": specs})
         )
         return
+    if quiet:
+        return
+    for relative in files if verbose else []:
+        click.echo(f"  {folder / relative}")
     click.echo(f"wrote {len(files)} files to {folder}: {len(specs)} example specs, data, schema")
     click.echo(f"next: specsight run {folder / 'specs' / 'ioi_patching.yaml'}")
 
@@ -94,12 +101,15 @@ def examples(folder: Path, force: bool, as_json: bool) -> None:
     "--model", default="smollm2-135m", show_default=True, help="The model id to start from."
 )
 @click.option("--force", is_flag=True, help="Overwrite NAME.yaml if it exists.")
+@verbosity_options
 @json_option
 @guard
-def init(name: str, model: str, force: bool, as_json: bool) -> None:
+def init(name: str, model: str, force: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Write NAME.yaml, a starter spec (IOI patching per layer), and schemas/spec.v1.json
-    beside it for editors (the spec's first line points at it)."""
+    beside it for editors (the spec's first line points at it). -q: nothing on success."""
     from ..spec import json_schema
+
+    check_verbosity(quiet, verbose)
 
     path = Path(name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     stem = path.stem
@@ -124,6 +134,8 @@ def init(name: str, model: str, force: bool, as_json: bool) -> None:
     path.write_text(text, encoding="utf-8")
     if as_json:
         click.echo(json.dumps({"ok": True, "spec": str(path), "schema": str(schema)}))
+        return
+    if quiet:
         return
     click.echo(f"wrote {path}" + (f" and {schema}" if wrote_schema else ""))
     click.echo(f"next: specsight validate {path}   then   specsight run {path} --out runs/{stem}")
