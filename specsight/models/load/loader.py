@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ..info import ModelInfo
 from ..tokenizer import LabelTokenizer, Tokenizer
 from .builtin import builtin_hash, builtin_info, ensure_builtin
 from .folder import OFFLINE_HINT, auto_class, config_of, folder_tokenizer, from_pretrained
+from .identity import checkpoint_identity
 from .introspect import hash_weights, model_info_from_module
 from .tiny import build_tiny, tiny_tokenizer
 from .vision import with_processor
@@ -117,6 +119,12 @@ def load_model(
     """Load a model in eval mode with gradients off, on ``device``, in ``dtype``."""
     torch_dtype, target = _torch_dtype(dtype), resolve_device(device)
     kind, folder = _resolve(model_id, revision)
+    identity = None
+    if kind in ("dir", "hub"):  # the checkpoint files' identity, hashed while loading
+        assert folder is not None
+        pool = ThreadPoolExecutor(max_workers=1)
+        identity = pool.submit(checkpoint_identity, folder)
+        pool.shutdown(wait=False)
     if kind == "tiny":
         model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
         model = model.to(torch_dtype)
@@ -129,7 +137,7 @@ def load_model(
         sha = builtin_hash(folder, dtype, model)
     else:
         info = with_processor(model_info_from_module(model, model_id, dtype), folder)
-        sha = hash_weights(model)
+        sha = identity.result() if identity is not None else hash_weights(model)
     tokenizer = _tokenizer_for(info, folder, model_id)
     model.train(False)  # inference mode: no dropout
     model.requires_grad_(False)
