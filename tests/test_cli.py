@@ -131,7 +131,10 @@ def test_run_out_writes_results_and_manifest(runner, tiny_spec, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "results.safetensors").is_file()
     assert (out / "manifest.json").is_file()
-    assert f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}" in result.stdout
+    assert f"wrote {out / 'results.safetensors'}, {out / 'manifest.json'} and the page " in (
+        result.stdout
+    )
+    assert (out / "report.html").is_file()
     assert "not saved" not in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "specsight-manifest-1"

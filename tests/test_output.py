@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import specsight
 from specsight.cli import main
 from specsight.errors import OutputError
-from specsight.results import MANIFEST_FILE, RESULTS_FILE, Results
+from specsight.results import MANIFEST_FILE, REPORT_FILE, RESULTS_FILE, Results
 from tests.conftest import ioi_spec, tiny
 
 SPEC = ioi_spec(name="folder-a", sweep={"layer": "all", "pos": [9, 13]})
@@ -39,7 +39,8 @@ def test_a_rerun_replaces_the_folder_whole(tmp_path):
     specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
     assert not (out / "stale.png").exists()  # the folder was replaced, not written into
     assert (out / MANIFEST_FILE).read_text() != first  # a new manifest (timings, created)
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILE, RESULTS_FILE, "ld.png"])
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted([MANIFEST_FILE, RESULTS_FILE, REPORT_FILE, "ld.png"])
     assert _leftovers(tmp_path) == []
     for path in out.iterdir():
         assert path.stat().st_mode & 0o777 == 0o644

@@ -104,7 +104,10 @@ def _print_run(results: Any, out: Path | None, verbose: bool) -> None:
             f"(at most {plan.get('max_batch', '?')} rows each); {spent}"
         )
     if out:
-        click.echo(f"wrote {out / 'results.safetensors'} and {out / 'manifest.json'}")
+        click.echo(
+            f"wrote {out / 'results.safetensors'}, {out / 'manifest.json'} and the page "
+            f"{out / 'report.html'}"
+        )
     else:
         click.echo("results not saved: add --out FOLDER to keep them", err=True)
 

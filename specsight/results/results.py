@@ -24,6 +24,7 @@ from .expect import Outcome, evaluate
 from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
 from .frames import stack_sites, to_pandas, to_xarray
 from .plots import write_heatmaps
+from .report import REPORT_FILE, write_report
 from .summary import render_summary
 
 __all__ = ["Results", "tensor_sha256", "RESULTS_FILE", "MANIFEST_FILE"]
@@ -117,13 +118,15 @@ class Results:
         out_dir: str | os.PathLike[str],
         *,
         plots: bool = True,
+        report: bool = True,
         force: bool = False,
         results_bytes: bytes | None = None,
     ) -> Path:
-        """Write ``results.safetensors``, ``manifest.json`` and, for every metric swept over
-        two axes, a heatmap ``<metric>.png`` into ``out_dir``, atomically: a folder holding
-        another spec's run is replaced only with ``force``. ``results_bytes`` are written as
-        ``results.safetensors`` instead of serialising the tensors (a server's exact bytes)."""
+        """Write ``results.safetensors``, ``manifest.json``, the page ``report.html`` and, for
+        every metric swept over two axes, a heatmap ``<metric>.png`` into ``out_dir``,
+        atomically: a folder holding another spec's run is replaced only with ``force``.
+        ``results_bytes`` are written as ``results.safetensors`` instead of serialising the
+        tensors (a server's exact bytes)."""
 
         def write(folder: Path) -> None:
             if results_bytes is not None:
@@ -140,6 +143,8 @@ class Results:
             (folder / MANIFEST_FILE).write_text(text, encoding="utf-8")
             if plots:
                 write_heatmaps(self.metrics, self.manifest, folder)
+            if report:
+                write_report(self, folder / REPORT_FILE)
 
         return write_folder(Path(out_dir), write, self.spec_sha256, force=force)
 
