@@ -90,4 +90,4 @@ def test_sites_command_lists_canonical_sites_and_modules():
     assert "transformer.h.0.attn.c_attn (Conv1D)" in result.output
     assert "transformer.h.1 .. transformer.h.3 repeat" in result.output
     bad = CliRunner().invoke(main, ["sites", "tiny-lama"])
-    assert bad.exit_code == 1 and "did you mean 'tiny-llama'" in bad.output
+    assert bad.exit_code == 2 and "did you mean 'tiny-llama'" in bad.output  # a usage mistake

@@ -1,5 +1,6 @@
 """Looking without running: ``specsight plan`` (a spec's compiled plan), ``schema`` (the JSON
-Schema of specs), ``sites`` (a model's sites and module tree) and ``models``."""
+Schema of specs, or one completing a model's site names), ``sites`` (a model's sites and module
+tree) and ``models``."""
 
 from __future__ import annotations
 
@@ -59,26 +60,63 @@ def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the schema to this file.",
 )
-def schema(check_path: Path | None, write_path: Path | None) -> None:
-    """Print the JSON Schema of spec v1 (or check / write a copy of it)."""
+@click.option(
+    "--model",
+    "model_id",
+    metavar="MODEL",
+    default=None,
+    help="Complete site fields with MODEL's site names (canonical and module paths; "
+    "no weights loaded).",
+)
+@json_option
+@guard
+def schema(
+    check_path: Path | None, write_path: Path | None, model_id: str | None, as_json: bool
+) -> None:
+    """Print the JSON Schema of spec v1 (or check / write a copy of it); with --model, one
+    whose site fields complete that model's site names in editors. With --check or --write,
+    --json prints the verdict as JSON (the schema itself is JSON already)."""
     from ..spec import json_schema
 
-    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    data = json_schema() if model_id is None else _model_schema(json_schema(), model_id)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     if check_path is not None:
-        if not check_path.exists() or check_path.read_text() != text:
+        fresh = check_path.exists() and check_path.read_text() == text
+        if as_json:
+            click.echo(json.dumps({"ok": fresh, "file": str(check_path), "model": model_id}))
+        elif not fresh:
+            model = "" if model_id is None else f" --model {model_id}"
             click.echo(
-                f"{check_path} is stale: regenerate it with `specsight schema --write {check_path}`",
+                f"{check_path} is stale: regenerate it with "
+                f"`specsight schema{model} --write {check_path}`",
                 err=True,
             )
+        else:
+            click.echo(f"{check_path} is up to date")
+        if not fresh:
             sys.exit(1)
-        click.echo(f"{check_path} is up to date")
         return
     if write_path is not None:
         write_path.parent.mkdir(parents=True, exist_ok=True)
         write_path.write_text(text)
-        click.echo(f"wrote {write_path}")
+        written = {"ok": True, "file": str(write_path), "model": model_id}
+        click.echo(json.dumps(written) if as_json else f"wrote {write_path}")
         return
     click.echo(text, nl=False)
+
+
+def _model_schema(data: dict, model_id: str) -> dict:
+    """The schema ``data`` completing ``model_id``'s sites; a model that is not here is a usage
+    error (exit code 2)."""
+    from ..errors import ModelNotFoundError
+    from ..models.load import load_model_info
+    from ..sites import model_schema
+
+    try:
+        info, _ = load_model_info(model_id)
+    except ModelNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--model'") from None
+    return model_schema(data, info)
 
 
 @main.command()
@@ -87,10 +125,14 @@ def schema(check_path: Path | None, write_path: Path | None) -> None:
 @guard
 def sites(model_id: str, as_json: bool) -> None:
     """Show MODEL's canonical sites and module tree (no weights loaded)."""
+    from ..errors import ModelNotFoundError
     from ..models.load import load_model_info
     from ..sites import describe_sites
 
-    info, _ = load_model_info(model_id)
+    try:
+        info, _ = load_model_info(model_id)
+    except ModelNotFoundError as exc:  # a usage mistake, as for schema --model
+        raise click.BadParameter(str(exc), param_hint="MODEL") from None
     if as_json:
         click.echo(info.to_json())
     else:

@@ -4,7 +4,8 @@
   module path (``model.layers.5.mlp.input``, wildcards and ranges) into concrete :class:`Site` s;
 - the per-family tables (:data:`FAMILIES`, data in ``sites.json``) and, for other models, a table
   inferred from the module tree (:func:`family_table`, :func:`detect_family`);
-- :func:`describe_sites` and the README's family table (:mod:`.docs`).
+- :func:`describe_sites` and the README's family table (:mod:`.docs`);
+- :func:`model_schema`: the spec's JSON schema completing one model's site names (:mod:`.schema`).
 """
 
 from .docs import TABLE_MARKERS, describe_sites, sites_table_markdown, update_readme_table
@@ -19,6 +20,7 @@ from .resolve import (
     resolve_site,
     site_shape,
 )
+from .schema import SiteGroup, model_schema, site_groups, site_names
 from .tables import CANONICAL, HeadLayout, SiteTemplate
 
 __all__ = [
@@ -28,13 +30,17 @@ __all__ = [
     "SiteTemplate",
     "Site",
     "SiteError",
+    "SiteGroup",
     "TABLE_MARKERS",
     "canonical_names",
     "describe_sites",
     "detect_family",
     "family_table",
     "head_columns",
+    "model_schema",
     "resolve_site",
+    "site_groups",
+    "site_names",
     "site_shape",
     "sites_table_markdown",
     "update_readme_table",

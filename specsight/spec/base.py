@@ -11,6 +11,7 @@ __all__ = [
     "SPEC_VERSION",
     "NAME_PATTERN",
     "PLACEHOLDER_PATTERN",
+    "SITE_SYNTAX",
     "Placeholder",
     "Number",
     "StrictModel",
@@ -31,6 +32,22 @@ Placeholder = Annotated[
     ),
 ]
 Number = Union[float, Placeholder]
+
+#: How a site is written, for the schema's descriptions of ``site`` fields (the grammar
+#: :func:`specsight.sites.resolve_site` accepts; ``{var}`` placeholders are filled first).
+SITE_SYNTAX = (
+    "A canonical site: NAME.LAYER ('resid_post.5', 'head_z.2'; a negative layer counts from "
+    "the end: 'resid_post.-1'), a layer range NAME.START:STOP[:STEP] ('mlp_out.0:4' is layers "
+    "0-3, 'resid_post.::2' every other layer), every layer NAME.* ('resid_post.*'), or a sweep "
+    "variable NAME.{layer}; model-wide sites take no layer ('embed', 'final_norm', 'logits'). "
+    "NAME is one of embed, resid_pre, resid_mid, resid_post, attn_out, mlp_out, mlp_act, q, k, "
+    "v, head_z, attn_pattern, final_norm, logits, where the model's family has it. "
+    "Or a module path: a module's output ('model.layers.5.mlp'), or its input with '.input' "
+    "('model.layers.5.mlp.down_proj.input'; '.output' is the default); a path component may be "
+    "* (every index), START:STOP ('model.layers.0:4.mlp') or a sweep variable "
+    "('model.layers.{layer}.mlp'). `specsight sites MODEL` lists a model's sites and modules; "
+    "`specsight schema --model MODEL` writes a schema that completes them."
+)
 
 
 class StrictModel(BaseModel):

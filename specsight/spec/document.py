@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .base import NAME_PATTERN, StrictModel
-from .metrics import Backward, Expectation, Metric
-from .ops import FileVector, Op
+from .metrics import METRIC_KINDS, Backward, Expectation, Metric
+from .ops import OP_NAMES, FileVector, Op
 
 __all__ = [
     "INPUT_KINDS",
@@ -85,7 +85,10 @@ class Invoke(StrictModel):
     input: FileTensor | None = Field(
         None, description="factory models: a tensor file beside the spec, batch axis first"
     )
-    ops: list[Op] = Field(default_factory=list)
+    ops: list[Op] = Field(
+        default_factory=list,
+        description="what the invoke does at model sites, in order; op: " + ", ".join(OP_NAMES),
+    )
     sweep: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], SweepValues] | None = (
         Field(None, description="grid of variables; each cell becomes batch rows with its own ops")
     )
@@ -258,7 +261,10 @@ class Spec(StrictModel):
         None, description="rows (a file beside the spec, or inline) that invokes template over"
     )
     invokes: dict[Name, Invoke] = Field(min_length=1)
-    metrics: dict[Name, Metric] = Field(default_factory=dict)
+    metrics: dict[Name, Metric] = Field(
+        default_factory=dict,
+        description="measurements by name; kind: " + ", ".join(METRIC_KINDS),
+    )
     backward: Backward | None = Field(
         None,
         description="run a backward pass from this metric; saves with grad: true keep gradients",

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, model_validator
 
-from .base import PositionSelector, StrictModel, TokenRef
+from .base import SITE_SYNTAX, PositionSelector, StrictModel, TokenRef
 
 __all__ = [
     "Reduce",
@@ -107,7 +107,15 @@ class LogitLensMetric(_MetricBase):
     """Decode intermediate residual streams through the final norm and unembedding."""
 
     kind: Literal["logit_lens"]
-    site: str = Field("resid_post.*", description="sites to decode, e.g. 'resid_post.*'")
+    site: str = Field(
+        "resid_post.*",
+        description="sites to decode, e.g. 'resid_post.*'",
+        json_schema_extra={
+            "description": "the residual-stream sites to decode (d_model wide: resid_*, "
+            "attn_out, mlp_out, ...); default every layer's 'resid_post.*'. " + SITE_SYNTAX,
+            "examples": ["resid_post.*", "resid_mid.0:12"],
+        },
+    )
     token: TokenRef | None = Field(None, description="report this token's probability per site")
     k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
 
@@ -161,7 +169,15 @@ class AttributionMetric(StrictModel):
     kind: Literal["attribution"]
     clean: str = Field(description="the clean invoke (one prompt, no sweep)")
     corrupt: str = Field(description="the corrupted invoke, as many tokens as the clean one")
-    site: str = Field("resid_post.*", description="sites to attribute, e.g. 'resid_post.*'")
+    site: str = Field(
+        "resid_post.*",
+        description="sites to attribute, e.g. 'resid_post.*'",
+        json_schema_extra={
+            "description": "the sites to attribute (whole-width, not per-head); default every "
+            "layer's 'resid_post.*'. " + SITE_SYNTAX,
+            "examples": ["resid_post.*", "attn_out.*", "mlp_out.0:6"],
+        },
+    )
     target: TokenRef
     foil: TokenRef
     position: PositionSelector = Field(

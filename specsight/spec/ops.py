@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field
 
-from .base import Number, Placeholder, Positions, StrictModel
+from .base import SITE_SYNTAX, Number, Placeholder, Positions, StrictModel
 
 __all__ = [
     "FileVector",
@@ -84,8 +84,19 @@ DimIndex = Union[
 DimSelector = Union[DimIndex, Annotated[list[DimIndex], Field(min_length=1)]]
 
 
+#: short (error hints); the schema adds the whole grammar
+_SITE = "where the op acts: a canonical site ('resid_post.5') or a module path"
+
+
 class SiteOp(StrictModel):
-    site: str = Field(min_length=1, description="canonical site ('resid_post.5') or module path")
+    site: str = Field(
+        min_length=1,
+        description=_SITE,
+        json_schema_extra={
+            "description": f"{_SITE}; several at once with a layer range or *. {SITE_SYNTAX}",
+            "examples": ["resid_post.5", "resid_post.{layer}", "mlp_out.0:4", "model.layers.5.mlp"],
+        },
+    )
     positions: Positions = Field("all", description="token positions the op acts on")
     steps: StepSelector | None = Field(
         None,
