@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,6 +43,26 @@ def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
         blocks = describe_blocks(spec, compiled)
         if blocks:
             click.echo(blocks)
+        if spec.model.device_map is not None:
+            click.echo(_placement_text(spec))
+
+
+def _placement_text(spec: Any) -> str:
+    """The placement a spec's device_map gives, and the weights per device (no weights read)."""
+    from ..models.load.placement import planned_placement
+    from ..plan import human_bytes
+    from ..spec import doc_of
+
+    doc = doc_of(spec)
+    placed = planned_placement(spec.model, base_dir=doc.base_dir if doc else None)
+    lines = [f"placement (device_map {spec.model.device_map!r}; weights per device):"]
+    for device, entry in sorted(placed.items()):
+        modules = entry["modules"]
+        shown = ", ".join(modules[:6]) + (
+            f", ... ({len(modules)} in all)" if len(modules) > 6 else ""
+        )
+        lines.append(f"  {device:<8} {human_bytes(entry['bytes']):>10}  {shown}")
+    return "\n".join(lines)
 
 
 @main.command()

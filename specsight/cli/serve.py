@@ -45,6 +45,19 @@ __all__: list[str] = []
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option(
+    "--device-map",
+    type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+    default=None,
+    help="Place each model across the GPUs (and CPU) with accelerate instead of --device.",
+)
+@click.option(
+    "--max-memory",
+    "max_memory",
+    multiple=True,
+    metavar="DEVICE=SIZE",
+    help="With --device-map: memory a device may hold, e.g. 0=70GiB, cpu=200GiB (repeat).",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
     default="float32",
@@ -100,6 +113,8 @@ def serve(
     keys_file: Path | None,
     insecure_no_auth: bool,
     device: str,
+    device_map: str | None,
+    max_memory: tuple[str, ...],
     dtype: str,
     max_queue: int | None,
     max_queue_per_key: int | None,
@@ -150,6 +165,16 @@ def serve(
             bold=True,
         )
     limits = _limits(max_queue, max_queue_per_key, max_job_seconds)
+    if device_map is not None and device != "auto":
+        raise click.UsageError("--device and --device-map both place the models; keep one")
+    if max_memory and device_map is None:
+        raise click.UsageError("--max-memory goes with --device-map")
+    memory = {}
+    for item in max_memory:
+        where, sep, size = item.partition("=")
+        if not sep or not where or not size:
+            raise click.UsageError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. 0=70GiB")
+        memory[where] = size
     run_server(
         list(model_ids),
         keys=keys,
@@ -157,6 +182,8 @@ def serve(
         port=port,
         db_path=db_path,
         device=device,
+        device_map=device_map,
+        max_memory=memory or None,
         dtype=dtype,
         limits=limits,
         batch_jobs=batch_jobs,

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import torch
 
+from ..models.load import execution_device
+
 __all__ = ["device_free_bytes", "model_device", "model_dtype"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without any)."""
+    """Where the model takes its inputs: for a model placed by accelerate (``device_map``) its
+    first module's device, else the device of its first parameter (CPU without any)."""
+    if getattr(model, "hf_device_map", None):
+        return torch.device(execution_device(model))
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 

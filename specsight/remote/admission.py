@@ -88,10 +88,12 @@ def factory_refusal(doc: LoadedDoc | None) -> SpecError:
 
 
 def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
-    """Raise the SpecError a spec that can only run locally gets: a factory model, or image and
-    tensor inputs (files, which a server never reads)."""
+    """Raise the SpecError a spec that can only run locally gets: a factory model, a model
+    placement (device_map, max_memory, offload_folder: a path), or image and tensor inputs
+    (files, which a server never reads)."""
     if spec.model.factory is not None:
         raise factory_refusal(doc)
+    _refuse_placement(spec, doc)
     for name, invoke in spec.invokes.items():
         if invoke.input_kind != "prompt":
             raise _local_only(
@@ -100,6 +102,20 @@ def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
                 f"'{invoke.input_kind}' inputs are files, which run locally only",
                 ("invokes", name, invoke.input_kind),
                 "run this spec without --remote (servers take text prompts for now)",
+            )
+
+
+def _refuse_placement(spec: Spec, doc: LoadedDoc | None) -> None:
+    """A model placement in a remote spec (the server places its own models; and
+    ``offload_folder`` is a path) is refused."""
+    for field in ("device_map", "max_memory", "offload_folder"):
+        if getattr(spec.model, field) is not None:
+            raise _local_only(
+                doc,
+                "placement-remote",
+                f"model.{field} places a model on this machine; a server places its own",
+                ("model", field),
+                "remove it with --remote (specsight serve --device-map places the served model)",
             )
 
 
@@ -143,6 +159,7 @@ def prepare_job(
     spec = validate_spec(doc)
     if spec.model.factory is not None:
         raise factory_refusal(doc)
+    _refuse_placement(spec, doc)
     if spec.model.id != model.model_id:
         raise SpecError(
             doc.source.issue(

@@ -40,8 +40,12 @@ def serve(
     log_level: str = "info",
     header_timeout_s: float = HEADER_TIMEOUT_S,
     retention_days: float = 7.0,
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
 ) -> None:
-    """Load the models once, recover the job store, serve until SIGTERM/SIGINT, then drain.
+    """Load the models once (across devices with ``device_map``: accelerate's 'auto',
+    'balanced' or 'sequential', and ``max_memory``), recover the job store, serve until
+    SIGTERM/SIGINT, then drain.
 
     Keys come from ``keys`` or ``keys_file``; there is no default (see ``KeyRing.allow_all``)."""
 
@@ -55,7 +59,9 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     models: dict[str, LoadedModel] = {}
     for model_id in model_ids:
-        loaded = load_model(model_id, device=device, dtype=dtype)
+        loaded = load_model(
+            model_id, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory
+        )
         if loaded.info.inputs != "text":
             raise ModelLoadError(
                 f"'{model_id}' reads {loaded.info.inputs} inputs; a server serves text models only",

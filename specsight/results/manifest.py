@@ -220,11 +220,15 @@ def _companion(
 
 
 def _content(spec: Spec) -> dict[str, Any]:
-    """The spec as JSON data; inline dataset rows (plain values already) are shared, not
-    copied: a run over 100k inline rows does not hold them twice."""
+    """The spec as JSON data, as written (no defaults filled in); inline dataset rows (plain
+    values already) are shared, not copied: 100k inline rows are not held twice."""
     rows = spec.dataset.rows if spec.dataset is not None else None
     skip = {"dataset": {"rows"}} if rows is not None else None
-    content = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=skip)
+    # as written: defaults left out, so that the content validates again as it did (a
+    # default position of -1 is a mistake once written out for an image classifier)
+    content = spec.model_dump(
+        mode="json", by_alias=True, exclude_none=True, exclude_unset=True, exclude=skip
+    )
     if rows is not None:
         content["dataset"]["rows"] = rows
     return content
@@ -257,6 +261,7 @@ def _manifest(
             "dtype": model.dtype,
             "device": model.device,
             "seed": spec.model.seed,
+            **({"placement": model.placement} if model.placement else {}),
         },
         "plan": {
             "rows": len(plan.rows),

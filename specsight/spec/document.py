@@ -214,6 +214,41 @@ class ModelRef(StrictModel):
     seed: int = Field(
         0, ge=0, le=2**63 - 1, description="seed of tiny random models and of factory calls"
     )
+    device_map: (
+        Literal["auto", "balanced", "balanced_low_0", "sequential"]
+        | dict[Annotated[str, Field(min_length=1)], str | int]
+        | None
+    ) = Field(
+        None,
+        description="place the model across devices with accelerate, as from_pretrained does: "
+        "'auto', 'balanced', 'sequential', or {module prefix: device} with devices 'cpu', "
+        "'disk', 'cuda:N' or a GPU index N (models with a checkpoint folder)",
+    )
+    max_memory: dict[Annotated[str, Field(min_length=1)], str | int] | None = Field(
+        None,
+        description="memory each device may hold for device_map 'auto'/'balanced'/'sequential': "
+        "{'0': '20GiB', 'cpu': '64GiB'}",
+    )
+    offload_folder: str | None = Field(
+        None,
+        min_length=1,
+        description="a folder for modules placed on 'disk' (beside the spec; local runs only)",
+    )
+
+    @model_validator(mode="after")
+    def _placement(self) -> ModelRef:
+        if self.device_map is None and (self.max_memory or self.offload_folder):
+            raise ValueError(
+                "'max_memory' and 'offload_folder' go with 'device_map' | add device_map: auto"
+            )
+        if self.device_map is not None and self.device != "auto":
+            raise ValueError(
+                "'device' and 'device_map' both place the model | keep one (device_map: "
+                "{'': cuda:1} puts all of it on one device)"
+            )
+        if self.device_map is not None and self.factory is not None:
+            raise ValueError("'device_map' needs a model id with a checkpoint | remove it")
+        return self
 
     @model_validator(mode="after")
     def _id_or_factory(self) -> ModelRef:

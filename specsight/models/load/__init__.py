@@ -8,6 +8,8 @@ from .in_memory import IN_MEMORY, model_mismatch, wrap_model
 from .introspect import hash_weights, model_info_from_module
 from .loader import (
     LoadedModel,
+    accelerate_placement,
+    execution_device,
     list_models,
     load_model,
     load_model_info,
@@ -21,6 +23,8 @@ __all__ = [
     "BUILTIN_MODELS",
     "TINY_MODELS",
     "LoadedModel",
+    "accelerate_placement",
+    "execution_device",
     "cache_dir",
     "hash_weights",
     "list_models",

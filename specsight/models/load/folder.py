@@ -55,10 +55,19 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 def from_pretrained(
-    folder: Path, model_id: str, dtype: torch.dtype, attn_implementation: str | None, kind: str
+    folder: Path,
+    model_id: str,
+    dtype: torch.dtype,
+    attn_implementation: str | None,
+    kind: str,
+    placement: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """The folder's model in ``dtype``; ``kind`` ("hub", "dir", "builtin") shapes the hint."""
-    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    """The folder's model in ``dtype``, loaded straight onto its device(s): ``placement``
+    holds from_pretrained's ``device_map`` (a device, or accelerate's placement) and, with a
+    placement, ``max_memory`` and ``offload_folder``. ``kind`` ("hub", "dir", "builtin")
+    shapes the hint."""
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    kwargs.update(placement or {})
     try:
         auto = auto_class(config_of(folder))
         with _no_progress_bars():

@@ -58,6 +58,9 @@ class LoadedModel:
     #: ``{(module, io): width}`` measured on the model, for sizing results before running
     #: (filled in by a server; see :func:`specsight.engine.module_widths`)
     module_widths: dict[tuple[str, str], int] | None = None
+    #: a model placed by device_map: {module: device} as accelerate placed it (None: one
+    #: device, ``device``)
+    placement: dict[str, Any] | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -115,10 +118,26 @@ def load_model(
     revision: str | None = None,
     attn_implementation: str | None = None,
     seed: int = 0,
+    device_map: Any = None,
+    max_memory: dict[str, Any] | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
-    """Load a model in eval mode with gradients off, on ``device``, in ``dtype``."""
-    torch_dtype, target = _torch_dtype(dtype), resolve_device(device)
+    """Load a model in eval mode with gradients off, in ``dtype``, straight onto ``device``, or
+    across devices by ``device_map`` (accelerate: 'auto', 'balanced', 'sequential' or
+    {module prefix: device}, with ``max_memory`` and ``offload_folder``)."""
+    torch_dtype = _torch_dtype(dtype)
     kind, folder = _resolve(model_id, revision)
+    target = resolve_device(device)
+    if device_map is not None:
+        if folder is None:
+            raise ModelLoadError(
+                f"device_map needs a model with a checkpoint folder; '{model_id}' is built "
+                "from its config",
+                hint="save it with save_pretrained and name the folder, or remove device_map",
+            )
+        placement = accelerate_placement(device_map, max_memory, offload_folder)
+    else:
+        placement = {"device_map": target}
     identity = None
     if kind in ("dir", "hub"):  # the checkpoint files' identity, hashed while loading
         assert folder is not None
@@ -129,7 +148,9 @@ def load_model(
         model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
         model = model.to(torch_dtype)
     else:
-        model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind)
+        model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind, placement)
+    if device_map is not None:
+        target = execution_device(model)
     if kind == "builtin":  # shape info and the float32 hash were stored at conversion
         cached = builtin_info(folder)  # recorded at conversion: the default implementation
         impl = attn_implementation or cached.attn_implementation
@@ -141,8 +162,12 @@ def load_model(
     tokenizer = _tokenizer_for(info, folder, model_id)
     model.train(False)  # inference mode: no dropout
     model.requires_grad_(False)
-    model.to(target)
-    return LoadedModel(model, tokenizer, info, model_id, revision, sha, target, dtype)
+    if device_map is None:
+        model.to(target)  # a no-op for folders (loaded there), the tiny models' move
+    placed = dict(getattr(model, "hf_device_map", {}) or {}) if device_map is not None else None
+    return LoadedModel(
+        model, tokenizer, info, model_id, revision, sha, target, dtype, placement=placed
+    )
 
 
 def load_model_ref(
@@ -151,6 +176,9 @@ def load_model_ref(
     """Load the model a spec's ``model:`` entry names: an id, or a factory (called here, with
     ``base_dir``, the spec's folder, importable)."""
     if ref.factory is None:
+        offload = ref.offload_folder
+        if offload is not None and base_dir is not None:
+            offload = str(Path(base_dir) / Path(offload).expanduser())
         return load_model(
             ref.id,
             dtype=ref.dtype,
@@ -158,6 +186,9 @@ def load_model_ref(
             revision=ref.revision,
             attn_implementation=ref.attn_implementation,
             seed=ref.seed,
+            device_map=ref.device_map,
+            max_memory=ref.max_memory,
+            offload_folder=offload,
         )
     from .factory import build_factory_model, factory_info
 
@@ -170,6 +201,42 @@ def load_model_ref(
     sha = hash_weights(model)
     model.to(target)
     return LoadedModel(model, tokenizer, info, ref.name, None, sha, target, ref.dtype)
+
+
+def accelerate_placement(
+    device_map: Any, max_memory: dict[str, Any] | None, offload_folder: str | None
+) -> dict[str, Any]:
+    """from_pretrained's placement arguments from a spec's: GPU indices as integers (YAML
+    keys are strings), 'cuda:N' as N."""
+
+    def device(value: Any) -> Any:
+        text = str(value)
+        if text.isdigit():
+            return int(text)
+        match = re.fullmatch(r"cuda:(\d+)", text)
+        return int(match.group(1)) if match else value
+
+    placement: dict[str, Any] = {
+        "device_map": device_map
+        if isinstance(device_map, str)
+        else {prefix: device(d) for prefix, d in device_map.items()}
+    }
+    if max_memory:
+        placement["max_memory"] = {device(k): v for k, v in max_memory.items()}
+    if offload_folder:
+        placement["offload_folder"] = offload_folder
+    return placement
+
+
+def execution_device(model: torch.nn.Module) -> str:
+    """Where a model placed by accelerate takes its inputs: its first module's device, or the
+    CPU when that module is on disk."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    for where in placed.values():
+        if where in ("disk", "meta"):
+            continue
+        return f"cuda:{where}" if isinstance(where, int) else str(where)
+    return "cpu"
 
 
 def load_ref_info(ref: Any, *, base_dir: str | None = None) -> tuple[ModelInfo, Tokenizer]:
