@@ -135,6 +135,13 @@ def load_model(
                 "from its config",
                 hint="save it with save_pretrained and name the folder, or remove device_map",
             )
+        try:
+            import accelerate  # noqa: F401 - transformers places models with it
+        except ImportError:
+            raise ModelLoadError(
+                "device_map needs the accelerate package",
+                hint="pip install 'specsight[big]'",
+            ) from None
         placement = accelerate_placement(device_map, max_memory, offload_folder)
     else:
         placement = {"device_map": target}
