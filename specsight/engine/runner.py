@@ -51,6 +51,14 @@ class _Group:
     #: batched saves: how many positions of the gathered values each op keeps
     counts: list[int] | None = None
 
+    def to(self, device: torch.device) -> None:
+        """Move the group's tensors to ``device`` (a module of a model placed across devices
+        runs elsewhere than the model's input device)."""
+        for name in ("rows", "positions", "factors", "vectors", "cols"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+
 
 @dataclass(frozen=True)
 class ActionTables:
@@ -253,6 +261,8 @@ class Runner:
             )
         try:
             if group.rows is not None:
+                if group.rows.device != hidden.device:
+                    group.to(hidden.device)
                 index: tuple[torch.Tensor, ...] = (group.rows, group.positions)
                 if group.cols is not None:
                     index = (group.rows[:, None], group.positions[:, None], group.cols[None, :])
