@@ -49,18 +49,18 @@ def _by_hand(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> float:
     return float(logits[mary] - logits[john])
 
 
+def _small_gpt2() -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 with random weights (tiny-gpt2 has 4), in eval mode."""
+    config = GPT2Config(
+        vocab_size=tiny_tokenizer().vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
 def test_a_hugging_face_model_in_memory_runs_and_matches_a_hand_written_hook():
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=tiny_tokenizer().vocab_size,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model, tok = GPT2LMHeadModel(config).eval(), _hf_tokenizer()
+    model, tok = _small_gpt2(), _hf_tokenizer()
     want = _by_hand(model, tok)
     results = specsight.run(_spec("in-memory"), model=model, tokenizer=tok)
     torch.testing.assert_close(results["ld"], torch.tensor(want), rtol=1e-5, atol=1e-5)
@@ -75,16 +75,7 @@ def test_a_model_that_is_not_the_specs_is_a_located_error():
     assert "model.id" in text or "model:" in text
     assert "not 'tiny-gpt2'" in text and "family llama (the spec's model: gpt2)" in text
     assert "model: in-memory" in text
-    small = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=tiny_tokenizer().vocab_size,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    small = _small_gpt2()
     with pytest.raises(SpecError, match="n_layers 2 \\(the spec's model: 4\\)"):
         specsight.run(_spec("tiny-gpt2"), model=small, tokenizer=_hf_tokenizer())
 
