@@ -1,7 +1,8 @@
 """The identity of a model folder's weights without hashing every tensor after loading: the
 sha256 of its checkpoint files (weights, config), each hashed once.
 
-A file's sha256 is streamed from disk (files in parallel threads: hashlib releases the GIL),
+A file's sha256 is streamed from disk through one reused buffer (files in parallel threads:
+hashlib releases the GIL),
 and cached by absolute path, size and modification time in ``<cache>/file-hashes.json``, so
 loading the same checkpoint again hashes nothing. A file of the Hugging Face cache is a link
 to a blob named by its own sha256 (large files): that name is used as is. The identity is the
@@ -25,7 +26,7 @@ __all__ = ["checkpoint_files", "checkpoint_identity", "HashStats"]
 
 #: what a checkpoint's identity covers: weight files and what shapes their meaning
 _PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "config.json")
-_CHUNK = 16 << 20
+_CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LOCK = threading.Lock()
 
@@ -68,10 +69,13 @@ def _write_cache(entries: dict[str, dict]) -> None:
 
 
 def _stream_sha256(path: Path) -> str:
+    """The file's sha256, read into one reused buffer (no allocation per block)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,9 @@ class LoadedModel:
     info: ModelInfo
     model_id: str
     revision: str | None
-    weights_sha256: str
+    #: the weights' sha256 identity, or its computation still running (a checkpoint's files
+    #: are hashed in a thread while the weights load and the run starts)
+    identity: str | Future[str]
     device: str
     dtype: str
     #: ``{(module, io): width}`` measured on the model, for sizing results before running
@@ -61,6 +63,13 @@ class LoadedModel:
     #: a model placed by device_map: {module: device} as accelerate placed it (None: one
     #: device, ``device``)
     placement: dict[str, Any] | None = None
+
+    @property
+    def weights_sha256(self) -> str:
+        """The weights' identity (waits for the hashing of a checkpoint's files to finish)."""
+        if isinstance(self.identity, Future):
+            self.identity = self.identity.result()
+        return self.identity
 
 
 def resolve_device(device: str) -> str:
@@ -124,7 +133,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a model in eval mode with gradients off, in ``dtype``, straight onto ``device``, or
     across devices by ``device_map`` (accelerate: 'auto', 'balanced', 'sequential' or
-    {module prefix: device}, with ``max_memory`` and ``offload_folder``)."""
+    {module prefix: device}, with ``max_memory`` and ``offload_folder``). A checkpoint's
+    identity is hashed in a thread once the weights are loaded: ``weights_sha256`` waits for
+    it when first read (when the run's manifest is written)."""
     torch_dtype = _torch_dtype(dtype)
     kind, folder = _resolve(model_id, revision)
     target = resolve_device(device)
@@ -145,17 +156,17 @@ def load_model(
         placement = accelerate_placement(device_map, max_memory, offload_folder)
     else:
         placement = {"device_map": target}
-    identity = None
-    if kind in ("dir", "hub"):  # the checkpoint files' identity, hashed while loading
-        assert folder is not None
-        pool = ThreadPoolExecutor(max_workers=1)
-        identity = pool.submit(checkpoint_identity, folder)
-        pool.shutdown(wait=False)
     if kind == "tiny":
         model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
         model = model.to(torch_dtype)
     else:
         model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind, placement)
+    identity: Future[str] | None = None
+    if kind in ("dir", "hub"):  # the checkpoint files' identity: hashed off the critical path,
+        assert folder is not None  # after the load (which it would slow) and while a run starts
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specsight-hash")
+        identity = pool.submit(checkpoint_identity, folder)
+        pool.shutdown(wait=False)
     if device_map is not None:
         target = execution_device(model)
     if kind == "builtin":  # shape info and the float32 hash were stored at conversion
@@ -165,7 +176,7 @@ def load_model(
         sha = builtin_hash(folder, dtype, model)
     else:
         info = with_processor(model_info_from_module(model, model_id, dtype), folder)
-        sha = identity.result() if identity is not None else hash_weights(model)
+        sha = identity if identity is not None else hash_weights(model)
     tokenizer = _tokenizer_for(info, folder, model_id)
     model.train(False)  # inference mode: no dropout
     model.requires_grad_(False)
