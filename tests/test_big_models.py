@@ -42,9 +42,9 @@ def _folder(name: str) -> Path:
     return folder
 
 
-def alternate_layers(model: torch.nn.Module, layers: str) -> dict[str, str]:
-    """A device_map placing even decoder layers on the CPU and odd ones on disk; every module
-    outside the layers on the CPU."""
+def alternate_layers(model: torch.nn.Module, layers: str, every: int = 2) -> dict[str, str]:
+    """A device_map placing decoder layer i on disk when i % every == 1, the others and every
+    module outside the layers on the CPU."""
     placed: dict[str, str] = {}
 
     def walk(module: torch.nn.Module, prefix: str) -> None:
@@ -52,7 +52,7 @@ def alternate_layers(model: torch.nn.Module, layers: str) -> dict[str, str]:
             full = f"{prefix}.{name}" if prefix else name
             if full == layers:
                 for i in range(len(child)):  # type: ignore[arg-type]
-                    placed[f"{full}.{i}"] = "cpu" if i % 2 == 0 else "disk"
+                    placed[f"{full}.{i}"] = "disk" if i % every == 1 else "cpu"
             elif layers.startswith(full + "."):
                 walk(child, full)
             else:
@@ -247,3 +247,34 @@ def test_plan_shows_the_placement_from_pretrained_makes(tmp_path):
     out = CliRunner().invoke(main, ["plan", str(path)]).output
     assert "placement (device_map 'auto'; weights per device):" in out
     assert "disk" in out and "cpu" in out
+
+
+SPECS = ROOT / "specs"
+BUILTIN_EXAMPLES = sorted(
+    p.name for p in SPECS.glob("*.yaml") if "smollm2-135m" in p.read_text().split("invokes:")[0]
+)
+
+
+@pytest.fixture(scope="module")
+def smol_split(tmp_path_factory, smollm):
+    """The built-in model with layers 1, 11 and 21 on disk (every disk layer is read from
+    the offload folder at every forward and decode step: three keep the tests quick)."""
+    placement = alternate_layers(smollm.model, "model.layers", every=10)
+    offload = tmp_path_factory.mktemp("smol-offload")
+    split = load_model(
+        "smollm2-135m", device="cpu", device_map=placement, offload_folder=str(offload)
+    )
+    assert split.weights_sha256 == smollm.weights_sha256  # the same weights, placed
+    return split
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILTIN_EXAMPLES)
+def test_every_example_on_the_split_built_in_model(name, smollm, smol_split):
+    """The example specs on SmolLM2 with three layers on disk: the whole model's numbers and
+    verdicts."""
+    whole = specsight.run(SPECS / name, model=smollm)
+    split = specsight.run(SPECS / name, model=smol_split)
+    _same(whole, split)
+    assert [o.ok for o in split.expectations] == [o.ok for o in whole.expectations]
+    assert split.ok
