@@ -60,6 +60,21 @@ def smollm():
     return builtin()
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for the session, from the machine's initdb/pg_ctl in a temporary
+    folder (tests/postgres.py); the tests that need it skip when PostgreSQL is not installed."""
+    from tests.postgres import PostgresServer, find_binaries
+
+    bin_dir = find_binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (initdb, pg_ctl, postgres)")
+    pytest.importorskip("psycopg", reason="the 'postgres' extra (psycopg 3) is not installed")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
 def ioi_spec(
     model: str = "tiny-llama",
     *,

@@ -9,6 +9,12 @@ once more: every job that was answered 202 must end ``succeeded`` or ``failed`` 
 ``max_attempts`` times mid-run fails as ``crashed``), succeeded results must download with
 their sha256, and re-submitting any key, answered or not, must give one job, never two.
 
+The rounds (:func:`crash_rounds`) run against any job store through a :class:`JobsDb`: SQLite
+here, PostgreSQL in tests/test_postgres_jobs.py. Besides the outcomes, the store's records are
+checked: one job per key, at most ``max_attempts`` starts, exactly the succeeded jobs hold a
+result and its bytes match the sha256, and no job's run completed more often than it started
+(the server logs every completed run).
+
 Only loopback (127.0.0.1) is used; every wait is bounded. The server runs with one torch thread:
 the test's own threads share the same few cores, and oversubscribed intra-op threads would make
 job times swing by orders of magnitude.
@@ -16,10 +22,12 @@ job times swing by orders of magnitude.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -29,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -48,6 +56,53 @@ READY_TIMEOUT_S = 90.0
 DRAIN_TIMEOUT_S = 150.0
 
 SMALL_FACTORS = (0.0, 0.5, 1.5, 2.0)
+MAX_ATTEMPTS = 3  # the store's default
+
+
+class JobsDb(Protocol):
+    """A job store's database as the crash test reads it, behind the server's back."""
+
+    arg: str  # what `specsight serve --db` is given
+
+    def running(self) -> list[tuple[str, int]]:
+        """(id, attempts) of the jobs left 'running'."""
+        ...
+
+    def jobs(self) -> list[tuple[str, str | None, str, str | None, int]]:
+        """(id, idempotency_key, state, result_sha256, attempts) of every job."""
+        ...
+
+    def results(self) -> dict[str, tuple[str, bytes]]:
+        """job id -> (recorded sha256, the stored result's bytes)."""
+        ...
+
+
+@dataclass
+class SqliteJobs:
+    """The SQLite store: a database file, results in the folder beside it."""
+
+    db: Path
+
+    @property
+    def arg(self) -> str:
+        return str(self.db)
+
+    def running(self) -> list[tuple[str, int]]:
+        with sqlite3.connect(self.db) as con:
+            return con.execute("SELECT id, attempts FROM jobs WHERE state='running'").fetchall()
+
+    def jobs(self) -> list[tuple[str, str | None, str, str | None, int]]:
+        with sqlite3.connect(self.db) as con:
+            q = "SELECT id, idempotency_key, state, result_sha256, attempts FROM jobs"
+            return con.execute(q).fetchall()
+
+    def results(self) -> dict[str, tuple[str, bytes]]:
+        with sqlite3.connect(self.db) as con:
+            shas = dict(con.execute("SELECT job_id, sha256 FROM result_files").fetchall())
+        folder = self.db.parent / f"{self.db.name}.results"
+        files = {p.name.removesuffix(".safetensors"): p for p in folder.iterdir()}
+        assert set(files) == set(shas), "result files the store does not name, or missing"
+        return {job: (sha, files[job].read_bytes()) for job, sha in shas.items()}
 
 
 def small_spec(factor: float) -> dict[str, Any]:
@@ -131,12 +186,12 @@ def _free_port() -> int:
 class Server:
     """``specsight serve`` in a subprocess on a fresh loopback port."""
 
-    def __init__(self, folder: Path, log: Path):
+    def __init__(self, folder: Path, log: Path, db: str | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-c", "from specsight.cli import main; main()", "serve"]
         command += ["--model", "tiny-llama", "--device", "cpu", "--port", str(self.port)]
-        command += ["--db", str(folder / "jobs.sqlite"), "--keys", str(folder / "keys")]
+        command += ["--db", db or str(folder / "jobs.sqlite"), "--keys", str(folder / "keys")]
         command += ["--max-queue", "10000", "--max-queue-per-key", "10000", "--grace", "1"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.log = log
@@ -183,14 +238,8 @@ def _submit(url: str, attempt: Submit) -> None:
         attempt.error = r.text[:300]
 
 
-def _running_jobs(db: Path) -> int:
-    """Jobs left 'running' in the database of a killed server: its kill landed mid-run."""
-    with sqlite3.connect(db) as con:
-        return con.execute("SELECT COUNT(*) FROM jobs WHERE state='running'").fetchone()[0]
-
-
-def _round(rnd: int, rng: random.Random, folder: Path, log: Path, tally: Tally) -> None:
-    server = Server(folder, log)
+def _round(rnd: int, rng: random.Random, folder: Path, log: Path, tally: Tally, db: JobsDb) -> None:
+    server = Server(folder, log, db.arg)
     try:
         server.wait_ready()
         started = time.monotonic()
@@ -216,7 +265,7 @@ def _round(rnd: int, rng: random.Random, folder: Path, log: Path, tally: Tally) 
         t.join(timeout=20)
         assert not t.is_alive(), "a submit thread hung after the kill"
     tally.submits += attempts
-    running = _running_jobs(folder / "jobs.sqlite")
+    running = len(db.running())  # jobs the killed server left 'running': it died mid-run
     tally.jobs_killed_running += running
     tally.mid_run_kills += running > 0
     tally.round_seconds.append(time.monotonic() - started)
@@ -251,13 +300,20 @@ def _drain(url: str, job_ids: set[str]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_no_job(tmp_path: Path) -> None:
+    report = crash_rounds(tmp_path, SqliteJobs(tmp_path / "jobs.sqlite"))
+    print("\ncrash test:", json.dumps(report))
+
+
+def crash_rounds(tmp_path: Path, db: JobsDb) -> dict[str, Any]:
+    """``ROUNDS`` rounds of start, submit, SIGKILL on ``db``, then a last start that must
+    finish every job; the report (asserting everything on the way)."""
     (tmp_path / "keys").write_text(f"crash:{hash_key(KEY)}\n")
     log = tmp_path / "server.log"
     rng = random.Random(SEED)
     tally = Tally()
     began = time.monotonic()
     for rnd in range(ROUNDS):
-        _round(rnd, rng, tmp_path, log, tally)
+        _round(rnd, rng, tmp_path, log, tally, db)
 
     accepted = [a for a in tally.submits if a.job_id is not None]
     unanswered = [a for a in tally.submits if a.code is None]
@@ -268,7 +324,7 @@ def test_sigkill_at_random_moments_loses_no_job(tmp_path: Path) -> None:
     assert tally.mid_run_kills >= 1, "no kill landed while a job ran"
     assert unanswered, "no kill landed while a submit was in flight"
 
-    server = Server(tmp_path, log)
+    server = Server(tmp_path, log, db.arg)
     try:
         server.wait_ready()
         # an answered key: the same job again (200), whatever its state
@@ -286,9 +342,9 @@ def test_sigkill_at_random_moments_loses_no_job(tmp_path: Path) -> None:
         outcome = _check_outcomes(server.url, tally.submits, final)
     finally:
         server.kill()
-    _check_database(tmp_path / "jobs.sqlite", tally.submits, final)
+    duplicated = _check_database(db, tally.submits, final, log)
 
-    report = {
+    return {
         "rounds": ROUNDS,
         "submits": len(tally.submits),
         "answered_202": len(accepted),
@@ -297,9 +353,10 @@ def test_sigkill_at_random_moments_loses_no_job(tmp_path: Path) -> None:
         "rounds_killed_mid_run": tally.mid_run_kills,
         "jobs_killed_while_running": tally.jobs_killed_running,
         **outcome,
+        "lost": 0,  # every accepted job ended succeeded or failed, checked above
+        **duplicated,
         "seconds": round(time.monotonic() - began, 1),
     }
-    print("\ncrash test:", json.dumps(report))
 
 
 def _check_outcomes(
@@ -334,20 +391,37 @@ def _check_outcomes(
     return counts
 
 
-def _check_database(db: Path, submits: list[Submit], final: dict[str, dict[str, Any]]) -> None:
-    """One job per key; exactly the succeeded jobs have a result, with the right sha256."""
-    with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT id, idempotency_key, state, result_sha256 FROM jobs").fetchall()
-        results = dict(con.execute("SELECT job_id, sha256 FROM result_files").fetchall())
-    folder = db.parent / f"{db.name}.results"
-    files = {path.name.removesuffix(".safetensors"): path for path in folder.iterdir()}
-    by_key = {key: job_id for job_id, key, _, _ in rows}
+_RAN = re.compile(r"specsight\.serve: ran \d+ job\(s\) in [\d.]+s: (\[.*\])$", re.M)
+
+
+def _check_database(
+    db: JobsDb, submits: list[Submit], final: dict[str, dict[str, Any]], log: Path
+) -> dict[str, int]:
+    """One job per key; exactly the succeeded jobs have a result, with the right sha256; no
+    job started more than ``MAX_ATTEMPTS`` times, nor completed a run more often than it
+    started one. The counts of jobs stored twice (0), and of jobs whose run completed again
+    (a kill came after their run completed, before its result was recorded)."""
+    rows = db.jobs()
+    results = db.results()
+    by_key = {key: job_id for job_id, key, _, _, _ in rows}
     assert len(by_key) == len(rows), "a key has two jobs"
     assert by_key == {a.key: a.job_id for a in submits}
-    for job_id, _, state, sha in rows:
+    completed: dict[str, int] = {}  # completed runs per job, from the servers' log
+    for match in _RAN.finditer(log.read_text(errors="replace")):
+        for job_id in ast.literal_eval(match.group(1)):
+            completed[job_id] = completed.get(job_id, 0) + 1
+    for job_id, _, state, sha, attempts in rows:
         assert state == final[job_id]["state"]
+        assert 1 <= attempts <= MAX_ATTEMPTS, (job_id, attempts)
+        assert completed.get(job_id, 0) <= attempts, (job_id, completed.get(job_id), attempts)
         if state == "succeeded":
-            assert results.get(job_id) == sha, job_id
-            assert hashlib.sha256(files[job_id].read_bytes()).hexdigest() == sha, job_id
+            assert job_id in completed, job_id
+            recorded, data = results[job_id]
+            assert recorded == sha and hashlib.sha256(data).hexdigest() == sha, job_id
         else:
-            assert job_id not in results and job_id not in files, job_id
+            assert job_id not in results, job_id
+    assert set(results) <= {job_id for job_id, _, state, _, _ in rows if state == "succeeded"}
+    return {
+        "duplicated_jobs": len(rows) - len(by_key),
+        "completed_again_after_kill": sum(n > 1 for n in completed.values()),
+    }

@@ -1,8 +1,14 @@
 """The durable job store (specsight.remote.jobs): states, owners, idempotency, the queue, leases,
-crash recovery and durability across processes."""
+crash recovery and durability across processes.
+
+The conformance suite: every test taking ``store``, ``db`` or ``open_store`` runs against both
+stores, SQLite (a file in tmp_path) and PostgreSQL (a fresh database on the session's server,
+tests/postgres.py); the others check what only the SQLite store has (its file, pragmas,
+migrations). PostgreSQL's own tests are in tests/test_postgres_jobs.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,21 +21,59 @@ from pathlib import Path
 
 import pytest
 
-from specsight.remote.jobs import SCHEMA_VERSION, JobStore, QueueFull
+from specsight.remote.jobs import SCHEMA_VERSION, JobStore, JobStoreBase, QueueFull, open_job_store
 from specsight.remote.protocol import ErrorBody
 
 ROOT = Path(__file__).resolve().parent.parent
 OWNER, OTHER = "a" * 64, "b" * 64
 
 
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+SHA_BYTES = sha(b"bytes")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path):
+    """Where a store's jobs are: a SQLite file, or a PostgreSQL database of this test's own."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "jobs.db")
+        return
+    with request.getfixturevalue("postgres_server").database() as url:
+        yield url
+
+
 @pytest.fixture
-def store(tmp_path: Path):
+def open_store(db: str):
+    """Open a store on the test's database (several: as many servers); all closed after."""
+    opened: list[JobStoreBase] = []
+
+    def open_(**options) -> JobStoreBase:
+        opened.append(open_job_store(db, **options))
+        return opened[-1]
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(open_store):
+    return open_store()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path):
     s = JobStore(tmp_path / "jobs.db")
     yield s
     s.close()
 
 
-def submit(store: JobStore, model: str = "tiny", owner: str = OWNER, key: str | None = None, **kw):
+def submit(
+    store: JobStoreBase, model: str = "tiny", owner: str = OWNER, key: str | None = None, **kw
+):
     job, _ = store.submit(
         owner=owner,
         model=model,
@@ -41,8 +85,8 @@ def submit(store: JobStore, model: str = "tiny", owner: str = OWNER, key: str | 
     return job
 
 
-def test_pragmas_and_schema(store: JobStore, tmp_path: Path) -> None:
-    con = store._con()
+def test_pragmas_and_schema(sqlite_store: JobStore, tmp_path: Path) -> None:
+    con = sqlite_store._con()
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     fresh = sqlite3.connect(tmp_path / "jobs.db")
@@ -58,7 +102,7 @@ def test_pragmas_and_schema(store: JobStore, tmp_path: Path) -> None:
         JobStore(":memory:")
 
 
-def test_submit_get_status(store: JobStore) -> None:
+def test_submit_get_status(store: JobStoreBase) -> None:
     before = time.time()
     job, created = store.submit(
         owner=OWNER, model="tiny", spec_json="{}", spec_file=None, idempotency_key=None
@@ -80,20 +124,20 @@ def test_submit_get_status(store: JobStore) -> None:
     assert store.get("nope", OWNER) is None and store.status("nope", OWNER) is None
 
 
-def test_owner_isolation(store: JobStore) -> None:
+def test_owner_isolation(store: JobStoreBase) -> None:
     job = submit(store)
     assert store.get(job.id, OTHER) is None
     assert store.status(job.id, OTHER) is None
     assert store.cancel(job.id, OTHER) is None
     assert store.get(job.id, OWNER).state == "queued"  # the other owner's cancel did nothing
     [claimed] = store.claim("w")
-    assert store.succeed(claimed.id, "w", result=b"x", manifest_json="{}", sha256="h")
+    assert store.succeed(claimed.id, "w", result=b"x", manifest_json="{}", sha256=sha(b"x"))
     assert store.result(job.id, OTHER) is None
-    path, manifest, sha = store.result(job.id, OWNER)
-    assert (path.read_bytes(), manifest, sha) == (b"x", "{}", "h")
+    path, manifest, digest = store.result(job.id, OWNER)
+    assert (path.read_bytes(), manifest, digest) == (b"x", "{}", sha(b"x"))
 
 
-def test_idempotency(store: JobStore) -> None:
+def test_idempotency(store: JobStoreBase) -> None:
     a = submit(store, key="k1")
     again, created = store.submit(
         owner=OWNER, model="tiny", spec_json="{}", spec_file=None, idempotency_key="k1"
@@ -106,7 +150,7 @@ def test_idempotency(store: JobStore) -> None:
     assert store.queued_count() == 5
 
 
-def test_queue_positions(store: JobStore) -> None:
+def test_queue_positions(store: JobStoreBase) -> None:
     jobs = [submit(store) for _ in range(3)]
     assert [store.status(j.id, OWNER).queue_position for j in jobs] == [0, 1, 2]
     store.claim("w")
@@ -116,7 +160,7 @@ def test_queue_positions(store: JobStore) -> None:
     assert store.status(jobs[2].id, OWNER).queue_position == 0
 
 
-def test_queue_full(store: JobStore) -> None:
+def test_queue_full(store: JobStoreBase) -> None:
     submit(store, key="k", max_queue=2)
     submit(store, max_queue=2)
     with pytest.raises(QueueFull) as exc:
@@ -130,7 +174,7 @@ def test_queue_full(store: JobStore) -> None:
     assert store.queued_count() == 2
 
 
-def test_claim_order_and_model(store: JobStore) -> None:
+def test_claim_order_and_model(store: JobStoreBase) -> None:
     a, b, c, d = (submit(store, m) for m in ("m1", "m2", "m1", "m1"))
     got = store.claim("w", limit=2)
     assert [j.id for j in got] == [a.id, c.id]
@@ -142,9 +186,8 @@ def test_claim_order_and_model(store: JobStore) -> None:
     assert store.claim("w") == []
 
 
-def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    shared, separate = JobStore(path), JobStore(path)  # threads on one store, and on two
+def test_concurrent_claims_never_share_a_job(open_store) -> None:
+    shared, separate = open_store(), open_store()  # threads on one store, and on two
     ids = {submit(shared, f"m{i % 3}").id for i in range(200)}
     claimed: list[list[str]] = [[] for _ in range(4)]
     start = threading.Barrier(4)
@@ -163,12 +206,10 @@ def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
     flat = [j for c in claimed for j in c]
     assert len(flat) == len(set(flat)) == 200 and set(flat) == ids
     assert shared.counts()["running"] == 200
-    shared.close()
-    separate.close()
 
 
-def test_lease_and_heartbeat(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.db", lease_s=5.0)
+def test_lease_and_heartbeat(open_store) -> None:
+    store = open_store(lease_s=5.0)
     job = submit(store)
     [run] = store.claim("w")
     assert run.lease_until == pytest.approx(time.time() + 5.0, abs=1.0)
@@ -183,26 +224,25 @@ def test_lease_and_heartbeat(tmp_path: Path) -> None:
     assert not store.heartbeat(job.id, "w")
     store.progress(job.id, 5, 10)  # ignored once finished
     assert store.status(job.id, OWNER).progress.done == 3
-    store.close()
 
 
-def test_succeed_writes_result_atomically(store: JobStore) -> None:
+def test_succeed_writes_result_atomically(store: JobStoreBase) -> None:
     job = submit(store)
     assert store.result(job.id, OWNER) is None  # queued
     [run] = store.claim("w")
     assert store.result(job.id, OWNER) is None  # running
     assert not store.succeed(job.id, "other", result=b"x", manifest_json="{}", sha256="h")
     data = os.urandom(100_000)
-    assert store.succeed(job.id, "w", result=data, manifest_json='{"a": 1}', sha256="abc")
-    path, manifest, sha = store.result(job.id, OWNER)
-    assert (path.read_bytes(), manifest, sha) == (data, '{"a": 1}', "abc")
+    assert store.succeed(job.id, "w", result=data, manifest_json='{"a": 1}', sha256=sha(data))
+    path, manifest, digest = store.result(job.id, OWNER)
+    assert (path.read_bytes(), manifest, digest) == (data, '{"a": 1}', sha(data))
     st = store.status(job.id, OWNER)
-    assert st.state == "succeeded" and st.result_sha256 == "abc" and st.finished >= st.started
+    assert st.state == "succeeded" and st.result_sha256 == sha(data) and st.finished >= st.started
     assert not store.succeed(job.id, "w", result=b"y", manifest_json="{}", sha256="h2")
     assert store.result(job.id, OWNER)[0].read_bytes() == data
 
 
-def test_succeed_refused_after_cancel(store: JobStore) -> None:
+def test_succeed_refused_after_cancel(store: JobStoreBase) -> None:
     job = submit(store)
     store.claim("w")
     st = store.cancel(job.id, OWNER)
@@ -210,11 +250,12 @@ def test_succeed_refused_after_cancel(store: JobStore) -> None:
     assert not store.succeed(job.id, "w", result=b"x", manifest_json="{}", sha256="h")
     assert store.get(job.id, OWNER).state == "cancelled"
     assert store.result(job.id, OWNER) is None
-    assert store._con().execute("SELECT COUNT(*) FROM result_files").fetchone()[0] == 0
+    table = "result_files" if isinstance(store, JobStore) else "results"
+    assert store._one(f"SELECT COUNT(*) FROM {table}")[0] == 0
     assert list(store.files.folder.iterdir()) == []  # the file written for it is gone too
 
 
-def test_cancel_queued_running_terminal(store: JobStore) -> None:
+def test_cancel_queued_running_terminal(store: JobStoreBase) -> None:
     queued, running = submit(store), submit(store)
     store.claim("w")  # claims `queued`, the oldest
     running, queued = queued, running
@@ -235,7 +276,7 @@ def test_cancel_queued_running_terminal(store: JobStore) -> None:
     assert store.counts()["cancelled"] == 2
 
 
-def test_fail(store: JobStore) -> None:
+def test_fail(store: JobStoreBase) -> None:
     a, b = submit(store), submit(store)
     store.claim("w")
     err = ErrorBody(error="run-failed", message="boom", hint="try less")
@@ -253,7 +294,7 @@ def test_fail(store: JobStore) -> None:
     assert store.get(c.id, OWNER).state == "cancelled"
 
 
-def test_requeue_does_not_count_an_attempt(store: JobStore) -> None:
+def test_requeue_does_not_count_an_attempt(store: JobStoreBase) -> None:
     a, b = submit(store), submit(store)
     [run] = store.claim("w")
     assert run.id == a.id and run.attempts == 1
@@ -269,16 +310,15 @@ def test_requeue_does_not_count_an_attempt(store: JobStore) -> None:
     assert b.id in {j.id for j in store.claim("w2")}
 
 
-def test_recover_requeues_then_fails(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    store = JobStore(path, max_attempts=3)
+def test_recover_requeues_then_fails(open_store) -> None:
+    store = open_store(max_attempts=3)
     job, other = submit(store), submit(store, "m2")
     for attempt in (1, 2, 3):
         [run] = store.claim(f"w{attempt}", model="tiny")
         assert run.id == job.id and run.attempts == attempt
         store.progress(job.id, 1, 2)
         store.close()  # "crash": the worker never finishes
-        store = JobStore(path, max_attempts=3)
+        store = open_store(max_attempts=3)
         got = store.recover()
         rec = store.get(job.id, OWNER)
         if attempt < 3:
@@ -292,10 +332,9 @@ def test_recover_requeues_then_fails(tmp_path: Path) -> None:
     assert store.get(other.id, OWNER).state == "queued"  # untouched, nothing vanished
     assert sum(store.counts().values()) == 2
     assert store.recover() == {"requeued": 0, "failed": 0, "cancelled": 0}
-    store.close()
 
 
-def test_recover_honours_pending_cancel(store: JobStore) -> None:
+def test_recover_honours_pending_cancel(store: JobStoreBase) -> None:
     job = submit(store)
     store.claim("w")
     store.cancel(job.id, OWNER)
@@ -303,9 +342,8 @@ def test_recover_honours_pending_cancel(store: JobStore) -> None:
     assert store.get(job.id, OWNER).state == "cancelled"
 
 
-def test_expire_leases(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    short, long = JobStore(path, lease_s=0.05), JobStore(path, lease_s=60)
+def test_expire_leases(open_store) -> None:
+    short, long = open_store(lease_s=0.05), open_store(lease_s=60)
     a, b = submit(short), submit(short)
     short.claim("stuck")
     long.claim("alive")
@@ -314,27 +352,26 @@ def test_expire_leases(tmp_path: Path) -> None:
     assert long.get(a.id, OWNER).state == "queued" and long.get(b.id, OWNER).state == "running"
     assert not short.heartbeat(a.id, "stuck")  # the stuck worker lost the job
     assert not short.succeed(a.id, "stuck", result=b"", manifest_json="{}", sha256="h")
-    short.close()
-    long.close()
 
 
-def _run_child(path: Path, code: str) -> subprocess.CompletedProcess:
-    prog = f"from specsight.remote.jobs import JobStore\nstore = JobStore({str(path)!r})\n{code}"
+def _run_child(db: str, code: str) -> subprocess.CompletedProcess:
+    prog = (
+        f"from specsight.remote.jobs import open_job_store\nstore = open_job_store({db!r})\n{code}"
+    )
     return subprocess.run(
         [sys.executable, "-c", prog], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
 
 
-def test_visible_from_a_new_process(store: JobStore, tmp_path: Path) -> None:
+def test_visible_from_a_new_process(store: JobStoreBase, db: str) -> None:
     job = submit(store)
-    out = _run_child(tmp_path / "jobs.db", f"print(store.get({job.id!r}, {OWNER!r}).state)")
+    out = _run_child(db, f"print(store.get({job.id!r}, {OWNER!r}).state)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "queued"
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_submit_survives_sigkill(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
+def test_submit_survives_sigkill(db: str, open_store) -> None:
     code = (
         "import os, sys\n"
         "job, _ = store.submit(owner='o', model='tiny', spec_json='{}', spec_file=None,"
@@ -342,10 +379,10 @@ def test_submit_survives_sigkill(tmp_path: Path) -> None:
         "sys.stdout.write(job.id + '\\n'); sys.stdout.flush()\n"
         "os.kill(os.getpid(), 9)\n"
     )
-    out = _run_child(path, code)
+    out = _run_child(db, code)
     assert out.returncode == -signal.SIGKILL, out.stderr
     job_id = out.stdout.strip()
-    store = JobStore(path)
+    store = open_store()
     rec = store.get(job_id, "o")
     assert rec is not None and rec.state == "queued"
     # the same key after the crash finds it: the client's retry does not duplicate the job
@@ -353,11 +390,10 @@ def test_submit_survives_sigkill(tmp_path: Path) -> None:
         owner="o", model="tiny", spec_json="{}", spec_file=None, idempotency_key="k"
     )
     assert again.id == job_id and not created
-    store.close()
 
 
-def test_closed_store_refuses(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.db")
+def test_closed_store_refuses(open_store) -> None:
+    store = open_store()
     store.close()
     with pytest.raises(RuntimeError, match="closed"):
         submit(store)
@@ -366,24 +402,23 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- results on disk
 
 
-def test_results_are_files_deleted_after_the_retention_period(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.db", retention_s=3600)
-    try:
-        job = submit(store)
-        store.claim("w")
-        assert store.succeed(job.id, "w", result=b"bytes", manifest_json="{}", sha256="h")
-        path = store.result(job.id, OWNER)[0]
-        assert path.parent == tmp_path / "jobs.db.results" and path.read_bytes() == b"bytes"
-        assert path.stat().st_mode & 0o777 == 0o600
-        assert store.expire_results() == 0  # not yet
-        assert store.expire_results(now=time.time() + 3601) == 1
-        assert store.result(job.id, OWNER) is None and not path.exists()
-        assert store.status(job.id, OWNER).state == "succeeded"  # the job stays
-    finally:
-        store.close()
+def test_results_are_files_deleted_after_the_retention_period(open_store, tmp_path: Path) -> None:
+    store = open_store(retention_s=3600)
+    job = submit(store)
+    store.claim("w")
+    assert store.succeed(job.id, "w", result=b"bytes", manifest_json="{}", sha256=SHA_BYTES)
+    path = store.result(job.id, OWNER)[0]  # SQLite: its file; PostgreSQL: downloaded
+    assert path.read_bytes() == b"bytes" and path.stat().st_mode & 0o777 == 0o600
+    if isinstance(store, JobStore):
+        assert path.parent == tmp_path / "jobs.db.results"
+    assert store.expire_results() == 0  # not yet
+    assert store.expire_results(now=time.time() + 3601) == 1
+    assert store.result(job.id, OWNER) is None and not path.exists()
+    assert store.status(job.id, OWNER).state == "succeeded"  # the job stays
 
 
-def test_a_crash_between_writing_and_recording_leaves_no_file(store: JobStore) -> None:
+def test_a_crash_between_writing_and_recording_leaves_no_file(sqlite_store: JobStore) -> None:
+    store = sqlite_store
     job = submit(store)
     store.claim("w")
     store.files.write(job.id, b"written, never recorded")  # the process died here
@@ -422,8 +457,8 @@ def test_a_schema_1_store_moves_its_results_into_files(tmp_path: Path) -> None:
     con.close()
     store = JobStore(path)
     try:
-        file, manifest, sha = store.result("job1", OWNER)
-        assert (file.read_bytes(), manifest, sha) == (b"\x00blob", '{"m": 1}', "sha")
+        file, manifest, digest = store.result("job1", OWNER)
+        assert (file.read_bytes(), manifest, digest) == (b"\x00blob", '{"m": 1}', "sha")
         tables = {r[0] for r in store._con().execute("SELECT name FROM sqlite_master")}
         assert "results" not in tables and "result_files" in tables
     finally:

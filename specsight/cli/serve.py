@@ -14,6 +14,19 @@ from .app import guard, json_option, main
 __all__: list[str] = []
 
 
+def _db_location(ctx: click.Context, param: click.Parameter, value: str) -> Path | str:
+    """``--db``: a PostgreSQL URL as given (psycopg installed), else a SQLite file path."""
+    if value.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise click.BadParameter(
+                "a PostgreSQL job store needs psycopg 3: pip install 'specsight[postgres]'"
+            ) from None
+        return value
+    return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
+
+
 @main.command()
 @click.option(
     "--model",
@@ -27,10 +40,13 @@ __all__: list[str] = []
 @click.option(
     "--db",
     "db_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("specsight-jobs.sqlite"),
+    default="specsight-jobs.sqlite",
     show_default=True,
-    help="The SQLite job store (created if missing; jobs survive restarts).",
+    metavar="FILE|URL",
+    callback=_db_location,
+    help="The job store: a SQLite file (created if missing; jobs survive restarts), or a "
+    "postgresql://user@host:port/dbname URL that several servers share (pip install "
+    "'specsight[postgres]').",
 )
 @click.option(
     "--keys",
@@ -44,6 +60,13 @@ __all__: list[str] = []
     help="Accept any request without a key (never in production).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per log line, with the job ids it concerns.",
+)
 @click.option(
     "--device-map",
     type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
@@ -109,10 +132,11 @@ def serve(
     model_ids: tuple[str, ...],
     host: str,
     port: int,
-    db_path: Path,
+    db_path: Path | str,
     keys_file: Path | None,
     insecure_no_auth: bool,
     device: str,
+    log_format: str,
     device_map: str | None,
     max_memory: tuple[str, ...],
     dtype: str,
@@ -184,6 +208,7 @@ def serve(
         device=device,
         device_map=device_map,
         max_memory=memory or None,
+        log_format=log_format,
         dtype=dtype,
         limits=limits,
         batch_jobs=batch_jobs,

@@ -15,9 +15,10 @@ from ..errors import ModelLoadError
 from ..models.load import LoadedModel, load_model
 from .auth import KeyRing
 from .connections import HEADER_TIMEOUT_S, GuardedH11, connection_limit, install_log_limits
-from .jobs import JobStore
+from .jobs import open_job_store
 from .protocol import Limits
 from .server import ServerState, create_app
+from .telemetry import JsonLogFormatter
 
 __all__ = ["serve", "server_config"]
 
@@ -42,10 +43,12 @@ def serve(
     retention_days: float = 7.0,
     device_map: str | None = None,
     max_memory: dict[str, str] | None = None,
+    log_format: str = "text",
 ) -> None:
     """Load the models once (across devices with ``device_map``: accelerate's 'auto',
-    'balanced' or 'sequential', and ``max_memory``), recover the job store, serve until
-    SIGTERM/SIGINT, then drain.
+    'balanced' or 'sequential', and ``max_memory``), recover the job store (``db_path``: a
+    SQLite file, or a ``postgresql://`` URL that replicas share), serve until SIGTERM/SIGINT,
+    then drain. ``log_format`` "json" writes one JSON object per log line.
 
     Keys come from ``keys`` or ``keys_file``; there is no default (see ``KeyRing.allow_all``)."""
 
@@ -56,7 +59,7 @@ def serve(
     if not len(keys) and not keys.insecure:
         raise ValueError("the key ring holds no key")
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    _configure_logging(log_level, log_format)
     models: dict[str, LoadedModel] = {}
     for model_id in model_ids:
         loaded = load_model(
@@ -69,9 +72,9 @@ def serve(
             )
         models[loaded.model_id] = loaded
         log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
-    store = JobStore(db_path, retention_s=retention_days * 86400)
+    store = open_job_store(db_path, retention_s=retention_days * 86400)
     try:
-        log.info("job store %s: recovered %s; %s", db_path, store.recover(), store.counts())
+        log.info("job store %s: recovered %s; %s", store.location, store.recover(), store.counts())
         app = create_app(
             models, store=store, keys=keys, limits=limits, batch_jobs=batch_jobs, grace_s=grace_s
         )
@@ -131,3 +134,16 @@ def _draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any
                     on_stopped()
 
     return Server(config)
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    """Plain lines, or (``json``) one JSON object per line with the job ids a record names."""
+    if log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).handlers = [handler]
+            logging.getLogger(name).propagate = False
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s: %(message)s")

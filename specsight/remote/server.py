@@ -31,16 +31,16 @@ from ..sites import canonical_names
 from ..spec import METRIC_KINDS, OP_NAMES, SPEC_VERSION
 from ..version import __version__
 from .auth import KeyRing
+from .health import health_router
 from .intake import (
     ApiError,
-    error_response,
     install_error_handlers,
     openapi_schema,
     parse_submit,
     prepare,
     read_body,
 )
-from .jobs import JobStore, QueueFull
+from .jobs import JobStoreBase, QueueFull
 from .protocol import (
     API_KEY_HEADER,
     IDEMPOTENCY_HEADER,
@@ -51,6 +51,7 @@ from .protocol import (
     ModelEntry,
     ModelsResponse,
 )
+from .telemetry import ServerMetrics
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class ServerState:
     """What the routes share (``app.state.server``)."""
 
     models: dict[str, LoadedModel]
-    store: JobStore
+    store: JobStoreBase
     keys: KeyRing
     limits: Limits
     worker: Worker
@@ -87,6 +88,8 @@ class ServerState:
     #: threads that check and compile submitted specs: their own, not the event loop's
     #: shared pool, so a burst of submits never starves status polls and downloads
     intake: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2))
+    #: Prometheus metrics (``GET /metrics``)
+    metrics: ServerMetrics | None = None
 
     def begin_drain(self) -> None:
         """Answer 503 on /readyz and refuse new jobs from now on."""
@@ -122,7 +125,7 @@ def require_owner(request: Request, key: str | None = Security(_api_key)) -> str
 def create_app(
     models: dict[str, LoadedModel],
     *,
-    store: JobStore,
+    store: JobStoreBase,
     keys: KeyRing,
     limits: Limits | None = None,
     batch_jobs: int = 16,
@@ -140,8 +143,10 @@ def create_app(
     for loaded in models.values():  # result sizes of raw module paths need their widths
         if loaded.module_widths is None:
             loaded.module_widths = module_widths(loaded.model, pad_id=loaded.tokenizer.pad_id)
-    worker = Worker(models, store, limits, batch_jobs=batch_jobs, idle_s=idle_s)
+    metrics = ServerMetrics(store.counts)
+    worker = Worker(models, store, limits, batch_jobs=batch_jobs, idle_s=idle_s, metrics=metrics)
     state = ServerState(dict(models), store, keys, limits, worker, start_worker, grace_s)
+    state.metrics = metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -163,32 +168,19 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
-    app.include_router(_health_router())
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    app.include_router(health_router())
     app.include_router(_api_router())
     app.openapi = lambda: openapi_schema(app, app.state.server.models)  # type: ignore[method-assign]
     return app
-
-
-def _health_router() -> APIRouter:
-    router = APIRouter(tags=["health"])
-
-    @router.get("/healthz", summary="200 while the process lives")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @router.get(
-        "/readyz",
-        summary="200 when ready for jobs; 503 while loading or draining",
-        responses={503: {"model": ErrorBody, "description": "draining"}},
-    )
-    def readyz(request: Request) -> Any:
-        state = _state(request)
-        if state.ready():
-            return {"status": "ready", "queued": state.store.queued_count()}
-        what = "draining" if state.draining.is_set() else "worker-down"
-        return error_response(503, ErrorBody(error=what, message=f"not ready: {what}"))
-
-    return router
 
 
 def _api_router() -> APIRouter:

@@ -24,8 +24,9 @@ from .protocol import ErrorBody, Limits
 if TYPE_CHECKING:
     from ..models.load import LoadedModel
     from ..results import Results
-    from .jobs import JobStore
+    from .jobs import JobStoreBase
     from .records import JobRecord
+    from .telemetry import ServerMetrics
 
 __all__ = ["Worker", "results_payload", "error_body"]
 
@@ -85,14 +86,16 @@ class Worker:
     def __init__(
         self,
         models: dict[str, LoadedModel],
-        store: JobStore,
+        store: JobStoreBase,
         limits: Limits,
         *,
         batch_jobs: int = 16,
         idle_s: float = 0.05,
         expire_every_s: float = 5.0,
+        metrics: ServerMetrics | None = None,
     ):
         self.models, self.store, self.limits = models, store, limits
+        self.metrics = metrics
         self.batch_jobs = max(1, batch_jobs)
         self.idle_s, self.expire_every_s = idle_s, expire_every_s
         self.id = f"worker-{secrets.token_hex(4)}"
@@ -205,7 +208,8 @@ class Worker:
                 keep = []
                 for rec, job in pending:
                     if self.store.cancel_requested(rec.id):
-                        self.store.acknowledge_cancel(rec.id, self.id)
+                        if self.store.acknowledge_cancel(rec.id, self.id):
+                            self._finished(rec, "cancelled")
                     else:
                         keep.append((rec, job))
                 pending = keep
@@ -264,7 +268,13 @@ class Worker:
             if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc):
                 _empty_cache()
             raise
-        log.info("ran %d job(s) in %.2fs: %s", len(ids), time.perf_counter() - started, ids)
+        seconds = time.perf_counter() - started
+        log.info(
+            "ran %d job(s) in %.2fs: %s", len(ids), seconds, ids,
+            extra={"job_ids": ids, "worker": self.id},
+        )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.batch(len(ids), sum(rows), seconds)
         return results
 
     def _deliver(self, rec: JobRecord, result: Results) -> None:
@@ -274,13 +284,20 @@ class Worker:
             self._fail(rec, exc)
             return
         digest = hashlib.sha256(data).hexdigest()
-        self.store.succeed(rec.id, self.id, result=data, manifest_json=manifest, sha256=digest)
+        if self.store.succeed(rec.id, self.id, result=data, manifest_json=manifest, sha256=digest):
+            self._finished(rec, "succeeded")
 
     def _fail(self, rec: JobRecord, exc: BaseException) -> None:
         body = error_body(exc)
         if body.error == "internal-error":
-            log.error("job %s failed", rec.id, exc_info=exc)
-        self.store.fail(rec.id, self.id, body)
+            log.error("job %s failed", rec.id, exc_info=exc, extra={"job_id": rec.id})
+        if self.store.fail(rec.id, self.id, body):
+            self._finished(rec, "failed")
+
+    def _finished(self, rec: JobRecord, outcome: str) -> None:
+        log.info("job %s %s", rec.id, outcome, extra={"job_id": rec.id, "worker": self.id})
+        if self.metrics is not None:
+            self.metrics.finished(rec.created, outcome)
 
 
 def _empty_cache() -> None:

@@ -1,0 +1,48 @@
+"""Operations: ``GET /metrics`` in Prometheus' text format (jobs by state, queue depth, batch
+sizes, run and job latency, requests), checked against the jobs the test ran, and JSON log
+lines naming the jobs they concern."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from specsight.remote.telemetry import JsonLogFormatter
+from tests.test_server import ALICE, make_app, model, spec, submit, wait  # noqa: F401
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_count_what_ran(make_app):  # noqa: F811
+    with TestClient(make_app()) as client:
+        ids = [submit(client, spec(factor=f)).json()["id"] for f in (1.0, 2.0, 3.0)]
+        assert all(wait(client, i).state == "succeeded" for i in ids)
+        response = client.get("/metrics")  # no key: it holds no job's data
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        values = _samples(response.text)
+    assert values[("specsight_jobs", (("state", "succeeded"),))] == 3
+    assert values[("specsight_queue_depth", ())] == 0
+    assert values[("specsight_batch_jobs_count", ())] >= 1
+    assert values[("specsight_batch_jobs_sum", ())] == 3  # every job ran in some batch, once
+    latency = values[("specsight_job_latency_seconds_count", (("outcome", "succeeded"),))]
+    assert latency == 3
+    posted = ("method", "POST"), ("route", "/v1/jobs"), ("status", "202")
+    assert values[("specsight_http_requests_total", posted)] == 3
+
+
+def test_json_log_lines_name_their_jobs():
+    record = logging.LogRecord("specsight.worker", logging.INFO, __file__, 1, "ran %d", (2,), None)
+    record.job_ids = ["a", "b"]
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["message"] == "ran 2" and line["job_ids"] == ["a", "b"]
+    assert line["level"] == "info" and line["logger"] == "specsight.worker"
