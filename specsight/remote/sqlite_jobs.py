@@ -18,6 +18,7 @@ process is running jobs from it. Each thread gets its own connection; writes use
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -67,7 +68,13 @@ class SqliteJobStore(SqliteDatabase, JobStoreBase):
     ):
         self._configure(max_attempts, lease_s, retention_s)
         self.files = ResultFiles(results_dir) if results_dir else ResultFiles.beside(path)
-        super().__init__(path, {1: lambda con: _migrate_from_1(con, self.files)})
+        try:
+            super().__init__(path, {1: lambda con: _migrate_from_1(con, self.files)})
+        except BaseException:
+            name = os.fspath(path)
+            if not results_dir and (name == ":memory:" or name.startswith("file:")):
+                shutil.rmtree(self.files.folder, ignore_errors=True)  # its temporary folder
+            raise
 
     @property
     def location(self) -> str:
