@@ -224,6 +224,7 @@ def test_plan_shows_the_placement_from_pretrained_makes(tmp_path):
 
     from specsight.cli import main
     from specsight.models.load.placement import planned_placement
+    from specsight.plan import human_bytes
 
     folder = _folder("tiny-gpt2")
     whole = load_model(str(folder), device="cpu")
@@ -247,6 +248,8 @@ def test_plan_shows_the_placement_from_pretrained_makes(tmp_path):
     out = CliRunner().invoke(main, ["plan", str(path)]).output
     assert "placement (device_map 'auto'; weights per device):" in out
     assert "disk" in out and "cpu" in out
+    on_cpu = human_bytes(planned["cpu"]["bytes"])
+    assert f"on cpu (where inputs go): weights {on_cpu} + activations" in out
 
 
 SPECS = ROOT / "specs"

@@ -44,11 +44,12 @@ def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
         if blocks:
             click.echo(blocks)
         if spec.model.device_map is not None:
-            click.echo(_placement_text(spec))
+            click.echo(_placement_text(spec, compiled.memory_estimate))
 
 
-def _placement_text(spec: Any) -> str:
-    """The placement a spec's device_map gives, and the weights per device (no weights read)."""
+def _placement_text(spec: Any, estimate: dict[str, int]) -> str:
+    """The placement a spec's device_map gives, the weights per device (no weights read), and
+    what the run holds on the device the model takes its inputs on (its first module's)."""
     from ..models.load.placement import planned_placement
     from ..plan import human_bytes
     from ..spec import doc_of
@@ -62,6 +63,14 @@ def _placement_text(spec: Any) -> str:
             f", ... ({len(modules)} in all)" if len(modules) > 6 else ""
         )
         lines.append(f"  {device:<8} {human_bytes(entry['bytes']):>10}  {shown}")
+    first = next((d for d in placed if d not in ("disk", "meta")), None)
+    if first is not None:
+        run = sum(estimate.get(k, 0) for k in ("activations", "stored", "workspace"))
+        held = placed[first]["bytes"] + run
+        lines.append(
+            f"  on {first} (where inputs go): weights {human_bytes(placed[first]['bytes'])} + "
+            f"activations, stored values and workspace {human_bytes(run)} = {human_bytes(held)}"
+        )
     return "\n".join(lines)
 
 
