@@ -33,7 +33,7 @@ from .compile import (
     widen,
 )
 from .compile import compile_plan as _compile
-from .errors import ModelLoadError, ModelNotFoundError, RunError, SpecError
+from .errors import ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
 from .models.catalog import IN_MEMORY
 from .plan import Plan, PlanSave
@@ -194,8 +194,7 @@ def run(
     A dataset run of more than ``block_rows`` rows is compiled and run a block of items at a
     time (what it holds stays flat in the number of items), unless its items read each other
     (see :func:`specsight.compile.why_one_plan`)."""
-    from .engine import execute
-    from .results import check_out_dir, results_from_raw
+    from .results import check_out_dir
 
     started = time.perf_counter()
     spec = _as_spec(source)
@@ -203,11 +202,42 @@ def run(
     if out is not None:
         check_out_dir(Path(out), document_of(spec).sha256, force=force)
     t0 = time.perf_counter()
+    restore = None
     if model is None:
         model = load_model_for(spec, device=device)
     else:
-        model = _given_model(spec, model, tokenizer)
-    load_s = time.perf_counter() - t0
+        from .models.load.in_memory import given_model, modes_of
+
+        restore = modes_of(model)
+        model = given_model(spec, model, tokenizer)
+    try:
+        return _run_loaded(
+            spec, doc, model, out, max_batch, progress, prefix_reuse, position_reuse, force,
+            block_rows, started, time.perf_counter() - t0,
+        )  # fmt: skip
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _run_loaded(
+    spec: Spec,
+    doc: Any,
+    model: LoadedModel,
+    out: Any,
+    max_batch: int | None,
+    progress: Callable[[int, int], None] | None,
+    prefix_reuse: bool,
+    position_reuse: bool,
+    force: bool,
+    block_rows: int,
+    started: float,
+    load_s: float,
+) -> Results:
+    """Compile and run ``spec`` on a loaded model; results (saved to ``out`` when given)."""
+    from .engine import execute
+    from .results import results_from_raw
+
     compiler = functools.partial(
         _compile,
         spec,
@@ -236,32 +266,6 @@ def run(
     if out is not None:
         results.save(out, force=force)
     return results
-
-
-def _given_model(spec: Spec, model: Any, tokenizer: Any) -> LoadedModel:
-    """The model passed to :func:`run`, wrapped when it is a plain Hugging Face model, and
-    checked against the spec's ``model:`` (what is known of it without weights)."""
-    from .models.load import LoadedModel, model_mismatch, wrap_model
-
-    in_memory = spec.model.id == IN_MEMORY
-    if not isinstance(model, LoadedModel):
-        name = type(model).__name__ if in_memory else spec.model.name
-        model = wrap_model(model, tokenizer, model_id=name)
-    elif tokenizer is not None:
-        raise TypeError("tokenizer= goes with a Hugging Face model; a LoadedModel has its own")
-    if in_memory or spec.model.factory is not None:
-        return model
-    try:
-        expected, _ = model_info_for(spec)
-    except (SpecError, ModelLoadError):  # the spec's model is not on this machine
-        return model
-    why = model_mismatch(expected, model.info)
-    if why is not None:
-        doc = document_of(spec)
-        message = f"the model passed to run() is not '{spec.model.name}': {why}"
-        hint = "pass the model the spec names, or write model: in-memory in the spec"
-        raise SpecError(doc.source.issue("model-mismatch", message, ("model", "id"), hint=hint))
-    return model
 
 
 def _item_blocks(

@@ -157,3 +157,23 @@ def test_plan_says_how_a_large_dataset_runs():
     assert describe_blocks(ablated, plan, block_rows=10) == (
         "runs as one plan of 54 rows: invoke 'base' has mean_ablate (it reads other items)"
     )
+
+
+def test_a_position_sweep_over_items_runs_as_one_plan():
+    spec = dataset_spec({"rows": ITEMS})
+    spec["invokes"]["patched"]["sweep"] = {"layer": "all", "pos": [-1, -2]}
+    spec["invokes"]["patched"]["ops"][0]["positions"] = ["{pos}"]
+    spec["invokes"]["patched"]["ops"][0].pop("source_positions")
+    loaded = specsight.load_spec(spec)
+    assert "sweeps positions" in why_one_plan(loaded)
+    results = specsight.run(spec, model=tiny("tiny-llama"), block_rows=6)
+    assert "blocks" not in results.manifest["plan"]
+    assert results.manifest["tensors"]["ld"]["axis_values"]["pos"] == [-1, -2]
+
+
+def test_an_empty_prompt_in_a_later_block_names_its_item():
+    rows = [dict(r) for r in ITEMS]
+    rows[6]["clean"] = ""
+    with pytest.raises(SpecError) as caught:
+        specsight.run(dataset_spec({"rows": rows}), model=tiny("tiny-llama"), block_rows=6)
+    assert "item 6: prompt encodes to no tokens" in str(caught.value)

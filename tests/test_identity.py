@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from specsight.models.load import load_model
+from specsight.models.load import hash_weights, load_model
 from specsight.models.load.identity import HashStats, checkpoint_files, checkpoint_identity
 
 
@@ -78,3 +78,25 @@ def test_hub_cache_blob_names_are_used_without_hashing(tmp_path):
     assert checkpoint_identity(snapshot) == plain
     assert HashStats.from_blob_names == len(checkpoint_files(folder))
     assert HashStats.hashed_files == 0
+
+
+def test_a_checkpoint_gone_before_the_identity_is_read_falls_back_to_the_tensors(tmp_path):
+    folder = tmp_path / "ckpt"
+    shards = _sharded(folder)
+    loaded = load_model(str(folder), device="cpu")
+    loaded.identity.result()  # let the first hashing finish, then start a second load
+    again = load_model(str(folder), device="cpu")
+    for shard in shards:
+        shard.unlink()
+    # the files may be gone before or after the thread read them: either identity is sound
+    assert again.weights_sha256 in (loaded.weights_sha256, hash_weights(again.model))
+
+
+def test_the_execution_device_is_the_one_accelerate_runs_on():
+    from types import SimpleNamespace
+
+    from specsight.models.load import execution_device
+
+    assert execution_device(SimpleNamespace(hf_device_map={"a": "cpu", "b": 0})) == "cuda:0"
+    assert execution_device(SimpleNamespace(hf_device_map={"a": "disk", "b": "cpu"})) == "cpu"
+    assert execution_device(SimpleNamespace(hf_device_map={"a": "cuda:1"})) == "cuda:1"

@@ -106,3 +106,13 @@ def test_an_in_memory_spec_from_the_command_line_is_a_located_error(tmp_path):
     assert "'in-memory' names no model to load" in result.output
     assert "specsight.run(spec, model=hf_model, tokenizer=hf_tokenizer)" in result.output
     assert CliRunner().invoke(main, ["validate", str(path)]).exit_code == 0
+
+
+def test_the_callers_model_is_left_as_it_was():
+    model, tok = _small_gpt2(), _hf_tokenizer()
+    model.train()
+    model.transformer.h[0].requires_grad_(False)  # a partly frozen model, in training
+    specsight.run(_spec("in-memory"), model=model, tokenizer=tok)
+    assert model.training and model.transformer.h[1].training
+    assert not any(p.requires_grad for p in model.transformer.h[0].parameters())
+    assert all(p.requires_grad for p in model.transformer.h[1].parameters())

@@ -69,6 +69,8 @@ def test_init_writes_a_starter_spec_that_validates_and_runs(tmp_path, monkeypatc
     torch.testing.assert_close(last, torch.tensor(1.0), rtol=1e-4, atol=1e-4)
     code, out = _invoke("init", "first-try")
     assert code == 2 and "already exists" in out
+    code, out = _invoke("init", "123", "--model", "tiny-gpt2")  # a name YAML would read as a number
+    assert code == 0 and _invoke("validate", "123.yaml")[0] == 0
     code, out = _invoke("init", "two words")
     assert code == 2 and "not a usable spec name" in out
 

@@ -25,7 +25,7 @@ _STARTER = """\
 # prefers " John". Patching the clean residual stream into the corrupted run, one layer at a
 # time at the last position, shows from which layer on the answer is decided there.
 specsight: 1
-name: {name}
+name: {quoted}
 model: {model}
 invokes:
   clean:
@@ -128,7 +128,11 @@ def init(name: str, model: str, force: bool, quiet: bool, verbose: bool, as_json
         text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
         schema.write_text(text, encoding="utf-8")
     text = _STARTER.format(
-        schema="schemas/spec.v1.json", name=stem, file=path, model=json.dumps(model)
+        schema="schemas/spec.v1.json",
+        name=stem,
+        file=path,
+        model=json.dumps(model),
+        quoted=json.dumps(stem),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

@@ -8,7 +8,8 @@ engine's per-item results of the blocks are joined along the ``item`` axis and o
 aggregated, so a mean, a median, a bootstrap interval or a claim sees every item.
 
 A spec runs in one plan when an item's rows read other items' values (``mean_ablate``,
-``resample_ablate``, ``noise`` with ``std_of``, saved values), when it generates or runs a
+``resample_ablate``, ``noise`` with ``std_of``, saved values), when it sweeps positions of the
+items' prompts (``all`` and ``-1`` depend on every item's length), when it generates or runs a
 backward pass over the dataset, or when a claim names single items: :func:`why_one_plan`.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from .. import spec as S
 from ..plan import Plan, PlanSave
+from .dataset import column_names
 
 __all__ = [
     "BLOCK_ROWS",
@@ -53,6 +55,9 @@ def why_one_plan(spec: S.Spec) -> str | None:
     for name, invoke in spec.invokes.items():
         if invoke.generate is not None:
             return f"invoke '{name}' generates"
+        if "pos" in (invoke.sweep or {}) and column_names(invoke.prompt):
+            # the positions a sweep means (all, -1) depend on every item's length
+            return f"invoke '{name}' sweeps positions of the items' prompts"
         for op in invoke.ops or []:
             data = op.model_dump(by_alias=True, exclude_none=True)
             kind = data.get("op")

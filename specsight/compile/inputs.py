@@ -58,17 +58,18 @@ def compile_inputs(ctx: Context) -> None:
 def _tokenize(ctx: Context, name: str, invoke: S.Invoke) -> None:
     ids_list = []
     per_item = name in ctx.item_invokes
+    first = ctx.items.offset if ctx.items else 0  # item numbers of the whole dataset
     for i, prompt in enumerate(invoke_prompts(ctx, name, invoke)):
         path: SpecPath = ("invokes", name, "prompt") + (
             (i,) if isinstance(invoke.prompt, list) else ()
         )
         ids = ctx.tok.encode(prompt)
         if not ids:
-            which = f"item {i}: " if per_item else ""
+            which = f"item {first + i}: " if per_item else ""
             ctx.fail("empty-prompt", f"{which}prompt encodes to no tokens", path)
         limit = ctx.info.max_positions
         if limit and len(ids) > limit:
-            which = f"item {i}: " if per_item else ""
+            which = f"item {first + i}: " if per_item else ""
             ctx.fail(
                 "prompt-too-long",
                 f"{which}prompt is {len(ids)} tokens; the model takes at most {limit}",

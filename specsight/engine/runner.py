@@ -329,14 +329,14 @@ class Runner:
             source = stored[pos_index(tuple(op.source_positions), stored.device)]
             if cols is not None:
                 source = source[:, cols.to(source.device)]
-            hidden[index] = source.to(hidden.dtype)
+            hidden[index] = source.to(hidden.device, hidden.dtype)
         elif op.kind in ("add", "set"):
             if op.vector is not None:
                 value = self._vector(op.vector, hidden.dtype)
-            else:  # saved values: one vector per position, heads flattened
+            else:  # saved values, on their own device: one vector per position, heads flat
                 pieces = [p.reshape(p.shape[0], -1) for p in (self.store[k] for k in op.sources)]
                 value = torch.cat(pieces).mean(0) if op.reduce == "mean" else pieces[0]
-                value = value.to(hidden.dtype)
+            value = value.to(hidden.device, hidden.dtype)
             if op.kind == "add":
                 hidden[index] = hidden[index] + value * (
                     op.factor if op.factor is not None else 1.0

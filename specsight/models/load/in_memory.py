@@ -9,19 +9,21 @@ model and is not checked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import tokenizers
 import torch
 
-from ...errors import ModelLoadError
+from ...errors import ModelLoadError, SpecError
+from ...spec import Spec, doc_of, document_of
 from ..catalog import IN_MEMORY
 from ..info import ModelInfo
 from ..tokenizer import LabelTokenizer, Tokenizer
 from .introspect import hash_weights, model_info_from_module
-from .loader import LoadedModel
+from .loader import LoadedModel, load_ref_info
 
-__all__ = ["IN_MEMORY", "wrap_model", "model_mismatch"]
+__all__ = ["IN_MEMORY", "wrap_model", "model_mismatch", "given_model", "modes_of"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _COMPARED = ("family", "n_layers", "d_model", "n_heads", "vocab_size")
@@ -87,3 +89,46 @@ def model_mismatch(expected: ModelInfo, got: ModelInfo) -> str | None:
         if getattr(got, name) != getattr(expected, name)
     ]
     return "; ".join(differ) or None
+
+
+def modes_of(model: Any) -> Callable[[], None] | None:
+    """A function putting a caller's own torch model back as it was (train/eval mode and
+    which parameters want gradients); None for a LoadedModel, which specsight owns."""
+    if isinstance(model, LoadedModel) or not isinstance(model, torch.nn.Module):
+        return None
+    training = {name: m.training for name, m in model.named_modules()}
+    wants = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def restore() -> None:
+        for name, module in model.named_modules():
+            module.training = training.get(name, module.training)
+        for name, param in model.named_parameters():
+            param.requires_grad_(wants.get(name, param.requires_grad))
+
+    return restore
+
+
+def given_model(spec: Spec, model: Any, tokenizer: Any) -> LoadedModel:
+    """The model passed to ``run``, wrapped when it is a plain Hugging Face model, and checked
+    against the spec's ``model:`` (what is known of it without weights; not checked when the
+    spec says ``in-memory``, names a factory, or names a model that is not on this machine)."""
+    in_memory = spec.model.id == IN_MEMORY
+    if not isinstance(model, LoadedModel):
+        name = type(model).__name__ if in_memory else spec.model.name
+        model = wrap_model(model, tokenizer, model_id=name)
+    elif tokenizer is not None:
+        raise TypeError("tokenizer= goes with a Hugging Face model; a LoadedModel has its own")
+    if in_memory or spec.model.factory is not None:
+        return model
+    try:
+        found = doc_of(spec)
+        expected, _ = load_ref_info(spec.model, base_dir=found.base_dir if found else None)
+    except ModelLoadError:  # not here (ModelNotFoundError is one), or unreadable
+        return model
+    why = model_mismatch(expected, model.info)
+    if why is not None:
+        doc = document_of(spec)
+        message = f"the model passed to run() is not '{spec.model.name}': {why}"
+        hint = "pass the model the spec names, or write model: in-memory in the spec"
+        raise SpecError(doc.source.issue("model-mismatch", message, ("model", "id"), hint=hint))
+    return model

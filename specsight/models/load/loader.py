@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,10 @@ def load_model(
                 hint="pip install 'specsight[big]'",
             ) from None
         placement = accelerate_placement(device_map, max_memory, offload_folder)
-    else:
+    elif _has_accelerate():  # straight onto the device; without accelerate, moved after
         placement = {"device_map": target}
+    else:
+        placement = {}
     if kind == "tiny":
         model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
         model = model.to(torch_dtype)
@@ -164,9 +167,7 @@ def load_model(
     identity: Future[str] | None = None
     if kind in ("dir", "hub"):  # the checkpoint files' identity: hashed off the critical path,
         assert folder is not None  # after the load (which it would slow) and while a run starts
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specsight-hash")
-        identity = pool.submit(checkpoint_identity, folder)
-        pool.shutdown(wait=False)
+        identity = _identity_in_background(folder, model)
     if device_map is not None:
         target = execution_device(model)
     if kind == "builtin":  # shape info and the float32 hash were stored at conversion
@@ -221,6 +222,31 @@ def load_model_ref(
     return LoadedModel(model, tokenizer, info, ref.name, None, sha, target, ref.dtype)
 
 
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def _identity_in_background(folder: Path, model: torch.nn.Module) -> Future[str]:
+    """The checkpoint's identity, hashed in a daemon thread (a run that ends early does not
+    wait for it at exit). Files that cannot be read by then (a checkpoint rotated away during
+    the run) fall back to the loaded tensors' hash, so a finished run is never lost to it."""
+    future: Future[str] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(checkpoint_identity(folder))
+        except Exception:
+            try:
+                future.set_result(hash_weights(model))
+            except Exception as exc:  # offloaded tensors are not in memory either
+                future.set_exception(exc)
+
+    threading.Thread(target=work, name="specsight-hash", daemon=True).start()
+    return future
+
+
 def accelerate_placement(
     device_map: Any, max_memory: dict[str, Any] | None, offload_folder: str | None
 ) -> dict[str, Any]:
@@ -247,11 +273,12 @@ def accelerate_placement(
 
 
 def execution_device(model: torch.nn.Module) -> str:
-    """Where a model placed by accelerate takes its inputs: its first module's device, or the
-    CPU when that module is on disk."""
+    """Where a model placed by accelerate runs its inputs, as accelerate decides: the first
+    device of the placement that is neither the CPU nor disk (modules placed on either run
+    there), else the CPU."""
     placed = getattr(model, "hf_device_map", None) or {}
     for where in placed.values():
-        if where in ("disk", "meta"):
+        if str(where) in ("cpu", "disk", "meta"):
             continue
         return f"cuda:{where}" if isinstance(where, int) else str(where)
     return "cpu"
