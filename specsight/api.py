@@ -252,8 +252,8 @@ def _run_loaded(
     )
     t0 = time.perf_counter()
     blocks = _item_blocks(spec, compiler, block_rows)
-    if blocks is None:
-        plan = compiler()
+    if not isinstance(blocks, tuple):  # one plan (over the items read, when they were)
+        plan = compiler() if blocks is None else compiler(items=blocks)
         compile_s = time.perf_counter() - t0
         raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
     else:
@@ -270,21 +270,21 @@ def _run_loaded(
 
 def _item_blocks(
     spec: Spec, compiler: Callable[..., Plan], block_rows: int
-) -> tuple[Items, list[tuple[int, int]], Plan] | None:
-    """The items and item ranges of a run in blocks, and the plan of its first item (None:
-    the run is one plan). A spec whose first item does not compile runs as one plan, so
-    that its error report is complete."""
+) -> tuple[Items, list[tuple[int, int]], Plan] | Items | None:
+    """The items and item ranges of a run in blocks, and the plan of its first item; or, for a
+    run that is one plan, the items already read (None: not read). A spec whose first item
+    does not compile runs as one plan, so that its error report is complete."""
     if why_one_plan(spec) is not None:
         return None
     items = read_items(spec, document_of(spec))
     if items is None or len(items.rows) < 2:
-        return None
+        return items
     try:
         probe = compiler(items=items.window(0, 1))
     except SpecError:
         return None
     ranges = item_blocks(*rows_per_item(probe, 1), len(items.rows), block_rows)
-    return (items, ranges, probe) if len(ranges) > 1 else None
+    return (items, ranges, probe) if len(ranges) > 1 else items
 
 
 def _run_blocks(

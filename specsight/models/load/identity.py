@@ -2,11 +2,11 @@
 sha256 of its checkpoint files (weights, config), each hashed once.
 
 A file's sha256 is streamed from disk through one reused buffer (files in parallel threads:
-hashlib releases the GIL),
-and cached by absolute path, size and modification time in ``<cache>/file-hashes.json``, so
-loading the same checkpoint again hashes nothing. A file of the Hugging Face cache is a link
-to a blob named by its own sha256 (large files): that name is used as is. The identity is the
-sha256 over the sorted (file name, file sha256) pairs: any changed byte of any shard changes it.
+hashlib releases the GIL), and cached by absolute path, size, modification and change times
+and inode in ``<cache>/file-hashes.json``, so loading the same checkpoint again hashes nothing.
+A file of the Hugging Face cache is a link to a blob named by its own sha256 (large files):
+that name is used as is. The identity is the sha256 over the sorted (file name, file sha256)
+pairs: any changed byte of any shard changes it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,8 +64,9 @@ def _write_cache(entries: dict[str, dict]) -> None:
     path = _cache_path()
     with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, sort_keys=True), encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=".file-hashes.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(entries, sort_keys=True))
         os.replace(tmp, path)
 
 
@@ -107,7 +109,12 @@ def checkpoint_identity(folder: Path, *, workers: int = 4) -> str:
             continue
         real = path.resolve()
         info = real.stat()
-        key = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        key = {  # a copy keeping the mtime (cp -p, rsync -t) still changes inode and ctime
+            "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+            "inode": info.st_ino,
+        }
         entry = cache.get(str(real))
         if entry and all(entry.get(k) == v for k, v in key.items()):
             known[path] = entry["sha256"]
