@@ -50,6 +50,7 @@ def plan(spec_path: Path, max_batch: int | None, as_json: bool) -> None:
 def _placement_text(spec: Any, estimate: dict[str, int]) -> str:
     """The placement a spec's device_map gives, the weights per device (no weights read), and
     what the run holds on the device the model takes its inputs on (its first module's)."""
+    from ..models.load import compute_device
     from ..models.load.placement import planned_placement
     from ..plan import human_bytes
     from ..spec import doc_of
@@ -63,14 +64,13 @@ def _placement_text(spec: Any, estimate: dict[str, int]) -> str:
             f", ... ({len(modules)} in all)" if len(modules) > 6 else ""
         )
         lines.append(f"  {device:<8} {human_bytes(entry['bytes']):>10}  {shown}")
-    first = next((d for d in placed if d not in ("disk", "meta")), None)
-    if first is not None:
-        run = sum(estimate.get(k, 0) for k in ("activations", "stored", "workspace"))
-        held = placed[first]["bytes"] + run
-        lines.append(
-            f"  on {first} (where inputs go): weights {human_bytes(placed[first]['bytes'])} + "
-            f"activations, stored values and workspace {human_bytes(run)} = {human_bytes(held)}"
-        )
+    first = compute_device(placed)  # the devices in module order
+    weights = placed.get(first, {}).get("bytes", 0)
+    run = sum(estimate.get(k, 0) for k in ("activations", "stored", "workspace"))
+    lines.append(
+        f"  on {first} (where inputs go): weights {human_bytes(weights)} + activations, "
+        f"stored values and workspace {human_bytes(run)} = {human_bytes(weights + run)}"
+    )
     return "\n".join(lines)
 
 
@@ -136,17 +136,22 @@ def schema(
 
 
 def _model_schema(data: dict, model_id: str) -> dict:
-    """The schema ``data`` completing ``model_id``'s sites; a model that is not here is a usage
-    error (exit code 2)."""
-    from ..errors import ModelNotFoundError
-    from ..models.load import load_model_info
+    """The schema ``data`` completing ``model_id``'s sites."""
     from ..sites import model_schema
 
+    return model_schema(data, _model_info(model_id, "'--model'"))
+
+
+def _model_info(model_id: str, param_hint: str) -> Any:
+    """``model_id``'s ModelInfo (no weights); a model that is not here is a usage error on
+    the parameter that named it (exit code 2)."""
+    from ..errors import ModelNotFoundError
+    from ..models.load import load_model_info
+
     try:
-        info, _ = load_model_info(model_id)
+        return load_model_info(model_id)[0]
     except ModelNotFoundError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--model'") from None
-    return model_schema(data, info)
+        raise click.BadParameter(str(exc), param_hint=param_hint) from None
 
 
 @main.command()
@@ -155,14 +160,9 @@ def _model_schema(data: dict, model_id: str) -> dict:
 @guard
 def sites(model_id: str, as_json: bool) -> None:
     """Show MODEL's canonical sites and module tree (no weights loaded)."""
-    from ..errors import ModelNotFoundError
-    from ..models.load import load_model_info
     from ..sites import describe_sites
 
-    try:
-        info, _ = load_model_info(model_id)
-    except ModelNotFoundError as exc:  # a usage mistake, as for schema --model
-        raise click.BadParameter(str(exc), param_hint="MODEL") from None
+    info = _model_info(model_id, "MODEL")
     if as_json:
         click.echo(info.to_json())
     else:

@@ -9,6 +9,7 @@ from .introspect import hash_weights, model_info_from_module
 from .loader import (
     LoadedModel,
     accelerate_placement,
+    compute_device,
     execution_device,
     list_models,
     load_model,
@@ -24,6 +25,7 @@ __all__ = [
     "TINY_MODELS",
     "LoadedModel",
     "accelerate_placement",
+    "compute_device",
     "execution_device",
     "cache_dir",
     "hash_weights",

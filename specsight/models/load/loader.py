@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,7 +55,7 @@ class LoadedModel:
     model_id: str
     revision: str | None
     #: the weights' sha256 identity, or its computation still running (a checkpoint's files
-    #: are hashed in a thread while the weights load and the run starts)
+    #: are hashed in a thread once the weights are loaded, while the run starts)
     identity: str | Future[str]
     device: str
     dtype: str
@@ -147,13 +148,7 @@ def load_model(
                 "from its config",
                 hint="save it with save_pretrained and name the folder, or remove device_map",
             )
-        try:
-            import accelerate  # noqa: F401 - transformers places models with it
-        except ImportError:
-            raise ModelLoadError(
-                "device_map needs the accelerate package",
-                hint="pip install 'specsight[big]'",
-            ) from None
+        _require_accelerate()
         placement = accelerate_placement(device_map, max_memory, offload_folder)
     elif _has_accelerate():  # straight onto the device; without accelerate, moved after
         placement = {"device_map": target}
@@ -228,6 +223,14 @@ def _has_accelerate() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
+def _require_accelerate() -> None:
+    """A placement (device_map) needs accelerate: a load error saying how to install it."""
+    if not _has_accelerate():
+        raise ModelLoadError(
+            "device_map needs the accelerate package", hint="pip install 'specsight[big]'"
+        )
+
+
 def _identity_in_background(folder: Path, model: torch.nn.Module) -> Future[str]:
     """The checkpoint's identity, hashed in a daemon thread (a run that ends early does not
     wait for it at exit). Files that cannot be read by then (a checkpoint rotated away during
@@ -273,11 +276,16 @@ def accelerate_placement(
 
 
 def execution_device(model: torch.nn.Module) -> str:
-    """Where a model placed by accelerate runs its inputs, as accelerate decides: the first
-    device of the placement that is neither the CPU nor disk (modules placed on either run
-    there), else the CPU."""
-    placed = getattr(model, "hf_device_map", None) or {}
-    for where in placed.values():
+    """Where a model placed by accelerate runs its inputs: :func:`compute_device` of its
+    placement."""
+    return compute_device((getattr(model, "hf_device_map", None) or {}).values())
+
+
+def compute_device(devices: Iterable[Any]) -> str:
+    """The device a placement over ``devices`` (in module order) computes on, as accelerate
+    decides: the first that is neither the CPU nor disk (modules placed on either run there),
+    else the CPU."""
+    for where in devices:
         if str(where) in ("cpu", "disk", "meta"):
             continue
         return f"cuda:{where}" if isinstance(where, int) else str(where)

@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 
-from ...errors import ModelLoadError
 from .folder import auto_class, config_of
-from .loader import _resolve, _torch_dtype, accelerate_placement
+from .loader import _require_accelerate, _resolve, _torch_dtype, accelerate_placement
 
 __all__ = ["planned_placement"]
 
@@ -21,12 +20,7 @@ def planned_placement(ref: Any, *, base_dir: str | None = None) -> dict[str, dic
     with a ``device_map`` (an empty dict without one)."""
     if ref.device_map is None or ref.factory is not None:
         return {}
-    try:
-        import accelerate  # noqa: F401 - transformers places models with it
-    except ImportError:
-        raise ModelLoadError(
-            "device_map needs the accelerate package", hint="pip install 'specsight[big]'"
-        ) from None
+    _require_accelerate()
     _kind, folder = _resolve(ref.id, ref.revision)
     if folder is None:
         return {}
