@@ -194,7 +194,8 @@ def run(
     A dataset run of more than ``block_rows`` rows is compiled and run a block of items at a
     time (what it holds stays flat in the number of items), unless its items read each other
     (see :func:`specsight.compile.why_one_plan`)."""
-    from .results import check_out_dir
+    from .engine import execute
+    from .results import check_out_dir, results_from_raw
 
     started = time.perf_counter()
     spec = _as_spec(source)
@@ -210,56 +211,34 @@ def run(
 
         restore = modes_of(model)
         model = given_model(spec, model, tokenizer)
+    load_s = time.perf_counter() - t0
     try:
-        return _run_loaded(
-            spec, doc, model, out, max_batch, progress, prefix_reuse, position_reuse, force,
-            block_rows, started, time.perf_counter() - t0,
-        )  # fmt: skip
+        compiler = functools.partial(
+            _compile,
+            spec,
+            model.info,
+            model.tokenizer,
+            doc=doc,
+            max_batch=max_batch,
+            memory_budget=None if max_batch else _activation_budget(model.device),
+            batch_cap=batch_cap(model.device),
+            prefix_reuse=prefix_reuse,
+            position_reuse=position_reuse,
+        )
+        t0 = time.perf_counter()
+        items, ranges, probe = _item_blocks(spec, compiler, block_rows)
+        if probe is None:  # one plan (over the items already read, when they were)
+            plan = compiler(items=items)
+            compile_s = time.perf_counter() - t0
+            raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
+        else:
+            assert items is not None
+            probe_s = time.perf_counter() - t0
+            plan, raw, compile_s = _run_blocks(items, ranges, probe, compiler, model, progress)
+            compile_s += probe_s
     finally:
         if restore is not None:
             restore()
-
-
-def _run_loaded(
-    spec: Spec,
-    doc: Any,
-    model: LoadedModel,
-    out: Any,
-    max_batch: int | None,
-    progress: Callable[[int, int], None] | None,
-    prefix_reuse: bool,
-    position_reuse: bool,
-    force: bool,
-    block_rows: int,
-    started: float,
-    load_s: float,
-) -> Results:
-    """Compile and run ``spec`` on a loaded model; results (saved to ``out`` when given)."""
-    from .engine import execute
-    from .results import results_from_raw
-
-    compiler = functools.partial(
-        _compile,
-        spec,
-        model.info,
-        model.tokenizer,
-        doc=doc,
-        max_batch=max_batch,
-        memory_budget=None if max_batch else _activation_budget(model.device),
-        batch_cap=batch_cap(model.device),
-        prefix_reuse=prefix_reuse,
-        position_reuse=position_reuse,
-    )
-    t0 = time.perf_counter()
-    blocks = _item_blocks(spec, compiler, block_rows)
-    if not isinstance(blocks, tuple):  # one plan (over the items read, when they were)
-        plan = compiler() if blocks is None else compiler(items=blocks)
-        compile_s = time.perf_counter() - t0
-        raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
-    else:
-        probe_s = time.perf_counter() - t0
-        plan, raw, compile_s = _run_blocks(*blocks, compiler, model, progress)
-        compile_s += probe_s
     timings = {"load_model_s": load_s, "compile_s": compile_s, **raw.timings}
     timings["total_s"] = time.perf_counter() - started
     results = results_from_raw(spec, doc, plan, model, raw, timings)
@@ -270,21 +249,21 @@ def _run_loaded(
 
 def _item_blocks(
     spec: Spec, compiler: Callable[..., Plan], block_rows: int
-) -> tuple[Items, list[tuple[int, int]], Plan] | Items | None:
-    """The items and item ranges of a run in blocks, and the plan of its first item; or, for a
-    run that is one plan, the items already read (None: not read). A spec whose first item
-    does not compile runs as one plan, so that its error report is complete."""
+) -> tuple[Items | None, list[tuple[int, int]], Plan | None]:
+    """(the dataset's items when read, the item ranges of a run in blocks, the plan of its
+    first item); no plan: the run is one plan. A spec whose first item does not compile runs
+    as one plan, so that its error report is complete."""
     if why_one_plan(spec) is not None:
-        return None
+        return None, [], None
     items = read_items(spec, document_of(spec))
     if items is None or len(items.rows) < 2:
-        return items
+        return items, [], None
     try:
         probe = compiler(items=items.window(0, 1))
     except SpecError:
-        return None
+        return items, [], None
     ranges = item_blocks(*rows_per_item(probe, 1), len(items.rows), block_rows)
-    return (items, ranges, probe) if len(ranges) > 1 else items
+    return (items, ranges, probe) if len(ranges) > 1 else (items, [], None)
 
 
 def _run_blocks(
@@ -299,7 +278,7 @@ def _run_blocks(
     plan the results are labelled from, the joined output and the seconds spent compiling."""
     from .engine import BlockJoin, execute
 
-    over = set((probe.dataset or {}).get("invokes", ()))
+    over = probe.item_invokes
     per_item, once = rows_per_item(probe, 1)
     total = per_item * len(items.rows) + once * len(ranges)
     join, tokens, first = BlockJoin(), {name: [] for name in over}, None

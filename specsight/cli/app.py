@@ -2,7 +2,8 @@
 and exit codes, the ``--json`` option, and strict JSON output.
 
 Exit codes: 0 ok, 1 run failure, 2 bad spec or usage. ``-q``/``-v`` say less or more.
-``--json`` prints results or errors as data on stdout (strict JSON: a NaN or infinite value is written as null). A user mistake never
+``--json`` prints results or errors as data on stdout (strict JSON: a NaN or infinite value is
+written as null). A user mistake never
 shows a traceback; an internal error does, labelled as one.
 """
 

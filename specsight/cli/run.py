@@ -88,13 +88,11 @@ def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None,
 
 def _print_run(results: Any, out: Path | None, verbose: bool) -> None:
     """The terminal summary, where the results went, and (``verbose``) plan size and timings."""
-    import shutil
-
     from rich.console import Console
 
     from ..results import print_summary
 
-    print_summary(results, Console(highlight=False, width=shutil.get_terminal_size().columns))
+    print_summary(results, Console(highlight=False))  # the terminal's width
     if verbose:
         plan = results.manifest.get("plan", {})
         timings = results.manifest.get("timings", {})

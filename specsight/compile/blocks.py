@@ -79,7 +79,7 @@ def why_one_plan(spec: S.Spec) -> str | None:
 
 def rows_per_item(plan: Plan, n_items: int) -> tuple[int, int]:
     """(rows per item, rows of invokes that run once) of a plan over ``n_items`` items."""
-    over = set((plan.dataset or {}).get("invokes", ()))
+    over = plan.item_invokes
     item_rows = sum(1 for row in plan.rows if row.invoke in over)
     return item_rows // max(1, n_items), len(plan.rows) - item_rows
 
@@ -135,7 +135,7 @@ def widen(
     axes of metrics, saves and invokes (``tokens``: each item invoke's prompt lengths;
     ``saves``: the blocks' saves folded by :func:`fold_saves`). Rows, ops and forwards stay
     the first block's; it is what results are labelled from."""
-    over = set((first.dataset or {}).get("invokes", ()))
+    over = first.item_invokes
 
     def grown(axes: tuple[str, ...], shape: tuple[int, ...], invoke: str) -> tuple[int, ...]:
         if invoke not in over or "item" not in axes:

@@ -19,7 +19,7 @@ __all__ = ["BlockJoin"]
 
 def _item_axes(plan: Plan) -> dict[str, int]:
     """Result tensor name -> its ``item`` axis, for the tensors of invokes over the dataset."""
-    over = set((plan.dataset or {}).get("invokes", ()))
+    over = plan.item_invokes
     axes: dict[str, int] = {}
     for metric in plan.metrics:
         if metric.invoke in over and "item" in metric.axes:
@@ -69,8 +69,8 @@ class BlockJoin:
             for name, tensor in kind.items():
                 if name in self.item_axes:
                     self.parts.setdefault(name, []).append(tensor.cpu())
-        for key, seconds in out.timings.items():
-            if self.first is not out:
+        if self.first is not out:  # the run's timings: every block's, summed
+            for key, seconds in out.timings.items():
                 self.first.timings[key] = self.first.timings.get(key, 0.0) + seconds
         self.forwards += len(plan.forwards)
         self.rows += len(plan.rows)

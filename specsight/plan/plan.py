@@ -51,6 +51,11 @@ class Plan:
 
     # --- queries ---------------------------------------------------------------------------
 
+    @property
+    def item_invokes(self) -> frozenset[str]:
+        """The invokes that run once per dataset item (none without a dataset)."""
+        return frozenset((self.dataset or {}).get("invokes", ()))
+
     def hooks(self) -> list[tuple[str, str]]:
         """Distinct (module, io) pairs the plan touches, in first-use order."""
         seen: dict[tuple[str, str], None] = {}

@@ -27,7 +27,6 @@ class ServerMetrics:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
-        self._counts = counts
         self.registry.register(_StoreCollector(counts))
         self.batch_jobs = Histogram(
             "specsight_batch_jobs",

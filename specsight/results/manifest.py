@@ -170,7 +170,7 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
         if name.endswith("/generated_ids") and name not in meta:
             invoke = name.rsplit("/", 1)[0]
             swept = list(plan.invoke_info.get(invoke, {}).get("axes", []))
-            over = plan.dataset is not None and invoke in plan.dataset["invokes"]
+            over = invoke in plan.item_invokes
             meta[name] = {
                 "kind": "save",
                 "invoke": invoke,

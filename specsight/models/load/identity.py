@@ -97,8 +97,8 @@ def checkpoint_identity(folder: Path, *, workers: int = 4) -> str:
         raise FileNotFoundError(f"no weight files in {folder}")
     with _LOCK:
         cache = _read_cache()
-    stats = {"files": len(files), "hashed_files": 0, "hashed_bytes": 0, "from_cache": 0}
-    stats["from_blob_names"] = 0
+    stats = dict.fromkeys(("hashed_files", "hashed_bytes", "from_cache", "from_blob_names"), 0)
+    stats["files"] = len(files)
     known: dict[Path, str] = {}
     todo: list[tuple[Path, str, dict]] = []
     for path in files:
@@ -124,14 +124,14 @@ def checkpoint_identity(folder: Path, *, workers: int = 4) -> str:
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
             hashes = list(pool.map(lambda item: _stream_sha256(item[0]), todo))
+        fresh = {}
         for (path, real, key), sha in zip(todo, hashes):
             known[path] = sha
-            stats["hashed_files"] += 1
-            stats["hashed_bytes"] += key["size"]
-            cache[real] = {**key, "sha256": sha}
-        with _LOCK:
-            merged = {**_read_cache(), **{real: cache[real] for _, real, _ in todo}}
-            _write_cache(merged)
+            fresh[real] = {**key, "sha256": sha}
+        stats["hashed_files"] = len(todo)
+        stats["hashed_bytes"] = sum(key["size"] for _, _, key in todo)
+        with _LOCK:  # entries other processes wrote meanwhile are kept
+            _write_cache({**_read_cache(), **fresh})
     for name, value in stats.items():
         setattr(HashStats, name, value)
     digest = hashlib.sha256()

@@ -201,7 +201,7 @@ def noised_prob(model, emb, start, n_sub, answer_id, noise_std) -> float:
 def main() -> None:
     m = load_model("smollm2-135m")
     tok, model = m.tokenizer, m.model
-    model.eval()
+    model.train(False)
     noise_std = 3 * float(model.get_input_embeddings().weight.float().std())
     passed, dropped = [], []
     for prompt, subject, answer, relation in candidates():
