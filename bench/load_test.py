@@ -102,6 +102,8 @@ class Server:
         batch_jobs: int,
         torch_threads: int | None,
         keys: dict[str, str] | None = None,
+        db: str | None = None,
+        extra: list[str] | None = None,
     ):
         from specsight.remote.auth import hash_key
 
@@ -112,8 +114,8 @@ class Server:
         self.log = folder / "server.log"
         command = [sys.executable, "-c", "from specsight.cli import main; main()", "serve"]
         command += ["--model", model, "--device", "cpu", "--port", str(self.port)]
-        command += ["--db", str(folder / "jobs.sqlite"), "--keys", str(folder / "keys")]
-        command += ["--batch-jobs", str(batch_jobs), "--grace", "10"]
+        command += ["--db", db or str(folder / "jobs.sqlite"), "--keys", str(folder / "keys")]
+        command += ["--batch-jobs", str(batch_jobs), "--grace", "10", *(extra or [])]
         env = dict(os.environ)
         if torch_threads is not None:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(torch_threads)
@@ -150,7 +152,8 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
     def batches(self) -> list[int]:
-        """Jobs per batch the worker ran (its 'ran N job(s)' log lines)."""
+        """Jobs per batch the workers ran (their 'ran N job(s)' log lines; a cluster's
+        replicas log through Ray to the ingress's output)."""
         text = self.log.read_text(errors="replace")
         return [int(n) for n in re.findall(r"ran (\d+) job\(s\) in", text)]
 
@@ -236,16 +239,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, *, db: str | None = None, extra: list[str] | None = None
+) -> dict[str, Any]:
+    """One load test; ``db`` and ``extra`` (more ``specsight serve`` arguments, e.g. ``--ray``)
+    choose the server."""
     import torch
 
     import specsight
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="specsight-load-") as tmp:
-        server = Server(Path(tmp), args.model, args.batch_jobs, args.torch_threads)
+        server = Server(
+            Path(tmp), args.model, args.batch_jobs, args.torch_threads, db=db, extra=extra
+        )
         try:
-            ready_s = server.wait_ready()
+            ready_s = server.wait_ready(timeout=args.ready_timeout)
             print(
                 f"server ready on {server.url} in {ready_s:.1f} s; {args.clients} clients, "
                 f"{args.duration:g} s"
@@ -416,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     p.add_argument("--job-timeout", type=float, default=120.0, help="one job's wait, at most")
     p.add_argument("--drain-timeout", type=float, default=60.0)
+    p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(

@@ -32,8 +32,48 @@ def _db_location(ctx: click.Context, param: click.Parameter, value: str) -> Path
     "--model",
     "model_ids",
     multiple=True,
-    required=True,
     help="A model to serve (repeat for several); loaded once at start.",
+)
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Serve on a Ray cluster: each model a Ray Serve deployment of --replicas replicas "
+    "sharing a postgresql:// --db (pip install 'specsight[cluster]').",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="With --ray: the Ray cluster to join (e.g. auto, or ray://head:10001); default: "
+    "start a local one.",
+)
+@click.option(
+    "--deploy",
+    "deploy_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --ray: a deploy config (models, replicas, GPUs, autoscaling, the store URL) "
+    "instead of the model and store options.",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --ray: replicas of each model.",
+)
+@click.option(
+    "--num-gpus",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="With --ray: GPUs each replica reserves.",
+)
+@click.option(
+    "--num-cpus",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="With --ray: CPU cores each replica reserves.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -130,6 +170,12 @@ def _db_location(ctx: click.Context, param: click.Parameter, value: str) -> Path
 @guard
 def serve(
     model_ids: tuple[str, ...],
+    use_ray: bool,
+    address: str | None,
+    deploy_file: Path | None,
+    replicas: int,
+    num_gpus: float,
+    num_cpus: float,
     host: str,
     port: int,
     db_path: Path | str,
@@ -153,6 +199,11 @@ def serve(
 
     from ..remote.auth import ENV_VAR, KeyFileError, KeyRing
 
+    cluster = _cluster_config(locals(), use_ray, deploy_file, ctx=click.get_current_context())
+    if cluster is not None and keys_file is None and cluster.keys is not None:
+        keys_file = Path(cluster.keys)
+    if cluster is None and not model_ids:
+        raise click.UsageError("name a model to serve: --model ID (repeat for several)")
     try:
         from ..remote.serve import serve as run_server
     except ImportError as exc:  # fastapi / uvicorn are the optional 'server' extra
@@ -199,6 +250,13 @@ def serve(
         if not sep or not where or not size:
             raise click.UsageError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. 0=70GiB")
         memory[where] = size
+    if cluster is not None:
+        from ..remote.cluster.deploy import serve_cluster
+
+        if any(_given(click.get_current_context(), n) for n in _LIMIT_FLAGS):
+            cluster.limits = limits  # the command line's limits over the deploy file's
+        serve_cluster(cluster, keys=keys, log_format=log_format, header_timeout_s=header_timeout)
+        return
     run_server(
         list(model_ids),
         keys=keys,
@@ -241,6 +299,83 @@ def hash_key_command(name: str, generate: bool, as_json: bool) -> None:
     except KeyFileError:
         raise click.UsageError(f"bad --name '{name}': use letters, digits, _ . @ -") from None
     click.echo(json.dumps({"name": name, "line": line}) if as_json else line)
+
+
+def _cluster_config(
+    given: dict[str, Any], use_ray: bool, deploy_file: Path | None, ctx: Any
+) -> Any:
+    """The cluster deployment ``--ray`` asks for: the ``--deploy`` file, or one made of the
+    command line's models and options (None: a single server)."""
+    ray_only = ("address", "replicas", "num_gpus", "num_cpus")
+    if not use_ray:
+        flags = [n for n in ray_only + ("deploy_file",) if _given(ctx, n)]
+        if flags:
+            names = ", ".join(_flag(ctx, n) for n in flags)
+            raise click.UsageError(f"{names}: only with --ray")
+        return None
+    try:
+        import ray  # noqa: F401
+
+        from ..remote.cluster import DeployConfig, load_deploy_config
+    except ImportError as exc:
+        raise click.UsageError(
+            f"--ray needs Ray Serve ({exc}): pip install 'specsight[cluster]'"
+        ) from None
+    if deploy_file is not None:
+        in_file = ("model_ids", "db_path", "device", "device_map", "max_memory", "dtype")
+        clash = [_flag(ctx, n) for n in in_file + ray_only[1:] + ("batch_jobs",) if _given(ctx, n)]
+        if clash:
+            raise click.UsageError(
+                f"--deploy gives the models, replicas and store; drop {', '.join(clash)}"
+            )
+        config = load_deploy_config(deploy_file)
+        if config.keys is not None:
+            config.keys = str((deploy_file.parent / config.keys).resolve())
+        if _given(ctx, "address"):
+            config.address = given["address"]
+        return config
+    if not given["model_ids"]:
+        raise click.UsageError("--ray serves the --model IDs (or a --deploy file's models)")
+    memory = dict(m.partition("=")[::2] for m in given["max_memory"]) or None
+    entries = [
+        {
+            "id": model_id,
+            "dtype": given["dtype"],
+            "device": given["device"],
+            "device_map": given["device_map"],
+            "max_memory": memory,
+            "replicas": given["replicas"],
+            "num_gpus": given["num_gpus"],
+            "num_cpus": given["num_cpus"],
+            "batch_jobs": given["batch_jobs"],
+        }  # fmt: skip
+        for model_id in given["model_ids"]
+    ]
+    from pydantic import ValidationError
+
+    try:
+        return DeployConfig(
+            address=given["address"], host=given["host"], port=given["port"],
+            db=str(given["db_path"]), models=entries, grace_s=given["grace"],
+            retention_days=given["retention_days"],
+        )  # fmt: skip
+    except ValidationError as exc:
+        raise click.UsageError(
+            "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        ) from None
+
+
+_LIMIT_FLAGS = ("max_queue", "max_queue_per_key", "max_job_seconds")
+
+
+def _flag(ctx: Any, name: str) -> str:
+    """The option's spelling on the command line (``model_ids`` -> ``--model``)."""
+    return next(p.opts[0] for p in ctx.command.params if p.name == name)
+
+
+def _given(ctx: Any, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def _limits(

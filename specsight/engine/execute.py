@@ -6,7 +6,10 @@ success or failure. Each forward pads its rows on the right (real tokens keep th
 and never see padding), runs with the :class:`~.runner.Runner`'s action tables active, and has
 its metrics read from the logits (:mod:`.readout`); generating forwards go through
 :mod:`.generate`, backward passes through :mod:`.grad`. The run is seeded (and, on request,
-deterministic) without disturbing the caller's random state.
+deterministic) without disturbing the caller's random state. Its two halves,
+:func:`run_forwards` (the forward loop, over all forwards or some) and :func:`build_output`
+(result tensors from the metric buffers and stored values), also serve runs in shards
+(:mod:`.shards`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,7 +34,14 @@ from .readout import assemble, logit_lens, read_metric, to_host
 from .reuse import UntouchedRuns
 from .runner import Runner
 
-__all__ = ["EngineOutput", "execute", "finish_metrics"]
+__all__ = [
+    "EngineOutput",
+    "ForwardPass",
+    "build_output",
+    "execute",
+    "finish_metrics",
+    "run_forwards",
+]
 
 NEXT_TOKEN_K = 5
 #: prompts per unswept invoke whose next tokens are recorded (a dataset may have 100k)
@@ -114,21 +124,29 @@ def finish_metrics(plan: Plan, metrics: dict[str, torch.Tensor]) -> dict[str, to
     return dict(sorted(metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0])))
 
 
-def execute(
+@dataclass
+class ForwardPass:
+    """What running forwards of a plan leaves: each metric's buffer (a slot per row of the
+    metric, filled for the rows that ran), the runner (its store), the new token ids of
+    generating rows, and an output holding next tokens and generated ids so far."""
+
+    runner: Runner
+    buffers: dict[str, torch.Tensor]
+    new_ids: dict[int, torch.Tensor]
+    out: EngineOutput
+
+
+def run_forwards(
     plan: Plan,
     model: torch.nn.Module,
     *,
-    pad_id: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-    checkpoint: Callable[[], None] | None = None,
-    reduce: bool = True,
-) -> EngineOutput:
-    """Run every forward of ``plan`` on ``model``; hooks never outlive this call.
-
-    ``progress(rows done, rows)`` is called after each forward; ``checkpoint()`` before each
-    forward and each decode step of generation, so that what it raises (a cancelled job, a
-    time limit) stops the run there. ``reduce=False`` leaves metrics per item (a block of a
-    run in blocks: :func:`finish_metrics` aggregates the joined blocks)."""
+    pad_id: int,
+    progress: Callable[[int, int], None] | None,
+    checkpoint: Callable[[], None] | None,
+    only: Sequence[int] | None = None,
+) -> ForwardPass:
+    """Run the plan's forwards (``only``: those indices, in plan order, reading untouched runs
+    computed as a run of every forward computes them); hooks never outlive this call."""
     device = model_device(model)
     dtype = model_dtype(model)
     runner = Runner(plan, model, device, pad_id, checkpoint=checkpoint)
@@ -149,12 +167,15 @@ def execute(
     references: dict[tuple[int, int], torch.Tensor] = {}
     new_ids: dict[int, torch.Tensor] = {}  # generating rows: their new token ids
     grad_rows = set(metrics_by_name[plan.backward].rows) if plan.backward else set()
-    started = time.perf_counter()
+    forwards = plan.forwards if only is None else tuple(plan.forwards[i] for i in only)
+    total = len(plan.rows) if only is None else sum(len(f.rows) for f in forwards)
     done = 0
     layers_path = plan.model_summary.get("layers_path")
     keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
     inputs = RowInputs(plan, dtype)
     reuse = UntouchedRuns(model, plan, _layer_modules(model, layers_path, plan))
+    if only is not None:
+        reuse.replay(forwards)
     with (
         HookScope(model) as scope,
         torch.no_grad() if plan.backward else torch.inference_mode(),
@@ -167,14 +188,14 @@ def execute(
             scope.add_expander(f"{layers_path}.{layer}", runner.expander(layer))
         for site in plan.hooks():
             scope.add(site[0], site[1], runner.hook(site))
-        for forward in plan.forwards:
+        for forward in forwards:
             if checkpoint is not None:
                 checkpoint()
             if forward.generate is not None:
                 new_ids.update(run_generation(runner, forward, dtype, out.generated))
                 done += len(forward.rows)
                 if progress is not None:
-                    progress(done, len(plan.rows))
+                    progress(done, total)
                 continue
             backward = plan.backward is not None and any(r in grad_rows for r in forward.rows)
             if backward:  # every row runs in full: gradients need each row's own graph
@@ -226,14 +247,32 @@ def execute(
                     out.next_tokens[row] = (top.tolist(), probs.tolist())
             done += len(forward.rows)
             if progress is not None:
-                progress(done, len(plan.rows))
-    modules = module_table(model)
+                progress(done, total)
+    return ForwardPass(runner, buffers, new_ids, out)
+
+
+def build_output(
+    plan: Plan,
+    out: EngineOutput,
+    buffers: dict[str, torch.Tensor],
+    store: dict[str, torch.Tensor],
+    *,
+    modules: dict[str, torch.nn.Module] | None,
+    new_ids: dict[int, torch.Tensor],
+    pad_id: int,
+    reduce: bool,
+) -> EngineOutput:
+    """``out`` completed from every row's metric buffers and stored values: metrics in their
+    result shapes, recoveries, aggregates (``reduce``), generated ids and saves. ``modules``
+    (the model's) decode logit-lens metrics; None: the plan has none."""
     for metric in plan.metrics:
         if metric.kind == "logit_lens":
-            out.metrics.update(logit_lens(metric, runner.store, modules))
+            if modules is None:
+                raise ValueError(f"logit-lens metric '{metric.name}' needs the model's modules")
+            out.metrics.update(logit_lens(metric, store, modules))
             continue
         if metric.kind == "attribution":
-            out.metrics[metric.name] = attribution(metric, runner.store)
+            out.metrics[metric.name] = attribution(metric, store)
             continue
         if metric.kind == "recovery":
             continue
@@ -254,8 +293,38 @@ def execute(
     if reduce:
         out.metrics = finish_metrics(plan, out.metrics)
     out.saves.update(_generated_ids(plan, new_ids, pad_id))
-    host = to_host({k: runner.store[k] for save in plan.saves for k in save.keys})
+    host = to_host({k: store[k] for save in plan.saves for k in save.keys})
     for save in plan.saves:
         out.saves[save.name] = assemble(save.keys, save.shape, host)
+    return out
+
+
+def execute(
+    plan: Plan,
+    model: torch.nn.Module,
+    *,
+    pad_id: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
+    reduce: bool = True,
+) -> EngineOutput:
+    """Run every forward of ``plan`` on ``model``; hooks never outlive this call.
+
+    ``progress(rows done, rows)`` is called after each forward; ``checkpoint()`` before each
+    forward and each decode step of generation, so that what it raises (a cancelled job, a
+    time limit) stops the run there. ``reduce=False`` leaves metrics per item (a block of a
+    run in blocks: :func:`finish_metrics` aggregates the joined blocks)."""
+    started = time.perf_counter()
+    ran = run_forwards(plan, model, pad_id=pad_id, progress=progress, checkpoint=checkpoint)
+    out = build_output(
+        plan,
+        ran.out,
+        ran.buffers,
+        ran.runner.store,
+        modules=module_table(model),
+        new_ids=ran.new_ids,
+        pad_id=pad_id,
+        reduce=reduce,
+    )
     out.timings["execute_s"] = time.perf_counter() - started
     return out

@@ -8,25 +8,32 @@ keys and values of positions < p (per row, by index; never written to, so nothin
 per row), layers below S answer with their input instead of running, and layer S's input is
 replaced by the untouched hidden state at positions >= p. Where the model keeps no keys and
 values (Mamba), such a forward runs every position but still skips the layers below S.
+
+A run of only some of the forwards (a shard, :meth:`UntouchedRuns.replay`) reads each untouched
+run from the same batch of sequences a run of every forward computes it in: which batch that is
+follows from the plan alone, and a batch of other sequences may round differently.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..errors import RunError
 from ..plan import Forward, Plan
 from .hooks import input_hidden, replace_hidden
 
 __all__ = ["UntouchedRuns", "Reuse"]
 
 _KEEP = 4  # untouched runs kept beyond what the largest forward needs
+#: sequences whose untouched runs one model call computes
+Batch = tuple[tuple[int, ...], ...]
 
 
 @dataclass
@@ -87,6 +94,10 @@ class UntouchedRuns:
         self.has_cache = self.kwarg is not None
         self.templates: dict[int, Any] = {}  # layer -> an output of it (its structure)
         self._read_only: type | None = None
+        #: a replayed run (:meth:`replay`): forward rows -> the batch each sequence's run is from
+        self.schedule: dict[tuple[int, ...], list[Batch]] | None = None
+        self.pending: Counter[tuple[tuple[int, ...], Batch]] = Counter()
+        self.kept: dict[tuple[tuple[int, ...], Batch], _Run] = {}
 
     def _sequences(self, forward: Forward) -> tuple[list[tuple[int, ...]], list[int]]:
         """The forward's distinct token sequences, and each row's index among them."""
@@ -103,7 +114,10 @@ class UntouchedRuns:
         if not skip and not self.has_cache:  # nothing to read: no untouched run is worth it
             return None
         sequences, index = self._sequences(forward)
-        runs = self._get(sequences, device, runner)
+        if self.schedule is not None:
+            runs = self._replayed(forward, sequences, device, runner)
+        else:
+            runs = self._get(sequences, device, runner)
         start = forward.position_start if self.has_cache else 0
         if not start and not skip:
             return None
@@ -150,19 +164,81 @@ class UntouchedRuns:
     ) -> list[_Run]:
         missing = [s for s in sequences if s not in self.runs]
         for i in range(0, len(missing), self.batch):
-            active = runner.active
-            runner.active = None  # the untouched run: no op, no expansion
-            try:
-                self._run(missing[i : i + self.batch], device)
-            finally:
-                runner.active = active
+            self.runs.update(self._untouched(missing[i : i + self.batch], device, runner))
         for s in sequences:
             self.runs.move_to_end(s)
         while len(self.runs) > self.keep:
             self.runs.popitem(last=False)
         return [self.runs[s] for s in sequences]
 
-    def _run(self, sequences: list[tuple[int, ...]], device: torch.device) -> None:
+    def replay(self, forwards: Sequence[Forward]) -> None:
+        """Only ``forwards`` (the plan's, in its order; no backward pass) will run: each of
+        their untouched runs comes from the batch :meth:`_get` computes it in when every
+        forward runs, found by replaying which sequences it holds (nothing runs here)."""
+        held: OrderedDict[tuple[int, ...], Batch] = OrderedDict()
+        self.schedule = {}
+        for forward in self.plan.forwards:
+            skip = forward.shared_prefix
+            if forward.generate is not None or not forward.from_base:
+                continue
+            if (skip and self.layers is None) or (not skip and not self.has_cache):
+                continue  # as in prepare: no untouched run is read
+            sequences = self._sequences(forward)[0]
+            missing = [s for s in sequences if s not in held]
+            for i in range(0, len(missing), self.batch):
+                batch = tuple(missing[i : i + self.batch])
+                held.update(dict.fromkeys(batch, batch))
+            for s in sequences:
+                held.move_to_end(s)
+            while len(held) > self.keep:
+                held.popitem(last=False)
+            self.schedule[forward.rows] = [held[s] for s in sequences]
+        self.pending = Counter(
+            (s, batch)
+            for f in forwards
+            for s, batch in zip(self._sequences(f)[0], self.schedule.get(f.rows, ()))
+        )
+
+    def _replayed(
+        self, forward: Forward, sequences: list[tuple[int, ...]], device: torch.device, runner: Any
+    ) -> list[_Run]:
+        """The runs of a replayed forward, each from its scheduled batch (kept while a later
+        forward of the replay reads it)."""
+        assert self.schedule is not None
+        runs = []
+        cache_before = self.has_cache
+        for s, batch in zip(sequences, self.schedule[forward.rows]):
+            if (s, batch) not in self.kept:
+                fresh = self._untouched(list(batch), device, runner)
+                if self.has_cache != cache_before:
+                    raise RunError(
+                        "the model keeps no keys and values the untouched runs can read, which "
+                        "changes which forwards read them: this plan cannot run in shards",
+                        hint="run it in one process, or compile it without position reuse",
+                    )
+                for t, run in fresh.items():
+                    if self.pending[(t, batch)]:
+                        self.kept[(t, batch)] = run
+            runs.append(self.kept[(s, batch)])
+            self.pending[(s, batch)] -= 1
+            if self.pending[(s, batch)] <= 0:
+                del self.kept[(s, batch)]
+        return runs
+
+    def _untouched(
+        self, sequences: list[tuple[int, ...]], device: torch.device, runner: Any
+    ) -> dict[tuple[int, ...], _Run]:
+        """The untouched runs of ``sequences``, computed with no op active."""
+        active = runner.active
+        runner.active = None  # the untouched run: no op, no expansion
+        try:
+            return self._run(sequences, device)
+        finally:
+            runner.active = active
+
+    def _run(
+        self, sequences: list[tuple[int, ...]], device: torch.device
+    ) -> dict[tuple[int, ...], _Run]:
         """The untouched runs of ``sequences`` (one length), in one batch."""
         ids = torch.tensor(sequences, device=device)
         inputs: dict[int, torch.Tensor] = {}
@@ -200,13 +276,15 @@ class UntouchedRuns:
         cache_layers = getattr(cache, "layers", None)
         if not cache_layers or not all(getattr(c, "keys", None) is not None for c in cache_layers):
             self.has_cache = False
+        runs = {}
         for i, sequence in enumerate(sequences):
             run = _Run()
             if self.has_cache:
                 run.keys = [c.keys[i : i + 1].clone() for c in cache_layers]
                 run.values = [c.values[i : i + 1].clone() for c in cache_layers]
             run.inputs = {layer: hidden[i].clone() for layer, hidden in inputs.items()}
-            self.runs[sequence] = run
+            runs[sequence] = run
+        return runs
 
     @contextlib.contextmanager
     def skipping(self, skip: int) -> Iterator[None]:

@@ -1,5 +1,6 @@
 """The server's health routes: ``/healthz`` (the process lives), ``/readyz`` (ready for jobs,
-or 503 while draining or with its worker down) and ``/metrics`` (Prometheus text)."""
+or 503 while draining, with its worker down or, in a cluster, a model without a running
+replica) and ``/metrics`` (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -29,15 +30,23 @@ def health_router() -> APIRouter:
 
     @router.get(
         "/readyz",
-        summary="200 when ready for jobs; 503 while loading or draining",
-        responses={503: {"model": ErrorBody, "description": "draining"}},
+        summary="200 when ready for jobs; 503 while draining, or with no worker or replica",
+        responses={503: {"model": ErrorBody, "description": "draining, or no worker"}},
     )
     def readyz(request: Request) -> Any:
         state = _state(request)
-        if state.ready():
-            return {"status": "ready", "queued": state.store.queued_count()}
-        what = "draining" if state.draining.is_set() else "worker-down"
-        return error_response(503, ErrorBody(error=what, message=f"not ready: {what}"))
+        what = state.not_ready_reason()
+        replicas = state.replica_states() if state.replica_states is not None else None
+        if what is None:
+            body: dict[str, Any] = {"status": "ready", "queued": state.store.queued_count()}
+            if replicas is not None:
+                body["replicas"] = replicas
+            return body
+        message = f"not ready: {what}"
+        if what == "no-replica" and replicas is not None:
+            down = {m: s for m, s in replicas.items() if not s.get("RUNNING")}
+            message += "; replicas of " + ", ".join(f"{m} {s or 'none'}" for m, s in down.items())
+        return error_response(503, ErrorBody(error=what, message=message))
 
     @router.get(
         "/metrics",

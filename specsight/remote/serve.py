@@ -20,7 +20,7 @@ from .protocol import Limits
 from .server import ServerState, create_app
 from .telemetry import JsonLogFormatter
 
-__all__ = ["serve", "server_config"]
+__all__ = ["configure_logging", "draining_server", "serve", "server_config"]
 
 log = logging.getLogger("specsight.serve")
 
@@ -59,7 +59,7 @@ def serve(
     if not len(keys) and not keys.insecure:
         raise ValueError("the key ring holds no key")
 
-    _configure_logging(log_level, log_format)
+    configure_logging(log_level, log_format)
     models: dict[str, LoadedModel] = {}
     for model_id in model_ids:
         loaded = load_model(
@@ -81,7 +81,7 @@ def serve(
         config = server_config(
             app, host=host, port=port, log_level=log_level, header_timeout_s=header_timeout_s
         )
-        _draining_server(config, app.state.server, on_stopped=store.close).run()
+        draining_server(config, app.state.server, on_stopped=store.close).run()
     finally:
         store.close()
 
@@ -114,7 +114,7 @@ def server_config(
     )
 
 
-def _draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any:
+def draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any:
     """uvicorn's Server, answering 503 on /readyz from the moment a signal arrives (uvicorn
     then stops accepting connections, finishes open requests and runs the lifespan shutdown,
     which drains the worker). ``on_stopped`` runs before uvicorn re-raises the signal."""
@@ -136,7 +136,7 @@ def _draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any
     return Server(config)
 
 
-def _configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str) -> None:
     """Plain lines, or (``json``) one JSON object per line with the job ids a record names."""
     if log_format == "json":
         handler = logging.StreamHandler()

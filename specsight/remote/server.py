@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +49,7 @@ from .protocol import (
     ModelEntry,
     ModelsResponse,
 )
+from .state import ServerState
 from .telemetry import ServerMetrics
 from .worker import Worker
 
@@ -71,34 +70,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _JSON_SCHEMA = {"type": "object", "additionalProperties": True}
 _INTAKE_WAITING = 32  # submits waiting for an intake thread before new ones get 503
-
-
-@dataclass
-class ServerState:
-    """What the routes share (``app.state.server``)."""
-
-    models: dict[str, LoadedModel]
-    store: JobStoreBase
-    keys: KeyRing
-    limits: Limits
-    worker: Worker
-    start_worker: bool
-    grace_s: float
-    draining: threading.Event = field(default_factory=threading.Event)
-    #: threads that check and compile submitted specs: their own, not the event loop's
-    #: shared pool, so a burst of submits never starves status polls and downloads
-    intake: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2))
-    #: Prometheus metrics (``GET /metrics``)
-    metrics: ServerMetrics | None = None
-
-    def begin_drain(self) -> None:
-        """Answer 503 on /readyz and refuse new jobs from now on."""
-        if not self.draining.is_set():
-            log.info("draining: no new jobs; finishing the running batch")
-        self.draining.set()
-
-    def ready(self) -> bool:
-        return not self.draining.is_set() and (not self.start_worker or self.worker.is_alive())
 
 
 def _state(request: Request) -> ServerState:
@@ -132,21 +103,25 @@ def create_app(
     start_worker: bool = True,
     grace_s: float = 30.0,
     idle_s: float = 0.05,
+    notify: Callable[[str], None] | None = None,
+    replica_states: Callable[[], dict[str, dict[str, int]]] | None = None,
 ) -> FastAPI:
     """The API over ``models`` (``{model id: LoadedModel}``), with jobs in ``store``.
 
     With ``start_worker`` the app's lifespan starts the worker thread and, at shutdown, drains
-    it (``grace_s``). The store is not closed here: its owner (e.g. :func:`serve`) does that."""
+    it (``grace_s``). The store is not closed here: its owner (e.g. :func:`serve`) does that.
+    An ingress of a cluster runs no worker: ``notify(model id)`` follows each new job and
+    ``replica_states()`` tells ``/readyz`` and ``/metrics`` about the replicas."""
     if not models:
         raise ValueError("create_app needs at least one model")
     limits = limits or Limits()
     for loaded in models.values():  # result sizes of raw module paths need their widths
         if loaded.module_widths is None:
             loaded.module_widths = module_widths(loaded.model, pad_id=loaded.tokenizer.pad_id)
-    metrics = ServerMetrics(store.counts)
+    metrics = ServerMetrics(store.counts, replica_states)
     worker = Worker(models, store, limits, batch_jobs=batch_jobs, idle_s=idle_s, metrics=metrics)
     state = ServerState(dict(models), store, keys, limits, worker, start_worker, grace_s)
-    state.metrics = metrics
+    state.metrics, state.notify, state.replica_states = metrics, notify, replica_states
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -261,6 +236,8 @@ def _api_router() -> APIRouter:
             message = f"{IDEMPOTENCY_HEADER} '{idempotency_key}' was used for another spec"
             raise ApiError(422, "idempotency-key-reused", message, hint="use a fresh key")
         state.worker.wake.set()
+        if created and state.notify is not None:
+            state.notify(model.model_id)
         status = await run_in_threadpool(state.store.status, record.id, owner)
         return JSONResponse(status.model_dump(mode="json"), status_code=202 if created else 200)
 

@@ -152,6 +152,12 @@ class JobStoreBase(ABC):
         with self._tx(immediate=False) as con:
             return self._record(con, job_id, owner)
 
+    def record(self, job_id: str) -> JobRecord | None:
+        """The job whoever owns it: for the server's own processes (a replica running one
+        shard of a job another replica claimed), never for a request."""
+        with self._tx(immediate=False) as con:
+            return self._record(con, job_id, None)
+
     def status(self, job_id: str, owner: str) -> JobStatus | None:
         """The wire status with ``queue_position`` (0 = next) for a queued job."""
         with self._tx(immediate=False) as con:
@@ -160,6 +166,11 @@ class JobStoreBase(ABC):
 
     def queued_count(self) -> int:
         return self._one("SELECT COUNT(*) FROM jobs WHERE state='queued'")[0]  # type: ignore[index]
+
+    def active_jobs(self, model: str) -> int:
+        """Queued and running jobs of ``model`` (what its replicas have to do)."""
+        q = "SELECT COUNT(*) FROM jobs WHERE model=? AND state IN ('queued', 'running')"
+        return self._one(q, model)[0]  # type: ignore[index]
 
     def counts(self) -> dict[str, int]:
         """Jobs per state (every state present, zeros included)."""

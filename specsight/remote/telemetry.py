@@ -23,11 +23,15 @@ _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 class ServerMetrics:
     """The server's metrics; :meth:`render` is the text a Prometheus scrape gets."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], dict[str, int]],
+        replicas: Callable[[], dict[str, dict[str, int]]] | None = None,
+    ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
-        self.registry.register(_StoreCollector(counts))
+        self.registry.register(_StoreCollector(counts, replicas))
         self.batch_jobs = Histogram(
             "specsight_batch_jobs",
             "Jobs run together in one batch (shared forwards)",
@@ -77,10 +81,15 @@ class ServerMetrics:
 
 
 class _StoreCollector:
-    """Jobs by state and the queue depth, read from the store at each scrape."""
+    """Jobs by state and the queue depth, read from the store at each scrape (and a cluster's
+    replicas by model and state, from Ray Serve)."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
-        self._counts = counts
+    def __init__(
+        self,
+        counts: Callable[[], dict[str, int]],
+        replicas: Callable[[], dict[str, dict[str, int]]] | None,
+    ) -> None:
+        self._counts, self._replicas = counts, replicas
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -95,6 +104,16 @@ class _StoreCollector:
         yield GaugeMetricFamily(
             "specsight_queue_depth", "Jobs waiting to run", value=counts.get("queued", 0)
         )
+        if self._replicas is not None:
+            replicas = GaugeMetricFamily(
+                "specsight_replicas",
+                "A cluster's model replicas by state",
+                labels=["model", "state"],
+            )
+            for model, by_state in sorted(self._replicas().items()):
+                for state in sorted(set(by_state) | {"RUNNING"}):
+                    replicas.add_metric([model, state], by_state.get(state, 0))
+            yield replicas
 
 
 class JsonLogFormatter(logging.Formatter):

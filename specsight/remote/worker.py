@@ -15,6 +15,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import RunError, SpecError, SpecsightError
@@ -93,8 +94,11 @@ class Worker:
         idle_s: float = 0.05,
         expire_every_s: float = 5.0,
         metrics: ServerMetrics | None = None,
+        model: str | None = None,
     ):
         self.models, self.store, self.limits = models, store, limits
+        #: claim only this model's jobs (a replica of one model; None: every model's)
+        self.model = model
         self.metrics = metrics
         self.batch_jobs = max(1, batch_jobs)
         self.idle_s, self.expire_every_s = idle_s, expire_every_s
@@ -160,7 +164,7 @@ class Worker:
         """Claim up to ``batch_jobs`` queued jobs of one model and run them; the count."""
         if self._stop.is_set():
             return 0
-        records = self.store.claim(self.id, limit=self.batch_jobs)
+        records = self.store.claim(self.id, model=self.model, limit=self.batch_jobs)
         if not records:
             return 0
         with self._lock:
@@ -263,7 +267,7 @@ class Worker:
         started = time.perf_counter()
         try:
             jobs = [job for _, job in group]
-            results = batching.run_jobs(jobs, model, progress=progress, checkpoint=checkpoint)
+            results = self._run_batch(ids, jobs, model, progress, checkpoint)
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc):
                 _empty_cache()
@@ -276,6 +280,18 @@ class Worker:
         if self.metrics is not None:
             self.metrics.batch(len(ids), sum(rows), seconds)
         return results
+
+    def _run_batch(
+        self,
+        ids: list[str],
+        jobs: list[admission.PreparedJob],
+        model: LoadedModel,
+        progress: Callable[[int, int], None],
+        checkpoint: Callable[[], None],
+    ) -> list[Results]:
+        """Run one batch of prepared jobs (``ids``: their job ids); a replica of a cluster
+        overrides this to split a large sweep across replicas."""
+        return batching.run_jobs(jobs, model, progress=progress, checkpoint=checkpoint)
 
     def _deliver(self, rec: JobRecord, result: Results) -> None:
         try:

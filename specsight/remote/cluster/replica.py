@@ -1,0 +1,281 @@
+"""One replica of a served model on a Ray cluster: the body of the model's Ray Serve deployment.
+
+A replica loads its model once, opens the shared PostgreSQL job store and runs a
+:class:`~specsight.remote.worker.Worker` that claims only its model's queued jobs: several jobs
+claimed together share forwards, as on a single server. The store is the source of truth, so
+a replica that dies loses nothing: its jobs' leases lapse (or its liveness lock goes with its
+connection) and another replica claims them again, at most ``max_attempts`` times.
+
+A job of at least ``shard_rows`` rows whose plan can be split (:func:`~specsight.engine.shardable`)
+is split into row shards: the replica that claimed it sends each shard through the deployment's
+handle (Ray Serve routes them over the replicas), merges what comes back and records the result,
+equal bit for bit to a run in one process. A shard whose replica died is sent again.
+
+Ray moves only job ids, forward indices and safetensors bytes between processes; each replica
+compiles the job's spec from the store itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ...engine import (
+    execute_shard,
+    merge_shards,
+    module_widths,
+    shard_forwards,
+    shard_from_bytes,
+    shard_to_bytes,
+    shardable,
+)
+from ...errors import RunError
+from ...models.load import load_model
+from ...results import results_from_raw
+from .. import admission
+from ..jobs import open_job_store
+from ..protocol import Limits
+from ..worker import Worker
+from .config import ModelDeployment
+
+if TYPE_CHECKING:
+    from ...models.load import LoadedModel
+    from ...results import Results
+
+__all__ = ["ModelReplica", "ShardingWorker"]
+
+log = logging.getLogger("specsight.serve")
+_SHARD_TRIES = 3  # sends of one shard (a replica died under it) before the job fails
+_POLL_S = 0.2
+
+
+class ShardingWorker(Worker):
+    """A replica's worker: one engine run at a time on its model (``run_lock``, shared with the
+    shards other replicas send here), and large sweeps split across the replicas."""
+
+    def __init__(
+        self,
+        *args: Any,
+        run_lock: threading.Lock,
+        shard_rows: int,
+        replicas: Callable[[], int],
+        handle: Callable[[], Any],
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.run_lock, self.shard_rows = run_lock, shard_rows
+        self._replicas, self._handle = replicas, handle
+
+    def _run_batch(
+        self,
+        ids: list[str],
+        jobs: list[admission.PreparedJob],
+        model: LoadedModel,
+        progress: Callable[[int, int], None],
+        checkpoint: Callable[[], None],
+    ) -> list[Results]:
+        """Large shardable jobs split across the replicas (each alone, so its numbers are
+        those of a run in one process); the others share forwards here."""
+        parts = self._replicas() if any(self._splits(job) for job in jobs) else 1
+        big = [i for i, job in enumerate(jobs) if parts > 1 and self._splits(job)]
+        rest = [i for i in range(len(jobs)) if i not in big]
+        results: dict[int, Results] = {}
+        for i in big:
+            results[i] = self._sharded(ids[i], jobs[i], model, parts, progress, checkpoint)
+        if rest:
+            with self.run_lock:
+                shared = super()._run_batch(
+                    [ids[i] for i in rest], [jobs[i] for i in rest], model, progress, checkpoint
+                )
+            results.update(zip(rest, shared))
+        return [results[i] for i in range(len(jobs))]
+
+    def _splits(self, job: admission.PreparedJob) -> bool:
+        return len(job.plan.rows) >= self.shard_rows and shardable(job.plan) is None
+
+    def _sharded(
+        self,
+        job_id: str,
+        job: admission.PreparedJob,
+        model: LoadedModel,
+        parts: int,
+        progress: Callable[[int, int], None],
+        checkpoint: Callable[[], None],
+    ) -> Results:
+        """Send the job's shards through the deployment, wait (heartbeats, cancel and the time
+        limit checked meanwhile), merge."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        started = time.perf_counter()
+        shards = shard_forwards(job.plan, parts)
+        rows = [sum(len(job.plan.forwards[f].rows) for f in s) for s in shards]
+        handle = self._handle()
+        sent = {i: handle.run_shard.remote(job_id, list(s)) for i, s in enumerate(shards)}
+        tries = dict.fromkeys(sent, 1)
+        outputs: dict[int, Any] = {}
+        try:
+            while sent:
+                checkpoint()
+                for i, response in list(sent.items()):
+                    try:
+                        data = response.result(timeout_s=_POLL_S / max(1, len(sent)))
+                    except TimeoutError:
+                        continue
+                    except (RayActorError, ActorUnavailableError) as exc:
+                        if tries[i] >= _SHARD_TRIES:
+                            raise RunError(f"shard {i} of the job lost its replica {tries[i]} "
+                                           f"times ({type(exc).__name__})") from None  # fmt: skip
+                        log.warning("shard %d of job %s: replica lost; sent again", i, job_id,
+                                    extra={"job_id": job_id})  # fmt: skip
+                        tries[i] += 1
+                        sent[i] = handle.run_shard.remote(job_id, list(shards[i]))
+                        continue
+                    outputs[i] = shard_from_bytes(data)
+                    del sent[i]
+                    progress(sum(rows[j] for j in outputs), sum(rows))
+        finally:
+            for response in sent.values():
+                response.cancel()
+        raw = merge_shards(job.plan, [outputs[i] for i in range(len(shards))])
+        timings = {"load_model_s": 0.0, "compile_s": 0.0, **raw.timings}
+        timings.update(total_s=time.perf_counter() - started, batched_jobs=1.0,
+                       shards=float(len(shards)))  # fmt: skip
+        return results_from_raw(job.spec, job.doc, job.plan, model, raw, timings)
+
+
+class ModelReplica:
+    """A replica: its model, the shared store, and a worker claiming the model's jobs.
+
+    Ray Serve calls :meth:`check_health` and :meth:`record_autoscaling_stats` periodically;
+    the ingress calls :meth:`describe` once and :meth:`wake` after each submit."""
+
+    def __init__(
+        self, entry: dict[str, Any], db: str, limits: dict[str, Any], retention_s: float,
+        app: str, deployment: str, grace_s: float = 30.0,
+    ):  # fmt: skip
+        self.entry = ModelDeployment.model_validate(entry)
+        self.app, self.deployment, self.grace_s = app, deployment, grace_s
+        self.loaded = load_model(
+            self.entry.id, dtype=self.entry.dtype, device=self.entry.device,
+            device_map=self.entry.device_map, max_memory=self.entry.max_memory,
+        )  # fmt: skip
+        self.loaded.module_widths = module_widths(
+            self.loaded.model, pad_id=self.loaded.tokenizer.pad_id
+        )
+        self.limits = Limits(**limits)
+        self.store = open_job_store(db, retention_s=retention_s)
+        self._prepared: OrderedDict[str, admission.PreparedJob] = OrderedDict()
+        self._replica_count = (0.0, 1)
+        self.worker = ShardingWorker(
+            {self.loaded.model_id: self.loaded}, self.store, self.limits,
+            batch_jobs=self.entry.batch_jobs, idle_s=0.25, model=self.loaded.model_id,
+            run_lock=threading.Lock(), shard_rows=self.entry.shard_rows,
+            replicas=self._running_replicas, handle=self._own_handle,
+        )  # fmt: skip
+        self.worker.start()
+        log.info("replica of %s ready (%s, %s)", self.loaded.model_id, self.loaded.device,
+                 self.loaded.dtype, extra={"model": self.loaded.model_id})  # fmt: skip
+
+    # --- what the ingress and Ray Serve call -----------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What an ingress needs to check and compile specs for this model (JSON data)."""
+        loaded = self.loaded
+        widths = [[m, io, w] for (m, io), w in sorted((loaded.module_widths or {}).items())]
+        return {
+            "model_id": loaded.model_id,
+            "pid": os.getpid(),
+            "revision": loaded.revision,
+            "device": str(loaded.device),
+            "dtype": loaded.dtype,
+            "weights_sha256": loaded.weights_sha256,
+            "module_widths": widths,
+        }
+
+    def wake(self) -> None:
+        """A job of this model was queued: claim now rather than at the next poll."""
+        self.worker.wake.set()
+
+    def check_health(self) -> None:
+        """Ray Serve restarts a replica whose worker thread stopped."""
+        if not self.worker.is_alive():
+            raise RuntimeError("the replica's worker thread stopped")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The queued and running jobs of this model, for the autoscaling policy."""
+        return {"jobs": float(self.store.active_jobs(self.loaded.model_id))}
+
+    async def run_shard(self, job_id: str, forwards: list[int]) -> bytes:
+        """Run some forwards of a job another replica claimed; safetensors bytes."""
+        return await asyncio.to_thread(self._run_shard, job_id, tuple(forwards))
+
+    def __del__(self) -> None:  # Ray Serve's graceful replica shutdown
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop(self.grace_s)
+            self.store.close()
+
+    # --- inside -----------------------------------------------------------------------------
+
+    def _run_shard(self, job_id: str, forwards: tuple[int, ...]) -> bytes:
+        job = self._prepare(job_id)
+        last = [0.0]
+
+        def checkpoint() -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.5:
+                last[0] = now
+                if self.store.cancel_requested(job_id) or not self._running(job_id):
+                    raise RunError(f"job {job_id} is no longer running")
+
+        with self.worker.run_lock:
+            out = execute_shard(
+                job.plan, self.loaded.model, forwards, pad_id=self.loaded.tokenizer.pad_id,
+                checkpoint=checkpoint,
+            )  # fmt: skip
+        return shard_to_bytes(out)
+
+    def _running(self, job_id: str) -> bool:
+        record = self.store.record(job_id)
+        return record is not None and record.state == "running"
+
+    def _prepare(self, job_id: str) -> admission.PreparedJob:
+        """The job compiled from its stored spec (the last few kept: a job's shards reuse it)."""
+        if job_id in self._prepared:
+            self._prepared.move_to_end(job_id)
+            return self._prepared[job_id]
+        record = self.store.record(job_id)
+        if record is None or record.state != "running":
+            raise RunError(f"job {job_id} is not running")
+        spec = json.loads(record.spec_json)
+        job = admission.prepare_job(spec, self.loaded, self.limits, spec_file=record.spec_file)
+        self._prepared[job_id] = job
+        while len(self._prepared) > 4:
+            self._prepared.popitem(last=False)
+        return job
+
+    def _own_handle(self) -> Any:
+        from ray import serve
+
+        return serve.get_deployment_handle(self.deployment, self.app)
+
+    def _running_replicas(self) -> int:
+        """This deployment's running replicas (asked of Ray Serve at most every 5 s)."""
+        asked, count = self._replica_count
+        if time.monotonic() - asked > 5.0:
+            from ray import serve
+
+            try:
+                app = serve.status().applications[self.app]
+                count = app.deployments[self.deployment].replica_states.get("RUNNING", 1)
+            except Exception:  # the controller busy or restarting: no split this time
+                count = 1
+            self._replica_count = (time.monotonic(), count)
+        return count
