@@ -23,7 +23,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -298,25 +297,3 @@ def _assert_store_records(url: str, answered: dict[str, str]) -> None:
     assert not missing
     assert all(len(jobs) == 1 for key, jobs in by_key.items() if key in answered)
     assert {k: v[0] for k, v in by_key.items() if k in answered} == answered
-
-
-def test_deploy_config_file_and_cli(tmp_path: Path):
-    """A deploy file's mistakes are located; the CLI takes --deploy and checks its flags."""
-    from click.testing import CliRunner
-
-    from specsight.cli import main
-    from specsight.errors import SpecError
-    from specsight.remote.cluster import load_deploy_config
-
-    bad = tmp_path / "deploy.yaml"
-    bad.write_text("db: postgresql://u@h/db\nmodels:\n  - id: tiny-llama\n    replica: 2\n")
-    with pytest.raises(SpecError) as err:
-        load_deploy_config(bad)
-    text = str(err.value)
-    assert "deploy.yaml:4:5" in text and "models[0].replica" in text
-    assert "did you mean 'replicas'" in text
-    runner = CliRunner()
-    result = runner.invoke(main, ["serve", "--ray", "--deploy", str(bad), "--model", "x"])
-    assert result.exit_code == 2 and "drop --model" in result.output
-    result = runner.invoke(main, ["serve", "--ray", "--deploy", str(bad), "--insecure-no-auth"])
-    assert result.exit_code == 2 and "did you mean 'replicas'" in result.output

@@ -114,8 +114,12 @@ def app_name(prefix: str, model_id: str) -> str:
     return f"{prefix}-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_id).strip("-")
 
 
-def deployment_options(entry: ModelDeployment, grace_s: float) -> dict[str, Any]:
-    """Ray Serve options of a model's deployment (replicas or autoscaling, resources)."""
+def deployment_options(
+    entry: ModelDeployment, grace_s: float, log_level: str = "info", log_format: str = "text"
+) -> dict[str, Any]:
+    """Ray Serve options of a model's deployment (replicas or autoscaling, resources, Ray
+    Serve's own log lines without its per-call access log)."""
+    encoding = "JSON" if log_format == "json" else "TEXT"
     options: dict[str, Any] = {
         "name": _DEPLOYMENT,
         "ray_actor_options": {"num_cpus": entry.num_cpus, "num_gpus": entry.num_gpus},
@@ -123,6 +127,11 @@ def deployment_options(entry: ModelDeployment, grace_s: float) -> dict[str, Any]
         "health_check_period_s": 2.0,
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": grace_s + 5.0,
+        "logging_config": {
+            "encoding": encoding,
+            "log_level": log_level.upper(),
+            "enable_access_log": False,
+        },  # fmt: skip
     }
     if entry.autoscaling is not None:
         scaling = dict(entry.autoscaling)
@@ -133,9 +142,12 @@ def deployment_options(entry: ModelDeployment, grace_s: float) -> dict[str, Any]
     return options
 
 
-def deploy_models(config: DeployConfig) -> Cluster:
+def deploy_models(
+    config: DeployConfig, *, log_level: str = "info", log_format: str = "text"
+) -> Cluster:
     """Deploy every model of ``config`` on the connected Ray cluster; waits until each
-    application is running."""
+    application is running. Replicas log as the ingress does (``log_format`` json: one JSON
+    object per line)."""
     from ray import serve
 
     serve.start(proxy_location="Disabled")
@@ -144,12 +156,14 @@ def deploy_models(config: DeployConfig) -> Cluster:
     retention_s = config.retention_days * 86400
     for entry in config.models:
         name = app_name(config.app_prefix, entry.id)
-        deployment = serve.deployment(ModelReplica, **deployment_options(entry, config.grace_s))
+        options = deployment_options(entry, config.grace_s, log_level, log_format)
+        deployment = serve.deployment(ModelReplica, **options)
         replica_args = (entry.model_dump(), config.db, limits, retention_s, name, _DEPLOYMENT)
         log.info("deploying %s as %s", entry.id, name, extra={"model": entry.id})
-        serve.run(
-            deployment.bind(*replica_args, grace_s=config.grace_s), name=name, route_prefix=None
+        bound = deployment.bind(
+            *replica_args, grace_s=config.grace_s, log_level=log_level, log_format=log_format
         )
+        serve.run(bound, name=name, route_prefix=None)
         apps[entry.id] = name
     return Cluster(config, apps)
 
@@ -172,7 +186,7 @@ def serve_cluster(
     cluster = None
     try:
         log.info("job store %s: recovered %s", store.location, store.recover())
-        cluster = deploy_models(config)
+        cluster = deploy_models(config, log_level=log_level, log_format=log_format)
         app = create_app(
             cluster.models(), store=store, keys=keys, limits=config.limits,
             start_worker=False, grace_s=config.grace_s, notify=cluster.wake,

@@ -42,6 +42,7 @@ from ...results import results_from_raw
 from .. import admission
 from ..jobs import open_job_store
 from ..protocol import Limits
+from ..telemetry import JsonLogFormatter
 from ..worker import Worker
 from .config import ModelDeployment
 
@@ -158,8 +159,10 @@ class ModelReplica:
 
     def __init__(
         self, entry: dict[str, Any], db: str, limits: dict[str, Any], retention_s: float,
-        app: str, deployment: str, grace_s: float = 30.0,
+        app: str, deployment: str, grace_s: float = 30.0, log_level: str = "info",
+        log_format: str = "text",
     ):  # fmt: skip
+        _log_to_stderr(log_level, log_format)
         self.entry = ModelDeployment.model_validate(entry)
         self.app, self.deployment, self.grace_s = app, deployment, grace_s
         self.loaded = load_model(
@@ -279,3 +282,15 @@ class ModelReplica:
                 count = 1
             self._replica_count = (time.monotonic(), count)
         return count
+
+
+def _log_to_stderr(level: str, log_format: str) -> None:
+    """specsight's log lines on the replica's stderr, which Ray forwards to the ingress's
+    output (and keeps in its worker log files): plain, or one JSON object per line."""
+    logger = logging.getLogger("specsight")
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(name)s: %(message)s")
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else text)
+    logger.handlers = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
