@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
     args.model, args.poll, args.job_timeout = "tiny-llama", 0.2, 120.0
     args.drain_timeout, args.ready_timeout = 60.0, 240.0
+    os.environ["RAY_DEDUP_LOGS"] = "0"  # every replica's batch lines reach the ingress's log
     result = run_all(args)
     out = RESULTS.with_name("cluster_load_quick.json") if args.quick else RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)

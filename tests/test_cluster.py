@@ -88,6 +88,7 @@ def cluster(postgres_server, tmp_path_factory):
     with postgres_server.database() as url:
         ray.init(
             num_cpus=2, include_dashboard=False, _temp_dir=str(folder), log_to_driver=False,
+            object_store_memory=256 << 20,  # a container's /dev/shm may be small
             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
         )  # fmt: skip
         config = DeployConfig(
