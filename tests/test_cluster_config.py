@@ -107,7 +107,7 @@ def _context(reports: dict[str, float], current: int = 2, target: float = 4.0):
 def test_the_policy_asks_one_replica_per_target_jobs():
     # every replica reads the same store: the largest report counts, not the sum
     assert jobs_per_replica_policy(_context({"r1": 9.0, "r2": 9.0}))[0] == 3
-    assert jobs_per_replica_policy(_context({"r1": 0.0}))[0] == 1
+    assert jobs_per_replica_policy(_context({"r1": 0.0}))[0] == 0  # Ray applies min_replicas
     assert jobs_per_replica_policy(_context({"r1": 8.0}, target=8))[0] == 1
     assert jobs_per_replica_policy(_context({}, current=3))[0] == 3  # nothing reported yet
 
@@ -129,3 +129,51 @@ def test_serve_flags_for_a_cluster(tmp_path: Path):
     result = runner.invoke(main, ["serve", "--insecure-no-auth"])
     assert result.exit_code == 2 and "--model" in result.output
     assert isinstance(DeployConfig.model_json_schema(), dict)
+
+
+def test_command_line_flags_go_over_the_deploy_file(tmp_path: Path, monkeypatch):
+    pytest.importorskip("ray")
+    import specsight.remote.cluster.deploy as deploy
+
+    seen = {}
+    monkeypatch.setattr(deploy, "serve_cluster", lambda config, **kw: seen.update(config=config))
+    (tmp_path / "keys.txt").write_text("alice:" + "a" * 64 + "\n")
+    path = tmp_path / "deploy.yaml"
+    path.write_text(GOOD)
+    args = ["serve", "--ray", "--deploy", str(path), "--port", "9001", "--max-job-seconds", "60"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert config.port == 9001 and config.host == "0.0.0.0"
+    # one limit given: the file's other limits stay
+    assert config.limits.max_job_seconds == 60 and config.limits.max_queue == 256
+    assert config.keys == str(tmp_path / "keys.txt")
+    (tmp_path / "keys.txt").unlink()
+    result = CliRunner().invoke(main, ["serve", "--ray", "--deploy", str(path)])
+    assert result.exit_code == 2 and "keys: there is no file" in result.output
+
+
+def test_a_model_listed_twice_is_refused(tmp_path: Path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text("db: postgresql://u@h/d\nmodels:\n  - id: m\n  - id: m\n")
+    with pytest.raises(SpecError, match="model 'm' is listed twice"):
+        load_deploy_config(path)
+
+
+def test_queued_jobs_of_models_not_served_fail(tmp_path: Path):
+    from specsight.remote.jobs import open_job_store
+    from specsight.remote.protocol import ErrorBody
+
+    with open_job_store(tmp_path / "jobs.sqlite") as store:
+        kept, _ = store.submit(
+            owner="o", model="a", spec_json="{}", spec_file=None, idempotency_key=None
+        )
+        gone, _ = store.submit(
+            owner="o", model="b", spec_json="{}", spec_file=None, idempotency_key=None
+        )
+        assert store.active_jobs("b") == 1 and store.record(gone.id).model == "b"
+        error = ErrorBody(error="run-error", message="not served")
+        assert store.fail_unserved({"a"}, error) == 1
+        assert store.record(gone.id).state == "failed"
+        assert store.record(kept.id).state == "queued"
+        assert store.active_jobs("b") == 0

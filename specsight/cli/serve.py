@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from .app import guard, json_option, main
+from .serve_ray import cluster_config
 
 __all__: list[str] = []
 
@@ -199,9 +200,24 @@ def serve(
 
     from ..remote.auth import ENV_VAR, KeyFileError, KeyRing
 
-    cluster = _cluster_config(locals(), use_ray, deploy_file, ctx=click.get_current_context())
-    if cluster is not None and keys_file is None and cluster.keys is not None:
-        keys_file = Path(cluster.keys)
+    if device_map is not None and device != "auto":
+        raise click.UsageError("--device and --device-map both place the models; keep one")
+    if max_memory and device_map is None:
+        raise click.UsageError("--max-memory goes with --device-map")
+    memory = {}
+    for item in max_memory:
+        where, sep, size = item.partition("=")
+        if not sep or not where or not size:
+            raise click.UsageError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. 0=70GiB")
+        memory[where] = size
+    limits = _limits(max_queue, max_queue_per_key, max_job_seconds)
+    cluster = cluster_config(locals(), use_ray, deploy_file, ctx=click.get_current_context())
+    if cluster is not None:
+        host = cluster.host  # for the warning below
+        if keys_file is None and cluster.keys is not None:
+            keys_file = Path(cluster.keys)
+            if not keys_file.is_file():
+                raise click.UsageError(f"{deploy_file}: keys: there is no file {keys_file}")
     if cluster is None and not model_ids:
         raise click.UsageError("name a model to serve: --model ID (repeat for several)")
     try:
@@ -239,22 +255,9 @@ def serve(
             fg="red",
             bold=True,
         )
-    limits = _limits(max_queue, max_queue_per_key, max_job_seconds)
-    if device_map is not None and device != "auto":
-        raise click.UsageError("--device and --device-map both place the models; keep one")
-    if max_memory and device_map is None:
-        raise click.UsageError("--max-memory goes with --device-map")
-    memory = {}
-    for item in max_memory:
-        where, sep, size = item.partition("=")
-        if not sep or not where or not size:
-            raise click.UsageError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. 0=70GiB")
-        memory[where] = size
     if cluster is not None:
         from ..remote.cluster.deploy import serve_cluster
 
-        if any(_given(click.get_current_context(), n) for n in _LIMIT_FLAGS):
-            cluster.limits = limits  # the command line's limits over the deploy file's
         serve_cluster(cluster, keys=keys, log_format=log_format, header_timeout_s=header_timeout)
         return
     run_server(
@@ -299,83 +302,6 @@ def hash_key_command(name: str, generate: bool, as_json: bool) -> None:
     except KeyFileError:
         raise click.UsageError(f"bad --name '{name}': use letters, digits, _ . @ -") from None
     click.echo(json.dumps({"name": name, "line": line}) if as_json else line)
-
-
-def _cluster_config(
-    given: dict[str, Any], use_ray: bool, deploy_file: Path | None, ctx: Any
-) -> Any:
-    """The cluster deployment ``--ray`` asks for: the ``--deploy`` file, or one made of the
-    command line's models and options (None: a single server)."""
-    ray_only = ("address", "replicas", "num_gpus", "num_cpus")
-    if not use_ray:
-        flags = [n for n in ray_only + ("deploy_file",) if _given(ctx, n)]
-        if flags:
-            names = ", ".join(_flag(ctx, n) for n in flags)
-            raise click.UsageError(f"{names}: only with --ray")
-        return None
-    try:
-        import ray  # noqa: F401
-
-        from ..remote.cluster import DeployConfig, load_deploy_config
-    except ImportError as exc:
-        raise click.UsageError(
-            f"--ray needs Ray Serve ({exc}): pip install 'specsight[cluster]'"
-        ) from None
-    if deploy_file is not None:
-        in_file = ("model_ids", "db_path", "device", "device_map", "max_memory", "dtype")
-        clash = [_flag(ctx, n) for n in in_file + ray_only[1:] + ("batch_jobs",) if _given(ctx, n)]
-        if clash:
-            raise click.UsageError(
-                f"--deploy gives the models, replicas and store; drop {', '.join(clash)}"
-            )
-        config = load_deploy_config(deploy_file)
-        if config.keys is not None:
-            config.keys = str((deploy_file.parent / config.keys).resolve())
-        if _given(ctx, "address"):
-            config.address = given["address"]
-        return config
-    if not given["model_ids"]:
-        raise click.UsageError("--ray serves the --model IDs (or a --deploy file's models)")
-    memory = dict(m.partition("=")[::2] for m in given["max_memory"]) or None
-    entries = [
-        {
-            "id": model_id,
-            "dtype": given["dtype"],
-            "device": given["device"],
-            "device_map": given["device_map"],
-            "max_memory": memory,
-            "replicas": given["replicas"],
-            "num_gpus": given["num_gpus"],
-            "num_cpus": given["num_cpus"],
-            "batch_jobs": given["batch_jobs"],
-        }  # fmt: skip
-        for model_id in given["model_ids"]
-    ]
-    from pydantic import ValidationError
-
-    try:
-        return DeployConfig(
-            address=given["address"], host=given["host"], port=given["port"],
-            db=str(given["db_path"]), models=entries, grace_s=given["grace"],
-            retention_days=given["retention_days"],
-        )  # fmt: skip
-    except ValidationError as exc:
-        raise click.UsageError(
-            "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-        ) from None
-
-
-_LIMIT_FLAGS = ("max_queue", "max_queue_per_key", "max_job_seconds")
-
-
-def _flag(ctx: Any, name: str) -> str:
-    """The option's spelling on the command line (``model_ids`` -> ``--model``)."""
-    return next(p.opts[0] for p in ctx.command.params if p.name == name)
-
-
-def _given(ctx: Any, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name == "COMMANDLINE"
 
 
 def _limits(

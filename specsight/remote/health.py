@@ -44,8 +44,8 @@ def health_router() -> APIRouter:
             return body
         message = f"not ready: {what}"
         if what == "no-replica" and replicas is not None:
-            down = {m: s for m, s in replicas.items() if not s.get("RUNNING")}
-            message += "; replicas of " + ", ".join(f"{m} {s or 'none'}" for m, s in down.items())
+            down = {m: s for m, s in replicas.items() if s and not s.get("RUNNING")}
+            message += "; replicas of " + ", ".join(f"{m} {s}" for m, s in down.items())
         return error_response(503, ErrorBody(error=what, message=message))
 
     @router.get(

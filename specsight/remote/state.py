@@ -66,6 +66,7 @@ class ServerState:
             return "worker-down"
         if self.replica_states is not None:
             states = self.replica_states()
-            if any(not by_state.get("RUNNING") for by_state in states.values()):
+            # none running, but some starting or failed ({}: scaled to zero on purpose)
+            if any(by_state and not by_state.get("RUNNING") for by_state in states.values()):
                 return "no-replica"
         return None

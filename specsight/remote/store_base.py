@@ -324,6 +324,12 @@ class JobStoreBase(ABC):
                 q, args = q + " AND worker=? AND state='running'", (*args, worker)
             return con.execute(q, args).rowcount == 1
 
+    def fail_unserved(self, models: set[str], error: ErrorBody) -> int:
+        """Fail the queued jobs of models not in ``models`` (a cluster started without a model
+        some queued jobs wait for: nothing would ever claim them); the count."""
+        rows = self._all("SELECT id, model FROM jobs WHERE state='queued'")
+        return sum(self.fail(job, None, error) for job, model in rows if model not in models)
+
     def requeue(self, job_id: str, worker: str) -> bool:
         """Give a running job back to the queue (a draining server). Not a failed attempt:
         ``attempts`` is decremented. A job whose cancel was requested becomes cancelled."""

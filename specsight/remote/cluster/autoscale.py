@@ -4,8 +4,10 @@ Jobs do not reach replicas as Ray Serve requests (replicas claim them from the j
 Ray's default policy, which counts requests, would see no load. Each replica reports its model's
 queued and running jobs (``record_autoscaling_stats``); every replica reads the same store, so
 the policy takes the largest report, not the sum, and asks for one replica per
-``target_ongoing_requests`` jobs. Ray Serve then applies the deployment's ``min_replicas``,
-``max_replicas``, delays and scaling factors as for its own policies.
+``target_ongoing_requests`` jobs (none without jobs). Ray Serve then applies the deployment's
+``min_replicas``, ``max_replicas``, delays and scaling factors as for its own policies. With
+``min_replicas: 0``, the wake-up the ingress sends through the deployment's handle after a submit
+is what starts a replica again (Ray Serve's cold start).
 """
 
 from __future__ import annotations
@@ -26,4 +28,4 @@ def jobs_per_replica_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
         return ctx.current_num_replicas, {}
     jobs = max(reports.values())
     target = float(ctx.config.get_target_ongoing_requests() or 1.0)
-    return max(1, math.ceil(jobs / target)), {"jobs": jobs}
+    return math.ceil(jobs / target), {"jobs": jobs}

@@ -42,7 +42,7 @@ class ModelDeployment(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPU cores each replica reserves")
     batch_jobs: int = Field(16, ge=1, description="queued jobs one replica runs together")
     shard_rows: int = Field(
-        4096, ge=1, description="a job of more rows is split across the replicas"
+        4096, ge=1, description="a job of at least this many rows is split across the replicas"
     )
     autoscaling: dict[str, Any] | None = Field(
         None,
@@ -75,6 +75,16 @@ class DeployConfig(_Strict):
     models: list[ModelDeployment] = Field(min_length=1)
     #: the Ray Serve application name prefix of the model deployments
     app_prefix: str = Field("specsight", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+
+    @field_validator("models")
+    @classmethod
+    def _one_entry_per_model(cls, value: list[ModelDeployment]) -> list[ModelDeployment]:
+        seen: set[str] = set()
+        for entry in value:
+            if entry.id in seen:
+                raise ValueError(f"model '{entry.id}' is listed twice; give it one entry")
+            seen.add(entry.id)
+        return value
 
     @field_validator("db")
     @classmethod

@@ -18,9 +18,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ModelLoadError
+from ...errors import ModelLoadError, RunError
 from ...models.load import LoadedModel, load_model_info
 from ..jobs import open_job_store
+from ..protocol import ErrorBody
 from ..serve import configure_logging, draining_server, server_config
 from ..server import create_app
 from .autoscale import POLICY
@@ -78,7 +79,9 @@ class Cluster:
             handle.wake.remote()
 
     def replica_states(self) -> dict[str, dict[str, int]]:
-        """{model id: {replica state: count}} from Ray Serve (cached for a second)."""
+        """{model id: {replica state: count}} from Ray Serve (cached for a second); ``{}`` for a
+        deployment autoscaled to zero replicas, MISSING or UNREACHABLE when Ray Serve does not
+        know the deployment or cannot be asked."""
         with self._lock:
             asked, states = self._states
             if time.monotonic() - asked < _STATUS_TTL_S:
@@ -90,23 +93,28 @@ class Cluster:
                 states = {
                     m: dict(status[app].deployments[_DEPLOYMENT].replica_states)
                     if app in status and _DEPLOYMENT in status[app].deployments
-                    else {}
+                    else {"MISSING": 1}
                     for m, app in self.apps.items()
                 }
             except Exception:  # the Serve controller unreachable: no replica known to run
                 log.exception("reading the replicas' states failed")
-                states = {m: {} for m in self.apps}
+                states = {m: {"UNREACHABLE": 1} for m in self.apps}
             self._states = (time.monotonic(), states)
             return states
 
     def delete(self) -> None:
-        from ray import serve
+        """Delete the deployments (their replicas drain first)."""
+        _delete_apps(self.apps)
 
-        for app in self.apps.values():
-            try:
-                serve.delete(app)
-            except Exception:  # pragma: no cover - shutting down anyway
-                log.exception("deleting %s failed", app)
+
+def _delete_apps(apps: dict[str, str]) -> None:
+    from ray import serve
+
+    for app in apps.values():
+        try:
+            serve.delete(app)
+        except Exception:  # pragma: no cover - shutting down anyway
+            log.exception("deleting %s failed", app)
 
 
 def app_name(prefix: str, model_id: str) -> str:
@@ -143,15 +151,20 @@ def deployment_options(
 
 
 def deploy_models(
-    config: DeployConfig, *, log_level: str = "info", log_format: str = "text"
+    config: DeployConfig,
+    *,
+    log_level: str = "info",
+    log_format: str = "text",
+    deployed: dict[str, str] | None = None,
 ) -> Cluster:
     """Deploy every model of ``config`` on the connected Ray cluster; waits until each
     application is running. Replicas log as the ingress does (``log_format`` json: one JSON
-    object per line)."""
+    object per line). ``deployed`` collects {model id: application} as they are deployed, so
+    that a caller can delete them when a later one fails."""
     from ray import serve
 
     serve.start(proxy_location="Disabled")
-    apps: dict[str, str] = {}
+    apps: dict[str, str] = {} if deployed is None else deployed
     limits = config.limits.model_dump()
     retention_s = config.retention_days * 86400
     for entry in config.models:
@@ -163,8 +176,8 @@ def deploy_models(
         bound = deployment.bind(
             *replica_args, grace_s=config.grace_s, log_level=log_level, log_format=log_format
         )
-        serve.run(bound, name=name, route_prefix=None)
         apps[entry.id] = name
+        serve.run(bound, name=name, route_prefix=None)
     return Cluster(config, apps)
 
 
@@ -181,12 +194,27 @@ def serve_cluster(
     import ray
 
     configure_logging(log_level, log_format)
-    ray.init(address=config.address, include_dashboard=False, log_to_driver=True)
+    try:
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = config.address or "a local instance"
+        raise RunError(
+            f"cannot start or join the Ray cluster ({where}): {exc}",
+            hint="start the head node with `ray start --head`, or leave out address to run "
+            "a local Ray instance",
+        ) from None
     store = open_job_store(config.db, retention_s=config.retention_days * 86400)
-    cluster = None
+    apps: dict[str, str] = {}
     try:
         log.info("job store %s: recovered %s", store.location, store.recover())
-        cluster = deploy_models(config, log_level=log_level, log_format=log_format)
+        cluster = deploy_models(config, log_level=log_level, log_format=log_format, deployed=apps)
+        unserved = ErrorBody(
+            error="run-error",
+            message="this server no longer runs the job's model",
+            hint="submit it again to a server that runs it (GET /v1/models)",
+        )
+        if failed := store.fail_unserved(set(apps), unserved):
+            log.warning("failed %d queued job(s) of models no longer deployed", failed)
         app = create_app(
             cluster.models(), store=store, keys=keys, limits=config.limits,
             start_worker=False, grace_s=config.grace_s, notify=cluster.wake,
@@ -198,7 +226,6 @@ def serve_cluster(
         )  # fmt: skip
         draining_server(uvicorn_config, app.state.server, on_stopped=lambda: None).run()
     finally:
-        if cluster is not None:
-            cluster.delete()
+        _delete_apps(apps)
         store.close()
         ray.shutdown()

@@ -18,6 +18,7 @@ compiles the job's spec from the store itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ...engine import (
@@ -45,12 +47,14 @@ from ..protocol import Limits
 from ..telemetry import JsonLogFormatter
 from ..worker import Worker
 from .config import ModelDeployment
+from .metrics import ReplicaMetrics
 
 if TYPE_CHECKING:
     from ...models.load import LoadedModel
     from ...results import Results
+    from ..records import JobRecord
 
-__all__ = ["ModelReplica", "ShardingWorker"]
+__all__ = ["ModelReplica", "ShardingWorker", "hold"]
 
 log = logging.getLogger("specsight.serve")
 _SHARD_TRIES = 3  # sends of one shard (a replica died under it) before the job fails
@@ -59,7 +63,8 @@ _POLL_S = 0.2
 
 class ShardingWorker(Worker):
     """A replica's worker: one engine run at a time on its model (``run_lock``, shared with the
-    shards other replicas send here), and large sweeps split across the replicas."""
+    shards other replicas send here; the lease is kept while waiting for it), and each large
+    shardable job run alone, split across the replicas."""
 
     def __init__(
         self,
@@ -74,6 +79,21 @@ class ShardingWorker(Worker):
         self.run_lock, self.shard_rows = run_lock, shard_rows
         self._replicas, self._handle = replicas, handle
 
+    def _run_group(
+        self, group: list[tuple[JobRecord, admission.PreparedJob]], model: LoadedModel
+    ) -> None:
+        """A large shardable job is a group of its own: its own time limit, cancel and
+        failure, and its numbers those of a run in one process."""
+        big = [item for item in group if self._splits(item[1])]
+        if not big or len(group) == 1:
+            super()._run_group(group, model)
+            return
+        for item in big:
+            super()._run_group([item], model)
+        rest = [item for item in group if not self._splits(item[1])]
+        if rest:
+            super()._run_group(rest, model)
+
     def _run_batch(
         self,
         ids: list[str],
@@ -82,21 +102,17 @@ class ShardingWorker(Worker):
         progress: Callable[[int, int], None],
         checkpoint: Callable[[], None],
     ) -> list[Results]:
-        """Large shardable jobs split across the replicas (each alone, so its numbers are
-        those of a run in one process); the others share forwards here."""
-        parts = self._replicas() if any(self._splits(job) for job in jobs) else 1
-        big = [i for i, job in enumerate(jobs) if parts > 1 and self._splits(job)]
-        rest = [i for i in range(len(jobs)) if i not in big]
-        results: dict[int, Results] = {}
-        for i in big:
-            results[i] = self._sharded(ids[i], jobs[i], model, parts, progress, checkpoint)
-        if rest:
-            with self.run_lock:
-                shared = super()._run_batch(
-                    [ids[i] for i in rest], [jobs[i] for i in rest], model, progress, checkpoint
-                )
-            results.update(zip(rest, shared))
-        return [results[i] for i in range(len(jobs))]
+        if len(jobs) == 1 and self._splits(jobs[0]):
+            parts = self._replicas()
+            if parts > 1:
+                return [self._sharded(ids[0], jobs[0], model, parts, progress, checkpoint)]
+            log.info("job %s runs here in one piece: no other replica runs", ids[0],
+                     extra={"job_id": ids[0]})  # fmt: skip
+        hold(self.run_lock, checkpoint)
+        try:
+            return super()._run_batch(ids, jobs, model, progress, checkpoint)
+        finally:
+            self.run_lock.release()
 
     def _splits(self, job: admission.PreparedJob) -> bool:
         return len(job.plan.rows) >= self.shard_rows and shardable(job.plan) is None
@@ -111,14 +127,19 @@ class ShardingWorker(Worker):
         checkpoint: Callable[[], None],
     ) -> Results:
         """Send the job's shards through the deployment, wait (heartbeats, cancel and the time
-        limit checked meanwhile), merge."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        limit checked meanwhile), merge. A shard whose replica died is sent again; one that
+        failed fails the job with the shard's own error."""
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         started = time.perf_counter()
         shards = shard_forwards(job.plan, parts)
         rows = [sum(len(job.plan.forwards[f].rows) for f in s) for s in shards]
         handle = self._handle()
-        sent = {i: handle.run_shard.remote(job_id, list(s)) for i, s in enumerate(shards)}
+
+        def send(i: int) -> Any:
+            return handle.run_shard.remote(job_id, list(shards[i]), self.id)
+
+        sent = {i: send(i) for i in range(len(shards))}
         tries = dict.fromkeys(sent, 1)
         outputs: dict[int, Any] = {}
         try:
@@ -126,7 +147,7 @@ class ShardingWorker(Worker):
                 checkpoint()
                 for i, response in list(sent.items()):
                     try:
-                        data = response.result(timeout_s=_POLL_S / max(1, len(sent)))
+                        answer = response.result(timeout_s=_POLL_S / max(1, len(sent)))
                     except TimeoutError:
                         continue
                     except (RayActorError, ActorUnavailableError) as exc:
@@ -136,9 +157,17 @@ class ShardingWorker(Worker):
                         log.warning("shard %d of job %s: replica lost; sent again", i, job_id,
                                     extra={"job_id": job_id})  # fmt: skip
                         tries[i] += 1
-                        sent[i] = handle.run_shard.remote(job_id, list(shards[i]))
+                        sent[i] = send(i)
                         continue
-                    outputs[i] = shard_from_bytes(data)
+                    except RayTaskError as exc:  # the shard's own error, without Ray's trace
+                        raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+                    if answer["weights"] != model.weights_sha256:
+                        raise RunError(
+                            "the replicas of this model run different weights "
+                            f"({answer['weights'][:12]} and {model.weights_sha256[:12]})",
+                            hint="redeploy so that every replica loads the same checkpoint",
+                        )
+                    outputs[i] = shard_from_bytes(answer["data"])
                     del sent[i]
                     progress(sum(rows[j] for j in outputs), sum(rows))
         finally:
@@ -149,6 +178,13 @@ class ShardingWorker(Worker):
         timings.update(total_s=time.perf_counter() - started, batched_jobs=1.0,
                        shards=float(len(shards)))  # fmt: skip
         return results_from_raw(job.spec, job.doc, job.plan, model, raw, timings)
+
+
+def hold(lock: threading.Lock, checkpoint: Callable[[], None]) -> None:
+    """Acquire ``lock``, calling ``checkpoint`` (heartbeats, cancel, time limit) while waiting:
+    a job waiting for its turn keeps its lease."""
+    while not lock.acquire(timeout=_POLL_S):
+        checkpoint()
 
 
 class ModelReplica:
@@ -175,12 +211,15 @@ class ModelReplica:
         self.limits = Limits(**limits)
         self.store = open_job_store(db, retention_s=retention_s)
         self._prepared: OrderedDict[str, admission.PreparedJob] = OrderedDict()
+        self._prepared_lock = threading.Lock()
+        self._shard_thread = ThreadPoolExecutor(1, thread_name_prefix="shard")
         self._replica_count = (0.0, 1)
         self.worker = ShardingWorker(
             {self.loaded.model_id: self.loaded}, self.store, self.limits,
             batch_jobs=self.entry.batch_jobs, idle_s=0.25, model=self.loaded.model_id,
             run_lock=threading.Lock(), shard_rows=self.entry.shard_rows,
             replicas=self._running_replicas, handle=self._own_handle,
+            metrics=ReplicaMetrics(self.loaded.model_id),
         )  # fmt: skip
         self.worker.start()
         log.info("replica of %s ready (%s, %s)", self.loaded.model_id, self.loaded.device,
@@ -202,11 +241,11 @@ class ModelReplica:
             "module_widths": widths,
         }
 
-    def wake(self) -> None:
+    async def wake(self) -> None:
         """A job of this model was queued: claim now rather than at the next poll."""
         self.worker.wake.set()
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Ray Serve restarts a replica whose worker thread stopped."""
         if not self.worker.is_alive():
             raise RuntimeError("the replica's worker thread stopped")
@@ -215,9 +254,20 @@ class ModelReplica:
         """The queued and running jobs of this model, for the autoscaling policy."""
         return {"jobs": float(self.store.active_jobs(self.loaded.model_id))}
 
-    async def run_shard(self, job_id: str, forwards: list[int]) -> bytes:
-        """Run some forwards of a job another replica claimed; safetensors bytes."""
-        return await asyncio.to_thread(self._run_shard, job_id, tuple(forwards))
+    async def run_shard(self, job_id: str, forwards: list[int], claimer: str) -> dict[str, Any]:
+        """Run some forwards of a job the worker ``claimer`` holds: ``{"weights": this
+        replica's weights identity, "data": safetensors bytes}``. One shard at a time, on a
+        thread of its own (Ray Serve's calls keep theirs); a cancelled call stops the shard
+        at its next forward."""
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        work = functools.partial(self._run_shard, job_id, tuple(forwards), claimer, stop)
+        try:
+            data = await loop.run_in_executor(self._shard_thread, work)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        return {"weights": self.loaded.weights_sha256, "data": data}
 
     def __del__(self) -> None:  # Ray Serve's graceful replica shutdown
         worker = getattr(self, "worker", None)
@@ -227,41 +277,50 @@ class ModelReplica:
 
     # --- inside -----------------------------------------------------------------------------
 
-    def _run_shard(self, job_id: str, forwards: tuple[int, ...]) -> bytes:
+    def _run_shard(
+        self, job_id: str, forwards: tuple[int, ...], claimer: str, stop: threading.Event
+    ) -> bytes:
         job = self._prepare(job_id)
         last = [0.0]
 
         def checkpoint() -> None:
+            """The shard is abandoned, or its job no longer runs under its claimer."""
             now = time.monotonic()
+            if stop.is_set():
+                raise RunError(f"the shard of job {job_id} was abandoned")
             if now - last[0] >= 0.5:
                 last[0] = now
-                if self.store.cancel_requested(job_id) or not self._running(job_id):
-                    raise RunError(f"job {job_id} is no longer running")
+                record = self.store.record(job_id)
+                if record is None or record.state != "running" or record.worker != claimer:
+                    raise RunError(f"job {job_id} no longer runs under {claimer}")
+                if record.cancel_requested:
+                    raise RunError(f"job {job_id} was cancelled")
 
-        with self.worker.run_lock:
+        hold(self.worker.run_lock, checkpoint)
+        try:
             out = execute_shard(
                 job.plan, self.loaded.model, forwards, pad_id=self.loaded.tokenizer.pad_id,
                 checkpoint=checkpoint,
             )  # fmt: skip
+        finally:
+            self.worker.run_lock.release()
         return shard_to_bytes(out)
-
-    def _running(self, job_id: str) -> bool:
-        record = self.store.record(job_id)
-        return record is not None and record.state == "running"
 
     def _prepare(self, job_id: str) -> admission.PreparedJob:
         """The job compiled from its stored spec (the last few kept: a job's shards reuse it)."""
-        if job_id in self._prepared:
-            self._prepared.move_to_end(job_id)
-            return self._prepared[job_id]
+        with self._prepared_lock:
+            if job_id in self._prepared:
+                self._prepared.move_to_end(job_id)
+                return self._prepared[job_id]
         record = self.store.record(job_id)
         if record is None or record.state != "running":
             raise RunError(f"job {job_id} is not running")
         spec = json.loads(record.spec_json)
         job = admission.prepare_job(spec, self.loaded, self.limits, spec_file=record.spec_file)
-        self._prepared[job_id] = job
-        while len(self._prepared) > 4:
-            self._prepared.popitem(last=False)
+        with self._prepared_lock:
+            self._prepared[job_id] = job
+            while len(self._prepared) > 4:
+                self._prepared.popitem(last=False)
         return job
 
     def _own_handle(self) -> Any:
@@ -270,15 +329,16 @@ class ModelReplica:
         return serve.get_deployment_handle(self.deployment, self.app)
 
     def _running_replicas(self) -> int:
-        """This deployment's running replicas (asked of Ray Serve at most every 5 s)."""
+        """This deployment's running replicas (asked of Ray Serve at most once a second)."""
         asked, count = self._replica_count
-        if time.monotonic() - asked > 5.0:
+        if time.monotonic() - asked > 1.0:
             from ray import serve
 
             try:
                 app = serve.status().applications[self.app]
                 count = app.deployments[self.deployment].replica_states.get("RUNNING", 1)
             except Exception:  # the controller busy or restarting: no split this time
+                log.warning("Ray Serve's status could not be read", exc_info=True)
                 count = 1
             self._replica_count = (time.monotonic(), count)
         return count
