@@ -46,3 +46,26 @@ def test_json_log_lines_name_their_jobs():
     line = json.loads(JsonLogFormatter().format(record))
     assert line["message"] == "ran 2" and line["job_ids"] == ["a", "b"]
     assert line["level"] == "info" and line["logger"] == "specsight.worker"
+
+
+def test_a_failure_after_a_cancel_counts_as_cancelled(tmp_path):
+    from specsight.remote.jobs import open_job_store
+    from specsight.remote.protocol import Limits
+    from specsight.remote.worker import Worker
+
+    outcomes: list[str] = []
+
+    class Seen:
+        def finished(self, created: float, outcome: str) -> None:
+            outcomes.append(outcome)
+
+    with open_job_store(tmp_path / "jobs.sqlite") as store:
+        record, _ = store.submit(
+            owner="o", model="m", spec_json="{}", spec_file=None, idempotency_key=None
+        )
+        worker = Worker({}, store, Limits(), metrics=Seen())  # type: ignore[arg-type]
+        [claimed] = store.claim(worker.id)
+        store.cancel(record.id, "o")  # the owner cancels while it runs
+        worker._fail(claimed, RuntimeError("the run broke"))
+        assert store.record(record.id).state == "cancelled"
+    assert outcomes == ["cancelled"]

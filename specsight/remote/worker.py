@@ -308,7 +308,8 @@ class Worker:
         if body.error == "internal-error":
             log.error("job %s failed", rec.id, exc_info=exc, extra={"job_id": rec.id})
         if self.store.fail(rec.id, self.id, body):
-            self._finished(rec, "failed")
+            ended = self.store.record(rec.id)  # a pending cancel wins over the failure
+            self._finished(rec, ended.state if ended is not None else "failed")
 
     def _finished(self, rec: JobRecord, outcome: str) -> None:
         log.info("job %s %s", rec.id, outcome, extra={"job_id": rec.id, "worker": self.id})
