@@ -108,6 +108,9 @@ def server_config(
         port=port,
         log_level=log_level,
         lifespan="on",
+        # asyncio's loop, also where uvloop is installed (Ray Serve brings it): under a low
+        # open-file limit uvloop drops the connections it cannot accept without an answer
+        loop="asyncio",
         http=http,
         limit_concurrency=connection_limit(),
         timeout_keep_alive=5,
