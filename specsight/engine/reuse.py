@@ -162,14 +162,21 @@ class UntouchedRuns:
     def _get(
         self, sequences: list[tuple[int, ...]], device: torch.device, runner: Any
     ) -> list[_Run]:
-        missing = [s for s in sequences if s not in self.runs]
+        return self._hold(self.runs, sequences, lambda b: self._untouched(list(b), device, runner))
+
+    def _hold(self, held: OrderedDict, sequences: list[tuple[int, ...]], compute: Any) -> list:
+        """What ``held`` holds for ``sequences`` after the missing ones are computed, in
+        batches of ``self.batch`` (``compute(batch) -> {sequence: value}``), and the least
+        recently read beyond ``self.keep`` dropped. One policy for a run (:meth:`_get`) and
+        its replay (:meth:`replay`), so that a shard batches as a whole run does."""
+        missing = [s for s in sequences if s not in held]
         for i in range(0, len(missing), self.batch):
-            self.runs.update(self._untouched(missing[i : i + self.batch], device, runner))
+            held.update(compute(tuple(missing[i : i + self.batch])))
         for s in sequences:
-            self.runs.move_to_end(s)
-        while len(self.runs) > self.keep:
-            self.runs.popitem(last=False)
-        return [self.runs[s] for s in sequences]
+            held.move_to_end(s)
+        while len(held) > self.keep:
+            held.popitem(last=False)
+        return [held[s] for s in sequences]
 
     def replay(self, forwards: Sequence[Forward]) -> None:
         """Only ``forwards`` (the plan's, in its order; no backward pass) will run: each of
@@ -184,15 +191,7 @@ class UntouchedRuns:
             if (skip and self.layers is None) or (not skip and not self.has_cache):
                 continue  # as in prepare: no untouched run is read
             sequences = self._sequences(forward)[0]
-            missing = [s for s in sequences if s not in held]
-            for i in range(0, len(missing), self.batch):
-                batch = tuple(missing[i : i + self.batch])
-                held.update(dict.fromkeys(batch, batch))
-            for s in sequences:
-                held.move_to_end(s)
-            while len(held) > self.keep:
-                held.popitem(last=False)
-            self.schedule[forward.rows] = [held[s] for s in sequences]
+            self.schedule[forward.rows] = self._hold(held, sequences, lambda b: dict.fromkeys(b, b))
         self.pending = Counter(
             (s, batch)
             for f in forwards
