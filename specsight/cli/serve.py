@@ -210,7 +210,10 @@ def serve(
         if not sep or not where or not size:
             raise click.UsageError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. 0=70GiB")
         memory[where] = size
-    limits = _limits(max_queue, max_queue_per_key, max_job_seconds)
+    from ..remote.protocol import Limits
+
+    limit_flags = _limit_flags(max_queue, max_queue_per_key, max_job_seconds)
+    limits = Limits(**limit_flags)
     cluster = cluster_config(locals(), use_ray, deploy_file, ctx=click.get_current_context())
     if cluster is not None:
         host = cluster.host  # for the warning below
@@ -304,12 +307,10 @@ def hash_key_command(name: str, generate: bool, as_json: bool) -> None:
     click.echo(json.dumps({"name": name, "line": line}) if as_json else line)
 
 
-def _limits(
+def _limit_flags(
     max_queue: int | None, max_queue_per_key: int | None, max_job_seconds: float | None
-) -> Any:
-    """The server's limits from the command line (defaults for what is not given)."""
-    from ..remote.protocol import Limits
-
+) -> dict[str, Any]:
+    """The limits the command line sets (a --max-queue also sets the per-key share)."""
     given: dict[str, Any] = {}
     if max_queue is not None:
         given["max_queue"] = max_queue
@@ -318,4 +319,4 @@ def _limits(
         given["max_queue_per_key"] = max_queue_per_key
     if max_job_seconds is not None:
         given["max_job_seconds"] = max_job_seconds
-    return Limits(**given)
+    return given

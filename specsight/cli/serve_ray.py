@@ -43,11 +43,7 @@ def cluster_config(given: dict[str, Any], use_ray: bool, deploy_file: Path | Non
         for flag, field in _OVER_FILE.items():
             if _given(ctx, flag):
                 setattr(config, field, given[flag])
-        limits = [n for n in _LIMIT_FLAGS if _given(ctx, n)]
-        if "max_queue" in limits and "max_queue_per_key" not in limits:
-            limits.append("max_queue_per_key")  # follows --max-queue, as on a single server
-        update = {n: getattr(given["limits"], n) for n in limits}
-        config.limits = config.limits.model_copy(update=update)
+        config.limits = config.limits.model_copy(update=given["limit_flags"])
         return config
     if not given["model_ids"]:
         raise click.UsageError("--ray serves the --model IDs (or a --deploy file's models)")
@@ -79,7 +75,6 @@ def cluster_config(given: dict[str, Any], use_ray: bool, deploy_file: Path | Non
         ) from None
 
 
-_LIMIT_FLAGS = ("max_queue", "max_queue_per_key", "max_job_seconds")
 #: flags that override a deploy file's field: {flag: field}
 _OVER_FILE = {"address": "address", "host": "host", "port": "port", "grace": "grace_s",
               "retention_days": "retention_days"}  # fmt: skip
