@@ -18,7 +18,7 @@ from .connections import HEADER_TIMEOUT_S, GuardedH11, connection_limit, install
 from .jobs import open_job_store
 from .protocol import Limits
 from .server import ServerState, create_app
-from .telemetry import JsonLogFormatter
+from .telemetry import log_handler
 
 __all__ = ["configure_logging", "draining_server", "serve", "server_config"]
 
@@ -141,12 +141,11 @@ def draining_server(config: Any, state: ServerState, *, on_stopped: Any) -> Any:
 
 def configure_logging(level: str, log_format: str) -> None:
     """Plain lines, or (``json``) one JSON object per line with the job ids a record names."""
+    handler = log_handler(log_format)
     if log_format == "json":
-        handler = logging.StreamHandler()
-        handler.setFormatter(JsonLogFormatter())
         logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
         for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
             logging.getLogger(name).handlers = [handler]
             logging.getLogger(name).propagate = False
     else:
-        logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(level=level.upper(), handlers=[handler])

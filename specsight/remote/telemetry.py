@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["ServerMetrics", "JsonLogFormatter", "METRICS_CONTENT_TYPE"]
+__all__ = ["ServerMetrics", "JsonLogFormatter", "METRICS_CONTENT_TYPE", "log_handler"]
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -134,3 +134,12 @@ class JsonLogFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def log_handler(log_format: str) -> logging.Handler:
+    """A stderr handler of the server's log lines: plain, or (``json``) one JSON object per
+    line (a single server's and a cluster's replicas' alike)."""
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(name)s: %(message)s")
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else text)
+    return handler

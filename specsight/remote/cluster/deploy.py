@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ModelLoadError, RunError
@@ -27,6 +25,7 @@ from ..server import create_app
 from .autoscale import POLICY
 from .config import DeployConfig, ModelDeployment
 from .replica import ModelReplica
+from .status import DEPLOYMENT, ReplicaStates
 
 if TYPE_CHECKING:
     from ..auth import KeyRing
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["Cluster", "deploy_models", "serve_cluster"]
 
 log = logging.getLogger("specsight.serve")
-_DEPLOYMENT = "replica"
-_STATUS_TTL_S = 1.0
 
 
 class Cluster:
@@ -46,8 +43,8 @@ class Cluster:
 
         self.config, self.apps = config, apps  # {model id: Ray Serve application name}
         self.handles = {m: serve.get_app_handle(app) for m, app in apps.items()}
-        self._lock = threading.Lock()
-        self._states: tuple[float, dict[str, dict[str, int]]] = (0.0, {})
+        #: {model id: {replica state: count}} from Ray Serve
+        self.replica_states = ReplicaStates(apps)
 
     def models(self) -> dict[str, LoadedModel]:
         """What the ingress checks specs against: each model's tokenizer and info (no weights)
@@ -78,30 +75,6 @@ class Cluster:
         if handle is not None:
             handle.wake.remote()
 
-    def replica_states(self) -> dict[str, dict[str, int]]:
-        """{model id: {replica state: count}} from Ray Serve (cached for a second); ``{}`` for a
-        deployment autoscaled to zero replicas, MISSING or UNREACHABLE when Ray Serve does not
-        know the deployment or cannot be asked."""
-        with self._lock:
-            asked, states = self._states
-            if time.monotonic() - asked < _STATUS_TTL_S:
-                return states
-            from ray import serve
-
-            try:
-                status = serve.status().applications
-                states = {
-                    m: dict(status[app].deployments[_DEPLOYMENT].replica_states)
-                    if app in status and _DEPLOYMENT in status[app].deployments
-                    else {"MISSING": 1}
-                    for m, app in self.apps.items()
-                }
-            except Exception:  # the Serve controller unreachable: no replica known to run
-                log.exception("reading the replicas' states failed")
-                states = {m: {"UNREACHABLE": 1} for m in self.apps}
-            self._states = (time.monotonic(), states)
-            return states
-
     def delete(self) -> None:
         """Delete the deployments (their replicas drain first)."""
         _delete_apps(self.apps)
@@ -129,7 +102,7 @@ def deployment_options(
     Serve's own log lines without its per-call access log)."""
     encoding = "JSON" if log_format == "json" else "TEXT"
     options: dict[str, Any] = {
-        "name": _DEPLOYMENT,
+        "name": DEPLOYMENT,
         "ray_actor_options": {"num_cpus": entry.num_cpus, "num_gpus": entry.num_gpus},
         "max_ongoing_requests": 16,
         "health_check_period_s": 2.0,
@@ -171,7 +144,7 @@ def deploy_models(
         name = app_name(config.app_prefix, entry.id)
         options = deployment_options(entry, config.grace_s, log_level, log_format)
         deployment = serve.deployment(ModelReplica, **options)
-        replica_args = (entry.model_dump(), config.db, limits, retention_s, name, _DEPLOYMENT)
+        replica_args = (entry.model_dump(), config.db, limits, retention_s, name)
         log.info("deploying %s as %s", entry.id, name, extra={"model": entry.id})
         bound = deployment.bind(
             *replica_args, grace_s=config.grace_s, log_level=log_level, log_format=log_format

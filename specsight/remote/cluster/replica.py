@@ -44,10 +44,11 @@ from ...results import results_from_raw
 from .. import admission
 from ..jobs import open_job_store
 from ..protocol import Limits
-from ..telemetry import JsonLogFormatter
+from ..telemetry import log_handler
 from ..worker import Worker
 from .config import ModelDeployment
 from .metrics import ReplicaMetrics
+from .status import DEPLOYMENT, ReplicaStates
 
 if TYPE_CHECKING:
     from ...models.load import LoadedModel
@@ -195,12 +196,12 @@ class ModelReplica:
 
     def __init__(
         self, entry: dict[str, Any], db: str, limits: dict[str, Any], retention_s: float,
-        app: str, deployment: str, grace_s: float = 30.0, log_level: str = "info",
+        app: str, grace_s: float = 30.0, log_level: str = "info",
         log_format: str = "text",
     ):  # fmt: skip
         _log_to_stderr(log_level, log_format)
         self.entry = ModelDeployment.model_validate(entry)
-        self.app, self.deployment, self.grace_s = app, deployment, grace_s
+        self.app, self.grace_s = app, grace_s
         self.loaded = load_model(
             self.entry.id, dtype=self.entry.dtype, device=self.entry.device,
             device_map=self.entry.device_map, max_memory=self.entry.max_memory,
@@ -213,7 +214,7 @@ class ModelReplica:
         self._prepared: OrderedDict[str, admission.PreparedJob] = OrderedDict()
         self._prepared_lock = threading.Lock()
         self._shard_thread = ThreadPoolExecutor(1, thread_name_prefix="shard")
-        self._replica_count = (0.0, 1)
+        self._states = ReplicaStates({self.app: self.app})
         self.worker = ShardingWorker(
             {self.loaded.model_id: self.loaded}, self.store, self.limits,
             batch_jobs=self.entry.batch_jobs, idle_s=0.25, model=self.loaded.model_id,
@@ -326,31 +327,17 @@ class ModelReplica:
     def _own_handle(self) -> Any:
         from ray import serve
 
-        return serve.get_deployment_handle(self.deployment, self.app)
+        return serve.get_deployment_handle(DEPLOYMENT, self.app)
 
     def _running_replicas(self) -> int:
-        """This deployment's running replicas (asked of Ray Serve at most once a second)."""
-        asked, count = self._replica_count
-        if time.monotonic() - asked > 1.0:
-            from ray import serve
-
-            try:
-                app = serve.status().applications[self.app]
-                count = app.deployments[self.deployment].replica_states.get("RUNNING", 1)
-            except Exception:  # the controller busy or restarting: no split this time
-                log.warning("Ray Serve's status could not be read", exc_info=True)
-                count = 1
-            self._replica_count = (time.monotonic(), count)
-        return count
+        """This deployment's running replicas (1 when Ray Serve cannot say)."""
+        return self._states()[self.app].get("RUNNING", 1)
 
 
 def _log_to_stderr(level: str, log_format: str) -> None:
     """specsight's log lines on the replica's stderr, which Ray forwards to the ingress's
     output (and keeps in its worker log files): plain, or one JSON object per line."""
     logger = logging.getLogger("specsight")
-    handler = logging.StreamHandler()
-    text = logging.Formatter("%(asctime)s %(name)s: %(message)s")
-    handler.setFormatter(JsonLogFormatter() if log_format == "json" else text)
-    logger.handlers = [handler]
+    logger.handlers = [log_handler(log_format)]
     logger.setLevel(level.upper())
     logger.propagate = False
