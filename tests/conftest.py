@@ -30,6 +30,40 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
 
 
+def ratio_tolerance(patched: Any, clean: Any, corrupt: Any, tol: float = 1e-5) -> Any:
+    """The tolerance of each ``(patched - corrupt) / (clean - corrupt)`` when each ingredient
+    is known within ``tol * (1 + |x|)``: their errors carried through the ratio, so a small
+    denominator (a cell where clean and corrupt nearly agree) allows what it amplifies. Float
+    sums differ in their last bits between CPUs; a fixed tolerance on a ratio does not hold."""
+    import torch
+
+    p, c, k = (torch.as_tensor(x, dtype=torch.float64) for x in (patched, clean, corrupt))
+    ratio = (p - k) / (c - k)
+
+    def err(x: Any) -> Any:
+        return tol * (1 + x.abs())
+
+    return (err(p) + err(k) + ratio.abs() * (err(c) + err(k))) / (c - k).abs()
+
+
+def assert_ratio_close(
+    actual: Any, patched: Any, clean: Any, corrupt: Any, tol: float = 1e-5
+) -> None:
+    """``actual`` equals ``(patched - corrupt) / (clean - corrupt)`` within the tolerance
+    :func:`ratio_tolerance` gives."""
+    import torch
+
+    p, c, k = (torch.as_tensor(x, dtype=torch.float64) for x in (patched, clean, corrupt))
+    expected = (p - k) / (c - k)
+    bound = ratio_tolerance(p, c, k, tol)
+    diff = (torch.as_tensor(actual, dtype=torch.float64) - expected).abs()
+    excess = diff - bound
+    assert bool((excess <= 0).all()), (
+        f"ratio differs beyond its tolerance: worst {float(diff.flatten()[excess.argmax()]):.3g} "
+        f"where {float(bound.flatten()[excess.argmax()]):.3g} is allowed"
+    )
+
+
 @functools.cache
 def tiny(name: str = "tiny-llama", seed: int = 0):
     """A tiny random model, loaded once per test session."""

@@ -17,7 +17,7 @@ import yaml
 import specsight
 from specsight.api import validate
 from specsight.errors import SpecError
-from tests.conftest import tiny
+from tests.conftest import assert_ratio_close, tiny
 
 ROWS = [
     {
@@ -144,7 +144,7 @@ def test_per_item_patching_equals_hand_written_hooks_item_by_item():
     torch.testing.assert_close(results["clean_ld"], clean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results["base_ld"], base, rtol=1e-5, atol=1e-5)
     # recovery item by item: each item's own clean and corrupted values
-    torch.testing.assert_close(results["recovery"], (want - base) / (clean - base))
+    assert_ratio_close(results["recovery"], want, clean, base)
 
 
 def test_per_item_tokens_in_prob_and_tokens_metrics():
