@@ -19,30 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .compile import (
-    BLOCK_ROWS,
-    Items,
-    activation_budget,
-    batch_cap,
-    check_references,
-    fold_saves,
-    item_blocks,
-    read_items,
-    rows_per_item,
-    why_one_plan,
-    widen,
-)
+from .compile import BLOCK_ROWS, Budget, activation_budget, batch_cap, check_references, plan_blocks
 from .compile import compile_plan as _compile
 from .errors import ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
 from .models.catalog import IN_MEMORY
-from .plan import Plan, PlanSave
+from .plan import Plan
 from .spec import Spec, doc_of, document_of, load_spec
 
 if TYPE_CHECKING:
     import torch
 
-    from .engine import EngineOutput
     from .models.load import LoadedModel
     from .results import Results, RunDiff
 
@@ -75,18 +62,14 @@ def compile_plan(
     ``prefix_reuse`` and ``position_reuse`` skip what identical rows share: the layers below
     their first touched layer, the positions before their first touched position.
     """
-    return _compile(
-        spec,
-        info,
-        tokenizer,
-        doc=doc_of(spec),
+    budget = Budget(
         max_batch=max_batch,
-        memory_budget=None if max_batch else _activation_budget(device),
-        batch_cap=batch_cap(device),
-        allow_files=allow_files,
+        memory=None if max_batch else _activation_budget(device),
+        cap=batch_cap(device),
         prefix_reuse=prefix_reuse,
         position_reuse=position_reuse,
     )
+    return _compile(spec, info, tokenizer, doc=doc_of(spec), budget=budget, allow_files=allow_files)
 
 
 def _located(exc: ModelNotFoundError, spec: Spec) -> SpecError:
@@ -194,7 +177,7 @@ def run(
     A dataset run of more than ``block_rows`` rows is compiled and run a block of items at a
     time (what it holds stays flat in the number of items), unless its items read each other
     (see :func:`specsight.compile.why_one_plan`)."""
-    from .engine import execute
+    from .engine import Executor
     from .results import check_out_dir, results_from_raw
 
     started = time.perf_counter()
@@ -213,29 +196,27 @@ def run(
         model = given_model(spec, model, tokenizer)
     load_s = time.perf_counter() - t0
     try:
-        compiler = functools.partial(
-            _compile,
-            spec,
-            model.info,
-            model.tokenizer,
-            doc=doc,
+        budget = Budget(
             max_batch=max_batch,
-            memory_budget=None if max_batch else _activation_budget(model.device),
-            batch_cap=batch_cap(model.device),
+            memory=None if max_batch else _activation_budget(model.device),
+            cap=batch_cap(model.device),
             prefix_reuse=prefix_reuse,
             position_reuse=position_reuse,
         )
+        compiler = functools.partial(
+            _compile, spec, model.info, model.tokenizer, doc=doc, budget=budget
+        )
+        executor = Executor(model.model, pad_id=model.tokenizer.pad_id, progress=progress)
         t0 = time.perf_counter()
-        items, ranges, probe = _item_blocks(spec, compiler, block_rows)
-        if probe is None:  # one plan (over the items already read, when they were)
+        items, blocks = plan_blocks(spec, compiler, block_rows)
+        if blocks is None:  # one plan (over the items already read, when they were)
             plan = compiler(items=items)
             compile_s = time.perf_counter() - t0
-            raw = execute(plan, model.model, pad_id=model.tokenizer.pad_id, progress=progress)
+            raw = executor.run(plan)
         else:
-            assert items is not None
             probe_s = time.perf_counter() - t0
-            plan, raw, compile_s = _run_blocks(items, ranges, probe, compiler, model, progress)
-            compile_s += probe_s
+            raw = executor.run_blocks(blocks.plans(), blocks.total_rows, blocks.whole)
+            plan, compile_s = blocks.whole(), probe_s + blocks.compile_s
     finally:
         if restore is not None:
             restore()
@@ -245,66 +226,6 @@ def run(
     if out is not None:
         results.save(out, force=force)
     return results
-
-
-def _item_blocks(
-    spec: Spec, compiler: Callable[..., Plan], block_rows: int
-) -> tuple[Items | None, list[tuple[int, int]], Plan | None]:
-    """(the dataset's items when read, the item ranges of a run in blocks, the plan of its
-    first item); no plan: the run is one plan. A spec whose first item does not compile runs
-    as one plan, so that its error report is complete."""
-    if why_one_plan(spec) is not None:
-        return None, [], None
-    items = read_items(spec, document_of(spec))
-    if items is None or len(items.rows) < 2:
-        return items, [], None
-    try:
-        probe = compiler(items=items.window(0, 1))
-    except SpecError:
-        return items, [], None
-    ranges = item_blocks(*rows_per_item(probe, 1), len(items.rows), block_rows)
-    return (items, ranges, probe) if len(ranges) > 1 else (items, [], None)
-
-
-def _run_blocks(
-    items: Items,
-    ranges: list[tuple[int, int]],
-    probe: Plan,
-    compiler: Callable[..., Plan],
-    model: LoadedModel,
-    progress: Callable[[int, int], None] | None,
-) -> tuple[Plan, EngineOutput, float]:
-    """Compile and run each block of items in turn, keeping only its per-item results; the
-    plan the results are labelled from, the joined output and the seconds spent compiling."""
-    from .engine import BlockJoin, execute
-
-    over = probe.item_invokes
-    per_item, once = rows_per_item(probe, 1)
-    total = per_item * len(items.rows) + once * len(ranges)
-    join, tokens, first = BlockJoin(), {name: [] for name in over}, None
-    saves: dict[str, PlanSave] = {}
-    compile_s = 0.0
-    for start, stop in ranges:
-        t0 = time.perf_counter()
-        plan = compiler(items=items.window(start, stop))
-        compile_s += time.perf_counter() - t0
-        first = first or plan
-        fold_saves(saves, plan)
-        for name in over:
-            tokens[name] += plan.invoke_info[name]["tokens"]
-        done = join.rows
-
-        def shifted(rows: int, _total: int, done: int = done) -> None:
-            if progress is not None:
-                progress(done + rows, total)
-
-        raw = execute(
-            plan, model.model, pad_id=model.tokenizer.pad_id, progress=shifted, reduce=False
-        )
-        join.add(plan, raw)
-    assert first is not None
-    whole = widen(first, len(items.rows), tokens, saves)
-    return whole, join.finish(whole), compile_s
 
 
 def rerun_folder(

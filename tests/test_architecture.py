@@ -241,3 +241,26 @@ def test_torch_free_layers_import_no_torch_at_all(package):
                     if any(m.split(".")[0] == "torch" for m in mods):
                         offenders.append(f"{name}:{node.lineno}")
     assert offenders == []
+
+
+#: the packages that hold the plan, its compiler and its engine: small functions there
+PIPELINE = ("specsight.compile", "specsight.plan", "specsight.engine")
+MAX_FUNCTION_LINES, MAX_PARAMETERS = 60, 8
+
+
+def test_pipeline_functions_are_short_and_take_few_parameters():
+    too_big = []
+    for name, path in MODULES.items():
+        if not name.startswith(PIPELINE):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            args = node.args
+            params = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+            count = len(params) + bool(args.vararg) + bool(args.kwarg)
+            count -= bool(params) and params[0].arg in ("self", "cls")
+            lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+            if lines > MAX_FUNCTION_LINES or count > MAX_PARAMETERS:
+                too_big.append(f"{name}.{node.name}: {lines} lines, {count} parameters")
+    assert not too_big, "split these (or group their parameters): " + "; ".join(too_big)

@@ -10,6 +10,7 @@ import specsight
 from specsight.api import compile_plan, load_spec
 from specsight.engine import hidden_of, replace_hidden
 from specsight.errors import SpecError
+from specsight.plan import Generation
 from specsight.sites import resolve_site
 from tests.conftest import tiny
 
@@ -58,7 +59,7 @@ def test_step_selection(positions, steps, expected):
     plan = _plan(_spec("tiny-llama", [op]))
     assert {o.steps for o in plan.ops} == {expected}
     (forward,) = plan.forwards
-    assert forward.generate == {"max_new_tokens": 6, "do_sample": False}
+    assert forward.generate == Generation(max_new_tokens=6, do_sample=False)
 
 
 @pytest.mark.parametrize(
@@ -265,4 +266,4 @@ def test_generation_plan_json_round_trip():
     ops = [{"op": "save", "site": "resid_post.0", "positions": "last", "steps": "1:3"}]
     plan = _plan(_spec("tiny-llama", ops, sampling={"temperature": 0.5, "top_p": 0.9, "seed": 2}))
     assert Plan.from_json(plan.to_json()) == plan
-    assert plan.forwards[0].generate["do_sample"] is True
+    assert plan.forwards[0].generate.do_sample is True

@@ -12,6 +12,7 @@ import yaml
 
 from specsight.api import compile_plan, load_spec
 from specsight.models.load import load_model_info
+from specsight.plan.ops import Capture, Patch
 from tests.conftest import GOLDEN, SPECS
 
 # The steering examples need layer 6 and multi-token words of the real model's vocabulary, and
@@ -79,9 +80,9 @@ def test_ioi_sweep_layout_on_tiny_llama():
     metric = next(m for m in plan.metrics if m.name == "logit_diff")
     assert metric.axes == ("layer", "pos") and metric.shape == (4, 14)
     # every patch reads a capture of the clean run at its own site
-    captures = {op.store: op for op in plan.ops if op.kind == "capture"}
+    captures = {op.store: op for op in plan.ops if isinstance(op, Capture)}
     for op in plan.ops:
-        if op.kind == "patch":
-            source = captures[op.sources[0]]
+        if isinstance(op, Patch):
+            source = captures[op.source]
             assert (source.module, source.io) == (op.module, op.io)
             assert plan.rows[source.row].invoke == "clean"

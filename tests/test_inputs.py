@@ -67,9 +67,9 @@ def test_images_are_prepared_like_the_models_image_processor() -> None:
     plan = specsight.compile_plan(specsight.load_spec(spec), _vit().info, _vit().tokenizer)
     for row, path in zip(plan.rows, (RED, BLUE)):
         entry = plan.inputs[row.input]
-        mine = torch.tensor(entry["values"]).reshape(entry["shape"])
+        mine = torch.tensor(entry.values).reshape(entry.shape)
         torch.testing.assert_close(mine, _pixels(path), rtol=0, atol=1e-5)
-    assert plan.invoke_info["a"]["inputs"] == [str(RED), str(BLUE)]
+    assert plan.invokes["a"].inputs == (str(RED), str(BLUE))
 
 
 def test_vit_logits_match_the_model_called_directly() -> None:

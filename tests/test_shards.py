@@ -21,13 +21,11 @@ from specsight.engine import (
     execute,
     execute_shard,
     merge_shards,
-    shard_forwards,
     shard_from_bytes,
     shard_to_bytes,
-    shardable,
 )
 from specsight.engine.reuse import UntouchedRuns
-from specsight.plan import Forward, Plan
+from specsight.plan import Forward, Plan, shard_forwards, shardable
 from tests.conftest import CLEAN, CORRUPT, ioi_spec, tiny
 
 ROOT = Path(__file__).resolve().parent.parent

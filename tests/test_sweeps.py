@@ -10,6 +10,7 @@ import specsight
 from specsight.compile import GridError, expand_grid
 from specsight.errors import SpecError
 from specsight.models.load import load_model_info
+from specsight.plan.ops import Patch
 from tests.conftest import CLEAN, CORRUPT, ioi_spec, tiny
 
 
@@ -18,10 +19,10 @@ def ioi(model: str = "tiny-llama", sweep: dict | None = None, **invoke_extra) ->
 
 
 def compiled(spec: dict, **options):
-    from specsight.compile import compile_plan
+    from specsight.compile import Budget, compile_plan
 
     info, tokenizer = load_model_info(spec["model"])
-    return compile_plan(specsight.load_spec(spec), info, tokenizer, **options)
+    return compile_plan(specsight.load_spec(spec), info, tokenizer, budget=Budget(**options))
 
 
 # --- grids ---------------------------------------------------------------------------------
@@ -100,16 +101,16 @@ def test_chunks_respect_max_batch_and_start_at_the_lowest_touched_layer_and_posi
     # rows are grouped so that chunks skip deep prefixes and start late
     assert max(f.shared_prefix for f in stage1) >= 2
     assert max(f.position_start for f in stage1) > 0
-    layers = {op.row: op.layer for op in plan.ops if op.kind == "patch"}
-    starts = {op.row: op.positions[0] for op in plan.ops if op.kind == "patch"}
+    layers = {op.row: op.layer for op in plan.ops if isinstance(op, Patch)}
+    starts = {op.row: op.positions[0] for op in plan.ops if isinstance(op, Patch)}
     for forward in stage1:
         assert forward.shared_prefix == min(layers[r] for r in forward.rows)
         assert forward.position_start == min(starts[r] for r in forward.rows)
 
 
 def test_memory_budget_sizes_chunks():
-    roomy = compiled(ioi(), memory_budget=1 << 30, batch_cap=64)
-    tight = compiled(ioi(), memory_budget=200_000, batch_cap=64)
+    roomy = compiled(ioi(), memory=1 << 30, cap=64)
+    tight = compiled(ioi(), memory=200_000, cap=64)
 
     def full_rows(plan):  # rows x positions computed, in rows of every position
         return max(len(f.rows) * (f.seq_len - f.position_start) / f.seq_len for f in plan.forwards)

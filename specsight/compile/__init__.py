@@ -9,18 +9,19 @@ gradient checks, expectations, then packing rows into forwards under a memory bu
 
 from .blocks import (
     BLOCK_ROWS,
+    Blocks,
     describe_blocks,
     fold_saves,
     item_blocks,
+    plan_blocks,
     rows_per_item,
     why_one_plan,
     widen,
 )
-from .compiler import DEFAULT_MAX_BATCH, compile_plan
+from .compiler import DEFAULT_MAX_BATCH, Budget, compile_plan
 from .context import Abort, Context, Items, SpecPath
 from .dataset import dataset_rows, read_items
 from .memory import activation_budget, batch_cap, estimate_memory, row_bytes
-from .packing import first_layers, pack_rows
 from .positions import PositionError, resolve_position, resolve_positions
 from .references import check_references
 from .sizes import SpecSizes, spec_sizes
@@ -28,6 +29,9 @@ from .sweep import MAX_CELLS, Grid, GridError, expand_grid
 
 __all__ = [
     "BLOCK_ROWS",
+    "Blocks",
+    "Budget",
+    "plan_blocks",
     "DEFAULT_MAX_BATCH",
     "Items",
     "describe_blocks",
@@ -51,8 +55,6 @@ __all__ = [
     "dataset_rows",
     "estimate_memory",
     "expand_grid",
-    "first_layers",
-    "pack_rows",
     "resolve_position",
     "resolve_positions",
     "row_bytes",

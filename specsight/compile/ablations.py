@@ -1,8 +1,8 @@
 """Compiling the ablation family (torch-free): mean_ablate, resample_ablate, noise, project_out,
-clamp and skip become RowOps the engine knows.
+clamp and skip become plan ops (:mod:`specsight.plan.ops`).
 
 * ``mean_ablate`` -> ``mean``: the captures of every row of the reference invoke, averaged per
-  position (``reduce: position``) or over positions too (``reduce: all``);
+  position (``over: position``) or over positions too (``over: all``);
 * ``resample_ablate`` -> ``patch`` from item pi(i) of the source, pi a seeded derangement;
 * ``noise`` -> ``noise``: a seed per item, ``factor`` the std (or, with ``sources``, the multiple
   of the reference rows' empirical std);
@@ -19,24 +19,24 @@ import random
 from typing import Any
 
 from .. import spec as S
-from ..plan import RowOp
+from ..plan import RowRef, StoreKey, VectorKey
+from ..plan.ops import Capture, Mean, Noise, Patch, ProjectOut, SetVector
 from ..sites import Site, SiteError, resolve_site
 from .context import Context, SpecPath
 from .inputs import read_array_file
 
-__all__ = ["capture_key", "compile_ablation", "derangement", "vector_key"]
+__all__ = ["ABLATION_COMPILERS", "capture_key", "derangement", "vector_key"]
 
 
 def _capture_whole(
-    ctx: Context, key: str, row: int, site: Site, origin: str, layer: int | None
+    ctx: Context, key: StoreKey, row: int, site: Site, origin: str, layer: int | None
 ) -> None:
     """Keep every position of ``row`` at ``site`` under store key ``key``."""
-    ctx.captures[key] = RowOp(
-        "capture",
+    ctx.captures[key] = Capture(
         site=site.name,
         module=site.module,
         io=site.io,
-        row=row,
+        row=RowRef(row),
         positions=tuple(range(len(ctx.rows[row].tokens))),
         store=key,
         origin=origin,
@@ -44,18 +44,18 @@ def _capture_whole(
     )
 
 
-def capture_key(ctx: Context, source: str, prompt: int, site: Site, origin: str) -> str:
+def capture_key(ctx: Context, source: str, prompt: int, site: Site, origin: str) -> StoreKey:
     """The store key of a source row's whole sequence at ``site``, captured once for every op
     that reads it."""
-    key = f"capture/{source}/{prompt}/{site.module}/{site.io}"
+    key = StoreKey(f"capture/{source}/{prompt}/{site.module}/{site.io}")
     if key not in ctx.captures:
         _capture_whole(ctx, key, ctx.row_index[(source, 0, prompt)], site, origin, site.layer)
     return key
 
 
-def vector_key(ctx: Context, values: tuple[float, ...]) -> str:
+def vector_key(ctx: Context, values: tuple[float, ...]) -> VectorKey:
     """Register a vector in the plan under a key derived from its values."""
-    key = "v" + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
+    key = VectorKey("v" + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16])
     ctx.vectors[key] = values
     return key
 
@@ -70,36 +70,16 @@ def derangement(n: int, seed: int) -> list[int]:
     return order
 
 
-def compile_ablation(
-    ctx: Context,
-    invoke: str,
-    op: Any,
-    site: Site,
-    prompt_index: int,
-    common: dict[str, Any],
-    path: SpecPath,
-    width: int | None,
-) -> None:
-    """Append the RowOps of one ablation op on one row at one site."""
-    if isinstance(op, S.MeanAblateOp):
-        _mean(ctx, op, site, common, path)
-    elif isinstance(op, S.NoiseOp):
-        in_whole = ctx.items.offset if ctx.items and invoke in ctx.item_invokes else 0
-        _noise(ctx, op, site, prompt_index + in_whole, common, path)
-    elif isinstance(op, S.ProjectOutOp):
-        _project_out(ctx, op, site, common, path, width)
-    elif isinstance(op, S.ClampOp):
-        if op.dims is None:
-            raise ctx.fail(
-                "clamp-dims",
-                "clamp sets chosen dims to a value: say which",
-                path + ("op",),
-                "add dims: [index, ...] or dims: 'start:stop'",
-            )
-        n = sum(stop - start for start, stop in common["cols"])
-        ctx.ops.append(RowOp("set", vector=vector_key(ctx, (float(op.value),) * n), **common))
-    elif isinstance(op, S.SkipOp):
-        _skip(ctx, site, common, path)
+def _clamp(ctx: Context, op: S.ClampOp, at: Any, **_: Any) -> None:
+    if op.dims is None:
+        raise ctx.fail(
+            "clamp-dims",
+            "clamp sets chosen dims to a value: say which",
+            at.path + ("op",),
+            "add dims: [index, ...] or dims: 'start:stop'",
+        )
+    n = sum(stop - start for start, stop in at.common["cols"])
+    ctx.ops.append(SetVector(**at.common, vector=vector_key(ctx, (float(op.value),) * n)))
 
 
 def _unswept(ctx: Context, source: str, op: Any, path: SpecPath, field: str) -> None:
@@ -112,7 +92,8 @@ def _unswept(ctx: Context, source: str, op: Any, path: SpecPath, field: str) -> 
         )
 
 
-def _mean(ctx: Context, op: S.MeanAblateOp, site: Site, common: dict, path: SpecPath) -> None:
+def _mean(ctx: Context, op: S.MeanAblateOp, at: Any, **_: Any) -> None:
+    site, common, path = at.site, at.common, at.path
     source = op.from_
     _unswept(ctx, source, op, path, "from")
     prompts = ctx.tokens[source]
@@ -126,13 +107,15 @@ def _mean(ctx: Context, op: S.MeanAblateOp, site: Site, common: dict, path: Spec
             path + ("positions",),
             "use over: positions (one mean over every position), or longer reference prompts",
         )
-    reduce = "position" if op.over == "items" else "all"
-    ctx.ops.append(RowOp("mean", sources=keys, reduce=reduce, **common))
+    over = "position" if op.over == "items" else "all"
+    ctx.ops.append(Mean(**common, sources=keys, over=over))
 
 
-def _noise(
-    ctx: Context, op: S.NoiseOp, site: Site, prompt_index: int, common: dict, path: SpecPath
-) -> None:
+def _noise(ctx: Context, op: S.NoiseOp, at: Any, **_: Any) -> None:
+    site, common, path = at.site, at.common, at.path
+    # item numbers of the whole dataset: the same item gets the same noise in every block
+    in_whole = ctx.items.offset if ctx.items and at.invoke in ctx.item_invokes else 0
+    prompt_index = at.prompt_index + in_whole
     if (op.std is None) == (op.std_of is None):
         raise ctx.fail(
             "noise-scale",
@@ -141,25 +124,19 @@ def _noise(
             path + ("op",),
             "e.g. {op: noise, site: embed, positions: ..., std_of: clean, scale: 3}",
         )
-    sources: tuple[str, ...] = ()
-    factor = float(op.std) if op.std is not None else float(op.scale)
+    sources: tuple[StoreKey, ...] = ()
+    std = float(op.std) if op.std is not None else float(op.scale)
     if op.std_of is not None:
         _unswept(ctx, op.std_of, op, path, "std_of")
         n = len(ctx.tokens[op.std_of])
         sources = tuple(capture_key(ctx, op.std_of, i, site, common["origin"]) for i in range(n))
     # the same item gets the same noise in every cell and every invoke with this seed
     seed = (int(op.seed) * 1_000_003 + prompt_index) % 2**63
-    ctx.ops.append(RowOp("noise", factor=factor, sources=sources, seed=seed, **common))
+    ctx.ops.append(Noise(**common, std=std, sources=sources, seed=seed))
 
 
-def _project_out(
-    ctx: Context,
-    op: S.ProjectOutOp,
-    site: Site,
-    common: dict,
-    path: SpecPath,
-    width: int | None,
-) -> None:
+def _project_out(ctx: Context, op: S.ProjectOutOp, at: Any, **_: Any) -> None:
+    site, path, width = at.site, at.path, at.window["width"]
     where = path + ("vectors",)
     if isinstance(op.vectors, S.FileVector):
         array = read_array_file(ctx, op.vectors, where, "vectors")
@@ -185,10 +162,11 @@ def _project_out(
     if not any(v for row in rows for v in row):
         raise ctx.fail("zero-vectors", "the vectors to project out are all zero", where)
     keys = tuple(vector_key(ctx, tuple(float(v) for v in row)) for row in rows)
-    ctx.ops.append(RowOp("project_out", sources=keys, **common))
+    ctx.ops.append(ProjectOut(**at.common, vectors=keys))
 
 
-def _skip(ctx: Context, site: Site, common: dict, path: SpecPath) -> None:
+def _skip(ctx: Context, op: S.SkipOp, at: Any, **_: Any) -> None:
+    site, common, path = at.site, at.common, at.path
     if site.canonical != "resid_post" or site.layer is None:
         raise ctx.fail(
             "skip-site",
@@ -203,6 +181,16 @@ def _skip(ctx: Context, site: Site, common: dict, path: SpecPath) -> None:
             "skip-site", f"layer {site.layer}'s input is not known", path + ("site",)
         ) from None
     row = common["row"]
-    key = f"skip/{row}/{site.layer}"
+    key = StoreKey(f"skip/{row}/{site.layer}")
     _capture_whole(ctx, key, row, inputs, common["origin"], site.layer)
-    ctx.ops.append(RowOp("patch", sources=(key,), source_positions=common["positions"], **common))
+    ctx.ops.append(Patch(**common, source=key, source_positions=common["positions"]))
+
+
+#: the ablation family's compilers, by spec op class (see ``ops._COMPILERS``)
+ABLATION_COMPILERS: dict[type, Any] = {
+    S.MeanAblateOp: _mean,
+    S.NoiseOp: _noise,
+    S.ProjectOutOp: _project_out,
+    S.ClampOp: _clamp,
+    S.SkipOp: _skip,
+}

@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import spec as S
 from ..errors import did_you_mean
+from ..plan import Reduce
 from .context import Context, SpecContext, SpecPath
 
 __all__ = ["check_baseline", "compile_reduce", "one_per_input"]
@@ -24,23 +25,25 @@ def compile_reduce(
     axes: tuple[str, ...],
     shape: tuple[int, ...],
     input_axis: str | None,
-) -> dict[str, Any] | None:
+    by_default: bool = False,
+) -> Reduce | None:
     """The plan's description of a metric's reduction (None: not reduced); raises Abort after
-    a located issue. Accuracy over items is their mean unless ``reduce`` says otherwise."""
+    a located issue. ``by_default``: over its inputs' axis (a mean) unless ``reduce`` says
+    otherwise (accuracy)."""
     path: SpecPath = ("metrics", name, "reduce")
     of = getattr(metric, "of", "items")
     reduce = metric.reduce
-    if reduce is None and metric.kind == "accuracy" and input_axis is not None:
+    if reduce is None and by_default and input_axis is not None:
         reduce = S.Reduce(over=input_axis)
     if reduce is None and of == "means":
         reduce = S.Reduce()
         path = ("metrics", name, "of")
     if reduce is None:
         return None
-    if metric.kind == "top_k":
+    if not metric.reducible:
         raise ctx.fail(
             "bad-reduce",
-            "a top_k metric is not reduced: each row has its own top tokens",
+            f"a {metric.kind} metric is not reduced: each row has its own top tokens",
             path,
             "reduce a prob or logprob metric of the tokens you care about",
         )
@@ -62,17 +65,16 @@ def compile_reduce(
             where,
             f"reduce over {input_axis}" if input_axis else "measure over a dataset's items",
         )
-    return {
-        "over": over,
-        "axis": axes.index(over),
-        "size": shape[axes.index(over)],
-        "stat": reduce.stat,
-        "ci": reduce.ci,
-        "level": reduce.level,
-        "n_boot": reduce.n_boot,
-        "seed": reduce.seed,
-        "of": of,
-    }
+    return Reduce(
+        over=over,
+        axis=axes.index(over),
+        size=shape[axes.index(over)],
+        stat=reduce.stat,
+        ci=reduce.ci is not None,
+        level=reduce.level,
+        n_boot=reduce.n_boot,
+        seed=reduce.seed,
+    )
 
 
 def one_per_input(ctx: SpecContext, invoke: str, reference: str) -> bool:
@@ -98,7 +100,7 @@ def check_baseline(ctx: SpecContext, name: str, metric: Any) -> bool:
     path: SpecPath = ("metrics", name, "baseline")
     metrics = ctx.spec.metrics
     other = metrics.get(ref)
-    if metric.kind in ("top_k", "logit_lens"):
+    if not metric.takes_baseline:
         ctx.fail(
             "bad-baseline",
             f"a {metric.kind} metric has no baseline: its values are per token",
@@ -107,11 +109,11 @@ def check_baseline(ctx: SpecContext, name: str, metric: Any) -> bool:
         )
         return False
     if other is None or ref == name:
-        same = [n for n, m in metrics.items() if n != name and m.kind == metric.kind]
+        same = [n for n, m in metrics.items() if n != name and type(m) is type(metric)]
         hint = did_you_mean(ref, same) or "metrics of that kind: " + (", ".join(same) or "none")
         ctx.fail("unknown-metric", f"no metric named '{ref}' to use as the baseline", path, hint)
         return False
-    if other.kind != metric.kind:
+    if type(other) is not type(metric):
         ctx.fail(
             "bad-baseline",
             f"'{ref}' is a {other.kind} metric; the baseline of a {metric.kind} metric must be "

@@ -15,15 +15,21 @@ backward pass over the dataset, or when a claim names single items: :func:`why_o
 
 from __future__ import annotations
 
-from dataclasses import replace
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import spec as S
+from ..errors import SpecError
 from ..plan import Plan, PlanSave
-from .dataset import column_names
+from .context import Items
+from .dataset import column_names, read_items
 
 __all__ = [
     "BLOCK_ROWS",
+    "Blocks",
+    "plan_blocks",
     "why_one_plan",
     "rows_per_item",
     "item_blocks",
@@ -35,7 +41,7 @@ __all__ = [
 #: rows a block's plan holds at most (unless one item has more): a few tens of MB of plan
 BLOCK_ROWS = 32_768
 
-_CROSS_ITEM_OPS = {"mean_ablate": "mean_ablate", "resample_ablate": "resample_ablate"}
+_CROSS_ITEM_OPS = (S.MeanAblateOp, S.ResampleAblateOp)
 
 
 def _reads_saved(value: Any) -> bool:
@@ -60,10 +66,9 @@ def why_one_plan(spec: S.Spec) -> str | None:
             return f"invoke '{name}' sweeps positions of the items' prompts"
         for op in invoke.ops or []:
             data = op.model_dump(by_alias=True, exclude_none=True)
-            kind = data.get("op")
-            if kind in _CROSS_ITEM_OPS:
-                return f"invoke '{name}' has {kind} (it reads other items)"
-            if kind == "noise" and data.get("std_of") is not None:
+            if isinstance(op, _CROSS_ITEM_OPS):
+                return f"invoke '{name}' has {op.op} (it reads other items)"
+            if isinstance(op, S.NoiseOp) and op.std_of is not None:
                 return f"invoke '{name}' scales noise by a std over items"
             if _reads_saved(data):
                 return f"invoke '{name}' reads a saved value"
@@ -103,7 +108,7 @@ def describe_blocks(spec: S.Spec, plan: Plan, block_rows: int = BLOCK_ROWS) -> s
     why = why_one_plan(spec)
     if why is not None:
         return f"runs as one plan of {len(plan.rows):,} rows: {why}"
-    n_items = int(plan.dataset["used"])
+    n_items = plan.dataset.used
     ranges = item_blocks(*rows_per_item(plan, n_items), n_items, block_rows)
     size = ranges[0][1] - ranges[0][0]
     return (
@@ -147,22 +152,79 @@ def widen(
     metrics = []
     for metric in first.metrics:
         reduce = metric.reduce
-        if reduce and metric.invoke in over and metric.axes[reduce["axis"]] == "item":
-            reduce = {**reduce, "size": n_items}
+        if reduce and metric.invoke in over and metric.axes[reduce.axis] == "item":
+            reduce = replace(reduce, size=n_items)
         shape = grown(metric.axes, metric.shape, metric.invoke)
         metrics.append(replace(metric, shape=shape, reduce=reduce))
     saves = [replace(s, shape=grown(s.axes, s.shape, s.invoke)) for s in saves.values()]
-    axis_values = {name: dict(values) for name, values in first.axis_values.items()}
-    invoke_info = {name: dict(info) for name, info in first.invoke_info.items()}
+    invokes = dict(first.invokes)
     for name in over:
-        if "item" in axis_values.get(name, {}):
-            axis_values[name]["item"] = list(range(n_items))
-        invoke_info[name]["prompts"] = n_items
-        invoke_info[name]["tokens"] = tokens[name]
-    return replace(
-        first,
-        metrics=tuple(metrics),
-        saves=tuple(saves),
-        axis_values=axis_values,
-        invoke_info=invoke_info,
-    )
+        info = invokes[name]
+        values = dict(info.axis_values)
+        if "item" in values:
+            values["item"] = tuple(range(n_items))
+        invokes[name] = replace(
+            info, prompts=n_items, tokens=tuple(tokens[name]), axis_values=values
+        )
+    return replace(first, metrics=tuple(metrics), saves=tuple(saves), invokes=invokes)
+
+
+@dataclass
+class Blocks:
+    """A dataset run in blocks of items: each block's plan is compiled when the run reaches it
+    (:meth:`plans`), and :meth:`whole` describes the joined run, from which results are
+    labelled. ``compiler(items=...)`` compiles the spec over a window of the items."""
+
+    items: Items
+    ranges: list[tuple[int, int]]
+    compiler: Callable[..., Plan]
+    first: Plan  # the first item's plan: rows per item, the invokes over the dataset
+    compile_s: float = 0.0
+    _tokens: dict[str, list[int]] = field(default_factory=dict)
+    _saves: dict[str, PlanSave] = field(default_factory=dict)
+    _head: Plan | None = None
+    _whole: Plan | None = None
+
+    @property
+    def total_rows(self) -> int:
+        """Rows of every block: the items' rows, and the rows that run once in every block."""
+        per_item, once = rows_per_item(self.first, 1)
+        return per_item * len(self.items.rows) + once * len(self.ranges)
+
+    def plans(self) -> Iterator[Plan]:
+        """Each block's plan, compiled in turn."""
+        for start, stop in self.ranges:
+            began = time.perf_counter()
+            plan = self.compiler(items=self.items.window(start, stop))
+            self.compile_s += time.perf_counter() - began
+            self._head = self._head or plan
+            fold_saves(self._saves, plan)
+            for name in plan.item_invokes:
+                self._tokens.setdefault(name, []).extend(plan.invokes[name].tokens)
+            yield plan
+
+    def whole(self) -> Plan:
+        """The joined run's plan (after :meth:`plans` ran through every block)."""
+        assert self._head is not None, "no block was compiled"
+        if self._whole is None:
+            self._whole = widen(self._head, len(self.items.rows), self._tokens, self._saves)
+        return self._whole
+
+
+def plan_blocks(spec: S.Spec, compiler: Callable[..., Plan], block_rows: int = BLOCK_ROWS) -> tuple[Items | None, Blocks | None]:  # fmt: skip
+    """How a spec runs: (its dataset's items when read, the blocks when it runs in blocks,
+    else None: one plan over those items). A spec whose first item does not compile runs as one
+    plan, so that its error report is complete."""
+    if why_one_plan(spec) is not None:
+        return None, None
+    items = read_items(spec, S.document_of(spec))
+    if items is None or len(items.rows) < 2:
+        return items, None
+    try:
+        first = compiler(items=items.window(0, 1))
+    except SpecError:
+        return items, None
+    ranges = item_blocks(*rows_per_item(first, 1), len(items.rows), block_rows)
+    if len(ranges) < 2:
+        return items, None
+    return items, Blocks(items, ranges, compiler, first)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from .. import spec as S
 from ..errors import did_you_mean
-from ..plan import Row
+from ..plan import InvokeRef, Row
 from ..sites import family_table
 from ..spec.issues import data_path, issue_for
 from .context import Abort, Context, SpecContext, SpecPath
@@ -112,7 +112,15 @@ def expand_invoke(ctx: Context, name: str, max_cells: int = MAX_CELLS) -> None:
         for prompt_index, ids in enumerate(ctx.tokens[name]):
             ctx.row_index[(name, cell_index, prompt_index)] = len(ctx.rows)
             key = ctx.input_keys[name][prompt_index] if name in ctx.input_keys else None
-            ctx.rows.append(Row(name, prompt_index, cell_index, tuple(ids), key))
+            ctx.rows.append(
+                Row(
+                    invoke=InvokeRef(name),
+                    prompt_index=prompt_index,
+                    cell=cell_index,
+                    tokens=tuple(ids),
+                    input=key,
+                )
+            )
 
 
 def _swept_heads(ctx: Context, invoke: S.Invoke) -> tuple[int, str]:

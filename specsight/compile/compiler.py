@@ -7,13 +7,14 @@ Every problem it finds is collected and raised as one :class:`SpecError` with fi
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import spec as S
 from ..errors import SpecError
 from ..models import ModelInfo, Tokenizer
-from ..plan import Plan, Row
+from ..plan import Packing, Plan, ResultRef, Row, logit_reads, pack_rows
+from ..plan.ops import Capture
 from ..sites import family_table
 from .cells import compile_invoke_ops, expand_invoke
 from .context import Context, Items
@@ -22,16 +23,33 @@ from .expectations import compile_expectations
 from .generation import check_generation, check_generation_length, generate_forwards
 from .gradients import check_backward
 from .inputs import compile_inputs
-from .layout import after_layer_modules, logit_positions, plan_saves, result_axes
-from .memory import CPU_BATCH_CAP, estimate_memory, untouched_run_bytes
+from .layout import after_layer_modules, invoke_infos, plan_saves
+from .memory import CPU_BATCH_CAP, estimate_memory, rows_for_budget, untouched_run_bytes
 from .metrics import compile_metric
-from .packing import first_layers, first_positions, pack_rows, rows_for_budget
 from .stages import collect_save_names, order_stages
 from .sweep import MAX_CELLS
 
-__all__ = ["compile_plan", "DEFAULT_MAX_BATCH"]
+__all__ = ["Budget", "compile_plan", "DEFAULT_MAX_BATCH"]
 
 DEFAULT_MAX_BATCH = CPU_BATCH_CAP
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many rows a forward holds and what it reuses. Rows per forward: ``max_batch`` when
+    given; else as many as ``memory`` bytes of activations allow (at most ``cap``); else
+    ``cap``. ``prefix_reuse`` and ``position_reuse`` skip what identical rows share: the layers
+    below their first touched layer, the positions before their first touched position."""
+
+    max_batch: int | None = None
+    memory: int | None = None
+    cap: int = DEFAULT_MAX_BATCH
+    prefix_reuse: bool = True
+    position_reuse: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
 
 
 def compile_plan(
@@ -40,27 +58,59 @@ def compile_plan(
     tokenizer: Tokenizer,
     *,
     doc: S.LoadedDoc | None = None,
-    max_batch: int | None = None,
-    memory_budget: int | None = None,
-    batch_cap: int = DEFAULT_MAX_BATCH,
-    prefix_reuse: bool = True,
-    position_reuse: bool = True,
+    budget: Budget = Budget(),
     allow_files: bool = True,
     max_cells: int = MAX_CELLS,
     items: Items | None = None,
 ) -> Plan:
     """Compile a validated spec for one model. ``doc`` supplies file positions for errors.
 
-    Rows per forward: ``max_batch`` when given; else as many as ``memory_budget`` bytes of
-    activations allow (at most ``batch_cap``); else ``batch_cap``. ``items``: the dataset's
-    items already read (a window of them, for a run in blocks), instead of reading it.
+    Rows per forward and reuse: see :class:`Budget`. ``items``: the dataset's items already
+    read (a window of them, for a run in blocks), instead of reading it.
     """
-    if max_batch is not None and max_batch < 1:
-        raise ValueError("max_batch must be at least 1")
     doc = doc or S.document_of(spec)
     ctx = Context(
         spec=spec, doc=doc, info=info, tok=tokenizer, allow_files=allow_files, given_items=items
     )
+    stages, order = _rows(ctx, max_cells)
+    for name in order:
+        compile_invoke_ops(ctx, name)
+    metrics = [compile_metric(ctx, name, metric) for name, metric in spec.metrics.items()]
+    backward = check_backward(ctx)
+    _check_issues(ctx)
+    ops = list(ctx.captures.values()) + ctx.ops
+    ops.sort(key=lambda op: (op.row, isinstance(op, Capture)))
+    plan = Plan(
+        spec_name=spec.name,
+        spec_sha256=doc.sha256,
+        model=spec.model.model_dump(),
+        model_summary=_model_summary(info),
+        rows=tuple(ctx.rows),
+        ops=tuple(ops),
+        forwards=(),
+        metrics=tuple(m for m in metrics if m is not None),
+        saves=tuple(plan_saves(ctx)),
+        invokes=invoke_infos(ctx, stages, order),
+        vectors=ctx.vectors,
+        inputs=ctx.inputs,
+        packing=Packing(n_layers=info.n_layers),
+        deterministic=spec.deterministic,
+        seed=spec.seed,
+        backward=() if backward is None else (ResultRef(backward),),
+        dataset=None if ctx.items is None else ctx.items.describe(tuple(sorted(ctx.item_invokes))),
+    )
+    plan = _packed(ctx, plan, stages, budget)
+    expectations = compile_expectations(ctx, plan.metrics, plan.saves)
+    _check_issues(ctx)
+    return replace(
+        plan, expectations=tuple(expectations), memory_estimate=estimate_memory(plan, info)
+    )
+
+
+def _rows(ctx: Context, max_cells: int) -> tuple[dict[str, int], list[str]]:
+    """Inputs, stages and every invoke's rows (after the checks that need them); the stage of
+    each invoke and the invokes in stage order."""
+    spec = ctx.spec
     compile_inputs(ctx)
     for name, metric in spec.metrics.items():  # with the prompts' columns, in one report
         if getattr(metric, "invoke", None) in spec.invokes:
@@ -72,84 +122,42 @@ def compile_plan(
     check_generation(ctx)
     check_generation_length(ctx)
     _check_issues(ctx)
-    order = sorted(spec.invokes, key=lambda name: (stages[name], list(spec.invokes).index(name)))
+    position = {name: i for i, name in enumerate(spec.invokes)}
+    order = sorted(spec.invokes, key=lambda name: (stages[name], position[name]))
     for name in order:
         expand_invoke(ctx, name, max_cells)
     _check_issues(ctx)
-    for name in order:
-        compile_invoke_ops(ctx, name)
-    metrics = [compile_metric(ctx, name, metric) for name, metric in spec.metrics.items()]
-    backward = check_backward(ctx)
-    _check_issues(ctx)
-    ops = list(ctx.captures.values()) + ctx.ops
-    ops.sort(key=lambda op: (op.row, op.kind == "capture"))
-    after_layers, logits_module = after_layer_modules(info)
-    first = first_layers(ctx.rows, ops, info.n_layers, after_layers)
-    keep = logit_positions(ctx, metrics, ops, logits_module)
-    if max_batch is None:
-        max_batch = batch_cap
-        if memory_budget is not None:
-            seq = max(len(r.tokens) for r in ctx.rows)
-            kept = None if keep is None else max((len(v) for v in keep.values()), default=1)
-            max_batch = rows_for_budget(
-                info, seq, spec.model.dtype, memory_budget, cap=batch_cap, logits_positions=kept
-            )
-    generating = generate_forwards(ctx, stages, max_batch)
-    reuse_positions = position_reuse and prefix_reuse and info.inputs == "text"
-    forwards = pack_rows(
-        ctx.rows,
-        stages,
-        first,
-        max_batch,
-        info.n_layers,
-        prefix_reuse=prefix_reuse,
-        keep_logits=keep,
-        skip={r for f in generating for r in f.rows},
-        starts=first_positions(ctx.rows, ops, keep) if reuse_positions else None,
-        block=_untouched_runs_per_block(info, ctx.rows, spec.model.dtype, memory_budget, max_batch),
+    return stages, order
+
+
+def _packed(ctx: Context, plan: Plan, stages: dict[str, int], budget: Budget) -> Plan:
+    """The plan with its rows packed into forwards under the budget."""
+    info = ctx.info
+    after, logits_module = after_layer_modules(info)
+    packing = Packing(
+        n_layers=info.n_layers,
+        prefix_reuse=budget.prefix_reuse,
+        position_reuse=budget.position_reuse and info.inputs == "text",
+        after_layers=after,
+        logits_module=logits_module,
     )
+    rows, ops = list(plan.rows), list(plan.ops)
+    keep = logit_reads(rows, ops, plan.metrics, plan.invokes, packing)
+    max_batch = budget.max_batch or budget.cap
+    if budget.max_batch is None and budget.memory is not None:
+        seq = max(len(r.tokens) for r in rows)
+        kept = None if keep is None else max((len(v) for v in keep.values()), default=1)
+        max_batch = rows_for_budget(
+            info, seq, ctx.spec.model.dtype, budget.memory, cap=budget.cap, logits_positions=kept
+        )
+    block = _untouched_runs_per_block(info, rows, ctx.spec.model.dtype, budget.memory, max_batch)
+    packing = replace(packing, max_batch=max_batch, untouched_block=block)
+    generating = generate_forwards(ctx, stages, max_batch)
+    skip = {r for f in generating for r in f.rows}
+    forwards = pack_rows(rows, ops, stages, keep, packing, skip=skip)
     if generating:
         forwards = sorted(forwards + generating, key=lambda f: f.stage)
-    saves = plan_saves(ctx)
-    expectations = compile_expectations(ctx, metrics, saves)
-    _check_issues(ctx)
-    axis_values, axis_labels = result_axes(ctx)
-    invoke_info = {
-        name: {
-            "prompts": len(ctx.tokens[name]),
-            "tokens": [len(t) for t in ctx.tokens[name]],
-            "stage": stages[name],
-            "cells": len(ctx.grids[name].cells()) if ctx.grids[name].axes else 1,
-            "axes": list(ctx.grids[name].axes),
-            **({"inputs": ctx.input_names[name]} if name in ctx.input_names else {}),
-        }
-        for name in order
-    }
-    plan = Plan(
-        spec_name=spec.name,
-        spec_sha256=doc.sha256,
-        model=spec.model.model_dump(),
-        model_summary=_model_summary(info),
-        rows=tuple(ctx.rows),
-        ops=tuple(ops),
-        forwards=tuple(forwards),
-        metrics=tuple(m for m in metrics if m is not None),
-        saves=tuple(saves),
-        vectors=ctx.vectors,
-        inputs=ctx.inputs,
-        axis_values=axis_values,
-        axis_labels=axis_labels,
-        invoke_info=invoke_info,
-        max_batch=max_batch,
-        expectations=tuple(expectations),
-        deterministic=spec.deterministic,
-        seed=spec.seed,
-        backward=backward,
-        dataset=None
-        if ctx.items is None
-        else {**ctx.items.describe(), "invokes": sorted(ctx.item_invokes)},
-    )
-    return replace(plan, memory_estimate=estimate_memory(plan, info))
+    return replace(plan, forwards=tuple(forwards), packing=packing)
 
 
 #: memory the engine may hold untouched runs in, when no memory budget is given

@@ -15,7 +15,8 @@ from typing import Any
 from .. import spec as S
 from ..errors import MAX_ISSUES, Issue, did_you_mean
 from ..models import ModelInfo, Tokenizer
-from ..plan import Row, RowOp
+from ..plan import DatasetInfo, InputKey, InputTensor, InvokeRef, Op, Row, VectorKey
+from ..plan.ops import Capture
 from .sweep import Grid
 
 __all__ = [
@@ -51,18 +52,20 @@ class Items:
     #: the window's whole: what :meth:`describe` reports (None: these items are the whole)
     whole: Items | None = None
 
-    def describe(self) -> dict[str, Any]:
-        """What the manifest records of the dataset (of the whole, for a window)."""
+    def describe(self, invokes: tuple[str, ...] = ()) -> DatasetInfo:
+        """What the manifest records of the dataset (of the whole, for a window), and the
+        invokes that run over it."""
         if self.whole is not None:
-            return self.whole.describe()
-        return {
-            "file": self.file,
-            "sha256": self.sha256,
-            "rows": self.total,
-            "columns": list(self.columns),
-            "used": len(self.rows),
-            "sample": None if len(self.rows) == self.total else list(self.indices),
-        }
+            return self.whole.describe(invokes)
+        return DatasetInfo(
+            file=self.file,
+            sha256=self.sha256,
+            rows=self.total,
+            columns=tuple(self.columns),
+            used=len(self.rows),
+            sample=None if len(self.rows) == self.total else tuple(self.indices),
+            invokes=tuple(InvokeRef(name) for name in invokes),
+        )
 
     def window(self, start: int, stop: int) -> Items:
         """Items ``start`` to ``stop`` (item numbers, labels and seeds stay those of the whole)."""
@@ -124,12 +127,12 @@ class Context(SpecContext):
     grids: dict[str, Grid] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     row_index: dict[tuple[str, int, int], int] = field(default_factory=dict)
-    ops: list[RowOp] = field(default_factory=list)
-    captures: dict[str, RowOp] = field(default_factory=dict)
-    vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    #: image and tensor inputs: key -> {shape, dtype, values}; per invoke, each row's key and
-    #: a name to show for it (the file, or file[i])
-    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ops: list[Op] = field(default_factory=list)
+    captures: dict[str, Capture] = field(default_factory=dict)
+    vectors: dict[VectorKey, tuple[float, ...]] = field(default_factory=dict)
+    #: image and tensor inputs; per invoke, each row's key and a name to show for it (the
+    #: file, or file[i])
+    inputs: dict[InputKey, InputTensor] = field(default_factory=dict)
     input_keys: dict[str, list[str]] = field(default_factory=dict)
     input_names: dict[str, list[str]] = field(default_factory=dict)
     save_keys: dict[str, list[str]] = field(default_factory=dict)

@@ -51,14 +51,10 @@ def kl_dependencies(ctx: SpecContext) -> dict[str, dict[str, SpecPath]]:
     deps: dict[str, dict[str, SpecPath]] = {}
     invokes = ctx.spec.invokes
     for name, metric in ctx.spec.metrics.items():
-        if (
-            metric.kind == "kl"
-            and metric.reference in invokes
-            and metric.invoke in invokes
-            and metric.reference != metric.invoke
-        ):
+        reference = getattr(metric, "reference", None)  # a kl metric's reference invoke
+        if reference in invokes and metric.invoke in invokes and reference != metric.invoke:
             where = ("metrics", name, "reference")
-            deps.setdefault(metric.invoke, {}).setdefault(metric.reference, where)
+            deps.setdefault(metric.invoke, {}).setdefault(reference, where)
     return deps
 
 

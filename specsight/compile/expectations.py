@@ -3,41 +3,30 @@ the token an ``argmax``/``top_k`` check means, and the entry's place in the spec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import did_you_mean, format_path
-from ..plan import PlanExpectation, PlanMetric, PlanSave
+from ..plan import Metric, PlanExpectation, PlanSave
+from ..plan.codec import kinds_of
 from .context import Abort, Context, SpecPath
 
 __all__ = ["compile_expectations", "pick_cells"]
 
-_TOKEN_AXIS_KINDS = ("logits", "logprob", "prob")
 
-
-def _tensor_axes(metric: PlanMetric | None, save: PlanSave | None) -> tuple[str, ...]:
+def _tensor_axes(metric: Metric | None, save: PlanSave | None) -> tuple[str, ...]:
     if save is not None:
         return (*save.axes, *save.value_axes)
     assert metric is not None
-    suffix: tuple[str, ...] = ()
-    if metric.kind == "logit_lens":
-        suffix = ("site",)
-    elif metric.kind == "attribution":
-        suffix = ("site", "pos")
-    elif metric.kind in _TOKEN_AXIS_KINDS and not metric.squeeze_token:
-        suffix = ("token",)
-    return (*metric.result_axes, *suffix)
+    return (*metric.result_axes, *metric.suffix())
 
 
 def _axis_values(
-    ctx: Context, metric: PlanMetric | None, save: PlanSave | None, axis: str
+    ctx: Context, metric: Metric | None, save: PlanSave | None, axis: str
 ) -> list[Any]:
     invoke = metric.invoke if metric is not None else save.invoke  # type: ignore[union-attr]
-    if metric is not None and axis == "site":
-        return list(metric.sites)
-    if metric is not None and metric.kind == "attribution" and axis == "pos":
-        return list(range(len(ctx.tokens[invoke][0])))
-    if metric is not None and axis == "token":
-        return list(metric.token_strs)
+    if metric is not None and axis in metric.suffix():
+        return list(metric.suffix_values(axis) or [])
     if save is not None and axis in save.value_axis_values:
         return list(save.value_axis_values[axis])
     return list(ctx.grids[invoke].axis_values().get(axis, [])) or list(
@@ -75,9 +64,9 @@ def pick_cells(values: list[Any], selector: Any, axis: str, fail: Any) -> tuple[
 
 
 def compile_expectations(
-    ctx: Context, metrics: list[PlanMetric | None], saves: list[PlanSave]
+    ctx: Context, metrics: Sequence[Metric], saves: Sequence[PlanSave]
 ) -> list[PlanExpectation]:
-    by_metric = {m.name: m for m in metrics if m is not None}
+    by_metric = {m.name: m for m in metrics}
     by_save = {s.name: s for s in saves}
     out = []
     for index, expectation in enumerate(ctx.spec.expect):
@@ -94,73 +83,13 @@ def _compile_one(
     index: int,
     exp: Any,
     path: SpecPath,
-    by_metric: dict[str, PlanMetric],
+    by_metric: dict[str, Metric],
     by_save: dict[str, PlanSave],
 ) -> PlanExpectation:
-    metric = save = None
-    if exp.metric is not None:
-        metric = by_metric.get(exp.metric)
-        if metric is None:
-            hint = did_you_mean(exp.metric, by_metric) or "metrics: " + ", ".join(by_metric)
-            raise ctx.fail(
-                "unknown-metric", f"no metric named '{exp.metric}'", path + ("metric",), hint
-            )
-    else:
-        save = by_save.get(exp.saved)
-        if save is None:
-            hint = did_you_mean(exp.saved, by_save) or "saved values: " + (
-                ", ".join(by_save) or "none"
-            )
-            raise ctx.fail(
-                "unknown-saved", f"no saved value named '{exp.saved}'", path + ("saved",), hint
-            )
+    metric, save = _target(ctx, exp, path, by_metric, by_save)
     axes = _tensor_axes(metric, save)
-    select: list[tuple[int, ...] | None] = [None] * len(axes)
-    for axis, selector in exp.where.items():
-        if axis not in axes or axis in ("hidden", "k"):
-            hint = did_you_mean(axis, axes) or (
-                "axes: " + ", ".join(axes) if axes else "this result has no axes"
-            )
-            raise ctx.fail(
-                "unknown-axis", f"the result has no axis '{axis}'", path + ("where", axis), hint
-            )
-
-        def fail(message: str, hint: str | None, _axis: str = axis) -> Any:
-            return ctx.fail("bad-cell", message, path + ("where", _axis), hint)
-
-        values = _axis_values(ctx, metric, save, axis)
-        select[axes.index(axis)] = pick_cells(values, selector, axis, fail)
-    kind = metric.kind if metric is not None else None
-    token_id = token_str = token_index = None
-    for check in ("argmax", "top_k"):
-        ref = getattr(exp, check)
-        if ref is None:
-            continue
-        allowed = (
-            ("top_k", "logit_lens")
-            if check == "top_k"
-            else ("top_k", "logit_lens", *_TOKEN_AXIS_KINDS)
-        )
-        if kind not in allowed or (kind in _TOKEN_AXIS_KINDS and metric.squeeze_token):  # type: ignore[union-attr]
-            raise ctx.fail(
-                "bad-check",
-                f"'{check}' does not apply to {kind or 'a saved value'}",
-                path + (check,),
-                f"use it on a {' or '.join(allowed[:2])} metric"
-                + (" or a metric with several tokens" if check == "argmax" else ""),
-            )
-        token_id = ctx.token_id(ref, path + (check,))
-        token_str = ctx.tok.token_str(token_id)
-        if kind in _TOKEN_AXIS_KINDS:
-            if token_id not in metric.tokens:  # type: ignore[union-attr]
-                raise ctx.fail(
-                    "bad-check",
-                    f"{token_str!r} is not one of the metric's tokens",
-                    path + (check,),
-                    "argmax compares the metric's own tokens: "
-                    + ", ".join(map(repr, metric.token_strs)),  # type: ignore[union-attr]
-                )
-            token_index = list(metric.tokens).index(token_id)  # type: ignore[union-attr]
+    select = _cells(ctx, exp, path, metric, save, axes)
+    token = _token_check(ctx, exp, metric, path)
     checks = {
         name: getattr(exp, name)
         for name in ("equals", "approx", "greater_than", "less_than")
@@ -178,14 +107,101 @@ def _compile_one(
         index=index,
         target=metric.name if metric is not None else save.name,  # type: ignore[union-attr]
         target_kind="metric" if metric is not None else "saved",
-        metric_kind=kind,
         axes=axes,
-        select=tuple(select),
+        select=select,
         over=exp.over,
         checks=checks,
-        token_id=token_id,
-        token_str=token_str,
-        token_index=token_index,
+        **token,
         location=f"{location} {format_path(path)}",
         message=exp.message,
     )
+
+
+def _target(
+    ctx: Context,
+    exp: Any,
+    path: SpecPath,
+    by_metric: dict[str, Metric],
+    by_save: dict[str, PlanSave],
+) -> tuple[Metric | None, PlanSave | None]:
+    """The metric or the saved value a claim names."""
+    if exp.metric is not None:
+        metric = by_metric.get(exp.metric)
+        if metric is None:
+            hint = did_you_mean(exp.metric, by_metric) or "metrics: " + ", ".join(by_metric)
+            raise ctx.fail(
+                "unknown-metric", f"no metric named '{exp.metric}'", path + ("metric",), hint
+            )
+        return metric, None
+    save = by_save.get(exp.saved)
+    if save is None:
+        hint = did_you_mean(exp.saved, by_save) or "saved values: " + (", ".join(by_save) or "none")
+        raise ctx.fail(
+            "unknown-saved", f"no saved value named '{exp.saved}'", path + ("saved",), hint
+        )
+    return None, save
+
+
+def _cells(
+    ctx: Context,
+    exp: Any,
+    path: SpecPath,
+    metric: Metric | None,
+    save: PlanSave | None,
+    axes: tuple[str, ...],
+) -> tuple[tuple[int, ...] | None, ...]:
+    """Per axis of the claim's tensor, the cells its ``where`` picks (None: every cell)."""
+    select: list[tuple[int, ...] | None] = [None] * len(axes)
+    for axis, selector in exp.where.items():
+        if axis not in axes or axis in ("hidden", "k"):
+            hint = did_you_mean(axis, axes) or (
+                "axes: " + ", ".join(axes) if axes else "this result has no axes"
+            )
+            raise ctx.fail(
+                "unknown-axis", f"the result has no axis '{axis}'", path + ("where", axis), hint
+            )
+
+        def fail(message: str, hint: str | None, _axis: str = axis) -> Any:
+            return ctx.fail("bad-cell", message, path + ("where", _axis), hint)
+
+        values = _axis_values(ctx, metric, save, axis)
+        select[axes.index(axis)] = pick_cells(values, selector, axis, fail)
+    return tuple(select)
+
+
+def _token_check(ctx: Context, exp: Any, metric: Metric | None, path: SpecPath) -> dict[str, Any]:
+    """The token an ``argmax`` or ``top_k`` claim names, and where its result holds ids (the
+    kinds say which checks they allow: :meth:`~specsight.plan.Metric.token_checks`)."""
+    allowed = metric.token_checks() if metric is not None else {}
+    out: dict[str, Any] = {}
+    for check in ("argmax", "top_k"):
+        ref = getattr(exp, check)
+        if ref is None:
+            continue
+        if check not in allowed:
+            what = metric.kind if metric is not None else "a saved value"
+            ranking = [tag for tag, kind in kinds_of(Metric).items() if kind.ranks_tokens]
+            use = f"a {' or '.join(ranking)} metric" + (
+                " or a metric with several tokens" if check == "argmax" else ""
+            )
+            raise ctx.fail(
+                "bad-check",
+                f"'{check}' does not apply to {what}",
+                path + (check,),
+                f"use it on {use}",
+            )
+        token_id = ctx.token_id(ref, path + (check,))
+        out = {"token_id": token_id, "token_str": ctx.tok.token_str(token_id)}
+        out["token_source"] = allowed[check]
+        if allowed[check] == "tokens":  # among the metric's own tokens
+            tokens = metric.tokens  # type: ignore[union-attr]
+            if token_id not in tokens.ids:
+                raise ctx.fail(
+                    "bad-check",
+                    f"{out['token_str']!r} is not one of the metric's tokens",
+                    path + (check,),
+                    "argmax compares the metric's own tokens: "
+                    + ", ".join(map(repr, tokens.labels)),
+                )
+            out["token_index"] = list(tokens.ids).index(token_id)
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import spec as S
-from ..plan import Forward
+from ..plan import Forward, Generation, Rows
 from .context import Context, SpecContext, SpecPath
 
 __all__ = [
@@ -189,18 +189,18 @@ def op_steps(ctx: Context, invoke: S.Invoke, op: Any, path: SpecPath) -> tuple[i
     return (0,)
 
 
-def generation_config(invoke: S.Invoke) -> dict[str, Any]:
+def generation_config(invoke: S.Invoke) -> Generation:
     gen = invoke.generate
     assert gen is not None
     if gen.sampling == "greedy":
-        return {"max_new_tokens": gen.max_new_tokens, "do_sample": False}
-    return {
-        "max_new_tokens": gen.max_new_tokens,
-        "do_sample": True,
-        "temperature": gen.sampling.temperature,
-        "top_p": gen.sampling.top_p,
-        "seed": gen.sampling.seed,
-    }
+        return Generation(max_new_tokens=gen.max_new_tokens, do_sample=False)
+    return Generation(
+        max_new_tokens=gen.max_new_tokens,
+        do_sample=True,
+        temperature=gen.sampling.temperature,
+        top_p=gen.sampling.top_p,
+        seed=gen.sampling.seed,
+    )
 
 
 def generate_forwards(ctx: Context, stages: dict[str, int], max_batch: int) -> list[Forward]:
@@ -212,7 +212,8 @@ def generate_forwards(ctx: Context, stages: dict[str, int], max_batch: int) -> l
             continue
         rows = [i for i, row in enumerate(ctx.rows) if row.invoke == name]
         for start in range(0, len(rows), max_batch):
-            chunk = tuple(rows[start : start + max_batch])
+            chunk = Rows(rows[start : start + max_batch])
             seq = max(len(ctx.rows[r].tokens) for r in chunk)
-            out.append(Forward(stages[name], chunk, seq, 0, None, generation_config(invoke)))
+            config = generation_config(invoke)
+            out.append(Forward(stage=stages[name], rows=chunk, seq_len=seq, generate=config))
     return out

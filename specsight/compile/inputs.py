@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import spec as S
 from ..errors import did_you_mean
+from ..plan import InputKey, InputTensor
 from .context import Abort, Context, SpecPath
 from .dataset import invoke_prompts, use_dataset
 
@@ -86,12 +87,12 @@ def _store(ctx: Context, name: str, array: Any) -> str:
     """Keep one row's input in the plan under a content hash; returns the key."""
     digest = hashlib.sha256(str(array.dtype).encode() + str(array.shape).encode())
     digest.update(array.tobytes())
-    key = "x" + digest.hexdigest()[:16]
-    ctx.inputs[key] = {
-        "shape": list(array.shape),
-        "dtype": "int64" if array.dtype.kind in "iu" else "float32",
-        "values": array.reshape(-1).tolist(),
-    }
+    key = InputKey("x" + digest.hexdigest()[:16])
+    ctx.inputs[key] = InputTensor(
+        shape=tuple(array.shape),
+        dtype="int64" if str(array.dtype) == "int64" else "float32",
+        values=tuple(array.reshape(-1).tolist()),
+    )
     ctx.input_keys.setdefault(name, []).append(key)
     return key
 
@@ -160,9 +161,11 @@ def _tensors(ctx: Context, name: str, invoke: S.Invoke, shapes: dict[tuple[int, 
             "pad the inputs to one shape",
         )
     shapes.setdefault(row_shape, name)
-    if array.dtype.kind == "f":
+    import numpy as np
+
+    if np.issubdtype(array.dtype, np.floating):
         array = array.astype("float32")
-    elif array.dtype.kind in "iub":
+    elif np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_):
         array = array.astype("int64")
     else:
         raise ctx.fail("input-dtype", f"input has dtype {array.dtype}", path + ("file",),

@@ -13,6 +13,7 @@ import os
 
 from ..models import ModelInfo
 from ..plan import Plan
+from ..plan.ops import Capture, Save
 
 __all__ = [
     "CPU_BATCH_CAP",
@@ -22,6 +23,7 @@ __all__ = [
     "dtype_bytes",
     "estimate_memory",
     "row_bytes",
+    "rows_for_budget",
     "untouched_run_bytes",
 ]
 
@@ -60,6 +62,20 @@ def row_bytes(
     return hidden + attention + logits
 
 
+def rows_for_budget(
+    info: ModelInfo,
+    seq_len: int,
+    dtype: str,
+    budget_bytes: int,
+    *,
+    cap: int,
+    logits_positions: int | None = None,
+) -> int:
+    """How many rows fit the activation budget (at least 1, at most ``cap``)."""
+    per_row = max(1, row_bytes(info, seq_len, dtype, logits_positions=logits_positions))
+    return max(1, min(cap, budget_bytes // per_row))
+
+
 def untouched_run_bytes(info: ModelInfo, seq_len: int, dtype: str) -> int:
     """What the engine keeps of one sequence's untouched run: keys, values and the layer
     inputs of every position, in every layer (an upper bound: it keeps the inputs it uses)."""
@@ -85,7 +101,7 @@ def estimate_memory(plan: Plan, info: ModelInfo) -> dict[str, int]:
         peak = max(peak, len(forward.rows) * per_row)
     stored = runs  # the untouched runs the largest from_base forward reads
     for op in plan.ops:
-        if op.kind in ("capture", "save"):
+        if isinstance(op, Capture | Save):
             stored += len(op.positions) * info.d_model * width
     weights = _param_count(info) * width
     # Kernel workspaces, allocator slack and the first forward's one-off buffers: measured on

@@ -1,14 +1,18 @@
-"""Compiling metrics: which rows and position each reads, token ids, result axes (torch-free)."""
+"""Compiling metrics (torch-free): each kind's record class compiles its spec metric
+(:mod:`specsight.plan.metrics`) through :class:`MetricCompiler`, which works out what metrics
+share: which rows and position each reads, token ids (per dataset item when they name
+columns), result axes, reduction and baseline. The checks that need no model are here too."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from ..errors import did_you_mean, format_path
-from ..plan import PlanMetric, RowOp
-from ..sites import SiteError, family_table, resolve_site
+from ..errors import did_you_mean
+from ..plan import InvokeRef, Metric, Op, ResultRef, Rows, metric_kind
+from ..plan.metrics import ReaderParts, Tokens
+from ..sites import Site, SiteError, resolve_site
 from .aggregate import check_baseline, compile_reduce, one_per_input
-from .attribution import compile_attribution
 from .context import Abort, Context, SpecContext, SpecPath, plain
 from .dataset import (
     check_metric_columns,
@@ -20,132 +24,193 @@ from .dataset import (
 from .distributions import check_reference, kl_reference
 from .positions import PositionError, resolve_position
 
-__all__ = ["compile_metric", "metric_invoke_exists", "recovery_inputs_ok"]
+__all__ = ["MetricCompiler", "compile_metric", "metric_invoke_exists", "recovery_inputs_ok"]
 
 
-def compile_metric(ctx: Context, name: str, metric: Any) -> PlanMetric | None:
-    path: SpecPath = ("metrics", name)
-    if metric.kind == "recovery":
-        return _recovery(ctx, name, metric, path)
-    if metric.kind == "attribution":
-        return compile_attribution(ctx, name, metric, path)
-    if not metric_invoke_exists(ctx, name, metric):
-        return None
-    if ctx.info.inputs == "image" and "position" in metric.model_fields_set:
-        ctx.fail(
-            "classifier-position",
-            "an image classifier has one output per image, not one per position",
-            path + ("position",),
-            "remove 'position'; to read a position inside the model, save a site there",
-        )
-        return None
-    reference: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+def compile_metric(ctx: Context, name: str, metric: Any) -> Metric | None:
+    """The plan record of one spec metric (None after a located issue): its kind's class
+    compiles it through the compiler's services (:class:`MetricCompiler`)."""
     try:
-        grid = ctx.grids[metric.invoke]
-        cells = len(grid.cells()) if grid.axes else 1
-        prompts = ctx.tokens[metric.invoke]
-        item = _item_of(ctx, name, metric)
-        if metric.kind == "loss":  # every position is read; the last stands for the row
-            picked = [len(tokens) - 1 for tokens in prompts]
-        else:
-            picked = [
-                _metric_position(ctx, metric, tokens, item(i), path)
-                for i, tokens in enumerate(prompts)
-            ]
-        rows, positions = [], []
-        for cell in range(cells):
-            for prompt_index in range(len(prompts)):
-                rows.append(ctx.row_index[(metric.invoke, cell, prompt_index)])
-                positions.append(picked[prompt_index])
-        tokens_ref: list[str | int] = []
-        squeeze = False
-        if metric.kind == "logit_diff":
-            tokens_ref = [metric.target, metric.foil]
-            token_paths = [path + ("target",), path + ("foil",)]
-        elif metric.kind == "top_k":
-            token_paths = []
-            if ctx.info.vocab_size and metric.k > ctx.info.vocab_size:
-                raise ctx.fail(
-                    "bad-k",
-                    f"k = {metric.k} but the model has {ctx.info.vocab_size} outputs",
-                    path + ("k",),
-                    f"use k <= {ctx.info.vocab_size}",
-                )
-        elif metric.kind in ("kl", "loss"):
-            token_paths = []
-            if metric.kind == "kl":
-                if not check_reference(ctx, name, metric):
-                    raise Abort
-                where = _position_in(ctx, name, metric)
-                reference = kl_reference(ctx, metric, picked, cells, where)
-        elif metric.kind == "accuracy":
-            squeeze = True
-            tokens_ref, token_paths = [metric.target], [path + ("target",)]
-        elif metric.kind == "logit_lens":
-            squeeze = True
-            tokens_ref = [metric.token] if metric.token is not None else []
-            token_paths = [path + ("token",)]
-            lens = _lens(ctx, name, metric, rows, positions, path)
-        else:
-            squeeze = metric.token is not None
-            tokens_ref = [metric.token] if squeeze else list(metric.tokens)
-            token_paths = (
-                [path + ("token",)]
-                if squeeze
-                else [path + ("tokens", i) for i in range(len(tokens_ref))]
-            )
-        ids: list[int] = []
-        row_ids: tuple[tuple[int, ...], ...] = ()
-        if column_names(tokens_ref):
-            per_item = [
-                tuple(
-                    ctx.token_id(render_value(ref, ctx.items.rows[i]), p, _where(ctx, i, ref))  # type: ignore[union-attr]
-                    for ref, p in zip(tokens_ref, token_paths)
-                )
-                for i in range(len(prompts))
-            ]
-            row_ids = tuple(per_item[i] for _ in range(cells) for i in range(len(prompts)))
-            token_strs = tuple(str(ref) for ref in tokens_ref)
-        else:
-            ids = [ctx.token_id(ref, p) for ref, p in zip(tokens_ref, token_paths)]
-            token_strs = tuple(ctx.tok.token_str(i) for i in ids)
-        each = ctx.input_axis(metric.invoke)
-        axes = tuple(grid.axes) + ((each,) if each else ())
-        shape = tuple(grid.shape) + ((len(prompts),) if each else ())
-        reduce = compile_reduce(ctx, name, metric, axes, shape, each)
-        if not check_baseline(ctx, name, metric):
-            raise Abort
+        return metric_kind(metric.kind).compile(MetricCompiler(ctx), name, metric)
     except Abort:
         return None
-    extra = {}
-    if metric.kind == "logit_lens":
-        extra = dict(zip(("sites", "store_keys", "lens_modules"), lens))
-    return PlanMetric(
-        name=name,
-        kind=metric.kind,
-        invoke=metric.invoke,
-        rows=tuple(rows),
-        positions=tuple(positions),
-        tokens=tuple(ids),
-        row_tokens=row_ids,
-        token_strs=token_strs,
-        k=getattr(metric, "k", None),
-        squeeze_token=squeeze,
-        axes=axes,
-        shape=shape,
-        reduce=reduce,
-        baseline=getattr(metric, "baseline", None),
-        reference_rows=reference[0],
-        reference_positions=reference[1],
-        **extra,
-    )
 
 
-def _item_of(ctx: Context, name: str, metric: Any) -> Any:
-    """prompt index -> the dataset item it is (None when the invoke is not over the dataset)."""
-    if not check_metric_columns(ctx, name, metric):
-        raise Abort
-    return (lambda i: i) if metric.invoke in ctx.item_invokes else (lambda i: None)
+class MetricCompiler:
+    """The compiler's services to metric kinds (:class:`specsight.plan.metrics.CompileEnv`)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.info = ctx.info
+
+    @property
+    def vocab_size(self) -> int:
+        return self.ctx.info.vocab_size
+
+    def fail(self, code: str, message: str, path: SpecPath, hint: str | None = None) -> Abort:
+        return self.ctx.fail(code, message, path, hint)
+
+    def token_id(self, ref: str | int, path: SpecPath) -> int:
+        return self.ctx.token_id(ref, path)
+
+    def token_str(self, token_id: int) -> str:
+        return self.ctx.tok.token_str(token_id)
+
+    def add_op(self, op: Op) -> None:
+        self.ctx.ops.append(op)
+
+    def row(self, invoke: str, cell: int, prompt: int) -> int:
+        return self.ctx.row_index[(invoke, cell, prompt)]
+
+    def spec_metric(self, name: str) -> Any:
+        return self.ctx.spec.metrics[name]
+
+    def input_axis(self, invoke: str) -> str | None:
+        return self.ctx.input_axis(invoke)
+
+    def sites(self, selector: str, path: SpecPath) -> list[Site]:
+        """The sites a selector names (a located issue when none)."""
+        try:
+            return resolve_site(selector, self.ctx.info)
+        except SiteError as exc:
+            raise self.fail("unknown-site", exc.message, path, exc.hint) from None
+
+    def position(self, selector: Any, tokens: list[int], path: SpecPath) -> int:
+        """The one position a selector picks in ``tokens``."""
+        try:
+            picked = resolve_position(plain(selector), tokens, self.ctx.tok)
+        except PositionError as exc:
+            raise self.fail("bad-position", exc.message, path, exc.hint) from None
+        if len(picked) != 1:
+            raise self.fail("bad-position", "a metric reads one position", path, "use 'last'")
+        return picked[0]
+
+    def single_prompt(self, ref: str, path: SpecPath) -> list[int]:
+        """The tokens of an invoke that must be one prompt without a sweep or generation."""
+        ctx = self.ctx
+        if ref not in ctx.spec.invokes:
+            hint = did_you_mean(ref, ctx.spec.invokes) or "invokes: " + ", ".join(ctx.spec.invokes)
+            raise self.fail("unknown-invoke", f"no invoke named '{ref}'", path, hint)
+        invoke = ctx.spec.invokes[ref]
+        if invoke.sweep or invoke.generate is not None or len(ctx.tokens[ref]) != 1:
+            raise self.fail(
+                "bad-attribution",
+                f"attribution needs '{ref}' to be one prompt without a sweep or generation",
+                path,
+                "give the clean and corrupted runs one prompt each",
+            )
+        return ctx.tokens[ref][0]
+
+    def result_axes(self, invoke: str) -> tuple[tuple[str, ...], tuple[int, ...], str | None]:
+        """The axes and shape of a metric of ``invoke``: its sweep, then its inputs (when
+        several); and the input axis (None: one input)."""
+        grid, each = self.ctx.grids[invoke], self.ctx.input_axis(invoke)
+        axes = tuple(grid.axes) + ((each,) if each else ())
+        shape = tuple(grid.shape) + ((len(self.ctx.tokens[invoke]),) if each else ())
+        return axes, shape, each
+
+    def reduce(self, name: str, metric: Any, axes: Any, shape: Any, each: str | None) -> Any:
+        return compile_reduce(self.ctx, name, metric, axes, shape, each)
+
+    def check_recovery(self, name: str, metric: Any) -> None:
+        if not recovery_inputs_ok(self.ctx, name, metric):
+            raise Abort
+
+    def reference_rows(
+        self, name: str, metric: Any, parts: ReaderParts
+    ) -> tuple[Rows, tuple[int, ...]]:
+        """A kl metric's reference row and position for each of its rows."""
+        ctx = self.ctx
+        if not check_reference(ctx, name, metric):
+            raise Abort
+        grid = ctx.grids[metric.invoke]
+        cells = len(grid.cells()) if grid.axes else 1
+        prompts = len(ctx.tokens[metric.invoke])
+        rows, positions = kl_reference(
+            ctx, metric, list(parts.positions[:prompts]), cells, _position_in(ctx, name, metric)
+        )
+        return Rows(rows), positions
+
+    def reader(
+        self,
+        name: str,
+        metric: Any,
+        *,
+        tokens: Sequence[tuple[Any, tuple[Any, ...]]] = (),
+        last: bool = False,
+        reduced_by_default: bool = False,
+    ) -> ReaderParts:
+        """What any metric reading rows of its invoke at one position has: rows (row-major over
+        the sweep cells, then the inputs), each row's position (``last``: the prompt's last),
+        its token ids (shared, or per dataset item), axes, shape, reduction and baseline."""
+        ctx, path = self.ctx, ("metrics", name)
+        if not metric_invoke_exists(ctx, name, metric):
+            raise Abort
+        if ctx.info.inputs == "image" and "position" in metric.model_fields_set:
+            raise ctx.fail(
+                "classifier-position",
+                "an image classifier has one output per image, not one per position",
+                path + ("position",),
+                "remove 'position'; to read a position inside the model, save a site there",
+            )
+        if not check_metric_columns(ctx, name, metric):
+            raise Abort
+        over_items = metric.invoke in ctx.item_invokes
+        prompts = ctx.tokens[metric.invoke]
+        if last:
+            picked = [len(t) - 1 for t in prompts]
+        else:
+            picked = [
+                _metric_position(ctx, metric, t, i if over_items else None, path)
+                for i, t in enumerate(prompts)
+            ]
+        grid = ctx.grids[metric.invoke]
+        cells = len(grid.cells()) if grid.axes else 1
+        rows = [self.row(metric.invoke, c, p) for c in range(cells) for p in range(len(prompts))]
+        positions = tuple(picked[p] for _ in range(cells) for p in range(len(prompts)))
+        ids = _token_ids(ctx, tokens, over_items, len(prompts), cells, path)
+        axes, shape, each = self.result_axes(metric.invoke)
+        reduce = compile_reduce(ctx, name, metric, axes, shape, each, reduced_by_default)
+        if not check_baseline(ctx, name, metric):
+            raise Abort
+        baseline = getattr(metric, "baseline", None)
+        return ReaderParts(
+            name=ResultRef(name),
+            invoke=InvokeRef(metric.invoke),
+            rows=Rows(rows),
+            positions=positions,
+            tokens=ids,
+            axes=axes,
+            shape=shape,
+            reduce=reduce,
+            baseline=None if baseline is None else ResultRef(baseline),
+        )
+
+
+def _token_ids(
+    ctx: Context,
+    refs: Sequence[tuple[Any, tuple[Any, ...]]],
+    over_items: bool,
+    n_prompts: int,
+    cells: int,
+    path: SpecPath,
+) -> Tokens:
+    """A metric's token ids: the same for every row, or, when they name dataset columns, each
+    item's own (``labels``: the templates)."""
+    if over_items and ctx.items is not None and column_names([ref for ref, _ in refs]):
+        per_item = [
+            tuple(
+                ctx.token_id(
+                    render_value(ref, ctx.items.rows[i]), path + where, _where(ctx, i, ref)
+                )
+                for ref, where in refs
+            )
+            for i in range(n_prompts)
+        ]
+        per_row = tuple(per_item[i] for _ in range(cells) for i in range(n_prompts))
+        return Tokens(per_row=per_row, labels=tuple(str(ref) for ref, _ in refs))
+    ids = tuple(ctx.token_id(ref, path + where) for ref, where in refs)
+    return Tokens(ids=ids, labels=tuple(ctx.tok.token_str(i) for i in ids))
 
 
 def _position_in(ctx: Context, name: str, metric: Any) -> Any:
@@ -187,54 +252,6 @@ def _metric_position(
     return picked[0]
 
 
-def _lens(
-    ctx: Context, name: str, metric: Any, rows: list[int], positions: list[int], path: SpecPath
-) -> tuple:
-    """Save ops feeding a logit lens, and the modules that decode what they save."""
-    table = family_table(ctx.info)
-    if table is None or not {"final_norm", "logits"} <= set(table["sites"]):
-        raise ctx.fail(
-            "no-lens",
-            f"logit_lens needs the final norm and unembedding, unknown for {ctx.info.architecture}",
-            path + ("kind",),
-        )
-    try:
-        sites = resolve_site(metric.site, ctx.info)
-    except SiteError as exc:
-        raise ctx.fail("unknown-site", exc.message, path + ("site",), exc.hint) from None
-    for site in sites:
-        if site.heads is not None or site.width not in (None, ctx.info.d_model):
-            raise ctx.fail(
-                "lens-site",
-                f"logit_lens decodes residual-stream sites; '{site.name}' is not d_model wide",
-                path + ("site",),
-                "use resid_post.*, resid_mid.*, attn_out.* or mlp_out.*",
-            )
-    keys = []
-    for row, pos in zip(rows, positions):
-        for site in sites:
-            key = f"lens/{name}/{row}/{site.name}"
-            keys.append(key)
-            ctx.ops.append(
-                RowOp(
-                    "save",
-                    site.name,
-                    site.module,
-                    site.io,
-                    row,
-                    (pos,),
-                    store=key,
-                    origin=format_path(path),
-                    layer=site.layer,
-                )
-            )
-    modules = (table["sites"]["final_norm"][0], table["sites"]["logits"][0])
-    return tuple(s.name for s in sites), tuple(keys), modules
-
-
-_SCALAR_KINDS = ("logit_diff", "logits", "logprob", "prob")
-
-
 def metric_invoke_exists(ctx: SpecContext, name: str, metric: Any) -> bool:
     """Whether a metric's invoke exists (a located issue when not; needs no model)."""
     if metric.invoke in ctx.spec.invokes:
@@ -255,7 +272,7 @@ def recovery_inputs_ok(ctx: SpecContext, name: str, metric: Any) -> bool:
         ref = getattr(metric, role)
         other = metrics.get(ref)
         if other is None or ref == name:
-            candidates = [n for n, m in metrics.items() if n != name and m.kind in _SCALAR_KINDS]
+            candidates = [n for n, m in metrics.items() if n != name and m.scalar]
             hint = did_you_mean(ref, candidates) or "metrics: " + ", ".join(candidates)
             ctx.fail(
                 "unknown-metric",
@@ -264,7 +281,7 @@ def recovery_inputs_ok(ctx: SpecContext, name: str, metric: Any) -> bool:
                 hint,
             )
             ok = False
-        elif other.kind not in _SCALAR_KINDS:
+        elif not other.scalar:
             ctx.fail(
                 "bad-recovery",
                 f"'{ref}' is a {other.kind} metric; recovery needs logit_diff, logits, logprob or prob",
@@ -291,35 +308,3 @@ def _patched_fits(ctx: SpecContext, invoke: str, metrics: Any, metric: Any) -> b
     if patched is None or patched.invoke not in ctx.spec.invokes:
         return True  # reported for the patched metric
     return one_per_input(ctx, invoke, patched.invoke)
-
-
-def _recovery(ctx: Context, name: str, metric: Any, path: SpecPath) -> PlanMetric | None:
-    """(patched - corrupt) / (clean - corrupt): the clean and corrupt metrics must not be swept."""
-    if not recovery_inputs_ok(ctx, name, metric):
-        return None
-    metrics = ctx.spec.metrics
-    inputs = [metric.patched, metric.clean, metric.corrupt]
-    patched = metrics[metric.patched]
-    grid = ctx.grids[patched.invoke]
-    each = ctx.input_axis(patched.invoke)
-    axes = tuple(grid.axes) + ((each,) if each else ())
-    shape = tuple(grid.shape) + ((len(ctx.tokens[patched.invoke]),) if each else ())
-    try:
-        reduce = compile_reduce(ctx, name, metric, axes, shape, each)
-    except Abort:
-        return None
-    if reduce is not None:  # which of clean and corrupt have a value per item
-        reduce["inputs_per_item"] = [
-            ctx.input_axis(metrics[ref].invoke) is not None for ref in inputs[1:]
-        ]
-    return PlanMetric(
-        name=name,
-        kind="recovery",
-        invoke=patched.invoke,
-        rows=(),
-        positions=(),
-        axes=axes,
-        shape=shape,
-        inputs=tuple(inputs),
-        reduce=reduce,
-    )

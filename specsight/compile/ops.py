@@ -1,14 +1,18 @@
-"""Compiling ops: each spec op becomes per-row RowOps with concrete sites and positions (torch-free)."""
+"""Compiling ops: each spec op becomes per-row plan ops (:mod:`specsight.plan.ops`) with
+concrete sites and positions (torch-free). The spec's op kinds compile through a table keyed by
+their class (``_COMPILERS``); the ablation family lives in :mod:`.ablations`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .. import spec as S
 from ..errors import did_you_mean, format_path
-from ..plan import RowOp
+from ..plan import RowRef, StoreKey, VectorKey
+from ..plan.ops import AddSaved, AddVector, Grad, Patch, Save, Scale, SetSaved, SetVector, Zero
 from ..sites import Site, SiteError, resolve_site
-from .ablations import capture_key, compile_ablation, derangement, vector_key
+from .ablations import ABLATION_COMPILERS, capture_key, derangement, vector_key
 from .context import Context, SpecPath, default_save_name, plain
 from .dataset import item_label, render_selector
 from .inputs import read_array_file
@@ -70,7 +74,8 @@ def compile_op(
             path + ("site",),
             "drop 'name' or save one site per op",
         )
-    vector_key = _vector(ctx, op, path) if isinstance(op, S.AddOp | S.SetOp) else None
+    vector = _vector(ctx, op, path) if isinstance(op, S.AddOp | S.SetOp) else None
+    compiler = _COMPILERS[type(op)]
     for site in sites:
         window = op_window(ctx, op, site, path)
         for prompt_index, tokens in enumerate(ctx.tokens[invoke]):
@@ -78,40 +83,86 @@ def compile_op(
             positions = _positions(
                 ctx, op.positions, tokens, path + ("positions",), _item(ctx, invoke, prompt_index)
             )
-            common = dict(
-                site=site.name, module=site.module, io=site.io, row=row, positions=tuple(positions)
+            at = OpAt(
+                invoke,
+                prompt_index,
+                site,
+                window,
+                path,
+                dict(
+                    site=site.name,
+                    module=site.module,
+                    io=site.io,
+                    row=RowRef(row),
+                    positions=tuple(positions),
+                    origin=format_path(path),
+                    layer=site.layer,
+                    cols=window["cols"],
+                ),
             )
-            common["origin"] = format_path(path)
-            common["layer"] = site.layer
-            if window["cols"] is not None:
-                common["cols"] = window["cols"]
-            if window["head_dim"] is not None and isinstance(op, S.SaveOp):
-                common["head_dim"] = window["head_dim"]
-            if isinstance(op, S.SaveOp):
-                if len(sites) > 1:
-                    save_name = default_save_name(invoke, site.name, op.grad)
-                else:
-                    save_name = template.name or default_save_name(invoke, template.site, op.grad)
-                key = f"save/{save_name}/{row}"
-                ctx.save_keys.setdefault(save_name, []).append(key)
-                ctx.save_npos.setdefault(save_name, []).append(len(positions))
-                ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
-                _value_layout(ctx, save_name, site, window, positions)
-                ctx.ops.append(RowOp("grad" if op.grad else "save", store=key, **common))
-            elif isinstance(op, S.ZeroOp):
-                ctx.ops.append(RowOp("zero", **common))
-            elif isinstance(op, S.ScaleOp):
-                ctx.ops.append(RowOp("scale", factor=float(op.factor), **common))
-            elif isinstance(op, S.AddOp | S.SetOp):
-                _vector_op(ctx, op, site, common, vector_key, path, window["width"])
-            elif isinstance(op, S.PatchOp):
-                src = 0 if len(ctx.tokens[op.from_]) == 1 else prompt_index
-                _patch_op(ctx, invoke, op, site, prompt_index, src, common, path)
-            elif isinstance(op, S.ResampleAblateOp):
-                src = _resampled(ctx, invoke, op, prompt_index, path)
-                _patch_op(ctx, invoke, op, site, prompt_index, src, common, path)
-            else:
-                compile_ablation(ctx, invoke, op, site, prompt_index, common, path, window["width"])
+            compiler(ctx, op, at, template=template, sites=sites, vector=vector)
+
+
+@dataclass(frozen=True)
+class OpAt:
+    """One spec op on one row at one site: what every kind's compiler gets, and the plan op's
+    common fields (``common``)."""
+
+    invoke: str
+    prompt_index: int
+    site: Site
+    window: dict[str, Any]
+    path: SpecPath
+    common: dict[str, Any]
+
+
+def _save(
+    ctx: Context, op: S.SaveOp, at: OpAt, *, template: Any, sites: list[Site], **_: Any
+) -> None:
+    invoke, site, common = at.invoke, at.site, at.common
+    if len(sites) > 1:
+        save_name = default_save_name(invoke, site.name, op.grad)
+    else:
+        save_name = template.name or default_save_name(invoke, template.site, op.grad)
+    key = StoreKey(f"save/{save_name}/{common['row']}")
+    ctx.save_keys.setdefault(save_name, []).append(key)
+    ctx.save_npos.setdefault(save_name, []).append(len(common["positions"]))
+    ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
+    _value_layout(ctx, save_name, site, at.window, list(common["positions"]))
+    kind = Grad if op.grad else Save
+    ctx.ops.append(kind(**common, store=key, head_dim=at.window["head_dim"]))
+
+
+def _zero(ctx: Context, op: S.ZeroOp, at: OpAt, **_: Any) -> None:
+    ctx.ops.append(Zero(**at.common))
+
+
+def _scale(ctx: Context, op: S.ScaleOp, at: OpAt, **_: Any) -> None:
+    ctx.ops.append(Scale(**at.common, factor=float(op.factor)))
+
+
+def _patch(ctx: Context, op: S.PatchOp, at: OpAt, **_: Any) -> None:
+    _patch_op(ctx, op, at, 0 if len(ctx.tokens[op.from_]) == 1 else at.prompt_index)
+
+
+def _resample(ctx: Context, op: S.ResampleAblateOp, at: OpAt, **_: Any) -> None:
+    _patch_op(ctx, op, at, _resampled(ctx, at.invoke, op, at.prompt_index, at.path))
+
+
+def _add_or_set(ctx: Context, op: S.AddOp | S.SetOp, at: OpAt, *, vector: Any, **_: Any) -> None:
+    _vector_op(ctx, op, at.site, at.common, vector, at.path, at.window["width"])
+
+
+_COMPILERS: dict[type, Any] = {
+    S.SaveOp: _save,
+    S.ZeroOp: _zero,
+    S.ScaleOp: _scale,
+    S.AddOp: _add_or_set,
+    S.SetOp: _add_or_set,
+    S.PatchOp: _patch,
+    S.ResampleAblateOp: _resample,
+    **ABLATION_COMPILERS,
+}
 
 
 def _value_layout(
@@ -158,18 +209,16 @@ def _resampled(
     return derangement(n, int(op.seed))[prompt_index]
 
 
-def _patch_op(
-    ctx: Context,
-    invoke: str,
-    op: S.PatchOp | S.ResampleAblateOp,
-    site: Site,
-    prompt_index: int,
-    src_prompt: int,
-    common: dict,
-    path: SpecPath,
-) -> None:
+def _patch_op(ctx: Context, op: S.PatchOp | S.ResampleAblateOp, at: OpAt, src_prompt: int) -> None:
     """Copy the site's value in row ``src_prompt`` of the source invoke (a patch, or a
     resample ablation's other item) into this row."""
+    invoke, site, prompt_index, common, path = (
+        at.invoke,
+        at.site,
+        at.prompt_index,
+        at.common,
+        at.path,
+    )
     source = op.from_
     if ctx.grids[source].axes:
         raise ctx.fail(
@@ -207,10 +256,10 @@ def _patch_op(
             else "select positions every item has the same number of, e.g. {token: '{s}'}",
         )
     key = capture_key(ctx, source, src_prompt, site, common["origin"])
-    ctx.ops.append(RowOp("patch", sources=(key,), source_positions=tuple(src_positions), **common))
+    ctx.ops.append(Patch(**common, source=key, source_positions=tuple(src_positions)))
 
 
-def _vector(ctx: Context, op: S.AddOp | S.SetOp, path: SpecPath) -> str | None:
+def _vector(ctx: Context, op: S.AddOp | S.SetOp, path: SpecPath) -> VectorKey | None:
     """Register an inline or file vector in the plan; None for saved values."""
     source = op.vector if isinstance(op, S.AddOp) else op.value
     attr = "vector" if isinstance(op, S.AddOp) else "value"
@@ -228,15 +277,15 @@ def _vector_op(
     op: Any,
     site: Site,
     common: dict,
-    vector_key: str | None,
+    vector: VectorKey | None,
     path: SpecPath,
     width: int | None,
 ) -> None:
-    kind = "add" if isinstance(op, S.AddOp) else "set"
-    attr = "vector" if kind == "add" else "value"
-    factor = float(op.coeff) if kind == "add" else None
-    if vector_key is not None:
-        length = len(ctx.vectors[vector_key])
+    adds = isinstance(op, S.AddOp)
+    attr = "vector" if adds else "value"
+    factor = {"factor": float(op.coeff)} if adds else {}
+    if vector is not None:
+        length = len(ctx.vectors[vector])
         if width is not None and length != width:
             raise ctx.fail(
                 "vector-size",
@@ -245,9 +294,17 @@ def _vector_op(
                 path + (attr,),
                 f"give {width} values",
             )
-        ctx.ops.append(RowOp(kind, vector=vector_key, factor=factor, **common))
+        kind = AddVector if adds else SetVector
+        ctx.ops.append(kind(**common, vector=vector, **factor))
         return
-    source = op.vector if kind == "add" else op.value
+    source = op.vector if adds else op.value
+    keys = _saved_keys(ctx, source, common, path + (attr, "saved"))
+    kind = AddSaved if adds else SetSaved
+    ctx.ops.append(kind(**common, sources=tuple(keys), mean=source.reduce == "mean", **factor))
+
+
+def _saved_keys(ctx: Context, source: S.SavedVector, common: dict, path: SpecPath) -> list[str]:
+    """The store keys of a saved value an op reads (located issues when it cannot)."""
     keys = ctx.save_keys.get(source.saved, [])
     if not keys:
         saved = sorted(ctx.save_keys)
@@ -262,12 +319,12 @@ def _vector_op(
             )
             listed = "name one of: " + listed
         hint = did_you_mean(source.saved, saved, n=3) or listed
-        raise ctx.fail(code, message, path + (attr, "saved"), hint)
+        raise ctx.fail(code, message, path, hint)
     if source.reduce == "none" and len(keys) != 1:
         raise ctx.fail(
             "saved-rows",
             f"saved value '{source.saved}' comes from {len(keys)} rows",
-            path + (attr, "saved"),
+            path,
             "add 'reduce: mean' to average it, or save from an invoke with one prompt",
         )
     if source.reduce == "none":
@@ -276,10 +333,10 @@ def _vector_op(
             raise ctx.fail(
                 "position-count",
                 f"saved value '{source.saved}' has {n_saved} positions but the op selects {len(common['positions'])}",
-                path + (attr, "saved"),
+                path,
                 "save one position, select as many positions, or add 'reduce: mean'",
             )
-    ctx.ops.append(RowOp(kind, sources=tuple(keys), reduce=source.reduce, factor=factor, **common))
+    return keys
 
 
 def _read_vector_file(ctx: Context, source: S.FileVector, path: SpecPath) -> tuple[float, ...]:

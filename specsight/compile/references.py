@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import spec as S
 from ..errors import SpecError, did_you_mean
 from ..spec import LoadedDoc, SaveOp, Spec
 from .aggregate import check_baseline
@@ -37,15 +38,7 @@ def check_references(spec: Spec, doc: LoadedDoc) -> None:
     for name in spec.invokes:
         check_variables(ctx, name)
     for name, metric in spec.metrics.items():
-        if metric.kind == "recovery":
-            recovery_inputs_ok(ctx, name, metric)
-        elif metric.kind == "attribution":
-            _attribution_invokes(ctx, name, metric)
-        elif metric_invoke_exists(ctx, name, metric):
-            check_metric_columns(ctx, name, metric)
-            check_baseline(ctx, name, metric)
-            if metric.kind == "kl":
-                check_reference(ctx, name, metric)
+        _METRIC_CHECKS.get(type(metric), _measured)(ctx, name, metric)
     check_backward(ctx)
     _expectation_targets(ctx)
     if ctx.issues:
@@ -62,18 +55,37 @@ def _attribution_invokes(ctx: SpecContext, name: str, metric: object) -> None:
             ctx.fail("unknown-invoke", f"no invoke named '{ref}'", ("metrics", name, role), hint)
 
 
-_TOKEN_KINDS = ("logits", "logprob", "prob")
+def _measured(ctx: SpecContext, name: str, metric: Any) -> None:
+    """A metric of an invoke's rows: the invoke, the columns its templates name, its baseline."""
+    if metric_invoke_exists(ctx, name, metric):
+        check_metric_columns(ctx, name, metric)
+        check_baseline(ctx, name, metric)
+
+
+def _kl(ctx: SpecContext, name: str, metric: Any) -> None:
+    if metric_invoke_exists(ctx, name, metric):
+        check_metric_columns(ctx, name, metric)
+        check_baseline(ctx, name, metric)
+        check_reference(ctx, name, metric)
+
+
+#: the model-free checks of metric kinds that are not plain measurements of an invoke
+_METRIC_CHECKS: dict[type, Any] = {
+    S.RecoveryMetric: recovery_inputs_ok,
+    S.AttributionMetric: _attribution_invokes,
+    S.KlMetric: _kl,
+}
 
 
 def _metric_axes(ctx: SpecContext, name: str) -> tuple[str, ...] | None:
     """The axes of a metric's result, from the spec alone (None when its invoke is unknown)."""
     metric = ctx.spec.metrics[name]
-    if metric.kind == "attribution":
-        return ("site", "pos")
+    if metric.fixed_axes is not None:
+        return metric.fixed_axes
     owner = metric
-    if metric.kind == "recovery":  # shaped like the patched metric's invoke
-        owner = ctx.spec.metrics.get(metric.patched)
-        if owner is None or owner.kind in ("recovery", "attribution"):
+    if metric.shaped_like is not None:  # shaped like the patched metric's invoke
+        owner = ctx.spec.metrics.get(metric.shaped_like)
+        if owner is None or getattr(owner, "invoke", None) is None:
             return None
     invoke = ctx.spec.invokes.get(owner.invoke)
     if invoke is None:
@@ -86,11 +98,7 @@ def _metric_axes(ctx: SpecContext, name: str) -> tuple[str, ...] | None:
     elif reduce is not None:
         over = reduce.over if "over" in reduce.model_fields_set or not each else each
         axes = tuple(a for a in axes if a != over)
-    if metric.kind == "logit_lens":
-        axes += ("site",)
-    elif metric.kind in _TOKEN_KINDS and metric.tokens is not None:
-        axes += ("token",)
-    return axes
+    return axes + metric.value_axes()
 
 
 def _check_where(ctx: SpecContext, exp: Any, path: SpecPath) -> None:
@@ -99,8 +107,8 @@ def _check_where(ctx: SpecContext, exp: Any, path: SpecPath) -> None:
     if axes is None:
         return
     metric = ctx.spec.metrics[exp.metric]
-    owner = ctx.spec.metrics[metric.patched] if metric.kind == "recovery" else metric
-    sweep = ctx.spec.invokes[owner.invoke].sweep or {} if metric.kind != "attribution" else {}
+    owner = ctx.spec.metrics[metric.shaped_like] if metric.shaped_like else metric
+    sweep = {} if metric.fixed_axes else ctx.spec.invokes[owner.invoke].sweep or {}
     for axis, selector in exp.where.items():
         if axis not in axes:
             hint = did_you_mean(axis, axes) or (

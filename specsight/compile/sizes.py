@@ -29,7 +29,6 @@ from .windows import DimsError, dim_indices
 __all__ = ["SpecSizes", "spec_sizes"]
 
 _FLOAT, _INT = 4, 8
-_TOKEN_KINDS = ("logits", "logprob", "prob")
 
 
 @dataclass
@@ -206,33 +205,27 @@ def _metric_sizes(
     name: str,
     metric: Any,
 ) -> None:
-    if metric.kind == "attribution":
+    if metric.fixed_axes is not None:  # attribution: [site, pos] of the corrupted prompt
         corrupt = invokes.get(metric.corrupt)
         n_pos = len(corrupt.tokens[0]) if corrupt and corrupt.tokens else 0
         n_sites = len(_sites(metric.site, info, {}))
         sizes.tensors[name] = n_sites * n_pos * _FLOAT
         return
     owner = metric
-    if metric.kind == "recovery":
-        owner = spec.metrics.get(metric.patched)
-        if owner is None or owner.kind not in _TOKEN_KINDS + ("logit_diff",):
+    if metric.shaped_like is not None:  # a recovery: one value per cell of the patched metric
+        owner = spec.metrics.get(metric.shaped_like)
+        if owner is None or not owner.scalar:
             return
     shape = invokes.get(owner.invoke)
     if shape is None:
         return
     cells = math.prod(shape.lead)
-    if owner.kind in _TOKEN_KINDS and owner.tokens is not None:
-        cells *= len(owner.tokens)
-    if metric.kind == "top_k":
-        sizes.tensors[name] = cells * metric.k * _FLOAT
-        sizes.tensors[f"{name}/ids"] = cells * metric.k * _INT
-    elif metric.kind == "logit_lens":
-        n_sites = len(_sites(metric.site, info, {}))
-        sizes.tensors[name] = cells * n_sites * _FLOAT
-        sizes.tensors[f"{name}/ids"] = cells * n_sites * metric.k * _INT
-        sizes.tensors[f"{name}/probs"] = cells * n_sites * metric.k * _FLOAT
-    else:
-        sizes.tensors[name] = cells * _FLOAT
+    if owner is not metric:
+        cells = owner.value_counts(cells, 0)[""][0]
+    n_sites = len(_sites(metric.site, info, {})) if "site" in metric.value_axes() else 0
+    counts = metric.value_counts(cells, n_sites) if owner is metric else {"": (cells, False)}
+    for suffix, (count, ids) in counts.items():
+        sizes.tensors[f"{name}/{suffix}" if suffix else name] = count * (_INT if ids else _FLOAT)
     _reduce_sizes(sizes, name, metric, shape)
     if getattr(metric, "baseline", None) is not None:
         sizes.tensors[f"{name}/effect"] = sizes.tensors[name]
@@ -242,7 +235,7 @@ def _reduce_sizes(sizes: SpecSizes, name: str, metric: Any, shape: _Invoke) -> N
     """A reduced metric: the per-item values stay (``/items``); the statistic, its standard
     error and interval are one item's size."""
     reduce = getattr(metric, "reduce", None)
-    default = metric.kind == "accuracy" and shape.axes[-1:] in (("item",), ("prompt",))
+    default = metric.reduced_by_default and shape.axes[-1:] in (("item",), ("prompt",))
     if reduce is None and getattr(metric, "of", None) != "means" and not default:
         return
     full = sizes.tensors.get(name, 0)

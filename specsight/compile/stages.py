@@ -76,53 +76,7 @@ def _owner_of_pattern(ref: str, save_owner: dict[str, str]) -> str | None:
 
 def order_stages(ctx: SpecContext) -> dict[str, int]:
     """Stage of each invoke: 0 when it reads nothing, else one past everything it reads."""
-    names = list(ctx.spec.invokes)
-    save_owner = {save: owner for save, (owner, _) in ctx.save_names.items()}
-    deps: dict[str, dict[str, SpecPath]] = {name: {} for name in names}
-    for name, invoke in ctx.spec.invokes.items():
-        for i, kind, ref, field_name in _sources_of(invoke):
-            op_path: SpecPath = ("invokes", name, "ops", i)
-            if kind == "invoke":
-                if ref not in ctx.spec.invokes:
-                    hint = did_you_mean(ref, names) or "invokes: " + ", ".join(names)
-                    ctx.fail(
-                        "unknown-invoke", f"no invoke named '{ref}'", op_path + (field_name,), hint
-                    )
-                elif ref == name:
-                    what = invoke.ops[i].op
-                    ctx.fail(
-                        "self-patch",
-                        f"an invoke cannot {'patch from' if what == 'patch' else 'read'} itself"
-                        + ("" if what == "patch" else f" ({what} reads '{field_name}' first)"),
-                        op_path + (field_name,),
-                        "patch from another invoke; to keep a value of this one, use a save op"
-                        if what == "patch"
-                        else "give the reference prompts an invoke of their own",
-                    )
-                else:
-                    deps[name].setdefault(ref, op_path + (field_name,))
-            else:
-                attr = field_name
-                owner = save_owner.get(ref) or _owner_of_pattern(ref, save_owner)
-                if owner is None:
-                    hint = did_you_mean(ref, save_owner) or (
-                        "saved values: " + ", ".join(save_owner) if save_owner else "add a save op"
-                    )
-                    ctx.fail(
-                        "unknown-saved",
-                        f"no saved value named '{ref}'",
-                        op_path + (attr, "saved"),
-                        hint,
-                    )
-                elif owner == name:
-                    ctx.fail(
-                        "self-reference",
-                        f"saved value '{ref}' comes from this same invoke",
-                        op_path + (attr, "saved"),
-                        "save it in a separate invoke and read it from there",
-                    )
-                else:
-                    deps[name].setdefault(owner, op_path + (attr, "saved"))
+    deps = _dependencies(ctx)
     for invoke, refs in kl_dependencies(ctx).items():  # a kl metric reads its reference
         for ref, where in refs.items():
             deps[invoke].setdefault(ref, where)
@@ -150,6 +104,74 @@ def order_stages(ctx: SpecContext) -> dict[str, int]:
         stages[name] = stage
         return stage
 
-    for name in names:
+    for name in ctx.spec.invokes:
         visit(name)
     return stages
+
+
+def _dependencies(ctx: SpecContext) -> dict[str, dict[str, SpecPath]]:
+    """invoke -> {invoke it reads: where}, from its ops' sources and saved values (located
+    issues for references to nothing and to itself)."""
+    save_owner = {save: owner for save, (owner, _) in ctx.save_names.items()}
+    deps: dict[str, dict[str, SpecPath]] = {name: {} for name in ctx.spec.invokes}
+    for name, invoke in ctx.spec.invokes.items():
+        for i, source, ref, field_name in _sources_of(invoke):
+            op_path: SpecPath = ("invokes", name, "ops", i)
+            if source == "invoke":
+                _invoke_dependency(
+                    ctx, deps[name], name, invoke.ops[i].op, ref, op_path + (field_name,)
+                )
+            else:
+                _saved_dependency(
+                    ctx, deps[name], name, save_owner, ref, op_path + (field_name, "saved")
+                )
+    return deps
+
+
+def _invoke_dependency(
+    ctx: SpecContext, deps: dict[str, SpecPath], name: str, what: str, ref: str, where: SpecPath
+) -> None:
+    """An op of ``name`` (a ``what``) reads invoke ``ref``."""
+    names = list(ctx.spec.invokes)
+    if ref not in ctx.spec.invokes:
+        hint = did_you_mean(ref, names) or "invokes: " + ", ".join(names)
+        ctx.fail("unknown-invoke", f"no invoke named '{ref}'", where, hint)
+    elif ref == name:
+        field_name = where[-1]
+        ctx.fail(
+            "self-patch",
+            f"an invoke cannot {'patch from' if what == 'patch' else 'read'} itself"
+            + ("" if what == "patch" else f" ({what} reads '{field_name}' first)"),
+            where,
+            "patch from another invoke; to keep a value of this one, use a save op"
+            if what == "patch"
+            else "give the reference prompts an invoke of their own",
+        )
+    else:
+        deps.setdefault(ref, where)
+
+
+def _saved_dependency(
+    ctx: SpecContext,
+    deps: dict[str, SpecPath],
+    name: str,
+    save_owner: dict[str, str],
+    ref: str,
+    where: SpecPath,
+) -> None:
+    """An op of ``name`` reads saved value ``ref``: it runs after the invoke that saves it."""
+    owner = save_owner.get(ref) or _owner_of_pattern(ref, save_owner)
+    if owner is None:
+        hint = did_you_mean(ref, save_owner) or (
+            "saved values: " + ", ".join(save_owner) if save_owner else "add a save op"
+        )
+        ctx.fail("unknown-saved", f"no saved value named '{ref}'", where, hint)
+    elif owner == name:
+        ctx.fail(
+            "self-reference",
+            f"saved value '{ref}' comes from this same invoke",
+            where,
+            "save it in a separate invoke and read it from there",
+        )
+    else:
+        deps.setdefault(owner, where)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..plan import Plan
+from ..plan import Plan, Reduce
 
 __all__ = ["aggregate"]
 
@@ -30,40 +30,45 @@ def aggregate(plan: Plan, metrics: dict[str, torch.Tensor]) -> None:
     aggregate, adding the companions; inputs are read before any is replaced."""
     raw = dict(metrics)
     for metric in plan.metrics:
-        if metric.baseline is not None:  # per item when the baseline has items (broadcast)
-            raw[f"{metric.name}/effect"] = raw[metric.name] - raw[metric.baseline]
+        baseline = getattr(metric, "baseline", None)
+        if baseline is not None:  # per item when the baseline has items (broadcast)
+            raw[f"{metric.name}/effect"] = raw[metric.name] - raw[baseline]
             metrics[f"{metric.name}/effect"] = raw[f"{metric.name}/effect"]
     for metric in plan.metrics:
-        spec = metric.reduce
-        if not spec:
-            continue
-        if metric.baseline is not None:
-            effect = _plain(raw[f"{metric.name}/effect"], spec)(None)
-            metrics[f"{metric.name}/effect"] = effect
-        n = spec["size"]
-        if metric.kind == "recovery" and spec["of"] == "means":
-            statistic = _recovery_of_means(metric, raw, spec)
-        else:
-            statistic = _plain(raw[metric.name], spec)
-        value = statistic(None)
-        metrics[metric.name] = value
-        metrics[f"{metric.name}/items"] = raw[metric.name]
-        boot = None
-        if spec["ci"] or spec["stat"] == "median" or spec["of"] == "means":
-            boot = _bootstrap(statistic, n, spec)
-        if spec["stat"] == "median" or spec["of"] == "means":
-            stderr = boot.std(-1) if n > 1 else torch.full_like(value, math.nan)  # type: ignore[union-attr]
-        else:
-            items = raw[metric.name].float().movedim(spec["axis"], -1)
-            spread = items.std(-1) if n > 1 else torch.full_like(value, math.nan)
-            stderr = spread / math.sqrt(n) if spec["stat"] == "mean" else spread * math.sqrt(n)
-        metrics[f"{metric.name}/stderr"] = stderr.to(value.dtype)
-        if spec["ci"]:
-            tail = (1 - spec["level"]) / 2
-            assert boot is not None
-            low, high = torch.quantile(boot, torch.tensor([tail, 1 - tail]), dim=-1)
-            metrics[f"{metric.name}/ci_low"] = low.to(value.dtype)
-            metrics[f"{metric.name}/ci_high"] = high.to(value.dtype)
+        if metric.reduce is not None:
+            _reduced(metric, metric.reduce, raw, metrics)
+
+
+def _reduced(metric: Any, spec: Reduce, raw: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:  # fmt: skip
+    if getattr(metric, "baseline", None) is not None:
+        metrics[f"{metric.name}/effect"] = _plain(raw[f"{metric.name}/effect"], spec)(None)
+    n = spec.size
+    of_means = metric.reduces == "means"
+    if of_means:
+        statistic = metric.statistic(
+            raw, lambda values, index: _reduce(_pick(values, index), spec.stat)
+        )
+    else:
+        statistic = _plain(raw[metric.name], spec)
+    value = statistic(None)
+    metrics[metric.name] = value
+    metrics[f"{metric.name}/items"] = raw[metric.name]
+    boot = None
+    if spec.ci or spec.stat == "median" or of_means:
+        boot = _bootstrap(statistic, n, spec)
+    if spec.stat == "median" or of_means:
+        stderr = boot.std(-1) if n > 1 else torch.full_like(value, math.nan)  # type: ignore[union-attr]
+    else:
+        items = raw[metric.name].float().movedim(spec.axis, -1)
+        spread = items.std(-1) if n > 1 else torch.full_like(value, math.nan)
+        stderr = spread / math.sqrt(n) if spec.stat == "mean" else spread * math.sqrt(n)
+    metrics[f"{metric.name}/stderr"] = stderr.to(value.dtype)
+    if spec.ci:
+        tail = (1 - spec.level) / 2
+        assert boot is not None
+        low, high = torch.quantile(boot, torch.tensor([tail, 1 - tail]), dim=-1)
+        metrics[f"{metric.name}/ci_low"] = low.to(value.dtype)
+        metrics[f"{metric.name}/ci_high"] = high.to(value.dtype)
 
 
 Statistic = Callable[[torch.Tensor | None], torch.Tensor]
@@ -85,44 +90,18 @@ def _pick(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return values if index is None else values[..., index]
 
 
-def _plain(items: torch.Tensor, spec: dict[str, Any]) -> Statistic:
-    values = items.float().movedim(spec["axis"], -1)
+def _plain(items: torch.Tensor, spec: Reduce) -> Statistic:
+    values = items.float().movedim(spec.axis, -1)
 
     def statistic(index: torch.Tensor | None) -> torch.Tensor:
-        return _reduce(_pick(values, index), spec["stat"])
+        return _reduce(_pick(values, index), spec.stat)
 
     return statistic
 
 
-def _recovery_of_means(
-    metric: Any, raw: dict[str, torch.Tensor], spec: dict[str, Any]
-) -> Statistic:
-    """(stat patched - stat corrupt) / (stat clean - stat corrupt), the clean and corrupt
-    values taken per item when they have items (else the one value they are)."""
-    names = metric.inputs
-    patched = raw[names[0]].float().movedim(spec["axis"], -1)
-    others = []
-    for name, per_item in zip(names[1:], spec["inputs_per_item"]):
-        value = raw[name].float()
-        others.append((value.movedim(0, -1), True) if per_item else (value, False))
-
-    def statistic(index: torch.Tensor | None) -> torch.Tensor:
-        p = _reduce(_pick(patched, index), spec["stat"])
-        stats = []
-        for value, per_item in others:
-            if not per_item:
-                stats.append(value if index is None else value[..., None])
-            else:
-                stats.append(_reduce(_pick(value, index), spec["stat"]))
-        clean, corrupt = stats
-        return (p - corrupt) / (clean - corrupt)
-
-    return statistic
-
-
-def _bootstrap(statistic: Statistic, n: int, spec: dict[str, Any]) -> torch.Tensor:
+def _bootstrap(statistic: Statistic, n: int, spec: Reduce) -> torch.Tensor:
     """The statistic on ``n_boot`` seeded resamples of the items: [..., n_boot]."""
-    generator = torch.Generator().manual_seed(spec["seed"])
-    index = torch.randint(n, (spec["n_boot"], n), generator=generator)
+    generator = torch.Generator().manual_seed(spec.seed)
+    index = torch.randint(n, (spec.n_boot, n), generator=generator)
     chunks = [statistic(index[i : i + _CHUNK]) for i in range(0, len(index), _CHUNK)]
     return torch.cat(chunks, -1)

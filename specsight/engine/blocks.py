@@ -24,7 +24,7 @@ def _item_axes(plan: Plan) -> dict[str, int]:
     for metric in plan.metrics:
         if metric.invoke in over and "item" in metric.axes:
             axis = metric.axes.index("item")
-            for name in (metric.name, f"{metric.name}/ids", f"{metric.name}/probs"):
+            for name in (metric.name, *(f"{metric.name}/{c}" for c in metric.companions)):
                 axes[name] = axis
     for save in plan.saves:
         if save.invoke in over and "item" in save.axes:
@@ -65,8 +65,8 @@ class BlockJoin:
         if self.first is None:
             self.first = out
             self.item_axes = _item_axes(plan)
-        for kind in (out.metrics, out.saves):
-            for name, tensor in kind.items():
+        for tensors in (out.metrics, out.saves):
+            for name, tensor in tensors.items():
                 if name in self.item_axes:
                     self.parts.setdefault(name, []).append(tensor.cpu())
         if self.first is not out:  # the run's timings: every block's, summed

@@ -1,51 +1,46 @@
-"""The engine's entry point: :func:`execute` runs every forward of a Plan on a torch model and
-returns the raw result tensors (:class:`EngineOutput`).
+"""Running a plan's forwards on a torch model and reading out the raw result tensors
+(:class:`EngineOutput`).
 
-One :class:`~.hooks.HookScope` owns every hook handle and removes them all when the run ends, on
+One :class:`~.hooks.HookScope` owns every hook of a run and removes them all when it ends, on
 success or failure. Each forward pads its rows on the right (real tokens keep their positions
 and never see padding), runs with the :class:`~.runner.Runner`'s action tables active, and has
-its metrics read from the logits (:mod:`.readout`); generating forwards go through
-:mod:`.generate`, backward passes through :mod:`.grad`. The run is seeded (and, on request,
-deterministic) without disturbing the caller's random state. Its two halves,
+its metrics read from the logits by their kinds (:mod:`.readout`); generating forwards go
+through :mod:`.generate`, backward passes through :mod:`.grad`. The run is seeded (and, on
+request, deterministic) without disturbing the caller's random state. Its two halves,
 :func:`run_forwards` (the forward loop, over all forwards or some) and :func:`build_output`
-(result tensors from the metric buffers and stored values), also serve runs in shards
-(:mod:`.shards`).
+(result tensors from the metric buffers and stored values), also serve runs in shards; the
+executor (:mod:`.executor`) composes them for every way a plan runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import RunError
-from ..plan import Plan
+from ..plan import Forward, Plan
+from ..plan.metrics import RowMetric
 from .aggregate import aggregate
 from .device import model_device, model_dtype
-from .forward import RowInputs, run_forward
+from .forward import Forwards
 from .generate import run_generation
-from .grad import attribution, backward_from, grad_scope
+from .grad import backward_from, grad_scope
 from .hooks import HookScope, module_table
-from .readout import assemble, logit_lens, read_metric, to_host
+from .readout import AfterRun, MetricBatch, assemble, read_metric, to_host
 from .reuse import UntouchedRuns
 from .runner import Runner
 
-__all__ = [
-    "EngineOutput",
-    "ForwardPass",
-    "build_output",
-    "execute",
-    "finish_metrics",
-    "run_forwards",
-]
+__all__ = ["EngineOutput", "ForwardPass", "build_output", "finish_metrics", "run_forwards"]
 
 NEXT_TOKEN_K = 5
 #: prompts per unswept invoke whose next tokens are recorded (a dataset may have 100k)
 NEXT_TOKEN_PROMPTS = 16
+
+Progress = Callable[[int, int], None]
+Checkpoint = Callable[[], None]
 
 
 @dataclass
@@ -60,6 +55,18 @@ class EngineOutput:
     timings: dict[str, float] = field(default_factory=dict)
     #: a run in blocks: its rows, forwards and blocks over all blocks (empty: one plan)
     counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ForwardPass:
+    """What running forwards of a plan leaves: each metric's buffer (a slot per row of the
+    metric, filled for the rows that ran), the stored values, the new token ids of generating
+    rows, and an output holding next tokens and generated ids so far."""
+
+    buffers: dict[str, torch.Tensor]
+    store: dict[str, torch.Tensor]
+    new_ids: dict[int, torch.Tensor]
+    out: EngineOutput
 
 
 @contextlib.contextmanager
@@ -85,9 +92,147 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
-def _generated_ids(
-    plan: Plan, new_ids: dict[int, torch.Tensor], pad_id: int
-) -> dict[str, torch.Tensor]:
+class _Loop:
+    """The forward loop of one run (of every forward of a plan, or some)."""
+
+    def __init__(self, plan: Plan, model: torch.nn.Module, pad_id: int, checkpoint: Checkpoint | None):  # fmt: skip
+        self.plan, self.model, self.checkpoint = plan, model, checkpoint
+        self.device, dtype = model_device(model), model_dtype(model)
+        self.runner = Runner(plan, model, self.device, dtype, pad_id)
+        self.forwards = Forwards(plan, model, self.device, dtype, pad_id)
+        self.out = EngineOutput()
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.new_ids: dict[int, torch.Tensor] = {}
+        self.readers = [m for m in plan.metrics if isinstance(m, RowMetric)]
+        self.slots = {m.name: {row: i for i, row in enumerate(m.rows)} for m in self.readers}
+        self.backward = [m for m in self.readers if m.name in plan.backward]
+        self.grad_rows = {row for m in self.backward for row in m.rows}
+        self.wanted: dict[int, set[int]] = {}  # rows other rows' metrics compare with
+        for metric in plan.metrics:
+            for row, pos in metric.reference_reads():
+                self.wanted.setdefault(row, set()).add(pos)
+        self.references: dict[tuple[int, int], torch.Tensor] = {}
+        self.summary_rows = {
+            i
+            for i, row in enumerate(plan.rows)
+            if not plan.invokes[row.invoke].axes and row.prompt_index < NEXT_TOKEN_PROMPTS
+        }
+        layers_path = plan.model_summary.get("layers_path")
+        self.layers = _layer_names(model, layers_path, int(plan.model_summary.get("n_layers", 0)))
+        self.reuse = UntouchedRuns(model, plan, self.layers)
+
+    def hooks(self, scope: HookScope) -> None:
+        """The runner's hooks at every site the plan touches, and its expanders at the layers
+        where a forward's rows start to differ."""
+        for layer in sorted({f.shared_prefix for f in self.plan.forwards if f.shared_prefix}):
+            if self.layers is None:
+                raise RunError("the plan reuses layer prefixes but names no layer stack")
+            scope.add_expander(self.layers[layer], self.runner.expander(layer))
+        for site in self.plan.hooks():
+            scope.add(site[0], site[1], self.runner.hook(site))
+
+    def run(self, forwards: Sequence[Forward], progress: Progress | None) -> None:
+        total, done = sum(len(f.rows) for f in forwards), 0
+        with (
+            HookScope(self.model) as scope,
+            torch.no_grad() if self.plan.backward else torch.inference_mode(),
+            _seeded(self.plan.seed, self.device),
+            _deterministic(self.plan.deterministic),
+        ):
+            self.hooks(scope)
+            for forward in forwards:
+                if self.checkpoint is not None:
+                    self.checkpoint()
+                if forward.generate is not None:
+                    generated = self.out.generated
+                    self.new_ids.update(
+                        run_generation(self.runner, forward, self.checkpoint, generated)
+                    )
+                else:
+                    self.one(forward)
+                done += len(forward.rows)
+                if progress is not None:
+                    progress(done, total)
+
+    def one(self, forward: Forward) -> None:
+        """Run one forward and read what its rows give."""
+        backward = any(r in self.grad_rows for r in forward.rows)
+        if backward:  # every row runs in full: gradients need each row's own graph
+            forward = replace(forward, shared_prefix=0)
+        how = None if backward else self.reuse.prepare(forward, self.device, self.runner)
+        if forward.from_base and how is None:  # a plain forward after all
+            forward = replace(forward, shared_prefix=0, position_start=0, from_base=False)
+        start = how.start if how is not None else 0
+        if how is not None:
+            forward = replace(forward, shared_prefix=how.skip, position_start=start)
+            self.runner.base_input = how.hidden
+        self.runner.prepare(replace(forward, seq_len=forward.seq_len - start), offset=start)
+        with grad_scope(self.model, backward) as grads:
+            self.runner.grad_hooks = grads.on_grad if grads is not None else None
+            logits, column = self.forwards.run(forward, how.kwargs if how else None, start)
+            if backward:
+                backward_from([(m, self._batch(m, forward, logits, column)) for m in self.backward])
+        self.runner.base_input = self.runner.grad_hooks = None
+        self.read(forward, logits.detach(), column)
+
+    def _batch(self, metric: RowMetric, forward: Forward, logits: torch.Tensor, column: Callable[[int], int]) -> MetricBatch:  # fmt: skip
+        slots = self.slots[metric.name]
+        return MetricBatch(slots, forward, logits, column, self.plan.rows, self.references)
+
+    def read(self, forward: Forward, logits: torch.Tensor, column: Callable[[int], int]) -> None:
+        """The forward's references for later stages, metric values and next tokens."""
+        for i, row in enumerate(forward.rows):
+            for pos in self.wanted.get(row, ()):
+                self.references[(row, pos)] = torch.log_softmax(logits[i, column(pos)].float(), -1)
+        for metric in self.readers:
+            if metric.buffered:
+                read_metric(metric, self._batch(metric, forward, logits, column), self.buffers)
+        for i, row in enumerate(forward.rows):
+            if row in self.summary_rows:
+                last = column(len(self.plan.rows[row].tokens) - 1)
+                probs = torch.softmax(logits[i, last].float(), -1)
+                probs, top = probs.topk(min(NEXT_TOKEN_K, probs.shape[-1]))
+                self.out.next_tokens[row] = (top.tolist(), probs.tolist())
+
+
+def _layer_names(
+    model: torch.nn.Module, layers_path: str | None, n_layers: int
+) -> list[str] | None:
+    """The decoder layers' module names, in order (None: the plan names no layer stack)."""
+    modules = module_table(model)
+    names = [f"{layers_path}.{i}" for i in range(n_layers)]
+    if layers_path is None or not all(name in modules for name in names):
+        return None
+    return names
+
+
+def run_forwards(
+    plan: Plan,
+    model: torch.nn.Module,
+    *,
+    pad_id: int,
+    progress: Progress | None,
+    checkpoint: Checkpoint | None,
+    only: Sequence[int] | None = None,
+) -> ForwardPass:
+    """Run the plan's forwards (``only``: those indices, in plan order, reading untouched runs
+    computed as a run of every forward computes them); hooks never outlive this call."""
+    loop = _Loop(plan, model, pad_id, checkpoint)
+    forwards = plan.forwards if only is None else tuple(plan.forwards[i] for i in only)
+    if only is not None:
+        loop.reuse.replay(forwards)
+    loop.run(forwards, progress)
+    return ForwardPass(loop.buffers, loop.runner.store, loop.new_ids, loop.out)
+
+
+def finish_metrics(plan: Plan, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-item metrics aggregated (effects, reductions), in the order the spec lists them."""
+    aggregate(plan, metrics)
+    order = {m.name: i for i, m in enumerate(plan.metrics)}
+    return dict(sorted(metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0])))
+
+
+def _generated_ids(plan: Plan, new_ids: dict[int, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:  # fmt: skip
     """``<invoke>/generated_ids`` per generating invoke: [sweep axes..., prompts, new tokens],
     padded with ``pad_id`` where forwards stopped at different lengths."""
     out: dict[str, torch.Tensor] = {}
@@ -99,232 +244,38 @@ def _generated_ids(
         ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(new_ids[row])] = new_ids[row]
-        info = plan.invoke_info[invoke]
-        grid = tuple(len(plan.axis_values[invoke][axis]) for axis in info["axes"])
-        out[f"{invoke}/generated_ids"] = ids.reshape(*grid, info["prompts"], longest)
+        info = plan.invokes[invoke]
+        out[f"{invoke}/generated_ids"] = ids.reshape(*info.grid, info.prompts, longest)
     return out
-
-
-def _layer_modules(
-    model: torch.nn.Module, layers_path: str | None, plan: Plan
-) -> list[torch.nn.Module] | None:
-    """The decoder layers, in order (None: the plan names no layer stack)."""
-    modules = module_table(model)
-    n_layers = int(plan.model_summary.get("n_layers", 0))
-    names = [f"{layers_path}.{i}" for i in range(n_layers)]
-    if layers_path is None or not all(name in modules for name in names):
-        return None
-    return [modules[name] for name in names]
-
-
-def finish_metrics(plan: Plan, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-item metrics aggregated (effects, reductions), in the order the spec lists them."""
-    aggregate(plan, metrics)
-    order = {m.name: i for i, m in enumerate(plan.metrics)}
-    return dict(sorted(metrics.items(), key=lambda kv: (order.get(kv[0].split("/")[0], 0), kv[0])))
-
-
-@dataclass
-class ForwardPass:
-    """What running forwards of a plan leaves: each metric's buffer (a slot per row of the
-    metric, filled for the rows that ran), the runner (its store), the new token ids of
-    generating rows, and an output holding next tokens and generated ids so far."""
-
-    runner: Runner
-    buffers: dict[str, torch.Tensor]
-    new_ids: dict[int, torch.Tensor]
-    out: EngineOutput
-
-
-def run_forwards(
-    plan: Plan,
-    model: torch.nn.Module,
-    *,
-    pad_id: int,
-    progress: Callable[[int, int], None] | None,
-    checkpoint: Callable[[], None] | None,
-    only: Sequence[int] | None = None,
-) -> ForwardPass:
-    """Run the plan's forwards (``only``: those indices, in plan order, reading untouched runs
-    computed as a run of every forward computes them); hooks never outlive this call."""
-    device = model_device(model)
-    dtype = model_dtype(model)
-    runner = Runner(plan, model, device, pad_id, checkpoint=checkpoint)
-    out = EngineOutput()
-    metric_slots = {m.name: {row: i for i, row in enumerate(m.rows)} for m in plan.metrics}
-    buffers: dict[str, torch.Tensor] = {}
-    summary_rows = {
-        i
-        for i, row in enumerate(plan.rows)
-        if not plan.invoke_info.get(row.invoke, {}).get("axes")
-        and row.prompt_index < NEXT_TOKEN_PROMPTS
-    }
-    metrics_by_name = {m.name: m for m in plan.metrics}
-    wanted: dict[int, set[int]] = {}  # reference rows of kl metrics -> positions
-    for metric in plan.metrics:
-        for row, pos in zip(metric.reference_rows, metric.reference_positions):
-            wanted.setdefault(row, set()).add(pos)
-    references: dict[tuple[int, int], torch.Tensor] = {}
-    new_ids: dict[int, torch.Tensor] = {}  # generating rows: their new token ids
-    grad_rows = set(metrics_by_name[plan.backward].rows) if plan.backward else set()
-    forwards = plan.forwards if only is None else tuple(plan.forwards[i] for i in only)
-    total = len(plan.rows) if only is None else sum(len(f.rows) for f in forwards)
-    done = 0
-    layers_path = plan.model_summary.get("layers_path")
-    keep_supported = "logits_to_keep" in inspect.signature(model.forward).parameters
-    inputs = RowInputs(plan, dtype)
-    reuse = UntouchedRuns(model, plan, _layer_modules(model, layers_path, plan))
-    if only is not None:
-        reuse.replay(forwards)
-    with (
-        HookScope(model) as scope,
-        torch.no_grad() if plan.backward else torch.inference_mode(),
-        _seeded(plan.seed, device),
-        _deterministic(plan.deterministic),
-    ):
-        for layer in sorted({f.shared_prefix for f in plan.forwards if f.shared_prefix}):
-            if layers_path is None:
-                raise RunError("the plan reuses layer prefixes but names no layer stack")
-            scope.add_expander(f"{layers_path}.{layer}", runner.expander(layer))
-        for site in plan.hooks():
-            scope.add(site[0], site[1], runner.hook(site))
-        for forward in forwards:
-            if checkpoint is not None:
-                checkpoint()
-            if forward.generate is not None:
-                new_ids.update(run_generation(runner, forward, dtype, out.generated))
-                done += len(forward.rows)
-                if progress is not None:
-                    progress(done, total)
-                continue
-            backward = plan.backward is not None and any(r in grad_rows for r in forward.rows)
-            if backward:  # every row runs in full: gradients need each row's own graph
-                forward = replace(forward, shared_prefix=0)
-            how = None if backward else reuse.prepare(forward, device, runner)
-            if forward.from_base and how is None:  # a plain forward after all
-                forward = replace(forward, shared_prefix=0, position_start=0, from_base=False)
-            start = how.start if how is not None else 0
-            if how is not None:
-                forward = replace(forward, shared_prefix=how.skip, position_start=start)
-                runner.base_input = how.hidden
-            runner.prepare(replace(forward, seq_len=forward.seq_len - start), dtype, offset=start)
-            with grad_scope(model, backward), reuse.skipping(how.skip if how else 0):
-                logits, column = run_forward(
-                    plan,
-                    model,
-                    forward,
-                    device,
-                    pad_id,
-                    keep_supported,
-                    inputs,
-                    how.kwargs if how is not None else None,
-                    start,
-                )
-                if backward:
-                    backward_from(
-                        metrics_by_name[plan.backward],
-                        metric_slots[plan.backward],
-                        forward,
-                        logits,
-                        column,
-                    )
-            runner.base_input = None
-            logits = logits.detach()
-            for i, row in enumerate(forward.rows):  # what kl metrics of later stages compare to
-                for pos in wanted.get(row, ()):
-                    references[(row, pos)] = torch.log_softmax(logits[i, column(pos)].float(), -1)
-            for metric in plan.metrics:
-                if metric.kind not in ("logit_lens", "attribution"):
-                    slots = metric_slots[metric.name]
-                    read_metric(
-                        metric, slots, forward, logits, column, buffers, plan.rows, references
-                    )
-            for i, row in enumerate(forward.rows):
-                if row in summary_rows:
-                    last = column(len(plan.rows[row].tokens) - 1)
-                    probs = torch.softmax(logits[i, last].float(), -1)
-                    probs, top = probs.topk(min(NEXT_TOKEN_K, probs.shape[-1]))
-                    out.next_tokens[row] = (top.tolist(), probs.tolist())
-            done += len(forward.rows)
-            if progress is not None:
-                progress(done, total)
-    return ForwardPass(runner, buffers, new_ids, out)
 
 
 def build_output(
     plan: Plan,
-    out: EngineOutput,
-    buffers: dict[str, torch.Tensor],
-    store: dict[str, torch.Tensor],
+    ran: ForwardPass,
     *,
     modules: dict[str, torch.nn.Module] | None,
-    new_ids: dict[int, torch.Tensor],
     pad_id: int,
     reduce: bool,
 ) -> EngineOutput:
-    """``out`` completed from every row's metric buffers and stored values: metrics in their
-    result shapes, recoveries, aggregates (``reduce``), generated ids and saves. ``modules``
-    (the model's) decode logit-lens metrics; None: the plan has none."""
+    """``ran.out`` completed from every row's metric buffers and stored values: metrics in
+    their result shapes, those computed after the run (from stored values or other metrics),
+    aggregates (``reduce``), generated ids and saves. ``modules`` (the model's) decode what
+    kinds decode after the run (None: the plan has nothing to decode)."""
+    out = ran.out
     for metric in plan.metrics:
-        if metric.kind == "logit_lens":
-            if modules is None:
-                raise ValueError(f"logit-lens metric '{metric.name}' needs the model's modules")
-            out.metrics.update(logit_lens(metric, store, modules))
+        if not metric.buffered:
             continue
-        if metric.kind == "attribution":
-            out.metrics[metric.name] = attribution(metric, store)
-            continue
-        if metric.kind == "recovery":
-            continue
-        values = buffers[metric.name]
-        suffix = tuple(values.shape[1:])
-        if metric.squeeze_token and suffix:
-            suffix = ()
-            values = values[..., 0]
-        out.metrics[metric.name] = values.reshape(tuple(metric.shape) + suffix)
-        if f"{metric.name}/ids" in buffers:
-            out.metrics[f"{metric.name}/ids"] = buffers[f"{metric.name}/ids"].reshape(
-                tuple(metric.shape) + suffix
-            )
+        for name in (metric.name, f"{metric.name}/ids"):
+            if name in ran.buffers:
+                values = ran.buffers[name]
+                out.metrics[name] = values.reshape(tuple(metric.shape) + tuple(values.shape[1:]))
+    after = AfterRun(ran.store, out.metrics, modules)
     for metric in plan.metrics:
-        if metric.kind == "recovery":
-            patched, clean, corrupt = (out.metrics[name] for name in metric.inputs)
-            out.metrics[metric.name] = (patched - corrupt) / (clean - corrupt)
+        out.metrics.update(metric.finish(after))
     if reduce:
         out.metrics = finish_metrics(plan, out.metrics)
-    out.saves.update(_generated_ids(plan, new_ids, pad_id))
-    host = to_host({k: store[k] for save in plan.saves for k in save.keys})
+    out.saves.update(_generated_ids(plan, ran.new_ids, pad_id))
+    host = to_host({k: ran.store[k] for save in plan.saves for k in save.keys})
     for save in plan.saves:
         out.saves[save.name] = assemble(save.keys, save.shape, host)
-    return out
-
-
-def execute(
-    plan: Plan,
-    model: torch.nn.Module,
-    *,
-    pad_id: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-    checkpoint: Callable[[], None] | None = None,
-    reduce: bool = True,
-) -> EngineOutput:
-    """Run every forward of ``plan`` on ``model``; hooks never outlive this call.
-
-    ``progress(rows done, rows)`` is called after each forward; ``checkpoint()`` before each
-    forward and each decode step of generation, so that what it raises (a cancelled job, a
-    time limit) stops the run there. ``reduce=False`` leaves metrics per item (a block of a
-    run in blocks: :func:`finish_metrics` aggregates the joined blocks)."""
-    started = time.perf_counter()
-    ran = run_forwards(plan, model, pad_id=pad_id, progress=progress, checkpoint=checkpoint)
-    out = build_output(
-        plan,
-        ran.out,
-        ran.buffers,
-        ran.runner.store,
-        modules=module_table(model),
-        new_ids=ran.new_ids,
-        pad_id=pad_id,
-        reduce=reduce,
-    )
-    out.timings["execute_s"] = time.perf_counter() - started
     return out

@@ -98,7 +98,8 @@ def module_table(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 class HookScope:
-    """Owns hook handles; every handle is removed when the scope exits, whatever happens."""
+    """Owns every hook a run puts on the model (and on the tensors it computes); every handle
+    is removed when the scope exits, whatever happens. Nothing else of the model is changed."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -145,6 +146,36 @@ class HookScope:
             return _with_input(name, args, kwargs, fn)
 
         self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+
+    def on_call(self, module: torch.nn.Module, fn: Callable[[tuple, dict], None]) -> None:
+        """Call ``fn(args, kwargs)`` before every call of ``module``, ahead of its other hooks
+        (generation counts the model's calls: one per decode step)."""
+
+        def pre(_mod: Any, args: tuple, kwargs: dict) -> None:
+            fn(args, kwargs)
+
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+
+    def on_output(self, module: torch.nn.Module, fn: Callable[[Any], None]) -> None:
+        """Call ``fn(output)`` after every call of ``module`` (the output stays as it is)."""
+
+        def post(_mod: Any, _args: Any, output: Any) -> None:
+            fn(output)
+
+        self.handles.append(module.register_forward_hook(post))
+
+    def replace_output(self, module: torch.nn.Module, fn: Callable[[Any], Any]) -> None:
+        """Replace ``module``'s output by ``fn(output)``, ahead of its other hooks (gradients
+        start from the embedding's output made a leaf)."""
+
+        def post(_mod: Any, _args: Any, output: Any) -> Any:
+            return fn(output)
+
+        self.handles.append(module.register_forward_hook(post, prepend=True))
+
+    def on_grad(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call ``fn(gradient)`` when the backward pass reaches ``tensor``."""
+        self.handles.append(tensor.register_hook(fn))
 
     def __enter__(self) -> HookScope:
         return self

@@ -1,163 +1,144 @@
-"""Reading results out of a run: metric values from logits, the logit lens, and saved values
-assembled from per-row pieces (padded with NaN where prompts differ in length)."""
+"""Reading results out of a run: each metric's values from a forward's logits (the metric's
+kind computes them from a :class:`MetricBatch`), what kinds computed after the run read
+(:class:`AfterRun`), and saved values assembled from per-row pieces (padded with NaN where
+prompts differ in length)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from ..errors import RunError
-from ..plan import Forward
+from ..plan import Forward, Metric, Row
+from ..plan.metrics import Tokens
 
-__all__ = ["assemble", "logit_lens", "metric_rows", "metric_values", "read_metric"]
+__all__ = ["AfterRun", "MetricBatch", "assemble", "read_metric", "to_host"]
 
-
-def metric_values(
-    kind: str, logits: torch.Tensor, tokens: tuple[int, ...] | torch.Tensor, k: int | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A metric of each row's logits ([rows, vocab]); ``tokens`` are the ids every row reads,
-    or an [rows, n] tensor of each row's own (a dataset's per-item answers)."""
-    logits = logits.float()
-
-    def pick(values: torch.Tensor) -> torch.Tensor:
-        if isinstance(tokens, torch.Tensor):
-            return values.gather(1, tokens)
-        return values[:, list(tokens)]
-
-    if kind == "logits":
-        return pick(logits), None
-    if kind == "logprob":
-        return pick(torch.log_softmax(logits, -1)), None
-    if kind == "prob":
-        return pick(torch.softmax(logits, -1)), None
-    if kind == "logit_diff":
-        both = pick(logits)
-        return both[:, 0] - both[:, 1], None
-    if kind == "accuracy":  # the target is the top token (torch's argmax: the first of ties)
-        if isinstance(tokens, torch.Tensor):
-            target = tokens[:, 0]
-        else:
-            target = torch.full((logits.shape[0],), tokens[0], device=logits.device)
-        return (logits.argmax(-1) == target).float(), None
-    if kind == "top_k":
-        if (k or 10) > logits.shape[-1]:
-            raise RunError(
-                f"top_k asks for {k or 10} outputs but the model returns {logits.shape[-1]}",
-                hint=f"use k <= {logits.shape[-1]}",
-            )
-        probs, ids = torch.softmax(logits, -1).topk(k or 10, dim=-1)
-        return probs, ids
-    raise RunError(f"unknown metric kind '{kind}'")
+Column = Callable[[int], int]
 
 
-def metric_rows(
-    metric: Any,
-    kind: str,
-    slots: dict[int, int],
-    forward: Forward,
-    logits: torch.Tensor,
-    column: Callable[[int], int],
-    rows: tuple[Any, ...] = (),
-    references: dict[tuple[int, int], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-    """A metric's values on the rows of this forward it reads: (values, token ids or None,
-    the rows' slots in the metric's result), or None when it reads none of them. ``rows``
-    (the plan's) give a loss its tokens; ``references`` a kl its reference distributions."""
-    picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
-    if not picked:
-        return None
-    device = logits.device
-    local = torch.tensor([i for i, _ in picked], device=device)
-    pos = torch.tensor([column(metric.positions[slots[row]]) for _, row in picked], device=device)
-    index = torch.tensor([slots[row] for _, row in picked])
-    if kind == "kl":
-        assert references is not None
-        reference = torch.stack(
-            [
-                references[
-                    (metric.reference_rows[slots[row]], metric.reference_positions[slots[row]])
-                ]
-                for _, row in picked
-            ]
-        ).to(device)
-        logp = torch.log_softmax(logits[local, pos].float(), -1)
-        return (reference.exp() * (reference - logp)).sum(-1), None, index
-    if kind == "loss":
-        return (
-            torch.stack([_loss(rows[row].tokens, logits[i], column) for i, row in picked]),
-            None,
-            index,
-        )
-    tokens: tuple[int, ...] | torch.Tensor = metric.tokens
-    if metric.row_tokens:
-        tokens = torch.tensor([metric.row_tokens[slots[row]] for _, row in picked], device=device)
-    values, token_ids = metric_values(kind, logits[local, pos], tokens, metric.k)
-    return values, token_ids, index
+class MetricBatch:
+    """The rows of one forward a metric reads, at its positions: what a kind's ``read`` gets
+    (see :class:`specsight.plan.metrics.ReadBatch`)."""
 
+    def __init__(
+        self,
+        slots: dict[int, int],
+        forward: Forward,
+        logits: torch.Tensor,
+        column: Column,
+        rows: Sequence[Row],
+        references: dict[tuple[int, int], torch.Tensor],
+    ):
+        self.picked = [(i, row) for i, row in enumerate(forward.rows) if row in slots]
+        self.slots = [slots[row] for _, row in self.picked]
+        self._all, self._column, self._rows, self._references = logits, column, rows, references
+        self._logits: torch.Tensor | None = None
+        self.metric: Any = None
 
-def _loss(
-    tokens: tuple[int, ...], logits: torch.Tensor, column: Callable[[int], int]
-) -> torch.Tensor:
-    """The mean cross-entropy of a row's next-token predictions (NaN for a one-token row)."""
-    if len(tokens) < 2:
-        return torch.tensor(float("nan"), device=logits.device)
-    cols = torch.tensor([column(p) for p in range(len(tokens) - 1)], device=logits.device)
-    logp = torch.log_softmax(logits[cols].float(), -1)
-    targets = torch.tensor(tokens[1:], device=logits.device)
-    return -logp.gather(1, targets[:, None]).mean()
+    def __bool__(self) -> bool:
+        return bool(self.picked)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The rows' logits at the metric's positions, float32: [n, vocab]."""
+        if self._logits is None:
+            device = self._all.device
+            local = torch.tensor([i for i, _ in self.picked], device=device)
+            positions = self.metric.positions
+            pos = torch.tensor([self._column(positions[s]) for s in self.slots], device=device)
+            self._logits = self._all[local, pos].float()
+        return self._logits
+
+    def token_ids(self, tokens: Tokens) -> torch.Tensor:
+        """Each row's token ids, [n, len(tokens)]."""
+        device = self._all.device
+        if tokens.per_row:
+            return torch.tensor([tokens.per_row[s] for s in self.slots], device=device)
+        return torch.tensor([list(tokens.ids)] * len(self.slots), device=device)
+
+    def pick(self, values: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """``values`` ([n, vocab]) at the metric's tokens: [n, len(tokens)]."""
+        if tokens.per_row:
+            return values.gather(1, self.token_ids(tokens))
+        return values[:, list(tokens.ids)]
+
+    def reference_logp(self, metric: Any) -> torch.Tensor:
+        """The log-distributions each row is compared with (a kl's reference rows)."""
+        pairs = [(metric.references[s], metric.reference_positions[s]) for s in self.slots]
+        return torch.stack([self._references[pair] for pair in pairs]).to(self._all.device)
+
+    def sequences(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per row: its logits at every position but the last, and the tokens they predict
+        (None for a one-token row)."""
+        device = self._all.device
+        for i, row in self.picked:
+            tokens = self._rows[row].tokens
+            if len(tokens) < 2:
+                yield self._all[i, :0], None
+                continue
+            cols = torch.tensor([self._column(p) for p in range(len(tokens) - 1)], device=device)
+            yield self._all[i][cols], torch.tensor(tokens[1:], device=device)
+
+    @staticmethod
+    def stack(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values)
 
 
 def read_metric(
-    metric: Any,
-    slots: dict[int, int],
-    forward: Forward,
-    logits: torch.Tensor,
-    column: Callable[[int], int],
-    buffers: dict[str, torch.Tensor],
-    rows: tuple[Any, ...] = (),
-    references: dict[tuple[int, int], torch.Tensor] | None = None,
-) -> None:
-    """Compute one metric for the rows of this forward into its result buffer."""
-    picked = metric_rows(metric, metric.kind, slots, forward, logits, column, rows, references)
-    if picked is None:
-        return
-    values, token_ids, index = picked
+    metric: Metric, batch: MetricBatch, buffers: dict[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """Compute one metric for the rows of this forward into its result buffers (the values
+    and, for kinds that have them, token ids); returns the values (None: no row read)."""
+    if not batch:
+        return None
+    batch.metric = metric
+    values, token_ids = metric.read(batch)
+    index = torch.tensor(batch.slots)
     for name, tensor in ((metric.name, values), (f"{metric.name}/ids", token_ids)):
         if tensor is None:
             continue
         if name not in buffers:
-            buffers[name] = torch.empty((len(metric.rows), *tensor.shape[1:]), dtype=tensor.dtype)
-        buffers[name][index] = tensor.cpu()
+            shape = (len(metric.rows), *tensor.shape[1:])  # type: ignore[attr-defined]
+            buffers[name] = torch.empty(shape, dtype=tensor.dtype)
+        buffers[name][index] = tensor.detach().cpu()
+    return values
 
 
-def logit_lens(
-    metric: Any, store: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]
-) -> dict[str, torch.Tensor]:
-    """Decode stored residuals through the final norm and unembedding (after hooks are gone)."""
-    norm, unembed = (modules[name] for name in metric.lens_modules)
-    hidden = torch.cat([store[key] for key in metric.store_keys])
-    with torch.inference_mode():
-        normed = norm(hidden.unsqueeze(0))
-        weight = next(unembed.parameters(), None)
-        if weight is not None:  # some norms (Mamba's) return float32 from bf16 inputs
-            normed = normed.to(weight.dtype)
-        probs = torch.softmax(unembed(normed)[0].float(), -1)
-    top_probs, top_ids = probs.topk(metric.k or 5, dim=-1)
-    shape = (*metric.shape, len(metric.sites))
-    if metric.row_tokens:  # each row's own token, for each of its sites
-        ids = torch.tensor([t[0] for t in metric.row_tokens]).repeat_interleave(len(metric.sites))
-        headline = probs.gather(1, ids.to(probs.device)[:, None])[:, 0]
-    elif metric.tokens:
-        headline = probs[:, metric.tokens[0]]
-    else:
-        headline = top_probs[:, 0]
-    return {
-        metric.name: headline.cpu().reshape(shape),
-        f"{metric.name}/ids": top_ids.cpu().reshape(*shape, -1),
-        f"{metric.name}/probs": top_probs.cpu().reshape(*shape, -1),
-    }
+class AfterRun:
+    """What the run left, for kinds computed after it (see
+    :class:`specsight.plan.metrics.AfterRun`): stored values, the metrics so far, and the
+    model's modules to decode with."""
+
+    def __init__(
+        self,
+        store: dict[str, torch.Tensor],
+        metrics: dict[str, torch.Tensor],
+        modules: dict[str, torch.nn.Module] | None,
+    ):
+        self.store, self.metrics, self.modules = store, metrics, modules
+
+    def decode(self, hidden: list[torch.Tensor], modules: tuple[str, str]) -> torch.Tensor:
+        """Residual streams ([positions, d_model] each) through the final norm and the
+        unembedding: next-token probabilities, [positions, vocab]."""
+        if self.modules is None:
+            raise ValueError("decoding stored residuals needs the model's modules")
+        norm, unembed = (self.modules[name] for name in modules)
+        with torch.inference_mode():
+            normed = norm(torch.cat(hidden).unsqueeze(0))
+            weight = next(unembed.parameters(), None)
+            if weight is not None:  # some norms (Mamba's) return float32 from bf16 inputs
+                normed = normed.to(weight.dtype)
+            return torch.softmax(unembed(normed)[0].float(), -1)
+
+    @staticmethod
+    def index(values: list[int], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, device=like.device)
+
+    @staticmethod
+    def stack(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values)
 
 
 def to_host(store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

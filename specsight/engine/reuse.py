@@ -1,13 +1,15 @@
-"""Reuse of untouched runs: forwards planned ``from_base`` compute only layers >= S at
-positions >= p, for rows of any number of token sequences of one length.
+"""Reuse of untouched runs: forwards planned ``from_base`` compute layers >= S at positions
+>= p for every row, for rows of any number of token sequences of one length.
 
 Each sequence runs once untouched (no op; a few at a time in one batch, kept while forwards
 need them): its keys and values per layer, and its hidden state at the input of every layer a
 forward starts at. A ``from_base`` forward then gets a cache whose layers hold the untouched
 keys and values of positions < p (per row, by index; never written to, so nothing is copied
-per row), layers below S answer with their input instead of running, and layer S's input is
-replaced by the untouched hidden state at positions >= p. Where the model keeps no keys and
-values (Mamba), such a forward runs every position but still skips the layers below S.
+per row); the layers below S run on one row only (as a shared prefix does: their result is
+not used), and layer S's input is replaced by the untouched hidden states at positions >= p
+(:meth:`~.runner.Runner.expander`). Nothing of the model is changed: every hook belongs to a
+:class:`~.hooks.HookScope`. Where the model keeps no keys and values (Mamba), such a forward
+runs every position but still runs the layers below S on one row.
 
 A run of only some of the forwards (a shard, :meth:`UntouchedRuns.replay`) reads each untouched
 run from the same batch of sequences a run of every forward computes it in: which batch that is
@@ -16,10 +18,9 @@ follows from the plan alone, and a batch of other sequences may round differentl
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 
 from ..errors import RunError
 from ..plan import Forward, Plan
-from .hooks import input_hidden, replace_hidden
+from .hooks import HookScope
 
 __all__ = ["UntouchedRuns", "Reuse"]
 
@@ -47,7 +48,8 @@ class _Run:
 
 @dataclass
 class Reuse:
-    """How one ``from_base`` forward runs: from ``start``, skipping layers below ``skip``."""
+    """How one ``from_base`` forward runs: from position ``start``; layers below ``skip`` on
+    one row, layer ``skip``'s input ``hidden``."""
 
     start: int
     skip: int
@@ -82,7 +84,7 @@ def _read_only_layer() -> type:
 class UntouchedRuns:
     """The untouched runs of one plan's sequences, and how its ``from_base`` forwards use them."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, layers: list[torch.nn.Module] | None):
+    def __init__(self, model: torch.nn.Module, plan: Plan, layers: list[str] | None):
         self.model, self.plan, self.layers = model, plan, layers
         params = inspect.signature(model.forward).parameters
         self.kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
@@ -92,7 +94,6 @@ class UntouchedRuns:
         self.batch = max(1, plan.max_batch)
         self.runs: OrderedDict[tuple[int, ...], _Run] = OrderedDict()
         self.has_cache = self.kwarg is not None
-        self.templates: dict[int, Any] = {}  # layer -> an output of it (its structure)
         self._read_only: type | None = None
         #: a replayed run (:meth:`replay`): forward rows -> the batch each sequence's run is from
         self.schedule: dict[tuple[int, ...], list[Batch]] | None = None
@@ -123,12 +124,10 @@ class UntouchedRuns:
             return None
         rows = torch.tensor(index, device=device) if len(sequences) > 1 else None
         kwargs: dict[str, Any] = {}
-        if start:
+        if start:  # one row of positions: the same for every row (and the one below ``skip``)
             kwargs = {
-                self.kwarg: self._cache(runs, start, rows, len(forward.rows)),
-                "position_ids": torch.arange(start, forward.seq_len, device=device)[None].expand(
-                    len(forward.rows), -1
-                ),
+                self.kwarg: self._cache(runs, start, rows, len(forward.rows), skip),
+                "position_ids": torch.arange(start, forward.seq_len, device=device)[None],
                 "use_cache": True,
             }
         hidden = None
@@ -138,25 +137,42 @@ class UntouchedRuns:
             hidden = hidden.contiguous()  # ops write into it row by row
         return Reuse(start, skip, kwargs, hidden)
 
-    def _cache(self, runs: list[_Run], start: int, rows: torch.Tensor | None, n_rows: int) -> Any:
+    def _cache(
+        self, runs: list[_Run], start: int, rows: torch.Tensor | None, n_rows: int, skip: int
+    ) -> Any:
+        """The untouched keys and values before ``start``: per row from layer ``skip`` on,
+        the first row's below it (those layers run on one row)."""
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         if self._read_only is None:
             self._read_only = _read_only_layer()
         cache = DynamicCache(config=getattr(self.model, "config", None))
+        first = rows[:1] if rows is not None else None
         for layer in range(len(runs[0].keys)):
             keys = torch.cat([run.keys[layer][:, :, :start] for run in runs])
             values = torch.cat([run.values[layer][:, :, :start] for run in runs])
+            if layer < skip:
+                keys, values = (
+                    (keys if first is None else keys[first]),
+                    (values if first is None else values[first]),
+                )
+                rows_here, n_here = None, 1
+            else:
+                rows_here, n_here = rows, n_rows
             if layer < len(cache.layers) and type(cache.layers[layer]) is not DynamicLayer:
                 # sliding windows and the like: their own update, on a copy per row
-                keys = keys[rows] if rows is not None else keys.expand(n_rows, -1, -1, -1)
-                values = values[rows] if rows is not None else values.expand(n_rows, -1, -1, -1)
+                keys = keys[rows_here] if rows_here is not None else keys.expand(n_here, -1, -1, -1)
+                values = (
+                    values[rows_here]
+                    if rows_here is not None
+                    else values.expand(n_here, -1, -1, -1)
+                )
                 cache.update(keys.contiguous(), values.contiguous(), layer)
             elif layer < len(cache.layers):
-                cache.layers[layer] = self._read_only(keys, values, rows)
+                cache.layers[layer] = self._read_only(keys, values, rows_here)
             else:
-                cache.layers.append(self._read_only(keys, values, rows))
+                cache.layers.append(self._read_only(keys, values, rows_here))
         return cache
 
     def _get(
@@ -241,32 +257,18 @@ class UntouchedRuns:
         """The untouched runs of ``sequences`` (one length), in one batch."""
         ids = torch.tensor(sequences, device=device)
         inputs: dict[int, torch.Tensor] = {}
-        handles = []
 
         def keeper(layer: int) -> Any:
-            def keep(_module: Any, args: tuple, kwargs: dict) -> None:
-                inputs[layer] = input_hidden(f"layer {layer}", args, kwargs)
+            def keep(hidden: torch.Tensor) -> None:
+                inputs[layer] = hidden
 
             return keep
 
-        def templater(layer: int) -> Any:
-            def record(_module: Any, _args: Any, output: Any) -> None:
-                self.templates.setdefault(layer, output)
-
-            return record
-
-        layers = self.layers or []
-        for layer in self.input_layers:
-            handles.append(layers[layer].register_forward_pre_hook(keeper(layer), with_kwargs=True))
-        for layer in range(max(self.input_layers, default=0)):
-            if layer not in self.templates:
-                handles.append(layers[layer].register_forward_hook(templater(layer)))
-        try:
+        with HookScope(self.model) as scope:
+            for layer in self.input_layers:
+                scope.add((self.layers or [])[layer], "input", keeper(layer))
             kwargs = {"use_cache": True} if self.has_cache else {}
             output = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
         cache = None
         if self.has_cache and hasattr(output, "get"):
             cache = output.get("cache")  # transformers 5; 4 named it past_key_values
@@ -284,28 +286,3 @@ class UntouchedRuns:
             run.inputs = {layer: hidden[i].clone() for layer, hidden in inputs.items()}
             runs[sequence] = run
         return runs
-
-    @contextlib.contextmanager
-    def skipping(self, skip: int) -> Iterator[None]:
-        """Layers below ``skip`` answer with their input instead of running."""
-        layers = (self.layers or [])[:skip]
-        saved = [layer.__dict__.get("forward") for layer in layers]
-        for index, layer in enumerate(layers):
-            layer.forward = self._passthrough(index)
-        try:
-            yield
-        finally:
-            for layer, old in zip(layers, saved):
-                if old is None:
-                    del layer.forward
-                else:
-                    layer.forward = old
-
-    def _passthrough(self, layer: int) -> Any:
-        template = self.templates.get(layer)
-
-        def passthrough(*args: Any, **kwargs: Any) -> Any:
-            hidden = input_hidden(f"layer {layer}", args, kwargs)
-            return hidden if template is None else replace_hidden(template, hidden)
-
-        return passthrough

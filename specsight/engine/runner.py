@@ -1,29 +1,31 @@
 """Applying a plan's ops inside a forward: the :class:`Runner` builds, per forward, action
-tables (per site, levels of ops grouped by kind) and gives each hooked site a function that
-applies them.
+tables (per site, levels of grouped ops) and gives each hooked site a function that applies
+them; it is also the engine's side of the op kinds (:class:`~specsight.plan.ops.OpEnv`: the
+store, plan vectors, values computed once per run).
 
 At a site, each row's ops run in the order the spec declares them. Ops of different rows are
-independent, so ops of one kind on the same columns apply as one indexed tensor operation.
-Outputs are modified on a copy that replaces the module's return value; inputs are modified in
-place, so a residual stream read through a norm's input (``resid_mid``) changes the residual
-itself, not only what the norm sees (under autograd, an input that is a view is replaced by a
-changed copy instead: its base may be saved for the backward pass). Per-head sites act on column windows of their tensor, and
-token-flattened tensors are viewed per row (:mod:`.views`).
+independent, so ops of one kind on the same columns form a group; a kind that batches
+(``batchable``) applies to the whole group as one indexed write, the others op by op. Outputs
+are modified on a copy that replaces the module's return value; inputs are modified in place,
+so a residual stream read through a norm's input (``resid_mid``) changes the residual itself,
+not only what the norm sees (under autograd, an input that is a view is replaced by a changed
+copy instead: its base may be saved for the backward pass). Per-head sites act on column
+windows of their tensor, and token-flattened tensors are viewed per row (:mod:`.views`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import RunError
-from ..plan import Forward, Plan, RowOp
+from ..plan import Forward, Op, Plan
+from ..plan.ops import At, Group
 from .ablate import mean_value, noise_draw, project_out, span_basis, spread
-from .grad import keep_grad
 from .views import attention_weights, col_index, pos_index, row_major, token_major
 
 __all__ = ["ActionTables", "Runner"]
@@ -38,26 +40,14 @@ _HINTS = {
 
 
 @dataclass
-class _Group:
-    """Ops of one kind on the same columns at one site, as index tensors where they batch."""
+class _Level:
+    """Ops of one kind on the same columns at one site: a group applied at once (``group``),
+    or op by op."""
 
-    kind: str
-    ops: list[RowOp]
-    rows: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    factors: torch.Tensor | None = None
-    vectors: torch.Tensor | None = None
-    cols: torch.Tensor | None = None
-    #: batched saves: how many positions of the gathered values each op keeps
-    counts: list[int] | None = None
-
-    def to(self, device: torch.device) -> None:
-        """Move the group's tensors to ``device`` (a module of a model placed across devices
-        runs elsewhere than the model's input device)."""
-        for name in ("rows", "positions", "factors", "vectors", "cols"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
+    kind: type[Op]
+    ops: list[Op]
+    cols: torch.Tensor | None
+    group: Group | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +57,7 @@ class ActionTables:
 
     forward: Forward
     local: dict[int, int]
-    sites: dict[tuple[str, str], list[list[_Group]]]
+    sites: dict[tuple[str, str], list[list[_Level]]]
     #: the forward starts at this position: op positions index the input shifted by it
     offset: int = 0
 
@@ -80,125 +70,81 @@ class Runner:
         plan: Plan,
         model: torch.nn.Module,
         device: torch.device,
-        pad_id: int,
-        *,
-        checkpoint: Callable[[], None] | None = None,
+        dtype: torch.dtype,
+        pad_id: int = 0,
     ):
         self.plan = plan
-        self.checkpoint = checkpoint  # called before every forward call of the model
         self.model = model
         self.device = device
+        self.dtype = dtype
         self.pad_id = pad_id
         self.store: dict[str, torch.Tensor] = {}
-        self.vectors: dict[str, torch.Tensor] = {}
+        self._vectors: dict[str, torch.Tensor] = {}
         self.active: ActionTables | None = None
         #: a ``from_base`` forward's input at its first running layer (from the untouched runs)
         self.base_input: torch.Tensor | None = None
         #: values ablations compute once from captures: means, spreads, bases
-        self.derived: dict[tuple, torch.Tensor | float] = {}
-        self.ops_by_row: dict[int, list[RowOp]] = defaultdict(list)
+        self._derived: dict[tuple, Any] = {}
+        #: the backward pass's tensor hooks keep gradients here (see :meth:`keep_grad`)
+        self.grad_hooks: Callable[[torch.Tensor, Callable[[torch.Tensor], None]], None] | None = (
+            None
+        )
+        self.ops_by_row: dict[int, list[Op]] = defaultdict(list)
         for op in plan.ops:
             self.ops_by_row[op.row].append(op)
 
-    def _vector(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        if key not in self.vectors:
-            self.vectors[key] = torch.tensor(self.plan.vectors[key], dtype=torch.float64)
-        return self.vectors[key].to(self.device, dtype)
+    # --- action tables ------------------------------------------------------------------
 
     def prepare(
-        self,
-        forward: Forward,
-        dtype: torch.dtype,
-        ops_by_row: dict[int, list[RowOp]] | None = None,
-        offset: int = 0,
+        self, forward: Forward, ops_by_row: dict[int, list[Op]] | None = None, offset: int = 0
     ) -> ActionTables:
         """Build the action tables of one forward (``ops_by_row`` overrides the plan's ops) and
         make them the active ones; ``offset``: the forward's inputs start at that position."""
         local = {row: i for i, row in enumerate(forward.rows)}
-        per_site: dict[tuple[str, str], dict[int, list[RowOp]]] = defaultdict(
+        per_site: dict[tuple[str, str], dict[int, list[Op]]] = defaultdict(
             lambda: defaultdict(list)
         )
         by_row = self.ops_by_row if ops_by_row is None else ops_by_row
         for row in forward.rows:
             for op in by_row.get(row, ()):
                 per_site[(op.module, op.io)][row].append(op)
-        sites: dict[tuple[str, str], list[list[_Group]]] = {}
-        for site, by_row in per_site.items():
-            depth = max(len(ops) for ops in by_row.values())
+        sites: dict[tuple[str, str], list[list[_Level]]] = {}
+        for site, ops_of in per_site.items():
             levels = []
-            for level in range(depth):
-                # ops of one kind on the same columns apply as one indexed operation
-                kinds: dict[tuple[str, Any], list[RowOp]] = defaultdict(list)
-                for ops in by_row.values():
+            for level in range(max(len(ops) for ops in ops_of.values())):
+                kinds: dict[tuple[type, Any], list[Op]] = defaultdict(list)
+                for ops in ops_of.values():
                     if level < len(ops):
-                        kinds[(ops[level].kind, ops[level].cols)].append(ops[level])
+                        kinds[(type(ops[level]), ops[level].cols)].append(ops[level])
                 levels.append(
-                    [self._group(key[0], ops, dtype, local, offset) for key, ops in kinds.items()]
+                    [self._level(key[0], ops, local, offset) for key, ops in kinds.items()]
                 )
             sites[site] = levels
         self.active = ActionTables(forward, local, sites, offset)
         return self.active
 
-    def activate(self, tables: ActionTables) -> None:
+    def activate(self, tables: ActionTables | None) -> None:
         """Make tables built earlier (by :meth:`prepare`) the active ones again."""
         self.active = tables
 
-    def _group(
-        self, kind: str, ops: list[RowOp], dtype: torch.dtype, local: dict[int, int], offset: int
-    ) -> _Group:
-        group = _Group(kind, ops, cols=col_index(ops[0].cols, self.device))
-        if kind == "patch" and all(op.sources[0] in self.store for op in ops):
-            return self._patch_group(group, local, offset)
-        if kind == "save" and all(op.io != "pattern" for op in ops):
-            self._index(group, local, offset)
-            group.counts = [len(op.positions) for op in ops]
-            return group
-        if kind in ("zero", "scale") or (kind in ("add", "set") and ops[0].vector is not None):
-            if kind in ("add", "set") and any(op.vector is None for op in ops):
-                return group  # mixed saved/inline sources: apply one by one
-            self._index(group, local, offset)
-            factors = [1.0 if op.factor is None else op.factor for op in ops for _ in op.positions]
-            vecs = [op.vector for op in ops for _ in op.positions if op.vector is not None]
-            group.factors = torch.tensor(factors, device=self.device, dtype=dtype).unsqueeze(-1)
-            if vecs:
-                keys = sorted(set(vecs))
-                table = torch.stack([self._vector(k, dtype) for k in keys])
-                index = torch.tensor([keys.index(k) for k in vecs], device=self.device)
-                group.vectors = table[index]
-        return group
+    def _level(self, kind: type[Op], ops: list[Op], local: dict[int, int], offset: int) -> _Level:
+        level = _Level(kind, ops, col_index(ops[0].cols, self.device))
+        if kind.batchable(ops, self):
+            rows = [local[op.row] for op in ops for _ in op.positions]
+            positions = [p - offset for op in ops for p in op.positions]
+            index: tuple[torch.Tensor, ...] = (
+                torch.tensor(rows, device=self.device, dtype=torch.long),
+                torch.tensor(positions, device=self.device, dtype=torch.long),
+            )
+            level.group = Group(ops, index)
+            kind.prepare(level.group, self)
+        return level
 
-    def _patch_group(self, group: _Group, local: dict[int, int], offset: int) -> _Group:
-        """Patches whose sources are stored already: every row's values gathered now, one
-        gather per source, written in the hook by one indexed assignment."""
-        by_source: dict[str, list[tuple[int, int]]] = {}
-        slot = 0
-        for op in group.ops:
-            for _, src in zip(op.positions, op.source_positions or op.positions):
-                by_source.setdefault(op.sources[0], []).append((slot, src))
-                slot += 1
-        order, pieces = [], []
-        for key, entries in by_source.items():
-            stored = self.store[key]
-            picked = torch.tensor([src for _, src in entries], device=stored.device)
-            pieces.append(stored[picked].to(self.device))
-            order += [slot for slot, _ in entries]
-        values = torch.cat(pieces)[torch.argsort(torch.tensor(order, device=self.device))]
-        if group.cols is not None:
-            values = values[:, group.cols]
-        self._index(group, local, offset)
-        group.vectors = values
-        return group
-
-    def _index(self, group: _Group, local: dict[int, int], offset: int) -> None:
-        """The group's (row, position) pairs, one per op position, as index tensors."""
-        rows = [local[op.row] for op in group.ops for _ in op.positions]
-        positions = [p - offset for op in group.ops for p in op.positions]
-        group.rows = torch.tensor(rows, device=self.device, dtype=torch.long)
-        group.positions = torch.tensor(positions, device=self.device, dtype=torch.long)
+    # --- hooks ----------------------------------------------------------------------------
 
     def expander(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        """At ``layer``'s input: copies the single shared row to every row of the forward, or
-        (``from_base``) puts in the untouched runs' hidden states."""
+        """At ``layer``'s input: copies the single row the layers below ran on to every row
+        of the forward, or (``from_base``) puts in the untouched runs' hidden states."""
 
         def expand(hidden: torch.Tensor) -> torch.Tensor | None:
             active = self.active
@@ -219,9 +165,7 @@ class Runner:
             if not levels:
                 return None
             forward = active.forward
-            writes = any(
-                g.kind not in ("save", "capture", "grad") for level in levels for g in level
-            )
+            writes = any(level.kind.writes for groups in levels for level in groups)
             # outputs change on a copy that replaces them; inputs in place (the residual they
             # carry changes too), except a view under autograd: its base may be saved for the
             # backward pass (an attention output), so a changed copy replaces the input
@@ -242,144 +186,141 @@ class Runner:
                 work = token_major(hidden, len(forward.rows), forward.seq_len, site[0])
             elif io != "pattern" and _not_per_position(hidden, forward.seq_len):
                 work = row_major(hidden, len(forward.rows), forward.seq_len, site[0])
-            for level in levels:
-                for group in level:
-                    self._apply(group, work)
+            for groups in levels:
+                for level in groups:
+                    self._apply(level, work)
             return hidden if replace else None
 
         return apply
 
-    def _apply(self, group: _Group, hidden: torch.Tensor) -> None:
-        kind = group.kind
-        width = hidden.shape[-1] if group.cols is None else len(group.cols)
-        if group.vectors is not None and group.vectors.shape[-1] != width:
-            op = group.ops[0]
+    def _apply(self, level: _Level, hidden: torch.Tensor) -> None:
+        op = level.ops[0]
+        values = level.group.values if level.group is not None else None
+        width = hidden.shape[-1] if level.cols is None else len(level.cols)
+        if values is not None and values.shape[-1] != width:
             raise RunError(
-                f"{op.origin}: the {kind} vector has {group.vectors.shape[-1]} values but site "
+                f"{op.origin}: the {op.label} vector has {values.shape[-1]} values but site "
                 f"'{op.site}' has width {width}",
                 hint=f"give {width} values",
             )
         try:
-            if group.rows is not None:
-                if group.rows.device != hidden.device:
-                    group.to(hidden.device)
-                index: tuple[torch.Tensor, ...] = (group.rows, group.positions)
-                if group.cols is not None:
-                    index = (group.rows[:, None], group.positions[:, None], group.cols[None, :])
-                if kind == "save":
-                    self._save_group(group, hidden[index])
-                elif kind == "patch":
-                    hidden[index] = group.vectors.to(hidden.dtype)
-                elif kind == "zero":
-                    hidden[index] = 0
-                elif kind == "scale":
-                    hidden[index] = hidden[index] * group.factors
-                elif kind == "add":
-                    hidden[index] = hidden[index] + group.vectors * group.factors
-                elif kind == "set":
-                    hidden[index] = group.vectors.expand_as(hidden[index])
+            if level.group is not None:
+                self._write(level, hidden)
                 return
-            for op in group.ops:
-                self._apply_one(op, hidden)
+            for one in level.ops:
+                one.apply(hidden, self._at(one, hidden), self)
         except RunError:
             raise
         except Exception as exc:  # any failure of a user's op is that op's run error
-            op = group.ops[0]
             raise RunError(
-                f"{op.origin}: {kind} at '{op.site}' failed: {exc}".split("\n")[0],
-                hint=_HINTS.get(kind, _SITE_HINT),
+                f"{op.origin}: {op.label} at '{op.site}' failed: {exc}".split("\n")[0],
+                hint=_HINTS.get(op.label, _SITE_HINT),
             ) from None
 
-    def _save_group(self, group: _Group, gathered: torch.Tensor) -> None:
-        """Each op's positions of one gather, kept under its store key."""
-        values = gathered.detach().clone()
-        assert group.counts is not None
-        for op, value in zip(group.ops, torch.split(values, group.counts)):
-            if op.head_dim:  # [positions, heads, head_dim]
-                value = value.reshape(len(op.positions), -1, op.head_dim)
-            self.store[op.store] = value  # type: ignore[index]
+    def _write(self, level: _Level, hidden: torch.Tensor) -> None:
+        group = level.group
+        assert group is not None
+        index = group.index
+        if index[0].device != hidden.device:  # a module of a model placed across devices
+            index = group.index = tuple(i.to(hidden.device) for i in index)
+            for name in ("values", "factors"):
+                if getattr(group, name) is not None:
+                    setattr(group, name, getattr(group, name).to(hidden.device))
+        if level.cols is not None:
+            cols = level.cols.to(hidden.device)
+            index = (index[0][:, None], index[1][:, None], cols[None, :])
+            group = Group(group.ops, index, group.values, group.factors)
+        level.kind.write(hidden, group, self)
 
-    def _apply_one(self, op: RowOp, hidden: torch.Tensor) -> None:
+    def _at(self, op: Op, hidden: torch.Tensor) -> At:
         active = self.active
         assert active is not None
-        row = active.local[op.row]
         positions = pos_index(tuple(p - active.offset for p in op.positions), hidden.device)
-        cols = col_index(op.cols, hidden.device)
-        if op.io == "pattern":  # [batch, query, head, key]: keys past the row's tokens are padding
-            value = hidden[row, positions] if cols is None else hidden[row, positions][:, cols]
-            n_keys = len(self.plan.rows[op.row].tokens)
-            self.store[op.store] = value[..., :n_keys].detach().clone()
-            return
-        index: tuple[Any, ...] = (row, positions)
-        if cols is not None:
-            index = (row, positions[:, None], cols[None, :])
-        if op.kind == "grad":
-            keep_grad(
-                hidden, row, positions, cols, self.store, op.store, op.head_dim, op.origin, op.site
-            )
-        elif op.kind == "save":
-            value = hidden[index].detach().clone()
-            if op.head_dim:  # [positions, heads, head_dim]
-                value = value.reshape(len(op.positions), -1, op.head_dim)
-            self.store[op.store] = value
-        elif op.kind == "capture":
-            self.store[op.store] = hidden[row, : len(op.positions)].detach().clone()
-        elif op.kind == "patch":
-            stored = self.store[op.sources[0]]
-            source = stored[pos_index(tuple(op.source_positions), stored.device)]
-            if cols is not None:
-                source = source[:, cols.to(source.device)]
-            hidden[index] = source.to(hidden.device, hidden.dtype)
-        elif op.kind in ("add", "set"):
-            if op.vector is not None:
-                value = self._vector(op.vector, hidden.dtype)
-            else:  # saved values, on their own device: one vector per position, heads flat
-                pieces = [p.reshape(p.shape[0], -1) for p in (self.store[k] for k in op.sources)]
-                value = torch.cat(pieces).mean(0) if op.reduce == "mean" else pieces[0]
-            value = value.to(hidden.device, hidden.dtype)
-            if op.kind == "add":
-                hidden[index] = hidden[index] + value * (
-                    op.factor if op.factor is not None else 1.0
-                )
-            else:
-                hidden[index] = value.expand(len(op.positions), -1)
-        elif op.kind in ("mean", "noise", "project_out"):
-            self._ablate(op, hidden, index, cols)
-        else:  # pragma: no cover - compile never emits other kinds
-            raise RunError(f"unknown op kind '{op.kind}'")
+        return At(active.local[op.row], positions, col_index(op.cols, hidden.device))
 
-    def _ablate(
-        self, op: RowOp, hidden: torch.Tensor, index: tuple[Any, ...], cols: torch.Tensor | None
-    ) -> None:
-        """mean_ablate, noise and project_out at one row's positions (and columns)."""
-        if op.kind == "mean":
-            key = ("mean", op.sources, op.reduce)
-            if key not in self.derived:
-                self.derived[key] = mean_value([self.store[k] for k in op.sources], op.reduce)
-            table = self.derived[key]
-            value = table if op.reduce == "all" else table[list(op.positions)]  # type: ignore[index]
-            if cols is not None:
-                value = value[..., cols.to(value.device)]
-            hidden[index] = value.to(hidden.device, hidden.dtype).expand_as(hidden[index])
-        elif op.kind == "noise":
-            std = op.factor if op.factor is not None else 1.0
-            if op.sources:
-                key = ("spread", op.sources, op.cols)
-                if key not in self.derived:
-                    captures = [self.store[k] for k in op.sources]
-                    where = None if cols is None else cols.to(captures[0].device)
-                    self.derived[key] = spread(captures, where)
-                std *= self.derived[key]  # type: ignore[operator]
-            target = hidden[index]
-            draw = noise_draw(int(op.seed or 0), tuple(target.shape))
-            hidden[index] = target + (draw * std).to(hidden.device, hidden.dtype)
-        else:
-            key = ("basis", op.sources)
-            if key not in self.derived:
-                vectors = [self._vector(k, torch.float64) for k in op.sources]
-                self.derived[key] = span_basis(vectors)
-            basis = self.derived[key].to(hidden.device)  # type: ignore[union-attr]
-            hidden[index] = project_out(hidden[index], basis)
+    # --- the op kinds' services (specsight.plan.ops.OpEnv) --------------------------------
+
+    def factors(self, values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(list(values), device=self.device, dtype=self.dtype).unsqueeze(-1)
+
+    def _vector64(self, key: str) -> torch.Tensor:
+        if key not in self._vectors:
+            self._vectors[key] = torch.tensor(self.plan.vectors[key], dtype=torch.float64)
+        return self._vectors[key]
+
+    def vectors(self, keys: Sequence[str]) -> torch.Tensor:
+        distinct = sorted(set(keys))
+        table = torch.stack([self._vector64(k).to(self.device, self.dtype) for k in distinct])
+        index = torch.tensor([distinct.index(k) for k in keys], device=self.device)
+        return table[index]
+
+    def vector(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        return self._vector64(key).to(like.device, like.dtype)
+
+    def stored(self, pairs: Sequence[tuple[str, int]], cols: Any) -> torch.Tensor:
+        by_key: dict[str, list[tuple[int, int]]] = {}
+        for slot, (key, position) in enumerate(pairs):
+            by_key.setdefault(key, []).append((slot, position))
+        order, pieces = [], []
+        for key, entries in by_key.items():
+            stored = self.store[key]
+            picked = torch.tensor([p for _, p in entries], device=stored.device)
+            pieces.append(stored[picked].to(self.device))
+            order += [slot for slot, _ in entries]
+        values = torch.cat(pieces)[torch.argsort(torch.tensor(order, device=self.device))]
+        if cols is not None:
+            values = values[:, col_index(cols, self.device)]
+        return values
+
+    def saved(self, keys: Sequence[str], mean: bool) -> torch.Tensor:
+        """Saved values on their own device: one vector per position (heads flattened), or
+        the mean over every row and position (``mean``)."""
+        pieces = [p.reshape(p.shape[0], -1) for p in (self.store[k] for k in keys)]
+        return torch.cat(pieces).mean(0) if mean else pieces[0]
+
+    def derived(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
+
+    def mean(self, captures: list[torch.Tensor], over: str) -> torch.Tensor:
+        return mean_value(captures, over)
+
+    def spread(self, captures: list[torch.Tensor], cols: Any) -> float:
+        return spread(captures, cols)
+
+    def basis(self, keys: Sequence[str]) -> torch.Tensor:
+        return span_basis([self._vector64(k) for k in keys])
+
+    def project_out(self, values: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        return project_out(values, basis)
+
+    def noise(self, seed: int, like: torch.Tensor) -> torch.Tensor:
+        return noise_draw(int(seed), tuple(like.shape))
+
+    def row_length(self, row: int) -> int:
+        return len(self.plan.rows[row].tokens)
+
+    def keep_grad(self, hidden: torch.Tensor, at: At, op: Any) -> None:
+        """Keep ``hidden``'s gradient at one row's positions (and columns) when backward runs."""
+        if not hidden.requires_grad or self.grad_hooks is None:
+            raise RunError(
+                f"{op.origin}: no gradient reaches '{op.site}'",
+                hint="gradients flow from the input embedding's output on, in the forward that "
+                "the backward metric reads",
+            )
+        key, head_dim = op.store, op.head_dim
+
+        def keep(grad: torch.Tensor) -> None:
+            value = grad[at.row, at.positions]
+            if at.cols is not None:
+                value = value[:, at.cols]
+            value = value.detach().clone()
+            if head_dim:
+                value = value.reshape(len(at.positions), -1, head_dim)
+            self.store[key] = value
+
+        self.grad_hooks(hidden, keep)
 
 
 def _not_per_position(hidden: torch.Tensor, seq_len: int) -> bool:

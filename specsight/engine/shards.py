@@ -1,14 +1,10 @@
-"""Running one plan in shards: processes that each run some of its forwards, and a merge of
-their outputs into the :class:`~.execute.EngineOutput` that :func:`~.execute.execute` gives
-for the whole plan in one process, bit for bit.
+"""Running one plan in shards: processes that each run some of its forwards (which, and
+whether a plan can: :mod:`specsight.plan.shard`), and a merge of their outputs into the
+:class:`~.execute.EngineOutput` one run of the whole plan gives in one process, bit for bit.
 
-A shard runs every forward of the earlier stages (their rows are what the last stage reads:
-patch sources, captures, kl references) and a contiguous chunk of the last stage's forwards
-(:func:`shard_forwards`). A forward's numbers then depend only on its own rows and ops, on what
-the earlier stages left, and on the untouched runs it reads; those are replayed so that each
-comes from the batch of sequences one run computes it in (:meth:`~.reuse.UntouchedRuns.replay`).
-:func:`shardable` refuses the plans where anything else ties the last stage's forwards together.
-A shard's output (:class:`ShardOutput`: per-slot metric values, saved values and next tokens of
+A forward's numbers depend only on its own rows and ops, on what the earlier stages left, and
+on the untouched runs it reads; those are replayed so that each comes from the batch of
+sequences one run computes it in (:meth:`~.reuse.UntouchedRuns.replay`). A shard's output (:class:`ShardOutput`: per-slot metric values, saved values and next tokens of
 its rows) travels as safetensors bytes with JSON metadata (:func:`shard_to_bytes`), and
 :func:`merge_shards` joins the outputs, checking that shards agree wherever they overlap.
 """
@@ -20,31 +16,20 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..errors import RunError
-from ..plan import Plan
-from .execute import EngineOutput, build_output, run_forwards
+from ..plan import Plan, checked_shard, shardable
+from .execute import EngineOutput, ForwardPass, build_output, run_forwards
 from .readout import to_host
 
-__all__ = [
-    "ShardOutput",
-    "execute_shard",
-    "merge_shards",
-    "shard_forwards",
-    "shard_from_bytes",
-    "shard_to_bytes",
-    "shardable",
-]
+__all__ = ["ShardOutput", "execute_shard", "merge_shards", "shard_from_bytes", "shard_to_bytes"]
 
 FORMAT = 1
 _META = "specsight_shard"
-#: ops whose ``sources`` are store keys (project_out's name plan vectors)
-_READS = ("patch", "mean", "noise", "add", "set")
 _DISAGREE = "shards disagree on {}, which both computed: their hardware or kernels differ"
 
 
@@ -68,88 +53,6 @@ def _digest(plan: Plan) -> str:
     return hashlib.sha256(plan.to_json().encode()).hexdigest()
 
 
-def _stages(plan: Plan) -> tuple[int, dict[int, int]]:
-    """The last stage, and the stage of each row."""
-    stage_of = {row: f.stage for f in plan.forwards for row in f.rows}
-    return max((f.stage for f in plan.forwards), default=0), stage_of
-
-
-def shardable(plan: Plan) -> str | None:
-    """None when shards of ``plan`` merge into exactly what one run gives, else why not."""
-    if any(f.generate is not None for f in plan.forwards):
-        return "it generates (decoding runs its own loop and may sample)"
-    if plan.backward is not None:
-        return "it runs a backward pass"
-    for metric in plan.metrics:
-        if metric.kind in ("logit_lens", "attribution"):
-            return f"metric '{metric.name}' ({metric.kind}) reads stored values after the run"
-    stages = [f.stage for f in plan.forwards]
-    if stages != sorted(stages):
-        return "its forwards are not in stage order"
-    last, stage_of = _stages(plan)
-    if stages.count(last) < 2:
-        return f"its last stage has {stages.count(last)} forward(s): nothing to split"
-    writers: dict[str, set[int]] = {}
-    for op in plan.ops:
-        if op.store is not None:
-            writers.setdefault(op.store, set()).add(op.row)
-    for save_ in plan.saves:
-        for key in save_.keys:
-            if len(writers.get(key, ())) != 1:
-                return f"saved value '{key}' does not come from exactly one row"
-    for op in plan.ops:
-        if op.kind not in _READS or stage_of.get(op.row) != last:
-            continue
-        for key in op.sources:  # written in an earlier stage, or by the row itself
-            if key not in writers:
-                return f"{op.origin or op.kind} reads '{key}', which no row writes"
-            if any(r != op.row and stage_of.get(r, last) >= last for r in writers[key]):
-                return f"{op.origin or op.kind} reads '{key}', which the last stage writes"
-    for metric in plan.metrics:
-        for row, ref in zip(metric.rows, metric.reference_rows):
-            if stage_of.get(row) == last and stage_of.get(ref, last) >= last:
-                return f"kl metric '{metric.name}' compares rows of the last stage with each other"
-    return None
-
-
-def _refuse(plan: Plan) -> None:
-    reason = shardable(plan)
-    if reason is not None:
-        raise ValueError(f"this plan cannot run in shards: {reason}")
-
-
-def shard_forwards(plan: Plan, n: int) -> list[tuple[int, ...]]:
-    """Forward indices of at most ``n`` shards: each holds every forward of the earlier stages
-    and one contiguous chunk of the last stage's, the chunks balanced by rows."""
-    _refuse(plan)
-    if n < 1:
-        raise ValueError(f"a plan runs in at least one shard, not {n}")
-    last, _ = _stages(plan)
-    earlier = tuple(i for i, f in enumerate(plan.forwards) if f.stage < last)
-    tail = [i for i, f in enumerate(plan.forwards) if f.stage == last]
-    k = min(n, len(tail))
-    rows = list(accumulate(len(plan.forwards[i].rows) for i in tail))
-    cuts = [0]
-    for j in range(1, k):  # the cut nearest j/k of the rows, leaving every chunk a forward
-        target = rows[-1] * j / k
-        choices = range(cuts[-1] + 1, len(tail) - (k - j) + 1)
-        cuts.append(min(choices, key=lambda c: (abs(rows[c - 1] - target), c)))
-    cuts.append(len(tail))
-    return [earlier + tuple(tail[a:b]) for a, b in zip(cuts, cuts[1:])]
-
-
-def _checked(plan: Plan, forwards: Sequence[int]) -> tuple[int, ...]:
-    indices = tuple(sorted(set(forwards)))
-    if any(not 0 <= i < len(plan.forwards) for i in indices):
-        raise ValueError(f"the plan has forwards 0 to {len(plan.forwards) - 1}")
-    last, _ = _stages(plan)
-    given = set(indices)
-    missing = [i for i, f in enumerate(plan.forwards) if f.stage < last and i not in given]
-    if missing:
-        raise ValueError(f"a shard runs every forward of the earlier stages; {missing} missing")
-    return indices
-
-
 def execute_shard(
     plan: Plan,
     model: torch.nn.Module,
@@ -159,10 +62,10 @@ def execute_shard(
     checkpoint: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ShardOutput:
-    """Run the forwards ``forwards`` (indices, e.g. one entry of :func:`shard_forwards`) as
-    :func:`~.execute.execute` runs them, and read out what their rows give."""
-    _refuse(plan)
-    indices = _checked(plan, forwards)
+    """Run the forwards ``forwards`` (indices, e.g. one entry of
+    :func:`~specsight.plan.shard_forwards`) as a run of the whole plan runs them, and read out
+    what their rows give."""
+    indices = checked_shard(plan, forwards)
     if any(module.training for module in model.modules()):
         raise RunError(
             "the model is in training mode: dropout would draw from one random stream across "
@@ -176,7 +79,7 @@ def execute_shard(
     rows = {row for i in indices for row in plan.forwards[i].rows}
     out = ShardOutput(_digest(plan), indices, next_tokens=ran.out.next_tokens)
     for metric in plan.metrics:
-        if metric.kind == "recovery":  # derived when merging
+        if not metric.buffered:  # derived when merging
             continue
         picked = [slot for slot, row in enumerate(metric.rows) if row in rows]
         if not picked:
@@ -186,9 +89,9 @@ def execute_shard(
         for name in (metric.name, f"{metric.name}/ids"):
             if name in ran.buffers:
                 out.values[name] = ran.buffers[name][index]
-    owner = {op.store: op.row for op in plan.ops if op.store is not None}
+    owner = {op.stores(): op.row for op in plan.ops if op.stores() is not None}
     keys = [key for save_ in plan.saves for key in save_.keys if owner[key] in rows]
-    out.saves = to_host({key: ran.runner.store[key] for key in keys})
+    out.saves = to_host({key: ran.store[key] for key in keys})
     out.timings["execute_s"] = time.perf_counter() - started
     return out
 
@@ -221,9 +124,11 @@ def _joined(name: str, size: int, parts: list[tuple[torch.Tensor, torch.Tensor]]
 def merge_shards(
     plan: Plan, outputs: Sequence[ShardOutput], *, reduce: bool = True
 ) -> EngineOutput:
-    """The output one :func:`~.execute.execute` of ``plan`` gives, from the outputs of shards
-    that together ran every forward. ``reduce=False`` leaves metrics per item."""
-    _refuse(plan)
+    """The output one run of ``plan`` gives, from the outputs of shards that together ran
+    every forward. ``reduce=False`` leaves metrics per item."""
+    reason = shardable(plan)
+    if reason is not None:
+        raise ValueError(f"this plan cannot run in shards: {reason}")
     digest = _digest(plan)
     if not outputs or any(o.plan_digest != digest for o in outputs):
         raise ValueError("every shard output must come from this plan (and there must be one)")
@@ -231,6 +136,8 @@ def merge_shards(
         raise ValueError(f"no shard ran forwards {sorted(missing)[:8]}")
     buffers: dict[str, torch.Tensor] = {}
     for metric in plan.metrics:
+        if not metric.buffered:
+            continue
         for name in (metric.name, f"{metric.name}/ids"):
             parts = [(o.slots[metric.name], o.values[name]) for o in outputs if name in o.values]
             if parts:  # recovery has none: it is derived
@@ -248,7 +155,7 @@ def merge_shards(
             tokens[row] = top
     order = [row for f in plan.forwards for row in f.rows if row in tokens]
     out = EngineOutput(next_tokens={row: tokens[row] for row in order})
-    build_output(plan, out, buffers, store, modules=None, new_ids={}, pad_id=0, reduce=reduce)
+    build_output(plan, ForwardPass(buffers, store, {}, out), modules=None, pad_id=0, reduce=reduce)
     times = [o.timings.get("execute_s", 0.0) for o in outputs]
     out.timings.update(execute_s=max(times), shards_execute_s=sum(times), shards=len(times) * 1.0)
     return out

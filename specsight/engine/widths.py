@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .hooks import hidden_of, module_table
+from .hooks import HookScope, hidden_of, module_table
 
 __all__ = ["module_widths"]
 
@@ -17,26 +17,24 @@ __all__ = ["module_widths"]
 def module_widths(model: torch.nn.Module, *, pad_id: int = 0) -> dict[tuple[str, str], int]:
     """``{(module, "input" | "output"): width}`` from a two-token forward (text models)."""
     widths: dict[tuple[str, str], int] = {}
-    handles = []
 
     def recorder(name: str, io: str) -> Any:
-        def record(_module: Any, args: Any, output: Any = None) -> None:
-            value = output if io == "output" else (args[0] if args else None)
+        def record(value: Any) -> None:
             with contextlib.suppress(Exception):  # no tensor there (a cache, a tuple of scalars)
                 widths[(name, io)] = int(hidden_of(value).shape[-1])
 
         return record
 
-    for name, module in module_table(model).items():
-        if name:
-            handles.append(module.register_forward_pre_hook(recorder(name, "input")))
-            handles.append(module.register_forward_hook(recorder(name, "output")))
+    def first_argument(record: Any) -> Any:
+        return lambda args, _kwargs: record(args[0] if args else None)
+
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-    try:
+    with HookScope(model) as scope:
+        for name, module in module_table(model).items():
+            if name:
+                scope.on_call(module, first_argument(recorder(name, "input")))
+                scope.on_output(module, recorder(name, "output"))
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     return widths

@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..compile import DEFAULT_MAX_BATCH, compile_plan, dataset_rows
+from ..compile import DEFAULT_MAX_BATCH, Budget, compile_plan, dataset_rows
 from ..errors import Issue, RunError, SpecError, format_path
 from ..models import ModelInfo
 from ..plan import Plan
+from ..plan.codec import to_data
+from ..plan.ops import AddVector, ProjectOut, SetVector
 from ..results import Results, check_out_dir
 from ..spec import (
     AddOp,
@@ -43,10 +45,10 @@ def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[s
     data = copy.deepcopy(doc.data) if doc is not None else spec.model_dump(**dump)
     keys: dict[str, set[Any]] = {}
     for op in plan.ops:
-        if op.vector is not None:
+        if isinstance(op, AddVector | SetVector):
             keys.setdefault(op.origin, set()).add(op.vector)
-        elif op.kind == "project_out":
-            keys.setdefault(op.origin, set()).add(op.sources)
+        elif isinstance(op, ProjectOut):
+            keys.setdefault(op.origin, set()).add(op.vectors)
     issues = []
     for name, invoke in spec.invokes.items():
         for index, op in enumerate(invoke.ops):
@@ -107,9 +109,8 @@ def run_remote(
         entry = remote.model_entry(spec.model.id)
         info = ModelInfo.from_dict(entry.info)
         tokenizer = remote.tokenizer(entry.id)
-        plan = compile_plan(
-            spec, info, tokenizer, doc=doc, max_batch=DEFAULT_MAX_BATCH, allow_files=True
-        )
+        budget = Budget(max_batch=DEFAULT_MAX_BATCH)
+        plan = compile_plan(spec, info, tokenizer, doc=doc, budget=budget, allow_files=True)
         data = inline_file_vectors(spec, doc, plan)
         try:
             job = remote.submit(data, spec_file=doc.file if doc else None)
@@ -138,7 +139,7 @@ def run_remote(
             "spec_file_sha256": doc.sha256 if doc else None,
         }
         if plan.dataset is not None:  # where the rows came from, not the inline copy sent
-            results.manifest["dataset"] = plan.dataset
+            results.manifest["dataset"] = to_data(plan.dataset)
         if plan.expectations:  # judged here, so each verdict points into the local spec file
             results.judge(plan.expectations)
     finally:

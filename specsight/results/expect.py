@@ -113,9 +113,7 @@ def _mask(
     """Per cell: did every check pass; also the values shown for failing cells."""
     checks = exp.checks
     values = tensors[exp.target].detach().float()
-    cell_dims = len(exp.axes)
-    if exp.metric_kind == "top_k":
-        cell_dims = values.ndim - 1  # the trailing k axis is not a cell axis
+    cell_dims = len(exp.axes)  # a top_k's trailing k axis is not a cell axis
     values, kept = _select(values, exp.select)
     mask = torch.ones(values.shape[:cell_dims], dtype=torch.bool)
     shown = values
@@ -137,7 +135,7 @@ def _mask(
             ok = ok.all(-1)
         mask &= ok
     if "argmax" in checks or "top_k" in checks:
-        if exp.metric_kind in ("top_k", "logit_lens"):
+        if exp.token_source == "ids":  # the top tokens, in the ``/ids`` companion
             ids, _ = _select(tensors[f"{exp.target}/ids"], exp.select)
             if "argmax" in checks:
                 mask &= ids[..., 0] == exp.token_id

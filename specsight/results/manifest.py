@@ -13,7 +13,8 @@ from typing import Any
 from ..engine import EngineOutput
 from ..models import Tokenizer
 from ..models.load import LoadedModel
-from ..plan import Plan
+from ..plan import Metric, Plan
+from ..plan.codec import to_data
 from ..spec import LoadedDoc, Spec
 from ..version import __version__
 from .results import Results, tensor_sha256
@@ -49,10 +50,7 @@ def results_from_raw(
         row = plan.rows[row_index]
         decoded = [(model.tokenizer.token_str(i), round(float(p), 6)) for i, p in zip(ids, probs)]
         next_tokens.setdefault(row.invoke, []).append(decoded)
-    prompts = {
-        name: plan.invoke_info.get(name, {}).get("inputs") or inv.prompts
-        for name, inv in spec.invokes.items()
-    }
+    prompts = {name: _inputs(plan, name) or inv.prompts for name, inv in spec.invokes.items()}
     if raw.generated:
         manifest["generated"] = _generated(plan, raw.generated, model.tokenizer)
     results = Results(raw.metrics, raw.saves, manifest, next_tokens, prompts)
@@ -70,12 +68,11 @@ def _generated(
         row = plan.rows[row_index]
         text = tokenizer.backend.decode(ids, skip_special_tokens=True)
         entry: dict[str, Any] = {"ids": ids, "text": text, "prompt": row.prompt_index}
-        axes = plan.invoke_info.get(row.invoke, {}).get("axes", [])
-        if axes:  # the sweep cell: its value on each axis
-            sizes = [len(plan.axis_values[row.invoke][a]) for a in axes]
+        info = plan.invokes[row.invoke]
+        if info.axes:  # the sweep cell: its value on each axis
             index, cell = row.cell, {}
-            for axis, size in reversed(list(zip(axes, sizes))):
-                cell[axis] = plan.axis_values[row.invoke][axis][index % size]
+            for axis, size in reversed(list(zip(info.axes, info.grid))):
+                cell[axis] = info.axis_values[axis][index % size]
                 index //= size
             entry["cell"] = dict(reversed(list(cell.items())))
         out.setdefault(row.invoke, []).append(entry)
@@ -85,72 +82,9 @@ def _generated(
 def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
     meta: dict[str, dict[str, Any]] = {}
     for metric in plan.metrics:
-        axes = list(metric.axes)
-        values = {a: plan.axis_values.get(metric.invoke, {}).get(a) for a in axes}
-        axes = list(metric.result_axes)
-        labels = {
-            a: plan.axis_labels.get(metric.invoke, {}).get(a)
-            for a in axes
-            if plan.axis_labels.get(metric.invoke, {}).get(a)
-        }
-        tensor = raw.metrics[metric.name]
-        suffix = []
-        if metric.kind == "top_k":
-            suffix = ["k"]
-        elif metric.kind in ("logits", "logprob", "prob") and not metric.squeeze_token:
-            suffix = ["token"]
-        elif metric.kind == "logit_lens":
-            suffix = ["site"]
-            values["site"] = list(metric.sites)
-        elif metric.kind == "attribution":
-            suffix = ["site", "pos"]
-            values["site"] = list(metric.sites)
-            values["pos"] = list(range(tensor.shape[-1]))
-        entry: dict[str, Any] = {
-            "kind": "metric",
-            "metric_kind": metric.kind,
-            "invoke": metric.invoke,
-            "axes": axes + suffix,
-            "axis_values": values,
-            "axis_labels": labels,
-            "token_strs": list(metric.token_strs),
-            "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype).replace("torch.", ""),
-            "sha256": tensor_sha256(tensor),
-        }
-        companions = {"top_k": ["ids"], "logit_lens": ["ids", "probs"]}.get(metric.kind, [])
-        if companions:
-            ids = raw.metrics[f"{metric.name}/ids"]
-            probs = tensor if metric.kind == "top_k" else raw.metrics[f"{metric.name}/probs"]
-            flat_ids = ids.reshape(-1, ids.shape[-1])
-            flat_probs = probs.reshape(-1, probs.shape[-1])
-            if flat_ids.shape[0] <= 64:
-                entry["decoded"] = [
-                    [
-                        (tokenizer.token_str(int(t)), round(float(p), 6))
-                        for t, p in zip(flat_ids[i], flat_probs[i])
-                    ]
-                    for i in range(flat_ids.shape[0])
-                ]
-        if metric.kind == "recovery":  # what "strongest cells" measures from
-            entry["baseline"] = 0.0
-        if metric.reduce:
-            _reduce_meta(meta, metric, entry, raw)
-        if metric.baseline is not None:
-            entry["baseline_metric"] = metric.baseline
-            _companion(meta, metric.name, "effect", entry, entry["axes"], raw)
-        for companion in companions:
-            extra = raw.metrics[f"{metric.name}/{companion}"]
-            meta[f"{metric.name}/{companion}"] = {
-                **{k: v for k, v in entry.items() if k != "decoded"},
-                "axes": entry["axes"] + (["k"] if metric.kind == "logit_lens" else []),
-                "companion_of": metric.name,
-                "shape": list(extra.shape),
-                "dtype": str(extra.dtype).replace("torch.", ""),
-                "sha256": tensor_sha256(extra),
-            }
-        meta[metric.name] = entry
+        _metric_meta(meta, plan, metric, raw, tokenizer)
     for save in plan.saves:
+        info = plan.invokes[save.invoke]
         tensor = raw.saves[save.name]
         meta[save.name] = {
             "kind": "save",
@@ -158,29 +92,111 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
             "site": save.site,
             "axes": list(save.axes) + list(save.value_axes),
             "axis_values": {
-                **{a: plan.axis_values.get(save.invoke, {}).get(a) for a in save.axes},
-                **save.value_axis_values,
+                **{a: _listed(info.axis_values.get(a)) for a in save.axes},
+                **{a: list(v) for a, v in save.value_axis_values.items()},
             },
             "padded_with_nan": len(set(save.n_positions)) > 1,
-            "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype).replace("torch.", ""),
-            "sha256": tensor_sha256(tensor),
+            **_tensor_fields(tensor),
         }
     for name, tensor in raw.saves.items():
         if name.endswith("/generated_ids") and name not in meta:
             invoke = name.rsplit("/", 1)[0]
-            swept = list(plan.invoke_info.get(invoke, {}).get("axes", []))
+            info = plan.invokes[invoke]
             over = invoke in plan.item_invokes
             meta[name] = {
                 "kind": "save",
                 "invoke": invoke,
-                "axes": [*swept, "item" if over else "prompt", "new_token"],
-                "axis_values": {a: plan.axis_values.get(invoke, {}).get(a) for a in swept},
-                "shape": list(tensor.shape),
-                "dtype": str(tensor.dtype).replace("torch.", ""),
-                "sha256": tensor_sha256(tensor),
+                "axes": [*info.axes, "item" if over else "prompt", "new_token"],
+                "axis_values": {a: _listed(info.axis_values.get(a)) for a in info.axes},
+                **_tensor_fields(tensor),
             }
     return meta
+
+
+def _listed(values: Any) -> list[Any] | None:
+    return None if values is None else list(values)
+
+
+def _tensor_fields(tensor: Any) -> dict[str, Any]:
+    return {
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).replace("torch.", ""),
+        "sha256": tensor_sha256(tensor),
+    }
+
+
+def _metric_meta(
+    meta: dict[str, dict[str, Any]],
+    plan: Plan,
+    metric: Metric,
+    raw: EngineOutput,
+    tokenizer: Tokenizer,
+) -> None:
+    """The manifest entries of a metric and its companions, as its kind describes them."""
+    info = plan.invokes[metric.invoke]
+    values = {a: _listed(info.axis_values.get(a)) for a in metric.axes}
+    axes = list(metric.result_axes)
+    labels = {a: list(info.axis_labels[a]) for a in axes if info.axis_labels.get(a)}
+    tensor = raw.metrics[metric.name]
+    suffix = [*metric.suffix(), *metric.trailing]
+    for axis in metric.suffix():
+        values[axis] = metric.suffix_values(axis)
+    tokens = getattr(metric, "tokens", None)
+    entry: dict[str, Any] = {
+        "kind": "metric",
+        "metric_kind": metric.kind,
+        "view": metric.view,
+        "signed": metric.signed,
+        "invoke": metric.invoke,
+        "axes": axes + suffix,
+        "axis_values": values,
+        "axis_labels": labels,
+        "token_strs": list(tokens.labels) if tokens is not None else [],
+        **_tensor_fields(tensor),
+    }
+    if metric.label() is not None:
+        entry["label"] = metric.label()
+    if metric.ranks_tokens:
+        _decoded(entry, metric, raw, tokenizer)
+    if metric.center is not None:  # what "strongest cells" measures from
+        entry["baseline"] = metric.center
+    if metric.reduce is not None:
+        _reduce_meta(meta, metric, entry, raw)
+    baseline = getattr(metric, "baseline", None)
+    if baseline is not None:
+        entry["baseline_metric"] = baseline
+        _companion(meta, metric.name, "effect", entry, entry["axes"], raw)
+    for companion in metric.companions:
+        extra = raw.metrics[f"{metric.name}/{companion}"]
+        meta[f"{metric.name}/{companion}"] = {
+            **{k: v for k, v in entry.items() if k != "decoded"},
+            "axes": entry["axes"] + list(metric.companion_trailing),
+            "companion_of": metric.name,
+            **_tensor_fields(extra),
+        }
+    meta[metric.name] = entry
+
+
+def _decoded(
+    entry: dict[str, Any], metric: Metric, raw: EngineOutput, tokenizer: Tokenizer
+) -> None:
+    """The top tokens of each cell, decoded (for up to 64 cells)."""
+    ids = raw.metrics[f"{metric.name}/ids"]
+    probs = (
+        raw.metrics[f"{metric.name}/probs"]
+        if "probs" in metric.companions
+        else raw.metrics[metric.name]
+    )
+    flat_ids = ids.reshape(-1, ids.shape[-1])
+    flat_probs = probs.reshape(-1, probs.shape[-1])
+    if flat_ids.shape[0] <= 64:
+        entry["decoded"] = [
+            [
+                (tokenizer.token_str(int(t)), round(float(p), 6))
+                for t, p in zip(flat_ids[i], flat_probs[i])
+            ]
+            for i in range(flat_ids.shape[0])
+        ]
 
 
 def _reduce_meta(
@@ -188,7 +204,14 @@ def _reduce_meta(
 ) -> None:
     """The entries of a reduced metric's companions (stderr, interval, per-item values)."""
     reduce = metric.reduce
-    entry["reduce"] = {k: reduce[k] for k in ("over", "size", "stat", "ci", "level", "of")}
+    entry["reduce"] = {
+        "over": reduce.over,
+        "size": reduce.size,
+        "stat": reduce.stat,
+        "ci": "bootstrap" if reduce.ci else None,
+        "level": reduce.level,
+        "of": metric.reduces,
+    }
     suffix = entry["axes"][len(metric.result_axes) :]
     for companion in ("stderr", "ci_low", "ci_high", "items"):
         axes = list(metric.axes) + suffix if companion == "items" else entry["axes"]
@@ -213,10 +236,15 @@ def _companion(
         **{k: v for k, v in entry.items() if k not in skip},
         "axes": axes,
         "companion_of": name,
-        "shape": list(tensor.shape),
-        "dtype": str(tensor.dtype).replace("torch.", ""),
-        "sha256": tensor_sha256(tensor),
+        **_tensor_fields(tensor),
     }
+
+
+def _inputs(plan: Plan, invoke: str) -> list[str] | None:
+    """What results show as an invoke's inputs, when not its prompts (image and tensor files,
+    a dataset's rendered prompts)."""
+    info = plan.invokes.get(invoke)
+    return list(info.inputs) if info is not None and info.inputs else None
 
 
 def _content(spec: Spec) -> dict[str, Any]:
@@ -271,7 +299,7 @@ def _manifest(
             "memory_estimate": plan.memory_estimate,
             **raw.counts,  # a run in blocks: rows and forwards of every block, and how many
         },
-        "dataset": plan.dataset,
+        "dataset": None if plan.dataset is None else to_data(plan.dataset),
         "versions": _versions(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "tensors": _tensor_meta(plan, raw, model.tokenizer),

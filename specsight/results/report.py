@@ -35,8 +35,6 @@ _MAX_CELLS = 50_000
 _MAX_PROMPTS = 16
 _MAX_SPEC_LINES = 4000
 _MAX_ROWS = 20
-#: metric kinds whose values are signed around 0 (a diverging colour scale centred on 0)
-_SIGNED = {"logit_diff", "recovery", "attribution", "logits"}
 _POLICY = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
 
@@ -254,7 +252,8 @@ def _scale(
         return {"center": 0.0, "colour": effect}
     finite = data[data.isfinite()]
     signed = finite.numel() and float(finite.min()) < 0 < float(finite.max())
-    return {"center": 0.0 if signed or meta.get("metric_kind") in _SIGNED else None}
+    # a kind whose values are signed around 0 gets a diverging scale centred on 0
+    return {"center": 0.0 if signed or meta.get("signed") else None}
 
 
 def _fit(tensor: Any, axes: list[str]) -> tuple[Any, list[str], str]:
@@ -276,7 +275,7 @@ def _notes(meta: dict[str, Any], shape: tuple[int, ...], size: int) -> list[str]
     decoded = meta.get("decoded")
     if not decoded:
         return None
-    if meta.get("metric_kind") == "top_k" and len(decoded) * shape[-1] == size:
+    if meta.get("view") == "tokens" and len(decoded) * shape[-1] == size:
         k = shape[-1]
         return [f"token {decoded[i // k][i % k][0]!r}" for i in range(size)]
     if len(decoded) == size:
@@ -298,7 +297,7 @@ def _metric_entry(
             shown if len(shown) >= data.shape[i] else [str(j) for j in range(data.shape[i])]
         )
     notes = _notes(meta, full_shape, tensor.numel()) if not note else None
-    if notes and meta.get("metric_kind") == "top_k" and len(meta["decoded"]) == 1:
+    if notes and meta.get("view") == "tokens" and len(meta["decoded"]) == 1:
         labels[axes[-1]] = [f"{i}: {t!r}" for i, (t, _) in enumerate(meta["decoded"][0])]
     same = {k: v for k, v in extra.items() if tuple(v.shape) == full_shape and not note}
     entry = {

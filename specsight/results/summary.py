@@ -169,16 +169,16 @@ def _print_metric(
     console: Console, name: str, tensor: Any, meta: dict[str, Any], extra: dict[str, Any]
 ) -> None:
     axes = meta.get("axes", [])
-    kind = meta.get("metric_kind")
+    view = meta.get("view")
     decoded = meta.get("decoded")
-    if kind == "top_k" and decoded is not None:
+    if view == "tokens" and decoded is not None:
         cell_axes = axes[:-1]
         for i, items in enumerate(decoded):
             where = cell_label(meta, cell_axes, coords(i, tuple(tensor.shape[:-1])))
             label = f"{name}[{where}]" if where else name
             console.print(f"  [magenta]{escape(label)}[/magenta]  {escape(_tokens(items))}")
         return
-    if kind == "logit_lens" and decoded is not None and tensor.ndim == 1:
+    if view == "lens" and decoded is not None and tensor.ndim == 1:
         sites = axis_labels(meta, "site")
         token = meta.get("token_strs") or []
         table = Table(
@@ -196,10 +196,7 @@ def _print_metric(
         console.print(table)
         return
     if tensor.ndim == 0:
-        token = meta.get("token_strs") or []
-        what = (
-            f" ({kind} of {token[0]!r})" if kind in ("prob", "logprob", "logits") and token else ""
-        )
+        what = f" ({meta['label']})" if meta.get("label") else ""
         value = _fmt(float(tensor)) + _spread(extra, ())
         console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what + _over(meta))} = {value}")
     elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:

@@ -3,7 +3,7 @@ the run)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -53,7 +53,39 @@ class Reduce(StrictModel):
         return {"stat": value} if isinstance(value, str) else value
 
 
-class _Reducible(StrictModel):
+class _MetricKind(StrictModel):
+    # What the checks that need no model know of a metric kind (its compiled form and run-time
+    # behaviour live in ``specsight.plan.metrics``).
+
+    #: its values can be reduced over an axis
+    reducible: ClassVar[bool] = True
+    #: it may name a ``baseline`` metric of its kind
+    takes_baseline: ClassVar[bool] = True
+    #: one value per cell, differentiable: a recovery's input, a backward pass's start
+    scalar: ClassVar[bool] = False
+    #: reduced over its inputs unless ``reduce`` says otherwise
+    reduced_by_default: ClassVar[bool] = False
+    #: its result's axes whatever the invokes are (None: the measured invoke's)
+    fixed_axes: ClassVar[tuple[str, ...] | None] = None
+    #: it runs a backward pass of its own
+    needs_backward: ClassVar[bool] = False
+
+    @property
+    def shaped_like(self) -> str | None:
+        """The metric whose invoke gives this one its axes (None: its own invoke's)."""
+        return None
+
+    def value_axes(self) -> tuple[str, ...]:
+        """The axes each cell's value adds to the result."""
+        return ()
+
+    def value_counts(self, cells: int, sites: int) -> dict[str, tuple[int, bool]]:
+        """Element counts of its result tensors ("" itself, else a companion), each with
+        whether it holds token ids (int64), for ``cells`` cells and ``sites`` decoded sites."""
+        return {"": (cells, False)}
+
+
+class _Reducible(_MetricKind):
     reduce: Reduce | None = Field(None, description="aggregate over items (or another axis)")
 
 
@@ -73,11 +105,19 @@ class _TokenMetric(_MetricBase):
     token: TokenRef | None = None
     tokens: list[TokenRef] | None = Field(None, min_length=1)
 
+    scalar: ClassVar[bool] = True
+
     @model_validator(mode="after")
     def _one_of(self) -> _TokenMetric:
         if (self.token is None) == (self.tokens is None):
             raise ValueError("give exactly one of 'token' (one token) or 'tokens' (a list)")
         return self
+
+    def value_axes(self) -> tuple[str, ...]:
+        return ("token",) if self.tokens is not None else ()
+
+    def value_counts(self, cells: int, sites: int) -> dict[str, tuple[int, bool]]:
+        return {"": (cells * len(self.tokens or [None]), False)}
 
 
 class LogitsMetric(_TokenMetric):
@@ -94,19 +134,26 @@ class ProbMetric(_TokenMetric):
 
 class LogitDiffMetric(_MetricBase):
     kind: Literal["logit_diff"]
+    scalar: ClassVar[bool] = True
     target: TokenRef
     foil: TokenRef
 
 
 class TopKMetric(_MetricBase):
     kind: Literal["top_k"]
+    reducible: ClassVar[bool] = False
+    takes_baseline: ClassVar[bool] = False
     k: int = Field(10, ge=1, le=1000)
+
+    def value_counts(self, cells: int, sites: int) -> dict[str, tuple[int, bool]]:
+        return {"": (cells * self.k, False), "ids": (cells * self.k, True)}
 
 
 class LogitLensMetric(_MetricBase):
     """Decode intermediate residual streams through the final norm and unembedding."""
 
     kind: Literal["logit_lens"]
+    takes_baseline: ClassVar[bool] = False
     site: str = Field(
         "resid_post.*",
         description="sites to decode, e.g. 'resid_post.*'",
@@ -118,6 +165,13 @@ class LogitLensMetric(_MetricBase):
     )
     token: TokenRef | None = Field(None, description="report this token's probability per site")
     k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
+
+    def value_axes(self) -> tuple[str, ...]:
+        return ("site",)
+
+    def value_counts(self, cells: int, sites: int) -> dict[str, tuple[int, bool]]:
+        top = cells * sites * self.k
+        return {"": (cells * sites, False), "ids": (top, True), "probs": (top, False)}
 
 
 class KlMetric(_MetricBase):
@@ -143,6 +197,7 @@ class AccuracyMetric(_MetricBase):
     items (or prompts) unless ``reduce`` says otherwise."""
 
     kind: Literal["accuracy"]
+    reduced_by_default: ClassVar[bool] = True
     target: TokenRef
 
 
@@ -161,12 +216,18 @@ class RecoveryMetric(_Reducible):
     clean: str = Field(description="the same metric on the clean run")
     corrupt: str = Field(description="the same metric on the corrupted run without patches")
 
+    @property
+    def shaped_like(self) -> str | None:
+        return self.patched
 
-class AttributionMetric(StrictModel):
+
+class AttributionMetric(_MetricKind):
     """Attribution patching: per site and position, gradient x (clean - corrupt) of the
     corrupted run's logit difference; one clean forward, one corrupted forward + backward."""
 
     kind: Literal["attribution"]
+    fixed_axes: ClassVar[tuple[str, ...] | None] = ("site", "pos")
+    needs_backward: ClassVar[bool] = True
     clean: str = Field(description="the clean invoke (one prompt, no sweep)")
     corrupt: str = Field(description="the corrupted invoke, as many tokens as the clean one")
     site: str = Field(

@@ -6,7 +6,7 @@ claimed together share forwards, as on a single server. The store is the source 
 a replica that dies loses nothing: its jobs' leases lapse (or its liveness lock goes with its
 connection) and another replica claims them again, at most ``max_attempts`` times.
 
-A job of at least ``shard_rows`` rows whose plan can be split (:func:`~specsight.engine.shardable`)
+A job of at least ``shard_rows`` rows whose plan can be split (:func:`~specsight.plan.shardable`)
 is split into row shards: the replica that claimed it sends each shard through the deployment's
 handle (Ray Serve routes them over the replicas), merges what comes back and records the result,
 equal bit for bit to a run in one process. A shard whose replica died is sent again.
@@ -29,17 +29,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ...engine import (
-    execute_shard,
-    merge_shards,
-    module_widths,
-    shard_forwards,
-    shard_from_bytes,
-    shard_to_bytes,
-    shardable,
-)
+from ...engine import Executor, merge_shards, module_widths, shard_from_bytes, shard_to_bytes
 from ...errors import RunError
 from ...models.load import load_model
+from ...plan import shard_forwards, shardable
 from ...results import results_from_raw
 from .. import admission
 from ..jobs import open_job_store
@@ -299,10 +292,10 @@ class ModelReplica:
 
         hold(self.worker.run_lock, checkpoint)
         try:
-            out = execute_shard(
-                job.plan, self.loaded.model, forwards, pad_id=self.loaded.tokenizer.pad_id,
-                checkpoint=checkpoint,
-            )  # fmt: skip
+            executor = Executor(
+                self.loaded.model, pad_id=self.loaded.tokenizer.pad_id, checkpoint=checkpoint
+            )
+            out = executor.run_shard(job.plan, forwards)
         finally:
             self.worker.run_lock.release()
         return shard_to_bytes(out)

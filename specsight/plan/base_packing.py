@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..plan import Row
+from .records import Row
 
 __all__ = ["base_chunks", "sequences_in_blocks", "worth_a_base"]
 

@@ -1,0 +1,91 @@
+"""Ops that edit a site with constants: ``zero``, ``scale`` by a factor, ``add`` a plan vector
+(times a coefficient) and ``set`` to a plan vector (``clamp`` compiles to it). Each applies to
+many rows at once as one indexed write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..records import Op
+from ..refs import VectorKey
+from .env import Group, OpEnv
+
+__all__ = ["Zero", "Scale", "AddVector", "SetVector"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Zero(Op):
+    """Set the site to zero at ``positions``."""
+
+    kind: ClassVar[str] = "zero"
+
+    @classmethod
+    def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
+        return True
+
+    @classmethod
+    def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
+        hidden[group.index] = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scale(Op):
+    """Multiply the site by ``factor`` at ``positions``."""
+
+    kind: ClassVar[str] = "scale"
+    factor: float
+
+    @classmethod
+    def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
+        return True
+
+    @classmethod
+    def prepare(cls, group: Group, env: OpEnv) -> None:
+        group.factors = env.factors([op.factor for op in group.ops for _ in op.positions])
+
+    @classmethod
+    def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
+        hidden[group.index] = hidden[group.index] * group.factors
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddVector(Op):
+    """Add ``factor`` times a plan vector at ``positions`` (activation addition)."""
+
+    kind: ClassVar[str] = "add"
+    vector: VectorKey
+    factor: float = 1.0
+
+    @classmethod
+    def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
+        return True
+
+    @classmethod
+    def prepare(cls, group: Group, env: OpEnv) -> None:
+        group.factors = env.factors([op.factor for op in group.ops for _ in op.positions])
+        group.values = env.vectors([op.vector for op in group.ops for _ in op.positions])
+
+    @classmethod
+    def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
+        hidden[group.index] = hidden[group.index] + group.values * group.factors
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetVector(Op):
+    """Set the site to a plan vector at ``positions``."""
+
+    kind: ClassVar[str] = "set"
+    vector: VectorKey
+
+    @classmethod
+    def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
+        return True
+
+    @classmethod
+    def prepare(cls, group: Group, env: OpEnv) -> None:
+        group.values = env.vectors([op.vector for op in group.ops for _ in op.positions])
+
+    @classmethod
+    def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
+        hidden[group.index] = group.values.expand_as(hidden[group.index])
