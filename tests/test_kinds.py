@@ -45,9 +45,7 @@ def test_a_metric_kind_is_named_in_few_modules(tag):
     docstrings and messages use too, such as ``logits`` or ``loss``: the lens is not)."""
     pattern = re.compile(rf"\b{tag}\b")
     naming = [
-        name
-        for name, path in MODULES.items()
-        if pattern.search(path.read_text(encoding="utf-8"))
+        name for name, path in MODULES.items() if pattern.search(path.read_text(encoding="utf-8"))
     ]
     assert len(naming) <= MAX_MODULES_PER_KIND, f"{tag} is named in {naming}"
 

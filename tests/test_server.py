@@ -485,6 +485,63 @@ def test_queued_jobs_run_batched(idle, model, monkeypatch):
                 assert torch.equal(remote[name], tensor), name
 
 
+def _kl_job(reference: str, factor: float) -> dict:
+    """A job with its own reference prompt: a kl metric and an effect from a baseline."""
+    ld = {"kind": "logit_diff", "target": " Mary", "foil": " John"}
+    return {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {
+            "ref": {"prompt": [reference]},
+            "a": {"prompt": CLEAN, "ops": [{"op": "scale", "site": "mlp_out.1", "factor": factor}]},
+        },
+        "metrics": {
+            "kl": {"kind": "kl", "invoke": "a", "reference": "ref"},
+            "p_ref": {**ld, "invoke": "ref"},
+            "p": {**ld, "invoke": "a", "baseline": "p_ref"},
+        },
+    }
+
+
+def test_jobs_of_two_keys_with_their_own_references_share_forwards_and_read_their_own(
+    idle, model, monkeypatch
+):
+    """Two keys' jobs, each measuring kl against its own reference prompt and an effect from
+    its own baseline, run in one batch and each gets what it gets alone (merging once read
+    the other job's reference row, and a baseline sent the batch back to one job at a time)."""
+    calls = []
+    real = batching.run_jobs
+
+    def counting(jobs, loaded, **watch):
+        calls.append(len(jobs))
+        return real(jobs, loaded, **watch)
+
+    monkeypatch.setattr(batching, "run_jobs", counting)
+    jobs = [(ALICE, _kl_job(CORRUPT_PROMPT, 0.5)), (BOB, _kl_job(CLEAN_PROMPT, 2.0))]
+    ids = [submit(idle, s, headers=h).json()["id"] for h, s in jobs]
+    assert worker_of(idle).run_once() == 2
+    assert calls == [2]  # one batch: merged, not run again one by one
+    for job, (headers, s) in zip(ids, jobs):
+        assert wait(idle, job, headers).state == "succeeded"
+        remote, local = fetch(idle, job, headers), specsight.run(s, model=model)
+        assert remote.keys() == local.tensors.keys()
+        for name, tensor in local.tensors.items():
+            torch.testing.assert_close(remote[name], tensor, rtol=1e-6, atol=1e-6)
+    kls = [fetch(idle, job, h)["kl"] for job, (h, _) in zip(ids, jobs)]
+    assert float(kls[0]) > 0 and not torch.equal(kls[0], kls[1])
+    assert 'specsight_batch_fallbacks_total{reason="failure"}' not in idle.get("/metrics").text
+
+
+def test_a_batch_run_again_one_by_one_is_logged_and_counted(idle, caplog):
+    submit(idle, BAD_WIDTH)
+    submit(idle, spec(1.0))
+    with caplog.at_level("WARNING", logger="specsight.serve"):
+        assert worker_of(idle).run_once() == 2
+    assert any("one by one" in r.getMessage() for r in caplog.records)
+    text = idle.get("/metrics").text
+    assert 'specsight_batch_fallbacks_total{reason="failure"} 1.0' in text
+
+
 def test_the_worker_thread_runs_jobs_until_shutdown(make_app):
     app = make_app()
     with TestClient(app) as c:

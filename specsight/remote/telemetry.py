@@ -57,6 +57,13 @@ class ServerMetrics:
             buckets=(0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800),
             registry=self.registry,
         )
+        self.fallbacks = Counter(
+            "specsight_batch_fallbacks",
+            "Batches of jobs run again one job at a time, by why (a failure: to find the job "
+            "that failed, so that the others succeed)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "specsight_http_requests",
             "HTTP requests answered, by method, route and status",
@@ -69,6 +76,10 @@ class ServerMetrics:
         self.batch_jobs.observe(jobs)
         self.batch_rows.observe(rows)
         self.run_seconds.observe(seconds)
+
+    def fallback(self, reason: str) -> None:
+        """A batch of jobs is run again one job at a time."""
+        self.fallbacks.labels(reason=reason).inc()
 
     def finished(self, created: float, outcome: str) -> None:
         """A job ended (``outcome``: succeeded, failed or cancelled)."""

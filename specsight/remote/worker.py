@@ -2,7 +2,8 @@
 
 Queued jobs of the same model are claimed together and run through
 :func:`~specsight.remote.batching.run_jobs` in shared forwards. A job that fails is failed alone:
-when a batch fails as a whole, its jobs are run again one by one. A cancelled job stops at the
+when a batch fails as a whole, its jobs are run again one by one (logged as a warning and
+counted in ``/metrics`` as ``specsight_batch_fallbacks``). A cancelled job stops at the
 next forward or decode step, and so does a job past its time limit; a draining server stops claiming, lets the running batch finish within a grace
 period and otherwise gives its jobs back to the queue.
 """
@@ -221,8 +222,14 @@ class Worker:
             except Exception as exc:
                 if len(pending) == 1:
                     self._fail(pending[0][0], exc)
-                else:
-                    log.info("a batch of %d jobs failed (%s); one by one", len(pending), exc)
+                else:  # run them one by one to find the job that failed: the others succeed
+                    ids = [rec.id for rec, _ in pending]
+                    log.warning(
+                        "a batch of %d jobs failed (%s); running them one by one", len(pending),
+                        str(exc).split("\n")[0], extra={"job_ids": ids, "worker": self.id},
+                    )  # fmt: skip
+                    if self.metrics is not None:
+                        self.metrics.fallback("failure")
                     for item in pending:
                         self._run_group([item], model)
                 return
