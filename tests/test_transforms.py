@@ -149,10 +149,11 @@ METRIC_JOBS["recovery"]["invokes"]["corrupt"]["ops"].pop()
 JOBS = {**{f"op:{k}": v for k, v in OP_JOBS.items()}, **{f"metric:{k}": v for k, v in METRIC_JOBS.items()}}  # fmt: skip
 
 
-def _plan(spec: dict[str, Any], max_batch: int = 16):
+def _plan(spec: dict[str, Any], max_batch: int = 16, **budget: Any):
     lm = tiny(MODEL)
     spec = specsight.load_spec(copy.deepcopy(spec))
-    return compile_plan(spec, lm.info, lm.tokenizer, budget=Budget(max_batch=max_batch))
+    budget = Budget(max_batch=max_batch, **budget)
+    return compile_plan(spec, lm.info, lm.tokenizer, budget=budget)
 
 
 def _executor() -> Executor:
@@ -354,3 +355,77 @@ def test_only_kinds_that_cannot_split_are_refused_by_shards():
     reasons = ("generates", "backward pass", "reads stored values")
     assert all(any(r in why for r in reasons) for why in refused.values()), refused
     assert set(refused) == {"op:grad", "op:generate", "metric:logit_lens", "metric:attribution"}
+
+
+# --- hooks never outlive a run ----------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _state(model: torch.nn.Module) -> tuple:
+    """What a run must leave as it was: every hook, every module's own attributes (a replaced
+    ``forward``), parameters' gradient flags and training modes."""
+    return (
+        [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],  # fmt: skip
+        [sorted(k for k in vars(m) if not k.startswith("_")) for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize("where", ["after a forward", "inside a forward"])
+@pytest.mark.parametrize("name", list(JOBS))
+def test_a_run_that_raises_leaves_the_model_as_it_was(name, where):
+    lm = tiny(MODEL)
+    before = _state(lm.model)
+    handle = None
+    if where == "after a forward":
+
+        def stop(*_: Any) -> None:
+            raise _Stop
+
+        executor = Executor(lm.model, pad_id=lm.tokenizer.pad_id, progress=stop)
+    else:  # the last layer fails while the run's hooks are on every other module
+
+        def fail(*_: Any) -> None:
+            raise _Stop
+
+        handle = lm.model.model.layers[-1].register_forward_pre_hook(fail)
+        executor = _executor()
+    try:
+        with pytest.raises(_Stop):
+            executor.run(SMALL[name])
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert _state(lm.model) == before
+
+
+def test_reusing_untouched_runs_changes_no_module_of_the_model():
+    """Forwards that start at a late layer run the layers below on one row; no layer's
+    ``forward`` is replaced meanwhile (a user's model stays the user's)."""
+    lm = tiny(MODEL)
+    spec = copy.deepcopy(OP_JOBS["sweep"])
+    spec["invokes"]["corrupt"]["sweep"] = {"layer": "2:4", "pos": [9, 12, 13]}
+    plan = _plan(spec)
+    assert any(f.from_base and f.shared_prefix for f in plan.forwards)
+    seen = []
+
+    def watch(module: torch.nn.Module, *_: Any) -> None:
+        seen.append("forward" in vars(module))
+
+    handles = [layer.register_forward_pre_hook(watch) for layer in lm.model.model.layers]
+    try:
+        out = _executor().run(plan)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and not any(seen)
+    plain = _plan(spec, prefix_reuse=False, position_reuse=False)  # every layer and position
+    assert not any(f.from_base for f in plain.forwards)
+    assert_same(out, _executor().run(plain))
