@@ -298,21 +298,20 @@ def test_compile_plan_reports_spec_errors_with_positions(tmp_path):
     assert issue.path == ("invokes", "a", "ops", 0, "site")
 
 
-def test_a_spec_never_gets_a_stale_document():
-    """Documents are remembered per spec object; a new object reusing a dead one's id must not
-    inherit its file positions or hash."""
+def test_a_spec_carries_its_document():
+    """The document a spec was loaded from travels with the spec object (its copies too); a
+    spec built in Python has none, and a new object never inherits another's."""
     from specsight.spec import Spec
-    from specsight.spec.validate import _DOCS, doc_of
+    from specsight.spec.validate import doc_of
 
     kept = specsight.load_spec(SPEC)
-    before = len(_DOCS)
     for _ in range(300):
         spec = specsight.load_spec(SPEC)
-        assert doc_of(spec) is not None
+        assert doc_of(spec) is not None and doc_of(spec) is not doc_of(kept)
         del spec
         assert doc_of(Spec.model_validate(SPEC)) is None
-    assert doc_of(kept) is not None
-    assert len(_DOCS) <= before  # entries leave with their specs: no growth
+    assert doc_of(kept) is kept.document is not None
+    assert kept.model_copy().document is kept.document
 
 
 def test_steering_with_coefficient_zero_is_the_unsteered_run(tiny3):

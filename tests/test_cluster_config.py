@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from specsight.cli import main
 from specsight.errors import SpecError
-from specsight.remote.cluster import DeployConfig, ModelDeployment, load_deploy_config
+from specsight.remote.cluster import DeployConfig, ModelEntry, load_serve_config
 from specsight.remote.cluster.autoscale import POLICY, jobs_per_replica_policy
 from specsight.remote.cluster.deploy import app_name, deployment_options
 
@@ -36,7 +36,7 @@ models:
 def test_a_deploy_file_reads_into_its_models(tmp_path: Path):
     path = tmp_path / "deploy.yaml"
     path.write_text(GOOD)
-    config = load_deploy_config(path)
+    config = load_serve_config(path)
     assert config.address == "auto" and config.limits.max_queue == 256
     smol, tiny = config.models
     assert (smol.dtype, smol.num_gpus, smol.replicas) == ("bfloat16", 1.0, 1)
@@ -63,7 +63,7 @@ def test_mistakes_in_a_deploy_file_are_located(tmp_path: Path, text, where, word
     path = tmp_path / "deploy.yaml"
     path.write_text(text)
     with pytest.raises(SpecError) as err:
-        load_deploy_config(path)
+        load_serve_config(path)
     message = str(err.value)
     assert f"deploy.yaml{where}" in message, message
     for word in words:
@@ -71,16 +71,16 @@ def test_mistakes_in_a_deploy_file_are_located(tmp_path: Path, text, where, word
 
 
 def test_a_model_entry_becomes_ray_serve_options():
-    fixed = deployment_options(ModelDeployment(id="m", replicas=3, num_gpus=1), grace_s=10)
+    fixed = deployment_options(ModelEntry(id="m", replicas=3, num_gpus=1), grace_s=10)
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert fixed["graceful_shutdown_timeout_s"] == 15.0
     scaling = {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 5}
-    scaled = deployment_options(ModelDeployment(id="m", autoscaling=scaling), grace_s=10)
+    scaled = deployment_options(ModelEntry(id="m", autoscaling=scaling), grace_s=10)
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"] == {**scaling, "policy": {"policy_function": POLICY}}
     own = {**scaling, "policy": {"policy_function": "mine:policy"}}
-    assert deployment_options(ModelDeployment(id="m", autoscaling=own), 1)["autoscaling_config"][
+    assert deployment_options(ModelEntry(id="m", autoscaling=own), 1)["autoscaling_config"][
         "policy"
     ] == {"policy_function": "mine:policy"}
     assert app_name("specsight", "org/Model v2") == "specsight-org-Model-v2"
@@ -89,7 +89,7 @@ def test_a_model_entry_becomes_ray_serve_options():
 def test_ray_serve_accepts_the_options_and_loads_the_policy():
     serve_config = pytest.importorskip("ray.serve.config")
     scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
-    options = deployment_options(ModelDeployment(id="m", autoscaling=scaling), grace_s=10)
+    options = deployment_options(ModelEntry(id="m", autoscaling=scaling), grace_s=10)
     config = serve_config.AutoscalingConfig(**options["autoscaling_config"])
     config.policy.serialize_policy()
     assert config.policy.get_policy() is not None
@@ -157,7 +157,7 @@ def test_a_model_listed_twice_is_refused(tmp_path: Path):
     path = tmp_path / "deploy.yaml"
     path.write_text("db: postgresql://u@h/d\nmodels:\n  - id: m\n  - id: m\n")
     with pytest.raises(SpecError, match="model 'm' is listed twice"):
-        load_deploy_config(path)
+        load_serve_config(path)
 
 
 def test_queued_jobs_of_models_not_served_fail(tmp_path: Path):

@@ -87,10 +87,14 @@ def test_an_interrupted_write_leaves_the_previous_run_intact(tmp_path, monkeypat
 def test_a_full_disk_leaves_no_partial_folder(tmp_path, monkeypatch):
     out = tmp_path / "new"
 
-    def full(*_args, **_kwargs):
-        raise OSError(28, "No space left on device")
+    real = Path.write_bytes
 
-    monkeypatch.setattr("specsight.results.results.save_file", full)
+    def full(path, data):
+        if path.name == "results.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(OutputError, match="No space left on device"):
         specsight.run(SPEC, model=tiny("tiny-llama"), out=out)
     assert not out.exists() and _leftovers(tmp_path) == []

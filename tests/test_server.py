@@ -21,7 +21,6 @@ from specsight.remote.auth import INSECURE_OWNER, KeyFileError, KeyRing, hash_ke
 from specsight.remote.jobs import JobStore
 from specsight.remote.protocol import ErrorBody, JobStatus, Limits, ModelsResponse
 from specsight.remote.server import create_app
-from specsight.remote.worker import results_payload
 
 from .conftest import CLEAN as CLEAN_PROMPT
 from .conftest import CORRUPT as CORRUPT_PROMPT
@@ -257,7 +256,7 @@ def test_submit_poll_result_equals_a_local_run(client, model, tmp_path):
 
 def test_result_payload_is_what_results_save_writes(model, tmp_path):
     results = specsight.run(spec(), model=model)
-    data, manifest = results_payload(results)
+    data, manifest = results.payload()
     results.save(tmp_path, plots=False)
     assert data == (tmp_path / "results.safetensors").read_bytes()
     assert manifest == (tmp_path / "manifest.json").read_text()

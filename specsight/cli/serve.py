@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .app import guard, json_option, main
-from .serve_ray import cluster_config
+from .serve_config import serve_config
 
 __all__: list[str] = []
 
@@ -52,8 +52,8 @@ def _db_location(ctx: click.Context, param: click.Parameter, value: str) -> Path
     "--deploy",
     "deploy_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="With --ray: a deploy config (models, replicas, GPUs, autoscaling, the store URL) "
-    "instead of the model and store options.",
+    help="A serve config file (models, the store, limits; with --ray: replicas, GPUs, "
+    "autoscaling, a postgresql:// store) instead of the model and store options.",
 )
 @click.option(
     "--replicas",
@@ -169,67 +169,32 @@ def _db_location(ctx: click.Context, param: click.Parameter, value: str) -> Path
     help="Days a finished job's result is kept before it is deleted.",
 )
 @guard
-def serve(
-    model_ids: tuple[str, ...],
-    use_ray: bool,
-    address: str | None,
-    deploy_file: Path | None,
-    replicas: int,
-    num_gpus: float,
-    num_cpus: float,
-    host: str,
-    port: int,
-    db_path: Path | str,
-    keys_file: Path | None,
-    insecure_no_auth: bool,
-    device: str,
-    log_format: str,
-    device_map: str | None,
-    max_memory: tuple[str, ...],
-    dtype: str,
-    max_queue: int | None,
-    max_queue_per_key: int | None,
-    max_job_seconds: float | None,
-    batch_jobs: int,
-    grace: float,
-    header_timeout: float,
-    retention_days: float,
-) -> None:
+def serve(**options: Any) -> None:
     """Serve MODELs over HTTP: clients run specs here with `specsight run --remote`."""
-    import os
-
-    from ..remote.auth import ENV_VAR, KeyFileError, KeyRing
-
-    if device_map is not None and device != "auto":
-        raise click.UsageError("--device and --device-map both place the models; keep one")
-    if max_memory and device_map is None:
-        raise click.UsageError("--max-memory goes with --device-map")
-    memory = {}
-    for item in max_memory:
-        where, sep, size = item.partition("=")
-        if not sep or not where or not size:
-            raise click.UsageError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. 0=70GiB")
-        memory[where] = size
-    from ..remote.protocol import Limits
-
-    limit_flags = _limit_flags(max_queue, max_queue_per_key, max_job_seconds)
-    limits = Limits(**limit_flags)
-    cluster = cluster_config(locals(), use_ray, deploy_file, ctx=click.get_current_context())
-    if cluster is not None:
-        host = cluster.host  # for the warning below
-        if keys_file is None and cluster.keys is not None:
-            keys_file = Path(cluster.keys)
-            if not keys_file.is_file():
-                raise click.UsageError(f"{deploy_file}: keys: there is no file {keys_file}")
-    if cluster is None and not model_ids:
-        raise click.UsageError("name a model to serve: --model ID (repeat for several)")
+    config = serve_config(options, click.get_current_context())
+    keys = _keys(config, options)
     try:
+        if options["use_ray"]:
+            from ..remote.cluster.deploy import serve_cluster
+
+            serve_cluster(config, keys=keys)
+            return
         from ..remote.serve import serve as run_server
     except ImportError as exc:  # fastapi / uvicorn are the optional 'server' extra
         raise click.UsageError(
             f"specsight serve needs FastAPI and uvicorn ({exc}): pip install 'specsight[server]'"
         ) from None
+    run_server(config, keys=keys)
 
+
+def _keys(config: Any, options: dict[str, Any]) -> Any:
+    """The API keys: the --keys file (or the config's), else $SPECSIGHT_API_KEYS; with
+    --insecure-no-auth none, and a loud warning."""
+    import os
+
+    from ..remote.auth import ENV_VAR, KeyFileError, KeyRing
+
+    keys_file = options["keys_file"] or config.keys
     try:
         if keys_file is not None:
             keys = KeyRing.from_file(keys_file)
@@ -239,47 +204,29 @@ def serve(
             keys = None
     except KeyFileError as exc:
         raise click.UsageError(str(exc)) from None
-    if keys is not None and insecure_no_auth:
+    insecure = options["insecure_no_auth"]
+    if keys is not None and insecure:
         raise click.UsageError("--insecure-no-auth and API keys exclude each other")
     if keys is not None and not len(keys):
         raise click.UsageError("the API keys hold no key; add one with `specsight hash-key`")
-    if keys is None:
-        if not insecure_no_auth:
-            raise click.UsageError(
-                f"no API keys: pass --keys FILE or set {ENV_VAR} (lines from `specsight "
-                "hash-key`), or --insecure-no-auth to accept anyone"
-            )
-        keys = KeyRing.allow_all()
-        exposed = "" if host in ("127.0.0.1", "localhost", "::1") else f" ON {host}, REACHABLE"
-        click.secho(
-            f"WARNING: --insecure-no-auth: ANY client{exposed} can run jobs on this server "
-            "without a key. Never use this outside a trusted machine.",
-            err=True,
-            fg="red",
-            bold=True,
+    if keys is not None:
+        return keys
+    if not insecure:
+        raise click.UsageError(
+            f"no API keys: pass --keys FILE or set {ENV_VAR} (lines from `specsight "
+            "hash-key`), or --insecure-no-auth to accept anyone"
         )
-    if cluster is not None:
-        from ..remote.cluster.deploy import serve_cluster
-
-        serve_cluster(cluster, keys=keys, log_format=log_format, header_timeout_s=header_timeout)
-        return
-    run_server(
-        list(model_ids),
-        keys=keys,
-        host=host,
-        port=port,
-        db_path=db_path,
-        device=device,
-        device_map=device_map,
-        max_memory=memory or None,
-        log_format=log_format,
-        dtype=dtype,
-        limits=limits,
-        batch_jobs=batch_jobs,
-        grace_s=grace,
-        header_timeout_s=header_timeout,
-        retention_days=retention_days,
+    exposed = (
+        "" if config.host in ("127.0.0.1", "localhost", "::1") else f" ON {config.host}, REACHABLE"
     )
+    click.secho(
+        f"WARNING: --insecure-no-auth: ANY client{exposed} can run jobs on this server "
+        "without a key. Never use this outside a trusted machine.",
+        err=True,
+        fg="red",
+        bold=True,
+    )
+    return KeyRing.allow_all()
 
 
 @main.command("hash-key")
@@ -305,18 +252,3 @@ def hash_key_command(name: str, generate: bool, as_json: bool) -> None:
     except KeyFileError:
         raise click.UsageError(f"bad --name '{name}': use letters, digits, _ . @ -") from None
     click.echo(json.dumps({"name": name, "line": line}) if as_json else line)
-
-
-def _limit_flags(
-    max_queue: int | None, max_queue_per_key: int | None, max_job_seconds: float | None
-) -> dict[str, Any]:
-    """The limits the command line sets (a --max-queue also sets the per-key share)."""
-    given: dict[str, Any] = {}
-    if max_queue is not None:
-        given["max_queue"] = max_queue
-        given["max_queue_per_key"] = max(16, max_queue // 4)
-    if max_queue_per_key is not None:
-        given["max_queue_per_key"] = max_queue_per_key
-    if max_job_seconds is not None:
-        given["max_job_seconds"] = max_job_seconds
-    return given

@@ -6,7 +6,6 @@ or is requeued) and close the store.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,9 +13,9 @@ from typing import Any
 from ..errors import ModelLoadError
 from ..models.load import LoadedModel, load_model
 from .auth import KeyRing
-from .connections import HEADER_TIMEOUT_S, GuardedH11, connection_limit, install_log_limits
+from .config import ServeConfig
+from .connections import GuardedH11, connection_limit, install_log_limits
 from .jobs import open_job_store
-from .protocol import Limits
 from .server import ServerState, create_app
 from .telemetry import log_handler
 
@@ -25,63 +24,49 @@ __all__ = ["configure_logging", "draining_server", "serve", "server_config"]
 log = logging.getLogger("specsight.serve")
 
 
-def serve(
-    model_ids: list[str],
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    db_path: str | os.PathLike[str] = "specsight-jobs.sqlite",
-    keys_file: str | os.PathLike[str] | None = None,
-    *,
-    keys: KeyRing | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    limits: Limits | None = None,
-    batch_jobs: int = 16,
-    grace_s: float = 30.0,
-    log_level: str = "info",
-    header_timeout_s: float = HEADER_TIMEOUT_S,
-    retention_days: float = 7.0,
-    device_map: str | None = None,
-    max_memory: dict[str, str] | None = None,
-    log_format: str = "text",
-) -> None:
-    """Load the models once (across devices with ``device_map``: accelerate's 'auto',
-    'balanced' or 'sequential', and ``max_memory``), recover the job store (``db_path``: a
-    SQLite file, or a ``postgresql://`` URL that replicas share), serve until SIGTERM/SIGINT,
-    then drain. ``log_format`` "json" writes one JSON object per log line.
-
-    Keys come from ``keys`` or ``keys_file``; there is no default (see ``KeyRing.allow_all``)."""
-
-    if keys is None:
-        if keys_file is None:
-            raise ValueError("serve needs keys or a keys_file")
-        keys = KeyRing.from_file(keys_file)
+def serve(config: ServeConfig, *, keys: KeyRing, log_level: str = "info") -> None:
+    """Load the models of ``config`` once (each across devices with its ``device_map``:
+    accelerate's 'auto', 'balanced' or 'sequential', and ``max_memory``), recover the job
+    store (a SQLite file, or a ``postgresql://`` URL that servers share), serve until
+    SIGTERM/SIGINT, then drain. ``keys``: see ``KeyRing.allow_all`` for none."""
     if not len(keys) and not keys.insecure:
         raise ValueError("the key ring holds no key")
-
-    configure_logging(log_level, log_format)
+    configure_logging(log_level, config.log_format)
     models: dict[str, LoadedModel] = {}
-    for model_id in model_ids:
+    for entry in config.models:
         loaded = load_model(
-            model_id, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory
+            entry.id,
+            device=entry.device,
+            dtype=entry.dtype,
+            device_map=entry.device_map,
+            max_memory=entry.max_memory,
         )
         if loaded.info.inputs != "text":
             raise ModelLoadError(
-                f"'{model_id}' reads {loaded.info.inputs} inputs; a server serves text models only",
+                f"'{entry.id}' reads {loaded.info.inputs} inputs; a server serves text models only",
                 hint="run specs on this model locally (specsight run SPEC)",
             )
         models[loaded.model_id] = loaded
         log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
-    store = open_job_store(db_path, retention_s=retention_days * 86400)
+    store = open_job_store(config.db, retention_s=config.retention_days * 86400)
     try:
         log.info("job store %s: recovered %s; %s", store.location, store.recover(), store.counts())
         app = create_app(
-            models, store=store, keys=keys, limits=limits, batch_jobs=batch_jobs, grace_s=grace_s
+            models,
+            store=store,
+            keys=keys,
+            limits=config.limits,
+            batch_jobs=max(entry.batch_jobs for entry in config.models),
+            grace_s=config.grace_s,
         )
-        config = server_config(
-            app, host=host, port=port, log_level=log_level, header_timeout_s=header_timeout_s
+        uvicorn_config = server_config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=log_level,
+            header_timeout_s=config.header_timeout_s,
         )
-        draining_server(config, app.state.server, on_stopped=store.close).run()
+        draining_server(uvicorn_config, app.state.server, on_stopped=store.close).run()
     finally:
         store.close()
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .records import JobRecord
     from .telemetry import ServerMetrics
 
-__all__ = ["Worker", "results_payload", "error_body"]
+__all__ = ["Worker", "error_body"]
 
 log = logging.getLogger("specsight.serve")
 _MESSAGE_MAX = 4000
@@ -48,18 +48,6 @@ class _Cancelled(_Stop):
 
 class _Aborted(_Stop):
     """The server is shutting down and the grace period is over."""
-
-
-def results_payload(results: Results) -> tuple[bytes, str]:
-    """``(results.safetensors bytes, manifest.json text)``, byte for byte what
-    :meth:`Results.save` writes (tested), without touching the disk."""
-    from safetensors.torch import save
-
-    tensors = {n: t.detach().cpu().contiguous() for n, t in sorted(results.tensors.items())}
-    data = save(tensors, metadata={"format": "specsight-results-1"})
-    manifest = dict(results.manifest)
-    manifest["summary"] = {"next_tokens": results.next_tokens, "prompts": results.prompts}
-    return data, json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def error_body(exc: BaseException) -> ErrorBody:
@@ -302,7 +290,7 @@ class Worker:
 
     def _deliver(self, rec: JobRecord, result: Results) -> None:
         try:
-            data, manifest = results_payload(result)
+            data, manifest = result.payload()
         except Exception as exc:
             self._fail(rec, exc)
             return

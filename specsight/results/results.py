@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..errors import RunError, did_you_mean
 from ..plan import PlanExpectation
@@ -129,17 +129,10 @@ class Results:
         tensors (a server's exact bytes)."""
 
         def write(folder: Path) -> None:
-            if results_bytes is not None:
-                (folder / RESULTS_FILE).write_bytes(results_bytes)
-            else:
-                tensors = {
-                    n: t.detach().cpu().contiguous() for n, t in sorted(self.tensors.items())
-                }
-                metadata = {"format": "specsight-results-1"}
-                save_file(tensors, str(folder / RESULTS_FILE), metadata=metadata)
-            manifest = dict(self.manifest)
-            manifest["summary"] = {"next_tokens": self.next_tokens, "prompts": self.prompts}
-            text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+            data, text = self.payload()
+            (folder / RESULTS_FILE).write_bytes(
+                results_bytes if results_bytes is not None else data
+            )
             (folder / MANIFEST_FILE).write_text(text, encoding="utf-8")
             if plots:
                 write_heatmaps(self.metrics, self.manifest, folder)
@@ -147,6 +140,15 @@ class Results:
                 write_report(self, folder / REPORT_FILE)
 
         return write_folder(Path(out_dir), write, self.spec_sha256, force=force)
+
+    def payload(self) -> tuple[bytes, str]:
+        """The run as ``results.safetensors`` bytes and ``manifest.json`` text: what
+        :meth:`save` writes and what a server stores and sends."""
+        tensors = {n: t.detach().cpu().contiguous() for n, t in sorted(self.tensors.items())}
+        data = save(tensors, metadata={"format": "specsight-results-1"})
+        manifest = dict(self.manifest)
+        manifest["summary"] = {"next_tokens": self.next_tokens, "prompts": self.prompts}
+        return data, json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
     @property
     def spec_sha256(self) -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .base import NAME_PATTERN, StrictModel
 from .metrics import METRIC_KINDS, Backward, Expectation, Metric
 from .ops import OP_NAMES, FileVector, Op
+from .source import LoadedDoc
 
 __all__ = [
     "INPUT_KINDS",
@@ -282,6 +283,14 @@ class Spec(StrictModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, title="specsight spec v1"
     )
+    #: the document the spec was loaded from (file positions for later errors); None for a
+    #: spec built in Python
+    _document: LoadedDoc | None = PrivateAttr(None)
+
+    @property
+    def document(self) -> LoadedDoc | None:
+        """The document this spec was loaded from (None: built in Python)."""
+        return self._document
 
     schema_: str | None = Field(
         None,

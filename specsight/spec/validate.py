@@ -5,15 +5,14 @@ Where no branch of a union fits, the branches that got furthest into the data ar
 typo'd key and the missing key it stands for count as one problem. Each remaining group of
 pydantic errors is put into words by :func:`.issues.issue_for`.
 
-:func:`load_spec` loads and validates in one step and remembers the document each spec came
-from (:func:`doc_of`), so later errors (compiling, a server's answer) can still name file
-positions.
+:func:`load_spec` loads and validates in one step; the spec carries the document it came from
+(``Spec.document``, :func:`doc_of`), so later errors (compiling, a server's answer) can still
+name file positions.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Any
 
 from pydantic import ValidationError
@@ -163,24 +162,16 @@ def _issues(errors: list[dict[str, Any]], data: Any, doc: LoadedDoc) -> list[Iss
     return shown
 
 
-#: id(spec) -> (a weak reference to the spec, its document); an entry goes when its spec does,
-#: so a later object that reuses the id never gets a stale document
-_DOCS: dict[int, tuple[weakref.ref[Spec], LoadedDoc]] = {}
-
-
 def doc_of(spec: Spec) -> LoadedDoc | None:
     """The loaded document a spec came from (for file positions in later errors)."""
-    entry = _DOCS.get(id(spec))
-    return entry[1] if entry is not None and entry[0]() is spec else None
+    return spec.document
 
 
 def load_spec(source: str | os.PathLike[str] | dict[str, Any]) -> Spec:
     """Load and validate a spec from a file path or a dict. Raises SpecError."""
     doc = from_data(source) if isinstance(source, dict) else load_file(source)
     spec = validate_spec(doc)
-    key = id(spec)
-    _DOCS[key] = (weakref.ref(spec), doc)
-    weakref.finalize(spec, _DOCS.pop, key, None)
+    spec._document = doc
     return spec
 
 

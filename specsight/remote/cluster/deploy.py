@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import ModelLoadError, RunError
 from ...models.load import LoadedModel, load_model_info
+from ..config import DeployConfig, ModelEntry
 from ..jobs import open_job_store
 from ..protocol import ErrorBody
 from ..serve import configure_logging, draining_server, server_config
 from ..server import create_app
 from .autoscale import POLICY
-from .config import DeployConfig, ModelDeployment
 from .replica import ModelReplica
 from .status import DEPLOYMENT, ReplicaStates
 
@@ -96,7 +96,7 @@ def app_name(prefix: str, model_id: str) -> str:
 
 
 def deployment_options(
-    entry: ModelDeployment, grace_s: float, log_level: str = "info", log_format: str = "text"
+    entry: ModelEntry, grace_s: float, log_level: str = "info", log_format: str = "text"
 ) -> dict[str, Any]:
     """Ray Serve options of a model's deployment (replicas or autoscaling, resources, Ray
     Serve's own log lines without its per-call access log)."""
@@ -154,18 +154,12 @@ def deploy_models(
     return Cluster(config, apps)
 
 
-def serve_cluster(
-    config: DeployConfig,
-    *,
-    keys: KeyRing,
-    log_level: str = "info",
-    log_format: str = "text",
-    header_timeout_s: float | None = None,
-) -> None:
+def serve_cluster(config: DeployConfig, *, keys: KeyRing, log_level: str = "info") -> None:
     """Join (or start, ``address: null``) the Ray cluster, deploy the models, and serve the
     API from this process until SIGTERM/SIGINT."""
     import ray
 
+    log_format = config.log_format
     configure_logging(log_level, log_format)
     try:
         ray.init(address=config.address, include_dashboard=False, log_to_driver=True)
@@ -195,7 +189,7 @@ def serve_cluster(
         )  # fmt: skip
         uvicorn_config = server_config(
             app, host=config.host, port=config.port, log_level=log_level,
-            header_timeout_s=header_timeout_s,
+            header_timeout_s=config.header_timeout_s,
         )  # fmt: skip
         draining_server(uvicorn_config, app.state.server, on_stopped=lambda: None).run()
     finally:

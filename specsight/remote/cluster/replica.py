@@ -35,11 +35,11 @@ from ...models.load import load_model
 from ...plan import shard_forwards, shardable
 from ...results import results_from_raw
 from .. import admission
+from ..config import ModelEntry
 from ..jobs import open_job_store
 from ..protocol import Limits
 from ..telemetry import log_handler
 from ..worker import Worker
-from .config import ModelDeployment
 from .metrics import ReplicaMetrics
 from .status import DEPLOYMENT, ReplicaStates
 
@@ -193,7 +193,7 @@ class ModelReplica:
         log_format: str = "text",
     ):  # fmt: skip
         _log_to_stderr(log_level, log_format)
-        self.entry = ModelDeployment.model_validate(entry)
+        self.entry = ModelEntry.model_validate(entry)
         self.app, self.grace_s = app, grace_s
         self.loaded = load_model(
             self.entry.id, dtype=self.entry.dtype, device=self.entry.device,

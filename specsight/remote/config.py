@@ -1,6 +1,9 @@
-"""The deploy config of ``specsight serve --ray --deploy FILE``: the Ray cluster to join, the
-shared PostgreSQL job store, the HTTP ingress, and one entry per served model with its replicas
-(``num_gpus``/``num_cpus`` each), placement and Ray Serve autoscaling settings.
+"""How specsight serves (:class:`ServeConfig`), one object for the single server and the Ray
+cluster: the HTTP side (host, port, keys, limits, header timeout, log format), the job store,
+draining and retention, and one entry per served model (:class:`ModelEntry`: placement, dtype,
+jobs run together; on a cluster its replicas, their GPUs and CPUs, autoscaling and sharding).
+``specsight serve`` builds it from its flags or reads it from a ``--deploy`` file; a cluster's
+(:class:`DeployConfig`) adds the Ray address and a job store every replica reaches.
 
 A mistake in the file is a :class:`~specsight.errors.SpecError` located at ``file:line:col``
 with the path inside the file and a did-you-mean, like a spec's.
@@ -14,25 +17,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ...errors import Issue, SpecError, did_you_mean
-from ...spec.issues import data_path
-from ...spec.load_yaml import parse_yaml
-from ...spec.source import SourceMap
-from ..protocol import Limits
+from ..errors import Issue, SpecError, did_you_mean
+from ..spec.issues import data_path
+from ..spec.load_yaml import parse_yaml
+from ..spec.source import SourceMap
+from .protocol import Limits
 
-__all__ = ["DeployConfig", "ModelDeployment", "load_deploy_config"]
+__all__ = ["ServeConfig", "DeployConfig", "ModelEntry", "load_serve_config"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelDeployment(_Strict):
-    """One served model: a Ray Serve deployment of ``replicas`` copies."""
+class ModelEntry(_Strict):
+    """One served model (on a cluster: a Ray Serve deployment of ``replicas`` copies)."""
 
     id: str = Field(description="a model id, as for `specsight serve --model`")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N (inside the replica)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N (inside a replica)")
     device_map: str | dict[str, Any] | None = Field(
         None, description="accelerate's placement across the replica's GPUs (and CPU)"
     )
@@ -40,7 +43,7 @@ class ModelDeployment(_Strict):
     replicas: int = Field(1, ge=1, description="replicas when autoscaling is not set")
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves")
     num_cpus: float = Field(1.0, gt=0, description="CPU cores each replica reserves")
-    batch_jobs: int = Field(16, ge=1, description="queued jobs one replica runs together")
+    batch_jobs: int = Field(16, ge=1, description="queued jobs run together (per replica)")
     shard_rows: int = Field(
         4096, ge=1, description="a job of at least this many rows is split across the replicas"
     )
@@ -58,33 +61,42 @@ class ModelDeployment(_Strict):
         return value
 
 
-class DeployConfig(_Strict):
-    """A cluster deployment of specsight's server."""
+class ServeConfig(_Strict):
+    """How specsight serves: the single server's and (:class:`DeployConfig`) a cluster's."""
 
-    address: str | None = Field(
-        None, description="the Ray cluster (e.g. auto or ray://head:10001); null: a local one"
-    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    db: str = Field(description="the job store every ingress and replica reaches: a "
-                    "postgresql:// URL")  # fmt: skip
+    db: str = Field(
+        description="the job store: a SQLite file (one server), or a postgresql:// URL that "
+        "several servers or a cluster's replicas share"
+    )
     keys: str | None = Field(None, description="the API keys file (see `specsight hash-key`)")
     limits: Limits = Field(default_factory=Limits)
     grace_s: float = Field(30.0, ge=0)
     retention_days: float = Field(7.0, ge=0)
-    models: list[ModelDeployment] = Field(min_length=1)
-    #: the Ray Serve application name prefix of the model deployments
-    app_prefix: str = Field("specsight", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds to send a request's headers")
+    log_format: Literal["text", "json"] = "text"
+    models: list[ModelEntry] = Field(min_length=1)
 
     @field_validator("models")
     @classmethod
-    def _one_entry_per_model(cls, value: list[ModelDeployment]) -> list[ModelDeployment]:
+    def _one_entry_per_model(cls, value: list[ModelEntry]) -> list[ModelEntry]:
         seen: set[str] = set()
         for entry in value:
             if entry.id in seen:
                 raise ValueError(f"model '{entry.id}' is listed twice; give it one entry")
             seen.add(entry.id)
         return value
+
+
+class DeployConfig(ServeConfig):
+    """A cluster deployment of specsight's server (``specsight serve --ray``)."""
+
+    address: str | None = Field(
+        None, description="the Ray cluster (e.g. auto or ray://head:10001); null: a local one"
+    )
+    #: the Ray Serve application name prefix of the model deployments
+    app_prefix: str = Field("specsight", pattern=r"^[A-Za-z0-9_-]{1,40}$")
 
     @field_validator("db")
     @classmethod
@@ -97,8 +109,11 @@ class DeployConfig(_Strict):
         return value
 
 
-def load_deploy_config(path: str | os.PathLike[str]) -> DeployConfig:
-    """Read and check a deploy config file (YAML or JSON)."""
+def load_serve_config(
+    path: str | os.PathLike[str], kind: type[ServeConfig] = DeployConfig
+) -> ServeConfig:
+    """Read and check a serve config file (YAML or JSON), for a cluster (:class:`DeployConfig`)
+    or a single server (:class:`ServeConfig`)."""
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -108,19 +123,22 @@ def load_deploy_config(path: str | os.PathLike[str]) -> DeployConfig:
         ) from None
     data, source = parse_yaml(text, file)
     try:
-        return DeployConfig.model_validate(data)
+        config = kind.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([_issue(err, source, data) for err in exc.errors()]) from None
+        raise SpecError([_issue(err, source, data, kind) for err in exc.errors()]) from None
+    if config.keys is not None:  # beside the file
+        config.keys = str((Path(path).parent / config.keys).resolve())
+    return config
 
 
-def _issue(err: Any, source: SourceMap, data: Any) -> Issue:
+def _issue(err: Any, source: SourceMap, data: Any, kind: type[ServeConfig]) -> Issue:
     """A pydantic error as an Issue at its place in the file (did-you-mean on unknown keys)."""
     loc = tuple(err["loc"])
     path = data_path(loc, data)
     hint = None
     if err["type"] == "extra_forbidden":
         parent = _at(data, path[:-1])
-        cls = ModelDeployment if "models" in path else DeployConfig
+        cls = ModelEntry if "models" in path else kind
         if path[:1] == ("limits",):
             cls = Limits  # type: ignore[assignment]
         known = [k for k in cls.model_fields if k not in (parent or {})]
