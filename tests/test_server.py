@@ -457,8 +457,10 @@ def test_a_failing_job_fails_alone(idle, model):
     assert torch.equal(fetch(idle, good)["p"], specsight.run(spec(1.0), model=model)["p"])
 
 
-def test_queued_jobs_run_batched(idle, model, monkeypatch):
-    calls = []
+@pytest.fixture
+def batches(monkeypatch) -> list[int]:
+    """The number of jobs of each batch the worker runs."""
+    calls: list[int] = []
     real = batching.run_jobs
 
     def counting(jobs, loaded, **watch):
@@ -466,6 +468,11 @@ def test_queued_jobs_run_batched(idle, model, monkeypatch):
         return real(jobs, loaded, **watch)
 
     monkeypatch.setattr(batching, "run_jobs", counting)
+    return calls
+
+
+def test_queued_jobs_run_batched(idle, model, batches):
+    calls = batches
     specs = [spec(), spec(0.25), spec(3.0, prompt=CORRUPT + CLEAN)]
     specs.append(spec(0.5, seed=7, deterministic=True))  # runs apart: its own seed
     ids = [
@@ -503,19 +510,12 @@ def _kl_job(reference: str, factor: float) -> dict:
 
 
 def test_jobs_of_two_keys_with_their_own_references_share_forwards_and_read_their_own(
-    idle, model, monkeypatch
+    idle, model, batches
 ):
     """Two keys' jobs, each measuring kl against its own reference prompt and an effect from
     its own baseline, run in one batch and each gets what it gets alone (merging once read
     the other job's reference row, and a baseline sent the batch back to one job at a time)."""
-    calls = []
-    real = batching.run_jobs
-
-    def counting(jobs, loaded, **watch):
-        calls.append(len(jobs))
-        return real(jobs, loaded, **watch)
-
-    monkeypatch.setattr(batching, "run_jobs", counting)
+    calls = batches
     jobs = [(ALICE, _kl_job(CORRUPT_PROMPT, 0.5)), (BOB, _kl_job(CLEAN_PROMPT, 2.0))]
     ids = [submit(idle, s, headers=h).json()["id"] for h, s in jobs]
     assert worker_of(idle).run_once() == 2

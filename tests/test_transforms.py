@@ -429,3 +429,24 @@ def test_reusing_untouched_runs_changes_no_module_of_the_model():
     plain = _plan(spec, prefix_reuse=False, position_reuse=False)  # every layer and position
     assert not any(f.from_base for f in plain.forwards)
     assert_same(out, _executor().run(plain))
+
+
+def test_the_server_runs_a_large_dataset_job_in_blocks_like_a_local_run():
+    """A job over more rows than a block holds runs alone in blocks of items on the server's
+    worker, beside jobs that share forwards; each gives what it gives locally."""
+    from specsight.remote import admission, batching
+    from specsight.remote.protocol import Limits
+
+    lm = tiny(MODEL)
+    big = _over_items(JOBS["metric:recovery"])
+    small = [JOBS["metric:kl"], _variant(JOBS["op:zero"])]
+    jobs = [admission.prepare_job(copy.deepcopy(s), lm, Limits()) for s in (big, *small)]
+    block_rows = len(PLANS["metric:recovery"].rows) + 1
+    results = batching.run_jobs(jobs, lm, block_rows=block_rows)
+    assert results[0].manifest["plan"]["blocks"] == len(ITEMS)
+    assert [r.manifest["timings"]["batched_jobs"] for r in results] == [1.0, 2.0, 2.0]
+    for result, spec in zip(results, (big, *small)):
+        local = specsight.run(copy.deepcopy(spec), model=lm)
+        assert result.tensors.keys() == local.tensors.keys()
+        for name, tensor in local.tensors.items():
+            torch.testing.assert_close(result[name], tensor, rtol=1e-6, atol=1e-6, equal_nan=True)

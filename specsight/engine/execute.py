@@ -168,10 +168,11 @@ class _Loop:
             self.runner.base_input = how.hidden
         self.runner.prepare(replace(forward, seq_len=forward.seq_len - start), offset=start)
         with grad_scope(self.model, backward) as grads:
-            self.runner.grad_hooks = grads.on_grad if grads is not None else None
+            self.runner.grad_hooks = grads.hooks.on_grad if grads is not None else None
             logits, column = self.forwards.run(forward, how.kwargs if how else None, start)
-            if backward:
-                backward_from([(m, self._batch(m, forward, logits, column)) for m in self.backward])
+            if grads is not None:
+                batches = [(m, self._batch(m, forward, logits, column)) for m in self.backward]
+                backward_from(grads, batches)
         self.runner.base_input = self.runner.grad_hooks = None
         self.read(forward, logits.detach(), column)
 

@@ -55,7 +55,7 @@ def run_jobs(
         model.model, pad_id=model.tokenizer.pad_id, progress=progress, checkpoint=checkpoint
     )
     raws: dict[int, EngineOutput] = {}
-    plans: dict[int, object] = {}
+    plans = {index: job.plan for index, job in enumerate(jobs)}
     together = []
     for index, job in enumerate(jobs):
         blocks = _blocks(job, model, block_rows)
@@ -72,6 +72,7 @@ def run_jobs(
         timings = {"load_model_s": 0.0, "compile_s": 0.0, **raws[index].timings}
         timings["total_s"] = time.perf_counter() - started
         timings["batched_jobs"] = float(len(together) if index in together else 1)
-        plan = plans.get(index, job.plan)
-        results.append(results_from_raw(job.spec, job.doc, plan, model, raws[index], timings))  # type: ignore[arg-type]
+        results.append(
+            results_from_raw(job.spec, job.doc, plans[index], model, raws[index], timings)
+        )
     return results

@@ -48,42 +48,44 @@ class Patch(Op):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AddSaved(Op):
-    """Add ``factor`` times a saved value: one row's (a value per position, or one for all),
-    or the mean over every row and position of ``sources`` (``mean``)."""
+class _Saved(Op):
+    """An op that writes a saved value: one row's (a value per position, or one for all), or
+    the mean over every row and position of ``sources`` (``mean``)."""
 
-    kind: ClassVar[str] = "add_saved"
     sources: tuple[StoreKey, ...]
     mean: bool = False
+
+    def reads(self) -> tuple[StoreKey, ...]:
+        return self.sources
+
+    def _value(self, hidden: Any, env: OpEnv) -> Any:
+        return env.saved(self.sources, self.mean).to(hidden.device, hidden.dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddSaved(_Saved):
+    """Add ``factor`` times a saved value."""
+
+    kind: ClassVar[str] = "add_saved"
     factor: float = 1.0
 
     @property
     def label(self) -> str:
         return "add"
 
-    def reads(self) -> tuple[StoreKey, ...]:
-        return self.sources
-
     def apply(self, hidden: Any, at: At, env: OpEnv) -> None:
-        value = env.saved(self.sources, self.mean).to(hidden.device, hidden.dtype)
-        hidden[at.index] = hidden[at.index] + value * self.factor
+        hidden[at.index] = hidden[at.index] + self._value(hidden, env) * self.factor
 
 
 @dataclass(frozen=True, kw_only=True)
-class SetSaved(Op):
-    """Set the site to a saved value (one row's, or the mean over ``sources``, ``mean``)."""
+class SetSaved(_Saved):
+    """Set the site to a saved value."""
 
     kind: ClassVar[str] = "set_saved"
-    sources: tuple[StoreKey, ...]
-    mean: bool = False
 
     @property
     def label(self) -> str:
         return "set"
 
-    def reads(self) -> tuple[StoreKey, ...]:
-        return self.sources
-
     def apply(self, hidden: Any, at: At, env: OpEnv) -> None:
-        value = env.saved(self.sources, self.mean).to(hidden.device, hidden.dtype)
-        hidden[at.index] = value.expand(len(self.positions), -1)
+        hidden[at.index] = self._value(hidden, env).expand(len(self.positions), -1)

@@ -15,14 +15,29 @@ __all__ = ["Zero", "Scale", "AddVector", "SetVector"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Zero(Op):
-    """Set the site to zero at ``positions``."""
-
-    kind: ClassVar[str] = "zero"
+class _Constant(Op):
+    """An edit with constants: a group of them applies at once, with each position's
+    ``factor`` and ``vector`` (where the kind has them) prepared as tensors."""
 
     @classmethod
     def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
         return True
+
+    @classmethod
+    def prepare(cls, group: Group, env: OpEnv) -> None:
+        each = [op for op in group.ops for _ in op.positions]
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        if "factor" in fields:
+            group.factors = env.factors([op.factor for op in each])
+        if "vector" in fields:
+            group.values = env.vectors([op.vector for op in each])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Zero(_Constant):
+    """Set the site to zero at ``positions``."""
+
+    kind: ClassVar[str] = "zero"
 
     @classmethod
     def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
@@ -30,19 +45,11 @@ class Zero(Op):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Scale(Op):
+class Scale(_Constant):
     """Multiply the site by ``factor`` at ``positions``."""
 
     kind: ClassVar[str] = "scale"
     factor: float
-
-    @classmethod
-    def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
-        return True
-
-    @classmethod
-    def prepare(cls, group: Group, env: OpEnv) -> None:
-        group.factors = env.factors([op.factor for op in group.ops for _ in op.positions])
 
     @classmethod
     def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
@@ -50,7 +57,7 @@ class Scale(Op):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AddVector(Op):
+class AddVector(_Constant):
     """Add ``factor`` times a plan vector at ``positions`` (activation addition)."""
 
     kind: ClassVar[str] = "add"
@@ -58,33 +65,16 @@ class AddVector(Op):
     factor: float = 1.0
 
     @classmethod
-    def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
-        return True
-
-    @classmethod
-    def prepare(cls, group: Group, env: OpEnv) -> None:
-        group.factors = env.factors([op.factor for op in group.ops for _ in op.positions])
-        group.values = env.vectors([op.vector for op in group.ops for _ in op.positions])
-
-    @classmethod
     def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
         hidden[group.index] = hidden[group.index] + group.values * group.factors
 
 
 @dataclass(frozen=True, kw_only=True)
-class SetVector(Op):
+class SetVector(_Constant):
     """Set the site to a plan vector at ``positions``."""
 
     kind: ClassVar[str] = "set"
     vector: VectorKey
-
-    @classmethod
-    def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
-        return True
-
-    @classmethod
-    def prepare(cls, group: Group, env: OpEnv) -> None:
-        group.values = env.vectors([op.vector for op in group.ops for _ in op.positions])
 
     @classmethod
     def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:

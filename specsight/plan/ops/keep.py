@@ -15,19 +15,25 @@ __all__ = ["Save", "Grad", "Capture"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Save(Op):
+class _Keeps(Op):
+    """An op that keeps a value under ``store`` and leaves its site as it is."""
+
+    writes: ClassVar[bool] = False
+    store: StoreKey
+
+    def stores(self) -> StoreKey:
+        return self.store
+
+
+@dataclass(frozen=True, kw_only=True)
+class Save(_Keeps):
     """Keep the site's values at ``positions`` under ``store`` (per-head sites as [positions,
     heads, head_dim]; attention patterns as [queries, heads, keys], keys past the row's tokens
     dropped)."""
 
     kind: ClassVar[str] = "save"
-    writes: ClassVar[bool] = False
-    store: StoreKey
     #: head sites: the values come back as [positions, heads, head_dim]
     head_dim: int | None = None
-
-    def stores(self) -> StoreKey:
-        return self.store
 
     @classmethod
     def batchable(cls, ops: list[Any], env: OpEnv) -> bool:
@@ -55,32 +61,22 @@ class Save(Op):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Grad(Op):
+class Grad(_Keeps):
     """Keep the gradient of the backward metric at the site's ``positions`` under ``store``."""
 
     kind: ClassVar[str] = "grad"
-    writes: ClassVar[bool] = False
-    store: StoreKey
     head_dim: int | None = None
-
-    def stores(self) -> StoreKey:
-        return self.store
 
     def apply(self, hidden: Any, at: At, env: OpEnv) -> None:
         env.keep_grad(hidden, at, self)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Capture(Op):
+class Capture(_Keeps):
     """Keep every position of the row at the site under ``store`` (``positions`` are all of
     the row's positions), once for every op of a later stage that reads it."""
 
     kind: ClassVar[str] = "capture"
-    writes: ClassVar[bool] = False
-    store: StoreKey
-
-    def stores(self) -> StoreKey:
-        return self.store
 
     def apply(self, hidden: Any, at: At, env: OpEnv) -> None:
         env.store[self.store] = hidden[at.row, : len(self.positions)].detach().clone()
