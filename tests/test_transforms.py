@@ -414,18 +414,27 @@ def test_reusing_untouched_runs_changes_no_module_of_the_model():
     spec["invokes"]["corrupt"]["sweep"] = {"layer": "2:4", "pos": [9, 12, 13]}
     plan = _plan(spec)
     assert any(f.from_base and f.shared_prefix for f in plan.forwards)
-    seen = []
+    seen: list[tuple[int, bool]] = []
 
-    def watch(module: torch.nn.Module, *_: Any) -> None:
-        seen.append("forward" in vars(module))
+    def watcher(index: int) -> Any:
+        def watch(module: torch.nn.Module, *_: Any) -> None:
+            seen.append((index, "forward" in vars(module)))
 
-    handles = [layer.register_forward_pre_hook(watch) for layer in lm.model.model.layers]
+        return watch
+
+    layers = lm.model.model.layers
+    handles = [layer.register_forward_pre_hook(watcher(i)) for i, layer in enumerate(layers)]
     try:
         out = _executor().run(plan)
     finally:
         for handle in handles:
             handle.remove()
-    assert seen and not any(seen)
+    assert seen and not any(replaced for _, replaced in seen)
+    # the layers below a late forward's first do not run: layer 0 runs for the clean row and
+    # the corrupted sequence's untouched run only, layer 3 in every forward too
+    late = sum(1 for f in plan.forwards if f.from_base and f.shared_prefix)
+    calls = [sum(1 for i, _ in seen if i == layer) for layer in range(len(layers))]
+    assert calls[0] == 2 and calls[3] == 2 + late
     plain = _plan(spec, prefix_reuse=False, position_reuse=False)  # every layer and position
     assert not any(f.from_base for f in plain.forwards)
     assert_same(out, _executor().run(plain))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -169,12 +170,20 @@ class _Loop:
         self.runner.prepare(replace(forward, seq_len=forward.seq_len - start), offset=start)
         with grad_scope(self.model, backward) as grads:
             self.runner.grad_hooks = grads.hooks.on_grad if grads is not None else None
-            logits, column = self.forwards.run(forward, how.kwargs if how else None, start)
+            late = how.kwargs if how is not None else None
+            logits, column = self.forwards.run(forward, late, start, self._model_for(how))
             if grads is not None:
                 batches = [(m, self._batch(m, forward, logits, column)) for m in self.backward]
                 backward_from(grads, batches)
         self.runner.base_input = self.runner.grad_hooks = None
         self.read(forward, logits.detach(), column)
+
+    def _model_for(self, how: Any) -> torch.nn.Module:
+        """What a forward calls: the model, or its stand-in without the layers below the
+        forward's first (a forward from untouched runs)."""
+        if how is None or not how.skip or self.reuse.stand_ins is None:
+            return self.model
+        return self.reuse.stand_ins.below(how.skip)
 
     def _batch(self, metric: RowMetric, forward: Forward, logits: torch.Tensor, column: Callable[[int], int]) -> MetricBatch:  # fmt: skip
         slots = self.slots[metric.name]

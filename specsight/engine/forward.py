@@ -29,18 +29,24 @@ class Forwards:
         self.inputs = RowInputs(plan, dtype)
 
     def run(
-        self, forward: Forward, late: dict[str, Any] | None = None, start: int = 0
+        self,
+        forward: Forward,
+        late: dict[str, Any] | None = None,
+        start: int = 0,
+        model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, Callable[[int], int]]:
         """Run one forward; returns its logits and a map from position to logits column.
         ``late`` (with ``start``): the cache and positions of a ``from_base`` forward that
-        starts at position ``start`` (:mod:`.reuse`). A forward with a shared prefix runs its
-        first row only up to the layer where the rows differ (the runner expands it there)."""
+        starts at position ``start`` (:mod:`.reuse`); ``model``: what to call instead of the
+        model (its stand-in that skips the layers below the forward's first). A forward with a
+        shared prefix runs its first row only up to the layer where the rows differ (the
+        runner expands it there)."""
         column: Callable[[int], int] = int
         try:
             if self.plan.model_summary.get("inputs", "text") != "text":
                 output = self._other(forward)
             else:
-                output, column = self._text(forward, late, start)
+                output, column = self._text(forward, late, start, model or self.model)
         except torch.OutOfMemoryError:
             raise RunError(
                 f"out of memory in a forward of {len(forward.rows)} rows x {forward.seq_len} tokens",
@@ -64,7 +70,7 @@ class Forwards:
         return self.model(batch)
 
     def _text(
-        self, forward: Forward, late: dict[str, Any] | None, start: int
+        self, forward: Forward, late: dict[str, Any] | None, start: int, model: torch.nn.Module
     ) -> tuple[Any, Callable[[int], int]]:
         column: Callable[[int], int] = int
         ids = torch.full((len(forward.rows), forward.seq_len), self.pad_id, dtype=torch.long)
@@ -84,9 +90,7 @@ class Forwards:
             kept = [pos - start for pos in forward.keep_logits]
             kwargs["logits_to_keep"] = torch.tensor(kept, device=self.device)
             column = {pos: j for j, pos in enumerate(forward.keep_logits)}.__getitem__
-        output = self.model(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
-        )
+        output = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         return output, column
 
 

@@ -5,11 +5,12 @@ Each sequence runs once untouched (no op; a few at a time in one batch, kept whi
 need them): its keys and values per layer, and its hidden state at the input of every layer a
 forward starts at. A ``from_base`` forward then gets a cache whose layers hold the untouched
 keys and values of positions < p (per row, by index; never written to, so nothing is copied
-per row); the layers below S run on one row only (as a shared prefix does: their result is
-not used), and layer S's input is replaced by the untouched hidden states at positions >= p
-(:meth:`~.runner.Runner.expander`). Nothing of the model is changed: every hook belongs to a
-:class:`~.hooks.HookScope`. Where the model keeps no keys and values (Mamba), such a forward
-runs every position but still runs the layers below S on one row.
+per row); the layers below S do not run (the forward calls a stand-in of the model whose
+layers below S answer with their input, :mod:`.skipping`), and layer S's input is replaced by
+the untouched hidden states at positions >= p (:meth:`~.runner.Runner.expander`). Nothing of
+the model is changed: every hook belongs to a :class:`~.hooks.HookScope`. Where the model keeps
+no keys and values (Mamba), such a forward runs every position but still skips the layers
+below S.
 
 A run of only some of the forwards (a shard, :meth:`UntouchedRuns.replay`) reads each untouched
 run from the same batch of sequences a run of every forward computes it in: which batch that is
@@ -29,6 +30,7 @@ import torch
 from ..errors import RunError
 from ..plan import Forward, Plan
 from .hooks import HookScope
+from .skipping import StandIns
 
 __all__ = ["UntouchedRuns", "Reuse"]
 
@@ -86,6 +88,10 @@ class UntouchedRuns:
 
     def __init__(self, model: torch.nn.Module, plan: Plan, layers: list[str] | None):
         self.model, self.plan, self.layers = model, plan, layers
+        path = plan.model_summary.get("layers_path")
+        #: the model without its layers below a forward's first (their output structure is
+        #: recorded by the untouched runs)
+        self.stand_ins = StandIns(model, path) if layers is not None and path else None
         params = inspect.signature(model.forward).parameters
         self.kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
         based = [f for f in plan.forwards if f.from_base]
@@ -264,9 +270,20 @@ class UntouchedRuns:
 
             return keep
 
+        def templater(layer: int) -> Any:
+            def record(output: Any) -> None:
+                assert self.stand_ins is not None
+                self.stand_ins.templates.setdefault(layer, output)
+
+            return record
+
         with HookScope(self.model) as scope:
             for layer in self.input_layers:
                 scope.add((self.layers or [])[layer], "input", keeper(layer))
+            if self.stand_ins is not None:  # the structure a skipped layer answers in
+                for layer in range(max(self.input_layers, default=0)):
+                    if layer not in self.stand_ins.templates:
+                        scope.on_output(scope.module(self.layers[layer]), templater(layer))  # type: ignore[index]
             kwargs = {"use_cache": True} if self.has_cache else {}
             output = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         cache = None
