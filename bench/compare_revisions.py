@@ -54,6 +54,12 @@ def _run(tree: Path, script: str, args: list[str], out: Path) -> list[float]:
     return [float(t) for t in json.loads(out.read_text())["times_s"]]
 
 
+def _short(rev: str) -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+                         check=True, capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip()
+
+
 def measure(revs: list[str], args: argparse.Namespace) -> dict:
     times: dict[str, dict[str, list[float]]] = {rev: {"sweep": [], "dataset": []} for rev in revs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +116,7 @@ def main() -> int:
     p.add_argument("--sweep-only", action="store_true")
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args()
-    report = measure(args.revisions, args)
+    report = measure([_short(rev) for rev in args.revisions], args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     text = table(report)
