@@ -81,13 +81,6 @@ class Plan:
             seen.setdefault((op.module, op.io), None)
         return list(seen)
 
-    def metric(self, name: str) -> Metric:
-        """The metric named ``name``."""
-        for metric in self.metrics:
-            if metric.name == name:
-                return metric
-        raise KeyError(name)
-
     def generating(self) -> Iterator[Forward]:
         """The forwards that generate."""
         return (f for f in self.forwards if f.generate is not None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -131,11 +131,6 @@ def relabel(record: Any, how: Relabel) -> Any:
     return dataclasses.replace(record, **changes)
 
 
-def relabel_all(records: Iterable[Any], how: Relabel) -> tuple[Any, ...]:
-    """Each of ``records`` relabelled (:func:`relabel`)."""
-    return tuple(relabel(r, how) for r in records)
-
-
 _REF_TYPES = (Name, RowRef, Rows)
 
 
@@ -145,14 +140,9 @@ def holds_refs(annotation: Any) -> bool:
         if issubclass(annotation, _REF_TYPES):
             return True
         if dataclasses.is_dataclass(annotation):
-            return bool(_ref_fields(annotation)) or _is_union_base(annotation)
+            return bool(_ref_fields(annotation))
         return False
     return any(holds_refs(arg) for arg in typing.get_args(annotation))
-
-
-def _is_union_base(cls: type) -> bool:
-    """Record bases whose subclasses (op and metric kinds) hold references of their own."""
-    return bool(getattr(cls, "__kinds__", None))
 
 
 @functools.cache
