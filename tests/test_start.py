@@ -109,3 +109,16 @@ def test_the_wheel_ships_examples_schema_typing_and_license(tmp_path):
     assert meta["License-Expression"] == "MIT"
     assert "Typing :: Typed" in meta.get_all("Classifier")
     assert any(url.startswith("Source") for url in meta.get_all("Project-URL"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["examples", "{file}"], ["examples", "{file}/sub"], ["init", "{file}/sub"]],
+)
+def test_a_folder_through_a_file_is_a_usage_error(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("x")
+    result = CliRunner().invoke(main, [a.format(file="taken") for a in args])
+    assert result.exit_code == 2, result.output
+    assert "taken is a file, not a folder" in result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output

@@ -57,6 +57,18 @@ def _example_files() -> list[Path]:
     )
 
 
+def _folder_for(folder: Path) -> None:
+    """Make ``folder`` (and its parents); a path through a file, or one that cannot be
+    written, is an OutputError (exit 2) saying which."""
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise OutputError(f"{part} is a file, not a folder", hint="name a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot make the folder {folder}: {exc.strerror or exc}") from None
+
+
 @main.command()
 @click.argument(
     "folder", metavar="[DIR]", default="specsight-examples", type=click.Path(path_type=Path)
@@ -78,8 +90,9 @@ def examples(folder: Path, force: bool, quiet: bool, verbose: bool, as_json: boo
             hint="choose another folder, or add --force to overwrite them",
         )
     root = _examples_root()
+    _folder_for(folder / "specs")
     for relative in files:
-        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        _folder_for((folder / relative).parent)
         shutil.copyfile(root / relative, folder / relative)
     specs = sorted(str(folder / f) for f in files if f.suffix == ".yaml")
     if as_json:
@@ -121,10 +134,11 @@ def init(name: str, model: str, force: bool, quiet: bool, verbose: bool, as_json
         )
     if path.exists() and not force:
         raise OutputError(f"{path} already exists", hint="choose another name, or add --force")
+    _folder_for(path.parent)
     schema = path.parent / "schemas" / "spec.v1.json"
     wrote_schema = not schema.exists()
     if wrote_schema:
-        schema.parent.mkdir(parents=True, exist_ok=True)
+        _folder_for(schema.parent)
         text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
         schema.write_text(text, encoding="utf-8")
     text = _STARTER.format(
@@ -134,7 +148,6 @@ def init(name: str, model: str, force: bool, quiet: bool, verbose: bool, as_json
         model=json.dumps(model),
         quoted=json.dumps(stem),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     if as_json:
         click.echo(json.dumps({"ok": True, "spec": str(path), "schema": str(schema)}))
