@@ -11,6 +11,7 @@ The CLI maps ``SpecError`` to exit code 2 and ``RunError`` to exit code 1.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -26,12 +27,29 @@ __all__ = [
     "OutputError",
     "did_you_mean",
     "format_path",
+    "printable",
 ]
 
 PathPart = str | int
 
 #: at most this many issues are collected into one SpecError (loader and compiler alike)
 MAX_ISSUES = 50
+
+
+#: characters a terminal would act on instead of showing: C0/C1 controls (but newline and tab),
+#: DEL, and the bidirectional overrides that reorder what a reader sees
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to echo to a terminal: control characters written as ``\\x1b``-style
+    escapes (newlines and tabs kept), so a spec's name cannot clear the screen or set a title."""
+    return _CONTROL.sub(lambda m: _escape(m.group(0)), text) if _CONTROL.search(text) else text
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def format_path(path: Sequence[PathPart]) -> str:

@@ -510,3 +510,26 @@ def test_quiet_prints_nothing_and_verbose_adds_plan_and_timings(runner, tiny_spe
     assert f"{plan['rows']} rows in {plan['forwards']} forwards" in line and "execute" in line
     both = runner.invoke(main, ["run", str(tiny_spec), "-q", "-v"])
     assert both.exit_code == 2 and "contradict" in both.output
+
+
+def test_control_characters_in_a_spec_are_escaped_on_the_terminal(tmp_path):
+    """A spec's name, invoke names and keys reach the terminal with their control characters
+    escaped: an escape sequence in them cannot clear the screen or set the window title."""
+    spec = ioi_spec(name="evil\x1b[2J\x1b]0;pwned\x07 \u202ename", clean_ld=False)
+    path = tmp_path / "evil.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "specsight", "run", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout + result.stderr
+    assert "evil\\x1b[2J\\x1b]0;pwned\\x07 \\u202ename" in shown
+    assert not any(c in shown for c in "\x1b\x07\u202e")
+
+    bad = yaml.safe_dump({**spec, "invokes\x1b[2J": {}})
+    path.write_text(bad, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "specsight", "validate", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "invokes\\x1b[2J" in result.stderr and "\x1b" not in result.stderr

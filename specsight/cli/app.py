@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from ..errors import SpecError, SpecsightError
+from ..errors import SpecError, SpecsightError, printable
 
 __all__ = ["main", "guard", "json_option", "strict_json", "verbosity_options", "check_verbosity"]
 
@@ -39,9 +39,9 @@ def _emit_error(exc: SpecsightError, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": False, **exc.to_dict()}, indent=2))
     elif isinstance(exc, SpecError):
-        click.echo(exc.render(), err=True)
+        click.echo(printable(exc.render()), err=True)
     else:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(printable(f"error: {exc}"), err=True)
 
 
 def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,7 +70,9 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             else:
                 traceback.print_exc()
                 click.echo(
-                    f"internal error: {exc!r} (this is a bug in specsight; please report it)",
+                    printable(
+                        f"internal error: {exc!r} (this is a bug in specsight; please report it)"
+                    ),
                     err=True,
                 )
             sys.exit(1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..errors import SpecError, SpecsightError
+from ..errors import SpecError, SpecsightError, printable
 from .app import check_verbosity, guard, json_option, main, strict_json, verbosity_options
 
 __all__: list[str] = []
@@ -141,7 +141,7 @@ def _report(items: list[_Checked], quiet: bool = False, verbose: bool = False) -
     for item in items:
         held = sum(o.ok for o in item.outcomes)
         table.add_row(
-            Text(item.path), Text(item.status, style=style[item.status]),
+            Text(printable(str(item.path))), Text(item.status, style=style[item.status]),
             f"{held}/{len(item.outcomes)}", f"{item.seconds:.1f}",
         )  # fmt: skip
     if not quiet:
@@ -149,11 +149,13 @@ def _report(items: list[_Checked], quiet: bool = False, verbose: bool = False) -
     for item in items:
         for outcome in item.outcomes:
             if verbose or not outcome.ok:
-                console.print(Text(outcome.format()))
+                console.print(Text(printable(outcome.format())))
         if item.error:
-            console.print(Text(f"{item.path}: {item.error}"))
+            console.print(Text(printable(f"{item.path}: {item.error}")))
         if item.diff is not None and not item.diff.ok:
-            console.print(Text(f"{item.path} against the reference run:\n{item.diff.format()}"))
+            console.print(
+                Text(printable(f"{item.path} against the reference run:\n{item.diff.format()}"))
+            )
     counts = {s: sum(i.status == s for i in items) for s in style}
     console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no specs")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..errors import SpecError
+from ..errors import SpecError, printable
 from .app import check_verbosity, guard, json_option, main, strict_json, verbosity_options
 
 __all__ = ["progress_callback", "plain_progress"]
@@ -102,10 +102,8 @@ def _print_run(results: Any, out: Path | None, verbose: bool) -> None:
             f"(at most {plan.get('max_batch', '?')} rows each); {spent}"
         )
     if out:
-        click.echo(
-            f"wrote {out / 'results.safetensors'}, {out / 'manifest.json'} and the page "
-            f"{out / 'report.html'}"
-        )
+        wrote = f"wrote {out / 'results.safetensors'}, {out / 'manifest.json'} and the page "
+        click.echo(printable(wrote + str(out / "report.html")))
     else:
         click.echo("results not saved: add --out FOLDER to keep them", err=True)
 
@@ -258,13 +256,14 @@ def validate(spec_paths: tuple[Path, ...], quiet: bool, verbose: bool, as_json: 
         except SpecError as exc:
             failures.append(exc)
             if not as_json:
-                click.echo(exc.render(), err=True)
+                click.echo(printable(exc.render()), err=True)
             continue
         if note is not None:
             not_compiled.append({"file": str(path), "note": note})
         if not as_json and not quiet:
             how = " (compiled against its model's shapes and tokenizer)" if verbose else ""
-            click.echo(f"ok: {path}" + (f" (not compiled: {note})" if note else how))
+            ok = f"ok: {path}" + (f" (not compiled: {note})" if note else how)
+            click.echo(printable(ok))
     if as_json:
         issues = [i.to_dict() for exc in failures for i in exc.issues]
         payload = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -10,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import printable
 from .expect import Outcome
 from .labels import axis_labels, cell_label, coords
 
@@ -224,8 +226,43 @@ def _print_metric(
             console.print(line, markup=False)
 
 
+@dataclass(frozen=True)
+class _PrintableView:
+    """A run's view with every string from the spec or the model (its name, invoke and metric
+    names, prompts, tokens, labels) made :func:`~specsight.errors.printable`."""
+
+    metrics: dict[str, Any]
+    saves: dict[str, Any]
+    manifest: dict[str, Any]
+    next_tokens: dict[str, list[list[tuple[str, float]]]]
+    prompts: dict[str, list[str]]
+    expectations: list[Outcome]
+
+
+def _printable_data(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_printable_data(k): _printable_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_printable_data(v) for v in value)
+    return value
+
+
+def _printable_view(results: RunView) -> _PrintableView:
+    return _PrintableView(
+        metrics={printable(k): v for k, v in results.metrics.items()},
+        saves={printable(k): v for k, v in results.saves.items()},
+        manifest=_printable_data(results.manifest),
+        next_tokens=_printable_data(results.next_tokens),
+        prompts=_printable_data(results.prompts),
+        expectations=results.expectations,
+    )
+
+
 def print_summary(results: RunView, console: Console) -> None:
-    """Print the summary of ``results`` on ``console``."""
+    """Print the summary of ``results`` on ``console`` (control characters escaped)."""
+    results = _printable_view(results)
     manifest = results.manifest
     model = manifest.get("model", {})
     timings = manifest.get("timings", {})
@@ -282,7 +319,8 @@ def print_summary(results: RunView, console: Console) -> None:
     if results.expectations:
         console.print("[bold]expectations[/bold]")
         for outcome in results.expectations:
-            console.print(Text(outcome.format()), style="green" if outcome.ok else "bold red")
+            text = Text(printable(outcome.format()))
+            console.print(text, style="green" if outcome.ok else "bold red")
     if results.saves:
         console.print(
             "[bold]saved[/bold] "
