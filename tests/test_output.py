@@ -135,3 +135,88 @@ def test_an_unwritable_parent_is_refused_before_running(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="not writable"):
         specsight.run(SPEC, model=tiny("tiny-llama"), out=locked / "run")
     assert list(locked.iterdir()) == []
+
+
+_KILLED_WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from specsight.results import folder as F
+
+out, stage = Path(sys.argv[1]), sys.argv[2]
+def write(tmp):
+    (tmp / "manifest.json").write_text('{"spec": {"sha256": "s", "name": "new"}}')
+    if stage == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if stage == "replacing":  # the old run moved aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+F.os.replace = replace
+F.write_folder(out, write, "s", force=True)
+"""
+
+
+def _killed_write(out: Path, stage: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out), stage])
+    assert done.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("stage", ["writing", "replacing"])
+def test_a_killed_write_is_cleaned_up_by_the_next(tmp_path, stage):
+    """A write killed with SIGKILL leaves its temporary folders behind (nothing can run in the
+    dying process); the next write beside it removes them, and puts the previous run back
+    first when the kill came between moving it aside and renaming the new one in."""
+    from specsight.results.folder import clean_stale, write_folder
+
+    out = tmp_path / "run"
+    old = '{"spec": {"sha256": "s", "name": "old"}}'
+    write_folder(out, lambda tmp: (tmp / MANIFEST_FILE).write_text(old), "s")
+    _killed_write(out, stage)
+    left = _leftovers(tmp_path)
+    assert left and all(name.startswith((".run.tmp-", ".run.old-")) for name in left)
+    assert out.is_dir() == (stage == "writing")
+
+    live = tmp_path / f".run.tmp-{os.getpid()}-busy"  # a live writer's folder is kept
+    live.mkdir()
+    clean_stale(out)
+    assert _leftovers(tmp_path) == [live.name]
+    assert (out / MANIFEST_FILE).read_text() == old  # the previous run, back in place
+    live.rmdir()
+    new = old.replace("old", "new")
+    write_folder(out, lambda tmp: (tmp / MANIFEST_FILE).write_text(new), "s")
+    assert _leftovers(tmp_path) == [] and (out / MANIFEST_FILE).read_text() == new
+
+
+def test_files_and_folders_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    from specsight.results import folder as F
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"replace {Path(src).name[:8]} -> {Path(dst).name}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(F.os, "fsync", fsync)
+    monkeypatch.setattr(F.os, "replace", replace)
+    out = tmp_path / "run"
+
+    def write(tmp):
+        (tmp / MANIFEST_FILE).write_text("{}")
+        (tmp / RESULTS_FILE).write_bytes(b"x")
+
+    F.write_folder(out, write, "s")
+    rename = events.index("replace .run.tmp -> run")
+    before = events[:rename]
+    assert {"fsync " + MANIFEST_FILE, "fsync " + RESULTS_FILE} <= set(before)
+    assert any(e.startswith("fsync .run.tmp-") for e in before)
+    assert events[rename + 1 :] == ["fsync " + tmp_path.name]

@@ -2,6 +2,11 @@
 target, which replaces the target only once everything is written, so an interrupted or failed
 write (Ctrl-C, a full disk) never leaves a partial folder or mixes two runs' files.
 
+Files and folders are fsynced before the rename, so a power cut cannot leave a renamed folder
+of empty files. Temporary folders carry the writing process's id: one left behind by a killed
+run (its process gone) is removed by the next write beside it, and a previous run caught
+mid-replacement is put back first.
+
 A target that holds another spec's run is replaced only with ``force``; a folder that is not a
 run (other files) is never replaced. :func:`check_out_dir` makes these checks, and checks that
 the parent folder can be written, before a run starts.
@@ -69,14 +74,67 @@ def _existing_parent(folder: Path) -> Path:
     return parent
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk; a file system that cannot fsync
+    a folder is left as it is."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writer_pid(path: Path, prefix: str) -> int | None:
+    """The process id in a temporary folder's name (``.run.tmp-1234-abcd``), None when none."""
+    head = path.name[len(prefix) :].partition("-")[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove the temporary folders that killed writes of ``folder`` left beside it (their
+    process is gone); a previous run moved aside by a write that died is put back first when
+    ``folder`` is missing. Returns what was removed."""
+    removed = []
+    for kind in ("old", "tmp"):  # the previous run back before anything is deleted
+        prefix = f".{folder.name}.{kind}-"
+        for path in sorted(folder.parent.glob(prefix + "*")):
+            pid = _writer_pid(path, prefix)
+            if not path.is_dir() or pid is None or _alive(pid):
+                continue
+            if kind == "old" and (path / "run").is_dir() and not folder.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(path / "run", folder)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def write_folder(
     folder: Path, write: Callable[[Path], None], spec_sha256: str, *, force: bool = False
 ) -> Path:
     """Run ``write(tmp)`` into a temporary folder, then make it ``folder`` (files 0644)."""
+    if folder.parent.is_dir():
+        clean_stale(folder)
     check_out_dir(folder, spec_sha256, force=force)
+    pid = os.getpid()
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{pid}-", dir=folder.parent))
     except OSError as exc:
         raise OutputError(f"cannot write --out {folder}: {exc.strerror or exc}") from None
     old: Path | None = None
@@ -84,11 +142,14 @@ def write_folder(
         write(tmp)
         for path in tmp.iterdir():
             path.chmod(0o644)
+            _fsync(path)
         tmp.chmod(0o755)  # mkdtemp makes it private
+        _fsync(tmp)
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-{pid}-", dir=folder.parent))
             os.replace(folder, old / "run")
         os.replace(tmp, folder)
+        _fsync(folder.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not folder.exists():  # put the previous run back
