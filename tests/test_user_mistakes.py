@@ -325,3 +325,73 @@ def test_validation_of_sixty_thousand_unknown_keys_is_linear_not_quadratic():
     assert time.perf_counter() - started < 10.0
     assert len(err.value.issues) == 51 and err.value.issues[-1].code == "more-issues"
     assert "59950 more problems" in err.value.issues[-1].message
+
+
+# --------------------------------------------------------------------------- saved widths
+
+
+@pytest.mark.parametrize(
+    ("save", "target"),
+    [
+        ({"site": "mlp_act.1"}, {"site": "resid_post.1"}),  # 128 into 64
+        ({"site": "head_z.1", "heads": [0]}, {"site": "resid_post.1"}),  # 16 into 64
+        ({"site": "resid_post.0"}, {"site": "head_z.2", "heads": [1, 2]}),  # 64 into 32
+        ({"site": "resid_post.0", "dims": "0:8"}, {"site": "mlp_act.2"}),  # 8 into 128
+    ],
+)
+def test_a_saved_value_of_the_wrong_width_is_found_by_validate(tmp_path, save, target):
+    """``validate`` (and so the server's admission, which compiles the same way) compares a
+    saved value's width with the columns the op writes; before, it failed only at run time."""
+    spec = _spec(
+        {
+            "src": {"prompt": CLEAN, "ops": [{"op": "save", "name": "v", **save}]},
+            "dst": {"prompt": CLEAN, "ops": [{"op": "add", "vector": {"saved": "v"}, **target}]},
+        }
+    )
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(SpecError) as err:
+        validate(path)
+    (issue,) = err.value.issues
+    assert issue.code == "vector-size" and issue.line is not None
+    assert issue.path == ("invokes", "dst", "ops", 0, "vector", "saved")
+    assert "saved value 'v'" in issue.message and "has width" in issue.message
+
+
+def test_a_saved_value_of_the_right_width_is_added_as_hooks_would():
+    """The check lets through what fits: head 0's 16 columns at layer 1, averaged over
+    positions, added to head 3's columns at layer 2, as a hand-written pair of hooks does."""
+    lm = tiny("tiny-llama")
+    spec = _spec(
+        {
+            "src": {"prompt": CLEAN, "ops": [{"op": "save", "site": "head_z.1", "heads": [0], "name": "v"}]},
+            "dst": {
+                "prompt": CLEAN,
+                "ops": [
+                    {"op": "add", "site": "head_z.2", "heads": [3], "vector": {"saved": "v", "reduce": "mean"}},
+                    {"op": "save", "site": "logits", "name": "out"},
+                ],
+            },
+        },
+    )  # fmt: skip
+    got = specsight.run(spec, model=lm).saves["out"][-1]
+    layers = lm.model.model.layers
+    ids = torch.tensor([lm.tokenizer.encode(CLEAN)])
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(_m, args):
+        kept["v"] = args[0][0, :, 0:16].mean(0)
+
+    def add(_m, args):
+        z = args[0].clone()
+        z[..., 48:64] += kept["v"]
+        return (z,)
+
+    with torch.inference_mode():
+        handle = layers[1].self_attn.o_proj.register_forward_pre_hook(keep)
+        lm.model(ids)
+        handle.remove()
+        handle = layers[2].self_attn.o_proj.register_forward_pre_hook(add)
+        expected = lm.model(ids).logits[0, -1]
+        handle.remove()
+    torch.testing.assert_close(got.reshape(-1), expected, rtol=1e-5, atol=1e-5)

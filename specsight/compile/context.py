@@ -138,6 +138,8 @@ class Context(SpecContext):
     save_keys: dict[str, list[str]] = field(default_factory=dict)
     save_npos: dict[str, list[int]] = field(default_factory=dict)
     save_meta: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: the widths (heads flattened) a save's values have at its sites, where known
+    save_widths: dict[str, set[int | None]] = field(default_factory=dict)
     #: save name -> (axes of each row's value, the values along them every row shares)
     save_layout: dict[str, tuple[tuple[str, ...], dict[str, list[int]]]] = field(
         default_factory=dict

@@ -128,6 +128,7 @@ def _save(
     ctx.save_keys.setdefault(save_name, []).append(key)
     ctx.save_npos.setdefault(save_name, []).append(len(common["positions"]))
     ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
+    ctx.save_widths.setdefault(save_name, set()).add(at.window["width"])
     _value_layout(ctx, save_name, site, at.window, list(common["positions"]))
     kind = Grad if op.grad else Save
     ctx.ops.append(kind(**common, store=key, head_dim=at.window["head_dim"]))
@@ -299,8 +300,28 @@ def _vector_op(
         return
     source = op.vector if adds else op.value
     keys = _saved_keys(ctx, source, common, path + (attr, "saved"))
+    _check_saved_width(ctx, source.saved, site, width, path + (attr, "saved"))
     kind = AddSaved if adds else SetSaved
     ctx.ops.append(kind(**common, sources=tuple(keys), mean=source.reduce == "mean", **factor))
+
+
+def _check_saved_width(
+    ctx: Context, saved: str, site: Site, width: int | None, path: SpecPath
+) -> None:
+    """A saved value fits the columns an op writes (both widths known before running: canonical
+    sites, heads and dims; a raw module's width is checked when the op runs)."""
+    widths = ctx.save_widths.get(saved, {None})
+    if width is None or None in widths or len(widths) != 1 or width in widths:
+        return
+    (saved_width,) = widths
+    invoke, saved_site = ctx.save_meta[saved]
+    raise ctx.fail(
+        "vector-size",
+        f"saved value '{saved}' ({saved_site} of invoke '{invoke}') has width {saved_width} "
+        f"but site '{site.name}' has width {width}",
+        path,
+        f"save a site of width {width}, or pick {width} columns with heads or dims",
+    )
 
 
 def _saved_keys(ctx: Context, source: S.SavedVector, common: dict, path: SpecPath) -> list[str]:
