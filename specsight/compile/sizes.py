@@ -23,6 +23,7 @@ from .context import SpecContext, default_save_name, plain
 from .dataset import invoke_prompts, render_selector, use_dataset
 from .generation import reaches_new_token, step_count
 from .positions import PositionError, resolve_positions
+from .result_size import header_bytes, manifest_bytes
 from .sweep import MAX_CELLS, Grid, GridError, count_cells, expand_grid, substitute
 from .windows import DimsError, dim_indices
 
@@ -41,10 +42,14 @@ class SpecSizes:
     total_tokens: int = 0
     max_new_tokens: int = 0
     tensors: dict[str, int] = field(default_factory=dict)
+    #: the safetensors header and manifest.json (upper estimates, see result_size)
+    header: int = 0
+    manifest: int = 0
 
     @property
     def result_bytes(self) -> int:
-        return sum(self.tensors.values())
+        """Everything a run stores: the tensors, their header, the manifest."""
+        return sum(self.tensors.values()) + self.header + self.manifest
 
 
 @dataclass
@@ -72,10 +77,9 @@ def spec_sizes(
     sizes = SpecSizes()
     ctx = SpecContext(spec=spec, doc=document_of(spec))
     use_dataset(ctx, allow_files=False)  # a server's spec has its rows inline
-    tokens = {
-        name: [tokenizer.encode(p) for p in invoke_prompts(ctx, name, inv)]
-        for name, inv in spec.invokes.items()
-    }
+    prompts = {name: invoke_prompts(ctx, name, inv) for name, inv in spec.invokes.items()}
+    tokens = {name: [tokenizer.encode(p) for p in texts] for name, texts in prompts.items()}
+    owners: dict[str, str] = {}
     for name, invoke in spec.invokes.items():  # counted first: a sweep is expanded only within
         longest = max(map(len, tokens[name]), default=0)  # the limit on cells
         axes = {"layer": info.n_layers, "head": info.n_heads, "pos": longest}
@@ -88,6 +92,7 @@ def spec_sizes(
             new = invoke.generate.max_new_tokens
             sizes.max_new_tokens = max(sizes.max_new_tokens, new)
             sizes.tensors[f"{name}/generated_ids"] = cells * len(tokens[name]) * new * _INT
+            owners[f"{name}/generated_ids"] = name
     if sizes.cells > max_cells:
         return sizes
     invokes: dict[str, _Invoke] = {}
@@ -114,8 +119,14 @@ def spec_sizes(
             if isinstance(op, S.SaveOp):
                 widths = module_widths or {}
                 _save_sizes(sizes, info, tokenizer, name, invoke, invokes[name], op, widths)
+        owners.update(dict.fromkeys(sizes.tensors.keys() - owners.keys(), name))
     for name, metric in spec.metrics.items():
         _metric_sizes(sizes, spec, info, invokes, name, metric)
+        owner = getattr(metric, "invoke", None) or getattr(metric, "corrupt", None) or ""
+        owners.update(dict.fromkeys(sizes.tensors.keys() - owners.keys(), owner))
+    sizes.header = header_bytes(sizes.tensors)
+    axis_sizes = {name: shape.lead for name, shape in invokes.items()}
+    sizes.manifest = manifest_bytes(spec, owners, axis_sizes, prompts)
     return sizes
 
 
