@@ -1,6 +1,8 @@
 """Seeded mutations of the example specs, for fuzzing the loader, validation and compiler:
 values of the wrong type (unicode, huge and non-finite numbers, nesting), renamed, removed and
-duplicated keys, YAML anchors, aliases and tags, and raw byte damage. The same seed gives the
+duplicated keys, YAML anchors, aliases and tags, raw byte damage, column templates in specs
+with and without a dataset, and damaged dataset rows (missing, null, nested, lone surrogates,
+huge). The same seed gives the
 same case (tests/test_fuzz.py draws seeds with hypothesis; bench/fuzz_specs.py runs 10,000).
 
 ``check_case`` loads and compiles one mutated text against its model's shapes (no weights) and
@@ -41,6 +43,11 @@ _VALUES: list[Any] = [
     "\u202e\x00\ud7ff",
     "{layer}",
     "{nope}",
+    "{io}",
+    "{clean}",
+    "{prompt}",
+    "{subject}",
+    "x {s} and {io}",
     "resid_pots.3",
     "model.layers.99.mlp",
     "0:10000000000",
@@ -98,6 +105,32 @@ def _mutate_data(rng: random.Random, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+#: values a damaged dataset row may hold in place of a column's
+_ROW_VALUES: list[Any] = [None, "", " Mary", "\ud800", 3, 2**70, 1.5, True, [1], {"a": 1},
+                          "x" * 5000, "{io}", "When Mary and John went to the store, {s} gave"]  # fmt: skip
+
+
+def _dataset_rows(rng: random.Random, data: dict[str, Any]) -> dict[str, Any]:
+    """The spec with inline dataset rows over the columns its templates name, some damaged."""
+    from specsight.compile.dataset import column_names
+
+    columns = sorted(column_names(data)) or ["prompt"]
+    good = {c: f" {c.capitalize()}" for c in columns}
+    rows = []
+    for _ in range(rng.randint(1, 12)):
+        row = dict(good)
+        for _ in range(rng.randint(0, 2)):
+            column = rng.choice(columns)
+            if rng.random() < 0.3:
+                row.pop(column, None)
+            else:
+                row[column] = copy.deepcopy(rng.choice(_ROW_VALUES))
+        rows.append(row)
+    data = copy.deepcopy(data)
+    data["dataset"] = {"rows": rows} if rng.random() < 0.8 else rows
+    return data
+
+
 def _mutate_text(rng: random.Random, text: str) -> str:
     action = rng.randrange(6)
     lines = text.splitlines(keepends=True)
@@ -135,9 +168,12 @@ def mutated(seed: int, example: str) -> str:
     """The text of one mutated example spec (the same for the same seed)."""
     rng = random.Random(seed)
     text = (SPECS / example).read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
+    data = original = yaml.safe_load(text)
     if rng.random() < 0.6:
         data = _mutate_data(rng, data)
+    if rng.random() < 0.15 and isinstance(data, dict):
+        data = _dataset_rows(rng, data)
+    if data is not original:
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     if rng.random() < 0.5:
         text = _mutate_text(rng, text)
