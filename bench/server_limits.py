@@ -1,6 +1,8 @@
 """What hostile or greedy requests cost a real ``specsight serve`` process: memory and answer
 time of requests that ask for too much, validation time of pathological specs, one key's share
-of the queue, and how fast a cancel reaches a running generation.
+of the queue and of the intake, slow bodies, a flood of idle connections under ``ulimit -n
+1024``, a long prompt's memory before its 413, and how fast a cancel reaches a running
+generation.
 
     python bench/server_limits.py [--model smollm2-135m] [--no-readme]
 
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import socket
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,7 +83,8 @@ def measure(model: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model, "requests": []}
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(Path(tmp), model, batch_jobs=16, torch_threads=None, keys=KEYS)
-        try:
+        try:  # the server's open-file limit, as under `ulimit -n 1024`
+            resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (1024, 1024))
             server.wait_ready()
             pid = server.proc.pid
             out["idle_mb"] = _memory_mb(pid)
@@ -112,12 +118,137 @@ def measure(model: str) -> dict[str, Any]:
                     }
                 )
                 print(out["requests"][-1], flush=True)
+            out["hardening"] = [
+                _intake_fairness(server.url, model),
+                _slow_body(server),
+                _idle_flood(server, model),
+                _long_prompt(server.url, pid, model),
+            ]
+            for row in out["hardening"]:
+                print(row, flush=True)
             out["fairness"] = _fairness(server.url, model)
             out["cancel"] = _cancel(server.url, model)
             out["final_mb"] = _memory_mb(pid)
         finally:
             server.stop()
     return out
+
+
+def _intake_fairness(url: str, model: str) -> dict[str, Any]:
+    """Two 16k-invoke specs from one key at once, then a 1-invoke spec from another key."""
+    invokes = {f"i{i}": {"prompt": f"Prompt {i} says"} for i in range(16_000)}
+    big = {"specsight": 1, "model": model, "invokes": invokes}
+    done: dict[str, tuple[httpx.Response, float]] = {}
+
+    def post(name: str, spec: dict[str, Any], key: str) -> None:
+        response, seconds, _ = _post(url, spec, key)
+        done[name] = (response, seconds)
+
+    threads = [threading.Thread(target=post, args=(f"a{i}", big, "alice")) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # both bodies sent: the large specs are in the intake
+    post("b", _small(model, 0.25), "bob")
+    for thread in threads:
+        thread.join()
+    for name in ("a0", "a1"):  # spare the CPU two 16k-row runs
+        if done[name][0].status_code == 202:
+            job = done[name][0].json()["id"]
+            httpx.delete(f"{url}/v1/jobs/{job}", headers={"X-API-Key": KEYS["alice"]})
+    answer, seconds = done["b"]
+    return {
+        "check": "2 x 16k-invoke specs from one key while another key submits 1 invoke",
+        "measured": f"the other key's {answer.status_code} in {seconds:.2f} s (the 16k-invoke "
+        f"specs: {done['a0'][0].status_code} in {done['a0'][1]:.2f} s, "
+        f"{done['a1'][0].status_code} in {done['a1'][1]:.2f} s)",
+        "target": "202 within 2 s",
+        "ok": answer.status_code == 202 and seconds < 2.0,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _slow_body(server: Server) -> dict[str, Any]:
+    """A keyed POST /v1/jobs declaring 100,000 bytes, sending one byte every 8 s."""
+    limits = httpx.get(f"{server.url}/v1/limits", headers={"X-API-Key": KEYS["alice"]}).json()
+    deadline = limits["connections"]
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['alice']}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n".encode()
+        )
+        began, answer = time.monotonic(), b""
+        sock.settimeout(8.0)
+        while time.monotonic() - began < 120:
+            try:
+                sock.sendall(b"{")
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            answer += data
+        closed = time.monotonic() - began
+    status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "none"
+    return {
+        "check": "slow body: POST /v1/jobs with a key, Content-Length 100,000, one byte every 8 s",
+        "measured": f"{status}, closed {closed:.1f} s after the headers",
+        "target": f"closed within the deadline ({deadline['body_timeout_s']:g} s in all; at least "
+        f"{deadline['body_min_bytes_per_s']} bytes/s over every {deadline['body_window_s']:g} s)",
+        "ok": closed <= deadline["body_timeout_s"] + 1,
+        "seconds": round(closed, 2),
+    }
+
+
+def _idle_flood(server: Server, model: str) -> dict[str, Any]:
+    """1,000 connections that never send a byte (no key), then the health routes and another
+    key's submit, with the server's open-file limit at 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    flood = []
+    for _ in range(1000):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", server.port))
+        flood.append(sock)
+    try:
+        started = time.perf_counter()
+        health = httpx.get(f"{server.url}/healthz", timeout=30).status_code
+        ready = httpx.get(f"{server.url}/readyz", timeout=30).status_code
+        response, _, _ = _post(server.url, _small(model, 0.75), "bob")
+        seconds = time.perf_counter() - started
+    finally:
+        for sock in flood:
+            sock.close()
+    return {
+        "check": "1,000 idle connections without a key (server: ulimit -n 1024)",
+        "measured": f"/healthz {health}, /readyz {ready}, another key's submit "
+        f"{response.status_code}; the three in {seconds:.2f} s",
+        "target": "/healthz 200 (no 503)",
+        "ok": (health, ready, response.status_code) == (200, 200, 202),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _long_prompt(url: str, pid: int, model: str) -> dict[str, Any]:
+    """One 1.9 MB prompt: the server's peak RSS growth until its 413."""
+    spec = _small(model, 1.0)
+    spec["invokes"]["a"]["prompt"] = "The quick brown fox jumps over the lazy dog. " * 42_000
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+    before = _memory_mb(pid)
+    response, seconds, size = _post(url, spec)
+    after = _memory_mb(pid)
+    growth = after["VmHWM"] - before["VmRSS"]
+    return {
+        "check": f"a {size / 1e6:.1f} MB prompt",
+        "measured": f"{response.status_code} in {seconds:.2f} s; peak RSS +{growth:.1f} MB "
+        f"({response.json().get('message', '')[:80]})",
+        "target": "413, RSS growth < 50 MB",
+        "ok": response.status_code == 413 and growth < 50,
+        "rss_growth_mb": round(growth, 1),
+    }
 
 
 def _fairness(url: str, model: str) -> dict[str, Any]:
@@ -167,7 +298,8 @@ def table(res: dict[str, Any]) -> str:
         "<!-- limits:start -->",
         "### `server_limits.py`",
         "",
-        f"`specsight serve --model {res['model']}` on loopback, default limits; resident memory "
+        f"`specsight serve --model {res['model']}` on loopback, default limits, open-file "
+        "limit 1,024 (as under `ulimit -n 1024`); resident memory "
         f"from /proc (idle {res['idle_mb']['VmRSS']:.0f} MB). {res['cpu']}, {res['date']}. "
         "Results: [`results/server_limits.json`](results/server_limits.json).",
         "",
@@ -188,8 +320,16 @@ def table(res: dict[str, Any]) -> str:
         f"then: {fair['bob_status']}. A generation of 64 prompts x 256 tokens cancelled one "
         f"second into its run: {cancel['state']} {cancel['cancel_to_done_s']:.2f} s after the "
         "DELETE.",
-        "<!-- limits:end -->",
+        "",
+        "Fairness and resource limits (issue 23):",
+        "",
+        "| check | measured | target | |",
+        "| --- | --- | --- | --- |",
     ]
+    for row in res["hardening"]:
+        mark = "PASS" if row["ok"] else "FAIL"
+        lines.append(f"| {row['check']} | {row['measured']} | {row['target']} | {mark} |")
+    lines.append("<!-- limits:end -->")
     return "\n".join(lines)
 
 

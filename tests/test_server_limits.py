@@ -1,13 +1,17 @@
 """One request never costs the server more than its limits, and one user does not hurt others:
-sizes are checked from the spec before compiling, validation is linear, the advertised limits
-hold, fields the server cannot honour are refused, a key has a share of the queue, a crashed
-batch is split, and a running job stops at the next decode step when cancelled or too long."""
+sizes are checked from the spec before compiling (texts by their bytes before tokenizing, the
+result's estimate before running), validation is linear, the advertised limits hold and
+``GET /v1/limits`` reports them, fields the server cannot honour are refused, a key has a share
+of the queue and of the intake, a crashed batch is split, and a running job stops at the next
+decode step when cancelled or too long."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -19,6 +23,7 @@ from specsight.remote.jobs import JobStore
 from specsight.remote.protocol import ErrorBody, Limits
 from specsight.remote.server import create_app
 from tests.conftest import CLEAN, tiny
+from tests.serving import start_server, stop_server, submit
 
 KEYS = {"alice": "alice-key", "bob": "bob-key"}
 ALICE, BOB = {"X-API-Key": "alice-key"}, {"X-API-Key": "bob-key"}
@@ -259,19 +264,25 @@ def test_cancel_and_time_limit_reach_a_running_generation(make_client, monkeypat
 
 
 def test_result_size_of_a_raw_path_save_is_exact_on_the_server(make_client):
+    """The tensor's bytes are exact (its width measured on the served model); the estimate
+    adds the safetensors header and the manifest, and holds everything stored."""
     client = make_client()
     ops = [{"op": "save", "site": "lm_head", "positions": "all"}]
     spec = {"specsight": 1, "model": "tiny-llama", "invokes": {"a": {"prompt": CLEAN, "ops": ops}}}
     job = _post(client, spec).json()["id"]
     store = client.app.state.server.store
-    assert store.get(job, "alice").result_estimate == 14 * tiny("tiny-llama").info.vocab_size * 4
+    tensor_bytes = 14 * tiny("tiny-llama").info.vocab_size * 4
+    estimate = store.get(job, "alice").result_estimate
+    assert estimate >= tensor_bytes
     assert client.app.state.server.worker.run_once() == 1
     data = client.get(f"/v1/jobs/{job}/result", headers=ALICE).content
+    manifest = client.get(f"/v1/jobs/{job}/manifest", headers=ALICE).content
     from safetensors.torch import load
 
     tensor = load(data)["a/lm_head"]
-    assert tensor.numel() * tensor.element_size() == store.get(job, "alice").result_estimate
+    assert tensor.numel() * tensor.element_size() == tensor_bytes
     assert tensor.dtype == torch.float32
+    assert len(data) + len(manifest) <= estimate
 
 
 def test_a_deleted_result_is_410_and_a_download_streams_the_file(make_client):
@@ -286,3 +297,189 @@ def test_a_deleted_result_is_410_and_a_download_streams_the_file(make_client):
     response = client.get(f"/v1/jobs/{job}/result", headers=ALICE)
     assert response.status_code == 410 and _error(response).error == "result-deleted"
     assert client.get(f"/v1/jobs/{job}", headers=ALICE).json()["state"] == "succeeded"
+
+
+# --- on a real `specsight serve` ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``specsight serve`` on loopback with the default limits, but results of 32 MB at most."""
+    server = start_server(
+        tmp_path_factory.mktemp("served"), deploy={"limits": {"max_result_bytes": 32_000_000}}
+    )
+    yield server
+    stop_server(server)
+
+
+def _many_invokes(count: int) -> dict:
+    invokes = {f"i{i}": {"prompt": f"Prompt {i} says"} for i in range(count)}
+    return {"specsight": 1, "model": "tiny-llama", "invokes": invokes}
+
+
+def test_a_long_prompt_is_refused_by_its_bytes_before_tokenizing(served):
+    """First on this server: tokenizing the prompt would add ~360 MB to a fresh process."""
+    spec = _small()
+    spec["invokes"]["a"]["prompt"] = "The quick brown fox jumps over the lazy dog. " * 42_000
+    served.reset_peak()
+    before = served.rss_mb()
+    response = submit(served.url, spec, ALICE)
+    after = served.rss_mb()
+    assert response.status_code == 413, response.text
+    body = _error(response)
+    assert "prompt bytes (invokes.a.prompt)" in body.message
+    assert (body.estimate, body.limit) == (len(spec["invokes"]["a"]["prompt"]), 65_536)
+    assert after["VmHWM"] - before["VmRSS"] < 50, (before, after)
+
+
+def test_one_key_s_large_specs_do_not_hold_every_intake_slot(served):
+    """Two 16k-invoke specs from one key, then a 1-invoke spec from another: the other key is
+    answered at once, not after the large specs compiled."""
+    big, done = _many_invokes(16_000), {}
+
+    def post(name, spec, headers):
+        started = time.perf_counter()
+        response = submit(served.url, spec, headers)
+        done[name] = (response, time.perf_counter() - started, time.perf_counter())
+
+    threads = [threading.Thread(target=post, args=(f"a{i}", big, ALICE)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # both bodies are in: the large specs hold the intake
+    post("b", _small(), BOB)
+    for thread in threads:
+        thread.join(120)
+    response, seconds, finished = done["b"]
+    assert response.status_code == 202, response.text
+    assert seconds < 2.0, seconds
+    assert [done[f"a{i}"][0].status_code for i in range(2)] == [202, 202]
+    assert finished < max(done["a0"][2], done["a1"][2])  # ahead of one key's second spec
+    for i in range(2):  # spare the CPU the two 16k-row runs
+        job = done[f"a{i}"][0].json()["id"]
+        httpx.delete(f"{served.url}/v1/jobs/{job}", headers=ALICE, timeout=30)
+
+
+@pytest.mark.parametrize("template", ["{p}", "Say {p}{p}{p}"])
+def test_a_template_s_bytes_count_the_dataset_s_values(served, template):
+    spec = _small()
+    spec["dataset"] = {"rows": [{"p": "short"}, {"p": "x" * 30_000}]}
+    spec["invokes"]["a"]["prompt"] = template
+    response = submit(served.url, spec, ALICE)
+    assert response.status_code == 413, response.text
+    if template == "{p}":  # 30,000 bytes pass; the tokens they make do not
+        assert "prompt tokens" in _error(response).message
+        return
+    assert "with the dataset's longest values in" in _error(response).message
+    assert _error(response).estimate == 4 + 3 * 30_000
+
+
+def test_the_limits_route_reports_jobs_dataset_files_and_connections(served):
+    from specsight.compile.dataset import (
+        MAX_DATASET_BYTES,
+        MAX_FIELD_CHARS,
+        MAX_LINE_BYTES,
+        MAX_ROWS,
+    )
+
+    assert httpx.get(f"{served.url}/v1/limits").status_code == 401
+    response = httpx.get(f"{served.url}/v1/limits", headers=BOB)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["limits"] == {**Limits().model_dump(), "max_result_bytes": 32_000_000}
+    assert body["limits"]["max_prompt_bytes"] == 65_536
+    assert body["dataset_files"] == {
+        "max_rows": MAX_ROWS,
+        "max_dataset_bytes": MAX_DATASET_BYTES,
+        "max_line_bytes": MAX_LINE_BYTES,
+        "max_field_chars": MAX_FIELD_CHARS,
+    }
+    connections = body["connections"]
+    assert connections["header_timeout_s"] == 10.0 and connections["body_timeout_s"] == 30.0
+    assert connections["max_connections_per_address"] == 64
+    assert connections["max_connections"] >= 8
+    assert body["intake"] == {"slots": 2, "slots_per_key": 1, "waiting": 32, "waiting_per_key": 8}
+    openapi = httpx.get(f"{served.url}/openapi.json").json()
+    assert "/v1/limits" in openapi["paths"]
+
+
+def test_a_result_estimate_over_the_limit_is_refused_before_running(served):
+    ops = [{"op": "save", "site": "lm_head", "positions": "all"}]
+    spec = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {"a": {"prompt": [CLEAN] * 600, "ops": ops}},  # 600 x 14 x 1,024 floats
+    }
+    queued = httpx.get(f"{served.url}/readyz").json()["queued"]
+    response = submit(served.url, spec, ALICE)
+    assert response.status_code == 413, response.text
+    body = _error(response)
+    assert "estimated result bytes" in body.message
+    assert body.estimate > body.limit == 32_000_000
+    assert httpx.get(f"{served.url}/readyz").json()["queued"] <= queued  # nothing was queued
+
+
+def test_the_intake_gives_a_free_slot_to_the_key_served_longest_ago():
+    import anyio
+
+    from specsight.remote.fairness import FairIntake, IntakeBusy
+    from specsight.remote.protocol import IntakeLimits
+
+    started: list[str] = []
+    gates = {name: threading.Event() for name in ("a1", "a2", "a3", "b1", "c1")}
+
+    def work(name: str) -> str:
+        started.append(name)
+        assert gates[name].wait(10)
+        return name
+
+    async def scenario() -> None:
+        limits = IntakeLimits(slots=2, slots_per_key=1, waiting=3, waiting_per_key=2)
+        intake = FairIntake(limits)
+
+        async def step(key: str, name: str) -> None:
+            tasks.start_soon(intake.run, key, work, name)
+            await anyio.sleep(0.1)
+
+        async with anyio.create_task_group() as tasks:
+            for name in ("a1", "a2", "a3"):
+                await step("a", name)
+            with pytest.raises(IntakeBusy) as busy:  # a's share of the waiting room is full
+                await intake.run("a", work, "a4")
+            assert busy.value.per_key
+            await step("b", "b1")
+            assert started == ["a1", "b1"]  # a's second waits; b takes the free slot
+            await step("c", "c1")
+            with pytest.raises(IntakeBusy) as busy:  # the waiting room is full
+                await intake.run("d", work, "d1")
+            assert not busy.value.per_key
+            gates["a1"].set()
+            await anyio.sleep(0.2)
+            assert started == ["a1", "b1", "c1"]  # c was never served: it goes before a2
+            gates["b1"].set()
+            await anyio.sleep(0.2)
+            assert started[-1] == "a2" and intake.waiting == 1
+            for gate in gates.values():
+                gate.set()
+        assert (intake.busy, intake.waiting) == (0, 0)
+        assert sorted(started) == ["a1", "a2", "a3", "b1", "c1"]
+
+    anyio.run(scenario)
+
+
+def test_every_text_of_a_spec_is_checked_by_its_bytes():
+    from specsight.remote.admission import LimitError, check_text_bytes
+
+    limits = Limits(max_prompt_bytes=100)
+    fine = {"invokes": {"a": {"prompt": "{{" * 60 + "{p}"}}, "dataset": [{"p": "é" * 20}]}
+    check_text_bytes(fine, limits)  # 60 braces + 40 bytes
+    cases = [
+        ({"invokes": {"a": {"prompt": "é" * 51}}}, "invokes.a.prompt", 102),
+        ({"metrics": {"m": {"target": [" x", "y" * 101]}}}, "metrics.m.target[1]", 101),
+        ({"dataset": {"rows": [{"p": "z" * 101}]}}, "dataset.rows[0].p", 101),
+        ({"invokes": {"k" * 101: {}}}, "invokes: a key", 101),
+    ]
+    for data, where, size in cases:
+        with pytest.raises(LimitError) as refused:
+            check_text_bytes(data, limits)
+        assert f"prompt bytes ({where})" in str(refused.value)
+        assert (refused.value.estimate, refused.value.limit) == (size, 100)

@@ -162,6 +162,14 @@ def _db_location(ctx: click.Context, param: click.Parameter, value: str) -> Path
     help="Seconds a client has to send a request's headers; slower connections are closed.",
 )
 @click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client has to send a request's body after its headers (and at least "
+    "1 KB/s over every 5 s); slower requests get 408 and are closed.",
+)
+@click.option(
     "--retention-days",
     type=click.FloatRange(min=0),
     default=7.0,

@@ -19,7 +19,7 @@ _IN_FILE = ("model_ids", "db_path", "device", "device_map", "max_memory", "dtype
 #: options that go over a --deploy file's field: {option: field}
 _OVER_FILE = {"address": "address", "host": "host", "port": "port", "grace": "grace_s",
               "retention_days": "retention_days", "header_timeout": "header_timeout_s",
-              "log_format": "log_format"}  # fmt: skip
+              "body_timeout": "body_timeout_s", "log_format": "log_format"}  # fmt: skip
 
 
 def serve_config(options: dict[str, Any], ctx: click.Context) -> Any:
@@ -51,6 +51,7 @@ def serve_config(options: dict[str, Any], ctx: click.Context) -> Any:
             grace_s=options["grace"],
             retention_days=options["retention_days"],
             header_timeout_s=options["header_timeout"],
+            body_timeout_s=options["body_timeout"],
             log_format=options["log_format"],
             limits=_limits(options),
         )

@@ -8,11 +8,13 @@ refused, and the plan holds only token ids, module names, positions and numbers.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..compile import compile_plan, spec_sizes
-from ..errors import Issue, SpecError, SpecsightError
+from ..errors import Issue, SpecError, SpecsightError, format_path
 from ..plan import Plan
 from ..spec import LoadedDoc, Spec, from_data, validate_spec
 from .protocol import Limits
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LimitError",
     "PreparedJob",
+    "check_text_bytes",
     "factory_refusal",
     "prepare_job",
     "refuse_local_only",
@@ -56,6 +59,89 @@ class PreparedJob:
     doc: LoadedDoc
     plan: Plan
     result_bytes: int
+
+
+#: a template's column placeholders, and its escaped braces
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cell_bytes(value: Any) -> int:
+    """The UTF-8 bytes of a dataset value as a template writes it."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return 4 if value else 5
+    return _utf8_bytes(value if isinstance(value, str) else str(value))
+
+
+def _longest_values(rows: list[Any]) -> dict[str, int]:
+    """Each dataset column's longest value, in UTF-8 bytes."""
+    longest: dict[str, int] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            for name, value in row.items():
+                size = _cell_bytes(value)
+                if size > longest.get(name, -1):
+                    longest[name] = size
+    return longest
+
+
+def _filled_bytes(text: str, longest: dict[str, int]) -> int:
+    """The most UTF-8 bytes ``text`` can have with dataset values in its placeholders (each
+    column's longest value in each of its placeholders; counted, not rendered)."""
+    size = _utf8_bytes(text)
+    if "{" not in text or not longest:
+        return size
+    names = Counter[str]()
+    for match in _PLACEHOLDER.finditer(text):
+        if match.group(1) is None:
+            size -= 1  # {{ writes {
+        else:
+            names[match.group(1)] += 1
+    for name, count in names.items():
+        if name in longest:  # a placeholder that names no column stays as it is
+            size += count * (longest[name] - len(name) - 2)
+    return size
+
+
+def check_text_bytes(spec_data: Any, limits: Limits) -> None:
+    """Every text of a submitted spec (prompts, tokens, dataset values, names, and templates
+    with the dataset's longest values in) within ``limits.max_prompt_bytes`` UTF-8 bytes,
+    checked on the raw data before anything validates or tokenizes it (LimitError, 413)."""
+    dataset = spec_data.get("dataset") if isinstance(spec_data, dict) else None
+    rows = dataset.get("rows") if isinstance(dataset, dict) else dataset
+    longest = _longest_values(rows) if isinstance(rows, list) else {}
+    limit = limits.max_prompt_bytes
+
+    def refuse(path: tuple[Any, ...], size: int, what: str = "") -> None:
+        raise LimitError(
+            f"prompt bytes ({format_path(path) or 'the spec'}{what})",
+            size,
+            limit,
+            "shorten the text; a prompt must also fit in max_prompt_tokens tokens",
+        )
+
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), spec_data)]
+    while stack:  # iterative: a deeply nested spec cannot exhaust the stack here
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and _utf8_bytes(key) > limit:
+                    refuse(path, _utf8_bytes(key), ": a key")
+                stack.append((path + (key,), item))
+        elif isinstance(value, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            if path[:1] == ("dataset",):
+                if _utf8_bytes(value) > limit:
+                    refuse(path, _utf8_bytes(value))
+            elif (size := _filled_bytes(value, longest)) > limit:
+                filled = size != _utf8_bytes(value)
+                refuse(path, size, " with the dataset's longest values in" if filled else "")
 
 
 def _served_seed(model: LoadedModel) -> int:
@@ -155,6 +241,7 @@ def prepare_job(
     """Validate and compile a submitted spec against the server's model, enforcing limits.
 
     Raises SpecError (422: located issues) or LimitError (413)."""
+    check_text_bytes(spec_data, limits)  # before anything parses or tokenizes the texts
     doc = from_data(spec_data, file=spec_file)
     spec = validate_spec(doc)
     if spec.model.factory is not None:

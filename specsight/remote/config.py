@@ -1,5 +1,6 @@
 """How specsight serves (:class:`ServeConfig`), one object for the single server and the Ray
-cluster: the HTTP side (host, port, keys, limits, header timeout, log format), the job store,
+cluster: the HTTP side (host, port, keys, limits, header and body deadlines, connections per
+client address, log format), the job store,
 draining and retention, and one entry per served model (:class:`ModelEntry`: placement, dtype,
 jobs run together; on a cluster its replicas, their GPUs and CPUs, autoscaling and sharding).
 ``specsight serve`` builds it from its flags or reads it from a ``--deploy`` file; a cluster's
@@ -75,6 +76,15 @@ class ServeConfig(_Strict):
     grace_s: float = Field(30.0, ge=0)
     retention_days: float = Field(7.0, ge=0)
     header_timeout_s: float = Field(10.0, gt=0, description="seconds to send a request's headers")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="seconds to send a request's body, from the end of its headers"
+    )
+    body_min_bytes_per_s: int = Field(
+        1024, ge=0, description="bytes a second a request's body must average over each 5 s"
+    )
+    max_connections_per_address: int = Field(
+        64, ge=1, description="connections one client address holds without a valid API key"
+    )
     log_format: Literal["text", "json"] = "text"
     models: list[ModelEntry] = Field(min_length=1)
 

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..errors import Issue, SpecError, SpecsightError, did_you_mean
 from ..spec import SPEC_VERSION, from_data, validate_spec
@@ -69,10 +69,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large(int(declared))
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large(None)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large(None)
+    except ClientDisconnect:  # gone, or closed by the body deadline: nobody reads an answer
+        message = "the request body did not arrive"
+        raise ApiError(408, "body-timeout", message, hint="send the body at once") from None
     return bytes(body)
 
 
@@ -145,6 +149,7 @@ def prepare(
 ) -> tuple[LoadedModel, admission.PreparedJob]:
     """Model, validation, compilation and limits: 422 (located issues) or 413 (limits)."""
     try:
+        admission.check_text_bytes(req.spec, limits)  # before even the model's check validates
         model = _model_for(models, req.spec, req.spec_file)
         return model, admission.prepare_job(req.spec, model, limits, spec_file=req.spec_file)
     except SpecError as exc:

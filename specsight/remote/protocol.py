@@ -15,6 +15,8 @@ Endpoints (all under ``/v1`` need the ``X-API-Key`` header; ``/healthz`` and ``/
 - ``GET /v1/jobs/{id}/manifest`` -> the manifest JSON (409 until the job succeeded).
 - ``DELETE /v1/jobs/{id}`` -> :class:`JobStatus` (cancelled, or already finished).
 - ``GET /v1/models`` -> :class:`ModelsResponse`; ``GET /v1/models/{id}/tokenizer`` -> tokenizer.json.
+- ``GET /v1/limits`` -> :class:`LimitsResponse`: the job limits, the local dataset-file limits,
+  the connection deadlines and caps, and the intake slots.
 - ``GET /healthz`` -> 200 while the process lives; ``GET /readyz`` -> 200 ready, 503 loading/draining.
 """
 
@@ -37,6 +39,10 @@ __all__ = [
     "Limits",
     "ModelEntry",
     "ModelsResponse",
+    "ConnectionLimits",
+    "DatasetFileLimits",
+    "IntakeLimits",
+    "LimitsResponse",
 ]
 
 API_VERSION = 1
@@ -100,6 +106,9 @@ class Limits(_Wire):
     max_rows: int = 20_000
     max_cells: int = 20_000
     max_prompt_tokens: int = 2048
+    #: UTF-8 bytes of one prompt, or of any other text of the spec (a token, a dataset field,
+    #: a template with a row's values in), checked before anything is tokenized
+    max_prompt_bytes: int = 65_536
     max_total_tokens: int = 2_000_000
     max_new_tokens: int = 256
     max_result_bytes: int = 512_000_000
@@ -130,6 +139,54 @@ class ModelsResponse(_Wire):
     spec_version: int
     limits: Limits
     models: list[ModelEntry]
+
+
+class ConnectionLimits(_Wire):
+    """What one connection may cost the server: deadlines for a request's headers and body,
+    and how many connections it keeps open (checked as they are accepted)."""
+
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds to send a request's headers")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="seconds to send a request's body, from the end of its headers"
+    )
+    body_min_bytes_per_s: int = Field(
+        1024, ge=0, description="bytes a second a body must average over each window"
+    )
+    body_window_s: float = Field(5.0, gt=0, description="the window of the body's byte rate")
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection's life")
+    max_connections: int | None = Field(
+        None, ge=8, description="open connections at most (None: the open-file limit less 64)"
+    )
+    max_connections_per_address: int = Field(
+        64, ge=1, description="connections of one client address without a valid key, at most"
+    )
+
+
+class DatasetFileLimits(_Wire):
+    """The limits on a dataset file read by a local run (a server takes inline rows only)."""
+
+    max_rows: int
+    max_dataset_bytes: int
+    max_line_bytes: int
+    max_field_chars: int
+
+
+class IntakeLimits(_Wire):
+    """The threads that check and compile submitted specs, and how keys share them."""
+
+    slots: int = Field(2, ge=1, description="specs checked at once")
+    slots_per_key: int = Field(1, ge=1, description="one key's specs checked at once")
+    waiting: int = Field(32, ge=0, description="submits waiting for a slot before 503")
+    waiting_per_key: int = Field(8, ge=0, description="one key's waiting submits before 429")
+
+
+class LimitsResponse(_Wire):
+    server_version: str
+    api_version: int = API_VERSION
+    limits: Limits
+    dataset_files: DatasetFileLimits
+    connections: ConnectionLimits
+    intake: IntakeLimits
 
 
 JobStatus.model_rebuild()

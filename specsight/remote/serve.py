@@ -14,12 +14,19 @@ from ..errors import ModelLoadError
 from ..models.load import LoadedModel, load_model
 from .auth import KeyRing
 from .config import ServeConfig
-from .connections import GuardedH11, connection_limit, install_log_limits
+from .connections import ConnectionGuard, GuardedH11, install_log_limits
 from .jobs import open_job_store
+from .protocol import ConnectionLimits
 from .server import ServerState, create_app
 from .telemetry import log_handler
 
-__all__ = ["configure_logging", "draining_server", "serve", "server_config"]
+__all__ = [
+    "configure_logging",
+    "connection_limits",
+    "draining_server",
+    "serve",
+    "server_config",
+]
 
 log = logging.getLogger("specsight.serve")
 
@@ -64,11 +71,21 @@ def serve(config: ServeConfig, *, keys: KeyRing, log_level: str = "info") -> Non
             host=config.host,
             port=config.port,
             log_level=log_level,
-            header_timeout_s=config.header_timeout_s,
+            connections=connection_limits(config),
         )
         draining_server(uvicorn_config, app.state.server, on_stopped=store.close).run()
     finally:
         store.close()
+
+
+def connection_limits(config: ServeConfig) -> ConnectionLimits:
+    """The connection deadlines and caps a serve config asks for."""
+    return ConnectionLimits(
+        header_timeout_s=config.header_timeout_s,
+        body_timeout_s=config.body_timeout_s,
+        body_min_bytes_per_s=config.body_min_bytes_per_s,
+        max_connections_per_address=config.max_connections_per_address,
+    )
 
 
 def server_config(
@@ -78,15 +95,26 @@ def server_config(
     port: int,
     log_level: str = "info",
     header_timeout_s: float | None = None,
+    connections: ConnectionLimits | None = None,
 ) -> Any:
-    """uvicorn's configuration for the API: request headers within a time limit, connections
-    below the open-file limit, repeated log lines bounded."""
+    """uvicorn's configuration for the API: request headers and bodies within their deadlines,
+    connections capped per client address and below the open-file limit (see
+    :mod:`.connections`), repeated log lines bounded. The limits in force are also the ones
+    ``GET /v1/limits`` reports."""
     import uvicorn
 
     install_log_limits("asyncio", "uvicorn.error", "specsight.serve")
-    http = GuardedH11
+    limits = connections or ConnectionLimits()
     if header_timeout_s is not None:
-        http = type("GuardedH11", (GuardedH11,), {"header_timeout_s": header_timeout_s})
+        limits = limits.model_copy(update={"header_timeout_s": header_timeout_s})
+    state = getattr(getattr(app, "state", None), "server", None)
+    keys = getattr(state, "keys", None)
+    guard = ConnectionGuard(limits, authenticate=keys.authenticate if keys is not None else None)
+    limits = limits.model_copy(update={"max_connections": guard.max_connections})
+    guard.limits = limits
+    if state is not None:
+        state.connections = limits
+    http = type("GuardedH11", (GuardedH11,), {"limits": limits, "guard": guard})
     return uvicorn.Config(
         app,
         host=host,
@@ -97,8 +125,10 @@ def server_config(
         # open-file limit uvloop drops the connections it cannot accept without an answer
         loop="asyncio",
         http=http,
-        limit_concurrency=connection_limit(),
-        timeout_keep_alive=5,
+        # the guard keeps connections at most max_connections; uvicorn's own 503 is the
+        # backstop for requests in flight
+        limit_concurrency=guard.max_connections + 1,
+        timeout_keep_alive=int(limits.keep_alive_s),
     )
 
 

@@ -18,17 +18,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
+from ..compile.dataset import MAX_DATASET_BYTES, MAX_FIELD_CHARS, MAX_LINE_BYTES, MAX_ROWS
 from ..engine import module_widths
 from ..sites import canonical_names
 from ..spec import METRIC_KINDS, OP_NAMES, SPEC_VERSION
 from ..version import __version__
 from .auth import KeyRing
+from .fairness import IntakeBusy
 from .health import health_router
 from .intake import (
     ApiError,
@@ -43,9 +44,12 @@ from .protocol import (
     API_KEY_HEADER,
     IDEMPOTENCY_HEADER,
     SHA256_HEADER,
+    ConnectionLimits,
+    DatasetFileLimits,
     ErrorBody,
     JobStatus,
     Limits,
+    LimitsResponse,
     ModelEntry,
     ModelsResponse,
 )
@@ -69,7 +73,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 _JSON_SCHEMA = {"type": "object", "additionalProperties": True}
-_INTAKE_WAITING = 32  # submits waiting for an intake thread before new ones get 503
 
 
 def _state(request: Request) -> ServerState:
@@ -170,8 +173,11 @@ def _api_router() -> APIRouter:
         responses={
             200: {"model": JobStatus, "description": "the job of a repeated Idempotency-Key"},
             413: {"model": ErrorBody, "description": "request or job too large"},
-            429: {"model": ErrorBody, "description": "queue full; see Retry-After"},
-            503: {"model": ErrorBody, "description": "the server is draining"},
+            429: {
+                "model": ErrorBody,
+                "description": "queue full, or this key's intake; see Retry-After",
+            },
+            503: {"model": ErrorBody, "description": "the server is draining, or its intake full"},
         },
         openapi_extra={
             "requestBody": {
@@ -198,16 +204,11 @@ def _api_router() -> APIRouter:
                 hint="submit again shortly",
                 headers={"Retry-After": "5"},
             )
-        if state.intake.statistics().tasks_waiting >= _INTAKE_WAITING:
-            raise ApiError(
-                503,
-                "busy",
-                "the server is checking many submitted specs; submit again shortly",
-                headers={"Retry-After": "2"},
-            )
-        model, job = await anyio.to_thread.run_sync(
-            prepare, state.models, req, state.limits, limiter=state.intake
-        )
+        try:  # one key's large specs delay only its own (see FairIntake)
+            model, job = await state.intake.run(owner, prepare, state.models, req, state.limits)
+        except IntakeBusy as exc:
+            code = 429 if exc.per_key else 503
+            raise ApiError(code, "busy", str(exc), headers={"Retry-After": "2"}) from None
         spec_json = json.dumps(req.spec, ensure_ascii=False)  # key order kept: it orders the plan
         try:
             record, created = await run_in_threadpool(
@@ -336,6 +337,27 @@ def _api_router() -> APIRouter:
             spec_version=SPEC_VERSION,
             limits=state.limits,
             models=entries,
+        )
+
+    @router.get(
+        "/limits",
+        response_model=LimitsResponse,
+        summary="What this server accepts: job limits, dataset files, connections, intake",
+    )
+    def get_limits(request: Request) -> Any:
+        state = _state(request)
+        files = DatasetFileLimits(
+            max_rows=MAX_ROWS,
+            max_dataset_bytes=MAX_DATASET_BYTES,
+            max_line_bytes=MAX_LINE_BYTES,
+            max_field_chars=MAX_FIELD_CHARS,
+        )
+        return LimitsResponse(
+            server_version=__version__,
+            limits=state.limits,
+            dataset_files=files,
+            connections=state.connections or ConnectionLimits(),
+            intake=state.intake.limits,
         )
 
     @router.get(

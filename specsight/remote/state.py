@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import anyio
-
 from .auth import KeyRing
+from .fairness import FairIntake
 from .jobs import JobStoreBase
-from .protocol import Limits
+from .protocol import ConnectionLimits, Limits
 from .telemetry import ServerMetrics
 from .worker import Worker
 
@@ -39,8 +38,11 @@ class ServerState:
     grace_s: float
     draining: threading.Event = field(default_factory=threading.Event)
     #: threads that check and compile submitted specs: their own, not the event loop's
-    #: shared pool, so a burst of submits never starves status polls and downloads
-    intake: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(2))
+    #: shared pool, so a burst of submits never starves status polls and downloads; shared
+    #: fairly between keys
+    intake: FairIntake = field(default_factory=FairIntake)
+    #: the connection deadlines and caps uvicorn runs with (set by ``server_config``)
+    connections: ConnectionLimits | None = None
     #: Prometheus metrics (``GET /metrics``)
     metrics: ServerMetrics | None = None
     #: called with a model id after each new job (a cluster wakes one of its replicas)

@@ -21,7 +21,7 @@ from ...models.load import LoadedModel, load_model_info
 from ..config import DeployConfig, ModelEntry
 from ..jobs import open_job_store
 from ..protocol import ErrorBody
-from ..serve import configure_logging, draining_server, server_config
+from ..serve import configure_logging, connection_limits, draining_server, server_config
 from ..server import create_app
 from .autoscale import POLICY
 from .replica import ModelReplica
@@ -189,7 +189,7 @@ def serve_cluster(config: DeployConfig, *, keys: KeyRing, log_level: str = "info
         )  # fmt: skip
         uvicorn_config = server_config(
             app, host=config.host, port=config.port, log_level=log_level,
-            header_timeout_s=config.header_timeout_s,
+            connections=connection_limits(config),
         )  # fmt: skip
         draining_server(uvicorn_config, app.state.server, on_stopped=lambda: None).run()
     finally:
