@@ -79,20 +79,7 @@ def spec_sizes(
     use_dataset(ctx, allow_files=False)  # a server's spec has its rows inline
     prompts = {name: invoke_prompts(ctx, name, inv) for name, inv in spec.invokes.items()}
     tokens = {name: [tokenizer.encode(p) for p in texts] for name, texts in prompts.items()}
-    owners: dict[str, str] = {}
-    for name, invoke in spec.invokes.items():  # counted first: a sweep is expanded only within
-        longest = max(map(len, tokens[name]), default=0)  # the limit on cells
-        axes = {"layer": info.n_layers, "head": info.n_heads, "pos": longest}
-        cells = count_cells(invoke.sweep, axes, invoke.sweep_mode == "zip")
-        sizes.cells += cells
-        sizes.rows += cells * len(tokens[name])
-        sizes.longest_prompt = max(sizes.longest_prompt, longest)
-        sizes.total_tokens += cells * sum(map(len, tokens[name]))
-        if invoke.generate is not None:
-            new = invoke.generate.max_new_tokens
-            sizes.max_new_tokens = max(sizes.max_new_tokens, new)
-            sizes.tensors[f"{name}/generated_ids"] = cells * len(tokens[name]) * new * _INT
-            owners[f"{name}/generated_ids"] = name
+    owners = _count(sizes, spec, info, tokens)
     if sizes.cells > max_cells:
         return sizes
     invokes: dict[str, _Invoke] = {}
@@ -128,6 +115,28 @@ def spec_sizes(
     axis_sizes = {name: shape.lead for name, shape in invokes.items()}
     sizes.manifest = manifest_bytes(spec, owners, axis_sizes, prompts)
     return sizes
+
+
+def _count(
+    sizes: SpecSizes, spec: S.Spec, info: ModelInfo, tokens: dict[str, list[list[int]]]
+) -> dict[str, str]:
+    """Cells, rows and tokens of every invoke, counted without expanding a sweep (the limit on
+    cells comes first), and the generated ids; returns those tensors' invokes."""
+    owners: dict[str, str] = {}
+    for name, invoke in spec.invokes.items():  # counted first: a sweep is expanded only within
+        longest = max(map(len, tokens[name]), default=0)  # the limit on cells
+        axes = {"layer": info.n_layers, "head": info.n_heads, "pos": longest}
+        cells = count_cells(invoke.sweep, axes, invoke.sweep_mode == "zip")
+        sizes.cells += cells
+        sizes.rows += cells * len(tokens[name])
+        sizes.longest_prompt = max(sizes.longest_prompt, longest)
+        sizes.total_tokens += cells * sum(map(len, tokens[name]))
+        if invoke.generate is not None:
+            new = invoke.generate.max_new_tokens
+            sizes.max_new_tokens = max(sizes.max_new_tokens, new)
+            sizes.tensors[f"{name}/generated_ids"] = cells * len(tokens[name]) * new * _INT
+            owners[f"{name}/generated_ids"] = name
+    return owners
 
 
 def _sites(text: str, info: ModelInfo, cache: dict[str, list[Site]]) -> list[Site]:
