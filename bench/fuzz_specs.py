@@ -4,7 +4,7 @@ memory watchdog; the table goes into bench/README.md.
     python bench/fuzz_specs.py [--cases 10000] [--seed 0] [--no-readme]
 
 Every case must end in a compiled plan or a located SpecError (anything else is "uncaught"),
-within 1 s and within 300 MB of memory above the process's baseline. The mutations are those of
+within 5 s and within 300 MB of memory above the process's baseline. The mutations are those of
 tests/test_fuzz.py (tests/spec_mutations.py): wrong types, keys, numbers, unicode, nesting,
 anchors, tags and bytes.
 """
@@ -31,7 +31,7 @@ from specsight.models.load import load_model_info  # noqa: E402
 from tests.spec_mutations import EXAMPLES, check_case, mutated  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "fuzz_specs.json"
-LIMIT_S, LIMIT_MB, HANG_S = 1.0, 300.0, 30
+LIMIT_S, LIMIT_MB, HANG_S = 5.0, 300.0, 30
 
 
 class _Hang(Exception):
@@ -103,7 +103,7 @@ def run(cases: int, seed: int) -> dict:
         "seed": seed,
         "outcomes": dict(kinds),
         "uncaught": uncaught,
-        "over_1s": slow,
+        "over_limit_s": slow,
         "over_300mb": heavy,
         "max_case_s": round(worst_s, 4),
         "max_case_mb": round(worst_mb, 1),
@@ -120,7 +120,7 @@ def _table(report: dict) -> str:
         ("compiled", out.get("ok", 0)),
         ("located SpecError", out.get("spec-error", 0)),
         ("uncaught (anything else, or a hang)", len(report["uncaught"])),
-        ("over 1 s", len(report["over_1s"])),
+        ("over 5 s", len(report["over_limit_s"])),
         ("over 300 MB", len(report["over_300mb"])),
         ("slowest case", f"{report['max_case_s']:.3f} s"),
         ("most memory one case added", f"{report['max_case_mb']:.1f} MB"),
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.readme:
         replace_section("<!-- fuzz:start -->", "<!-- fuzz:end -->", table, heading="## Fuzzing\n\n")
-    failed = report["uncaught"] or report["over_1s"] or report["over_300mb"]
+    failed = report["uncaught"] or report["over_limit_s"] or report["over_300mb"]
     return 1 if failed else 0
 
 

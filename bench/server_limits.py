@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -123,6 +125,7 @@ def measure(model: str) -> dict[str, Any]:
                 _slow_body(server),
                 _idle_flood(server, model),
                 _long_prompt(server.url, pid, model),
+                _dataset_line(model),
             ]
             for row in out["hardening"]:
                 print(row, flush=True)
@@ -248,6 +251,46 @@ def _long_prompt(url: str, pid: int, model: str) -> dict[str, Any]:
         "target": "413, RSS growth < 50 MB",
         "ok": response.status_code == 413 and growth < 50,
         "rss_growth_mb": round(growth, 1),
+    }
+
+
+def _dataset_line(model: str) -> dict[str, Any]:
+    """Locally: ``specsight validate`` of a spec whose JSONL dataset is one 200 MB line; the
+    line must be refused before it is read whole (peak RSS of the process from wait4)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        with open(folder / "rows.jsonl", "w", encoding="utf-8") as handle:
+            handle.write('{"clean": "')
+            chunk = "When Mary and John went to the store " * 1000
+            for _ in range(200_000_000 // len(chunk)):
+                handle.write(chunk)
+            handle.write('"}\n')
+        spec = {
+            "specsight": 1,
+            "model": model,
+            "dataset": {"file": "rows.jsonl"},
+            "invokes": {"a": {"prompt": "{clean}"}},
+        }
+        (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        size = (folder / "rows.jsonl").stat().st_size
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "specsight", "validate", str(folder / "spec.json")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        error = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+    peak = usage.ru_maxrss / 1024  # KiB on Linux
+    return {
+        "check": f"locally: `specsight validate`, a dataset line of {size / 1e6:.0f} MB",
+        "measured": f"exit {proc.returncode} in {seconds:.2f} s; peak RSS {peak:.0f} MB "
+        f"({(error or [''])[0][-110:]})",
+        "target": "refused (exit 2), peak RSS < 300 MB",
+        "ok": proc.returncode == 2 and peak < 300,
+        "peak_rss_mb": round(peak, 1),
     }
 
 

@@ -19,7 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .compile import BLOCK_ROWS, Budget, activation_budget, batch_cap, check_references, plan_blocks
+from .compile import (
+    BLOCK_ROWS,
+    Budget,
+    activation_budget,
+    batch_cap,
+    check_references,
+    plan_blocks,
+    read_items,
+)
 from .compile import compile_plan as _compile
 from .errors import ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
@@ -125,8 +133,11 @@ def validate(source: str | os.PathLike[str] | dict[str, Any] | Spec) -> str | No
     from .models.catalog import is_here
 
     spec = _as_spec(source)
+    items = read_items(spec, document_of(spec))  # a bad dataset is found before torch loads
     if is_here(spec.model):
-        compile_plan(spec, *model_info_for(spec), max_batch=1)
+        info, tokenizer = model_info_for(spec)
+        budget = Budget(max_batch=1, memory=None, cap=batch_cap("cpu"))
+        _compile(spec, info, tokenizer, doc=doc_of(spec), budget=budget, items=items)
         return None
     check_references(spec, document_of(spec))
     return (
@@ -185,6 +196,7 @@ def run(
     doc = doc_of(spec)
     if out is not None:
         check_out_dir(Path(out), document_of(spec).sha256, force=force)
+    dataset = read_items(spec, document_of(spec))  # a bad dataset is found before the model loads
     t0 = time.perf_counter()
     restore = None
     if model is None:
@@ -208,7 +220,7 @@ def run(
         )
         executor = Executor(model.model, pad_id=model.tokenizer.pad_id, progress=progress)
         t0 = time.perf_counter()
-        items, blocks = plan_blocks(spec, compiler, block_rows)
+        items, blocks = plan_blocks(spec, compiler, block_rows, items=dataset)
         if blocks is None:  # one plan (over the items already read, when they were)
             plan = compiler(items=items)
             compile_s = time.perf_counter() - t0

@@ -211,13 +211,14 @@ class Blocks:
         return self._whole
 
 
-def plan_blocks(spec: S.Spec, compiler: Callable[..., Plan], block_rows: int = BLOCK_ROWS) -> tuple[Items | None, Blocks | None]:  # fmt: skip
+def plan_blocks(spec: S.Spec, compiler: Callable[..., Plan], block_rows: int = BLOCK_ROWS, items: Items | None = None) -> tuple[Items | None, Blocks | None]:  # fmt: skip
     """How a spec runs: (its dataset's items when read, the blocks when it runs in blocks,
     else None: one plan over those items). A spec whose first item does not compile runs as one
-    plan, so that its error report is complete."""
+    plan, so that its error report is complete. ``items``: the dataset already read."""
     if why_one_plan(spec) is not None:
-        return None, None
-    items = read_items(spec, S.document_of(spec))
+        return items, None
+    if items is None:
+        items = read_items(spec, S.document_of(spec))
     if items is None or len(items.rows) < 2:
         return items, None
     try:
