@@ -442,3 +442,26 @@ def test_the_new_features_run_remotely_as_they_run_locally(tmp_path):
     assert_same_tensors(remote, local)
     assert [o.ok for o in remote.expectations] == [o.ok for o in local.expectations] == [True]
     assert remote.manifest["generated"] == local.manifest["generated"]
+
+
+def test_literal_braces_without_a_dataset_run_and_show_as_written():
+    """Without a dataset, ``{{`` and ``}}`` are literal braces in prompts and metric tokens as
+    they are with one: the model runs 'The set {x} and } end', results show that text, and the
+    metric measures the token '{' (checked against the model called directly)."""
+    from tests.conftest import tiny
+
+    lm = tiny("tiny-llama")
+    spec = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {"a": {"prompt": "The set {{x}} and }} end"}},
+        "metrics": {"p": {"kind": "prob", "invoke": "a", "token": "{{"}},
+    }
+    results = specsight.run(spec, model=lm)
+    text = "The set {x} and } end"
+    assert results.prompts["a"] == [text]
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([lm.tokenizer.encode(text)])).logits[0, -1]
+    (brace,) = lm.tokenizer.encode_plain("{")
+    expected = torch.softmax(logits.float(), -1)[brace]
+    assert abs(float(results.metrics["p"]) - float(expected)) <= 1e-5 * float(expected) + 1e-9

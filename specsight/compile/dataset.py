@@ -9,22 +9,38 @@ template.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import os
 import random
-import re
+from collections.abc import Sequence
 from typing import Any
 
 from .. import spec as S
-from ..errors import SpecError, did_you_mean
+from ..errors import SpecError, did_you_mean, format_path
 from .context import Items, SpecContext, SpecPath
+from .dataset_files import (
+    SURROGATE_HINT,
+    DatasetFile,
+    DatasetFileError,
+    Limits,
+    lone_surrogate_in,
+    read_dataset_file,
+    rows_sha256,
+)
+from .templates import (
+    METRIC_TEMPLATE_FIELDS,
+    OP_TEMPLATE_FIELDS,
+    column_names,
+    render,
+    render_selector,
+    render_value,
+)
 
 __all__ = [
     "Items",
     "MAX_ROWS",
+    "MAX_DATASET_BYTES",
+    "MAX_LINE_BYTES",
+    "MAX_FIELD_CHARS",
     "column_names",
     "is_item_invoke",
     "load_items",
@@ -41,51 +57,12 @@ __all__ = [
 
 #: rows a dataset may have (after reading, before sampling)
 MAX_ROWS = 1_000_000
-_NAME = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_TEMPLATE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def column_names(text: Any) -> set[str]:
-    """The ``{name}`` placeholders of a template, or of every string inside lists and mappings
-    (literal ``{{`` and ``}}`` left out)."""
-    if isinstance(text, list | tuple):
-        return set().union(*(column_names(t) for t in text))
-    if isinstance(text, dict):
-        return set().union(*(column_names(t) for t in text.values()))
-    if not isinstance(text, str):
-        return set()
-    return {m.group(1) for m in _TEMPLATE.finditer(text) if m.group(1)}
-
-
-def render(text: str, row: dict[str, Any]) -> str:
-    """A template with the row's values in place of its column placeholders (others kept)."""
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name is None:  # an escaped brace
-            return match.group(0)[0]
-        return _text(row[name]) if name in row else match.group(0)
-
-    return _TEMPLATE.sub(value, text)
-
-
-def render_value(value: Any, row: dict[str, Any]) -> Any:
-    """A token reference with the row's values in: a template that is exactly one placeholder
-    of an integer column gives that integer (a token id), any other template a string."""
-    if not isinstance(value, str):
-        return value
-    whole = _NAME.fullmatch(value)
-    if whole and whole.group(1) in row and isinstance(row[whole.group(1)], int):
-        return row[whole.group(1)]
-    return render(value, row)
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+#: bytes a dataset file may have (checked before it is read)
+MAX_DATASET_BYTES = 256_000_000
+#: bytes one line of a dataset file may have (checked while streaming, before it is parsed)
+MAX_LINE_BYTES = 1_000_000
+#: characters one CSV field may have
+MAX_FIELD_CHARS = 100_000
 
 
 def is_item_invoke(invoke: S.Invoke, items: Items | None) -> bool:
@@ -137,21 +114,17 @@ def read_items(spec: S.Spec, doc: S.LoadedDoc, *, allow_files: bool = True) -> I
 
 
 def load_items(ctx: SpecContext, *, allow_files: bool = True) -> Items | None:
-    """The spec's dataset, read and sampled; a located issue (and None) when it cannot be."""
+    """The spec's dataset, read and sampled; a located issue (and None) when it cannot be.
+    Every row used must give a value to every column the spec's templates read from it
+    (located issues when not; the items are still returned)."""
     dataset = ctx.spec.dataset
     if dataset is None:
         return None
     path: SpecPath = ("dataset",)
-    if dataset.rows is not None:
-        digest = _rows_sha256(dataset.rows)
-        rows, file = list(dataset.rows), None  # read-only: shared with the spec
-    else:
-        file = dataset.file
-        read = _read_file(ctx, str(file), path + ("file",), allow_files)
-        if read is None:
-            return None
-        rows, raw = read
-        digest = hashlib.sha256(raw).hexdigest()
+    source = _source(ctx, dataset, allow_files)
+    if source is None:
+        return None
+    rows, digest, file, lines = source
     if not rows:
         ctx.fail("empty-dataset", "the dataset has no rows", path, "add rows to the file")
         return None
@@ -169,23 +142,49 @@ def load_items(ctx: SpecContext, *, allow_files: bool = True) -> Items | None:
         indices = sorted(random.Random(dataset.sample.seed).sample(indices, dataset.sample.n))
     picked = rows if isinstance(indices, range) else [rows[i] for i in indices]
     order = indices if isinstance(indices, range) else tuple(indices)  # a range takes no memory
-    return Items(tuple(picked), columns, order, len(rows), digest, file)
+    items = Items(tuple(picked), columns, order, len(rows), digest, file)
+    _check_values(ctx, items, lines)
+    return items
 
 
-def _rows_sha256(rows: list[dict[str, Any]], chunk: int = 1000) -> str:
-    """The sha256 of ``json.dumps(rows, sort_keys=True, ensure_ascii=False)`` in UTF-8,
-    encoded ``chunk`` rows at a time (100k rows are never one string)."""
-    digest = hashlib.sha256(b"[")
-    for start in range(0, len(rows), chunk):
-        text = json.dumps(rows[start : start + chunk], sort_keys=True, ensure_ascii=False)
-        digest.update((", " if start else "").encode() + text[1:-1].encode("utf-8"))
-    digest.update(b"]")
-    return digest.hexdigest()
+def _source(
+    ctx: SpecContext, dataset: S.Dataset, allow_files: bool
+) -> tuple[list[dict[str, Any]], str, str | None, Sequence[int] | None] | None:
+    """The dataset's rows, their sha256, the file (None: inline rows) and the line each row
+    starts on (None: inline); None after a located issue."""
+    if dataset.rows is not None:
+        if not _inline_rows_ok(ctx, dataset.rows):
+            return None
+        return list(dataset.rows), rows_sha256(dataset.rows), None, None  # rows shared
+    file = str(dataset.file)
+    read = _read_file(ctx, file, ("dataset", "file"), allow_files)
+    if read is None:
+        return None
+    return read.rows, read.sha256, file, read.lines
+
+
+def _inline_rows_ok(ctx: SpecContext, rows: list[dict[str, Any]]) -> bool:
+    """Inline rows hold whole Unicode characters (a located issue at the first that does not:
+    a lone surrogate cannot be encoded)."""
+    bad = lone_surrogate_in(rows)
+    if bad is None:
+        return True
+    index, key, found = bad
+    data = ctx.doc.data.get("dataset") if isinstance(ctx.doc.data, dict) else None
+    prefix: SpecPath = ("dataset", "rows") if isinstance(data, dict) else ("dataset",)
+    ctx.fail(
+        "bad-dataset-value",
+        f"dataset row {index + 1}, column '{key}' holds a lone surrogate {found}; text must be "
+        "whole Unicode characters",
+        prefix + (index, key),
+        SURROGATE_HINT,
+    )
+    return False
 
 
 def _read_file(
     ctx: SpecContext, file: str, path: SpecPath, allow_files: bool
-) -> tuple[list[dict[str, Any]], bytes] | None:
+) -> DatasetFile | None:
     if not allow_files:
         ctx.fail(
             "file-not-allowed",
@@ -196,82 +195,95 @@ def _read_file(
         return None
     base = ctx.doc.base_dir or os.getcwd()
     full = os.path.normpath(os.path.join(base, file))
+    limits = Limits(MAX_DATASET_BYTES, MAX_LINE_BYTES, MAX_FIELD_CHARS, MAX_ROWS)
     try:
-        with open(full, "rb") as handle:
-            raw = handle.read()
+        return read_dataset_file(full, limits)
+    except DatasetFileError as exc:
+        where = f"'{file}' " if exc.line is not None else f"dataset file '{file}' "
+        ctx.fail("dataset-file", where + exc.message, path, exc.hint)
     except OSError as exc:
         folder = os.path.dirname(full)
         nearby = os.listdir(folder) if os.path.isdir(folder) else []
         hint = did_you_mean(os.path.basename(full), nearby) or "the path is relative to the spec"
         ctx.fail("file-not-found", f"dataset file '{file}': {exc.strerror or exc}", path, hint)
-        return None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        ctx.fail("dataset-file", f"'{file}' line {line} is not UTF-8", path, "save it as UTF-8")
-        return None
-    reader = _read_csv if full.lower().endswith(".csv") else _read_jsonl
-    try:
-        return reader(text), raw
-    except _RowError as exc:
-        ctx.fail("dataset-file", f"'{file}' line {exc.line}: {exc.message}", path, exc.hint)
-        return None
+    return None
 
 
-class _RowError(Exception):
-    def __init__(self, line: int, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.line, self.message, self.hint = line, message, hint
+def _templates(spec: S.Spec, items: Items) -> list[tuple[SpecPath, list[str]]]:
+    """Where the spec's templates read a row of the dataset, and the columns each reads: the
+    prompts of invokes over the dataset, their ops' positions, and their metrics."""
+    columns = set(items.columns)
+    over = [name for name, invoke in spec.invokes.items() if is_item_invoke(invoke, items)]
+    found: list[tuple[SpecPath, Any]] = []
+    for name in over:
+        invoke = spec.invokes[name]
+        found.append((("invokes", name, "prompt"), invoke.prompt))
+        for i, op in enumerate(invoke.ops):
+            dumped = op.model_dump(by_alias=True)
+            found += [(("invokes", name, "ops", i, f), dumped.get(f)) for f in OP_TEMPLATE_FIELDS]
+    for name, metric in spec.metrics.items():
+        if getattr(metric, "invoke", None) in over:
+            found += [(("metrics", name, f), _dumped(metric, f)) for f in METRIC_TEMPLATE_FIELDS]
+    used = [(path, sorted(column_names(value) & columns)) for path, value in found]
+    return [(path, names) for path, names in used if names]
 
 
-def _read_jsonl(text: str) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line, parse_constant=_no_constant)
-        except ValueError as exc:
-            raise _RowError(number, f"not valid JSON ({exc})", "one JSON object a line") from None
-        if not isinstance(row, dict):
-            raise _RowError(number, "not a JSON object", 'one JSON object a line, {"col": ...}')
-        bad = [k for k, v in row.items() if not isinstance(v, str | int | float | bool | None)]
-        if bad:
-            raise _RowError(number, f"column '{bad[0]}' holds a list or object", "use plain values")
-        rows.append(row)
-        if len(rows) > MAX_ROWS:
-            break
-    return rows
+def _dumped(model: Any, field_name: str) -> Any:
+    value = getattr(model, field_name, None)
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
+def _check_values(ctx: SpecContext, items: Items, lines: Sequence[int] | None) -> None:
+    """Every column a template reads has a value (not missing, not null) in every row used: a
+    located issue at the template, naming the first row without one."""
+    first_bad: dict[str, int | None] = {}
+    for path, names in _templates(ctx.spec, items):
+        for name in names:
+            if name not in first_bad:
+                rows = items.rows
+                first_bad[name] = next(
+                    (i for i, row in enumerate(rows) if row.get(name) is None), None
+                )
+            index = first_bad[name]
+            if index is not None:
+                _fail_no_value(ctx, items, lines, index, name, path)
 
 
-def _read_csv(text: str) -> list[dict[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise _RowError(1, "no header line", "start the file with the column names")
-    rows = []
-    for row in reader:
-        if None in row:
-            line = reader.line_num
-            raise _RowError(
-                line, "more fields than the header names", "quote fields that hold commas"
-            )
-        rows.append(dict(row))
-        if len(rows) > MAX_ROWS:
-            break
-    return rows
+def _fail_no_value(
+    ctx: SpecContext,
+    items: Items,
+    lines: Sequence[int] | None,
+    index: int,
+    name: str,
+    path: SpecPath,
+) -> None:
+    row = items.indices[index]
+    if items.file is not None and lines is not None:
+        where = f"line {lines[row]} of {os.path.basename(items.file)}"
+    else:
+        where = f"dataset.rows[{row}]"
+    null = name in items.rows[index]
+    ctx.fail(
+        "missing-value",
+        f"dataset row {row + 1} ({where}) "
+        + (f"holds null in column '{name}'" if null else f"has no value for column '{name}'")
+        + f", which {format_path(path)} uses",
+        path,
+        f"give every row a value for '{name}' (\"\" is a value"
+        + (", null is none" if null else "")
+        + "), or leave the row out",
+    )
 
 
 def invoke_prompts(ctx: SpecContext, name: str, invoke: S.Invoke) -> list[str]:
     """An invoke's prompts: one per dataset row for an invoke over the dataset, else its own.
-    With a dataset, a placeholder that names no column is a located issue (write ``{{`` for a
-    literal brace)."""
-    if ctx.items is None or not isinstance(invoke.prompt, str):
+    A prompt is a template: ``{{`` and ``}}`` are literal braces, and a placeholder that names
+    no column (or any placeholder, in a spec without a dataset) is a located issue."""
+    if not isinstance(invoke.prompt, str):
         return invoke.prompts
+    if ctx.items is None:
+        _no_dataset(ctx, invoke.prompt, ("invokes", name, "prompt"))
+        return [render(invoke.prompt, {})]
     unknown = sorted(column_names(invoke.prompt) - set(ctx.items.columns))
     if unknown:
         columns = ctx.items.columns
@@ -284,17 +296,28 @@ def invoke_prompts(ctx: SpecContext, name: str, invoke: S.Invoke) -> list[str]:
         )
         return invoke.prompts
     if name not in ctx.item_invokes:
-        return invoke.prompts
+        return [render(invoke.prompt, {})]
     return [render(invoke.prompt, row) for row in ctx.items.rows]
 
 
-def render_selector(selector: Any, row: dict[str, Any]) -> Any:
-    """A position selector (plain data) with the row's values in its token texts."""
-    if isinstance(selector, list):
-        return [render_selector(s, row) for s in selector]
-    if isinstance(selector, dict) and isinstance(selector.get("token"), str):
-        return {**selector, "token": render(selector["token"], row)}
-    return selector
+def _no_dataset(ctx: SpecContext, template: Any, path: SpecPath) -> bool:
+    """Whether a template names a column in a spec without a dataset (a located issue at the
+    string that does; a dataset that could not be read has its own issue)."""
+    if ctx.spec.dataset is not None or not column_names(template):
+        return False
+    while isinstance(template, list | tuple | dict):  # down to the string that names one
+        pairs = template.items() if isinstance(template, dict) else enumerate(template)
+        key, template = next((k, v) for k, v in pairs if column_names(v))
+        path = path + (key,)
+    name = sorted(column_names(template))[0]
+    literal = f", or write {{{{{name}}}}} for literal braces"
+    ctx.fail(
+        "no-dataset",
+        f"'{{{name}}}' names a dataset column, but the spec has no dataset:",
+        path,
+        f"add dataset: {{file: ...}} with a column '{name}'{literal}",
+    )
+    return True
 
 
 def item_label(items: Items, index: int, template: Any = None) -> str:
@@ -310,20 +333,16 @@ def item_label(items: Items, index: int, template: Any = None) -> str:
     return where + (", " + ", ".join(values) if values else "")
 
 
-#: metric fields whose templates take a dataset row's values
-METRIC_TEMPLATE_FIELDS = ("position", "target", "foil", "token", "tokens")
-
-
 def check_metric_columns(ctx: SpecContext, name: str, metric: Any) -> bool:
-    """A metric's templates name columns the dataset has, on an invoke over the dataset
-    (located issues when not; needs no model)."""
+    """A metric's templates name columns the dataset has, on an invoke over the dataset, and
+    name none in a spec without a dataset (located issues when not; needs no model)."""
     if ctx.items is None:
-        return True
+        fields = METRIC_TEMPLATE_FIELDS
+        flagged = [_no_dataset(ctx, _dumped(metric, f), ("metrics", name, f)) for f in fields]
+        return not any(flagged)
     ok = True
     for field_name in METRIC_TEMPLATE_FIELDS:
-        value = getattr(metric, field_name, None)
-        if hasattr(value, "model_dump"):
-            value = value.model_dump()
+        value = _dumped(metric, field_name)
         used = column_names(value)
         if not used:
             continue

@@ -60,7 +60,8 @@ def _tokenize(ctx: Context, name: str, invoke: S.Invoke) -> None:
     ids_list = []
     per_item = name in ctx.item_invokes
     first = ctx.items.offset if ctx.items else 0  # item numbers of the whole dataset
-    for i, prompt in enumerate(invoke_prompts(ctx, name, invoke)):
+    prompts = invoke_prompts(ctx, name, invoke)
+    for i, prompt in enumerate(prompts):
         path: SpecPath = ("invokes", name, "prompt") + (
             (i,) if isinstance(invoke.prompt, list) else ()
         )
@@ -79,8 +80,8 @@ def _tokenize(ctx: Context, name: str, invoke: S.Invoke) -> None:
             )
         ids_list.append(ids)
     ctx.tokens[name] = ids_list
-    if per_item:  # what results show as each row's prompt
-        ctx.input_names[name] = invoke_prompts(ctx, name, invoke)
+    if per_item or prompts != invoke.prompts:  # what results show as each row's prompt
+        ctx.input_names[name] = prompts  # (a template's values in, its {{ and }} undone)
 
 
 def _store(ctx: Context, name: str, array: Any) -> str:

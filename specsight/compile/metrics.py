@@ -209,7 +209,7 @@ def _token_ids(
         ]
         per_row = tuple(per_item[i] for _ in range(cells) for i in range(n_prompts))
         return Tokens(per_row=per_row, labels=tuple(str(ref) for ref, _ in refs))
-    ids = tuple(ctx.token_id(ref, path + where) for ref, where in refs)
+    ids = tuple(ctx.token_id(render_value(ref, {}), path + where) for ref, where in refs)
     return Tokens(ids=ids, labels=tuple(ctx.tok.token_str(i) for i in ids))
 
 
