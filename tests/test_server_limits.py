@@ -483,3 +483,63 @@ def test_every_text_of_a_spec_is_checked_by_its_bytes():
             check_text_bytes(data, limits)
         assert f"prompt bytes ({where})" in str(refused.value)
         assert (refused.value.estimate, refused.value.limit) == (size, 100)
+
+
+_ROWS = [{"clean": CLEAN, "io": " Mary"}, {"clean": CLEAN}]
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "path"),
+    [
+        ("missing value", {"dataset": {"rows": _ROWS}}, "metrics.p.token"),
+        ("null value", {"dataset": {"rows": [{"clean": None, "io": " Mary"}]}}, "invokes.a.prompt"),
+        ("lone surrogate", {"dataset": {"rows": [{"clean": "a\ud800", "io": " M"}]}}, "dataset.rows[0].clean"),
+        ("nested value", {"dataset": {"rows": [{"clean": [[["x"]]], "io": " M"}]}}, "dataset.rows[0].clean"),
+        ("no dataset", {}, "invokes.a.prompt"),
+    ],
+)  # fmt: skip
+def test_dataset_mistakes_are_located_422s(served, case, change, path):
+    """What locally exits 2 with a located error is a 422 naming the spec path on the server
+    (before: a 422 without a location and a traceback in the server's log, or a run of the
+    literal text '{clean}')."""
+    spec = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {"a": {"prompt": "{clean}"}},
+        "metrics": {"p": {"kind": "prob", "invoke": "a", "token": "{io}"}},
+        **change,
+    }
+    response = submit(served.url, spec, ALICE)
+    assert response.status_code == 422, (case, response.text)
+    body = _error(response)
+    assert path in [issue["path"] for issue in body.issues], (case, body.issues)
+    assert "Traceback" not in served.tail(20_000)
+
+
+def test_a_row_nested_ten_thousand_deep_is_a_422_not_a_crash(served):
+    deep = "[" * 10_000 + "]" * 10_000
+    body = '{"client_version": "t", "spec": {"specsight": 1, "model": "tiny-llama", '
+    body += (
+        '"dataset": {"rows": [{"clean": ' + deep + '}]}, "invokes": {"a": {"prompt": "{clean}"}}}}'
+    )
+    response = httpx.post(
+        f"{served.url}/v1/jobs", content=body, headers={**ALICE, "content-type": "application/json"}
+    )
+    assert response.status_code in (400, 422), response.text
+    assert _error(response).message
+    assert httpx.get(f"{served.url}/healthz").status_code == 200
+
+
+def test_a_saved_value_of_the_wrong_width_is_refused_at_admission(served):
+    spec = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "invokes": {
+            "src": {"prompt": CLEAN, "ops": [{"op": "save", "site": "mlp_act.1", "name": "v"}]},
+            "dst": {"prompt": CLEAN, "ops": [{"op": "add", "site": "resid_post.1", "vector": {"saved": "v"}}]},
+        },
+    }  # fmt: skip
+    response = submit(served.url, spec, ALICE)
+    assert response.status_code == 422, response.text
+    (issue,) = _error(response).issues
+    assert issue["code"] == "vector-size" and issue["path"] == "invokes.dst.ops[0].vector.saved"

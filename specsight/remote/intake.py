@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 
+from ..compile.dataset_files import SURROGATE_HINT, lone_surrogate
 from ..errors import Issue, SpecError, SpecsightError, did_you_mean
 from ..spec import SPEC_VERSION, from_data, validate_spec
 from ..version import __version__
@@ -98,6 +99,8 @@ def parse_submit(body: bytes) -> SubmitRequest:
     try:
         data = json.loads(body, parse_constant=_reject_constant)
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # refuses lone surrogates
+    except UnicodeEncodeError:
+        raise _lone_surrogate(data) from None
     except (ValueError, RecursionError) as exc:
         message = f"the body is not valid JSON: {str(exc)[:200]}"
         raise ApiError(422, "invalid-json", message, hint="send a JSON SubmitRequest") from None
@@ -111,6 +114,31 @@ def parse_submit(body: bytes) -> SubmitRequest:
         message = f"this server speaks spec version {SPEC_VERSION}, not {req.spec_version}"
         raise ApiError(422, "unsupported-spec-version", message, hint="upgrade the older side")
     return req
+
+
+def _lone_surrogate(data: Any) -> ApiError:
+    """A 422 naming where in the spec (or the body) a string holds a lone UTF-16 surrogate."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
+    while stack:  # iterative: the body's nesting is bounded only by json's own recursion
+        path, node = stack.pop()
+        items = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else ()
+        )
+        for key, value in items:
+            found = lone_surrogate(key) if isinstance(key, str) else None
+            found = found or (lone_surrogate(value) if isinstance(value, str) else None)
+            if found is not None:
+                where = path + (key,)
+                where = where[1:] if where[:1] == ("spec",) else where
+                message = f"a string holds a lone surrogate {found}; text must be whole Unicode characters"
+                issue = Issue("lone-surrogate", message, where, hint=SURROGATE_HINT)
+                return ApiError(422, "invalid-spec", message, issues=[issue.to_dict()])
+            stack.append((path + (key,), value))
+    return ApiError(422, "invalid-json", "the body holds a lone surrogate", hint=SURROGATE_HINT)
 
 
 def _model_for(
