@@ -384,7 +384,9 @@ def test_malformed_requests_are_422_error_bodies(client):
     codes = [error_of(r).error for r in cases]
     assert all(r.status_code == 422 for r in cases), [r.text for r in cases]
     assert codes[:3] == ["invalid-json", "invalid-json", "invalid-request"]
-    assert codes[5] == "unsupported-spec-version" and codes[-1] == "invalid-json"
+    assert codes[5] == "unsupported-spec-version" and codes[-1] == "invalid-spec"
+    (surrogate,) = error_of(cases[-1]).issues  # located: the string that holds it
+    assert surrogate["path"] == "invokes.a.prompt[0]" and "\\ud800" in surrogate["message"]
     missing = error_of(cases[2]).issues
     assert {i["path"] for i in missing} == {"client_version"}
 
