@@ -287,7 +287,7 @@ def _dataset_line(model: str) -> dict[str, Any]:
     return {
         "check": f"locally: `specsight validate`, a dataset line of {size / 1e6:.0f} MB",
         "measured": f"exit {proc.returncode} in {seconds:.2f} s; peak RSS {peak:.0f} MB "
-        f"({(error or [''])[0][-110:]})",
+        f"({(error or [''])[0].partition('dataset.file: ')[2][:80]})",
         "target": "refused (exit 2), peak RSS < 300 MB",
         "ok": proc.returncode == 2 and peak < 300,
         "peak_rss_mb": round(peak, 1),
