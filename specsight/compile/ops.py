@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import spec as S
-from ..errors import did_you_mean, format_path
+from ..errors import format_path
 from ..plan import RowRef, StoreKey, VectorKey
 from ..plan.ops import AddSaved, AddVector, Grad, Patch, Save, Scale, SetSaved, SetVector, Zero
 from ..sites import Site, SiteError, resolve_site
@@ -17,6 +17,7 @@ from .context import Context, SpecPath, default_save_name, plain
 from .dataset import item_label, render_selector
 from .inputs import read_array_file
 from .positions import PositionError, resolve_positions
+from .saved import check_saved_width, mean_diff_keys, saved_keys
 from .windows import op_window
 
 __all__ = ["compile_op"]
@@ -264,7 +265,7 @@ def _vector(ctx: Context, op: S.AddOp | S.SetOp, path: SpecPath) -> VectorKey | 
     """Register an inline or file vector in the plan; None for saved values."""
     source = op.vector if isinstance(op, S.AddOp) else op.value
     attr = "vector" if isinstance(op, S.AddOp) else "value"
-    if isinstance(source, S.SavedVector):
+    if isinstance(source, S.SavedVector | S.MeanDiffVector):
         return None
     if isinstance(source, S.FileVector):
         values = _read_vector_file(ctx, source, path + (attr,))
@@ -299,65 +300,17 @@ def _vector_op(
         ctx.ops.append(kind(**common, vector=vector, **factor))
         return
     source = op.vector if adds else op.value
-    keys = _saved_keys(ctx, source, common, path + (attr, "saved"))
-    _check_saved_width(ctx, source.saved, site, width, path + (attr, "saved"))
     kind = AddSaved if adds else SetSaved
-    ctx.ops.append(kind(**common, sources=tuple(keys), mean=source.reduce == "mean", **factor))
-
-
-def _check_saved_width(
-    ctx: Context, saved: str, site: Site, width: int | None, path: SpecPath
-) -> None:
-    """A saved value fits the columns an op writes (both widths known before running: canonical
-    sites, heads and dims; a raw module's width is checked when the op runs)."""
-    widths = ctx.save_widths.get(saved, {None})
-    if width is None or None in widths or len(widths) != 1 or width in widths:
-        return
-    (saved_width,) = widths
-    invoke, saved_site = ctx.save_meta[saved]
-    raise ctx.fail(
-        "vector-size",
-        f"saved value '{saved}' ({saved_site} of invoke '{invoke}') has width {saved_width} "
-        f"but site '{site.name}' has width {width}",
-        path,
-        f"save a site of width {width}, or pick {width} columns with heads or dims",
-    )
-
-
-def _saved_keys(ctx: Context, source: S.SavedVector, common: dict, path: SpecPath) -> list[str]:
-    """The store keys of a saved value an op reads (located issues when it cannot)."""
-    keys = ctx.save_keys.get(source.saved, [])
-    if not keys:
-        saved = sorted(ctx.save_keys)
-        listed = ", ".join(saved[:8]) + (", ..." if len(saved) > 8 else "")
-        if source.saved not in ctx.save_names:  # a templated name, filled in
-            code, message = "unknown-saved", f"no saved value named '{source.saved}'"
-            listed = "saved values: " + listed
-        else:  # a save of several sites keeps one value per site, under the site's name
-            code, message = (
-                "saved-sites",
-                f"'{source.saved}' saves several sites, each under its own name",
-            )
-            listed = "name one of: " + listed
-        hint = did_you_mean(source.saved, saved, n=3) or listed
-        raise ctx.fail(code, message, path, hint)
-    if source.reduce == "none" and len(keys) != 1:
-        raise ctx.fail(
-            "saved-rows",
-            f"saved value '{source.saved}' comes from {len(keys)} rows",
-            path,
-            "add 'reduce: mean' to average it, or save from an invoke with one prompt",
+    if isinstance(source, S.MeanDiffVector):
+        keys, minus = mean_diff_keys(ctx, source, site, width, common, path + (attr,))
+        extra = {"minus": tuple(minus), "norm": source.norm}
+        ctx.ops.append(
+            kind(**common, sources=keys, mean=source.reduce == "mean", **extra, **factor)
         )
-    if source.reduce == "none":
-        n_saved = ctx.save_npos[source.saved][0]
-        if n_saved not in (1, len(common["positions"])):
-            raise ctx.fail(
-                "position-count",
-                f"saved value '{source.saved}' has {n_saved} positions but the op selects {len(common['positions'])}",
-                path,
-                "save one position, select as many positions, or add 'reduce: mean'",
-            )
-    return keys
+        return
+    keys = saved_keys(ctx, source, common, path + (attr, "saved"))
+    check_saved_width(ctx, source.saved, site, width, path + (attr, "saved"))
+    ctx.ops.append(kind(**common, sources=tuple(keys), mean=source.reduce == "mean", **factor))
 
 
 def _read_vector_file(ctx: Context, source: S.FileVector, path: SpecPath) -> tuple[float, ...]:

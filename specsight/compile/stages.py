@@ -15,17 +15,21 @@ from .distributions import kl_dependencies
 __all__ = ["collect_save_names", "order_stages"]
 
 
-def _sources_of(invoke: S.Invoke) -> list[tuple[int, str, str, str]]:
-    """(op index, kind, name, field) for every reference an invoke's ops make: patch and
-    ablation sources, noise scales, saved values."""
-    refs = []
+def _sources_of(invoke: S.Invoke) -> list[tuple[int, str, str, tuple[str | int, ...]]]:
+    """(op index, kind, name, path in the op) for every reference an invoke's ops make: patch
+    and ablation sources, noise scales, saved values (a mean difference reads two)."""
+    refs: list[tuple[int, str, str, tuple[str | int, ...]]] = []
     for i, op in enumerate(invoke.ops):
         for field_name, source in S.invoke_sources(op):
-            refs.append((i, "invoke", source, field_name))
+            refs.append((i, "invoke", source, (field_name,)))
         for attr in ("vector", "value"):
             source = getattr(op, attr, None)
             if isinstance(source, S.SavedVector):
-                refs.append((i, "saved", source.saved, attr))
+                refs.append((i, "saved", source.saved, (attr, "saved")))
+            elif isinstance(source, S.MeanDiffVector):
+                refs += [
+                    (i, "saved", n, (attr, "mean_diff", j)) for j, n in enumerate(source.mean_diff)
+                ]
     return refs
 
 
@@ -115,16 +119,12 @@ def _dependencies(ctx: SpecContext) -> dict[str, dict[str, SpecPath]]:
     save_owner = {save: owner for save, (owner, _) in ctx.save_names.items()}
     deps: dict[str, dict[str, SpecPath]] = {name: {} for name in ctx.spec.invokes}
     for name, invoke in ctx.spec.invokes.items():
-        for i, source, ref, field_name in _sources_of(invoke):
-            op_path: SpecPath = ("invokes", name, "ops", i)
+        for i, source, ref, where in _sources_of(invoke):
+            op_path: SpecPath = ("invokes", name, "ops", i, *where)
             if source == "invoke":
-                _invoke_dependency(
-                    ctx, deps[name], name, invoke.ops[i].op, ref, op_path + (field_name,)
-                )
+                _invoke_dependency(ctx, deps[name], name, invoke.ops[i].op, ref, op_path)
             else:
-                _saved_dependency(
-                    ctx, deps[name], name, save_owner, ref, op_path + (field_name, "saved")
-                )
+                _saved_dependency(ctx, deps[name], name, save_owner, ref, op_path)
     return deps
 
 

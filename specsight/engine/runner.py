@@ -278,6 +278,12 @@ class Runner:
         pieces = [p.reshape(p.shape[0], -1) for p in (self.store[k] for k in keys)]
         return torch.cat(pieces).mean(0) if mean else pieces[0]
 
+    def saved_mean(self, keys: Sequence[str], pooled: bool) -> torch.Tensor:
+        """The mean of saved rows in float32: per position (rows of equal length), or over
+        every row and position (``pooled``)."""
+        pieces = [self.store[k].reshape(self.store[k].shape[0], -1).float() for k in keys]
+        return torch.cat(pieces).mean(0) if pooled else torch.stack(pieces).mean(0)
+
     def derived(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
         if key not in self._derived:
             self._derived[key] = compute()

@@ -13,7 +13,7 @@ from ..errors import Issue, did_you_mean
 from .base import TokenSelector
 from .document import Invoke, ModelRef, Spec
 from .metrics import METRIC_CLASSES, METRIC_KINDS
-from .ops import OP_CLASSES, OP_NAMES, FileVector, SavedVector
+from .ops import OP_CLASSES, OP_NAMES, FileVector, MeanDiffVector, SavedVector
 
 __all__ = ["data_path", "describe_value", "issue_for"]
 
@@ -79,9 +79,12 @@ def _model_at(path: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
                 i += 1
             continue
         if part in ("vector", "value"):
+            keys = node_child if isinstance(node_child, dict) else {}
             cls = (
                 SavedVector
-                if isinstance(node_child, dict) and "saved" in node_child
+                if "saved" in keys
+                else MeanDiffVector
+                if "mean_diff" in keys
                 else FileVector
             )
             i, node = i + 1, node_child
@@ -204,7 +207,8 @@ def issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> t
 
     if kind == "extra_forbidden":
         key = loc[-1]
-        branch_classes = {c.__name__: c for c in (TokenSelector, FileVector, SavedVector)}
+        branches = (TokenSelector, FileVector, SavedVector, MeanDiffVector)
+        branch_classes = {c.__name__: c for c in branches}
         classes: list[type[BaseModel]] = []
         for e in errs:  # one error per branch of a union that refused the key
             e_loc = tuple(e["loc"])

@@ -16,6 +16,7 @@ from .base import SITE_SYNTAX, Number, Placeholder, Positions, StrictModel
 __all__ = [
     "FileVector",
     "SavedVector",
+    "MeanDiffVector",
     "VectorSource",
     "HeadSelector",
     "StepSelector",
@@ -59,7 +60,28 @@ class SavedVector(StrictModel):
     )
 
 
-VectorSource = Union[list[float], FileVector, SavedVector]
+class MeanDiffVector(StrictModel):
+    """A steering vector from contrastive data: the mean of one saved set (the positive
+    prompts' values at a site) minus the mean of another (the negative prompts')."""
+
+    mean_diff: Annotated[list[str], Field(min_length=2, max_length=2)] = Field(
+        description="[positive, negative]: the names of two saved values, each from any number "
+        "of prompts or dataset items",
+        json_schema_extra={"examples": [["pos/resid_post.6", "neg/resid_post.6"]]},
+    )
+    reduce: Literal["mean", "none"] = Field(
+        "mean",
+        description="'mean': one vector, each set pooled over its rows and positions; 'none': "
+        "a vector per saved position, each set averaged over its rows",
+    )
+    norm: Literal["none", "unit", "match_site"] = Field(
+        "none",
+        description="'unit': scaled to length 1; 'match_site': scaled to the mean length of the "
+        "site's values at the positions the op writes, in the run it steers",
+    )
+
+
+VectorSource = Union[list[float], FileVector, SavedVector, MeanDiffVector]
 
 
 # --- ops -----------------------------------------------------------------------------------

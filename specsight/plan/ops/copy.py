@@ -50,16 +50,37 @@ class Patch(Op):
 @dataclass(frozen=True, kw_only=True)
 class _Saved(Op):
     """An op that writes a saved value: one row's (a value per position, or one for all), or
-    the mean over every row and position of ``sources`` (``mean``)."""
+    the mean over every row and position of ``sources`` (``mean``). With ``minus``, the mean of
+    ``sources`` minus the mean of ``minus`` (a steering vector from contrastive data): pooled
+    over rows and positions (``mean``) or per position, then scaled as ``norm`` says."""
 
     sources: tuple[StoreKey, ...]
     mean: bool = False
+    minus: tuple[StoreKey, ...] = ()
+    #: "none", "unit" (length 1) or "match_site" (the mean length of the values it writes over)
+    norm: str = "none"
 
     def reads(self) -> tuple[StoreKey, ...]:
-        return self.sources
+        return self.sources + self.minus
 
-    def _value(self, hidden: Any, env: OpEnv) -> Any:
-        return env.saved(self.sources, self.mean).to(hidden.device, hidden.dtype)
+    def _value(self, hidden: Any, env: OpEnv, at: At | None = None) -> Any:
+        if not self.minus:
+            return env.saved(self.sources, self.mean).to(hidden.device, hidden.dtype)
+        key = ("mean_diff", self.sources, self.minus, self.mean)
+        diff = env.derived(key, self._difference(env)).to(hidden.device, hidden.dtype)
+        if self.norm == "none":
+            return diff
+        length = diff.norm(dim=-1, keepdim=True)
+        if self.norm == "match_site" and at is not None:
+            length = length / hidden[at.index].norm(dim=-1).mean()
+        return diff / length
+
+    def _difference(self, env: OpEnv) -> Any:
+        def compute() -> Any:
+            positive = env.saved_mean(self.sources, pooled=self.mean)
+            return positive - env.saved_mean(self.minus, pooled=self.mean)
+
+        return compute
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +95,7 @@ class AddSaved(_Saved):
         return "add"
 
     def apply(self, hidden: Any, at: At, env: OpEnv) -> None:
-        hidden[at.index] = hidden[at.index] + self._value(hidden, env) * self.factor
+        hidden[at.index] = hidden[at.index] + self._value(hidden, env, at) * self.factor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,4 +109,4 @@ class SetSaved(_Saved):
         return "set"
 
     def apply(self, hidden: Any, at: At, env: OpEnv) -> None:
-        hidden[at.index] = self._value(hidden, env).expand(len(self.positions), -1)
+        hidden[at.index] = self._value(hidden, env, at).expand(len(self.positions), -1)

@@ -65,6 +65,14 @@ class OpEnv(Protocol):
     def stored(self, pairs: Sequence[tuple[StoreKey, int]]) -> Any:
         """Stored values ``store[key][position]`` for each pair, stacked as [n, width]."""
 
+    def saved(self, keys: Sequence[StoreKey], mean: bool) -> Any:
+        """One saved row's values, a vector per position, or (``mean``) the mean over every
+        row and position of ``keys``."""
+
+    def saved_mean(self, keys: Sequence[StoreKey], pooled: bool) -> Any:
+        """The mean of saved rows ``keys``: a vector per position, or (``pooled``) one over
+        their positions too."""
+
     def derived(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
         """A value computed once per run (a mean, a spread, a basis) under ``key``."""
 
