@@ -81,6 +81,14 @@ OP_JOBS["saved"]["invokes"]["corrupt"]["ops"][:0] = [
     {"op": "add", "site": "resid_post.0", "positions": [9], "vector": {"saved": "kept"}},
     {"op": "set", "site": "resid_post.1", "positions": [9], "value": {"saved": "kept"}},
 ]
+OP_JOBS["mean_diff"] = _job([])
+OP_JOBS["mean_diff"]["invokes"]["clean"]["ops"] = [
+    {"op": "save", "site": "resid_post.0", "positions": [9], "name": "kp"},
+    {"op": "save", "site": "resid_post.0", "positions": [2, 13], "name": "kn"},
+]
+OP_JOBS["mean_diff"]["invokes"]["corrupt"]["ops"][:0] = [
+    {"op": "add", "site": "resid_post.0", "positions": [9], "vector": {"mean_diff": ["kp", "kn"], "norm": "match_site"}},
+]  # fmt: skip
 OP_JOBS["resample_ablate"] = _job([])
 OP_JOBS["resample_ablate"]["invokes"]["clean"]["prompt"] = PROMPTS[:3]
 OP_JOBS["resample_ablate"]["invokes"]["corrupt"]["prompt"] = PROMPTS[1:4]

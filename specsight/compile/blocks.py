@@ -46,7 +46,9 @@ _CROSS_ITEM_OPS = (S.MeanAblateOp, S.ResampleAblateOp)
 
 def _reads_saved(value: Any) -> bool:
     if isinstance(value, dict):
-        return "saved" in value or any(_reads_saved(v) for v in value.values())
+        return bool({"saved", "mean_diff"} & value.keys()) or any(
+            _reads_saved(v) for v in value.values()
+        )
     if isinstance(value, list):
         return any(_reads_saved(v) for v in value)
     return False
