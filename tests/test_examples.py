@@ -48,6 +48,7 @@ def test_every_example_has_a_behaviour_test():
         "ioi_patching.yaml",
         "mlp_zero_ablation.yaml",
         "steering_add.yaml",
+        "steering_caa.yaml",
         "steering_generate.yaml",
         "vit_patching.yaml",
     }
@@ -196,6 +197,59 @@ def test_steering_add(smollm, record_property, tmp_path):
     torch.testing.assert_close(sentiment[0], _plain_sentiment(smollm, prompts), rtol=0, atol=1e-5)
     assert results["top"].shape == (len(coeffs), len(prompts), 3)
     assert set(results.saves) == {"love_mean", "hate_mean"}
+
+
+def _caa_by_hand(smollm, spec, layer: int, coeff: float) -> torch.Tensor:
+    """The CAA script: hooks keep the last token's residual at ``layer`` for each positive and
+    negative sentence; their mean difference, scaled to ``coeff`` times the mean length of the
+    steered prompt's residual there, is added at every position; ' great' - ' bad' per prompt."""
+    block = smollm.model.model.layers[layer]
+    rows = spec.dataset.rows
+    kept: list[torch.Tensor] = []
+
+    def keep(_m, _args, output):
+        kept.append((output[0] if isinstance(output, tuple) else output)[0, -1].float())
+
+    def mean_of(column: str) -> torch.Tensor:
+        kept.clear()
+        handle = block.register_forward_hook(keep)
+        for row in rows:
+            smollm.model(input_ids=torch.tensor([smollm.tokenizer.encode(row[column])]))
+        handle.remove()
+        return torch.stack(kept).mean(0)
+
+    def steer(_m, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        length = hidden[0].norm(dim=-1).mean()
+        hidden = hidden + coeff * direction * length
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    with torch.inference_mode():
+        diff = mean_of("pos") - mean_of("neg")
+        direction = diff / diff.norm()
+        handle = block.register_forward_hook(steer)
+        try:
+            return _plain_sentiment(smollm, spec.invokes["steered"].prompts)
+        finally:
+            handle.remove()
+
+
+def test_steering_caa(smollm, record_property, tmp_path):
+    results = timed_run("steering_caa.yaml", smollm, record_property, tmp_path)
+    assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
+    spec = specsight.load_spec(SPECS / "steering_caa.yaml")
+    layers, coeffs = [3, 6, 9, 12], [0, 0.1, 0.2, 0.4]
+    assert results.axes("sentiment") == ["layer", "coeff"]
+    per_prompt = results["sentiment/items"]  # [layer, coeff, prompt]
+    plain = _plain_sentiment(smollm, spec.invokes["steered"].prompts)
+    for i in range(len(layers)):
+        torch.testing.assert_close(per_prompt[i, 0], plain, rtol=0, atol=1e-4)
+    for layer, coeff in [(6, 0.1), (12, 0.4)]:
+        expected = _caa_by_hand(smollm, spec, layer, coeff)
+        got = per_prompt[layers.index(layer), coeffs.index(coeff)]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    texts = [entry["text"] for entry in results.manifest["generated"]["story"]]
+    assert texts[0] != texts[1]  # the vector changes what the model writes
 
 
 def test_steering_generate(smollm, record_property, tmp_path):

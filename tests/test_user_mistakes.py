@@ -395,3 +395,25 @@ def test_a_saved_value_of_the_right_width_is_added_as_hooks_would():
         expected = lm.model(ids).logits[0, -1]
         handle.remove()
     torch.testing.assert_close(got.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_layer_of_a_wildcard_save_is_read_by_its_name():
+    """``{saved: src/resid_post.2}`` reads the layer-2 value a ``resid_post.*`` save keeps (it
+    was refused as unknown unless written with a placeholder); a layer no save keeps is still
+    an unknown saved value."""
+    lm = tiny("tiny-llama")
+
+    def spec(name: str) -> dict:
+        return _spec(
+            {
+                "src": {"prompt": CLEAN, "ops": [{"op": "save", "site": "resid_post.*", "positions": [-1]}]},
+                "dst": {"prompt": CLEAN, "ops": [
+                    {"op": "set", "site": "resid_post.2", "positions": [-1], "value": {"saved": name}},
+                    {"op": "save", "site": "resid_post.2", "positions": [-1], "name": "out"},
+                ]},
+            }
+        )  # fmt: skip
+
+    results = specsight.run(spec("src/resid_post.2"), model=lm)
+    torch.testing.assert_close(results.saves["out"], results.saves["src/resid_post.2"])
+    assert _issue(spec("src/mlp_out.2"))[0] == "unknown-saved"

@@ -67,14 +67,26 @@ def _normalized(name: str) -> str:
     return _SITE_INDEX.sub("*", _PLACEHOLDER.sub("*", name))
 
 
+def _several_sites(save: str) -> bool:
+    """Whether a save's name stands for several sites (a wildcard or a range of layers)."""
+    found = _SITE_INDEX.search(save)
+    return found is not None and not found.group(0).isdigit()
+
+
 def _owner_of_pattern(ref: str, save_owner: dict[str, str]) -> str | None:
     """The invoke whose saves a templated name (``ref/mlp_out.{layer}``) reads: the saves of
     a wildcard or range of sites (``ref/mlp_out.*``) or of single sites (``ref/mlp_out.3``)
-    whose names agree with it but for the layer."""
-    if not _PLACEHOLDER.search(ref):
+    whose names agree with it but for the layer; a single layer's name
+    (``ref/mlp_out.3``) reads a save of a wildcard or range of sites."""
+    templated = bool(_PLACEHOLDER.search(ref))
+    if not templated and not _SITE_INDEX.search(ref):
         return None
     pattern = _normalized(ref)
-    owners = {owner for save, owner in save_owner.items() if _normalized(save) == pattern}
+    owners = {
+        owner
+        for save, owner in save_owner.items()
+        if _normalized(save) == pattern and (templated or _several_sites(save))
+    }
     return owners.pop() if len(owners) == 1 else None
 
 
