@@ -127,3 +127,18 @@ def test_a_set_of_another_width_is_a_located_error():
     (issue,) = err.value.issues
     assert issue.code == "vector-size"
     assert issue.path == ("invokes", "steered", "ops", 0, "vector", "mean_diff", 1)
+
+
+def test_a_mean_difference_runs_remotely_as_it_runs_locally(tmp_path):
+    """Through the client and the server's app (in process, tiny-llama): the same tensors."""
+    import json
+
+    from specsight.remote.submit import run_remote
+    from tests.test_remote_client import URL, FakeServer, assert_same_tensors
+
+    path = tmp_path / "caa.json"
+    path.write_text(json.dumps(_spec({"mean_diff": ["p", "n"], "norm": "match_site"})))
+    fake = FakeServer()
+    with fake.client() as client:
+        remote = run_remote(path, URL, client=client)
+    assert_same_tensors(remote, specsight.run(path))
