@@ -57,6 +57,7 @@ _VALUES: list[Any] = [
     {},
     {"token": " John", "occurrence": 0},
     {"saved": "x/y.*", "reduce": "mean"},
+    {"mean_diff": ["love/resid_post.6", "x"], "norm": "match_site"},
     {"file": "../../etc/passwd"},
     [[[[[[[[[[1]]]]]]]]]],
 ]
