@@ -24,7 +24,8 @@ OWN_MODEL = {"vit_patching": ("tiny-vit",)}
 CASES = [
     (spec_path.stem, model)
     for spec_path in sorted(SPECS.glob("*.yaml")) + sorted(TINY_SPECS.glob("*.yaml"))
-    if spec_path.stem not in ("steering_add", "steering_generate", "ioi_dataset", "causal_tracing")
+    if spec_path.stem
+    not in ("steering_add", "steering_generate", "steering_caa", "ioi_dataset", "causal_tracing")
     for model in OWN_MODEL.get(spec_path.stem, ("tiny-llama", "tiny-gpt2"))
 ]
 
