@@ -11,6 +11,8 @@ from typing import Any
 
 __all__ = [
     "METRIC_TEMPLATE_FIELDS",
+    "TEMPLATE",
+    "cell_text",
     "OP_TEMPLATE_FIELDS",
     "column_names",
     "render",
@@ -21,7 +23,8 @@ __all__ = [
 #: op fields whose templates take a dataset row's values
 OP_TEMPLATE_FIELDS = ("positions", "source_positions")
 _NAME = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_TEMPLATE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: a template's column placeholders, and its escaped braces
+TEMPLATE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def column_names(text: Any) -> set[str]:
@@ -33,7 +36,7 @@ def column_names(text: Any) -> set[str]:
         return set().union(*(column_names(t) for t in text.values()))
     if not isinstance(text, str):
         return set()
-    return {m.group(1) for m in _TEMPLATE.finditer(text) if m.group(1)}
+    return {m.group(1) for m in TEMPLATE.finditer(text) if m.group(1)}
 
 
 def render(text: str, row: dict[str, Any]) -> str:
@@ -45,9 +48,9 @@ def render(text: str, row: dict[str, Any]) -> str:
         if name is None:  # an escaped brace
             return match.group(0)[0]
         value = row.get(name)  # a missing or null value is a located issue of its own
-        return match.group(0) if value is None else _text(value)
+        return match.group(0) if value is None else cell_text(value)
 
-    return _TEMPLATE.sub(value, text)
+    return TEMPLATE.sub(value, text)
 
 
 def render_value(value: Any, row: dict[str, Any]) -> Any:
@@ -61,7 +64,8 @@ def render_value(value: Any, row: dict[str, Any]) -> Any:
     return render(value, row)
 
 
-def _text(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A dataset value as a template writes it: null as nothing, booleans as JSON does."""
     if value is None:
         return ""
     if isinstance(value, bool):

@@ -275,14 +275,18 @@ class Runner:
     def saved(self, keys: Sequence[str], mean: bool) -> torch.Tensor:
         """Saved values on their own device: one vector per position (heads flattened), or
         the mean over every row and position (``mean``)."""
-        pieces = [p.reshape(p.shape[0], -1) for p in (self.store[k] for k in keys)]
+        pieces = self._saved_rows(keys)
         return torch.cat(pieces).mean(0) if mean else pieces[0]
 
     def saved_mean(self, keys: Sequence[str], pooled: bool) -> torch.Tensor:
         """The mean of saved rows in float32: per position (rows of equal length), or over
         every row and position (``pooled``)."""
-        pieces = [self.store[k].reshape(self.store[k].shape[0], -1).float() for k in keys]
+        pieces = [p.float() for p in self._saved_rows(keys)]
         return torch.cat(pieces).mean(0) if pooled else torch.stack(pieces).mean(0)
+
+    def _saved_rows(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        """Each saved row as [positions, width] (a head site's heads flattened)."""
+        return [self.store[k].reshape(self.store[k].shape[0], -1) for k in keys]
 
     def derived(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
         if key not in self._derived:

@@ -8,12 +8,13 @@ refused, and the plan holds only token ids, module names, positions and numbers.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..compile import compile_plan, spec_sizes
+from ..compile.templates import TEMPLATE, cell_text
 from ..errors import Issue, SpecError, SpecsightError, format_path
 from ..plan import Plan
 from ..spec import LoadedDoc, Spec, from_data, validate_spec
@@ -26,6 +27,7 @@ __all__ = [
     "LimitError",
     "PreparedJob",
     "check_text_bytes",
+    "strings_in",
     "factory_refusal",
     "prepare_job",
     "refuse_local_only",
@@ -61,21 +63,8 @@ class PreparedJob:
     result_bytes: int
 
 
-#: a template's column placeholders, and its escaped braces
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
 def _utf8_bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def _cell_bytes(value: Any) -> int:
-    """The UTF-8 bytes of a dataset value as a template writes it."""
-    if value is None:
-        return 0
-    if isinstance(value, bool):
-        return 4 if value else 5
-    return _utf8_bytes(value if isinstance(value, str) else str(value))
 
 
 def _longest_values(rows: list[Any]) -> dict[str, int]:
@@ -84,7 +73,7 @@ def _longest_values(rows: list[Any]) -> dict[str, int]:
     for row in rows:
         if isinstance(row, dict):
             for name, value in row.items():
-                size = _cell_bytes(value)
+                size = _utf8_bytes(cell_text(value))
                 if size > longest.get(name, -1):
                     longest[name] = size
     return longest
@@ -97,7 +86,7 @@ def _filled_bytes(text: str, longest: dict[str, int]) -> int:
     if "{" not in text or not longest:
         return size
     names = Counter[str]()
-    for match in _PLACEHOLDER.finditer(text):
+    for match in TEMPLATE.finditer(text):
         if match.group(1) is None:
             size -= 1  # {{ writes {
         else:
@@ -106,6 +95,23 @@ def _filled_bytes(text: str, longest: dict[str, int]) -> int:
         if name in longest:  # a placeholder that names no column stays as it is
             size += count * (longest[name] - len(name) - 2)
     return size
+
+
+def strings_in(data: Any) -> Iterator[tuple[tuple[Any, ...], str, bool]]:
+    """Every string of JSON data with where it stands, keys included: (path, text, is a key);
+    a key's path ends in the key. Iterative: a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    yield path + (key,), key, True
+                stack.append((path + (key,), item))
+        elif isinstance(value, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            yield path, value, False
 
 
 def check_text_bytes(spec_data: Any, limits: Limits) -> None:
@@ -125,23 +131,16 @@ def check_text_bytes(spec_data: Any, limits: Limits) -> None:
             "shorten the text; a prompt must also fit in max_prompt_tokens tokens",
         )
 
-    stack: list[tuple[tuple[Any, ...], Any]] = [((), spec_data)]
-    while stack:  # iterative: a deeply nested spec cannot exhaust the stack here
-        path, value = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(key, str) and _utf8_bytes(key) > limit:
-                    refuse(path, _utf8_bytes(key), ": a key")
-                stack.append((path + (key,), item))
-        elif isinstance(value, list):
-            stack.extend((path + (i,), v) for i, v in enumerate(value))
-        elif isinstance(value, str):
-            if path[:1] == ("dataset",):
-                if _utf8_bytes(value) > limit:
-                    refuse(path, _utf8_bytes(value))
-            elif (size := _filled_bytes(value, longest)) > limit:
-                filled = size != _utf8_bytes(value)
-                refuse(path, size, " with the dataset's longest values in" if filled else "")
+    for path, value, is_key in strings_in(spec_data):
+        if is_key:
+            if _utf8_bytes(value) > limit:
+                refuse(path[:-1], _utf8_bytes(value), ": a key")
+        elif path[:1] == ("dataset",):
+            if _utf8_bytes(value) > limit:
+                refuse(path, _utf8_bytes(value))
+        elif (size := _filled_bytes(value, longest)) > limit:
+            filled = size != _utf8_bytes(value)
+            refuse(path, size, " with the dataset's longest values in" if filled else "")
 
 
 def _served_seed(model: LoadedModel) -> int:

@@ -118,26 +118,15 @@ def parse_submit(body: bytes) -> SubmitRequest:
 
 def _lone_surrogate(data: Any) -> ApiError:
     """A 422 naming where in the spec (or the body) a string holds a lone UTF-16 surrogate."""
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
-    while stack:  # iterative: the body's nesting is bounded only by json's own recursion
-        path, node = stack.pop()
-        items = (
-            node.items()
-            if isinstance(node, dict)
-            else enumerate(node)
-            if isinstance(node, list)
-            else ()
-        )
-        for key, value in items:
-            found = lone_surrogate(key) if isinstance(key, str) else None
-            found = found or (lone_surrogate(value) if isinstance(value, str) else None)
-            if found is not None:
-                where = path + (key,)
-                where = where[1:] if where[:1] == ("spec",) else where
-                message = f"a string holds a lone surrogate {found}; text must be whole Unicode characters"
-                issue = Issue("lone-surrogate", message, where, hint=SURROGATE_HINT)
-                return ApiError(422, "invalid-spec", message, issues=[issue.to_dict()])
-            stack.append((path + (key,), value))
+    for path, text, _ in admission.strings_in(data):
+        found = lone_surrogate(text)
+        if found is not None:
+            where = path[1:] if path[:1] == ("spec",) else path
+            message = (
+                f"a string holds a lone surrogate {found}; text must be whole Unicode characters"
+            )
+            issue = Issue("lone-surrogate", message, where, hint=SURROGATE_HINT)
+            return ApiError(422, "invalid-spec", message, issues=[issue.to_dict()])
     return ApiError(422, "invalid-json", "the body holds a lone surrogate", hint=SURROGATE_HINT)
 
 
