@@ -92,6 +92,17 @@ def test_a_checkpoint_gone_before_the_identity_is_read_falls_back_to_the_tensors
     assert again.weights_sha256 in (loaded.weights_sha256, hash_weights(again.model))
 
 
+def test_a_shard_of_the_loaded_list_gone_raises_instead_of_hashing_a_subset(tmp_path):
+    # the race of the test above made deterministic: the glob ran after one shard was gone
+    folder = tmp_path / "ckpt"
+    shards = _sharded(folder)
+    files = checkpoint_files(folder)
+    checkpoint_identity(folder, files=files)  # every file cached: no read would notice
+    shards[0].unlink()
+    with pytest.raises(FileNotFoundError):
+        checkpoint_identity(folder, files=files)
+
+
 def test_the_execution_device_is_the_one_accelerate_runs_on():
     from types import SimpleNamespace
 

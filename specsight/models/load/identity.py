@@ -90,9 +90,12 @@ def _blob_sha256(path: Path) -> str | None:
     return name if target.parent.name == "blobs" and _SHA256.fullmatch(name) else None
 
 
-def checkpoint_identity(folder: Path, *, workers: int = 4) -> str:
-    """sha256 identity of ``folder``'s checkpoint files (see the module docstring)."""
-    files = checkpoint_files(folder)
+def checkpoint_identity(folder: Path, *, files: list[Path] | None = None, workers: int = 4) -> str:
+    """sha256 identity of ``folder``'s checkpoint files (see the module docstring).
+
+    ``files``: the list taken when the weights were loaded; one of them gone by now raises
+    (the identity never covers a subset of the shards that were loaded)."""
+    files = checkpoint_files(folder) if files is None else files
     if not files:
         raise FileNotFoundError(f"no weight files in {folder}")
     with _LOCK:

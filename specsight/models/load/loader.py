@@ -27,7 +27,7 @@ from ..info import ModelInfo
 from ..tokenizer import LabelTokenizer, Tokenizer
 from .builtin import builtin_hash, builtin_info, ensure_builtin
 from .folder import OFFLINE_HINT, auto_class, config_of, folder_tokenizer, from_pretrained
-from .identity import checkpoint_identity
+from .identity import checkpoint_files, checkpoint_identity
 from .introspect import hash_weights, model_info_from_module
 from .tiny import build_tiny, tiny_tokenizer
 from .vision import with_processor
@@ -158,11 +158,12 @@ def load_model(
         model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
         model = model.to(torch_dtype)
     else:
+        loaded_files = checkpoint_files(folder) if kind in ("dir", "hub") else []
         model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind, placement)
     identity: Future[str] | None = None
     if kind in ("dir", "hub"):  # the checkpoint files' identity: hashed off the critical path,
         assert folder is not None  # after the load (which it would slow) and while a run starts
-        identity = _identity_in_background(folder, model)
+        identity = _identity_in_background(folder, loaded_files, model)
     if device_map is not None:
         target = execution_device(model)
     if kind == "builtin":  # shape info and the float32 hash were stored at conversion
@@ -231,7 +232,7 @@ def _require_accelerate() -> None:
         )
 
 
-def _identity_in_background(folder: Path, model: torch.nn.Module) -> Future[str]:
+def _identity_in_background(folder: Path, files: list[Path], model: torch.nn.Module) -> Future[str]:
     """The checkpoint's identity, hashed in a daemon thread (a run that ends early does not
     wait for it at exit). Files that cannot be read by then (a checkpoint rotated away during
     the run) fall back to the loaded tensors' hash, so a finished run is never lost to it."""
@@ -239,7 +240,7 @@ def _identity_in_background(folder: Path, model: torch.nn.Module) -> Future[str]
 
     def work() -> None:
         try:
-            future.set_result(checkpoint_identity(folder))
+            future.set_result(checkpoint_identity(folder, files=files))
         except Exception:
             try:
                 future.set_result(hash_weights(model))
