@@ -50,6 +50,7 @@ def test_every_example_has_a_behaviour_test():
         "steering_add.yaml",
         "steering_caa.yaml",
         "steering_generate.yaml",
+        "ioi_dla.yaml",
         "vit_patching.yaml",
     }
     assert set(EXAMPLES) == tested, "a new example in specs/ needs its own test here"
@@ -250,6 +251,49 @@ def test_steering_caa(smollm, record_property, tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
     texts = [entry["text"] for entry in results.manifest["generated"]["story"]]
     assert texts[0] != texts[1]  # the vector changes what the model writes
+
+
+def test_ioi_dla_equals_transformer_lens(smollm, record_property, tmp_path):
+    """Items run batched (padded) by specsight, one by one by TransformerLens's bridge on the
+    same weights: each part within what padding moves (FACTS: ~1e-4 of the logits)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from specsight.models.catalog import builtin_dir
+
+    results = timed_run("ioi_dla.yaml", smollm, record_property, tmp_path)
+    assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
+    labels = results.manifest["tensors"]["dla"]["axis_values"]["component"]
+    assert len(labels) == 1 + 30 * 9 + 30 + 1
+    per_item, totals = results["dla/items"], results["dla/total/items"]  # [64, 302], [64]
+    assert float(results["dla/residual"].abs()) < 1e-4 * float(totals.abs().mean())
+    bridge = TransformerBridge.boot_transformers(str(builtin_dir()), device="cpu")
+    bridge.enable_compatibility_mode(
+        fold_value_biases=False, center_unembed=False, disable_warnings=True
+    )
+    rows = [json.loads(line) for line in (SPECS / "data" / "ioi.jsonl").read_text().splitlines()]
+    for i in (0, 1, 37):
+        ids = smollm.tokenizer.encode(rows[i]["clean"])
+        target, foil = (smollm.tokenizer.encode_plain(rows[i][k])[0] for k in ("io", "s"))
+        _, cache = bridge.run_with_cache(torch.tensor([ids]))
+        stack, names = cache.get_full_resid_decomposition(
+            expand_neurons=False, pos_slice=-1, return_labels=True
+        )
+        attrs = cache.logit_attrs(
+            stack,
+            tokens=torch.tensor([target]),
+            incorrect_tokens=torch.tensor([foil]),
+            pos_slice=-1,
+        ).reshape(-1)
+        ref = dict(zip(names, attrs.tolist()))
+        got = dict(zip(labels, per_item[i].tolist()))
+        tol = 1e-4 * sum(abs(v) for v in ref.values())
+        for name, value in ref.items():
+            ours = (
+                got[f"mlp_out.{name.split('_')[0]}"] if name.endswith("_mlp_out") else got.get(name)
+            )
+            if ours is not None:
+                assert ours == pytest.approx(value, abs=tol), (i, name)
+        assert float(totals[i]) == pytest.approx(sum(got.values()), abs=tol)
 
 
 def test_steering_generate(smollm, record_property, tmp_path):

@@ -25,7 +25,14 @@ CASES = [
     (spec_path.stem, model)
     for spec_path in sorted(SPECS.glob("*.yaml")) + sorted(TINY_SPECS.glob("*.yaml"))
     if spec_path.stem
-    not in ("steering_add", "steering_generate", "steering_caa", "ioi_dataset", "causal_tracing")
+    not in (
+        "steering_add",
+        "steering_generate",
+        "steering_caa",
+        "ioi_dataset",
+        "ioi_dla",
+        "causal_tracing",
+    )
     for model in OWN_MODEL.get(spec_path.stem, ("tiny-llama", "tiny-gpt2"))
 ]
 

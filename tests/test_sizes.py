@@ -80,6 +80,14 @@ def _metrics_spec() -> dict:
             "top": {"kind": "top_k", "invoke": "two", "k": 7},
             "lens": {"kind": "logit_lens", "invoke": "base", "site": "resid_post.1:3", "k": 4},
             "cl": {"kind": "logit_diff", "invoke": "two", "target": " Mary", "foil": " John"},
+            "dla": {"kind": "dla", "invoke": "base", "target": " Mary", "foil": " John"},
+            "dla_mean": {
+                "kind": "dla",
+                "invoke": "two",
+                "target": " Mary",
+                "by": ["attn", "mlps"],
+                "reduce": {"over": "prompt"},
+            },
         }
     )
     spec["backward"] = {"metric": "cl"}

@@ -128,6 +128,10 @@ METRIC_JOBS: dict[str, dict[str, Any]] = {
     "logit_lens": _job(
         [], metrics={"m": {"kind": "logit_lens", "invoke": "corrupt", "token": " Mary", "k": 3}}
     ),
+    "dla": _job(
+        [{"op": "zero", "site": "head_z.1", "heads": [2], "positions": [13]}],
+        metrics={"m": {"kind": "dla", "invoke": "corrupt", "target": " Mary", "foil": " John"}},
+    ),
     "attribution": _job(
         [],
         metrics={
@@ -362,7 +366,13 @@ def test_only_kinds_that_cannot_split_are_refused_by_shards():
     refused = {name: shardable(plan) for name, plan in SMALL.items() if name not in SHARDABLE}
     reasons = ("generates", "backward pass", "reads stored values")
     assert all(any(r in why for r in reasons) for why in refused.values()), refused
-    assert set(refused) == {"op:grad", "op:generate", "metric:logit_lens", "metric:attribution"}
+    assert set(refused) == {
+        "op:grad",
+        "op:generate",
+        "metric:logit_lens",
+        "metric:dla",
+        "metric:attribution",
+    }
 
 
 # --- hooks never outlive a run ----------------------------------------------------------------

@@ -243,12 +243,25 @@ def _metric_sizes(
     if owner is not metric:
         cells = owner.value_counts(cells, 0)[""][0]
     n_sites = len(_sites(metric.site, info, {})) if "site" in metric.value_axes() else 0
+    if "component" in metric.value_axes():  # dla: its components
+        n_sites = _dla_components(metric, info)
     counts = metric.value_counts(cells, n_sites) if owner is metric else {"": (cells, False)}
     for suffix, (count, ids) in counts.items():
         sizes.tensors[f"{name}/{suffix}" if suffix else name] = count * (_INT if ids else _FLOAT)
     _reduce_sizes(sizes, name, metric, shape)
     if getattr(metric, "baseline", None) is not None:
         sizes.tensors[f"{name}/effect"] = sizes.tensors[name]
+
+
+def _dla_components(metric: Any, info: ModelInfo) -> int:
+    """The length of a dla metric's component axis (its parts, then the bias)."""
+    per_part = {
+        "embed": 1,
+        "heads": info.n_layers * info.n_heads,
+        "attn": info.n_layers,
+        "mlps": info.n_layers,
+    }
+    return sum(per_part[part] for part in metric.by) + 1
 
 
 def _reduce_sizes(sizes: SpecSizes, name: str, metric: Any, shape: _Invoke) -> None:
@@ -266,5 +279,8 @@ def _reduce_sizes(sizes: SpecSizes, name: str, metric: Any, shape: _Invoke) -> N
     sizes.tensors[f"{name}/items"] = full
     sizes.tensors[name] = one
     sizes.tensors[f"{name}/stderr"] = one
+    for companion in metric.reduced_companions:
+        sizes.tensors[f"{name}/{companion}/items"] = sizes.tensors[f"{name}/{companion}"]
+        sizes.tensors[f"{name}/{companion}"] //= max(n, 1)
     if reduce is not None and reduce.ci:
         sizes.tensors[f"{name}/ci_low"] = sizes.tensors[f"{name}/ci_high"] = one

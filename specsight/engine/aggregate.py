@@ -53,6 +53,10 @@ def _reduced(metric: Any, spec: Reduce, raw: dict[str, torch.Tensor], metrics: d
     value = statistic(None)
     metrics[metric.name] = value
     metrics[f"{metric.name}/items"] = raw[metric.name]
+    for companion in metric.reduced_companions:
+        key = f"{metric.name}/{companion}"
+        metrics[key] = _plain(raw[key], spec)(None)
+        metrics[f"{key}/items"] = raw[key]
     boot = None
     if spec.ci or spec.stat == "median" or of_means:
         boot = _bootstrap(statistic, n, spec)

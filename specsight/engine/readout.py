@@ -12,6 +12,7 @@ import torch
 
 from ..plan import Forward, Metric, Row
 from ..plan.metrics import Tokens
+from .dla import direct_attribution
 
 __all__ = ["AfterRun", "MetricBatch", "assemble", "read_metric", "to_host"]
 
@@ -132,6 +133,22 @@ class AfterRun:
                 normed = normed.to(weight.dtype)
             return torch.softmax(unembed(normed)[0].float(), -1)
 
+    def dla(
+        self,
+        values: dict[str, Any],
+        *,
+        token_ids: list[list[int]],
+        modules: tuple[str, str, tuple[str, ...]],
+        centered: bool,
+        n_heads: int,
+    ) -> dict[str, torch.Tensor]:
+        """Direct logit attribution of stored parts of the residual stream (see engine.dla)."""
+        if self.modules is None:
+            raise ValueError("direct logit attribution needs the model's modules")
+        norm, unembed, o_proj = modules
+        found = (self.modules[norm], self.modules[unembed], [self.modules[m] for m in o_proj])
+        return direct_attribution(values, token_ids, found, centered=centered, n_heads=n_heads)
+
     @staticmethod
     def index(values: list[int], like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, device=like.device)
@@ -139,6 +156,10 @@ class AfterRun:
     @staticmethod
     def stack(values: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(values)
+
+    @staticmethod
+    def cat(values: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.cat(values, dim)
 
 
 def to_host(store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

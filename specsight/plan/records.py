@@ -229,6 +229,9 @@ class Metric(KindBase):
     #: (a top_k's k), and those its companions add beyond it (a logit lens's top k per site)
     trailing: ClassVar[tuple[str, ...]] = ()
     companion_trailing: ClassVar[tuple[str, ...]] = ()
+    #: companions with one value per row of the metric: reduced (the same statistic) when the
+    #: metric is, their per-item values kept as ``<name>/<companion>/items``
+    reduced_companions: ClassVar[tuple[str, ...]] = ()
     #: whether each row's value is read from its forward's logits into the metric's result
     #: (:meth:`read`); the others are computed after the run (:meth:`finish`)
     buffered: ClassVar[bool] = False
@@ -252,6 +255,10 @@ class Metric(KindBase):
     def suffix_values(self, axis: str) -> list[Any] | None:
         """The values along one of :meth:`suffix`'s axes."""
         return None
+
+    def companion_axes(self, companion: str, axes: list[str]) -> list[str]:
+        """The axes of ``<name>/<companion>``, given the metric's own (``axes``)."""
+        return axes + list(self.companion_trailing)
 
     def token_checks(self) -> dict[str, str]:
         """The token checks a claim may make (argmax, top_k), each with where the ids are

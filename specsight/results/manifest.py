@@ -168,12 +168,16 @@ def _metric_meta(
         _companion(meta, metric.name, "effect", entry, entry["axes"], raw)
     for companion in metric.companions:
         extra = raw.metrics[f"{metric.name}/{companion}"]
+        axes = metric.companion_axes(companion, entry["axes"])
         meta[f"{metric.name}/{companion}"] = {
-            **{k: v for k, v in entry.items() if k != "decoded"},
-            "axes": entry["axes"] + list(metric.companion_trailing),
+            **{k: v for k, v in entry.items() if k not in ("decoded", "reduce")},
+            "axes": axes,
             "companion_of": metric.name,
             **_tensor_fields(extra),
         }
+        if companion in metric.reduced_companions and metric.reduce is not None:
+            items = list(metric.axes) + axes[len(metric.result_axes) :]
+            _companion(meta, f"{metric.name}/{companion}", "items", entry, items, raw)
     meta[metric.name] = entry
 
 

@@ -197,6 +197,9 @@ def _print_metric(
             )
         console.print(table)
         return
+    if view == "parts" and tensor.ndim == 1:
+        _print_parts(console, name, tensor, meta, extra)
+        return
     if tensor.ndim == 0:
         what = f" ({meta['label']})" if meta.get("label") else ""
         value = _fmt(float(tensor)) + _spread(extra, ())
@@ -224,6 +227,25 @@ def _print_metric(
         )
         for line in _strongest(name, tensor, meta, extra):
             console.print(line, markup=False)
+
+
+def _print_parts(
+    console: Console, name: str, tensor: Any, meta: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """A decomposition (dla): what it adds up to, then its largest parts by size."""
+    labels = axis_labels(meta, meta.get("axes", ["component"])[-1])
+    total = f"{_fmt(float(extra['total']))}" if "total" in extra else "?"
+    residual = f"{float(extra['residual']):.2g}" if "residual" in extra else "?"
+    console.print(
+        f"  [magenta]{escape(name)}[/magenta]{escape(_over(meta))}: {len(labels)} parts sum to "
+        f"{total} (the model's own; residual {residual}); largest:"
+    )
+    order = tensor.float().abs().nan_to_num(float("-inf")).topk(min(8, tensor.numel())).indices
+    shown = [
+        f"{labels[i] if i < len(labels) else i}: {_fmt(float(tensor[i]))}{_spread(extra, (i,))}"
+        for i in order.tolist()
+    ]
+    console.print("    " + escape("  ".join(shown)))
 
 
 @dataclass(frozen=True)

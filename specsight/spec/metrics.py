@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .base import SITE_SYNTAX, PositionSelector, StrictModel, TokenRef
 
@@ -22,6 +22,8 @@ __all__ = [
     "LossMetric",
     "AccuracyMetric",
     "AttributionMetric",
+    "DlaMetric",
+    "DLA_PARTS",
     "Metric",
     "METRIC_CLASSES",
     "METRIC_KINDS",
@@ -69,6 +71,8 @@ class _MetricKind(StrictModel):
     fixed_axes: ClassVar[tuple[str, ...] | None] = None
     #: it runs a backward pass of its own
     needs_backward: ClassVar[bool] = False
+    #: companions with one value per cell, reduced when the metric is (dla's total)
+    reduced_companions: ClassVar[tuple[str, ...]] = ()
 
     @property
     def shaped_like(self) -> str | None:
@@ -246,8 +250,53 @@ class AttributionMetric(_MetricKind):
     )
 
 
+DLA_PARTS = ("embed", "heads", "attn", "mlps")
+
+
+class DlaMetric(_MetricBase):
+    """Direct logit attribution: each component's direct contribution to the logit difference
+    (target - foil; or to the target's logit without a foil) at ``position``, through the
+    final norm with its scale frozen at the run's value and the unembedding. Components: the
+    embedding (what enters the first layer), each attention head (or each attention layer)
+    and each MLP; the rest (biases of the attention output, the final norm and the
+    unembedding) is one ``bias`` component. ``<name>/total`` is the model's own logit
+    difference and ``<name>/residual`` what the components leave of it (rounding only)."""
+
+    kind: Literal["dla"]
+    takes_baseline: ClassVar[bool] = False
+    reduced_companions: ClassVar[tuple[str, ...]] = ("total", "residual")
+    target: TokenRef
+    foil: TokenRef | None = Field(None, description="omit to attribute the target's logit")
+    by: list[Literal["embed", "heads", "attn", "mlps"]] = Field(
+        ["embed", "heads", "mlps"],
+        min_length=1,
+        description="the components reported: embed, heads ([layer, head]) or attn (per "
+        "layer), mlps (per layer); bias is always reported",
+    )
+
+    @field_validator("by")
+    @classmethod
+    def _heads_or_attn(cls, by: list[str]) -> list[str]:
+        if "heads" in by and "attn" in by:
+            raise ValueError(
+                "lists both heads and attn, but a layer's attn is its heads' sum (plus the "
+                "output bias): keep one"
+            )
+        if len(set(by)) != len(by):
+            raise ValueError("lists a part twice: name each once")
+        return by
+
+    def value_axes(self) -> tuple[str, ...]:
+        return ("component",)
+
+    def value_counts(self, cells: int, sites: int) -> dict[str, tuple[int, bool]]:
+        # ``sites``: the number of components (see compile.sizes)
+        return {"": (cells * sites, False), "total": (cells, False), "residual": (cells, False)}
+
+
 Metric = Annotated[
     AttributionMetric
+    | DlaMetric
     | LogitsMetric
     | LogprobMetric
     | ProbMetric
@@ -272,6 +321,7 @@ METRIC_CLASSES: dict[str, type[BaseModel]] = {
     "kl": KlMetric,
     "loss": LossMetric,
     "accuracy": AccuracyMetric,
+    "dla": DlaMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)
 

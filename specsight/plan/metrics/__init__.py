@@ -11,6 +11,7 @@ from ..records import Metric
 from .attribution import Attribution
 from .base import AfterRun, CompileEnv, ReadBatch, ReaderParts, RowMetric, Tokens
 from .distributions import KL, Loss, TopK
+from .dla import DirectLogitAttribution
 from .lens import LogitLens
 from .recovery import Recovery
 from .tokens import Accuracy, LogitDiff, Logits, LogProb, Prob
@@ -33,6 +34,7 @@ __all__ = [
     "Loss",
     "LogitLens",
     "Attribution",
+    "DirectLogitAttribution",
     "Recovery",
 ]
 
