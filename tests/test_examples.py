@@ -51,6 +51,7 @@ def test_every_example_has_a_behaviour_test():
         "steering_caa.yaml",
         "steering_generate.yaml",
         "ioi_dla.yaml",
+        "probe_layers.yaml",
         "vit_patching.yaml",
     }
     assert set(EXAMPLES) == tested, "a new example in specs/ needs its own test here"
@@ -294,6 +295,43 @@ def test_ioi_dla_equals_transformer_lens(smollm, record_property, tmp_path):
             if ours is not None:
                 assert ours == pytest.approx(value, abs=tol), (i, name)
         assert float(totals[i]) == pytest.approx(sum(got.values()), abs=tol)
+
+
+def test_probe_layers_equal_scikit_learn(smollm, record_property, tmp_path):
+    """The probes of two layers against scikit-learn's LogisticRegression on the same saved
+    activations and split (StandardScaler, C = 1 / (l2 * n_train))."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    results = timed_run("probe_layers.yaml", smollm, record_property, tmp_path)
+    assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
+    spec = yaml.safe_load((SPECS / "probe_layers.yaml").read_text())
+    spec["dataset"]["file"] = str(SPECS / "data" / "sentiment.jsonl")
+    spec["invokes"]["reviews"]["ops"] = [
+        {"op": "save", "site": f"resid_post.{layer}", "positions": "last"} for layer in (0, 20)
+    ]
+    again = specsight.run(spec, model=smollm)
+    torch.testing.assert_close(again["sentiment"], results["sentiment"], rtol=0, atol=0)
+    held = again["sentiment/held_out"].bool().numpy()
+    rows = [
+        json.loads(line) for line in (SPECS / "data" / "sentiment.jsonl").read_text().splitlines()
+    ]
+    y = np.array([row["sentiment"] == "positive" for row in rows], dtype=int)
+    assert {rows[i]["word"] for i in np.flatnonzero(held)}.isdisjoint(
+        {rows[i]["word"] for i in np.flatnonzero(~held)}
+    )
+    train, test = np.flatnonzero(~held), np.flatnonzero(held)
+    for layer in (0, 20):
+        x = again.saves[f"reviews/resid_post.{layer}"][:, 0].double().numpy()
+        scaler = StandardScaler().fit(x[train])
+        model = LogisticRegression(C=1 / (0.01 * len(train)), tol=1e-10, max_iter=100_000)
+        model.fit(scaler.transform(x[train]), y[train])
+        expected = model.score(scaler.transform(x[test]), y[test])
+        assert float(again["sentiment"][layer]) == pytest.approx(expected, abs=1e-6)
+        weight = model.coef_ / scaler.scale_
+        ours = again["sentiment/weight"][layer].double().numpy()
+        np.testing.assert_allclose(ours, weight, atol=2e-3 * np.abs(weight).max())
 
 
 def test_steering_generate(smollm, record_property, tmp_path):

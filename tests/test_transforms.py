@@ -154,6 +154,14 @@ METRIC_JOBS: dict[str, dict[str, Any]] = {
         },
     ),
 }
+METRIC_JOBS["probe"] = _job(
+    [],
+    metrics={"m": {"kind": "probe", "invoke": "items", "site": "resid_post.0:2", "label": "{y}"}},
+)
+METRIC_JOBS["probe"]["dataset"] = {
+    "rows": [{"t": p, "y": i % 2} for i, p in enumerate(PROMPTS + PROMPTS[::-1])]
+}
+METRIC_JOBS["probe"]["invokes"]["items"] = {"prompt": "{t}"}
 METRIC_JOBS["logit_diff"] = METRIC_JOBS["recovery"]
 METRIC_JOBS["recovery"]["invokes"]["base"] = {"prompt": PROMPTS[1]}
 METRIC_JOBS["recovery"]["invokes"]["corrupt"]["sweep"] = {"layer": "all"}
@@ -177,7 +185,11 @@ def _variant(job: dict[str, Any]) -> dict[str, Any]:
     """The job on the other prompts (each prompt swapped for the one two places on), so that a
     job that read another's rows would read other values."""
     spec = copy.deepcopy(job)
+    for row in spec.get("dataset", {}).get("rows", []):  # a dataset's own prompts move too
+        row["t"] = PROMPTS[(PROMPTS.index(row["t"]) + 2) % len(PROMPTS)]
     for invoke in spec["invokes"].values():
+        if invoke["prompt"] == "{t}":
+            continue
         prompts = invoke["prompt"] if isinstance(invoke["prompt"], list) else [invoke["prompt"]]
         moved = [PROMPTS[(PROMPTS.index(p) + 2) % len(PROMPTS)] for p in prompts]
         invoke["prompt"] = moved if isinstance(invoke["prompt"], list) else moved[0]
@@ -371,6 +383,7 @@ def test_only_kinds_that_cannot_split_are_refused_by_shards():
         "op:generate",
         "metric:logit_lens",
         "metric:dla",
+        "metric:probe",
         "metric:attribution",
     }
 

@@ -32,7 +32,7 @@ def compile_reduce(
     otherwise (accuracy)."""
     path: SpecPath = ("metrics", name, "reduce")
     of = getattr(metric, "of", "items")
-    reduce = metric.reduce
+    reduce = getattr(metric, "reduce", None)
     if reduce is None and by_default and input_axis is not None:
         reduce = S.Reduce(over=input_axis)
     if reduce is None and of == "means":

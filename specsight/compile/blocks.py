@@ -74,6 +74,9 @@ def why_one_plan(spec: S.Spec) -> str | None:
                 return f"invoke '{name}' scales noise by a std over items"
             if _reads_saved(data):
                 return f"invoke '{name}' reads a saved value"
+    for name, metric in spec.metrics.items():
+        if metric.whole_dataset:
+            return f"metric '{name}' trains on every item at once"
     for expectation in spec.expect or []:
         if expectation.saved is not None:
             return "a claim on a saved value"

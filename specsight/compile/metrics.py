@@ -65,6 +65,15 @@ class MetricCompiler:
     def spec_metric(self, name: str) -> Any:
         return self.ctx.spec.metrics[name]
 
+    def item_columns(self) -> tuple[str, ...]:
+        """The dataset's columns (none without a dataset)."""
+        return tuple(self.ctx.items.columns) if self.ctx.items is not None else ()
+
+    def item_values(self, template: str) -> list[Any]:
+        """A template's value in each item of the dataset (an int column's ints as they are)."""
+        assert self.ctx.items is not None
+        return [render_value(template, row) for row in self.ctx.items.rows]
+
     def input_axis(self, invoke: str) -> str | None:
         return self.ctx.input_axis(invoke)
 

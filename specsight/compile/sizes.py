@@ -20,7 +20,7 @@ from ..models import ModelInfo, Tokenizer
 from ..sites import Site, SiteError, resolve_site
 from ..spec import document_of
 from .context import SpecContext, default_save_name, plain
-from .dataset import invoke_prompts, render_selector, use_dataset
+from .dataset import invoke_prompts, render_selector, render_value, use_dataset
 from .generation import reaches_new_token, step_count
 from .positions import PositionError, resolve_positions
 from .result_size import header_bytes, manifest_bytes
@@ -225,6 +225,9 @@ def _metric_sizes(
     name: str,
     metric: Any,
 ) -> None:
+    if metric.whole_dataset:  # a probe: per site, over the items
+        _probe_sizes(sizes, info, invokes.get(metric.invoke), name, metric)
+        return
     if metric.fixed_axes is not None:  # attribution: [site, pos] of the corrupted prompt
         corrupt = invokes.get(metric.corrupt)
         n_pos = len(corrupt.tokens[0]) if corrupt and corrupt.tokens else 0
@@ -251,6 +254,24 @@ def _metric_sizes(
     _reduce_sizes(sizes, name, metric, shape)
     if getattr(metric, "baseline", None) is not None:
         sizes.tensors[f"{name}/effect"] = sizes.tensors[name]
+
+
+def _probe_sizes(
+    sizes: SpecSizes, info: ModelInfo, shape: _Invoke | None, name: str, metric: Any
+) -> None:
+    """A probe's accuracy, AUROC and training accuracy per site, its weights [site, outputs,
+    width] and bias, and which items were held out."""
+    if shape is None or shape.items is None:
+        return
+    sites = _sites(metric.site, info, {})
+    classes = {str(render_value(metric.label, row)) for row in shape.items}
+    outputs = 1 if len(classes) <= 2 else len(classes)
+    for key in ("", "/auroc", "/train_accuracy"):
+        sizes.tensors[name + key] = len(sites) * _FLOAT
+    width = sum(_width(site, info, {}) for site in sites)
+    sizes.tensors[f"{name}/weight"] = outputs * width * _FLOAT
+    sizes.tensors[f"{name}/bias"] = len(sites) * outputs * _FLOAT
+    sizes.tensors[f"{name}/held_out"] = len(shape.items) * _FLOAT
 
 
 def _dla_components(metric: Any, info: ModelInfo) -> int:

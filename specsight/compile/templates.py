@@ -74,7 +74,7 @@ def cell_text(value: Any) -> str:
 
 
 #: metric fields whose templates take a dataset row's values
-METRIC_TEMPLATE_FIELDS = ("position", "target", "foil", "token", "tokens")
+METRIC_TEMPLATE_FIELDS = ("position", "target", "foil", "token", "tokens", "label")
 
 
 def render_selector(selector: Any, row: dict[str, Any]) -> Any:

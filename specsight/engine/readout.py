@@ -13,6 +13,7 @@ import torch
 from ..plan import Forward, Metric, Row
 from ..plan.metrics import Tokens
 from .dla import direct_attribution
+from .probe import train_probes
 
 __all__ = ["AfterRun", "MetricBatch", "assemble", "read_metric", "to_host"]
 
@@ -150,12 +151,21 @@ class AfterRun:
         return direct_attribution(values, token_ids, found, centered=centered, n_heads=n_heads)
 
     @staticmethod
+    def probes(per_site: list[torch.Tensor], **fields: Any) -> dict[str, torch.Tensor]:
+        """Linear probes trained on stored values (see engine.probe)."""
+        return train_probes(per_site, **fields)
+
+    @staticmethod
     def index(values: list[int], like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, device=like.device)
 
     @staticmethod
     def stack(values: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(values)
+
+    @staticmethod
+    def tensor(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values)
 
     @staticmethod
     def cat(values: list[torch.Tensor], dim: int) -> torch.Tensor:

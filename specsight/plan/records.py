@@ -256,6 +256,10 @@ class Metric(KindBase):
         """The values along one of :meth:`suffix`'s axes."""
         return None
 
+    def manifest_extra(self) -> dict[str, Any]:
+        """What the manifest records of the metric beyond its values (a probe's classes)."""
+        return {}
+
     def companion_axes(self, companion: str, axes: list[str]) -> list[str]:
         """The axes of ``<name>/<companion>``, given the metric's own (``axes``)."""
         return axes + list(self.companion_trailing)

@@ -152,6 +152,7 @@ def _metric_meta(
         "axis_values": values,
         "axis_labels": labels,
         "token_strs": list(tokens.labels) if tokens is not None else [],
+        **metric.manifest_extra(),
         **_tensor_fields(tensor),
     }
     if metric.label() is not None:

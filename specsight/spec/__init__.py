@@ -17,6 +17,7 @@ from .base import (
     TokenRef,
     TokenSelector,
 )
+from .claims import Backward, Expectation
 from .document import (
     INPUT_KINDS,
     Dataset,
@@ -35,9 +36,7 @@ from .metrics import (
     METRIC_KINDS,
     AccuracyMetric,
     AttributionMetric,
-    Backward,
     DlaMetric,
-    Expectation,
     KlMetric,
     LogitDiffMetric,
     LogitLensMetric,
@@ -45,6 +44,7 @@ from .metrics import (
     LogprobMetric,
     LossMetric,
     Metric,
+    ProbeMetric,
     ProbMetric,
     RecoveryMetric,
     Reduce,
@@ -138,6 +138,7 @@ __all__ = [
     "AccuracyMetric",
     "AttributionMetric",
     "DlaMetric",
+    "ProbeMetric",
     "METRIC_CLASSES",
     "METRIC_KINDS",
     "Expectation",

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .base import NAME_PATTERN, StrictModel
-from .metrics import METRIC_KINDS, Backward, Expectation, Metric
+from .claims import Backward, Expectation
+from .metrics import METRIC_KINDS, Metric
 from .ops import OP_NAMES, FileVector, Op
 from .source import LoadedDoc
 

@@ -220,6 +220,8 @@ def issue_for(errs: list[dict[str, Any]], path: tuple[Any, ...], data: Any) -> t
         hint = did_you_mean(str(key), allowed) if allowed else None
         if hint is None and classes:
             hint = "allowed keys: " + " or ".join(", ".join(_keys_of(c)) for c in classes)
+        if path == ("probes",):  # the result namespace, claims and reports are the metrics'
+            hint = "probes are metrics: write each under metrics: with kind: probe"
         return Issue("unknown-key", f"unknown key '{key}'", path, hint=hint), True
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         field = "op" if path[:1] == ("invokes",) else "kind"

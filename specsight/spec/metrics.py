@@ -1,9 +1,8 @@
-"""Spec v1 metrics (what is measured on the output) and expectations (claims checked after
-the run)."""
+"""Spec v1 metrics: what is measured on the output (claims about them: :mod:`.claims`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -24,11 +23,11 @@ __all__ = [
     "AttributionMetric",
     "DlaMetric",
     "DLA_PARTS",
+    "ProbeMetric",
+    "ProbeSplit",
     "Metric",
     "METRIC_CLASSES",
     "METRIC_KINDS",
-    "Expectation",
-    "Backward",
 ]
 
 # --- metrics -------------------------------------------------------------------------------
@@ -73,6 +72,8 @@ class _MetricKind(StrictModel):
     needs_backward: ClassVar[bool] = False
     #: companions with one value per cell, reduced when the metric is (dla's total)
     reduced_companions: ClassVar[tuple[str, ...]] = ()
+    #: it reads every item of the dataset at once (a probe trains on all of them)
+    whole_dataset: ClassVar[bool] = False
 
     @property
     def shaped_like(self) -> str | None:
@@ -294,8 +295,59 @@ class DlaMetric(_MetricBase):
         return {"": (cells * sites, False), "total": (cells, False), "residual": (cells, False)}
 
 
+class ProbeSplit(StrictModel):
+    """How a probe's items split into training and held-out items (a seeded permutation)."""
+
+    test: float = Field(0.25, gt=0, lt=1, description="the share of items held out")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the permutation")
+    by: str | None = Field(
+        None,
+        description="a column ('{pair}'): items with the same value stay on the same side, so "
+        "no held-out item has a near twin among the training items",
+        pattern=r"^\{[A-Za-z_][A-Za-z0-9_]*\}$",
+    )
+
+
+class ProbeMetric(_MetricKind):
+    """Linear probes: one logistic regression per site, trained on the dataset's items (the
+    site's value at ``position``) to predict ``label``, a column; full-batch L-BFGS in float64
+    on features standardised with the training items' mean and deviation, mean cross-entropy
+    + l2 / 2 * |W|^2 (binary: one weight vector, as scikit-learn). The result is the held-out
+    accuracy per site; beside it ``<name>/auroc`` (two classes), ``<name>/train_accuracy``,
+    and the weights and bias for the raw activations (``<name>/weight``, ``<name>/bias``)."""
+
+    kind: Literal["probe"]
+    reducible: ClassVar[bool] = False
+    takes_baseline: ClassVar[bool] = False
+    fixed_axes: ClassVar[tuple[str, ...] | None] = ("site",)
+    whole_dataset: ClassVar[bool] = True
+    invoke: str = Field(description="the invoke over the dataset whose items are probed")
+    site: str = Field(
+        "resid_post.*",
+        description="the sites to probe, e.g. 'resid_post.*'",
+        json_schema_extra={
+            "description": "the sites to probe, one probe each (whole-width sites: resid_*, "
+            "attn_out, mlp_out, mlp_act, ...); default every layer's 'resid_post.*'. "
+            + SITE_SYNTAX,
+            "examples": ["resid_post.*", "mlp_out.0:6"],
+        },
+    )
+    position: PositionSelector = Field("last", description="the position whose value is read")
+    label: str = Field(
+        description="the dataset column holding each item's class, as a template: '{column}'",
+        pattern=r"^\{[A-Za-z_][A-Za-z0-9_]*\}$",
+    )
+    split: ProbeSplit = Field(default_factory=ProbeSplit)
+    l2: float = Field(1e-3, ge=0, description="L2 penalty on the standardised weights")
+    max_iter: int = Field(500, ge=1, le=100_000, description="L-BFGS iterations at most")
+
+    def value_axes(self) -> tuple[str, ...]:
+        return ("site",)
+
+
 Metric = Annotated[
-    AttributionMetric
+    ProbeMetric
+    | AttributionMetric
     | DlaMetric
     | LogitsMetric
     | LogprobMetric
@@ -322,56 +374,6 @@ METRIC_CLASSES: dict[str, type[BaseModel]] = {
     "loss": LossMetric,
     "accuracy": AccuracyMetric,
     "dla": DlaMetric,
+    "probe": ProbeMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)
-
-
-# --- expectations --------------------------------------------------------------------------
-
-CellValue = Union[int, float, Annotated[str, Field(min_length=1)]]
-CellSelector = Union[CellValue, Annotated[list[CellValue], Field(min_length=1)]]
-Expected = Union[float, list[Any]]
-
-_CHECKS = ("equals", "approx", "greater_than", "less_than", "argmax", "top_k")
-
-
-class Expectation(StrictModel):
-    """A claim about a metric or saved value; ``specsight check`` fails when it does not hold.
-
-    ``where`` picks cells of a swept result (``{layer: "0:19", pos: 9}``: an axis value, a list
-    or a range); ``over`` says whether ``all`` picked cells (default) or ``any`` must pass.
-    """
-
-    metric: str | None = Field(None, description="a metric name")
-    saved: str | None = Field(None, description="a saved value's name")
-    where: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_+]*$")], CellSelector] = Field(
-        default_factory=dict, description="axis -> value, list of values or 'start:stop' range"
-    )
-    over: Literal["all", "any"] = "all"
-    equals: Expected | None = Field(None, description="exactly this value (or nested list)")
-    approx: Expected | None = Field(None, description="this value within rtol/atol")
-    rtol: float = Field(1e-5, ge=0)
-    atol: float = Field(1e-6, ge=0)
-    greater_than: float | None = None
-    less_than: float | None = None
-    argmax: TokenRef | None = Field(
-        None, description="the top token (top_k, logit_lens, or among a metric's tokens)"
-    )
-    top_k: TokenRef | None = Field(
-        None, description="a token that must be among a top_k metric's tokens"
-    )
-    message: str | None = Field(None, description="what the claim means, shown when it fails")
-
-    @model_validator(mode="after")
-    def _one_target_some_check(self) -> Expectation:
-        if (self.metric is None) == (self.saved is None):
-            raise ValueError("give exactly one of 'metric' or 'saved'")
-        if all(getattr(self, check) is None for check in _CHECKS):
-            raise ValueError("give a check: " + ", ".join(_CHECKS))
-        return self
-
-
-class Backward(StrictModel):
-    """A backward pass from a metric (summed over its rows), for ``save`` ops with ``grad``."""
-
-    metric: str = Field(description="a metric of kind logits, logprob, prob or logit_diff")

@@ -13,6 +13,7 @@ from .base import AfterRun, CompileEnv, ReadBatch, ReaderParts, RowMetric, Token
 from .distributions import KL, Loss, TopK
 from .dla import DirectLogitAttribution
 from .lens import LogitLens
+from .probe import Probe
 from .recovery import Recovery
 from .tokens import Accuracy, LogitDiff, Logits, LogProb, Prob
 
@@ -35,6 +36,7 @@ __all__ = [
     "LogitLens",
     "Attribution",
     "DirectLogitAttribution",
+    "Probe",
     "Recovery",
 ]
 
