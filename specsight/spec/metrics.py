@@ -54,6 +54,18 @@ class Reduce(StrictModel):
         return {"stat": value} if isinstance(value, str) else value
 
 
+def _sites_field(verb: str, what: str, examples: list[str]) -> Any:
+    """A metric's ``site`` selector, default every layer's residual stream."""
+    return Field(
+        "resid_post.*",
+        description=f"sites to {verb}, e.g. 'resid_post.*'",
+        json_schema_extra={
+            "description": f"{what}; default every layer's 'resid_post.*'. " + SITE_SYNTAX,
+            "examples": examples,
+        },
+    )
+
+
 class _MetricKind(StrictModel):
     # What the checks that need no model know of a metric kind (its compiled form and run-time
     # behaviour live in ``specsight.plan.metrics``).
@@ -159,14 +171,10 @@ class LogitLensMetric(_MetricBase):
 
     kind: Literal["logit_lens"]
     takes_baseline: ClassVar[bool] = False
-    site: str = Field(
-        "resid_post.*",
-        description="sites to decode, e.g. 'resid_post.*'",
-        json_schema_extra={
-            "description": "the residual-stream sites to decode (d_model wide: resid_*, "
-            "attn_out, mlp_out, ...); default every layer's 'resid_post.*'. " + SITE_SYNTAX,
-            "examples": ["resid_post.*", "resid_mid.0:12"],
-        },
+    site: str = _sites_field(
+        "decode",
+        "the residual-stream sites to decode (d_model wide: resid_*, attn_out, mlp_out, ...)",
+        ["resid_post.*", "resid_mid.0:12"],
     )
     token: TokenRef | None = Field(None, description="report this token's probability per site")
     k: int = Field(5, ge=1, le=100, description="top tokens kept per site")
@@ -235,14 +243,10 @@ class AttributionMetric(_MetricKind):
     needs_backward: ClassVar[bool] = True
     clean: str = Field(description="the clean invoke (one prompt, no sweep)")
     corrupt: str = Field(description="the corrupted invoke, as many tokens as the clean one")
-    site: str = Field(
-        "resid_post.*",
-        description="sites to attribute, e.g. 'resid_post.*'",
-        json_schema_extra={
-            "description": "the sites to attribute (whole-width, not per-head); default every "
-            "layer's 'resid_post.*'. " + SITE_SYNTAX,
-            "examples": ["resid_post.*", "attn_out.*", "mlp_out.0:6"],
-        },
+    site: str = _sites_field(
+        "attribute",
+        "the sites to attribute (whole-width, not per-head)",
+        ["resid_post.*", "attn_out.*", "mlp_out.0:6"],
     )
     target: TokenRef
     foil: TokenRef
@@ -322,15 +326,11 @@ class ProbeMetric(_MetricKind):
     fixed_axes: ClassVar[tuple[str, ...] | None] = ("site",)
     whole_dataset: ClassVar[bool] = True
     invoke: str = Field(description="the invoke over the dataset whose items are probed")
-    site: str = Field(
-        "resid_post.*",
-        description="the sites to probe, e.g. 'resid_post.*'",
-        json_schema_extra={
-            "description": "the sites to probe, one probe each (whole-width sites: resid_*, "
-            "attn_out, mlp_out, mlp_act, ...); default every layer's 'resid_post.*'. "
-            + SITE_SYNTAX,
-            "examples": ["resid_post.*", "mlp_out.0:6"],
-        },
+    site: str = _sites_field(
+        "probe",
+        "the sites to probe, one probe each (whole-width sites: resid_*, attn_out, mlp_out, "
+        "mlp_act, ...)",
+        ["resid_post.*", "mlp_out.0:6"],
     )
     position: PositionSelector = Field("last", description="the position whose value is read")
     label: str = Field(

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
+from ...errors import format_path
+from ..ops import Save
 from ..records import Metric, Reduce
-from ..refs import InvokeRef, ResultRef, Rows
+from ..refs import InvokeRef, ResultRef, RowRef, Rows, StoreKey
 
 __all__ = [
     "Tokens",
@@ -28,6 +30,7 @@ __all__ = [
     "AfterRun",
     "explain_line",
     "dims_text",
+    "save_sites_at_rows",
 ]
 
 
@@ -124,6 +127,22 @@ class RowMetric(Metric):
 
     def explain(self, plan: Any) -> str:
         return explain_line(self, plan, self.what(plan))
+
+
+def save_sites_at_rows(
+    env: CompileEnv, tag: str, name: str, parts: ReaderParts, sites: list[Any]
+) -> tuple[Any, ...]:
+    """Add a save of every site at each of the metric's rows, at the row's position; the store
+    keys (``<tag>/<name>/<row>/<site>``), row-major over rows x sites."""
+    origin = format_path(("metrics", name))
+    keys = []
+    for row, pos in zip(parts.rows, parts.positions):
+        for site in sites:
+            key = StoreKey(f"{tag}/{name}/{row}/{site.name}")
+            keys.append(key)
+            at = dict(site=site.name, module=site.module, io=site.io, layer=site.layer)
+            env.add_op(Save(**at, row=RowRef(row), positions=(pos,), store=key, origin=origin))
+    return tuple(keys)
 
 
 def dims_text(metric: Metric, extra: tuple[str, ...] = ()) -> str:

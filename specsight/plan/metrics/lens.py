@@ -7,11 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...errors import format_path
 from ...sites import family_table
-from ..ops import Save
-from ..refs import RowRef, StoreKey
-from .base import CompileEnv, RowMetric, Tokens, explain_line
+from ..refs import StoreKey
+from .base import CompileEnv, RowMetric, Tokens, explain_line, save_sites_at_rows
 
 __all__ = ["LogitLens"]
 
@@ -56,17 +54,7 @@ class LogitLens(RowMetric):
                     path + ("site",),
                     "use resid_post.*, resid_mid.*, attn_out.* or mlp_out.*",
                 )
-        keys = []
-        for row, pos in zip(parts.rows, parts.positions):
-            for site in sites:
-                key = StoreKey(f"lens/{name}/{row}/{site.name}")
-                keys.append(key)
-                at = dict(site=site.name, module=site.module, io=site.io, layer=site.layer)
-                env.add_op(
-                    Save(
-                        **at, row=RowRef(row), positions=(pos,), store=key, origin=format_path(path)
-                    )
-                )
+        keys = save_sites_at_rows(env, "lens", name, parts, sites)
         decode = (table["sites"]["final_norm"][0], table["sites"]["logits"][0])
         return cls(
             **parts.fields("baseline"),

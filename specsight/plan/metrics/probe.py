@@ -10,10 +10,9 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from ...errors import did_you_mean, format_path
-from ..ops import Save
-from ..refs import RowRef, StoreKey
-from .base import CompileEnv, RowMetric, explain_line
+from ...errors import did_you_mean
+from ..refs import StoreKey
+from .base import CompileEnv, RowMetric, explain_line, save_sites_at_rows
 
 __all__ = ["Probe"]
 
@@ -66,17 +65,7 @@ class Probe(RowMetric):
                     path + ("site",),
                     "use e.g. 'resid_post.*', 'attn_out.*' or 'mlp_out.*'",
                 )
-        keys = []
-        for row, pos in zip(parts.rows, parts.positions):
-            for site in sites:
-                key = StoreKey(f"probe/{name}/{row}/{site.name}")
-                keys.append(key)
-                at = dict(site=site.name, module=site.module, io=site.io, layer=site.layer)
-                env.add_op(
-                    Save(
-                        **at, row=RowRef(row), positions=(pos,), store=key, origin=format_path(path)
-                    )
-                )
+        keys = save_sites_at_rows(env, "probe", name, parts, sites)
         record = cls(
             **parts.fields("baseline", "tokens", "reduce"),
             classes=classes,
