@@ -247,3 +247,16 @@ def test_dla_runs_remotely_as_it_runs_locally(tmp_path):
     with fake.client() as client:
         remote = run_remote(path, URL, client=client)
     assert_same_tensors(remote, specsight.run(path))
+
+
+def test_parts_gives_heads_as_layer_by_head_and_mlps_by_layer():
+    out = specsight.run(_dataset_spec("mean"), model=tiny("tiny-llama"))
+    labels = out.manifest["tensors"]["dla"]["axis_values"]["component"]
+    parts = out.parts("dla")
+    assert parts["heads"].shape == (4, 4) and parts["mlps"].shape == (4,)
+    assert float(parts["heads"][2, 3]) == float(out["dla"][labels.index("L2H3")])
+    assert float(parts["mlps"][1]) == float(out["dla"][labels.index("mlp_out.1")])
+    per_item = out.parts("dla/items")
+    assert per_item["heads"].shape == (3, 4, 4) and per_item["embed"].shape == (3,)
+    total = sum(p.reshape(3, -1).sum(-1) for p in per_item.values())
+    torch.testing.assert_close(total, out["dla/total/items"], rtol=0, atol=1e-5)

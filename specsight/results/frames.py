@@ -16,7 +16,7 @@ import torch
 from ..errors import RunError, did_you_mean
 from .labels import axis_labels
 
-__all__ = ["stack_sites", "to_pandas", "to_xarray"]
+__all__ = ["split_parts", "stack_sites", "to_pandas", "to_xarray"]
 
 
 class Results(Protocol):
@@ -142,3 +142,33 @@ def stack_sites(results: Results, site: str, invoke: str | None = None) -> torch
     if len({tuple(t.shape) for t in tensors}) != 1:
         raise RunError(f"the saves of '{site}.<layer>' differ in shape: they do not stack")
     return torch.stack(tensors)
+
+
+_HEAD = re.compile(r"L(\d+)H(\d+)")
+_LAYER = re.compile(r"(attn_out|mlp_out)\.(\d+)")
+
+
+def split_parts(results: Results, name: str) -> dict[str, torch.Tensor]:
+    """A direct logit attribution (``name``: the metric, or its ``/items``, ``/stderr``...)
+    split along its component axis: ``embed`` and ``bias`` [...], ``heads`` [..., layer,
+    head], ``attn`` and ``mlps`` [..., layer]."""
+    tensor = results[name]
+    base = name.split("/")[0]
+    labels = list(results.manifest.get("tensors", {}).get(base, {}).get("axis_values", {}).get("component") or [])  # fmt: skip
+    if not labels or tensor.shape[-1] != len(labels):
+        raise RunError(f"'{name}' has no component axis", hint="use a dla metric's result")
+    out: dict[str, torch.Tensor] = {}
+    heads = [(i, _HEAD.fullmatch(label)) for i, label in enumerate(labels)]
+    heads = [(i, int(m[1]), int(m[2])) for i, m in heads if m]
+    if heads:
+        n_layers, n_heads = max(h[1] for h in heads) + 1, max(h[2] for h in heads) + 1
+        index = torch.tensor([i for i, _, _ in heads])
+        out["heads"] = tensor[..., index].reshape(*tensor.shape[:-1], n_layers, n_heads)
+    for part, site in (("attn", "attn_out"), ("mlps", "mlp_out")):
+        found = [i for i, label in enumerate(labels) if (m := _LAYER.fullmatch(label)) and m[1] == site]  # fmt: skip
+        if found:
+            out[part] = tensor[..., torch.tensor(found)]
+    for single in ("embed", "bias"):
+        if single in labels:
+            out[single] = tensor[..., labels.index(single)]
+    return out

@@ -22,7 +22,7 @@ from ..errors import RunError, did_you_mean
 from ..plan import PlanExpectation
 from .expect import Outcome, evaluate
 from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
-from .frames import stack_sites, to_pandas, to_xarray
+from .frames import split_parts, stack_sites, to_pandas, to_xarray
 from .plots import write_heatmaps
 from .report import REPORT_FILE, write_report
 from .summary import render_summary
@@ -97,6 +97,11 @@ class Results:
         """Per-layer saves of ``site`` (``results.stack("resid_post")``) as one
         ``[layer, ...]`` tensor."""
         return stack_sites(self, site, invoke)
+
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        """A dla result split by component: ``embed``, ``bias``, ``heads`` [..., layer, head],
+        ``attn`` and ``mlps`` [..., layer] (``results.parts("dla")["heads"]``)."""
+        return split_parts(self, name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensors = self.tensors
