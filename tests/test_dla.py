@@ -260,3 +260,11 @@ def test_parts_gives_heads_as_layer_by_head_and_mlps_by_layer():
     assert per_item["heads"].shape == (3, 4, 4) and per_item["embed"].shape == (3,)
     total = sum(p.reshape(3, -1).sum(-1) for p in per_item.values())
     torch.testing.assert_close(total, out["dla/total/items"], rtol=0, atol=1e-5)
+
+
+def test_the_summary_shows_what_the_parts_sum_to_and_the_largest():
+    out = specsight.run(_spec(["embed", "heads", "mlps"], model="tiny-llama"), model=tiny("tiny-llama"))  # fmt: skip
+    text = out.summary(width=200)
+    assert f"22 parts sum to {float(out['dla/total']):+.3f}" in text
+    largest = max(_components(out).items(), key=lambda kv: abs(kv[1]))[0]
+    assert f"largest:\n    {largest}: " in text

@@ -176,3 +176,9 @@ def test_a_split_by_column_keeps_each_group_on_one_side():
     with pytest.raises(SpecError) as err:
         specsight.run(spec, model=tiny("tiny-llama"))
     assert err.value.issues[0].code == "probe-split"
+
+
+def test_the_summary_shows_accuracy_auroc_and_training_accuracy_per_site():
+    text = specsight.run(_spec(), model=tiny("tiny-llama")).summary(width=200)
+    assert "probes of neg, pos (48 train / 16 held-out items)" in text
+    assert "resid_post.3: " in text and "[" in text

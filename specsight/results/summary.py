@@ -200,6 +200,9 @@ def _print_metric(
     if view == "parts" and tensor.ndim == 1:
         _print_parts(console, name, tensor, meta, extra)
         return
+    if view == "probe" and tensor.ndim == 1:
+        _print_probe(console, name, tensor, meta, extra)
+        return
     if tensor.ndim == 0:
         what = f" ({meta['label']})" if meta.get("label") else ""
         value = _fmt(float(tensor)) + _spread(extra, ())
@@ -246,6 +249,27 @@ def _print_parts(
         for i in order.tolist()
     ]
     console.print("    " + escape("  ".join(shown)))
+
+
+def _print_probe(
+    console: Console, name: str, tensor: Any, meta: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """Probes: each site's held-out accuracy, with the AUROC (two classes) and the training
+    accuracy beside it."""
+    split, classes = meta.get("split", {}), meta.get("classes", [])
+    console.print(
+        f"  [magenta]{escape(name)}[/magenta]: probes of {escape(', '.join(classes))} "
+        f"({split.get('train', '?')} train / {split.get('test', '?')} held-out items); "
+        "held-out accuracy [AUROC, train accuracy] by site:"
+    )
+    sites = axis_labels(meta, "site")
+    cells = []
+    for i, value in enumerate(tensor.tolist()):
+        more = [f"{float(extra[k][i]):.3f}" for k in ("auroc", "train_accuracy") if k in extra]
+        more = [m for m in more if m != "nan"]
+        label = sites[i] if i < len(sites) else str(i)
+        cells.append(f"{label}: {value:.3f}" + (f" [{', '.join(more)}]" if more else ""))
+    console.print("    " + escape("  ".join(cells)))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ class Probe(RowMetric):
     """``[site]`` held-out accuracies of probes trained on ``train`` items, tested on ``test``."""
 
     kind: ClassVar[str] = "probe"
+    view: ClassVar[str] = "probe"
     buffered: ClassVar[bool] = False
     companions: ClassVar[tuple[str, ...]] = (
         "auroc",
