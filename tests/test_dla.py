@@ -227,8 +227,17 @@ def test_claims_pick_a_component_by_its_label():
             "greater_than": strongest[1] - 1e-3,
         },
     ]
+    spec["expect"].append({"metric": "dla/residual", "approx": 0, "atol": 1e-4})
     again = specsight.run(spec, model=lm)
     assert again.ok, again.expectations
+    spec["expect"][1] = {"metric": "dla/total", "less_than": float(first["dla/total"]) - 1}
+    failed = specsight.run(spec, model=lm)
+    assert [o.ok for o in failed.expectations] == [True, False]
+    spec["expect"][1] = {"metric": "dla/totl", "less_than": 0}
+    with pytest.raises(SpecError) as err:
+        validate(spec)
+    assert "metric 'dla' has no result 'totl' (did you mean 'dla/total'" in str(err.value)
+    spec["expect"].pop()
     spec["expect"][0]["where"]["component"] = "L9H9"
     with pytest.raises(SpecError) as err:
         validate(spec)

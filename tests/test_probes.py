@@ -178,6 +178,18 @@ def test_a_split_by_column_keeps_each_group_on_one_side():
     assert err.value.issues[0].code == "probe-split"
 
 
+def test_claims_may_name_the_auroc_and_pick_a_site():
+    spec = _spec()
+    spec["expect"] = [
+        {"metric": "p/auroc", "where": {"site": "resid_post.3"}, "greater_than": 0.5},
+        {"metric": "p/train_accuracy", "greater_than": 0.9},
+        {"metric": "p/held_out", "where": {"item": 0}, "less_than": 2},
+    ]
+    out = specsight.run(spec, model=tiny("tiny-llama"))
+    auroc = float(out["p/auroc"][3])
+    assert [o.ok for o in out.expectations] == [auroc > 0.5, bool((out["p/train_accuracy"] > 0.9).all()), True]  # fmt: skip
+
+
 def test_the_summary_shows_accuracy_auroc_and_training_accuracy_per_site():
     text = specsight.run(_spec(), model=tiny("tiny-llama")).summary(width=200)
     assert "probes of neg, pos (48 train / 16 held-out items)" in text

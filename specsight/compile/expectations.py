@@ -88,6 +88,8 @@ def _compile_one(
 ) -> PlanExpectation:
     metric, save = _target(ctx, exp, path, by_metric, by_save)
     axes = _tensor_axes(metric, save)
+    if metric is not None and exp.metric != metric.name:  # a companion: ``dla/residual``
+        axes = tuple(metric.companion_axes(exp.metric.split("/", 1)[1], list(axes)))
     select = _cells(ctx, exp, path, metric, save, axes)
     token = _token_check(ctx, exp, metric, path)
     checks = {
@@ -105,7 +107,7 @@ def _compile_one(
     location = f"{ctx.doc.file or '<spec>'}:{line}:{col}" if line else (ctx.doc.file or "<spec>")
     return PlanExpectation(
         index=index,
-        target=metric.name if metric is not None else save.name,  # type: ignore[union-attr]
+        target=exp.metric if metric is not None else save.name,  # type: ignore[union-attr]
         target_kind="metric" if metric is not None else "saved",
         axes=axes,
         select=select,
@@ -126,11 +128,21 @@ def _target(
 ) -> tuple[Metric | None, PlanSave | None]:
     """The metric or the saved value a claim names."""
     if exp.metric is not None:
-        metric = by_metric.get(exp.metric)
+        base, _, companion = exp.metric.partition("/")
+        metric = by_metric.get(base)
         if metric is None:
-            hint = did_you_mean(exp.metric, by_metric) or "metrics: " + ", ".join(by_metric)
+            hint = did_you_mean(base, by_metric) or "metrics: " + ", ".join(by_metric)
+            raise ctx.fail("unknown-metric", f"no metric named '{base}'", path + ("metric",), hint)
+        if companion and companion not in metric.companions:
+            named = [f"{base}/{c}" for c in metric.companions]
+            hint = did_you_mean(exp.metric, named) or (
+                "its results: " + ", ".join(named) if named else f"claim on '{base}' itself"
+            )
             raise ctx.fail(
-                "unknown-metric", f"no metric named '{exp.metric}'", path + ("metric",), hint
+                "unknown-metric",
+                f"metric '{base}' has no result '{companion}'",
+                path + ("metric",),
+                hint,
             )
         return metric, None
     save = by_save.get(exp.saved)
@@ -172,7 +184,7 @@ def _cells(
 def _token_check(ctx: Context, exp: Any, metric: Metric | None, path: SpecPath) -> dict[str, Any]:
     """The token an ``argmax`` or ``top_k`` claim names, and where its result holds ids (the
     kinds say which checks they allow: :meth:`~specsight.plan.Metric.token_checks`)."""
-    allowed = metric.token_checks() if metric is not None else {}
+    allowed = metric.token_checks() if metric is not None and exp.metric == metric.name else {}
     out: dict[str, Any] = {}
     for check in ("argmax", "top_k"):
         ref = getattr(exp, check)

@@ -143,10 +143,11 @@ def _expectation_targets(ctx: SpecContext) -> None:
     )
     for index, exp in enumerate(ctx.spec.expect):
         path = ("expect", index)
-        if exp.metric is not None and exp.metric not in metrics:
-            hint = did_you_mean(exp.metric, metrics) or "metrics: " + ", ".join(metrics)
-            ctx.fail("unknown-metric", f"no metric named '{exp.metric}'", path + ("metric",), hint)
-        elif exp.metric is not None:
+        base = exp.metric.split("/")[0] if exp.metric is not None else None
+        if base is not None and base not in metrics:
+            hint = did_you_mean(base, metrics) or "metrics: " + ", ".join(metrics)
+            ctx.fail("unknown-metric", f"no metric named '{base}'", path + ("metric",), hint)
+        elif exp.metric is not None and "/" not in exp.metric:  # a companion's: at compile
             _check_where(ctx, exp, path)
         elif exp.saved is not None and exp.saved not in saves and not per_site:
             hint = did_you_mean(exp.saved, saves) or "saved values: " + (

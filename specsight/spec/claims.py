@@ -27,7 +27,9 @@ class Expectation(StrictModel):
     or a range); ``over`` says whether ``all`` picked cells (default) or ``any`` must pass.
     """
 
-    metric: str | None = Field(None, description="a metric name")
+    metric: str | None = Field(
+        None, description="a metric name, or one of its results: dla/residual, probe/auroc"
+    )
     saved: str | None = Field(None, description="a saved value's name")
     where: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_+]*$")], CellSelector] = Field(
         default_factory=dict, description="axis -> value, list of values or 'start:stop' range"
