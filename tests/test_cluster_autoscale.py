@@ -45,7 +45,9 @@ def test_replicas_follow_the_queue(postgres_server, tmp_path_factory):
         try:
             assert deployed.replica_states()["tiny-llama"] == {"RUNNING": 1}
             jobs = []
-            for i in range(60):
+            # a queue one replica needs 40-80 s for: the autoscaler's reaction (15 s seen on a
+            # busy 2-core CI machine) must not outlast it
+            for i in range(160):
                 spec = dict(sweep, name=f"job {i}")  # distinct specs: one job each
                 record, _ = store.submit(owner="o", model="tiny-llama", spec_json=json.dumps(spec),
                                          spec_file=None, idempotency_key=None)  # fmt: skip
