@@ -246,8 +246,7 @@ def _metric_sizes(
     if owner is not metric:
         cells = owner.value_counts(cells, 0)[""][0]
     n_sites = len(_sites(metric.site, info, {})) if "site" in metric.value_axes() else 0
-    if "component" in metric.value_axes():  # dla: its components
-        n_sites = _dla_components(metric, info)
+    n_sites = metric.suffix_size(info, n_sites)
     counts = metric.value_counts(cells, n_sites) if owner is metric else {"": (cells, False)}
     for suffix, (count, ids) in counts.items():
         sizes.tensors[f"{name}/{suffix}" if suffix else name] = count * (_INT if ids else _FLOAT)
@@ -272,17 +271,6 @@ def _probe_sizes(
     sizes.tensors[f"{name}/weight"] = outputs * width * _FLOAT
     sizes.tensors[f"{name}/bias"] = len(sites) * outputs * _FLOAT
     sizes.tensors[f"{name}/held_out"] = len(shape.items) * _FLOAT
-
-
-def _dla_components(metric: Any, info: ModelInfo) -> int:
-    """The length of a dla metric's component axis (its parts, then the bias)."""
-    per_part = {
-        "embed": 1,
-        "heads": info.n_layers * info.n_heads,
-        "attn": info.n_layers,
-        "mlps": info.n_layers,
-    }
-    return sum(per_part[part] for part in metric.by) + 1
 
 
 def _reduce_sizes(sizes: SpecSizes, name: str, metric: Any, shape: _Invoke) -> None:

@@ -96,6 +96,11 @@ class _MetricKind(StrictModel):
         """The axes each cell's value adds to the result."""
         return ()
 
+    def suffix_size(self, info: Any, sites: int) -> int:
+        """The length of the axis each cell's value adds (``sites``: the sites it names, for
+        kinds with a ``site`` axis; ``info``: the model's shapes)."""
+        return sites
+
     def value_counts(self, cells: int, sites: int) -> dict[str, tuple[int, bool]]:
         """Element counts of its result tensors ("" itself, else a companion), each with
         whether it holds token ids (int64), for ``cells`` cells and ``sites`` decoded sites."""
@@ -294,8 +299,18 @@ class DlaMetric(_MetricBase):
     def value_axes(self) -> tuple[str, ...]:
         return ("component",)
 
+    def suffix_size(self, info: Any, sites: int) -> int:
+        """The components: the parts ``by`` names, then the bias."""
+        per_part = {
+            "embed": 1,
+            "heads": info.n_layers * info.n_heads,
+            "attn": info.n_layers,
+            "mlps": info.n_layers,
+        }
+        return sum(per_part[part] for part in self.by) + 1
+
     def value_counts(self, cells: int, sites: int) -> dict[str, tuple[int, bool]]:
-        # ``sites``: the number of components (see compile.sizes)
+        # ``sites``: the number of components (suffix_size)
         return {"": (cells * sites, False), "total": (cells, False), "residual": (cells, False)}
 
 

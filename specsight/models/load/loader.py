@@ -154,15 +154,17 @@ def load_model(
         placement = {"device_map": target}
     else:
         placement = {}
+    # a checkpoint's identity covers the files listed before the load, hashed off the critical
+    # path: after the load (which it would slow) and while a run starts
+    loaded_files = checkpoint_files(folder) if kind in ("dir", "hub") else None
     if kind == "tiny":
         model = build_tiny(model_id, seed=seed, attn_implementation=attn_implementation)
         model = model.to(torch_dtype)
     else:
-        loaded_files = checkpoint_files(folder) if kind in ("dir", "hub") else []
         model = from_pretrained(folder, model_id, torch_dtype, attn_implementation, kind, placement)
     identity: Future[str] | None = None
-    if kind in ("dir", "hub"):  # the checkpoint files' identity: hashed off the critical path,
-        assert folder is not None  # after the load (which it would slow) and while a run starts
+    if loaded_files is not None:
+        assert folder is not None
         identity = _identity_in_background(folder, loaded_files, model)
     if device_map is not None:
         target = execution_device(model)

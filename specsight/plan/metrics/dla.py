@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...errors import format_path
 from ...sites import family_table
-from ..ops import Save
-from ..refs import RowRef, StoreKey
-from .base import CompileEnv, ReadBatch, RowMetric, Tokens, explain_line
+from ..refs import StoreKey
+from .base import CompileEnv, ReadBatch, RowMetric, Tokens, explain_line, save_sites_at_rows
 
 __all__ = ["DirectLogitAttribution"]
 
@@ -70,26 +68,16 @@ class DirectLogitAttribution(RowMetric):
         heads = "attn" not in metric.by
         table = _checked_family(env, path, heads)
         info = env.info
-        norm, unembed = table["sites"]["final_norm"][0], table["sites"]["logits"][0]
+        norm_out = env.sites("final_norm", path + ("kind",))[0]
+        norm, unembed = norm_out.module, table["sites"]["logits"][0]
+        norm_in = env.sites(f"{norm}.input", path + ("kind",))[0]
         centered = _centered(env, path, norm)
         layers = range(info.n_layers)
         attention = env.sites(f"{'head_z' if heads else 'attn_out'}.*", path + ("by",))
         mlps = env.sites("mlp_out.*", path + ("by",))
         embed = env.sites("resid_pre.0", path + ("by",))[0]
-        keys: list[StoreKey] = []
-        for row, pos in zip(parts.rows, parts.positions):
-            wanted = [
-                ("norm_in", norm, "input", None),
-                ("norm_out", norm, "output", None),
-                ("embed", embed.module, embed.io, embed.layer),
-                *((f"attn.{s.layer}", s.module, s.io, s.layer) for s in attention),
-                *((f"mlp.{s.layer}", s.module, s.io, s.layer) for s in mlps),
-            ]
-            for label, module, io, layer in wanted:
-                key = StoreKey(f"dla/{name}/{row}/{label}")
-                keys.append(key)
-                at = dict(site=label, module=module, io=io, layer=layer, row=RowRef(row))
-                env.add_op(Save(**at, positions=(pos,), store=key, origin=format_path(path)))
+        sites = [norm_in, norm_out, embed, *attention, *mlps]  # the order of _FIXED, then layers
+        keys = save_sites_at_rows(env, "dla", name, parts, sites)
         o_proj = tuple(s.module for s in attention) if heads else ()
         assert len(attention) == len(mlps) == len(layers)
         return cls(
@@ -102,7 +90,7 @@ class DirectLogitAttribution(RowMetric):
             norm=norm,
             unembed=unembed,
             o_proj=o_proj,
-            keys=tuple(keys),
+            keys=keys,
         )
 
     def stored_reads(self) -> tuple[StoreKey, ...]:
