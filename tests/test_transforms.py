@@ -158,7 +158,15 @@ METRIC_JOBS["probe"] = _job(
     [],
     # l2 1.0: a well-posed fit, whose weights move as little as the activations do between a
     # merged run and a lone one (with 1e-3 these few separable items leave them ill-determined)
-    metrics={"m": {"kind": "probe", "invoke": "items", "site": "resid_post.0:2", "label": "{y}", "l2": 1.0}},  # fmt: skip
+    metrics={
+        "m": {
+            "kind": "probe",
+            "invoke": "items",
+            "site": "resid_post.0:2",
+            "label": "{y}",
+            "l2": 1.0,
+        }
+    },  # fmt: skip
 )
 # items that end in different words: raw-space probe weights are the standardised ones over
 # each feature's spread across the items, so features that barely vary (the same last token)
