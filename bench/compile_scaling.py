@@ -73,8 +73,7 @@ def _seconds(data: dict[str, Any], info: Any, tokenizer: Any) -> float:
             info,
             tokenizer,
             doc=document_of(spec),
-            budget=Budget(max_batch=64),
-            max_cells=10**6,
+            budget=Budget(max_batch=64, max_cells=10**6),
         )
         best = min(best, time.process_time() - started)
     return best

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from .compile import (
     read_items,
 )
 from .compile import compile_plan as _compile
+from .compile.saes import SaeSource
 from .errors import ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
 from .models.catalog import IN_MEMORY
@@ -176,6 +177,7 @@ def run(
     position_reuse: bool = True,
     force: bool = False,
     block_rows: int = BLOCK_ROWS,
+    saes: Mapping[str, str] | None = None,
 ) -> Results:
     """Validate, compile and run a spec on this machine; optionally write ``out`` (a folder
     holding another spec's run is replaced only with ``force``; checked before running).
@@ -187,7 +189,9 @@ def run(
 
     A dataset run of more than ``block_rows`` rows is compiled and run a block of items at a
     time (what it holds stays flat in the number of items), unless its items read each other
-    (see :func:`specsight.compile.why_one_plan`)."""
+    (see :func:`specsight.compile.why_one_plan`).
+
+    ``saes``: SAE folders the spec may name by id (``saes: {x: {id: ID, ...}}``), id -> path."""
     from .engine import Executor
     from .results import check_out_dir, results_from_raw
 
@@ -215,8 +219,9 @@ def run(
             prefix_reuse=prefix_reuse,
             position_reuse=position_reuse,
         )
+        registered = {sae_id: SaeSource(str(folder)) for sae_id, folder in (saes or {}).items()}
         compiler = functools.partial(
-            _compile, spec, model.info, model.tokenizer, doc=doc, budget=budget
+            _compile, spec, model.info, model.tokenizer, doc=doc, budget=budget, saes=registered
         )
         executor = Executor(model.model, pad_id=model.tokenizer.pad_id, progress=progress)
         t0 = time.perf_counter()

@@ -197,7 +197,7 @@ def check_case(text: str, infos: dict[str, Any]) -> Outcome:
         doc = replace(load_text(text, file="fuzz.yaml", fmt="yaml"), base_dir=str(SPECS))
         spec = validate_spec(doc)
         info, tok = infos.get(spec.model.id) or infos["smollm2-135m"]
-        compile_plan(spec, info, tok, doc=doc, max_cells=20_000)
+        compile_plan(spec, info, tok, doc=doc, budget=Budget(max_cells=20_000))
         kind, detail = "ok", ""
     except SpecError as exc:
         unlocated = [i for i in exc.issues if not (i.message and (i.line or i.path or i.file))]

@@ -172,6 +172,14 @@ def _run_remote(
     default=None,
     help="The server's API key (with --remote).",
 )
+@click.option(
+    "--sae",
+    "saes",
+    multiple=True,
+    metavar="ID=PATH",
+    help="An SAE folder (SAELens's format) that the spec names by id (saes: {x: {id: ID, "
+    "site: ...}}); repeat for several. Not with --remote: the server names its own.",
+)
 @verbosity_options
 @json_option
 @guard
@@ -183,6 +191,7 @@ def run(
     max_batch: int | None,
     remote: str | None,
     api_key: str | None,
+    saes: tuple[str, ...],
     quiet: bool,
     verbose: bool,
     as_json: bool,
@@ -191,12 +200,15 @@ def run(
     summary and no progress; -v: also the plan's size and where the time went."""
     from ..api import run as run_spec
     from ..results import Results
+    from .serve_config import sae_options
 
     check_verbosity(quiet, verbose)
     show_progress = not as_json and not quiet and sys.stderr.isatty()
     if remote is not None:
-        if device is not None or max_batch is not None:
-            raise click.UsageError("--device and --max-batch are the server's choice with --remote")
+        if device is not None or max_batch is not None or saes:
+            raise click.UsageError(
+                "--device, --max-batch and --sae are the server's choice with --remote"
+            )
         results: Results = _run_remote(spec_path, remote, api_key, out, force, show_progress)
     else:
         callback, progress = progress_callback(show_progress)
@@ -210,6 +222,7 @@ def run(
                 device=device,
                 max_batch=max_batch,
                 progress=callback,
+                saes=sae_options(saes),
             )
         finally:
             if progress is not None and progress.live.is_started:

@@ -102,6 +102,14 @@ def _db_location(ctx: click.Context, param: click.Parameter, value: str) -> Path
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option(
+    "--sae",
+    "saes",
+    multiple=True,
+    metavar="ID=PATH",
+    help="An SAE folder (SAELens's format) that specs name by id (saes: {x: {id: ID, site: "
+    "...}}); repeat for several. Specs never name paths on a server.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",

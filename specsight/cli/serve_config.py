@@ -15,7 +15,7 @@ __all__ = ["limit_flags", "serve_config"]
 _RAY_ONLY = ("address", "replicas", "num_gpus", "num_cpus")
 #: options a --deploy file gives (the command line may not)
 _IN_FILE = ("model_ids", "db_path", "device", "device_map", "max_memory", "dtype", "replicas",
-            "num_gpus", "num_cpus", "batch_jobs")  # fmt: skip
+            "num_gpus", "num_cpus", "batch_jobs", "saes")  # fmt: skip
 #: options that go over a --deploy file's field: {option: field}
 _OVER_FILE = {"address": "address", "host": "host", "port": "port", "grace": "grace_s",
               "retention_days": "retention_days", "header_timeout": "header_timeout_s",
@@ -107,7 +107,21 @@ def _entry(model_id: str, options: dict[str, Any]) -> dict[str, Any]:
         "num_gpus": options["num_gpus"],
         "num_cpus": options["num_cpus"],
         "batch_jobs": options["batch_jobs"],
+        "saes": sae_options(options["saes"]),
     }
+
+
+def sae_options(values: tuple[str, ...]) -> dict[str, str]:
+    """``--sae ID=PATH`` options as {id: path}."""
+    saes: dict[str, str] = {}
+    for value in values:
+        sae_id, sep, folder = value.partition("=")
+        if not sep or not sae_id or not folder:
+            raise click.UsageError(f"--sae {value!r}: write ID=PATH, e.g. res6=saes/res6")
+        if sae_id in saes:
+            raise click.UsageError(f"--sae {sae_id}: given twice")
+        saes[sae_id] = folder
+    return saes
 
 
 def _limits(options: dict[str, Any]) -> Any:

@@ -19,7 +19,7 @@ import random
 from typing import Any
 
 from .. import spec as S
-from ..plan import RowRef, StoreKey, VectorKey
+from ..plan import RowRef, StoreKey, VectorKey, site_fields
 from ..plan.ops import Capture, Mean, Noise, Patch, ProjectOut, SetVector
 from ..sites import Site, SiteError, resolve_site
 from .context import Context, SpecPath
@@ -33,21 +33,19 @@ def _capture_whole(
 ) -> None:
     """Keep every position of ``row`` at ``site`` under store key ``key``."""
     ctx.captures[key] = Capture(
-        site=site.name,
-        module=site.module,
-        io=site.io,
+        **{**site_fields(site), "layer": layer},
         row=RowRef(row),
         positions=tuple(range(len(ctx.rows[row].tokens))),
         store=key,
         origin=origin,
-        layer=layer,
     )
 
 
 def capture_key(ctx: Context, source: str, prompt: int, site: Site, origin: str) -> StoreKey:
     """The store key of a source row's whole sequence at ``site``, captured once for every op
     that reads it."""
-    key = StoreKey(f"capture/{source}/{prompt}/{site.module}/{site.io}")
+    part = "" if site.sae is None else f"/sae.{site.sae}.{site.part}"
+    key = StoreKey(f"capture/{source}/{prompt}/{site.module}/{site.io}{part}")
     if key not in ctx.captures:
         _capture_whole(ctx, key, ctx.row_index[(source, 0, prompt)], site, origin, site.layer)
     return key

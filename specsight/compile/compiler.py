@@ -7,6 +7,7 @@ Every problem it finds is collected and raised as one :class:`SpecError` with fi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from .inputs import compile_inputs
 from .layout import after_layer_modules, invoke_infos, plan_saves
 from .memory import CPU_BATCH_CAP, estimate_memory, rows_for_budget, untouched_run_bytes
 from .metrics import compile_metric
+from .saes import SaeSource, builtin_saes, compile_saes
 from .stages import collect_save_names, order_stages
 from .sweep import MAX_CELLS
 
@@ -36,7 +38,8 @@ DEFAULT_MAX_BATCH = CPU_BATCH_CAP
 
 @dataclass(frozen=True)
 class Budget:
-    """How many rows a forward holds and what it reuses. Rows per forward: ``max_batch`` when
+    """How many rows a forward holds and what it reuses, and how many sweep cells a spec may
+    expand to (``max_cells``). Rows per forward: ``max_batch`` when
     given; else as many as ``memory`` bytes of activations allow (at most ``cap``); else
     ``cap``. ``prefix_reuse`` and ``position_reuse`` skip what identical rows share: the layers
     below their first touched layer, the positions before their first touched position."""
@@ -46,6 +49,8 @@ class Budget:
     cap: int = DEFAULT_MAX_BATCH
     prefix_reuse: bool = True
     position_reuse: bool = True
+    #: the most sweep cells a spec may expand to
+    max_cells: int = MAX_CELLS
 
     def __post_init__(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:
@@ -60,19 +65,23 @@ def compile_plan(
     doc: S.LoadedDoc | None = None,
     budget: Budget = Budget(),
     allow_files: bool = True,
-    max_cells: int = MAX_CELLS,
     items: Items | None = None,
+    saes: Mapping[str, SaeSource] | None = None,
 ) -> Plan:
     """Compile a validated spec for one model. ``doc`` supplies file positions for errors.
 
     Rows per forward and reuse: see :class:`Budget`. ``items``: the dataset's items already
-    read (a window of them, for a run in blocks), instead of reading it.
+    read (a window of them, for a run in blocks), instead of reading it. ``saes``: the SAEs
+    registered by id (``--sae ID=PATH``) besides the built-in ones.
     """
     doc = doc or S.document_of(spec)
     ctx = Context(
         spec=spec, doc=doc, info=info, tok=tokenizer, allow_files=allow_files, given_items=items
     )
-    stages, order = _rows(ctx, max_cells)
+    if spec.saes:
+        compile_saes(ctx, {**builtin_saes(), **(saes or {})})
+        _check_issues(ctx)
+    stages, order = _rows(ctx, budget.max_cells)
     for name in order:
         compile_invoke_ops(ctx, name)
     metrics = [compile_metric(ctx, name, metric) for name, metric in spec.metrics.items()]
@@ -93,6 +102,7 @@ def compile_plan(
         invokes=invoke_infos(ctx, stages, order),
         vectors=ctx.vectors,
         inputs=ctx.inputs,
+        saes=ctx.saes,
         packing=Packing(n_layers=info.n_layers),
         deterministic=spec.deterministic,
         seed=spec.seed,

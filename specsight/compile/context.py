@@ -15,8 +15,19 @@ from typing import Any
 from .. import spec as S
 from ..errors import MAX_ISSUES, Issue, did_you_mean
 from ..models import ModelInfo, Tokenizer
-from ..plan import DatasetInfo, InputKey, InputTensor, InvokeRef, Op, Row, VectorKey
+from ..plan import (
+    DatasetInfo,
+    InputKey,
+    InputTensor,
+    InvokeRef,
+    Op,
+    Row,
+    SaeInfo,
+    SaeRef,
+    VectorKey,
+)
 from ..plan.ops import Capture
+from ..sites import SaeSites
 from .sweep import Grid
 
 __all__ = [
@@ -135,6 +146,9 @@ class Context(SpecContext):
     inputs: dict[InputKey, InputTensor] = field(default_factory=dict)
     input_keys: dict[str, list[str]] = field(default_factory=dict)
     input_names: dict[str, list[str]] = field(default_factory=dict)
+    #: the spec's SAEs (the plan's), and what resolving their sites needs
+    saes: dict[SaeRef, SaeInfo] = field(default_factory=dict)
+    sae_sites: dict[str, SaeSites] = field(default_factory=dict)
     save_keys: dict[str, list[str]] = field(default_factory=dict)
     save_npos: dict[str, list[int]] = field(default_factory=dict)
     save_meta: dict[str, tuple[str, str]] = field(default_factory=dict)

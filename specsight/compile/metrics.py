@@ -80,7 +80,7 @@ class MetricCompiler:
     def sites(self, selector: str, path: SpecPath) -> list[Site]:
         """The sites a selector names (a located issue when none)."""
         try:
-            return resolve_site(selector, self.ctx.info)
+            return resolve_site(selector, self.ctx.info, self.ctx.sae_sites)
         except SiteError as exc:
             raise self.fail("unknown-site", exc.message, path, exc.hint) from None
 

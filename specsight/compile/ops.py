@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import spec as S
 from ..errors import format_path
-from ..plan import RowRef, StoreKey, VectorKey
+from ..plan import RowRef, SaeRef, StoreKey, VectorKey
 from ..plan.ops import AddSaved, AddVector, Grad, Patch, Save, Scale, SetSaved, SetVector, Zero
 from ..sites import Site, SiteError, resolve_site
 from .ablations import ABLATION_COMPILERS, capture_key, derangement, vector_key
@@ -25,7 +25,7 @@ __all__ = ["compile_op"]
 
 def _sites(ctx: Context, site: str, path: SpecPath) -> list[Site]:
     try:
-        return resolve_site(site, ctx.info)
+        return resolve_site(site, ctx.info, ctx.sae_sites)
     except SiteError as exc:
         raise ctx.fail("unknown-site", exc.message, path + ("site",), exc.hint) from None
 
@@ -99,6 +99,8 @@ def compile_op(
                     origin=format_path(path),
                     layer=site.layer,
                     cols=window["cols"],
+                    sae=None if site.sae is None else SaeRef(site.sae),
+                    part=site.part,
                 ),
             )
             compiler(ctx, op, at, template=template, sites=sites, vector=vector)

@@ -17,18 +17,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import RunError
-from ..plan import Forward, Op, Plan
+from ..plan import Forward, Op, Plan, SaeRef
 from ..plan.ops import At, Group
 from .ablate import mean_value, noise_draw, project_out, span_basis, spread
+from .sae import SparseAutoencoder
 from .views import attention_weights, col_index, pos_index, row_major, token_major
 
 __all__ = ["ActionTables", "Runner"]
+
+#: where ops act: a module's io, and the SAE and its part when the site is an SAE's
+Site = tuple[str, str, SaeRef | None, str | None]
 
 _SITE_HINT = "check the op's positions and columns against the site (`specsight sites MODEL`)"
 _HINTS = {
@@ -48,6 +52,8 @@ class _Level:
     ops: list[Op]
     cols: torch.Tensor | None
     group: Group | None = None
+    #: the ops' positions index the site's tensor shifted by this
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,12 @@ class ActionTables:
 
     forward: Forward
     local: dict[int, int]
-    sites: dict[tuple[str, str], list[list[_Level]]]
+    sites: dict[Site, list[list[_Level]]]
     #: the forward starts at this position: op positions index the input shifted by it
     offset: int = 0
+    #: SAE sites: the positions (start, stop) of the input their ops touch, the only ones
+    #: encoded
+    spans: dict[Site, tuple[int, int]] = field(default_factory=dict)
 
 
 class Runner:
@@ -85,6 +94,7 @@ class Runner:
         self.base_input: torch.Tensor | None = None
         #: values ablations compute once from captures: means, spreads, bases
         self._derived: dict[tuple, Any] = {}
+        self._saes: dict[SaeRef, SparseAutoencoder] = {}
         #: the backward pass's tensor hooks keep gradients here (see :meth:`keep_grad`)
         self.grad_hooks: Callable[[torch.Tensor, Callable[[torch.Tensor], None]], None] | None = (
             None
@@ -101,26 +111,30 @@ class Runner:
         """Build the action tables of one forward (``ops_by_row`` overrides the plan's ops) and
         make them the active ones; ``offset``: the forward's inputs start at that position."""
         local = {row: i for i, row in enumerate(forward.rows)}
-        per_site: dict[tuple[str, str], dict[int, list[Op]]] = defaultdict(
-            lambda: defaultdict(list)
-        )
+        per_site: dict[Site, dict[int, list[Op]]] = defaultdict(lambda: defaultdict(list))
         by_row = self.ops_by_row if ops_by_row is None else ops_by_row
         for row in forward.rows:
             for op in by_row.get(row, ()):
-                per_site[(op.module, op.io)][row].append(op)
-        sites: dict[tuple[str, str], list[list[_Level]]] = {}
+                per_site[op.hook_site][row].append(op)
+        sites: dict[Site, list[list[_Level]]] = {}
+        spans: dict[Site, tuple[int, int]] = {}
         for site, ops_of in per_site.items():
+            at = offset
+            if site[2] is not None:
+                touched = [
+                    p - offset for ops in ops_of.values() for op in ops for p in op.positions
+                ]
+                spans[site] = (min(touched), max(touched) + 1)
+                at = offset + spans[site][0]
             levels = []
             for level in range(max(len(ops) for ops in ops_of.values())):
                 kinds: dict[tuple[type, Any], list[Op]] = defaultdict(list)
                 for ops in ops_of.values():
                     if level < len(ops):
                         kinds[(type(ops[level]), ops[level].cols)].append(ops[level])
-                levels.append(
-                    [self._level(key[0], ops, local, offset) for key, ops in kinds.items()]
-                )
+                levels.append([self._level(key[0], ops, local, at) for key, ops in kinds.items()])
             sites[site] = levels
-        self.active = ActionTables(forward, local, sites, offset)
+        self.active = ActionTables(forward, local, sites, offset, spans)
         return self.active
 
     def activate(self, tables: ActionTables | None) -> None:
@@ -128,7 +142,7 @@ class Runner:
         self.active = tables
 
     def _level(self, kind: type[Op], ops: list[Op], local: dict[int, int], offset: int) -> _Level:
-        level = _Level(kind, ops, col_index(ops[0].cols, self.device))
+        level = _Level(kind, ops, col_index(ops[0].cols, self.device), offset=offset)
         if kind.batchable(ops, self):
             rows = [local[op.row] for op in ops for _ in op.positions]
             positions = [p - offset for op in ops for p in op.positions]
@@ -156,7 +170,9 @@ class Runner:
 
         return expand
 
-    def hook(self, site: tuple[str, str]) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    def hook(self, site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        if site[2] is not None:
+            return self._sae_hook(site)
         io = site[1]
 
         def apply(hidden: torch.Tensor) -> torch.Tensor | None:
@@ -193,6 +209,48 @@ class Runner:
 
         return apply
 
+    def _sae_hook(self, site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        """At the site an SAE reads: its part (features, recon, error) at the positions the
+        ops touch, the ops applied to it, and the change written back into the site."""
+        module, io, ref, part = site
+        assert ref is not None and part is not None
+
+        def apply(hidden: torch.Tensor) -> torch.Tensor | None:
+            active = self.active
+            levels = active.sites.get(site) if active is not None else None
+            if not levels:
+                return None
+            n_rows, seq_len = len(active.forward.rows), active.forward.seq_len
+            lo, hi = active.spans[site]
+            sae = self.sae(ref)
+            rows = hidden if hidden.dim() == 3 else token_major(hidden, n_rows, seq_len, module)
+            x = rows[:, lo:hi]
+            before = sae.part(part, x)
+            writes = any(level.kind.writes for groups in levels for level in groups)
+            # gradients reach a part only through a change written back, here one of zero
+            writes = writes or (self.grad_hooks is not None and before.requires_grad)
+            value = before.clone() if writes else before
+            for groups in levels:
+                for level in groups:
+                    self._apply(level, value)
+            if not writes:
+                return None
+            delta = sae.change(part, before, value, x).to(hidden.dtype)
+            replace = io == "output" or (hidden._base is not None and hidden.requires_grad)
+            if replace:
+                hidden = hidden.clone()
+                rows = hidden if hidden.dim() == 3 else token_major(hidden, n_rows, seq_len, module)
+            rows[:, lo:hi] += delta
+            return hidden if replace else None
+
+        return apply
+
+    def sae(self, ref: SaeRef) -> SparseAutoencoder:
+        """The plan's SAE ``ref``, loaded once per run."""
+        if ref not in self._saes:
+            self._saes[ref] = SparseAutoencoder(self.plan.saes[ref], self.device)
+        return self._saes[ref]
+
     def _apply(self, level: _Level, hidden: torch.Tensor) -> None:
         op = level.ops[0]
         values = level.group.values if level.group is not None else None
@@ -208,7 +266,7 @@ class Runner:
                 self._write(level, hidden)
                 return
             for one in level.ops:
-                one.apply(hidden, self._at(one, hidden), self)
+                one.apply(hidden, self._at(one, hidden, level.offset), self)
         except RunError:
             raise
         except Exception as exc:  # any failure of a user's op is that op's run error
@@ -232,10 +290,10 @@ class Runner:
             group = Group(group.ops, index, group.values, group.factors)
         level.kind.write(hidden, group, self)
 
-    def _at(self, op: Op, hidden: torch.Tensor) -> At:
+    def _at(self, op: Op, hidden: torch.Tensor, offset: int) -> At:
         active = self.active
         assert active is not None
-        positions = pos_index(tuple(p - active.offset for p in op.positions), hidden.device)
+        positions = pos_index(tuple(p - offset for p in op.positions), hidden.device)
         return At(active.local[op.row], positions, col_index(op.cols, hidden.device))
 
     # --- the op kinds' services (specsight.plan.ops.OpEnv) --------------------------------

@@ -26,6 +26,8 @@ from .records import (
     PlanSave,
     Reduce,
     Row,
+    SaeInfo,
+    site_fields,
 )
 from .refs import (
     InputKey,
@@ -35,6 +37,7 @@ from .refs import (
     ResultRef,
     RowRef,
     Rows,
+    SaeRef,
     StoreKey,
     VectorKey,
     relabel,
@@ -51,6 +54,9 @@ __all__ = [
     "InvokeInfo",
     "DatasetInfo",
     "InputTensor",
+    "SaeInfo",
+    "SaeRef",
+    "site_fields",
     "Op",
     "Metric",
     "PlanSave",

@@ -80,6 +80,7 @@ def merge_plans(plans: Sequence[Plan]) -> tuple[Plan, tuple[Part, ...]]:
         invokes=invokes,
         vectors={k: v for p in tagged for k, v in p.vectors.items()},
         inputs={k: v for p in tagged for k, v in p.inputs.items()},
+        saes={k: v for p in tagged for k, v in p.saes.items()},
         packing=packing,
         expectations=(),
         deterministic=plans[0].deterministic,

@@ -25,8 +25,9 @@ from .records import (
     PlanExpectation,
     PlanSave,
     Row,
+    SaeInfo,
 )
-from .refs import InputKey, InvokeRef, ResultRef, VectorKey
+from .refs import InputKey, InvokeRef, ResultRef, SaeRef, VectorKey
 
 __all__ = ["PLAN_VERSION", "Plan"]
 
@@ -50,6 +51,8 @@ class Plan:
     vectors: dict[VectorKey, tuple[float, ...]] = field(default_factory=dict)
     #: image and tensor inputs of rows
     inputs: dict[InputKey, InputTensor] = field(default_factory=dict)
+    #: sparse autoencoders the ops' SAE sites read through
+    saes: dict[SaeRef, SaeInfo] = field(default_factory=dict)
     packing: Packing
     memory_estimate: dict[str, int] = field(default_factory=dict)
     expectations: tuple[PlanExpectation, ...] = ()
@@ -74,11 +77,12 @@ class Plan:
         """The invokes that run once per dataset item (none without a dataset)."""
         return frozenset(self.dataset.invokes if self.dataset is not None else ())
 
-    def hooks(self) -> list[tuple[str, str]]:
-        """Distinct (module, io) pairs the plan touches, in first-use order."""
-        seen: dict[tuple[str, str], None] = {}
+    def hooks(self) -> list[tuple[str, str, SaeRef | None, str | None]]:
+        """Distinct sites the plan touches (module, io, and the SAE part read there), in
+        first-use order."""
+        seen: dict[tuple[str, str, SaeRef | None, str | None], None] = {}
         for op in self.ops:
-            seen.setdefault((op.module, op.io), None)
+            seen.setdefault(op.hook_site, None)
         return list(seen)
 
     def generating(self) -> Iterator[Forward]:

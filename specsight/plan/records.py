@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .codec import KindBase
-from .refs import InputKey, InvokeRef, ResultRef, RowRef, Rows, StoreKey
+from .refs import InputKey, InvokeRef, ResultRef, RowRef, Rows, SaeRef, StoreKey
 
 __all__ = [
     "Row",
@@ -25,7 +25,9 @@ __all__ = [
     "InvokeInfo",
     "DatasetInfo",
     "InputTensor",
+    "SaeInfo",
     "Op",
+    "site_fields",
     "Metric",
     "PlanSave",
     "PlanExpectation",
@@ -144,6 +146,31 @@ class InputTensor:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SaeInfo:
+    """A sparse autoencoder (SAELens's folder format) that reads one site of the model: where
+    its weights are (``folder``, a local or server-side path; ``id``: the registered name it
+    came from) and how it encodes (:mod:`specsight.engine.sae`)."""
+
+    folder: str
+    id: str | None
+    architecture: str  # standard | topk | jumprelu
+    d_in: int
+    d_sae: int
+    k: int | None = None  # topk: features kept per position
+    apply_b_dec_to_input: bool = False
+    normalize_activations: str = "none"
+    #: the site the dictionary reads (and writes back to)
+    site: str
+    module: str
+    io: str
+    layer: int | None = None
+    #: transcoders: the site whose value the decoder replaces (None: an autoencoder)
+    out_site: str | None = None
+    out_module: str | None = None
+    out_io: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Op(KindBase):
     """One op acting on one row at one site; each kind (:mod:`.ops`) adds what it needs.
 
@@ -165,9 +192,18 @@ class Op(KindBase):
     #: generating invokes: the forward steps the op applies to (0: the prompt pass, at
     #: ``positions``; s >= 1: the new token only). None: not a generating invoke
     steps: tuple[int, ...] | None = None
+    #: SAE sites: the dictionary (``Plan.saes``) and its part (features, error, recon) the op
+    #: acts on; ``module`` and ``io`` are then the site the dictionary reads
+    sae: SaeRef | None = None
+    part: str | None = None
 
     #: whether the op changes its site (a site whose ops only read it is not copied)
     writes: ClassVar[bool] = True
+
+    @property
+    def hook_site(self) -> tuple[str, str, SaeRef | None, str | None]:
+        """Where the engine applies the op: the module's io, or a part of an SAE reading it."""
+        return self.module, self.io, self.sae, self.part
 
     @property
     def label(self) -> str:
@@ -203,6 +239,15 @@ class Op(KindBase):
     def apply(self, hidden: Any, at: Any, env: Any) -> None:
         """Apply this op to the site's tensor ``hidden`` at ``at``."""
         raise NotImplementedError(f"{self.kind} ops apply in groups")
+
+
+def site_fields(site: Any) -> dict[str, Any]:
+    """The fields of an op at a resolved site (:class:`~specsight.sites.Site`): its name,
+    module, io and layer, and the SAE part it is, if one."""
+    sae = None if site.sae is None else SaeRef(site.sae)
+    return dict(
+        site=site.name, module=site.module, io=site.io, layer=site.layer, sae=sae, part=site.part
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ __all__ = [
     "StoreKey",
     "VectorKey",
     "InputKey",
+    "SaeRef",
     "InvokeRef",
     "ResultRef",
     "RowRef",
@@ -53,6 +54,12 @@ class VectorKey(Name):
 
 class InputKey(Name):
     """An image or tensor input of a row (``Plan.inputs``)."""
+
+    __slots__ = ()
+
+
+class SaeRef(Name):
+    """A sparse autoencoder the plan reads sites through (``Plan.saes``)."""
 
     __slots__ = ()
 

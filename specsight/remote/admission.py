@@ -8,14 +8,16 @@ refused, and the plan holds only token ids, module names, positions and numbers.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..compile import compile_plan, spec_sizes
+from ..compile import Budget, compile_plan, spec_sizes
+from ..compile.saes import SaeConfigError, SaeSource, read_sae_config
 from ..compile.templates import TEMPLATE, cell_text
-from ..errors import Issue, SpecError, SpecsightError, format_path
+from ..errors import Issue, ModelLoadError, SpecError, SpecsightError, format_path
 from ..plan import Plan
 from ..spec import LoadedDoc, Spec, from_data, validate_spec
 from .protocol import Limits
@@ -28,6 +30,8 @@ __all__ = [
     "PreparedJob",
     "check_text_bytes",
     "strings_in",
+    "checked_saes",
+    "sae_configs",
     "factory_refusal",
     "prepare_job",
     "refuse_local_only",
@@ -172,6 +176,27 @@ def factory_refusal(doc: LoadedDoc | None) -> SpecError:
     )
 
 
+def checked_saes(saes: dict[str, str]) -> dict[str, str]:
+    """A server's ``--sae ID=PATH`` SAEs, each folder's config and weights checked at start
+    (a ModelLoadError otherwise); id -> absolute folder."""
+    checked = {}
+    for sae_id, folder in saes.items():
+        full = os.path.abspath(os.path.expanduser(folder))
+        try:
+            read_sae_config(full)
+        except SaeConfigError as exc:
+            raise ModelLoadError(
+                f"SAE '{sae_id}' ({folder}): {exc.message}", hint=exc.hint
+            ) from None
+        checked[sae_id] = full
+    return checked
+
+
+def sae_configs(saes: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """What clients compile against for each of a model's SAEs: its config, not its path."""
+    return {sae_id: read_sae_config(folder) for sae_id, folder in saes.items()}
+
+
 def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
     """Raise the SpecError a spec that can only run locally gets: a factory model, a model
     placement (device_map, max_memory, offload_folder: a path), or image and tensor inputs
@@ -179,6 +204,16 @@ def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
     if spec.model.factory is not None:
         raise factory_refusal(doc)
     _refuse_placement(spec, doc)
+    for name, entry in spec.saes.items():
+        if entry.path is not None:
+            raise _local_only(
+                doc,
+                "file-not-allowed",
+                f"SAE '{name}' names a folder: a server never reads paths from a spec",
+                ("saes", name, "path"),
+                "name an SAE the server has with 'id:' (a server's `--sae ID=PATH`; `specsight "
+                "models --remote URL` lists them)",
+            )
     for name, invoke in spec.invokes.items():
         if invoke.input_kind != "prompt":
             raise _local_only(
@@ -317,7 +352,9 @@ def prepare_job(
         limits.max_result_bytes,
         "save fewer sites, positions or steps",
     )
+    budget = Budget(max_cells=limits.max_cells)
+    saes = {sae_id: SaeSource(folder) for sae_id, folder in model.saes.items()}
     plan = compile_plan(
-        spec, model.info, model.tokenizer, doc=doc, allow_files=False, max_cells=limits.max_cells
+        spec, model.info, model.tokenizer, doc=doc, budget=budget, allow_files=False, saes=saes
     )
     return PreparedJob(spec, doc, plan, result_bytes)

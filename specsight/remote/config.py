@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,6 +23,9 @@ from ..spec.issues import data_path
 from ..spec.load_yaml import parse_yaml
 from ..spec.source import SourceMap
 from .protocol import Limits
+
+#: how an SAE id is spelled (a name, as in specs)
+SAE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 __all__ = ["ServeConfig", "DeployConfig", "ModelEntry", "load_serve_config"]
 
@@ -47,6 +50,11 @@ class ModelEntry(_Strict):
     batch_jobs: int = Field(16, ge=1, description="queued jobs run together (per replica)")
     shard_rows: int = Field(
         4096, ge=1, description="a job of at least this many rows is split across the replicas"
+    )
+    saes: dict[Annotated[str, Field(pattern=SAE_ID)], str] = Field(
+        default_factory=dict,
+        description="SAEs specs may name by id (saes: {x: {id: ID, site: ...}}): id -> a "
+        "folder on this machine in SAELens's format",
     )
     autoscaling: dict[str, Any] | None = Field(
         None,

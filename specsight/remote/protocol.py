@@ -131,6 +131,11 @@ class ModelEntry(_Wire):
     ops: list[str]
     metrics: list[str]
     canonical_sites: list[str]
+    saes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="the SAEs specs may name by id on this model: id -> its config "
+        "(architecture, d_in, d_sae, ...)",
+    )
 
 
 class ModelsResponse(_Wire):

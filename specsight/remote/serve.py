@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from ..models.load import LoadedModel, load_model
+from .admission import checked_saes
 from .auth import KeyRing
 from .config import ServeConfig
 from .connections import ConnectionGuard, GuardedH11, install_log_limits
@@ -53,6 +54,7 @@ def serve(config: ServeConfig, *, keys: KeyRing, log_level: str = "info") -> Non
                 f"'{entry.id}' reads {loaded.info.inputs} inputs; a server serves text models only",
                 hint="run specs on this model locally (specsight run SPEC)",
             )
+        loaded.saes = checked_saes(entry.saes)
         models[loaded.model_id] = loaded
         log.info("loaded %s on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
     store = open_job_store(config.db, retention_s=config.retention_days * 86400)

@@ -28,6 +28,7 @@ from ..engine import module_widths
 from ..sites import canonical_names
 from ..spec import METRIC_KINDS, OP_NAMES, SPEC_VERSION
 from ..version import __version__
+from .admission import sae_configs
 from .auth import KeyRing
 from .fairness import IntakeBusy
 from .health import health_router
@@ -329,6 +330,7 @@ def _api_router() -> APIRouter:
                 ops=list(OP_NAMES),
                 metrics=list(METRIC_KINDS),
                 canonical_sites=canonical_names(model.info),
+                saes=sae_configs(model.saes),
             )
             for model_id, model in state.models.items()
         ]

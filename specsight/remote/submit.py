@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compile import DEFAULT_MAX_BATCH, Budget, compile_plan, dataset_rows
+from ..compile.saes import SaeSource
 from ..errors import Issue, RunError, SpecError, format_path
 from ..models import ModelInfo
 from ..plan import Plan
@@ -110,7 +111,10 @@ def run_remote(
         info = ModelInfo.from_dict(entry.info)
         tokenizer = remote.tokenizer(entry.id)
         budget = Budget(max_batch=DEFAULT_MAX_BATCH)
-        plan = compile_plan(spec, info, tokenizer, doc=doc, budget=budget, allow_files=True)
+        saes = {sae_id: SaeSource(None, cfg) for sae_id, cfg in entry.saes.items()}
+        plan = compile_plan(
+            spec, info, tokenizer, doc=doc, budget=budget, allow_files=True, saes=saes
+        )
         data = inline_file_vectors(spec, doc, plan)
         try:
             job = remote.submit(data, spec_file=doc.file if doc else None)

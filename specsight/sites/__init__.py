@@ -11,6 +11,8 @@
 from .docs import TABLE_MARKERS, describe_sites, sites_table_markdown, update_readme_table
 from .resolve import (
     FAMILIES,
+    SAE_PARTS,
+    SaeSites,
     Site,
     SiteError,
     canonical_names,
@@ -26,6 +28,8 @@ from .tables import CANONICAL, HeadLayout, SiteTemplate
 __all__ = [
     "CANONICAL",
     "FAMILIES",
+    "SAE_PARTS",
+    "SaeSites",
     "HeadLayout",
     "SiteTemplate",
     "Site",

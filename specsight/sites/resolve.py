@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from ..errors import did_you_mean
 from ..models import ModelInfo
@@ -27,6 +28,8 @@ from .tables import CANONICAL, HeadLayout, head_layout, load_families
 
 __all__ = [
     "FAMILIES",
+    "SAE_PARTS",
+    "SaeSites",
     "Site",
     "SiteError",
     "canonical_names",
@@ -71,6 +74,22 @@ class Site:
     heads: HeadLayout | None = None
     #: the canonical name without its layer ('resid_post'); None for raw paths
     canonical: str | None = None
+    #: SAE sites: the SAE's name and the part of it (features, recon, error); ``module`` and
+    #: ``io`` are the site the SAE reads
+    sae: str | None = None
+    part: str | None = None
+
+
+#: the sites an SAE adds (``sae.NAME.PART``)
+SAE_PARTS = ("features", "recon", "error")
+
+
+@dataclass(frozen=True)
+class SaeSites:
+    """What resolving an SAE's sites needs of it: the site it reads and its feature count."""
+
+    base: Site
+    d_sae: int
 
 
 def detect_family(architecture: str, module_names: tuple[str, ...] | list[str] = ()) -> str | None:
@@ -252,13 +271,18 @@ def _expand_raw(pattern: str, info: ModelInfo, site: str) -> list[str]:
     return found
 
 
-def resolve_site(text: str, info: ModelInfo) -> list[Site]:
-    """Resolve a site string to concrete sites, or raise :class:`SiteError` with a hint."""
+def resolve_site(
+    text: str, info: ModelInfo, saes: Mapping[str, SaeSites] | None = None
+) -> list[Site]:
+    """Resolve a site string to concrete sites, or raise :class:`SiteError` with a hint;
+    ``saes``: the spec's SAEs, whose parts are sites ``sae.NAME.PART``."""
     text = text.strip()
     if not text:
         raise SiteError(
             "site is empty", "name a canonical site such as 'resid_post.5' or a module path"
         )
+    if text.startswith("sae.") and "sae" not in info.module_names:
+        return [_sae_site(text, saes or {})]
     table = family_table(info)
     head, _, rest = text.partition(".")
     if table is not None and head in table["sites"]:
@@ -288,6 +312,31 @@ def resolve_site(text: str, info: ModelInfo) -> list[Site]:
     if not modules:
         raise SiteError(f"no module or canonical site '{text}'", _site_hint(module, info))
     return [Site(m, io, m if io == "output" else f"{m}.{io}", _layer_of(m, info)) for m in modules]
+
+
+def _sae_site(text: str, saes: Mapping[str, SaeSites]) -> Site:
+    """``sae.NAME.PART``: a part of one of the spec's SAEs, at the site it reads."""
+    _, _, rest = text.partition(".")
+    name, _, part = rest.partition(".")
+    if name not in saes:
+        hint = did_you_mean(name, list(saes)) if saes else None
+        raise SiteError(
+            f"no SAE named '{name}' in '{text}'"
+            + (f"; the spec's SAEs: {', '.join(saes)}" if saes else ""),
+            hint
+            or f"declare it under 'saes:', e.g. saes: {{{name}: {{path: FOLDER, site: "
+            "resid_post.6}}",
+        )
+    if part not in SAE_PARTS:
+        raise SiteError(
+            f"'{part}' is not a part of SAE '{name}' in '{text}'",
+            did_you_mean(part, list(SAE_PARTS)) or "write sae.NAME.features, .recon or .error",
+        )
+    base, d_sae = saes[name].base, saes[name].d_sae
+    width = d_sae if part == "features" else base.width
+    return replace(
+        base, name=text, width=width, heads=None, canonical=f"sae.{part}", sae=name, part=part
+    )
 
 
 def _site_hint(module: str, info: ModelInfo) -> str:

@@ -72,6 +72,7 @@ from .ops import (
     ZeroOp,
     invoke_sources,
 )
+from .saes import SAE_PARTS, SaeEntry
 from .source import MAX_BYTES, MAX_DEPTH, LoadedDoc, SourceMap
 from .validate import doc_of, document_of, load_spec, validate_spec
 
@@ -143,4 +144,6 @@ __all__ = [
     "METRIC_KINDS",
     "Expectation",
     "Backward",
+    "SaeEntry",
+    "SAE_PARTS",
 ]

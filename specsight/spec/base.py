@@ -46,7 +46,9 @@ SITE_SYNTAX = (
     "('model.layers.5.mlp.down_proj.input'; '.output' is the default); a path component may be "
     "* (every index), START:STOP ('model.layers.0:4.mlp') or a sweep variable "
     "('model.layers.{layer}.mlp'). `specsight sites MODEL` lists a model's sites and modules; "
-    "`specsight schema --model MODEL` writes a schema that completes them."
+    "`specsight schema --model MODEL` writes a schema that completes them. An SAE declared "
+    "under 'saes:' adds sae.NAME.features (its feature activations; 'dims' picks features), "
+    "sae.NAME.recon and sae.NAME.error."
 )
 
 

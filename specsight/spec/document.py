@@ -17,6 +17,7 @@ from .base import NAME_PATTERN, StrictModel
 from .claims import Backward, Expectation
 from .metrics import METRIC_KINDS, Metric
 from .ops import OP_NAMES, FileVector, Op
+from .saes import SaeEntry
 from .source import LoadedDoc
 
 __all__ = [
@@ -304,6 +305,11 @@ class Spec(StrictModel):
     model: ModelRef
     dataset: Dataset | None = Field(
         None, description="rows (a file beside the spec, or inline) that invokes template over"
+    )
+    saes: dict[Name, SaeEntry] = Field(
+        default_factory=dict,
+        description="sparse autoencoders by name: their sites are sae.NAME.features, "
+        "sae.NAME.recon and sae.NAME.error",
     )
     invokes: dict[Name, Invoke] = Field(min_length=1)
     metrics: dict[Name, Metric] = Field(

@@ -15,7 +15,7 @@ import re
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class LoadedModel:
     #: a model placed by device_map: {module: device} as accelerate placed it (None: one
     #: device, ``device``)
     placement: dict[str, Any] | None = None
+    #: SAEs specs may name by id on this model (a server's ``--sae ID=PATH``): id -> folder
+    saes: dict[str, str] = field(default_factory=dict)
 
     @property
     def weights_sha256(self) -> str:

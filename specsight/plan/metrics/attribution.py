@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from ...errors import format_path
 from ..ops import Grad, Save
+from ..records import site_fields
 from ..refs import InvokeRef, ResultRef, RowRef, Rows, StoreKey
 from .base import CompileEnv, ReadBatch, RowMetric, Tokens, explain_line
 
@@ -61,7 +62,7 @@ class Attribution(RowMetric):
             triple = tuple(
                 StoreKey(f"attr/{name}/{r}/{site.name}") for r in ("clean", "corrupt", "grad")
             )
-            at = dict(site=site.name, module=site.module, io=site.io, layer=site.layer)
+            at = site_fields(site)
             at.update(positions=tuple(range(len(corrupt))), origin=format_path(path))
             env.add_op(Save(**at, row=rows["clean"], store=triple[0]))
             env.add_op(Save(**at, row=rows["corrupt"], store=triple[1]))

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 from ...errors import format_path
 from ..ops import Save
-from ..records import Metric, Reduce
+from ..records import Metric, Reduce, site_fields
 from ..refs import InvokeRef, ResultRef, RowRef, Rows, StoreKey
 
 __all__ = [
@@ -140,8 +140,11 @@ def save_sites_at_rows(
         for site in sites:
             key = StoreKey(f"{tag}/{name}/{row}/{site.name}")
             keys.append(key)
-            at = dict(site=site.name, module=site.module, io=site.io, layer=site.layer)
-            env.add_op(Save(**at, row=RowRef(row), positions=(pos,), store=key, origin=origin))
+            env.add_op(
+                Save(
+                    **site_fields(site), row=RowRef(row), positions=(pos,), store=key, origin=origin
+                )
+            )
     return tuple(keys)
 
 

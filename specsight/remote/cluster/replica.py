@@ -199,6 +199,7 @@ class ModelReplica:
             self.entry.id, dtype=self.entry.dtype, device=self.entry.device,
             device_map=self.entry.device_map, max_memory=self.entry.max_memory,
         )  # fmt: skip
+        self.loaded.saes = admission.checked_saes(self.entry.saes)
         self.loaded.module_widths = module_widths(
             self.loaded.model, pad_id=self.loaded.tokenizer.pad_id
         )

@@ -1,0 +1,283 @@
+"""SAE features as sites (``saes:`` and ``sae.NAME.features|recon|error``) against independent
+references: encoding and decoding against sae-lens on random SAEs in SAELens's folder format
+(every architecture, with and without ``apply_b_dec_to_input``, every input normalisation);
+feature interventions against hand-written hooks on the model (zeroing a feature subtracts its
+activation times its decoder row; any other change adds ``(new - old) @ W_dec``); an untouched
+SAE changes nothing, bit for bit; and located errors for misuse."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import specsight
+from specsight.errors import SpecError
+from tests.conftest import tiny
+from tests.sae_reference import reference_decode, reference_encode, write_random_sae
+
+LAYER, D_SAE = 1, 48
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+def _sae(folder: Path, architecture: str = "standard", **options) -> Path:
+    """A random SAE for tiny-llama's residual stream (values ~0.03): sae-lens's random weights,
+    the encoder scaled up and the decoder down to the stream's size, so that features fire."""
+    k = 6 if architecture == "topk" else None
+    write_random_sae(folder, architecture, 64, D_SAE, seed=1, k=k, **options)
+    weights = load_file(folder / "sae_weights.safetensors")
+    weights["W_enc"] = weights["W_enc"] * 30
+    weights["W_dec"], weights["b_dec"] = weights["W_dec"] * 0.03, weights["b_dec"] * 0.03
+    save_file(weights, folder / "sae_weights.safetensors")
+    return folder
+
+
+def _spec(folder: Path, invokes: dict, **top) -> dict:
+    sae = {"path": str(folder), "site": f"resid_post.{LAYER}"}
+    return {"specsight": 1, "model": "tiny-llama", "saes": {"s": sae}, "invokes": invokes, **top}
+
+
+def _out(ops: list[dict], prompt: str = CORRUPT, **invoke) -> dict:
+    last = {"op": "save", "site": "logits", "positions": [-1], "name": "out"}
+    return {"prompt": prompt, "ops": [*ops, last], **invoke}
+
+
+def _residual(lm, prompt: str) -> torch.Tensor:
+    """resid_post.LAYER of one prompt, read by a hook: [pos, 64]."""
+    kept = []
+    layer = lm.model.model.layers[LAYER]
+    handle = layer.register_forward_hook(lambda _m, _a, out: kept.append(out[0] if isinstance(out, tuple) else out))  # fmt: skip
+    with torch.inference_mode():
+        lm.model(torch.tensor([lm.tokenizer.encode(prompt)]))
+    handle.remove()
+    return kept[0][0].detach().clone()
+
+
+def _logits(lm, prompt: str, change: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """The last position's logits, with ``change`` (hidden [pos, 64] -> new) at the layer."""
+    layer = lm.model.model.layers[LAYER]
+
+    def hook(_m, _a, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        new = change(hidden[0].clone()).unsqueeze(0)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = layer.register_forward_hook(hook) if change is not None else None
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([lm.tokenizer.encode(prompt)])).logits[0, -1]
+    if handle is not None:
+        handle.remove()
+    return logits
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    """Equal within ``rel`` of the values' own size (float32 sums in another order)."""
+    scale = float(want.abs().max()) or 1.0
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * scale)
+
+
+def _w_dec(folder: Path) -> torch.Tensor:
+    return load_file(folder / "sae_weights.safetensors")["W_dec"]
+
+
+# --- encode and decode, against sae-lens ------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("b_dec_in", [False, True])
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
+def test_features_recon_and_error_equal_sae_lens(tmp_path, architecture, b_dec_in, normalize):
+    folder = _sae(tmp_path, architecture, apply_b_dec_to_input=b_dec_in, normalize_activations=normalize)  # fmt: skip
+    saves = [
+        {"op": "save", "site": f"sae.s.{part}", "name": part}
+        for part in ("features", "recon", "error")
+    ]
+    saves.append({"op": "save", "site": f"resid_post.{LAYER}", "name": "x"})
+    got = specsight.run(_spec(folder, {"a": {"prompt": CLEAN, "ops": saves}}), model=tiny()).saves
+    x = _residual(tiny(), CLEAN)
+    _close(got["x"], x)
+    features = reference_encode(folder, x)
+    assert 0 < (features > 0).float().mean() < 0.9, "the SAE fires on some features, not all"
+    _close(got["features"], features)
+    recon = reference_decode(folder, features, x=x)
+    _close(got["recon"], recon)
+    _close(got["error"], x - recon, rel=1e-4)
+
+
+def test_an_untouched_sae_changes_nothing(tmp_path):
+    folder = _sae(tmp_path)
+    reads = [{"op": "save", "site": f"sae.s.{p}"} for p in ("features", "recon", "error")]
+    got = specsight.run(_spec(folder, {"a": _out(reads)}), model=tiny()).saves["out"][0]
+    assert torch.equal(got, _logits(tiny(), CORRUPT))
+
+
+# --- interventions, against hand-written hooks ------------------------------------------------
+
+
+def _active(folder: Path, prompt: str, position: int = -1) -> list[int]:
+    features = reference_encode(folder, _residual(tiny(), prompt))[position]
+    return features.nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_zeroing_a_feature_subtracts_its_decoder_row_times_its_activation(tmp_path, architecture):
+    folder = _sae(tmp_path, architecture)
+    feature = _active(folder, CORRUPT)[0]
+    zero = {"op": "zero", "site": "sae.s.features", "positions": [-1], "dims": [feature]}
+    got = specsight.run(_spec(folder, {"a": _out([zero])}), model=tiny()).saves["out"][0]
+
+    def by_hand(hidden):
+        activation = reference_encode(folder, hidden[-1])[feature]
+        hidden[-1] -= activation * _w_dec(folder)[feature]
+        return hidden
+
+    want = _logits(tiny(), CORRUPT, by_hand)
+    assert not torch.allclose(want, _logits(tiny(), CORRUPT)), "the feature matters"
+    _close(got, want)
+
+
+def _written_back(folder: Path, new_features: Callable[[torch.Tensor], torch.Tensor]):
+    """A hook's change: the features at the last position replaced, the difference decoded."""
+
+    def change(hidden):
+        old = reference_encode(folder, hidden[-1])
+        hidden[-1] += (new_features(old.clone()) - old) @ _w_dec(folder)
+        return hidden
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("op", "edit"),
+    [
+        ({"op": "clamp", "dims": [5, 7], "value": 4.0}, lambda f: f.index_fill(0, torch.tensor([5, 7]), 4.0)),  # fmt: skip
+        ({"op": "scale", "dims": "0:10", "factor": 3.0}, lambda f: torch.cat([f[:10] * 3, f[10:]])),  # fmt: skip
+        ({"op": "add", "vector": [0.5] * D_SAE}, lambda f: f + 0.5),
+        ({"op": "zero"}, torch.zeros_like),
+    ],
+)
+def test_feature_ops_write_back_the_decoded_change(tmp_path, op, edit):
+    folder = _sae(tmp_path)
+    op = {**op, "site": "sae.s.features", "positions": [-1]}
+    got = specsight.run(_spec(folder, {"a": _out([op])}), model=tiny()).saves["out"][0]
+    _close(got, _logits(tiny(), CORRUPT, _written_back(folder, edit)))
+
+
+def test_patching_features_between_invokes(tmp_path):
+    folder = _sae(tmp_path)
+    patch = {"op": "patch", "site": "sae.s.features", "positions": [-1], "from": "clean"}
+    spec = _spec(folder, {"clean": {"prompt": CLEAN}, "corrupt": _out([patch])})
+    got = specsight.run(spec, model=tiny()).saves["out"][0]
+    clean = reference_encode(folder, _residual(tiny(), CLEAN)[-1])
+    _close(got, _logits(tiny(), CORRUPT, _written_back(folder, lambda _f: clean)))
+
+
+def test_zeroing_the_error_leaves_the_reconstruction(tmp_path):
+    folder = _sae(tmp_path, normalize_activations="layer_norm")
+    zero = {"op": "zero", "site": "sae.s.error", "positions": [-1]}
+    got = specsight.run(_spec(folder, {"a": _out([zero])}), model=tiny()).saves["out"][0]
+
+    def by_hand(hidden):
+        x = hidden[-1]
+        hidden[-1] = reference_decode(folder, reference_encode(folder, x), x=x)
+        return hidden
+
+    _close(got, _logits(tiny(), CORRUPT, by_hand))
+
+
+def test_a_feature_sweep_batches_each_feature_as_a_row(tmp_path):
+    folder = _sae(tmp_path)
+    features = _active(folder, CORRUPT)[:4] + [D_SAE - 1]
+    zero = {"op": "zero", "site": "sae.s.features", "positions": [-1], "dims": ["{feature}"]}
+    spec = _spec(folder, {"a": _out([zero], sweep={"feature": features})})
+    got = specsight.run(spec, model=tiny(), max_batch=8).saves["out"]
+    assert got.shape[0] == len(features)
+    for i, feature in enumerate(features):
+
+        def zeroed(f, feature=feature):
+            f[feature] = 0
+            return f
+
+        _close(got[i, 0], _logits(tiny(), CORRUPT, _written_back(folder, zeroed)))
+
+
+def test_an_sae_can_be_named_by_a_registered_id(tmp_path):
+    folder = _sae(tmp_path / "res1")
+    spec = _spec(folder, {"a": {"prompt": CLEAN, "ops": [{"op": "save", "site": "sae.s.features"}]}})  # fmt: skip
+    spec["saes"]["s"] = {"id": "my-res1", "site": f"resid_post.{LAYER}"}
+    got = specsight.run(spec, model=tiny(), saes={"my-res1": str(folder)}).saves
+    _close(got["a/sae.s.features"], reference_encode(folder, _residual(tiny(), CLEAN)))
+
+
+# --- misuse: located errors -------------------------------------------------------------------
+
+
+def _issue(spec: dict, **run) -> tuple[str, tuple, str]:
+    with pytest.raises(SpecError) as info:
+        specsight.run(spec, model=tiny(), **run)
+    issue = info.value.issues[0]
+    return issue.code, tuple(issue.path), issue.message + " | " + (issue.hint or "")
+
+
+def _saving(site: str, **op) -> dict:
+    return {"a": {"prompt": CLEAN, "ops": [{"op": "save", "site": site, **op}]}}
+
+
+def test_a_dims_index_beyond_d_sae_is_located(tmp_path):
+    spec = _spec(_sae(tmp_path), _saving("sae.s.features", dims=[D_SAE]))
+    code, path, text = _issue(spec)
+    assert (code, path[-1]) == ("bad-dims", "dims") and str(D_SAE) in text
+
+
+def test_an_sae_whose_d_in_is_not_the_sites_width_is_located(tmp_path):
+    write_random_sae(tmp_path, "standard", 32, D_SAE, seed=0)
+    code, path, text = _issue(_spec(tmp_path, _saving("sae.s.features")))
+    assert (code, path) == ("sae-width", ("saes", "s", "site")) and "32" in text and "64" in text
+
+
+@pytest.mark.parametrize(
+    ("site", "code", "words"),
+    [
+        ("sae.t.features", "unknown-site", "no SAE named 't'"),
+        ("sae.s.feature", "unknown-site", "did you mean 'features'"),
+    ],
+)
+def test_unknown_sae_sites_are_located(tmp_path, site, code, words):
+    got_code, path, text = _issue(_spec(_sae(tmp_path), _saving(site)))
+    assert got_code == code and path[-1] == "site" and words in text
+
+
+def test_a_skip_on_an_sae_site_is_refused(tmp_path):
+    spec = _spec(_sae(tmp_path), {"a": {"prompt": CLEAN, "ops": [{"op": "skip", "site": "sae.s.features"}]}})  # fmt: skip
+    assert _issue(spec)[0] == "skip-site"
+
+
+def test_bad_sae_folders_are_located(tmp_path):
+    missing = _spec(tmp_path / "nowhere", _saving("sae.s.features"))
+    assert _issue(missing)[:2] == ("file-not-found", ("saes", "s", "path"))
+    folder = _sae(tmp_path / "odd")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    code, path, text = _issue(_spec(folder, _saving("sae.s.features")))
+    assert (code, path) == ("bad-sae", ("saes", "s", "path")) and "gated" in text
+    unknown = _spec(folder, _saving("sae.s.features"))
+    unknown["saes"]["s"] = {"id": "my-res", "site": "resid_post.1"}
+    code, path, text = _issue(unknown, saes={"my-res1": str(folder)})
+    assert (code, path) == ("unknown-sae", ("saes", "s", "id")) and "my-res1" in text
+
+
+def test_a_remote_run_refuses_sae_paths_before_sending(tmp_path):
+    from specsight.remote.admission import refuse_local_only
+    from specsight.spec import validate_spec
+    from specsight.spec.load import from_data
+
+    doc = from_data(_spec(_sae(tmp_path), _saving("sae.s.features")))
+    with pytest.raises(SpecError) as info:
+        refuse_local_only(validate_spec(doc), doc)
+    issue = info.value.issues[0]
+    assert issue.path == ("saes", "s", "path") and "id:" in issue.hint
