@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from specsight.compile import compile_plan
+from specsight.compile import Budget, compile_plan
 from specsight.errors import SpecError
 from specsight.spec import load_text, validate_spec
 

@@ -155,8 +155,14 @@ def _written_back(folder: Path, new_features: Callable[[torch.Tensor], torch.Ten
 @pytest.mark.parametrize(
     ("op", "edit"),
     [
-        ({"op": "clamp", "dims": [5, 7], "value": 4.0}, lambda f: f.index_fill(0, torch.tensor([5, 7]), 4.0)),  # fmt: skip
-        ({"op": "scale", "dims": "0:10", "factor": 3.0}, lambda f: torch.cat([f[:10] * 3, f[10:]])),  # fmt: skip
+        (
+            {"op": "clamp", "dims": [5, 7], "value": 4.0},
+            lambda f: f.index_fill(0, torch.tensor([5, 7]), 4.0),
+        ),  # fmt: skip
+        (
+            {"op": "scale", "dims": "0:10", "factor": 3.0},
+            lambda f: torch.cat([f[:10] * 3, f[10:]]),
+        ),  # fmt: skip
         ({"op": "add", "vector": [0.5] * D_SAE}, lambda f: f + 0.5),
         ({"op": "zero"}, torch.zeros_like),
     ],
