@@ -209,3 +209,26 @@ def write_random_sae(
     (folder / CFG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
     save_file({name: w.contiguous() for name, w in weights.items()}, folder / WEIGHTS_FILENAME)
     return folder
+
+
+def tiny_sae(
+    folder: str | Path,
+    architecture: str = "standard",
+    d_sae: int = 48,
+    *,
+    seed: int = 1,
+    **options: Any,
+) -> Path:
+    """A random SAE for tiny-llama's residual stream (64 wide, values ~0.03): the random
+    weights of :func:`write_random_sae`, the encoder scaled up and the decoder down to the
+    stream's size, so that features fire and their decoder rows are the stream's size."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    k = 6 if architecture == "topk" else None
+    write_random_sae(folder, architecture, 64, d_sae, seed=seed, k=k, **options)
+    weights = load_file(folder / WEIGHTS_FILENAME)
+    weights["W_enc"] = weights["W_enc"] * 30
+    weights["W_dec"], weights["b_dec"] = weights["W_dec"] * 0.03, weights["b_dec"] * 0.03
+    save_file(weights, folder / WEIGHTS_FILENAME)
+    return folder

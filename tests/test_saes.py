@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import specsight
 from specsight.errors import SpecError
 from tests.conftest import tiny
-from tests.sae_reference import reference_decode, reference_encode, write_random_sae
+from tests.sae_reference import reference_decode, reference_encode, tiny_sae, write_random_sae
 
 LAYER, D_SAE = 1, 48
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -26,15 +26,7 @@ CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 
 def _sae(folder: Path, architecture: str = "standard", **options) -> Path:
-    """A random SAE for tiny-llama's residual stream (values ~0.03): sae-lens's random weights,
-    the encoder scaled up and the decoder down to the stream's size, so that features fire."""
-    k = 6 if architecture == "topk" else None
-    write_random_sae(folder, architecture, 64, D_SAE, seed=1, k=k, **options)
-    weights = load_file(folder / "sae_weights.safetensors")
-    weights["W_enc"] = weights["W_enc"] * 30
-    weights["W_dec"], weights["b_dec"] = weights["W_dec"] * 0.03, weights["b_dec"] * 0.03
-    save_file(weights, folder / "sae_weights.safetensors")
-    return folder
+    return tiny_sae(folder, architecture, D_SAE, **options)
 
 
 def _spec(folder: Path, invokes: dict, **top) -> dict:
@@ -218,6 +210,29 @@ def test_an_sae_can_be_named_by_a_registered_id(tmp_path):
     spec["saes"]["s"] = {"id": "my-res1", "site": f"resid_post.{LAYER}"}
     got = specsight.run(spec, model=tiny(), saes={"my-res1": str(folder)}).saves
     _close(got["a/sae.s.features"], reference_encode(folder, _residual(tiny(), CLEAN)))
+
+
+def test_top_features_are_each_rows_largest_activations(tmp_path):
+    folder = _sae(tmp_path)
+    rows = [{"text": CLEAN}, {"text": CORRUPT}, {"text": "The cat sat on the mat"}]
+    spec = _spec(folder, {"a": {"prompt": "{text}"}}, dataset={"rows": rows})
+    spec["metrics"] = {"top": {"kind": "top_features", "invoke": "a", "sae": "s", "k": 5}}
+    got = specsight.run(spec, model=tiny()).metrics
+    assert got["top"].shape == got["top/ids"].shape == (3, 5)
+    for i, row in enumerate(rows):
+        features = reference_encode(folder, _residual(tiny(), row["text"])[-1])
+        want = features.topk(5)
+        _close(got["top"][i], want.values)
+        assert got["top/ids"][i].tolist() == want.indices.tolist()
+
+
+def test_top_features_misuse_is_located(tmp_path):
+    spec = _spec(_sae(tmp_path), {"a": {"prompt": CLEAN}})
+    spec["metrics"] = {"top": {"kind": "top_features", "invoke": "a", "sae": "s", "k": D_SAE + 1}}
+    assert _issue(spec)[:2] == ("bad-k", ("metrics", "top", "k"))
+    spec["metrics"]["top"].update(k=3, sae="t")
+    code, path, text = _issue(spec)
+    assert (code, path) == ("unknown-site", ("metrics", "top", "sae")) and "'t'" in text
 
 
 # --- misuse: located errors -------------------------------------------------------------------

@@ -7,6 +7,8 @@ jobs run alone (a plan alone is checked against hand-written hooks elsewhere).""
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +21,11 @@ from specsight.plan import Op, merge_plans, metric_kind, shard_forwards, shardab
 from specsight.plan.codec import kinds_of
 from specsight.spec import METRIC_KINDS
 from tests.conftest import CLEAN, CORRUPT, tiny
+from tests.sae_reference import tiny_sae
 
 MODEL = "tiny-llama"
+#: two random SAEs that jobs name alike ('s'): merged jobs must each keep their own
+SAES = {seed: str(tiny_sae(Path(tempfile.mkdtemp()) / "sae", seed=seed)) for seed in (1, 2)}
 #: prompts of one token length (14 on the tiny tokenizer), with the names at 1, 3 and 9
 PROMPTS = [
     CLEAN,
@@ -73,6 +78,10 @@ OP_JOBS: dict[str, dict[str, Any]] = {
     ),
     "mean_ablate": _job([{"op": "mean_ablate", "site": "mlp_out.1", "from": "clean"}]),
 }
+OP_JOBS["sae"] = _job(
+    [{"op": "zero", "site": "sae.s.features", "positions": [13], "dims": "0:20"}],
+    saes={"s": {"path": SAES[1], "site": "resid_post.1"}},
+)
 OP_JOBS["saved"] = _job([])
 OP_JOBS["saved"]["invokes"]["clean"]["ops"] = [
     {"op": "save", "site": "resid_post.0", "positions": [9], "name": "kept"}
@@ -175,6 +184,11 @@ WORDS = ["red apple", "blue sky", "a green frog", "the dark night", "cold water"
          "small bird", "warm bread"]  # fmt: skip
 METRIC_JOBS["probe"]["dataset"] = {"rows": [{"t": t, "y": i % 2} for i, t in enumerate(WORDS)]}
 METRIC_JOBS["probe"]["invokes"]["items"] = {"prompt": "{t}"}
+METRIC_JOBS["top_features"] = _job(
+    [{"op": "scale", "site": "sae.s.error", "positions": [13], "factor": 0.5}],
+    metrics={"m": {"kind": "top_features", "invoke": "corrupt", "sae": "s", "k": 4}},
+    saes={"s": {"path": SAES[2], "site": "resid_post.1"}},
+)
 METRIC_JOBS["logit_diff"] = METRIC_JOBS["recovery"]
 METRIC_JOBS["recovery"]["invokes"]["base"] = {"prompt": PROMPTS[1]}
 METRIC_JOBS["recovery"]["invokes"]["corrupt"]["sweep"] = {"layer": "all"}
@@ -400,6 +414,7 @@ def test_only_kinds_that_cannot_split_are_refused_by_shards():
         "metric:logit_lens",
         "metric:dla",
         "metric:probe",
+        "metric:top_features",
         "metric:attribution",
     }
 

@@ -78,12 +78,23 @@ class Plan:
         return frozenset(self.dataset.invokes if self.dataset is not None else ())
 
     def hooks(self) -> list[tuple[str, str, SaeRef | None, str | None]]:
-        """Distinct sites the plan touches (module, io, and the SAE part read there), in
-        first-use order."""
+        """Distinct sites the plan touches (module, io, and the SAE part read there), in the
+        order their hooks run: modules in first-use order; at one module's io its own ops
+        first, then the SAEs reading it by name, each one's features before recon and error
+        (an order fixed by the plan's sites alone, so that merged jobs run theirs alike)."""
         seen: dict[tuple[str, str, SaeRef | None, str | None], None] = {}
+        first: dict[tuple[str, str], int] = {}
         for op in self.ops:
             seen.setdefault(op.hook_site, None)
-        return list(seen)
+            first.setdefault((op.module, op.io), len(first))
+        parts = ("features", "recon", "error")
+
+        def order(site: tuple[str, str, SaeRef | None, str | None]) -> tuple[Any, ...]:
+            sae, part = site[2], site[3]
+            rank = (0, "", 0) if sae is None else (1, str(sae), parts.index(part or "features"))
+            return (first[(site[0], site[1])], *rank)
+
+        return sorted(seen, key=order)
 
     def generating(self) -> Iterator[Forward]:
         """The forwards that generate."""

@@ -197,6 +197,18 @@ def _print_metric(
             )
         console.print(table)
         return
+    if view == "features" and "ids" in extra:
+        cell_axes = axes[:-1]
+        ids, values = (
+            extra["ids"].reshape(-1, tensor.shape[-1]),
+            tensor.reshape(-1, tensor.shape[-1]),
+        )
+        for i in range(min(len(values), _MAX_LIST)):
+            where = cell_label(meta, cell_axes, coords(i, tuple(tensor.shape[:-1])))
+            label = f"{name}[{where}]" if where else name
+            shown = "  ".join(f"#{int(f)} {_fmt(float(v))}" for f, v in zip(ids[i], values[i]))
+            console.print(f"  [magenta]{escape(label)}[/magenta]  {escape(shown)}")
+        return
     if view == "parts" and tensor.ndim == 1:
         _print_parts(console, name, tensor, meta, extra)
         return

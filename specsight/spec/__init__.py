@@ -48,6 +48,7 @@ from .metrics import (
     ProbMetric,
     RecoveryMetric,
     Reduce,
+    TopFeaturesMetric,
     TopKMetric,
 )
 from .ops import (
@@ -140,6 +141,7 @@ __all__ = [
     "AttributionMetric",
     "DlaMetric",
     "ProbeMetric",
+    "TopFeaturesMetric",
     "METRIC_CLASSES",
     "METRIC_KINDS",
     "Expectation",

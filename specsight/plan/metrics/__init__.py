@@ -12,6 +12,7 @@ from .attribution import Attribution
 from .base import AfterRun, CompileEnv, ReadBatch, ReaderParts, RowMetric, Tokens
 from .distributions import KL, Loss, TopK
 from .dla import DirectLogitAttribution
+from .features import TopFeatures
 from .lens import LogitLens
 from .probe import Probe
 from .recovery import Recovery
@@ -37,6 +38,7 @@ __all__ = [
     "Attribution",
     "DirectLogitAttribution",
     "Probe",
+    "TopFeatures",
     "Recovery",
 ]
 
