@@ -302,3 +302,89 @@ def test_a_remote_run_refuses_sae_paths_before_sending(tmp_path):
         refuse_local_only(validate_spec(doc), doc)
     issue = info.value.issues[0]
     assert issue.path == ("saes", "s", "path") and "id:" in issue.hint
+
+
+# --- registered ids, locally and on a server --------------------------------------------------
+
+
+def _by_id(folder_id: str = "my-sae") -> dict:
+    zero = {"op": "zero", "site": "sae.s.features", "positions": [-1], "dims": "0:8"}
+    spec = _spec(Path("unused"), {"a": _out([zero], prompt=[CLEAN, CORRUPT])})
+    spec["saes"]["s"] = {"id": folder_id, "site": f"resid_post.{LAYER}"}
+    spec["metrics"] = {"top": {"kind": "top_features", "invoke": "a", "sae": "s", "k": 3}}
+    return spec
+
+
+@pytest.fixture
+def sae_server(tmp_path):
+    """The real server app serving tiny-llama with one SAE registered (``--sae my-sae=...``)."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from specsight.remote.admission import checked_saes
+    from specsight.remote.auth import KeyRing
+    from specsight.remote.client import RemoteClient
+    from specsight.remote.jobs import JobStore
+    from specsight.remote.server import create_app
+
+    folder = _sae(tmp_path / "served")
+    model = dataclasses.replace(tiny(), saes=checked_saes({"my-sae": str(folder)}))
+    store = JobStore(tmp_path / "jobs.db")
+    app = create_app({"tiny-llama": model}, store=store, keys=KeyRing.from_raw_keys({"t": "k"}))
+    try:
+        with TestClient(app, base_url="http://testserver") as http:
+            yield RemoteClient("http://testserver", "k", client=http), folder
+    finally:
+        store.close()
+
+
+def test_a_server_named_sae_runs_remotely_as_locally(sae_server, tmp_path):
+    from specsight.remote.submit import run_remote
+    from tests.test_remote_client import assert_same_tensors
+
+    client, folder = sae_server
+    listed = client.models().models[0].saes
+    assert listed["my-sae"]["d_sae"] == D_SAE and "folder" not in listed["my-sae"]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(_by_id()))
+    remote = run_remote(path, "", client=client, timeout=120)
+    assert_same_tensors(remote, specsight.run(path, model=tiny(), saes={"my-sae": str(folder)}))
+    path.write_text(json.dumps(_by_id("their-sae")))
+    with pytest.raises(SpecError) as info:
+        run_remote(path, "", client=client, timeout=120)
+    issue = info.value.issues[0]
+    assert (issue.code, issue.path, issue.line) == ("unknown-sae", ("saes", "s", "id"), 1)
+    assert "my-sae" in issue.message
+
+
+def test_the_cli_registers_saes_by_id(tmp_path):
+    from click.testing import CliRunner
+
+    from specsight.cli import main
+
+    folder = _sae(tmp_path / "res1")
+    spec = _by_id()
+    spec["model"] = "tiny-llama"
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    ok = CliRunner().invoke(main, ["run", str(path), "--sae", f"my-sae={folder}", "-q"])
+    assert ok.exit_code == 0, ok.output
+    missing = CliRunner().invoke(main, ["run", str(path), "-q"])
+    assert missing.exit_code == 2 and "my-sae" in missing.output
+    bad = CliRunner().invoke(main, ["run", str(path), "--sae", "my-sae"])
+    assert bad.exit_code == 2 and "ID=PATH" in bad.output
+
+
+def test_a_servers_size_estimate_counts_feature_saves(sae_server, tmp_path):
+    """A save of every feature at every position is sized by d_sae before the job runs, and
+    the estimate is the saved tensor's size."""
+    from specsight.compile import spec_sizes
+    from specsight.spec import load_spec
+
+    client, folder = sae_server
+    spec = _by_id()
+    spec["invokes"]["a"]["ops"].append({"op": "save", "site": "sae.s.features", "name": "f"})
+    sizes = spec_sizes(load_spec(spec), tiny().info, tiny().tokenizer, sae_widths={"my-sae": D_SAE})
+    got = specsight.run(spec, model=tiny(), saes={"my-sae": str(folder)}).saves["f"]
+    assert sizes.tensors["f"] == got.numel() * 4

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import spec as S
 from ..models import ModelInfo, Tokenizer
-from ..sites import Site, SiteError, resolve_site
+from ..sites import SaeSites, Site, SiteError, resolve_site
 from ..spec import document_of
 from .context import SpecContext, default_save_name, plain
 from .dataset import invoke_prompts, render_selector, render_value, use_dataset
@@ -70,10 +70,12 @@ def spec_sizes(
     *,
     module_widths: dict[tuple[str, str], int] | None = None,
     max_cells: int = MAX_CELLS,
+    sae_widths: dict[str, int] | None = None,
 ) -> SpecSizes:
     """The sizes of ``spec`` on this model (text inputs). Problems compiling would report
     (an unknown site, a bad position) are skipped here: they add nothing. Over ``max_cells``
-    cells only the counts are filled in (nothing is expanded)."""
+    cells only the counts are filled in (nothing is expanded). ``sae_widths``: the feature
+    counts of the SAEs specs may name by id (``sae.NAME.features`` sites' widths)."""
     sizes = SpecSizes()
     ctx = SpecContext(spec=spec, doc=document_of(spec))
     use_dataset(ctx, allow_files=False)  # a server's spec has its rows inline
@@ -102,10 +104,10 @@ def spec_sizes(
         each = ctx.input_axis(name)
         names = tuple(grid.axes) + ((each,) if each else ())
         invokes[name] = _Invoke(tokens[name], grid, lead, names, cells, items)
+        known = _Known(module_widths or {}, _sae_sites(spec, info, sae_widths or {}))
         for op in invoke.ops:
             if isinstance(op, S.SaveOp):
-                widths = module_widths or {}
-                _save_sizes(sizes, info, tokenizer, name, invoke, invokes[name], op, widths)
+                _save_sizes(sizes, info, tokenizer, name, invoke, invokes[name], op, known)
         owners.update(dict.fromkeys(sizes.tensors.keys() - owners.keys(), name))
     for name, metric in spec.metrics.items():
         _metric_sizes(sizes, spec, info, invokes, name, metric)
@@ -139,10 +141,34 @@ def _count(
     return owners
 
 
-def _sites(text: str, info: ModelInfo, cache: dict[str, list[Site]]) -> list[Site]:
+@dataclass(frozen=True)
+class _Known:
+    """What sizes sites besides the model's info: measured module widths, the spec's SAEs."""
+
+    widths: dict[tuple[str, str], int]
+    saes: dict[str, SaeSites]
+
+
+def _sae_sites(spec: S.Spec, info: ModelInfo, sae_widths: dict[str, int]) -> dict[str, SaeSites]:
+    """The spec's SAEs named by a known id, as site resolution needs them."""
+    out = {}
+    for name, entry in spec.saes.items():
+        if entry.id in sae_widths:
+            with contextlib.suppress(SiteError, ValueError):
+                (base,) = resolve_site(entry.site, info)
+                out[name] = SaeSites(base, sae_widths[entry.id])
+    return out
+
+
+def _sites(
+    text: str,
+    info: ModelInfo,
+    cache: dict[str, list[Site]],
+    saes: dict[str, SaeSites] | None = None,
+) -> list[Site]:
     if text not in cache:
         try:
-            cache[text] = resolve_site(text, info)
+            cache[text] = resolve_site(text, info, saes)
         except SiteError:
             cache[text] = []
     return cache[text]
@@ -168,7 +194,7 @@ def _save_sizes(
     invoke: S.Invoke,
     shape: _Invoke,
     op: S.SaveOp,
-    widths: dict[tuple[str, str], int],
+    known: _Known,
 ) -> None:
     """One save op: a tensor per concrete site, padded to its longest row."""
     raw = op.model_dump(by_alias=True)
@@ -178,7 +204,7 @@ def _save_sizes(
     heads: dict[str, int] = {}
     for variables in shape.cells:
         concrete = substitute(raw, variables) if variables else raw
-        for site in _sites(str(concrete["site"]), info, cache):
+        for site in _sites(str(concrete["site"]), info, cache, known.saes):
             sites_of.setdefault(site.name, site)
             heads[site.name] = _count_heads(concrete.get("heads"), site)
             for index, tokens in enumerate(shape.tokens):
@@ -206,7 +232,7 @@ def _save_sizes(
         elif site.heads is not None:
             value = (positions, heads[site_name], site.heads.d_head)
         else:
-            value = (positions, _width(site, info, widths))
+            value = (positions, _width(site, info, known.widths))
             if raw.get("dims") is not None:
                 with contextlib.suppress(DimsError):
                     value = (positions, len(dim_indices(raw["dims"], value[1], site_name)))

@@ -334,6 +334,7 @@ def prepare_job(
         model.tokenizer,
         module_widths=model.module_widths,
         max_cells=limits.max_cells,
+        sae_widths={sae_id: cfg["d_sae"] for sae_id, cfg in sae_configs(model.saes).items()},
     )
     _check("sweep cells", sizes.cells, limits.max_cells, "split the sweep into several jobs")
     _check("batch rows", sizes.rows, limits.max_rows, "split the spec into several jobs")
