@@ -90,6 +90,16 @@ def _sae_lens_classes() -> Any:
         from sae_lens.saes.sae import SAE
         from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
         from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+        from sae_lens.saes.transcoder import (
+            JumpReLUSkipTranscoder,
+            JumpReLUSkipTranscoderConfig,
+            JumpReLUTranscoder,
+            JumpReLUTranscoderConfig,
+            SkipTranscoder,
+            SkipTranscoderConfig,
+            Transcoder,
+            TranscoderConfig,
+        )
     finally:
         # sae_lens.saes.sae holds HookedRootModule now; keep transformer_lens's namespace as
         # it was for everything else in the test session
@@ -100,6 +110,10 @@ def _sae_lens_classes() -> Any:
         "standard": (StandardSAE, StandardSAEConfig),
         "topk": (TopKSAE, TopKSAEConfig),
         "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+        "transcoder": (Transcoder, TranscoderConfig),
+        "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+        "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+        "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
     }
     for architecture, (sae_class, cfg_class) in classes.items():
         if architecture not in SAE_CLASS_REGISTRY:
@@ -231,4 +245,50 @@ def tiny_sae(
     weights["W_enc"] = weights["W_enc"] * 30
     weights["W_dec"], weights["b_dec"] = weights["W_dec"] * 0.03, weights["b_dec"] * 0.03
     save_file(weights, folder / WEIGHTS_FILENAME)
+    return folder
+
+
+#: the transcoder architectures sae-lens 6 has, as registered here
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+
+
+def write_random_transcoder(
+    folder: str | Path, architecture: str, d_in: int, d_sae: int, d_out: int, *, seed: int
+) -> Path:
+    """A random transcoder in SAELens's format (``d_out`` in cfg.json; ``W_dec [d_sae,
+    d_out]``, ``b_dec [d_out]``, ``W_skip [d_out, d_in]`` for skip transcoders, thresholds for
+    JumpReLU ones), for inputs ~ N(0, 1) and outputs of size ~1."""
+    if architecture not in TRANSCODERS:
+        raise ValueError(f"architecture must be one of {TRANSCODERS}")
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    weights = {
+        "W_enc": randn(d_in, d_sae) / d_in**0.5,
+        "W_dec": randn(d_sae, d_out) / d_sae**0.5,
+        "b_enc": -0.2 + 0.1 * randn(d_sae),
+        "b_dec": 0.1 * randn(d_out),
+    }
+    if architecture.startswith("jumprelu"):
+        weights["threshold"] = 0.3 + 0.4 * torch.rand(d_sae, generator=g, dtype=torch.float32)
+    if "skip" in architecture:
+        weights["W_skip"] = 0.1 * randn(d_out, d_in) / d_in**0.5
+    cfg = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "d_out": d_out,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": SAE_LENS_VERSION},
+        "architecture": architecture,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CFG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file({name: w.contiguous() for name, w in weights.items()}, folder / WEIGHTS_FILENAME)
     return folder

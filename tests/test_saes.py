@@ -18,7 +18,15 @@ from safetensors.torch import load_file
 import specsight
 from specsight.errors import SpecError
 from tests.conftest import tiny
-from tests.sae_reference import reference_decode, reference_encode, tiny_sae, write_random_sae
+from tests.sae_reference import (
+    TRANSCODERS,
+    reference_decode,
+    reference_encode,
+    sae_lens_sae,
+    tiny_sae,
+    write_random_sae,
+    write_random_transcoder,
+)
 
 LAYER, D_SAE = 1, 48
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -388,3 +396,117 @@ def test_a_servers_size_estimate_counts_feature_saves(sae_server, tmp_path):
     sizes = spec_sizes(load_spec(spec), tiny().info, tiny().tokenizer, sae_widths={"my-sae": D_SAE})
     got = specsight.run(spec, model=tiny(), saes={"my-sae": str(folder)}).saves["f"]
     assert sizes.tensors["f"] == got.numel() * 4
+
+
+# --- transcoders ------------------------------------------------------------------------------
+
+MLP_IN, MLP_OUT = f"model.layers.{LAYER}.mlp.input", f"mlp_out.{LAYER}"
+
+
+def _transcoder_spec(folder: Path, ops: list[dict], **entry) -> dict:
+    spec = _spec(folder, {"a": _out(ops)})
+    spec["saes"]["s"] = {"path": str(folder), "site": MLP_IN, "site_out": MLP_OUT, **entry}
+    return spec
+
+
+def _mlp_logits(lm, change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """The last position's logits with the MLP's output replaced by ``change(x, out)`` (x: the
+    MLP's input), both [pos, 64]."""
+    mlp = lm.model.model.layers[LAYER].mlp
+    kept = {}
+
+    def keep(_m, args):
+        kept["x"] = args[0][0].clone()
+
+    handles = [
+        mlp.register_forward_pre_hook(keep),
+        mlp.register_forward_hook(lambda _m, _a, out: change(kept["x"], out[0].clone())[None]),
+    ]
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([lm.tokenizer.encode(CORRUPT)])).logits[0, -1]
+    for handle in handles:
+        handle.remove()
+    return logits
+
+
+@pytest.mark.parametrize("architecture", TRANSCODERS)
+def test_transcoder_parts_equal_sae_lens(tmp_path, architecture):
+    folder = write_random_transcoder(tmp_path, architecture, 64, D_SAE, 64, seed=3)
+    saves = [
+        {"op": "save", "site": f"sae.s.{p}", "name": p} for p in ("features", "recon", "error")
+    ]
+    saves += [{"op": "save", "site": MLP_IN, "name": "x"}, {"op": "save", "site": MLP_OUT, "name": "out"}]  # fmt: skip
+    spec = _transcoder_spec(folder, [])
+    spec["invokes"]["a"]["ops"] = saves
+    got = specsight.run(spec, model=tiny()).saves
+    reference = sae_lens_sae(folder)
+    with torch.no_grad():
+        features = reference.encode(got["x"])
+        recon = reference(got["x"])  # decode, plus the skip term of skip transcoders
+    assert 0 < (features > 0).float().mean() < 0.9
+    _close(got["features"], features)
+    _close(got["recon"], recon)
+    _close(got["error"], got["out"] - recon, rel=1e-4)
+
+
+def test_zeroing_a_transcoder_feature_changes_the_mlp_output(tmp_path):
+    folder = write_random_transcoder(tmp_path, "skip_transcoder", 64, D_SAE, 64, seed=3)
+    w_dec = _w_dec(folder)
+    reference = sae_lens_sae(folder)
+
+    def active(x):
+        with torch.no_grad():
+            return reference.encode(x[-1])
+
+    mlp = tiny().model.model.layers[LAYER].mlp
+    kept = []
+
+    def keep(_m, args):
+        kept.append(args[0][0, -1].clone())
+
+    handle = mlp.register_forward_pre_hook(keep)
+    _logits(tiny(), CORRUPT)
+    handle.remove()
+    feature = active(kept[0][None]).nonzero().flatten()[0].item()
+    zero = {"op": "zero", "site": "sae.s.features", "positions": [-1], "dims": [feature]}
+    got = specsight.run(_transcoder_spec(folder, [zero]), model=tiny()).saves["out"][0]
+
+    def by_hand(x, out):
+        out[-1] -= active(x)[feature] * w_dec[feature]
+        return out
+
+    want = _mlp_logits(tiny(), by_hand)
+    assert not torch.allclose(want, _logits(tiny(), CORRUPT))
+    _close(got, want)
+
+
+@pytest.mark.parametrize("with_op", [False, True])
+def test_a_transcoder_without_its_error_stands_in_for_the_mlp(tmp_path, with_op):
+    folder = write_random_transcoder(tmp_path, "transcoder", 64, D_SAE, 64, seed=3)
+    reference = sae_lens_sae(folder)
+    ops = [{"op": "scale", "site": "sae.s.features", "positions": [-1], "factor": 2.0}]
+    spec = _transcoder_spec(folder, ops if with_op else [], keep_error=False)
+    got = specsight.run(spec, model=tiny()).saves["out"][0]
+
+    def by_hand(x, _out):
+        with torch.no_grad():
+            features = reference.encode(x)
+            if with_op:
+                features[-1] *= 2
+            return reference.decode(features)
+
+    _close(got, _mlp_logits(tiny(), by_hand))
+
+
+def test_transcoder_misuse_is_located(tmp_path):
+    folder = write_random_transcoder(tmp_path / "tc", "transcoder", 64, D_SAE, 64, seed=3)
+    spec = _transcoder_spec(folder, [])
+    del spec["saes"]["s"]["site_out"]
+    code, path, text = _issue(spec)
+    assert (code, path) == ("transcoder", ("saes", "s")) and "site_out" in text
+    spec = _spec(_sae(tmp_path / "sae"), {"a": _out([])})
+    spec["saes"]["s"]["site_out"] = MLP_OUT
+    assert _issue(spec)[:2] == ("transcoder", ("saes", "s", "site_out"))
+    spec = _transcoder_spec(folder, [])
+    spec["saes"]["s"]["site_out"] = f"model.layers.{LAYER}.mlp.down_proj.input"
+    assert _issue(spec)[:2] == ("transcoder", ("saes", "s", "site_out"))

@@ -26,8 +26,11 @@ __all__ = [
     "read_sae_config",
 ]
 
-#: the SAE architectures we run (SAELens's names), and the activation each one applies
-ARCHITECTURES = ("standard", "topk", "jumprelu")
+#: the SAE architectures we run (SAELens's names); transcoders read one site and stand in for
+#: another's value (skip transcoders add ``x @ W_skip.T``)
+SAE_ARCHITECTURES = ("standard", "topk", "jumprelu")
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+ARCHITECTURES = SAE_ARCHITECTURES + TRANSCODERS
 #: SAELens's input normalisations: the first three are folded into the weights on saving
 NORMALISATIONS = (
     "none",
@@ -110,12 +113,16 @@ def read_sae_config(folder: str | None, cfg: Mapping[str, Any] | None = None) ->
             "cfg.json: rescale_acts_by_decoder_norm is not supported",
             "fold the decoder norms into W_enc and W_dec first",
         )
+    transcoder = architecture in TRANSCODERS
+    if transcoder and normalize not in ("none", *_FOLDED):
+        raise SaeConfigError(f"cfg.json: a transcoder with normalize_activations {normalize!r}")
     fields = dict(
         architecture=architecture,
         d_in=_int(cfg, "d_in"),
         d_sae=_int(cfg, "d_sae"),
+        d_out=_int(cfg, "d_out") if transcoder else None,
         k=_int({"k": 100, **cfg}, "k") if architecture == "topk" else None,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=not transcoder and bool(cfg.get("apply_b_dec_to_input", True)),
         normalize_activations="none" if normalize in _FOLDED else normalize,
     )
     if folder is not None and cfg is not None:
@@ -132,10 +139,13 @@ def _check_weights(folder: str, fields: dict[str, Any]) -> None:
         )
     from safetensors import safe_open
 
-    d_in, d_sae = fields["d_in"], fields["d_sae"]
-    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    if fields["architecture"] == "jumprelu":
+    d_in, d_sae, architecture = fields["d_in"], fields["d_sae"], fields["architecture"]
+    d_out = fields["d_out"] or d_in
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
+    if architecture.startswith("jumprelu"):
         want["threshold"] = (d_sae,)
+    if "skip" in architecture:
+        want["W_skip"] = (d_out, d_in)
     try:
         with safe_open(file, framework="numpy") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
@@ -149,7 +159,7 @@ def _check_weights(folder: str, fields: dict[str, Any]) -> None:
         if shapes[key] != shape:
             raise SaeConfigError(
                 f"{_WEIGHTS}: '{key}' has shape {list(shapes[key])}, but cfg.json (d_in "
-                f"{d_in}, d_sae {d_sae}) says {list(shape)}"
+                f"{d_in}, d_sae {d_sae}, d_out {d_out}) says {list(shape)}"
             )
 
 
@@ -183,7 +193,7 @@ def _folder(
     return catalog[entry.id]
 
 
-def _site(ctx: Context, text: str, path: SpecPath, d_in: int, what: str) -> Site:
+def _site(ctx: Context, text: str, path: SpecPath, width: int, what: str) -> Site:
     try:
         sites = resolve_site(text, ctx.info)
     except SiteError as exc:
@@ -193,10 +203,11 @@ def _site(ctx: Context, text: str, path: SpecPath, d_in: int, what: str) -> Site
                        + (f"{len(sites)} sites" if len(sites) != 1 else "a per-head site"), path,
                        "name one layer's site, e.g. resid_post.6")  # fmt: skip
     site = sites[0]
-    if site.width is not None and site.width != d_in:
+    if site.width is not None and site.width != width:
+        side = "d_in" if what == "reads" else "d_out"
         raise ctx.fail(
             "sae-width",
-            f"the SAE's d_in is {d_in} but '{text}' has width {site.width}",
+            f"the SAE's {side} is {width} but '{text}' has width {site.width}",
             path,
             "use the site the SAE was trained on",
         )
@@ -221,14 +232,10 @@ def _compile_sae(ctx: Context, name: str, entry: Any, catalog: Mapping[str, SaeS
         where = path + (("path",) if entry.path is not None else ("id",))
         raise ctx.fail("bad-sae", f"SAE '{name}': {exc.message}", where, exc.hint) from None
     site = _site(ctx, entry.site, path + ("site",), fields["d_in"], "reads")
+    site_out = _site_out(ctx, name, entry, fields, path)
     out: dict[str, Any] = {}
-    if entry.site_out is not None:
-        raise ctx.fail(
-            "transcoder",
-            "transcoders (site_out) do not run yet",
-            path + ("site_out",),
-            "remove site_out: an SAE reads and writes back its own site",
-        )
+    if site_out is not None:
+        out = dict(out_site=site_out.name, out_module=site_out.module, out_io=site_out.io)
     ctx.saes[SaeRef(name)] = SaeInfo(
         folder=source.folder or "",
         id=entry.id,
@@ -236,7 +243,34 @@ def _compile_sae(ctx: Context, name: str, entry: Any, catalog: Mapping[str, SaeS
         module=site.module,
         io=site.io,
         layer=site.layer,
+        keep_error=entry.keep_error,
         **fields,
         **out,
     )
-    ctx.sae_sites[name] = SaeSites(site, fields["d_sae"])
+    ctx.sae_sites[name] = SaeSites(site, fields["d_sae"], site_out)
+
+
+def _site_out(
+    ctx: Context, name: str, entry: Any, fields: dict[str, Any], path: SpecPath
+) -> Site | None:
+    """A transcoder's ``site_out`` (a module's output of width d_out); None for an SAE."""
+    if (entry.site_out is None) != (fields["d_out"] is None):
+        has = entry.site_out is not None
+        raise ctx.fail(
+            "transcoder",
+            f"SAE '{name}' is a {fields['architecture']}: "
+            + ("it writes back the site it reads" if has else "it needs a site_out"),
+            path + ("site_out",) if has else path,
+            "remove site_out" if has else "add site_out: the site it stands in for",
+        )
+    if entry.site_out is None:
+        return None
+    site_out = _site(ctx, entry.site_out, path + ("site_out",), fields["d_out"], "writes")
+    if site_out.io != "output":
+        raise ctx.fail(
+            "transcoder",
+            f"a transcoder stands in for a module's output; '{entry.site_out}' is an input",
+            path + ("site_out",),
+            "name a module's output, e.g. mlp_out.6",
+        )
+    return site_out

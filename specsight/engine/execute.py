@@ -29,7 +29,7 @@ from .device import model_device, model_dtype
 from .forward import Forwards
 from .generate import run_generation
 from .grad import backward_from, grad_scope
-from .hooks import HookScope, module_table
+from .hooks import HookScope, hidden_of, module_table, replace_hidden
 from .readout import AfterRun, MetricBatch, assemble, read_metric, to_host
 from .reuse import UntouchedRuns
 from .runner import Runner
@@ -131,6 +131,24 @@ class _Loop:
             scope.add_expander(self.layers[layer], self.runner.expander(layer))
         for site in self.plan.hooks():
             scope.add(site[0], site[1], self.runner.hook(site))
+        self.transcoder_hooks(scope)
+
+    def transcoder_hooks(self, scope: HookScope) -> None:
+        """Each transcoder the plan uses keeps its input site's value (after the ops there);
+        one without its error term replaces its output site's value, before other hooks."""
+        used = {op.sae for op in self.plan.ops if op.sae is not None}
+        for ref, info in self.plan.saes.items():
+            if not info.transcoder or (ref not in used and info.keep_error):
+                continue
+            scope.add(info.module, info.io, self.runner.transcoder_keeper(ref))
+            if not info.keep_error:
+                assert info.out_module is not None
+                replace = self.runner.transcoder_output(ref)
+                module = scope.module(info.out_module)
+                scope.replace_output(
+                    module,
+                    lambda out, replace=replace: replace_hidden(out, replace(hidden_of(out))),
+                )
 
     def run(self, forwards: Sequence[Forward], progress: Progress | None) -> None:
         total, done = sum(len(f.rows) for f in forwards), 0

@@ -26,7 +26,7 @@ from ..errors import RunError
 from ..plan import Forward, Op, Plan, SaeRef
 from ..plan.ops import At, Group
 from .ablate import mean_value, noise_draw, project_out, span_basis, spread
-from .sae import SparseAutoencoder
+from .sae import SaeHooks, SparseAutoencoder
 from .views import attention_weights, col_index, pos_index, row_major, token_major
 
 __all__ = ["ActionTables", "Runner"]
@@ -71,7 +71,7 @@ class ActionTables:
     spans: dict[Site, tuple[int, int]] = field(default_factory=dict)
 
 
-class Runner:
+class Runner(SaeHooks):
     """A plan's ops on one model: stored values, vectors, and the active action tables."""
 
     def __init__(
@@ -95,6 +95,8 @@ class Runner:
         #: values ablations compute once from captures: means, spreads, bases
         self._derived: dict[tuple, Any] = {}
         self._saes: dict[SaeRef, SparseAutoencoder] = {}
+        #: each transcoder's input in the forward running (kept by :meth:`transcoder_keeper`)
+        self.transcoder_inputs: dict[SaeRef, torch.Tensor] = {}
         #: the backward pass's tensor hooks keep gradients here (see :meth:`keep_grad`)
         self.grad_hooks: Callable[[torch.Tensor, Callable[[torch.Tensor], None]], None] | None = (
             None
@@ -172,7 +174,7 @@ class Runner:
 
     def hook(self, site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
         if site[2] is not None:
-            return self._sae_hook(site)
+            return self.sae_hook(site)
         io = site[1]
 
         def apply(hidden: torch.Tensor) -> torch.Tensor | None:
@@ -208,48 +210,6 @@ class Runner:
             return hidden if replace else None
 
         return apply
-
-    def _sae_hook(self, site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        """At the site an SAE reads: its part (features, recon, error) at the positions the
-        ops touch, the ops applied to it, and the change written back into the site."""
-        module, io, ref, part = site
-        assert ref is not None and part is not None
-
-        def apply(hidden: torch.Tensor) -> torch.Tensor | None:
-            active = self.active
-            levels = active.sites.get(site) if active is not None else None
-            if not levels:
-                return None
-            n_rows, seq_len = len(active.forward.rows), active.forward.seq_len
-            lo, hi = active.spans[site]
-            sae = self.sae(ref)
-            rows = hidden if hidden.dim() == 3 else token_major(hidden, n_rows, seq_len, module)
-            x = rows[:, lo:hi]
-            before = sae.part(part, x)
-            writes = any(level.kind.writes for groups in levels for level in groups)
-            # gradients reach a part only through a change written back, here one of zero
-            writes = writes or (self.grad_hooks is not None and before.requires_grad)
-            value = before.clone() if writes else before
-            for groups in levels:
-                for level in groups:
-                    self._apply(level, value)
-            if not writes:
-                return None
-            delta = sae.change(part, before, value, x).to(hidden.dtype)
-            replace = io == "output" or (hidden._base is not None and hidden.requires_grad)
-            if replace:
-                hidden = hidden.clone()
-                rows = hidden if hidden.dim() == 3 else token_major(hidden, n_rows, seq_len, module)
-            rows[:, lo:hi] += delta
-            return hidden if replace else None
-
-        return apply
-
-    def sae(self, ref: SaeRef) -> SparseAutoencoder:
-        """The plan's SAE ``ref``, loaded once per run."""
-        if ref not in self._saes:
-            self._saes[ref] = SparseAutoencoder(self.plan.saes[ref], self.device)
-        return self._saes[ref]
 
     def _apply(self, level: _Level, hidden: torch.Tensor) -> None:
         op = level.ops[0]

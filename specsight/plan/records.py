@@ -156,6 +156,7 @@ class SaeInfo:
     architecture: str  # standard | topk | jumprelu
     d_in: int
     d_sae: int
+    d_out: int | None = None  # transcoders: the width of the value they stand in for
     k: int | None = None  # topk: features kept per position
     apply_b_dec_to_input: bool = False
     normalize_activations: str = "none"
@@ -164,10 +165,16 @@ class SaeInfo:
     module: str
     io: str
     layer: int | None = None
-    #: transcoders: the site whose value the decoder replaces (None: an autoencoder)
+    #: transcoders: the site whose value the decoder stands in for (None: an autoencoder),
+    #: and whether that value keeps its error term (else the decoder's output replaces it)
     out_site: str | None = None
     out_module: str | None = None
     out_io: str | None = None
+    keep_error: bool = True
+
+    @property
+    def transcoder(self) -> bool:
+        return self.d_out is not None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -86,10 +86,12 @@ SAE_PARTS = ("features", "recon", "error")
 
 @dataclass(frozen=True)
 class SaeSites:
-    """What resolving an SAE's sites needs of it: the site it reads and its feature count."""
+    """What resolving an SAE's sites needs of it: the site it reads, its feature count, and
+    for a transcoder the site it stands in for (where all its parts are hooked)."""
 
     base: Site
     d_sae: int
+    out: Site | None = None
 
 
 def detect_family(architecture: str, module_names: tuple[str, ...] | list[str] = ()) -> str | None:
@@ -332,8 +334,9 @@ def _sae_site(text: str, saes: Mapping[str, SaeSites]) -> Site:
             f"'{part}' is not a part of SAE '{name}' in '{text}'",
             did_you_mean(part, list(SAE_PARTS)) or "write sae.NAME.features, .recon or .error",
         )
-    base, d_sae = saes[name].base, saes[name].d_sae
-    width = d_sae if part == "features" else base.width
+    sae = saes[name]
+    base = sae.out or sae.base
+    width = sae.d_sae if part == "features" else base.width
     return replace(
         base, name=text, width=width, heads=None, canonical=f"sae.{part}", sae=name, part=part
     )
