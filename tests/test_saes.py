@@ -510,3 +510,28 @@ def test_transcoder_misuse_is_located(tmp_path):
     spec = _transcoder_spec(folder, [])
     spec["saes"]["s"]["site_out"] = f"model.layers.{LAYER}.mlp.down_proj.input"
     assert _issue(spec)[:2] == ("transcoder", ("saes", "s", "site_out"))
+
+
+def test_mean_ablating_a_feature_set_uses_the_reference_rows_mean(tmp_path):
+    folder = _sae(tmp_path)
+    op = {"op": "mean_ablate", "site": "sae.s.features", "positions": [-1], "from": "ref"}
+    spec = _spec(folder, {"ref": {"prompt": [CLEAN, CORRUPT]}, "a": _out([op])})
+    got = specsight.run(spec, model=tiny()).saves["out"][0]
+    mean = sum(reference_encode(folder, _residual(tiny(), p)[-1]) for p in (CLEAN, CORRUPT)) / 2
+    _close(got, _logits(tiny(), CORRUPT, _written_back(folder, lambda _f: mean)))
+
+
+def test_the_gradient_at_features_is_the_decoder_times_the_residuals(tmp_path):
+    """d metric / d features = W_dec @ d metric / d resid: the features feed the model only
+    through their decoding (written back as a change of zero)."""
+    folder = _sae(tmp_path)
+    grads = [
+        {"op": "save", "site": site, "positions": [-1], "grad": True, "name": name}
+        for site, name in (("sae.s.features", "f"), (f"resid_post.{LAYER}", "x"))
+    ]
+    spec = _spec(folder, {"a": {"prompt": CORRUPT, "ops": grads}})
+    spec["metrics"] = {"ld": {"kind": "logit_diff", "invoke": "a", "target": " Mary", "foil": " John"}}  # fmt: skip
+    spec["backward"] = {"metric": "ld"}
+    got = specsight.run(spec, model=tiny()).saves
+    assert got["x"].abs().max() > 0
+    _close(got["f"][0], _w_dec(folder) @ got["x"][0], rel=1e-4)
