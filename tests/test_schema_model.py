@@ -304,3 +304,20 @@ def test_schema_model_that_does_not_exist_is_a_usage_error(model_id, says):
     assert result.exit_code == 2
     assert "--model" in result.stderr and says in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_the_model_schema_completes_the_sites_of_named_saes():
+    result = CliRunner().invoke(main, ["schema", "--model", "tiny-llama", "--sae", "res6"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.stdout)
+    offered = [set(g["enum"]) for g in schema["$defs"][DEF_NAME]["anyOf"]]
+    assert {"sae.res6.features", "sae.res6.recon", "sae.res6.error"} in offered
+    spec = {
+        "specsight": 1,
+        "model": "tiny-llama",
+        "saes": {"res6": {"path": "saes/res6", "site": "resid_post.1"}},
+        "invokes": {"a": {"prompt": "hi", "ops": [{"op": "zero", "site": "sae.res6.features"}]}},
+    }
+    jsonschema.validate(spec, schema)
+    alone = CliRunner().invoke(main, ["schema", "--sae", "res6"])
+    assert alone.exit_code == 2 and "--model" in alone.output

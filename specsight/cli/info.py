@@ -98,17 +98,31 @@ def _placement_text(spec: Any, estimate: dict[str, int]) -> str:
     help="Complete site fields with MODEL's site names (canonical and module paths; "
     "no weights loaded).",
 )
+@click.option(
+    "--sae",
+    "sae_names",
+    multiple=True,
+    metavar="NAME",
+    help="With --model: complete the sites of an SAE the specs name NAME under saes: "
+    "(sae.NAME.features, .recon, .error); repeat for several.",
+)
 @json_option
 @guard
 def schema(
-    check_path: Path | None, write_path: Path | None, model_id: str | None, as_json: bool
+    check_path: Path | None,
+    write_path: Path | None,
+    model_id: str | None,
+    sae_names: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Print the JSON Schema of spec v1 (or check / write a copy of it); with --model, one
     whose site fields complete that model's site names in editors. With --check or --write,
     --json prints the verdict as JSON (the schema itself is JSON already)."""
     from ..spec import json_schema
 
-    data = json_schema() if model_id is None else _model_schema(json_schema(), model_id)
+    if sae_names and model_id is None:
+        raise click.UsageError("--sae completes a model's schema: give --model too")
+    data = json_schema() if model_id is None else _model_schema(json_schema(), model_id, sae_names)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     if check_path is not None:
         fresh = check_path.exists() and check_path.read_text() == text
@@ -135,11 +149,11 @@ def schema(
     click.echo(text, nl=False)
 
 
-def _model_schema(data: dict, model_id: str) -> dict:
-    """The schema ``data`` completing ``model_id``'s sites."""
+def _model_schema(data: dict, model_id: str, saes: tuple[str, ...] = ()) -> dict:
+    """The schema ``data`` completing ``model_id``'s sites (and those of SAEs named ``saes``)."""
     from ..sites import model_schema
 
-    return model_schema(data, _model_info(model_id, "'--model'"))
+    return model_schema(data, _model_info(model_id, "'--model'"), saes)
 
 
 def _model_info(model_id: str, param_hint: str) -> Any:

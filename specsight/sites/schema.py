@@ -25,9 +25,17 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from ..models import ModelInfo
-from .resolve import family_table
+from .resolve import SAE_PARTS, family_table
 
-__all__ = ["DEF_NAME", "LAYER_VARIABLE", "SiteGroup", "model_schema", "site_groups", "site_names"]
+__all__ = [
+    "DEF_NAME",
+    "LAYER_VARIABLE",
+    "SiteGroup",
+    "model_schema",
+    "sae_group",
+    "site_groups",
+    "site_names",
+]
 
 #: the ``$defs`` entry holding the model's site names
 DEF_NAME = "ModelSite"
@@ -147,11 +155,20 @@ def _complete_sites(node: Any, ref: dict[str, Any]) -> int:
     return count
 
 
-def model_schema(schema: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+def sae_group(names: tuple[str, ...] | list[str]) -> SiteGroup:
+    """The sites of the SAEs named ``names`` (their features, reconstruction and error)."""
+    sites = tuple(f"sae.{name}.{part}" for name in names for part in SAE_PARTS)
+    return SiteGroup("sae.NAME.*", "the parts of the spec's SAEs (saes:)", sites)
+
+
+def model_schema(
+    schema: dict[str, Any], info: ModelInfo, saes: tuple[str, ...] | list[str] = ()
+) -> dict[str, Any]:
     """A copy of the spec's JSON ``schema`` whose ``site`` fields complete ``info``'s site names
-    (see the module's docstring); it validates exactly what ``schema`` does."""
+    (see the module's docstring), and those of SAEs named ``saes``; it validates exactly what
+    ``schema`` does."""
     out = copy.deepcopy(schema)
-    groups = site_groups(info)
+    groups = site_groups(info) + ([sae_group(saes)] if saes else [])
     if not groups:  # nothing to complete (a model without modules)
         return out
     out.setdefault("$defs", {})[DEF_NAME] = {
