@@ -152,6 +152,30 @@ def reference_decode(
         return sae.decode(f.detach().to("cpu", torch.float32))
 
 
+def _random_weights(
+    seed: int, d_in: int, d_sae: int, d_out: int, architecture: str
+) -> dict[str, torch.Tensor]:
+    """Seeded float32 weights: ``W_enc`` ~ N(0, 1/d_in), ``b_enc`` about -0.2, decoder rows of
+    norm about 1 (``W_dec`` [d_sae, d_out]), thresholds in [0.3, 0.7] for JumpReLU, and a small
+    ``W_skip`` [d_out, d_in] for skip transcoders."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    weights = {
+        "W_enc": randn(d_in, d_sae) / d_in**0.5,
+        "W_dec": randn(d_sae, d_out) / d_out**0.5,
+        "b_enc": -0.2 + 0.1 * randn(d_sae),
+        "b_dec": 0.1 * randn(d_out),
+    }
+    if architecture.startswith("jumprelu"):
+        weights["threshold"] = 0.3 + 0.4 * torch.rand(d_sae, generator=g, dtype=torch.float32)
+    if "skip" in architecture:
+        weights["W_skip"] = 0.1 * randn(d_out, d_in) / d_in**0.5
+    return weights
+
+
 def write_random_sae(
     folder: str | Path,
     architecture: str,
@@ -183,19 +207,7 @@ def write_random_sae(
     if k is not None and not 0 < k <= d_sae:
         raise ValueError(f"k must be in 1..d_sae ({d_sae}), not {k}")
 
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float32)
-
-    weights = {
-        "W_enc": randn(d_in, d_sae) / d_in**0.5,
-        "W_dec": randn(d_sae, d_in) / d_in**0.5,
-        "b_enc": -0.2 + 0.1 * randn(d_sae),
-        "b_dec": 0.1 * randn(d_in),
-    }
-    if architecture == "jumprelu":
-        weights["threshold"] = 0.3 + 0.4 * torch.rand(d_sae, generator=g, dtype=torch.float32)
+    weights = _random_weights(seed, d_in, d_sae, d_in, architecture)
 
     cfg: dict[str, Any] = {
         "d_in": d_in,
@@ -260,21 +272,7 @@ def write_random_transcoder(
     JumpReLU ones), for inputs ~ N(0, 1) and outputs of size ~1."""
     if architecture not in TRANSCODERS:
         raise ValueError(f"architecture must be one of {TRANSCODERS}")
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float32)
-
-    weights = {
-        "W_enc": randn(d_in, d_sae) / d_in**0.5,
-        "W_dec": randn(d_sae, d_out) / d_sae**0.5,
-        "b_enc": -0.2 + 0.1 * randn(d_sae),
-        "b_dec": 0.1 * randn(d_out),
-    }
-    if architecture.startswith("jumprelu"):
-        weights["threshold"] = 0.3 + 0.4 * torch.rand(d_sae, generator=g, dtype=torch.float32)
-    if "skip" in architecture:
-        weights["W_skip"] = 0.1 * randn(d_out, d_in) / d_in**0.5
+    weights = _random_weights(seed, d_in, d_sae, d_out, architecture)
     cfg = {
         "d_in": d_in,
         "d_sae": d_sae,
