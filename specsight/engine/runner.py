@@ -54,6 +54,8 @@ class _Level:
     group: Group | None = None
     #: the ops' positions index the site's tensor shifted by this
     offset: int = 0
+    #: a group of ops on different columns (``Op.mixed_cols``): each entry's columns [n, width]
+    entry_cols: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class Runner(SaeHooks):
                 kinds: dict[tuple[type, Any], list[Op]] = defaultdict(list)
                 for ops in ops_of.values():
                     if level < len(ops):
-                        kinds[(type(ops[level]), ops[level].cols)].append(ops[level])
+                        kinds[_level_key(ops[level])].append(ops[level])
                 levels.append([self._level(key[0], ops, local, at) for key, ops in kinds.items()])
             sites[site] = levels
         self.active = ActionTables(forward, local, sites, offset, spans)
@@ -145,6 +147,11 @@ class Runner(SaeHooks):
 
     def _level(self, kind: type[Op], ops: list[Op], local: dict[int, int], offset: int) -> _Level:
         level = _Level(kind, ops, col_index(ops[0].cols, self.device), offset=offset)
+        if len({op.cols for op in ops}) > 1:  # a mixed_cols kind: each op its own columns
+            level.cols = None
+            level.entry_cols = torch.stack(
+                [col_index(op.cols, self.device) for op in ops for _ in op.positions]
+            )
         if kind.batchable(ops, self):
             rows = [local[op.row] for op in ops for _ in op.positions]
             positions = [p - offset for op in ops for p in op.positions]
@@ -215,6 +222,7 @@ class Runner(SaeHooks):
         op = level.ops[0]
         values = level.group.values if level.group is not None else None
         width = hidden.shape[-1] if level.cols is None else len(level.cols)
+        width = width if level.entry_cols is None else level.entry_cols.shape[1]
         if values is not None and values.shape[-1] != width:
             raise RunError(
                 f"{op.origin}: the {op.label} vector has {values.shape[-1]} values but site "
@@ -247,6 +255,10 @@ class Runner(SaeHooks):
         if level.cols is not None:
             cols = level.cols.to(hidden.device)
             index = (index[0][:, None], index[1][:, None], cols[None, :])
+            group = Group(group.ops, index, group.values, group.factors)
+        elif level.entry_cols is not None:
+            cols = level.entry_cols.to(hidden.device)
+            index = (index[0][:, None], index[1][:, None], cols)
             group = Group(group.ops, index, group.values, group.factors)
         level.kind.write(hidden, group, self)
 
@@ -349,6 +361,14 @@ class Runner(SaeHooks):
             self.store[key] = value
 
         self.grad_hooks(hidden, keep)
+
+
+def _level_key(op: Op) -> tuple[type, Any]:
+    """Ops at one site that form one group: the same kind on the same columns, or on as many
+    columns for kinds whose writes take each op's own (``mixed_cols``)."""
+    if op.mixed_cols and op.cols is not None:
+        return type(op), sum(stop - start for start, stop in op.cols)
+    return type(op), op.cols
 
 
 def _not_per_position(hidden: torch.Tensor, seq_len: int) -> bool:

@@ -103,9 +103,19 @@ class SparseAutoencoder:
         self, part: str, old: torch.Tensor, new: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor:
         """How the SAE's input ``x`` changes when a part goes from ``old`` to ``new``."""
-        if part == "features":
-            return ((new - old) @ self.w_dec) * self._norm(x.float())[0]
-        return new - old
+        if part != "features":
+            return new - old
+        scale = self._norm(x.float())[0]
+        diff = new - old
+        if diff.requires_grad or diff.dim() != 3:
+            return (diff @ self.w_dec) * scale
+        changed = diff.nonzero(as_tuple=True)
+        if len(changed[0]) * 8 > diff.numel():  # most features changed: a dense product
+            return (diff @ self.w_dec) * scale
+        # few changed (a feature sweep's one per row): each change times its decoder row
+        delta = torch.zeros((*diff.shape[:-1], self.w_dec.shape[1]), device=diff.device)
+        rows = diff[changed][:, None] * self.w_dec[changed[2]]
+        return delta.index_put_(changed[:2], rows, accumulate=True) * scale
 
 
 class SaeHooks:

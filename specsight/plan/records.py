@@ -206,6 +206,9 @@ class Op(KindBase):
 
     #: whether the op changes its site (a site whose ops only read it is not copied)
     writes: ClassVar[bool] = True
+    #: whether ops of the kind on different columns of one width still batch (each its own
+    #: columns in the indexed write: a feature sweep's zeros)
+    mixed_cols: ClassVar[bool] = False
 
     @property
     def hook_site(self) -> tuple[str, str, SaeRef | None, str | None]:

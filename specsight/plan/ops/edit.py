@@ -38,6 +38,7 @@ class Zero(_Constant):
     """Set the site to zero at ``positions``."""
 
     kind: ClassVar[str] = "zero"
+    mixed_cols: ClassVar[bool] = True
 
     @classmethod
     def write(cls, hidden: Any, group: Group, env: OpEnv) -> None:
@@ -49,6 +50,7 @@ class Scale(_Constant):
     """Multiply the site by ``factor`` at ``positions``."""
 
     kind: ClassVar[str] = "scale"
+    mixed_cols: ClassVar[bool] = True
     factor: float
 
     @classmethod
