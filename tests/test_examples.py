@@ -52,6 +52,7 @@ def test_every_example_has_a_behaviour_test():
         "steering_generate.yaml",
         "ioi_dla.yaml",
         "probe_layers.yaml",
+        "sae_features.yaml",
         "vit_patching.yaml",
     }
     assert set(EXAMPLES) == tested, "a new example in specs/ needs its own test here"
@@ -389,3 +390,47 @@ def test_vit_patching_example(tmp_path):
     assert results.manifest["model"]["inputs"] == "image"
     assert results.prompts["clean"] == ["images/red_square.png"]
     assert any(tmp_path.glob("*.png"))  # the heatmaps
+
+
+def test_sae_features_equal_sae_lens_and_a_hand_written_clamp(smollm, record_property, tmp_path):
+    """The built-in SAE's features against sae-lens on residuals read by a hook, and the
+    clamp against a hook that adds (75 - f_75) times feature 75's decoder row at ' Germany'."""
+    from safetensors.torch import load_file
+
+    from specsight.compile.saes import BUILTIN_SAES
+    from tests.sae_reference import reference_encode
+
+    results = timed_run("sae_features.yaml", smollm, record_property, tmp_path)
+    assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
+    folder = BUILTIN_SAES["smollm2-135m-res6"]
+    lm, tok = smollm.model, smollm.tokenizer
+    layer = lm.model.layers[6]
+    spec = yaml.safe_load((SPECS / "sae_features.yaml").read_text())
+
+    def residual(prompt: str) -> torch.Tensor:
+        kept = []
+        handle = layer.register_forward_hook(lambda _m, _a, out: kept.append(out[0] if isinstance(out, tuple) else out))  # fmt: skip
+        with torch.inference_mode():
+            lm(torch.tensor([tok.encode(prompt)]))
+        handle.remove()
+        return kept[0][0]
+
+    animals = torch.stack([reference_encode(folder, residual(p)[-1])[180] for p in spec["invokes"]["animals"]["prompt"]])  # fmt: skip
+    scale = float(animals.abs().max())
+    torch.testing.assert_close(results.saves["animal_feature"].flatten(), animals, rtol=1e-4, atol=1e-4 * scale)  # fmt: skip
+    w_dec = load_file(folder / "sae_weights.safetensors")["W_dec"]
+    prompt = spec["invokes"]["steered"]["prompt"]
+    germany = len(tok.encode("The capital of Germany")) - 1
+
+    def clamp(_m, _a, out):
+        hidden = (out[0] if isinstance(out, tuple) else out).clone()
+        feature = reference_encode(folder, hidden[0, germany])[75]
+        hidden[0, germany] += (75 - feature) * w_dec[75]
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = layer.register_forward_hook(clamp)
+    with torch.inference_mode():
+        probs = lm(torch.tensor([tok.encode(prompt)])).logits[0, -1].softmax(-1)
+    handle.remove()
+    paris = tok.encode_plain(" Paris")[0]
+    torch.testing.assert_close(results["p_paris_steered"], probs[paris], rtol=1e-4, atol=1e-5)

@@ -15,8 +15,8 @@ from specsight.models.load import load_model_info
 from specsight.plan.ops import Capture, Patch
 from tests.conftest import GOLDEN, SPECS
 
-# The steering examples need layer 6 and multi-token words of the real model's vocabulary, and
-# the dataset examples layers 20-29 and the real vocabulary;
+# The steering examples need layer 6 and multi-token words of the real model's vocabulary, the
+# dataset examples layers 20-29 and the real vocabulary, the SAE example the built-in SAE;
 # their tiny-model twins live in tests/golden/specs.
 TINY_SPECS = GOLDEN / "specs"
 #: examples already written for a tiny model (images beside the spec), compiled as they are
@@ -32,6 +32,7 @@ CASES = [
         "ioi_dataset",
         "ioi_dla",
         "causal_tracing",
+        "sae_features",
     )
     for model in OWN_MODEL.get(spec_path.stem, ("tiny-llama", "tiny-gpt2"))
 ]

@@ -166,8 +166,11 @@ def _cells(
     select: list[tuple[int, ...] | None] = [None] * len(axes)
     for axis, selector in exp.where.items():
         if axis not in axes or axis in ("hidden", "k"):
-            hint = did_you_mean(axis, axes) or (
-                "axes: " + ", ".join(axes) if axes else "this result has no axes"
+            hint = (
+                "a ranking is checked with argmax or top_k, a vector as a whole"
+                if axis in axes
+                else did_you_mean(axis, axes)
+                or ("axes: " + ", ".join(axes) if axes else "this result has no axes")
             )
             raise ctx.fail(
                 "unknown-axis", f"the result has no axis '{axis}'", path + ("where", axis), hint

@@ -131,7 +131,8 @@ def _hook_lines(plan: Plan) -> list[str]:
     lines = [f"hooks: {len(plan.hooks())}"]
     by_site: dict[str, Counter] = {}
     for op in plan.ops:
-        by_site.setdefault(f"{op.module} ({op.io})", Counter())[op.label] += 1
+        part = "" if op.sae is None else f", sae.{op.sae}.{op.part}"
+        by_site.setdefault(f"{op.module} ({op.io}{part})", Counter())[op.label] += 1
     for site, kinds in list(by_site.items())[:8]:
         ops = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
         lines.append(f"  {site}: {ops}")

@@ -127,7 +127,7 @@ class TopFeaturesMetric(MetricKind):
     position: PositionSelector = Field("last", description="the position whose features are read")
 
     def value_axes(self) -> tuple[str, ...]:
-        return ("k",)
+        return ("rank",)
 
     def suffix_size(self, info: Any, sites: int) -> int:
         return self.k

@@ -15,13 +15,13 @@ __all__ = ["TopFeatures"]
 
 @dataclass(frozen=True, kw_only=True)
 class TopFeatures(RowMetric):
-    """``[..., k]`` the k largest feature activations of each row (indices in ``/ids``)."""
+    """``[..., rank]`` the k largest feature activations of each row, strongest first (their
+    feature indices in ``/ids``)."""
 
     kind: ClassVar[str] = "top_features"
     view: ClassVar[str] = "features"
     buffered: ClassVar[bool] = False
     companions: ClassVar[tuple[str, ...]] = ("ids",)
-    trailing: ClassVar[tuple[str, ...]] = ("k",)
     sae: str
     k: int
     #: one stored value per row: its features at the row's position
@@ -58,10 +58,13 @@ class TopFeatures(RowMetric):
         }
 
     def suffix(self) -> tuple[str, ...]:
-        return ("k",)
+        return ("rank",)  # claims pick ranks: {metric: top/ids, where: {rank: 0}, equals: 180}
+
+    def suffix_values(self, axis: str) -> list[Any] | None:
+        return list(range(self.k)) if axis == "rank" else None
 
     def what(self, plan: Any) -> str:
         return f"top_features(sae={self.sae}, k={self.k})"
 
     def explain(self, plan: Any) -> str:
-        return explain_line(self, plan, self.what(plan), extra=(f"k={self.k}",))
+        return explain_line(self, plan, self.what(plan), extra=(f"rank={self.k}",))
