@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,18 @@ def random_llama(name: str, device: str, dtype: Any = None) -> Any:
     info = model_info_from_module(model, name, dtype_name)
     device_name = str(embed.device)
     return LoadedModel(model, tokenizer, info, name, None, "random-seed-0", device_name, dtype_name)
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy, own.ru_utime + own.ru_stime
+
+
+def other_load(start: tuple[float, float, float]) -> float:
+    """Cores that other processes kept busy on average since ``start`` (contention)."""
+    wall, busy, own = (b - a for a, b in zip(start, cpu_seconds()))
+    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0

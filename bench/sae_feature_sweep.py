@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, replace_section  # noqa: E402
+from _common import cpu_name, cpu_seconds, other_load, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "sae_feature_sweep_cpu.json"
@@ -222,21 +221,6 @@ def hooks_base(lm: Any, batch: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- timing
-
-
-def cpu_seconds() -> tuple[float, float, float]:
-    """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy, own.ru_utime + own.ru_stime
-
-
-def other_load(start: tuple[float, float, float]) -> float:
-    """Cores that other processes kept busy on average since ``start`` (contention)."""
-    wall, busy, own = (b - a for a, b in zip(start, cpu_seconds()))
-    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
 
 
 def wait_idle(limit: float, cores: float = 0.3) -> float:

@@ -49,6 +49,8 @@ import torch
 from _common import (  # bench/ is on sys.path when a script runs
     RANDOM_LLAMAS,
     cpu_name,
+    cpu_seconds,
+    other_load,
     random_llama,
     replace_section,
     tokenizer_dir,
@@ -457,23 +459,6 @@ def measure_single_forward(setup: Setup, args: argparse.Namespace) -> dict[str, 
         "specsight_min_s": min(spec_times),
         "max_abs_diff": diff,
     }
-
-
-def cpu_seconds() -> tuple[float, float, float]:
-    """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process)."""
-    import psutil
-
-    machine = psutil.cpu_times()
-    busy = machine.user + machine.nice + machine.system
-    busy += getattr(machine, "irq", 0.0) + getattr(machine, "softirq", 0.0)
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy, own.ru_utime + own.ru_stime
-
-
-def other_load(start: tuple[float, float, float]) -> float:
-    """Cores that other processes kept busy on average since ``start`` (contention)."""
-    wall, busy, own = (b - a for a, b in zip(start, cpu_seconds()))
-    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
 
 
 def child_main(args: argparse.Namespace) -> None:
