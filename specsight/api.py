@@ -251,6 +251,7 @@ def rerun_folder(
     out: str | os.PathLike[str] | None = None,
     rtol: float = 0.0,
     atol: float = 0.0,
+    saes: Mapping[str, str] | None = None,
 ) -> RunDiff:
     """Run a run folder's spec again from its manifest and compare the results (``specsight
     rerun``).
@@ -258,6 +259,7 @@ def rerun_folder(
     The spec comes from the manifest (or from its file when that file is unchanged, so files
     beside it still resolve). The model is loaded and its weights hash checked *before* running:
     other weights or another dtype are reported as such instead of as numeric drift.
+    ``saes``: SAE folders the spec names by id, as for :func:`run`.
     """
     from .models.load import load_model_ref
     from .results import Results, RunDiff, compare_runs
@@ -292,5 +294,5 @@ def rerun_folder(
         blocking.append(("model.dtype", model_meta.get("dtype"), loaded.dtype))
     if blocking:
         return RunDiff(blocking=blocking)
-    new = run(spec, model=loaded, out=out)
+    new = run(spec, model=loaded, out=out, saes=saes)
     return compare_runs(new, old, rtol=rtol, atol=atol)

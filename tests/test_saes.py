@@ -535,3 +535,26 @@ def test_the_gradient_at_features_is_the_decoder_times_the_residuals(tmp_path):
     got = specsight.run(spec, model=tiny()).saves
     assert got["x"].abs().max() > 0
     _close(got["f"][0], _w_dec(folder) @ got["x"][0], rel=1e-4)
+
+
+def test_a_run_records_its_saes_and_reruns_with_them(tmp_path):
+    """The manifest names each SAE's id, shape and weights' sha256 (not its folder), and
+    `specsight rerun --sae` runs an id-named SAE's spec again to the same results."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from specsight.cli import main
+
+    folder = _sae(tmp_path / "res1")
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(_by_id()))
+    ran = CliRunner().invoke(main, ["run", str(path), "--sae", f"my-sae={folder}", "--out", str(tmp_path / "run"), "-q"])  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    recorded = json.loads((tmp_path / "run" / "manifest.json").read_text())["saes"]["s"]
+    weights = (folder / "sae_weights.safetensors").read_bytes()
+    assert recorded["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert (recorded["id"], recorded["d_sae"]) == ("my-sae", D_SAE)
+    assert str(folder) not in json.dumps(recorded)
+    again = CliRunner().invoke(main, ["rerun", str(tmp_path / "run"), "--sae", f"my-sae={folder}"])  # fmt: skip
+    assert again.exit_code == 0 and "rerun matches" in again.output, again.output

@@ -274,6 +274,13 @@ def _print_diff(
 )
 @click.option("--rtol", type=float, default=0.0, show_default=True)
 @click.option("--atol", type=float, default=0.0, show_default=True)
+@click.option(
+    "--sae",
+    "saes",
+    multiple=True,
+    metavar="ID=PATH",
+    help="An SAE folder the spec names by id, as for `specsight run --sae`.",
+)
 @verbosity_options
 @json_option
 @guard
@@ -282,6 +289,7 @@ def rerun(
     out: Path | None,
     rtol: float,
     atol: float,
+    saes: tuple[str, ...],
     quiet: bool,
     verbose: bool,
     as_json: bool,
@@ -289,9 +297,10 @@ def rerun(
     """Run a run folder's spec again and report whether the results match (exactly, by
     default). -q: nothing (the exit code says); -v: every tensor."""
     from ..api import rerun_folder
+    from .serve_config import sae_options
 
     check_verbosity(quiet, verbose)
-    result = rerun_folder(run_dir, out=out, rtol=rtol, atol=atol)
+    result = rerun_folder(run_dir, out=out, rtol=rtol, atol=atol, saes=sae_options(saes))
     verdict = "rerun matches" if result.ok else "rerun does NOT match"
     _print_diff(result, as_json, verdict, quiet=quiet, verbose=verbose)
     sys.exit(0 if result.ok else 1)

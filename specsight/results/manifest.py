@@ -6,8 +6,10 @@ labels) that makes a run checkable and rerunnable.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from ..engine import EngineOutput
@@ -305,7 +307,36 @@ def _manifest(
             **raw.counts,  # a run in blocks: rows and forwards of every block, and how many
         },
         "dataset": None if plan.dataset is None else to_data(plan.dataset),
+        **({"saes": _saes(plan)} if plan.saes else {}),
         "versions": _versions(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "tensors": _tensor_meta(plan, raw, model.tokenizer),
     }
+
+
+def _saes(plan: Plan) -> dict[str, Any]:
+    """What a run records of each SAE: where it reads (and writes), its shape, its id, and the
+    sha256 of its weights file (the folder itself is not recorded: a server's stays private)."""
+    out = {}
+    for name, info in plan.saes.items():
+        weights = Path(info.folder) / "sae_weights.safetensors"
+        entry = {
+            "id": info.id,
+            "architecture": info.architecture,
+            "site": info.site,
+            "d_in": info.d_in,
+            "d_sae": info.d_sae,
+            "weights_sha256": _sha256(weights) if weights.is_file() else None,
+        }
+        if info.transcoder:
+            entry.update(site_out=info.out_site, d_out=info.d_out, keep_error=info.keep_error)
+        out[str(name)] = entry
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
