@@ -558,3 +558,21 @@ def test_a_run_records_its_saes_and_reruns_with_them(tmp_path):
     assert str(folder) not in json.dumps(recorded)
     again = CliRunner().invoke(main, ["rerun", str(tmp_path / "run"), "--sae", f"my-sae={folder}"])  # fmt: skip
     assert again.exit_code == 0 and "rerun matches" in again.output, again.output
+
+
+def test_check_of_a_folder_leaves_sae_and_run_folders_alone(tmp_path):
+    """`specsight check specs/` reads the specs, not an SAE's cfg.json or a run's manifest."""
+    from click.testing import CliRunner
+
+    from specsight.cli import main
+
+    _sae(tmp_path / "data" / "saes" / "res1")
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    (run / "results.safetensors").write_bytes(b"")
+    spec = {"specsight": 1, "model": "tiny-llama", "invokes": {"a": {"prompt": CLEAN}}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    result = CliRunner().invoke(main, ["check", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "1 ok" in result.output and "cfg.json" not in result.output

@@ -19,6 +19,8 @@ from .app import check_verbosity, guard, json_option, main, strict_json, verbosi
 __all__: list[str] = []
 
 _SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+#: files that mark a folder as data, not specs: an SAE's (its cfg.json) and a run's (manifest)
+_DATA_MARKERS = ("sae_weights.safetensors", "results.safetensors")
 
 
 @dataclass
@@ -32,11 +34,19 @@ class _Checked:
 
 
 def _collect(paths: tuple[Path, ...]) -> list[Path]:
+    """The spec files of ``paths``: files as given, folders' .yaml/.yml/.json files except in
+    SAE and run folders (their cfg.json and manifest.json are data)."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
             found.extend(
-                sorted(p for p in path.rglob("*") if p.suffix in _SPEC_SUFFIXES and p.is_file())
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.suffix in _SPEC_SUFFIXES
+                    and p.is_file()
+                    and not any((p.parent / marker).is_file() for marker in _DATA_MARKERS)
+                )
             )
         else:
             found.append(path)
