@@ -576,3 +576,29 @@ def test_check_of_a_folder_leaves_sae_and_run_folders_alone(tmp_path):
     result = CliRunner().invoke(main, ["check", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "1 ok" in result.output and "cfg.json" not in result.output
+
+
+def test_a_feature_clamped_while_generating_equals_a_hook_on_generate(tmp_path):
+    """A clamp on every step (the prompt's positions, then each new token) gives, token for
+    token, what model.generate gives with a hook that clamps the feature at every position it
+    is called on."""
+    folder = _sae(tmp_path)
+    clamp = {"op": "clamp", "site": "sae.s.features", "positions": "all", "dims": [5], "value": 3.0}
+    spec = _spec(folder, {"a": {"prompt": CORRUPT, "ops": [clamp], "generate": {"max_new_tokens": 6}}})  # fmt: skip
+    got = specsight.run(spec, model=tiny()).saves["a/generated_ids"][0].tolist()
+    lm = tiny()
+    w_dec = _w_dec(folder)
+
+    def hook(_m, _a, out):
+        hidden = (out[0] if isinstance(out, tuple) else out).clone()
+        features = reference_encode(folder, hidden[0])
+        hidden[0] += (3.0 - features[:, 5:6]) * w_dec[5]
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = lm.model.model.layers[LAYER].register_forward_hook(hook)
+    ids = torch.tensor([lm.tokenizer.encode(CORRUPT)])
+    with torch.inference_mode():
+        want = lm.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
+        handle.remove()
+        unsteered = lm.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
+    assert got == want.tolist() != unsteered.tolist()
