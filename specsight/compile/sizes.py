@@ -85,6 +85,7 @@ def spec_sizes(
     if sizes.cells > max_cells:
         return sizes
     invokes: dict[str, _Invoke] = {}
+    known = _Known(module_widths or {}, _sae_sites(spec, info, sae_widths or {}))
     for name, invoke in spec.invokes.items():
         lengths = {len(t) for t in tokens[name]}
         try:
@@ -104,7 +105,6 @@ def spec_sizes(
         each = ctx.input_axis(name)
         names = tuple(grid.axes) + ((each,) if each else ())
         invokes[name] = _Invoke(tokens[name], grid, lead, names, cells, items)
-        known = _Known(module_widths or {}, _sae_sites(spec, info, sae_widths or {}))
         for op in invoke.ops:
             if isinstance(op, S.SaveOp):
                 _save_sizes(sizes, info, tokenizer, name, invoke, invokes[name], op, known)
@@ -150,13 +150,15 @@ class _Known:
 
 
 def _sae_sites(spec: S.Spec, info: ModelInfo, sae_widths: dict[str, int]) -> dict[str, SaeSites]:
-    """The spec's SAEs named by a known id, as site resolution needs them."""
+    """The spec's SAEs named by a known id, as site resolution needs them (a transcoder's
+    recon and error at the site it stands in for)."""
     out = {}
     for name, entry in spec.saes.items():
         if entry.id in sae_widths:
             with contextlib.suppress(SiteError, ValueError):
                 (base,) = resolve_site(entry.site, info)
-                out[name] = SaeSites(base, sae_widths[entry.id])
+                (site_out,) = resolve_site(entry.site_out, info) if entry.site_out else (None,)
+                out[name] = SaeSites(base, sae_widths[entry.id], site_out)
     return out
 
 

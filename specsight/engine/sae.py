@@ -74,7 +74,6 @@ class SparseAutoencoder:
             x = x - self.b_dec
         pre = x @ self.w_enc + self.b_enc
         if self.threshold is not None:
-            assert self.threshold is not None
             return torch.relu(pre) * (pre > self.threshold)
         acts = torch.relu(pre)
         if self.info.architecture == "topk":
@@ -143,11 +142,15 @@ class SaeHooks:
             if not levels:
                 return None
             n_rows, seq_len = len(active.forward.rows), active.forward.seq_len
+
+            def per_row(t: torch.Tensor) -> torch.Tensor:  # [rows, pos, width], writes go through
+                return t if t.dim() == 3 else token_major(t, n_rows, seq_len, module)
+
             lo, hi = active.spans[site]
             sae = self.sae(ref)
-            rows = hidden if hidden.dim() == 3 else token_major(hidden, n_rows, seq_len, module)
+            rows = per_row(hidden)
             read = self.transcoder_inputs.get(ref, hidden) if sae.info.transcoder else hidden
-            x = (read if read.dim() == 3 else token_major(read, n_rows, seq_len, module))[:, lo:hi]
+            x = per_row(read)[:, lo:hi]
             before = sae.part(part, x, rows[:, lo:hi])
             writes = any(level.kind.writes for groups in levels for level in groups)
             # gradients reach a part only through a change written back, here one of zero
@@ -162,7 +165,7 @@ class SaeHooks:
             replace = io == "output" or (hidden._base is not None and hidden.requires_grad)
             if replace:
                 hidden = hidden.clone()
-                rows = hidden if hidden.dim() == 3 else token_major(hidden, n_rows, seq_len, module)
+                rows = per_row(hidden)
             rows[:, lo:hi] += delta
             return hidden if replace else None
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..sites import SAE_PARTS
 from .codec import from_data, to_data
 from .packing import Packing
 from .records import (
@@ -87,11 +88,10 @@ class Plan:
         for op in self.ops:
             seen.setdefault(op.hook_site, None)
             first.setdefault((op.module, op.io), len(first))
-        parts = ("features", "recon", "error")
 
         def order(site: tuple[str, str, SaeRef | None, str | None]) -> tuple[Any, ...]:
             sae, part = site[2], site[3]
-            rank = (0, "", 0) if sae is None else (1, str(sae), parts.index(part or "features"))
+            rank = (0, "", 0) if sae is None else (1, str(sae), SAE_PARTS.index(part or "features"))
             return (first[(site[0], site[1])], *rank)
 
         return sorted(seen, key=order)

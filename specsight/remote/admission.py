@@ -192,6 +192,12 @@ def checked_saes(saes: dict[str, str]) -> dict[str, str]:
     return checked
 
 
+def _named(spec: Spec, saes: dict[str, str]) -> dict[str, str]:
+    """The server's SAEs the spec names by id (most specs name none: no config is read)."""
+    wanted = {entry.id for entry in spec.saes.values()}
+    return {sae_id: folder for sae_id, folder in saes.items() if sae_id in wanted}
+
+
 def sae_configs(saes: dict[str, str]) -> dict[str, dict[str, Any]]:
     """What clients compile against for each of a model's SAEs: its config, not its path."""
     return {sae_id: read_sae_config(folder) for sae_id, folder in saes.items()}
@@ -211,8 +217,8 @@ def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
                 "file-not-allowed",
                 f"SAE '{name}' names a folder: a server never reads paths from a spec",
                 ("saes", name, "path"),
-                "name an SAE the server has with 'id:' (a server's `--sae ID=PATH`; `specsight "
-                "models --remote URL` lists them)",
+                "name an SAE the server has with 'id:' (a server's `--sae ID=PATH`; its "
+                "GET /v1/models lists them)",
             )
     for name, invoke in spec.invokes.items():
         if invoke.input_kind != "prompt":
@@ -334,7 +340,9 @@ def prepare_job(
         model.tokenizer,
         module_widths=model.module_widths,
         max_cells=limits.max_cells,
-        sae_widths={sae_id: cfg["d_sae"] for sae_id, cfg in sae_configs(model.saes).items()},
+        sae_widths={
+            sae_id: cfg["d_sae"] for sae_id, cfg in sae_configs(_named(spec, model.saes)).items()
+        },
     )
     _check("sweep cells", sizes.cells, limits.max_cells, "split the sweep into several jobs")
     _check("batch rows", sizes.rows, limits.max_rows, "split the spec into several jobs")
