@@ -19,7 +19,7 @@ from ..plan import InputKey, InputTensor
 from .context import Abort, Context, SpecPath
 from .dataset import invoke_prompts, use_dataset
 
-__all__ = ["compile_inputs", "read_array_file", "position_labels"]
+__all__ = ["compile_inputs", "read_array_file", "position_labels", "existing_file"]
 
 _GIVE = {
     "text": "this model reads text: give 'prompt'",
@@ -105,7 +105,7 @@ def _images(ctx: Context, name: str, invoke: S.Invoke) -> None:
         path: SpecPath = ("invokes", name, "image") + (
             (i,) if isinstance(invoke.image, list) else ()
         )
-        full = _existing_file(ctx, file, path, "image")
+        full = existing_file(ctx, file, path, "image")
         _store(ctx, name, _pixels(ctx, full, file, path, image_info))
         ctx.tokens.setdefault(name, []).append([0] * seq_len)
         ctx.input_names.setdefault(name, []).append(file)
@@ -178,7 +178,7 @@ def _tensors(ctx: Context, name: str, invoke: S.Invoke, shapes: dict[tuple[int, 
         ctx.input_names.setdefault(name, []).append(f"{invoke.input.file}[{i}]")
 
 
-def _existing_file(ctx: Context, file: str, path: SpecPath, what: str) -> str:
+def existing_file(ctx: Context, file: str, path: SpecPath, what: str) -> str:
     if not ctx.allow_files:
         if what == "vector":
             raise ctx.fail("file-not-allowed", "vectors from files are not accepted here", path,
@@ -204,7 +204,7 @@ def _existing_file(ctx: Context, file: str, path: SpecPath, what: str) -> str:
 
 def read_array_file(ctx: Context, source: S.FileVector, path: SpecPath, what: str) -> Any:
     """The numpy array in a .npy or .safetensors file beside the spec (object arrays refused)."""
-    full = _existing_file(ctx, source.file, path + ("file",), what)
+    full = existing_file(ctx, source.file, path + ("file",), what)
     try:
         import numpy as np
 

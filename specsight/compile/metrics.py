@@ -13,6 +13,7 @@ from ..plan import InvokeRef, Metric, Op, ResultRef, Rows, metric_kind
 from ..plan.metrics import ReaderParts, Tokens
 from ..sites import Site, SiteError, resolve_site
 from .aggregate import check_baseline, compile_reduce, one_per_input
+from .circuits import circuit_edges, plain_prompts
 from .context import Abort, Context, SpecContext, SpecPath, plain
 from .dataset import (
     check_metric_columns,
@@ -61,6 +62,12 @@ class MetricCompiler:
 
     def row(self, invoke: str, cell: int, prompt: int) -> int:
         return self.ctx.row_index[(invoke, cell, prompt)]
+
+    def plain_prompts(self, ref: str, path: SpecPath) -> list[list[int]]:
+        return plain_prompts(self.ctx, ref, path)
+
+    def circuit_edges(self, name: str, circuit: Any, graph: Any, path: SpecPath) -> Any:
+        return circuit_edges(self.ctx, name, circuit, graph, path)
 
     def spec_metric(self, name: str) -> Any:
         return self.ctx.spec.metrics[name]

@@ -284,6 +284,7 @@ def build_output(
     modules: dict[str, torch.nn.Module] | None,
     pad_id: int,
     reduce: bool,
+    checkpoint: Checkpoint | None = None,
 ) -> EngineOutput:
     """``ran.out`` completed from every row's metric buffers and stored values: metrics in
     their result shapes, those computed after the run (from stored values or other metrics),
@@ -298,6 +299,7 @@ def build_output(
                 values = ran.buffers[name]
                 out.metrics[name] = values.reshape(tuple(metric.shape) + tuple(values.shape[1:]))
     after = AfterRun(ran.store, out.metrics, modules)
+    after.checkpoint = checkpoint
     for metric in plan.metrics:
         out.metrics.update(metric.finish(after))
     if reduce:

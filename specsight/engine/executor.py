@@ -58,7 +58,9 @@ class Executor:
             checkpoint=self.checkpoint,
         )
         modules = module_table(self.model)
-        out = build_output(plan, ran, modules=modules, pad_id=self.pad_id, reduce=reduce)
+        out = build_output(
+            plan, ran, modules=modules, pad_id=self.pad_id, reduce=reduce, checkpoint=self.checkpoint
+        )
         out.timings["execute_s"] = time.perf_counter() - started
         return out
 

@@ -12,6 +12,7 @@ import torch
 
 from ..plan import Forward, Metric, Row
 from ..plan.metrics import Tokens
+from .circuit_metrics import circuit_faithfulness, circuit_scores
 from .dla import direct_attribution
 from .probe import train_probes
 
@@ -120,6 +121,8 @@ class AfterRun:
         modules: dict[str, torch.nn.Module] | None,
     ):
         self.store, self.metrics, self.modules = store, metrics, modules
+        #: called between a circuit metric's forwards (a cancelled job stops there)
+        self.checkpoint: Callable[[], None] | None = None
 
     def decode(self, hidden: list[torch.Tensor], modules: tuple[str, str]) -> torch.Tensor:
         """Residual streams ([positions, d_model] each) through the final norm and the
@@ -149,6 +152,20 @@ class AfterRun:
         norm, unembed, o_proj = modules
         found = (self.modules[norm], self.modules[unembed], [self.modules[m] for m in o_proj])
         return direct_attribution(values, token_ids, found, centered=centered, n_heads=n_heads)
+
+    def _model(self, what: str) -> torch.nn.Module:
+        if self.modules is None or "" not in self.modules:
+            raise ValueError(f"{what} runs forwards of its own: it needs the model")
+        return self.modules[""]
+
+    def edge_scores(self, record: Any) -> torch.Tensor:
+        """An edge_attribution metric's scores (see engine.circuit_metrics)."""
+        return circuit_scores(self._model("edge attribution"), record, self.checkpoint)
+
+    def faithfulness(self, record: Any, scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """A faithfulness metric's values (see engine.circuit_metrics)."""
+        model = self._model("faithfulness")
+        return circuit_faithfulness(model, record, scores, self.checkpoint)
 
     @staticmethod
     def probes(per_site: list[torch.Tensor], **fields: Any) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ def shardable(plan: Plan) -> str | None:
     if plan.backward:
         return "it runs a backward pass"
     for metric in plan.metrics:
+        if getattr(metric, "own_forwards", False):
+            return f"metric '{metric.name}' ({metric.kind}) runs forwards of its own"
         if metric.stored_reads():
             return f"metric '{metric.name}' ({metric.kind}) reads stored values after the run"
     stages = [f.stage for f in plan.forwards]

@@ -23,6 +23,7 @@ from ..plan import PlanExpectation
 from .expect import Outcome, evaluate
 from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
 from .frames import split_parts, stack_sites, to_pandas, to_xarray
+from .circuit_files import write_circuits
 from .plots import write_heatmaps
 from .report import REPORT_FILE, write_report
 from .summary import render_summary
@@ -139,6 +140,7 @@ class Results:
                 results_bytes if results_bytes is not None else data
             )
             (folder / MANIFEST_FILE).write_text(text, encoding="utf-8")
+            write_circuits(self, folder)
             if plots:
                 write_heatmaps(self.metrics, self.manifest, folder)
             if report:

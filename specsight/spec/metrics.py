@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from .base import PositionSelector, TokenRef
+from .circuits import CircuitEdges, EdgeAttributionMetric, FaithfulnessMetric
 from .inside import DLA_PARTS, DlaMetric, ProbeMetric, ProbeSplit, TopFeaturesMetric
 from .metric_kinds import MetricBase, MetricKind, Reduce, Reducible, sites_field
 
@@ -23,6 +24,9 @@ __all__ = [
     "LossMetric",
     "AccuracyMetric",
     "AttributionMetric",
+    "CircuitEdges",
+    "EdgeAttributionMetric",
+    "FaithfulnessMetric",
     "DlaMetric",
     "DLA_PARTS",
     "ProbeMetric",
@@ -172,7 +176,9 @@ class AttributionMetric(MetricKind):
 
 
 Metric = Annotated[
-    TopFeaturesMetric
+    EdgeAttributionMetric
+    | FaithfulnessMetric
+    | TopFeaturesMetric
     | ProbeMetric
     | AttributionMetric
     | DlaMetric
@@ -203,5 +209,7 @@ METRIC_CLASSES: dict[str, type[BaseModel]] = {
     "dla": DlaMetric,
     "probe": ProbeMetric,
     "top_features": TopFeaturesMetric,
+    "edge_attribution": EdgeAttributionMetric,
+    "faithfulness": FaithfulnessMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)

@@ -9,6 +9,7 @@ the compiler builds for a spec metric.
 from ..codec import kinds_of
 from ..records import Metric
 from .attribution import Attribution
+from .circuits import EdgeAttribution, Faithfulness
 from .base import AfterRun, CompileEnv, ReadBatch, ReaderParts, RowMetric, Tokens
 from .distributions import KL, Loss, TopK
 from .dla import DirectLogitAttribution
@@ -40,6 +41,8 @@ __all__ = [
     "Probe",
     "TopFeatures",
     "Recovery",
+    "EdgeAttribution",
+    "Faithfulness",
 ]
 
 

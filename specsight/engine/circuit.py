@@ -1,0 +1,171 @@
+"""Forwards on the component graph (:class:`~specsight.plan.graph.CircuitGraph`): every
+upstream node's output recorded as the forward makes it, and every downstream node's input
+edited on its own, before its norm, as the edges into it say.
+
+A downstream node D reads ``in_D + delta_D``, where ``in_D`` is the residual stream it reads
+in this forward and ``delta_D = sum over U of mask[U, D] * (A_U - u_U)``: ``u_U`` is upstream
+U's output in this forward, ``A_U`` its replacement along the edge (an edge ablation: another
+run's output, or a mean). A head's q, k or v input is edited alone: the hook of its projection
+recomputes that head's columns from its own normed input. With ``grad`` the forward adds a
+zero leaf to every downstream input, whose gradient is d metric / d in_D.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..plan.graph import CircuitGraph
+from .hooks import HookScope
+
+__all__ = ["GraphForward", "projection_weights"]
+
+
+def projection_weights(module: torch.nn.Module, first: int, n: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """A projection's weights for ``n`` heads from column ``first`` of its output, as
+    ``[n, d_head, d_in]`` (and the bias ``[n, d_head]``): nn.Linear or GPT-2's Conv1D."""
+    cols = slice(first, first + n * d_head)
+    weight = module.weight
+    if isinstance(module, torch.nn.Linear):
+        w = weight[cols]
+    else:  # Conv1D: weight [d_in, d_out]
+        w = weight[:, cols].T
+    bias = getattr(module, "bias", None)
+    b = None if bias is None else bias[cols].reshape(n, d_head)
+    return w.reshape(n, d_head, -1), b
+
+
+def _output_weights(module: torch.nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
+    """The output projection as ``[n_heads, d_head, d_out]``."""
+    weight = module.weight
+    w = weight.T if isinstance(module, torch.nn.Linear) else weight
+    return w.reshape(n_heads, d_head, -1)
+
+
+class GraphForward:
+    """Hooks that record upstream outputs and edit downstream inputs for one forward at a
+    time (:meth:`run`)."""
+
+    def __init__(self, model: torch.nn.Module, graph: CircuitGraph):
+        self.model, self.graph = model, graph
+        self.ablate: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.grad = False
+        self.embed_override: torch.Tensor | None = None
+        self._ups: list[torch.Tensor] = []
+        self._leaves: dict[int, torch.Tensor] = {}
+        self._x: torch.Tensor | None = None
+        self._hooks = HookScope(model)
+        self._install()
+
+    def __enter__(self) -> GraphForward:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.close()
+
+    # --- one forward
+    def run(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits of one forward under the current settings (``ablate``: the
+        replacement values ``[B, P, n_up, d]`` and the edge mask ``[n_up, n_down]``; ``grad``;
+        ``embed_override``: the first layer's input)."""
+        self._ups, self._leaves, self._x = [], {}, None
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+    def upstream(self) -> torch.Tensor:
+        """Every upstream node's output in the last forward: ``[B, P, n_up, d]``."""
+        return torch.cat(self._ups, 2)
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The zero leaves added to the downstream inputs (one ``[B, P, n, d]`` per group of
+        receivers), in downstream order (``grad``)."""
+        return [self._leaves[i] for i in sorted(self._leaves)]
+
+    # --- hooks
+    def _install(self) -> None:
+        g, names, hooks = self.graph, self.graph.modules, self._hooks
+        for layer in range(g.n_layers):
+            hooks.add(names.layers[layer], "input", self._layer_input(layer))
+            ln1 = hooks.module(names.ln1[layer])
+            for group, n in (("q", g.n_heads), ("k", g.n_kv), ("v", g.n_kv)):
+                module_name, first = getattr(names, group)[layer]
+                module = hooks.module(module_name)
+                fn = self._projection(layer, group, ln1, module, first, n)
+                hooks.add(module_name, "output", fn)
+            w_o = _output_weights(hooks.module(names.o_proj[layer]), g.n_heads, g.d_head)
+            hooks.add(names.o_proj[layer], "input", self._heads(w_o))
+            hooks.add(names.ln2[layer], "input", self._norm_input(g.down_range(layer, "mlp")))
+            hooks.add(names.mlp[layer], "output", self._record_whole)
+        hooks.add(names.final_norm, "input", self._norm_input(range(g.n_down - 1, g.n_down)))
+
+    def _layer_input(self, layer: int) -> Any:
+        def hook(x: torch.Tensor) -> torch.Tensor | None:
+            new = None
+            if layer == 0:
+                if self.embed_override is not None:
+                    new = self.embed_override.to(x.dtype)
+                    x = new
+                self._ups.append(x[:, :, None])
+            self._x = x
+            return new
+
+        return hook
+
+    def _heads(self, w_o: torch.Tensor) -> Any:
+        g = self.graph
+
+        def hook(z: torch.Tensor) -> None:
+            b, p, _ = z.shape
+            per_head = z.reshape(b, p, g.n_heads, g.d_head)
+            self._ups.append(torch.einsum("bphk,hkd->bphd", per_head, w_o.to(z.dtype)))
+
+        return hook
+
+    def _record_whole(self, out: torch.Tensor) -> None:
+        self._ups.append(out[:, :, None])
+
+    def _delta(self, x: torch.Tensor, receivers: Sequence[int]) -> torch.Tensor | None:
+        """What to add to the inputs of ``receivers``: ``[B, P, len(receivers), d]``, or None
+        when nothing changes them."""
+        delta = None
+        if self.ablate is not None:
+            values, mask = self.ablate
+            made = self.upstream()
+            m = mask[: made.shape[2], list(receivers)]
+            if bool(m.any()):
+                diff = values[:, :, : made.shape[2]].to(made.dtype) - made
+                delta = torch.einsum("bpud,ur->bprd", diff, m.to(made.dtype))
+        if self.grad:
+            shape = (*x.shape[:2], len(receivers), x.shape[-1])
+            leaf = torch.zeros(shape, dtype=torch.float32, device=x.device, requires_grad=True)
+            self._leaves[receivers[0]] = leaf
+            delta = leaf if delta is None else delta + leaf
+        return delta
+
+    def _projection(self, layer: int, group: str, ln1: Any, module: Any, first: int, n: int) -> Any:  # fmt: skip
+        g = self.graph
+        receivers = g.down_range(layer, group)
+        w, b = projection_weights(module, first, n, g.d_head)
+
+        def hook(out: torch.Tensor) -> torch.Tensor | None:
+            assert self._x is not None
+            delta = self._delta(self._x, receivers)
+            if delta is None:
+                return None
+            normed = ln1(self._x[:, :, None] + delta.to(self._x.dtype))
+            heads = torch.einsum("bpnd,nkd->bpnk", normed, w.to(normed.dtype))
+            if b is not None:
+                heads = heads + b.to(heads.dtype)
+            new = out.clone()
+            new[..., first : first + n * g.d_head] = heads.reshape(*out.shape[:2], -1)
+            return new
+
+        return hook
+
+    def _norm_input(self, receivers: range) -> Any:
+        def hook(x: torch.Tensor) -> torch.Tensor | None:
+            delta = self._delta(x, receivers)
+            return None if delta is None else x + delta[:, :, 0].to(x.dtype)
+
+        return hook
