@@ -118,6 +118,8 @@ OP_JOBS["sweep"] = _job(
 OP_JOBS["sweep"]["invokes"]["corrupt"]["sweep"] = {"layer": "all", "pos": [9, 12, 13]}
 OP_JOBS["sweep"]["invokes"]["corrupt"]["ops"].pop()  # a save of one site per cell: none
 
+#: what circuit metrics read: the clean and corrupt invokes, and the logit difference
+CIRCUIT = {"clean": "clean", "corrupt": "corrupt", "target": " Mary", "foil": " John"}
 #: one job per metric kind
 METRIC_JOBS: dict[str, dict[str, Any]] = {
     "logits": _job(
@@ -136,6 +138,17 @@ METRIC_JOBS: dict[str, dict[str, Any]] = {
     "loss": _job([], metrics={"m": {"kind": "loss", "invoke": "clean"}}),
     "logit_lens": _job(
         [], metrics={"m": {"kind": "logit_lens", "invoke": "corrupt", "token": " Mary", "k": 3}}
+    ),
+    "edge_attribution": _job(
+        [],
+        metrics={"m": {"kind": "edge_attribution", **CIRCUIT, "method": "eap_ig", "steps": 2}},
+    ),
+    "faithfulness": _job(
+        [],
+        metrics={
+            "e": {"kind": "edge_attribution", **CIRCUIT},
+            "m": {"kind": "faithfulness", **CIRCUIT, "circuit": {"top": [3, 40], "from": "e"}},
+        },
     ),
     "dla": _job(
         [{"op": "zero", "site": "head_z.1", "heads": [2], "positions": [13]}],
@@ -384,7 +397,8 @@ def _many(job: dict[str, Any]) -> dict[str, Any]:
     """The job with four corrupted prompts (where it has one): rows for several forwards."""
     spec = copy.deepcopy(job)
     corrupt = spec["invokes"]["corrupt"]
-    one_prompt = any(m.get("kind") == "attribution" for m in spec["metrics"].values())
+    paired = ("attribution", "edge_attribution", "faithfulness")  # clean and corrupt, one each
+    one_prompt = any(m.get("kind") in paired for m in spec["metrics"].values())
     if isinstance(corrupt["prompt"], str) and not one_prompt:
         corrupt["prompt"] = [PROMPTS[1], PROMPTS[3], PROMPTS[2], PROMPTS[1]]
     return spec
@@ -406,7 +420,7 @@ def test_shards_give_what_one_plan_gives(name):
 
 def test_only_kinds_that_cannot_split_are_refused_by_shards():
     refused = {name: shardable(plan) for name, plan in SMALL.items() if name not in SHARDABLE}
-    reasons = ("generates", "backward pass", "reads stored values")
+    reasons = ("generates", "backward pass", "reads stored values", "forwards of its own")
     assert all(any(r in why for r in reasons) for why in refused.values()), refused
     assert set(refused) == {
         "op:grad",
@@ -416,6 +430,8 @@ def test_only_kinds_that_cannot_split_are_refused_by_shards():
         "metric:probe",
         "metric:top_features",
         "metric:attribution",
+        "metric:edge_attribution",
+        "metric:faithfulness",
     }
 
 

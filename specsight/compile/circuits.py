@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import did_you_mean
 from ..plan.graph import CircuitGraph
+from ..spec import SaveOp
 from .context import Context, SpecPath
 from .inputs import existing_file
 
@@ -38,18 +39,20 @@ def graph_model(info: Any) -> dict[str, Any]:
 
 
 def plain_prompts(ctx: Context, ref: str, path: SpecPath) -> list[list[int]]:
-    """The tokens of an invoke without a sweep, ops or generation."""
+    """The tokens of an invoke without a sweep, generation or ops other than saves."""
     if ref not in ctx.spec.invokes:
         hint = did_you_mean(ref, ctx.spec.invokes) or "invokes: " + ", ".join(ctx.spec.invokes)
         raise ctx.fail("unknown-invoke", f"no invoke named '{ref}'", path, hint)
     invoke = ctx.spec.invokes[ref]
-    if invoke.sweep or invoke.generate is not None or invoke.ops:
+    changes = [op.op for op in invoke.ops if not isinstance(op, SaveOp)]
+    if invoke.sweep or invoke.generate is not None or changes:
         raise ctx.fail(
             "circuit-invoke",
             f"a circuit metric runs '{ref}''s prompts in forwards of its own, so the invoke "
-            "may not sweep, generate or have ops",
+            "may not sweep, generate or have ops that change the run"
+            + (f" (it has {changes[0]})" if changes else ""),
             path,
-            "give the metric an invoke with only a prompt (a dataset column or a list)",
+            "give the metric an invoke with only a prompt (a dataset column or a list) and saves",
         )
     return [list(t) for t in ctx.tokens[ref]]
 

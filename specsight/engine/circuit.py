@@ -28,10 +28,8 @@ def projection_weights(module: torch.nn.Module, first: int, n: int, d_head: int)
     ``[n, d_head, d_in]`` (and the bias ``[n, d_head]``): nn.Linear or GPT-2's Conv1D."""
     cols = slice(first, first + n * d_head)
     weight = module.weight
-    if isinstance(module, torch.nn.Linear):
-        w = weight[cols]
-    else:  # Conv1D: weight [d_in, d_out]
-        w = weight[:, cols].T
+    # nn.Linear: weight [d_out, d_in]; Conv1D: [d_in, d_out]
+    w = weight[cols] if isinstance(module, torch.nn.Linear) else weight[:, cols].T
     bias = getattr(module, "bias", None)
     b = None if bias is None else bias[cols].reshape(n, d_head)
     return w.reshape(n, d_head, -1), b

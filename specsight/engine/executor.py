@@ -59,7 +59,12 @@ class Executor:
         )
         modules = module_table(self.model)
         out = build_output(
-            plan, ran, modules=modules, pad_id=self.pad_id, reduce=reduce, checkpoint=self.checkpoint
+            plan,
+            ran,
+            modules=modules,
+            pad_id=self.pad_id,
+            reduce=reduce,
+            checkpoint=self.checkpoint,
         )
         out.timings["execute_s"] = time.perf_counter() - started
         return out

@@ -36,12 +36,18 @@ def _document(results: Any, source: str, k: int, written_by: str) -> dict[str, A
     model = manifest.get("model", {})
     return {
         "specsight_circuit": FORMAT,
-        "model": {"id": model.get("id"), "architecture": model.get("architecture"), **entry["graph"]},  # fmt: skip
+        "model": {
+            "id": model.get("id"),
+            "architecture": model.get("architecture"),
+            **entry["graph"],
+        },  # fmt: skip
         "metric": written_by,
         "ranked_by": source,
         "spec_sha256": results.spec_sha256,
         "nodes": nodes,
-        "edges": [{"edge": f"{ups[u]}->{downs[d]}", "score": float(scores[u, d])} for u, d in edges],
+        "edges": [
+            {"edge": f"{ups[u]}->{downs[d]}", "score": float(scores[u, d])} for u, d in edges
+        ],
     }
 
 

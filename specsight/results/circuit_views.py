@@ -12,7 +12,7 @@ from rich.text import Text
 
 from .labels import axis_labels
 
-__all__ = ["print_edges", "print_faithfulness"]
+__all__ = ["CIRCUIT_VIEWS", "print_edges", "print_faithfulness"]
 
 #: edges the summary lists
 TOP_EDGES = 15
@@ -35,7 +35,9 @@ def print_edges(console: Console, name: str, tensor: Any, meta: dict[str, Any]) 
     width = tensor.shape[1]
     for index in order:
         up, down = divmod(index, width)
-        console.print(f"    {_fmt(float(flat[index])):>10}  {ups[up]} -> {downs[down]}", markup=False)
+        console.print(
+            f"    {_fmt(float(flat[index])):>10}  {ups[up]} -> {downs[down]}", markup=False
+        )
 
 
 def print_faithfulness(
@@ -63,3 +65,10 @@ def print_faithfulness(
             f"(every edge ablated) {_fmt(float(extra['ablated']))}",
             markup=False,
         )
+
+
+#: the summary's views of circuit metrics, by the kinds' ``view``
+CIRCUIT_VIEWS = {
+    "edges": lambda console, name, tensor, meta, _extra: print_edges(console, name, tensor, meta),
+    "faithfulness": print_faithfulness,
+}

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save
 
 from ..errors import RunError, did_you_mean
 from ..plan import PlanExpectation
+from .circuit_files import write_circuits
 from .expect import Outcome, evaluate
 from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
 from .frames import split_parts, stack_sites, to_pandas, to_xarray
-from .circuit_files import write_circuits
 from .plots import write_heatmaps
 from .report import REPORT_FILE, write_report
 from .summary import render_summary

@@ -12,17 +12,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import printable
-from .circuit_views import print_edges, print_faithfulness
+from .circuit_views import CIRCUIT_VIEWS
 from .expect import Outcome
 from .labels import axis_labels, cell_label, coords
 
 __all__ = ["RunView", "render_summary", "print_summary"]
-
-#: views of circuit metrics (edge attribution, faithfulness)
-_CIRCUIT_VIEWS = {
-    "edges": lambda console, name, tensor, meta, _extra: print_edges(console, name, tensor, meta),
-    "faithfulness": print_faithfulness,
-}
 
 
 class RunView(Protocol):
@@ -222,8 +216,8 @@ def _print_metric(
     if view == "probe" and tensor.ndim == 1:
         _print_probe(console, name, tensor, meta, extra)
         return
-    if view in _CIRCUIT_VIEWS:
-        _CIRCUIT_VIEWS[view](console, name, tensor, meta, extra)
+    if view in CIRCUIT_VIEWS:
+        CIRCUIT_VIEWS[view](console, name, tensor, meta, extra)
         return
     if tensor.ndim == 0:
         what = f" ({meta['label']})" if meta.get("label") else ""

@@ -9,8 +9,8 @@ the compiler builds for a spec metric.
 from ..codec import kinds_of
 from ..records import Metric
 from .attribution import Attribution
-from .circuits import EdgeAttribution, Faithfulness
 from .base import AfterRun, CompileEnv, ReadBatch, ReaderParts, RowMetric, Tokens
+from .circuits import EdgeAttribution, Faithfulness
 from .distributions import KL, Loss, TopK
 from .dla import DirectLogitAttribution
 from .features import TopFeatures

@@ -147,7 +147,11 @@ class Faithfulness(_Items):
 
     def manifest_extra(self) -> dict[str, Any]:
         source = None if self.source is None else str(self.source)
-        return {"circuit_source": source, "circuit_sizes": list(self.sizes), "ablation": self.ablation}
+        return {
+            "circuit_source": source,
+            "circuit_sizes": list(self.sizes),
+            "ablation": self.ablation,
+        }
 
     def circuit_sizes(self) -> list[int]:
         return list(self.sizes) if self.source is not None else [len(self.edges)]
@@ -196,8 +200,8 @@ def graph_of(env: CompileEnv, path: tuple[Any, ...]) -> CircuitGraph:
         return env.sites(f"{name}.*", path)
 
     def columns(group: str) -> tuple[tuple[str, int], ...]:
-        entry = resolve[group][0] if isinstance(resolve[group], list) else resolve[group]
-        first_col = {"q": 0, "k": 1, "v": 2}[group] * info.d_model if "part" in entry else 0
+        fused = resolve[group].layout == "fused"  # q, k, v: column blocks of one output
+        first_col = {"q": 0, "k": 1, "v": 2}[group] * info.d_model if fused else 0
         return tuple((s.module, first_col) for s in sites(group))
 
     layer_names = tuple(s.module for s in sites("resid_pre"))
