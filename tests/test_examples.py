@@ -53,6 +53,7 @@ def test_every_example_has_a_behaviour_test():
         "ioi_dla.yaml",
         "probe_layers.yaml",
         "sae_features.yaml",
+        "ioi_circuit.yaml",
         "vit_patching.yaml",
     }
     assert set(EXAMPLES) == tested, "a new example in specs/ needs its own test here"
@@ -434,3 +435,27 @@ def test_sae_features_equal_sae_lens_and_a_hand_written_clamp(smollm, record_pro
     handle.remove()
     paris = tok.encode_plain(" Paris")[0]
     torch.testing.assert_close(results["p_paris_steered"], probs[paris], rtol=1e-4, atol=1e-5)
+
+
+def test_ioi_circuit_claims_hold_and_its_circuit_files_check_again(smollm, record_property, tmp_path):  # fmt: skip
+    """EAP and faithfulness on the built-in model: the claims hold, the full model's metric is
+    the clean logit difference the main forward measured, and a written circuit file read back
+    by another spec gives the same faithfulness."""
+    results = timed_run("ioi_circuit.yaml", smollm, record_property, tmp_path / "run")
+    assert results.ok, [o.to_dict() for o in results.expectations if not o.ok]
+    clean = float(results.metrics["clean_ld"])
+    full = float(results.metrics["faithfulness/full"])
+    assert full == pytest.approx(clean, abs=1e-4 * (1 + abs(clean)))
+    spec = yaml.safe_load((SPECS / "ioi_circuit.yaml").read_text())
+    circuit = tmp_path / "run" / "circuits" / "faithfulness.top200.json"
+    written = json.loads(circuit.read_text())
+    assert len(written["edges"]) == 200 and written["model"]["n_layers"] == 30
+    spec["metrics"] = {
+        "again": {**spec["metrics"]["faithfulness"], "circuit": {"file": str(circuit)}}
+    }
+    spec["expect"] = []
+    spec["dataset"]["file"] = str(SPECS / "data" / "ioi.jsonl")
+    again = specsight.run(spec, model=smollm)
+    assert float(again.metrics["again"][0]) == pytest.approx(
+        float(results.metrics["faithfulness"][0]), rel=1e-5, abs=1e-6
+    )

@@ -33,6 +33,7 @@ CASES = [
         "ioi_dla",
         "causal_tracing",
         "sae_features",
+        "ioi_circuit",
     )
     for model in OWN_MODEL.get(spec_path.stem, ("tiny-llama", "tiny-gpt2"))
 ]
