@@ -51,7 +51,10 @@ class GraphForward:
         self.ablate: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad = False
         self.embed_override: torch.Tensor | None = None
-        self._ups: list[torch.Tensor] = []
+        #: upstream outputs so far, written in place: ``[B, P, n_up, d]`` (``_made`` filled)
+        self._ups: torch.Tensor | None = None
+        self._made = 0
+        self._total: torch.Tensor | None = None
         self._leaves: dict[int, torch.Tensor] = {}
         self._x: torch.Tensor | None = None
         self._hooks = HookScope(model)
@@ -68,12 +71,33 @@ class GraphForward:
         """The logits of one forward under the current settings (``ablate``: the
         replacement values ``[B, P, n_up, d]`` and the edge mask ``[n_up, n_down]``; ``grad``;
         ``embed_override``: the first layer's input)."""
-        self._ups, self._leaves, self._x = [], {}, None
+        self._ups, self._made, self._leaves, self._x = None, 0, {}, None
+        self._total = None
         return self.model(input_ids=ids, attention_mask=mask).logits
 
     def upstream(self) -> torch.Tensor:
-        """Every upstream node's output in the last forward: ``[B, P, n_up, d]``."""
-        return torch.cat(self._ups, 2)
+        """The upstream nodes' outputs so far in this forward (all of them after it):
+        ``[B, P, made, d]``."""
+        assert self._ups is not None
+        return self._ups[:, :, : self._made]
+
+    def _keep(self, values: torch.Tensor) -> None:
+        """Record the next upstream nodes' outputs (``[B, P, n, d]``); while ablating, what
+        an ablated edge from each adds instead (``A_U - u_U``) and their running sum; a
+        gradient forward records nothing (no edge is ablated in it)."""
+        if self.grad:
+            return
+        if self._ups is None:
+            b, p, _, d = values.shape
+            self._ups = values.new_empty((b, p, self.graph.n_up, d))
+        n, start = values.shape[2], self._made
+        if self.ablate is not None:
+            replacement = self.ablate[0][:, :, start : start + n].to(values.dtype)
+            values = replacement - values
+            added = values.sum(2)
+            self._total = added if self._total is None else self._total + added
+        self._ups[:, :, start : start + n] = values
+        self._made += n
 
     def leaves(self) -> list[torch.Tensor]:
         """The zero leaves added to the downstream inputs (one ``[B, P, n, d]`` per group of
@@ -104,7 +128,7 @@ class GraphForward:
                 if self.embed_override is not None:
                     new = self.embed_override.to(x.dtype)
                     x = new
-                self._ups.append(x[:, :, None])
+                self._keep(x[:, :, None])
             self._x = x
             return new
 
@@ -116,30 +140,45 @@ class GraphForward:
         def hook(z: torch.Tensor) -> None:
             b, p, _ = z.shape
             per_head = z.reshape(b, p, g.n_heads, g.d_head)
-            self._ups.append(torch.einsum("bphk,hkd->bphd", per_head, w_o.to(z.dtype)))
+            if not self.grad:
+                self._keep(torch.einsum("bphk,hkd->bphd", per_head, w_o.to(z.dtype)))
 
         return hook
 
     def _record_whole(self, out: torch.Tensor) -> None:
-        self._ups.append(out[:, :, None])
+        self._keep(out[:, :, None])
 
     def _delta(self, x: torch.Tensor, receivers: Sequence[int]) -> torch.Tensor | None:
         """What to add to the inputs of ``receivers``: ``[B, P, len(receivers), d]``, or None
         when nothing changes them."""
-        delta = None
-        if self.ablate is not None:
-            values, mask = self.ablate
-            made = self.upstream()
-            m = mask[: made.shape[2], list(receivers)]
-            if bool(m.any()):
-                diff = values[:, :, : made.shape[2]].to(made.dtype) - made
-                delta = torch.einsum("bpud,ur->bprd", diff, m.to(made.dtype))
+        delta = self._ablated(receivers) if self.ablate is not None else None
         if self.grad:
             shape = (*x.shape[:2], len(receivers), x.shape[-1])
             leaf = torch.zeros(shape, dtype=torch.float32, device=x.device, requires_grad=True)
             self._leaves[receivers[0]] = leaf
             delta = leaf if delta is None else delta + leaf
         return delta
+
+    def _ablated(self, receivers: Sequence[int]) -> torch.Tensor | None:
+        """``sum over ablated edges U->D of (A_U - u_U)`` for each receiver D. Every node made
+        so far has an edge into D, so it is the sum over all of them (kept running) minus the
+        sum over the circuit's edges into D, whichever side has fewer nodes is summed."""
+        diff = self.upstream()  # A_U - u_U while ablating
+        ablated = self.ablate[1][: self._made, list(receivers)].to(diff.device)  # type: ignore[index]
+        if not bool(ablated.any()):
+            return None
+        kept = ~ablated
+        by_ablated = ablated.any(1).nonzero()[:, 0]
+        by_kept = kept.any(1).nonzero()[:, 0]
+        if len(by_ablated) <= len(by_kept):
+            part = diff[:, :, by_ablated].transpose(2, 3) @ ablated[by_ablated].to(diff.dtype)
+            return part.transpose(2, 3)
+        assert self._total is not None
+        total = self._total[:, :, None].expand(-1, -1, len(receivers), -1)
+        if len(by_kept) == 0:
+            return total
+        part = diff[:, :, by_kept].transpose(2, 3) @ kept[by_kept].to(diff.dtype)
+        return total - part.transpose(2, 3)
 
     def _projection(self, layer: int, group: str, ln1: Any, module: Any, first: int, n: int) -> Any:  # fmt: skip
         g = self.graph
