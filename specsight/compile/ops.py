@@ -16,6 +16,7 @@ from .ablations import ABLATION_COMPILERS, capture_key, derangement, vector_key
 from .context import Context, SpecPath, default_save_name, plain
 from .dataset import item_label, render_selector
 from .inputs import read_array_file
+from .paths import compile_path_patch
 from .positions import PositionError, resolve_positions
 from .saved import check_saved_width, mean_diff_keys, saved_keys
 from .windows import op_window
@@ -67,6 +68,14 @@ def _in_item(ctx: Context, invoke: str, prompt_index: int) -> str:
 def compile_op(
     ctx: Context, invoke: str, op: Any, template: Any, path: SpecPath, cell: int
 ) -> None:
+    if isinstance(op, S.PathPatchOp):  # it names graph nodes, not a site
+
+        def positions_of(tokens: list[int], prompt: int) -> list[int]:
+            where = path + ("positions",)
+            return _positions(ctx, op.positions, tokens, where, _item(ctx, invoke, prompt))
+
+        compile_path_patch(ctx, invoke, op, path, cell, positions_of)
+        return
     sites = _sites(ctx, op.site, path)
     if isinstance(op, S.SaveOp) and len(sites) > 1 and (op.name or ctx.grids[invoke].axes):
         raise ctx.fail(

@@ -11,6 +11,7 @@ from .. import spec as S
 from ..errors import did_you_mean, format_path
 from .context import SpecContext, SpecPath, default_save_name
 from .distributions import kl_dependencies
+from .paths import path_base
 
 __all__ = ["collect_save_names", "order_stages"]
 
@@ -131,6 +132,11 @@ def _dependencies(ctx: SpecContext) -> dict[str, dict[str, SpecPath]]:
     save_owner = {save: owner for save, (owner, _) in ctx.save_names.items()}
     deps: dict[str, dict[str, SpecPath]] = {name: {} for name in ctx.spec.invokes}
     for name, invoke in ctx.spec.invokes.items():
+        for i, op in enumerate(invoke.ops):  # a path_patch's unpatched run, when found
+            if isinstance(op, S.PathPatchOp) and op.base is None:
+                base = path_base(ctx, name, op)
+                if base is not None:
+                    deps[name].setdefault(base, ("invokes", name, "ops", i))
         for i, source, ref, where in _sources_of(invoke):
             op_path: SpecPath = ("invokes", name, "ops", i, *where)
             if source == "invoke":

@@ -20,7 +20,7 @@ import torch
 from ..plan.graph import CircuitGraph
 from .hooks import HookScope
 
-__all__ = ["GraphForward", "projection_weights"]
+__all__ = ["GraphForward", "output_weights", "projection_weights"]
 
 
 def projection_weights(module: torch.nn.Module, first: int, n: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
@@ -35,7 +35,7 @@ def projection_weights(module: torch.nn.Module, first: int, n: int, d_head: int)
     return w.reshape(n, d_head, -1), b
 
 
-def _output_weights(module: torch.nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
+def output_weights(module: torch.nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
     """The output projection as ``[n_heads, d_head, d_out]``."""
     weight = module.weight
     w = weight.T if isinstance(module, torch.nn.Linear) else weight
@@ -115,7 +115,7 @@ class GraphForward:
                 module = hooks.module(module_name)
                 fn = self._projection(layer, group, ln1, module, first, n)
                 hooks.add(module_name, "output", fn)
-            w_o = _output_weights(hooks.module(names.o_proj[layer]), g.n_heads, g.d_head)
+            w_o = output_weights(hooks.module(names.o_proj[layer]), g.n_heads, g.d_head)
             hooks.add(names.o_proj[layer], "input", self._heads(w_o))
             hooks.add(names.ln2[layer], "input", self._norm_input(g.down_range(layer, "mlp")))
             hooks.add(names.mlp[layer], "output", self._record_whole)

@@ -26,6 +26,8 @@ from ..errors import RunError
 from ..plan import Forward, Op, Plan, SaeRef
 from ..plan.ops import At, Group
 from .ablate import mean_value, noise_draw, project_out, span_basis, spread
+from .hooks import module_table
+from .paths import path_value
 from .sae import SaeHooks, SparseAutoencoder
 from .views import attention_weights, col_index, pos_index, row_major, token_major
 
@@ -337,6 +339,9 @@ class Runner(SaeHooks):
 
     def noise(self, seed: int, like: torch.Tensor) -> torch.Tensor:
         return noise_draw(int(seed), tuple(like.shape))
+
+    def path_value(self, op: Any, at: At) -> torch.Tensor:
+        return path_value(op, self.store, module_table(self.model))
 
     def row_length(self, row: int) -> int:
         return len(self.plan.rows[row].tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from .base import SITE_SYNTAX, Number, Placeholder, Positions, StrictModel
 
@@ -33,6 +33,7 @@ __all__ = [
     "ProjectOutOp",
     "ClampOp",
     "SkipOp",
+    "PathPatchOp",
     "DimSelector",
     "invoke_sources",
     "Op",
@@ -263,8 +264,46 @@ class SkipOp(SiteOp):
     op: Literal["skip"]
 
 
+class PathPatchOp(SiteOp):
+    """Path patching: the senders' outputs (``embed``, ``head.L.H``, ``mlp.L``) take their
+    values from ``from``, and their change reaches only the receivers' inputs (``head.L.H.q``,
+    ``head.L.G.k``, ``head.L.G.v``, ``mlp.L``, ``logits``), every other path frozen at the
+    unpatched run's values (``base``: an invoke of the same prompts without ops; default the
+    one found). Each receiver reads its input in ``base`` plus, for every sender that writes
+    before it reads, the sender's output in ``from`` minus its output in ``base``; everything
+    after the receivers is recomputed."""
+
+    model_config = _FROM_CONFIG
+
+    op: Literal["path_patch"]
+    site: Literal["receivers"] = Field(
+        "receivers", description="path_patch acts on its receivers' inputs: leave this out"
+    )
+    senders: Annotated[list[str], Field(min_length=1)] = Field(
+        description="upstream nodes: 'embed', 'head.L.H', 'mlp.L' (templates such as "
+        "'head.{layer}.{head}' take a sweep's values)"
+    )
+    receivers: Annotated[list[str], Field(min_length=1)] = Field(
+        description="downstream nodes: 'head.L.H.q', 'head.L.G.k', 'head.L.G.v', 'mlp.L', 'logits'"
+    )
+    from_: str = Field(alias="from", description="the invoke the senders' values come from")
+    base: str | None = Field(
+        None,
+        description="the unpatched run of this invoke's prompts (an invoke with the same prompt "
+        "and no ops); default: the one the spec has",
+    )
+
+    @model_validator(mode="after")
+    def _no_site_selectors(self) -> PathPatchOp:
+        for name in ("heads", "dims", "steps"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"path_patch takes no '{name}': it names its nodes")
+        return self
+
+
 Op = Annotated[
-    SaveOp
+    PathPatchOp
+    | SaveOp
     | ZeroOp
     | ScaleOp
     | AddOp
@@ -291,6 +330,7 @@ OP_CLASSES: dict[str, type[SiteOp]] = {
     "project_out": ProjectOutOp,
     "clamp": ClampOp,
     "skip": SkipOp,
+    "path_patch": PathPatchOp,
 }
 OP_NAMES = tuple(OP_CLASSES)
 
@@ -300,6 +340,8 @@ def invoke_sources(op: SiteOp) -> list[tuple[str, str]]:
     invoke whose spread scales noise."""
     if isinstance(op, PatchOp | MeanAblateOp | ResampleAblateOp):
         return [("from", op.from_)]
+    if isinstance(op, PathPatchOp):
+        return [("from", op.from_)] + ([("base", op.base)] if op.base else [])
     if isinstance(op, NoiseOp) and op.std_of is not None:
         return [("std_of", op.std_of)]
     return []

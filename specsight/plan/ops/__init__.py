@@ -11,6 +11,7 @@ from .copy import AddSaved, Patch, SetSaved
 from .edit import AddVector, Scale, SetVector, Zero
 from .env import At, Group, OpEnv
 from .keep import Capture, Grad, Save
+from .path import PathPatch, Sender
 
 __all__ = [
     "At",
@@ -29,4 +30,6 @@ __all__ = [
     "Mean",
     "Noise",
     "ProjectOut",
+    "PathPatch",
+    "Sender",
 ]

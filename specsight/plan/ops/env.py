@@ -94,5 +94,8 @@ class OpEnv(Protocol):
     def keep_grad(self, hidden: Any, at: At, op: Any) -> None:
         """Keep ``hidden``'s gradient at ``at`` under ``op.store`` when the backward pass runs."""
 
+    def path_value(self, op: Any, at: At) -> Any:
+        """A path_patch receiver's new value at its positions (and columns): [n, width]."""
+
     def row_length(self, row: int) -> int:
         """The number of real tokens of the plan's row ``row``."""

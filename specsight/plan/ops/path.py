@@ -1,0 +1,48 @@
+"""``path_patch`` at one receiver of one row: the receiver's input set to the unpatched run's
+input plus each sender's change (its output in the ``from`` run minus in the unpatched run),
+read from captures of an earlier stage. A head's q, k or v input is set through the head's
+own columns of its projection (the layer's first norm and the projection applied to the new
+input); an MLP's input and the logits' are the inputs of their norms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..records import Op
+from ..refs import StoreKey
+from .env import At, OpEnv
+
+__all__ = ["PathPatch", "Sender"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sender:
+    """One sender's captured outputs (whole rows): in the ``from`` run and in the unpatched
+    run. A head's are the output projection's input (``head`` >= 0: its columns go through
+    ``o_proj``'s); the embedding's and an MLP's are what they add to the residual stream."""
+
+    source: StoreKey
+    base: StoreKey
+    head: int = -1
+    o_proj: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathPatch(Op):
+    """Set one receiver's input at ``positions``; ``norm`` and ``first`` for a head's q, k or
+    v (the site is then the projection's output, ``cols`` the head's columns)."""
+
+    kind: ClassVar[str] = "path_patch"
+    base_input: StoreKey
+    senders: tuple[Sender, ...]
+    norm: str = ""
+    first: int = 0
+    n_heads: int = 0
+    d_head: int = 0
+
+    def reads(self) -> tuple[StoreKey, ...]:
+        return (self.base_input, *(k for s in self.senders for k in (s.source, s.base)))
+
+    def apply(self, hidden: Any, at: At, env: OpEnv) -> None:
+        hidden[at.index] = env.path_value(self, at).to(hidden.device, hidden.dtype)
