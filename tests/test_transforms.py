@@ -112,6 +112,10 @@ OP_JOBS["generate"] = _job([{"op": "add", "site": "resid_post.1", "positions": "
                              "vector": _vector(), "steps": "all"}])  # fmt: skip
 OP_JOBS["generate"]["invokes"]["corrupt"]["generate"] = {"max_new_tokens": 3}
 OP_JOBS["generate"]["metrics"] = {"clean_ld": {**LD, "invoke": "clean"}}
+OP_JOBS["path_patch"] = _job([{"op": "path_patch", "senders": ["head.0.1", "mlp.0"],
+                               "receivers": ["head.2.1.q", "mlp.1", "logits"], "from": "clean",
+                               "base": "unpatched"}])  # fmt: skip
+OP_JOBS["path_patch"]["invokes"]["unpatched"] = {"prompt": PROMPTS[1]}
 OP_JOBS["sweep"] = _job(
     [{"op": "patch", "site": "resid_post.{layer}", "positions": ["{pos}"], "from": "clean"}]
 )
@@ -401,6 +405,8 @@ def _many(job: dict[str, Any]) -> dict[str, Any]:
     one_prompt = any(m.get("kind") in paired for m in spec["metrics"].values())
     if isinstance(corrupt["prompt"], str) and not one_prompt:
         corrupt["prompt"] = [PROMPTS[1], PROMPTS[3], PROMPTS[2], PROMPTS[1]]
+        if "unpatched" in spec["invokes"]:  # a path_patch's unpatched run: the same prompts
+            spec["invokes"]["unpatched"]["prompt"] = corrupt["prompt"]
     return spec
 
 

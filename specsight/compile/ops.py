@@ -68,13 +68,8 @@ def _in_item(ctx: Context, invoke: str, prompt_index: int) -> str:
 def compile_op(
     ctx: Context, invoke: str, op: Any, template: Any, path: SpecPath, cell: int
 ) -> None:
-    if isinstance(op, S.PathPatchOp):  # it names graph nodes, not a site
-
-        def positions_of(tokens: list[int], prompt: int) -> list[int]:
-            where = path + ("positions",)
-            return _positions(ctx, op.positions, tokens, where, _item(ctx, invoke, prompt))
-
-        compile_path_patch(ctx, invoke, op, path, cell, positions_of)
+    if isinstance(op, S.PathPatchOp):  # it names graph nodes, not a site: compiled whole
+        _COMPILERS[S.PathPatchOp](ctx, invoke, op, path, cell)
         return
     sites = _sites(ctx, op.site, path)
     if isinstance(op, S.SaveOp) and len(sites) > 1 and (op.name or ctx.grids[invoke].axes):
@@ -166,7 +161,16 @@ def _add_or_set(ctx: Context, op: S.AddOp | S.SetOp, at: OpAt, *, vector: Any, *
     _vector_op(ctx, op, at.site, at.common, vector, at.path, at.window["width"])
 
 
+def _path_patch(ctx: Context, invoke: str, op: S.PathPatchOp, path: SpecPath, cell: int) -> None:  # fmt: skip
+    def positions_of(tokens: list[int], prompt: int) -> list[int]:
+        where = path + ("positions",)
+        return _positions(ctx, op.positions, tokens, where, _item(ctx, invoke, prompt))
+
+    compile_path_patch(ctx, invoke, op, path, cell, positions_of)
+
+
 _COMPILERS: dict[type, Any] = {
+    S.PathPatchOp: _path_patch,
     S.SaveOp: _save,
     S.ZeroOp: _zero,
     S.ScaleOp: _scale,

@@ -69,22 +69,26 @@ def _output_site(ctx: Context, graph: CircuitGraph, up: int) -> tuple[Site, int]
 
 def _receiver(ctx: Context, graph: CircuitGraph, down: int) -> tuple[Site, Site, dict[str, Any]]:
     """(the site the receiver's new value is written to, the site of its unpatched input,
-    the op's receiver fields)."""
+    the op's receiver fields). The new input goes through the receiver's norm and is written
+    at the norm's output (a head's: at its columns of the projection's output), so the
+    residual stream the norm reads stays as it is for every other reader."""
     names = graph.modules
-    if down == graph.n_down - 1:
-        site = _site(ctx, f"{names.final_norm}.input")
-        return site, site, {}
+    if down == graph.n_down - 1:  # the final norm's output is written (its input is the
+        norm = names.final_norm  # residual stream itself, which nothing else may see change)
+        unpatched = _site(ctx, f"{norm}.input")
+        return Site(module=norm, io="output", name="final_norm"), unpatched, {"norm": norm}
     layer, is_mlp = graph.down_layer(down)
     if is_mlp:
-        site = _site(ctx, f"resid_mid.{layer}")
-        return site, site, {}
+        norm = names.ln2[layer]
+        written = Site(module=norm, io="output", name=f"{norm}.output", layer=layer)
+        return written, _site(ctx, f"resid_mid.{layer}"), {"norm": norm}
     for group in ("q", "k", "v"):
         if down in graph.down_range(layer, group):
             module, first = getattr(names, group)[layer]
             head = down - graph.down_range(layer, group).start
             start = first + head * graph.d_head
             written = Site(module=module, io="output", name=f"{group}.{layer}", layer=layer)
-            fields = {"norm": names.ln1[layer], "first": start,
+            fields = {"norm": names.ln1[layer], "first": start, "project": True,
                       "cols": ((start, start + graph.d_head),)}  # fmt: skip
             return written, _site(ctx, f"resid_pre.{layer}"), fields
     raise AssertionError(down)

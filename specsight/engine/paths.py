@@ -25,11 +25,12 @@ def path_value(op: Any, store: dict[str, torch.Tensor], modules: dict[str, torch
             own = change[:, sender.head * op.d_head : (sender.head + 1) * op.d_head]
             change = own @ w_o[sender.head].float().to(own.device)
         value = value + change.to(value.device)
-    if not op.norm:
-        return value
-    norm, projection = modules[op.norm], modules[op.module]
-    weight = next(projection.parameters())
-    normed = norm(value.to(weight.device, weight.dtype))
-    w, b = projection_weights(projection, op.first, 1, op.d_head)
+    norm = modules[op.norm]
+    weight = next(norm.parameters(), None)
+    # ``forward``, not the call: the op may be a hook of this very norm's output
+    normed = norm.forward(value.to(weight.device, weight.dtype) if weight is not None else value)
+    if not op.project:
+        return normed
+    w, b = projection_weights(modules[op.module], op.first, 1, op.d_head)
     out = normed @ w[0].T
     return out if b is None else out + b[0]

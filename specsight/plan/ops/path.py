@@ -1,8 +1,8 @@
 """``path_patch`` at one receiver of one row: the receiver's input set to the unpatched run's
 input plus each sender's change (its output in the ``from`` run minus in the unpatched run),
-read from captures of an earlier stage. A head's q, k or v input is set through the head's
-own columns of its projection (the layer's first norm and the projection applied to the new
-input); an MLP's input and the logits' are the inputs of their norms."""
+read from captures of an earlier stage, and written after the receiver's norm so that only
+the receiver reads it: a head's q, k or v through the head's own columns of its projection,
+an MLP's and the logits' at their norms' outputs."""
 
 from __future__ import annotations
 
@@ -30,13 +30,17 @@ class Sender:
 
 @dataclass(frozen=True, kw_only=True)
 class PathPatch(Op):
-    """Set one receiver's input at ``positions``; ``norm`` and ``first`` for a head's q, k or
-    v (the site is then the projection's output, ``cols`` the head's columns)."""
+    """Set one receiver's input at ``positions``, written through its ``norm``: at the norm's
+    output (an MLP, the logits) or, for a head's q, k or v, at the head's columns (``cols``)
+    of the projection's output."""
 
     kind: ClassVar[str] = "path_patch"
     base_input: StoreKey
     senders: tuple[Sender, ...]
     norm: str = ""
+    #: a head's q, k or v: the normed input goes through the projection's columns from
+    #: ``first`` (else the norm's output is written as it is)
+    project: bool = False
     first: int = 0
     n_heads: int = 0
     d_head: int = 0
