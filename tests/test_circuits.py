@@ -208,3 +208,59 @@ def test_families_without_a_graph_are_refused():
         specsight.run(
             _spec({"eap": {"kind": "edge_attribution", **_pair()}}), model=tiny("tiny-gpt-neox")
         )
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The real server app serving tiny-llama."""
+    from fastapi.testclient import TestClient
+
+    from specsight.remote.auth import KeyRing
+    from specsight.remote.client import RemoteClient
+    from specsight.remote.jobs import JobStore
+    from specsight.remote.server import create_app
+
+    store = JobStore(tmp_path / "jobs.db")
+    app = create_app({"tiny-llama": tiny()}, store=store, keys=KeyRing.from_raw_keys({"t": "k"}))
+    try:
+        with TestClient(app, base_url="http://testserver") as http:
+            yield RemoteClient("http://testserver", "k", client=http)
+    finally:
+        store.close()
+
+
+def test_circuits_and_path_patching_run_remotely_as_locally(server, tmp_path):
+    """EAP, faithfulness of its top edges and of a circuit file (sent as its edges), and a
+    swept path_patch: the server's results equal a local run's, bit for bit."""
+    from specsight.remote.submit import run_remote
+    from tests.test_remote_client import assert_same_tensors
+
+    lm = tiny("tiny-llama")
+    first = _spec({"eap": {"kind": "edge_attribution", **_pair(method="eap_ig", steps=2)},
+                   "faith": {"kind": "faithfulness", **_pair(circuit={"top": [5, 30], "from": "eap"})}})  # fmt: skip
+    first["model"] = "tiny-llama"
+    first["invokes"]["patched"] = {
+        "prompt": [CORRUPT, SECOND_CORRUPT],
+        "sweep": {"head": "all"},
+        "ops": [
+            {
+                "op": "path_patch",
+                "senders": ["head.1.{head}"],
+                "receivers": ["logits"],
+                "from": "clean",
+                "base": "corrupt",
+            }
+        ],  # fmt: skip
+    }
+    first["metrics"]["pp"] = {"kind": "logit_diff", "invoke": "patched", "target": " Mary", "foil": " John"}  # fmt: skip
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(first))
+    local = specsight.run(path, model=lm, out=tmp_path / "run")
+    assert_same_tensors(run_remote(path, "", client=server, timeout=120), local)
+    second = _spec({"f": {"kind": "faithfulness", **_pair(circuit={"file": "run/circuits/faith.top30.json"})}})  # fmt: skip
+    second["model"] = "tiny-llama"
+    path.write_text(json.dumps(second))
+    remote = run_remote(path, "", client=server, timeout=120)
+    assert float(remote.metrics["f"][0]) == pytest.approx(
+        float(local.metrics["faith"][1]), rel=1e-6
+    )

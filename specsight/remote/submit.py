@@ -78,10 +78,24 @@ def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[s
                 ops[index] = {**op.model_dump(**dump), attr: values}
     if issues:
         raise SpecError(issues)
+    _inline_circuit_files(spec, plan, data)
     rows = dataset_rows(spec, doc or document_of(spec))
     if rows is not None:  # the rows a sample keeps, in order: the server's items are ours
         data["dataset"] = {"rows": rows}
     return data
+
+
+def _inline_circuit_files(spec: Spec, plan: Plan, data: dict[str, Any]) -> None:
+    """A circuit read from a file, sent as the edges the local compile read from it."""
+    compiled = {str(m.name): m for m in plan.metrics if m.kind == "faithfulness"}
+    for name, metric in spec.metrics.items():
+        circuit = getattr(metric, "circuit", None)
+        if circuit is None or circuit.file is None or name not in compiled:
+            continue
+        record = compiled[name]
+        ups, downs = record.graph.up_names(), record.graph.down_names()
+        edges = [f"{ups[u]}->{downs[d]}" for u, d in record.edges]
+        data["metrics"][name]["circuit"] = {"edges": edges}
 
 
 def run_remote(
