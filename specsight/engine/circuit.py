@@ -13,6 +13,7 @@ zero leaf to every downstream input, whose gradient is d metric / d in_D.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,18 @@ def output_weights(module: torch.nn.Module, n_heads: int, d_head: int) -> torch.
     return w.reshape(n_heads, d_head, -1)
 
 
+@dataclass
+class _Group:
+    """Receivers read through one norm in a gradient forward: the tensor whose gradient is
+    taken (the norm's output, or a projection's with the heads' weights, first column and
+    count), the norm, and its input."""
+
+    out: torch.Tensor
+    norm: torch.nn.Module
+    x: torch.Tensor
+    weights: tuple[torch.Tensor, int, int] | None
+
+
 class GraphForward:
     """Hooks that record upstream outputs and edit downstream inputs for one forward at a
     time (:meth:`run`)."""
@@ -55,7 +68,10 @@ class GraphForward:
         self._ups: torch.Tensor | None = None
         self._made = 0
         self._total: torch.Tensor | None = None
-        self._leaves: dict[int, torch.Tensor] = {}
+        self._x_norm: torch.Tensor | None = None
+        #: a gradient forward's receivers, in downstream order: what their input gradients
+        #: are computed from (:meth:`input_grads`)
+        self._groups: list[_Group] = []
         self._x: torch.Tensor | None = None
         self._hooks = HookScope(model)
         self._install()
@@ -71,7 +87,7 @@ class GraphForward:
         """The logits of one forward under the current settings (``ablate``: the
         replacement values ``[B, P, n_up, d]`` and the edge mask ``[n_up, n_down]``; ``grad``;
         ``embed_override``: the first layer's input)."""
-        self._ups, self._made, self._leaves, self._x = None, 0, {}, None
+        self._ups, self._made, self._groups, self._x = None, 0, [], None
         self._total = None
         return self.model(input_ids=ids, attention_mask=mask).logits
 
@@ -84,9 +100,9 @@ class GraphForward:
     def _keep(self, values: torch.Tensor) -> None:
         """Record the next upstream nodes' outputs (``[B, P, n, d]``); while ablating, what
         an ablated edge from each adds instead (``A_U - u_U``) and their running sum; a
-        gradient forward records nothing (no edge is ablated in it)."""
+        gradient forward records them detached."""
         if self.grad:
-            return
+            values = values.detach()
         if self._ups is None:
             b, p, _, d = values.shape
             self._ups = values.new_empty((b, p, self.graph.n_up, d))
@@ -99,10 +115,27 @@ class GraphForward:
         self._ups[:, :, start : start + n] = values
         self._made += n
 
-    def leaves(self) -> list[torch.Tensor]:
-        """The zero leaves added to the downstream inputs (one ``[B, P, n, d]`` per group of
-        receivers), in downstream order (``grad``)."""
-        return [self._leaves[i] for i in sorted(self._leaves)]
+    def input_grads(self, value: torch.Tensor) -> torch.Tensor:
+        """d ``value`` / d every receiver's input, ``[B, P, n_down, d]`` (a ``grad`` forward):
+        the gradient at each receiver's norm output (a head's: at its columns of the
+        projection, through the head's rows of the weights) taken back through the norm by
+        a vector-Jacobian product, one batched product per norm and group."""
+        found = torch.autograd.grad(value, [group.out for group in self._groups])
+        pieces = []
+        for group, grad in zip(self._groups, found):
+            if group.weights is None:
+                cot = grad[:, :, None].float()
+            else:
+                w, first, n = group.weights
+                own = grad[..., first : first + n * self.graph.d_head].float()
+                cot = torch.einsum("bpnk,nkd->bpnd", own.reshape(*own.shape[:2], n, -1), w.float())  # fmt: skip
+            x = group.x.detach().float().requires_grad_(True)
+            with torch.enable_grad():
+                normed = group.norm.forward(x)
+            batched = cot.permute(2, 0, 1, 3).to(normed.dtype)
+            back = torch.autograd.grad(normed, x, batched, is_grads_batched=True)[0]
+            pieces.append(back.permute(1, 2, 0, 3))
+        return torch.cat(pieces, 2)
 
     # --- hooks
     def _install(self) -> None:
@@ -118,19 +151,31 @@ class GraphForward:
             w_o = output_weights(hooks.module(names.o_proj[layer]), g.n_heads, g.d_head)
             hooks.add(names.o_proj[layer], "input", self._heads(w_o))
             hooks.add(names.ln2[layer], "input", self._norm_input(g.down_range(layer, "mlp")))
+            hooks.add(names.ln2[layer], "output", self._norm_output(names.ln2[layer]))
             hooks.add(names.mlp[layer], "output", self._record_whole)
         hooks.add(names.final_norm, "input", self._norm_input(range(g.n_down - 1, g.n_down)))
+        hooks.add(names.final_norm, "output", self._norm_output(names.final_norm))
 
     def _layer_input(self, layer: int) -> Any:
         def hook(x: torch.Tensor) -> torch.Tensor | None:
             new = None
             if layer == 0:
                 if self.embed_override is not None:
-                    new = self.embed_override.to(x.dtype)
-                    x = new
+                    new = x = self.embed_override.to(x.dtype)
+                if self.grad:  # gradients flow from here (the weights need none)
+                    new = x = x.detach().requires_grad_(True)
                 self._keep(x[:, :, None])
             self._x = x
             return new
+
+        return hook
+
+    def _norm_output(self, name: str) -> Any:
+        norm = self._hooks.module(name)
+
+        def hook(out: torch.Tensor) -> None:
+            if self.grad:
+                self._groups.append(_Group(out, norm, self._x_norm, None))
 
         return hook
 
@@ -140,8 +185,7 @@ class GraphForward:
         def hook(z: torch.Tensor) -> None:
             b, p, _ = z.shape
             per_head = z.reshape(b, p, g.n_heads, g.d_head)
-            if not self.grad:
-                self._keep(torch.einsum("bphk,hkd->bphd", per_head, w_o.to(z.dtype)))
+            self._keep(torch.einsum("bphk,hkd->bphd", per_head.detach() if self.grad else per_head, w_o.to(z.dtype)))  # fmt: skip
 
         return hook
 
@@ -152,11 +196,6 @@ class GraphForward:
         """What to add to the inputs of ``receivers``: ``[B, P, len(receivers), d]``, or None
         when nothing changes them."""
         delta = self._ablated(receivers) if self.ablate is not None else None
-        if self.grad:
-            shape = (*x.shape[:2], len(receivers), x.shape[-1])
-            leaf = torch.zeros(shape, dtype=torch.float32, device=x.device, requires_grad=True)
-            self._leaves[receivers[0]] = leaf
-            delta = leaf if delta is None else delta + leaf
         return delta
 
     def _ablated(self, receivers: Sequence[int]) -> torch.Tensor | None:
@@ -187,6 +226,9 @@ class GraphForward:
 
         def hook(out: torch.Tensor) -> torch.Tensor | None:
             assert self._x is not None
+            if self.grad:
+                self._groups.append(_Group(out, ln1, self._x, (w, first, n)))
+                return None
             delta = self._delta(self._x, receivers)
             if delta is None:
                 return None
@@ -202,6 +244,9 @@ class GraphForward:
 
     def _norm_input(self, receivers: range) -> Any:
         def hook(x: torch.Tensor) -> torch.Tensor | None:
+            if self.grad:
+                self._x_norm = x
+                return None
             delta = self._delta(x, receivers)
             return None if delta is None else x + delta[:, :, 0].to(x.dtype)
 

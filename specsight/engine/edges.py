@@ -98,26 +98,31 @@ def edge_scores(
         for rows in items.batches(batch):
             if checkpoint is not None:
                 checkpoint()
-            clean, mask = _record(run, items.clean, rows, device)
-            corrupt, _ = _record(run, items.corrupt, rows, device)
-            diff = clean - corrupt
-            grads = torch.zeros((*diff.shape[:2], graph.n_down, diff.shape[-1]), device=device)
+            corrupt, mask = _record(run, items.corrupt, rows, device)
             ids, _ = _padded(items.clean, rows, device)
+            grads, clean = None, None
             run.grad = True
             try:
-                for k in range(1, steps + 1):
-                    alpha = k / steps
-                    run.embed_override = corrupt[:, :, 0] + alpha * diff[:, :, 0]
+                # the clean run first (k = steps): its upstream outputs are recorded on the way
+                for k in [steps, *range(1, steps)]:
+                    if k < steps:
+                        assert clean is not None
+                        run.embed_override = corrupt[:, :, 0] + k / steps * (clean - corrupt)[:, :, 0]  # fmt: skip
                     with torch.enable_grad():
                         value = _metric(run.run(ids, mask), items, rows).sum()
-                        found = torch.autograd.grad(value, run.leaves())
-                    grads += torch.cat(found, 2) / steps
+                        found = run.input_grads(value) / steps
+                    grads = found if grads is None else grads + found
+                    if k == steps:
+                        clean = run.upstream().float() * mask[:, :, None, None]
             finally:
                 run.grad, run.embed_override = False, None
-            grads = grads * mask[:, :, None, None]
-            flat_diff = diff.permute(2, 0, 1, 3).reshape(graph.n_up, -1)
-            flat_grad = grads.permute(2, 0, 1, 3).reshape(graph.n_down, -1)
-            total += (flat_diff @ flat_grad.T).double().cpu()
+            assert grads is not None and clean is not None
+            diff = clean - corrupt
+            # one [n_up, d] x [d, n_down] product per (item, position), summed (no copies:
+            # padded positions have zero differences)
+            flat_diff = diff.reshape(-1, graph.n_up, diff.shape[-1])
+            flat_grad = grads.reshape(-1, graph.n_down, grads.shape[-1])
+            total += torch.bmm(flat_diff, flat_grad.transpose(1, 2)).sum(0).double().cpu()
     scores = (total / len(items.clean)).float()
     return scores.masked_fill(~edge_mask(graph), float("nan"))
 
