@@ -253,8 +253,16 @@ def _metric_sizes(
     name: str,
     metric: Any,
 ) -> None:
-    if metric.whole_dataset:  # a probe: per site, over the items
+    if isinstance(metric, S.ProbeMetric):  # per site, over the items
         _probe_sizes(sizes, info, invokes.get(metric.invoke), name, metric)
+        return
+    if isinstance(metric, S.EdgeAttributionMetric | S.FaithfulnessMetric):  # fixed shapes
+        clean = invokes.get(metric.clean)
+        per_pos = len(clean.tokens[0]) if clean and clean.tokens else 1
+        per_pos = per_pos if getattr(metric, "positions", "summed") == "per_token" else 1
+        counts = metric.value_counts(1, metric.suffix_size(info, 0) * per_pos)
+        for key, (count, _ids) in counts.items():
+            sizes.tensors[name + (f"/{key}" if key else "")] = count * _FLOAT
         return
     if metric.fixed_axes is not None:  # attribution: [site, pos] of the corrupted prompt
         corrupt = invokes.get(metric.corrupt)
