@@ -264,3 +264,69 @@ def test_circuits_and_path_patching_run_remotely_as_locally(server, tmp_path):
     assert float(remote.metrics["f"][0]) == pytest.approx(
         float(local.metrics["faith"][1]), rel=1e-6
     )
+
+
+def test_per_token_scores_sum_to_the_summed_ones_and_are_zero_before_the_prompts_differ():
+    lm = tiny("tiny-llama")
+    metrics = {
+        "eap": {"kind": "edge_attribution", **_pair()},
+        "tok": {"kind": "edge_attribution", **_pair(positions="per_token")},
+    }
+    out = specsight.run(_spec(metrics), model=lm)
+    summed, per_token = out.metrics["eap"], out.metrics["tok"]
+    assert tuple(per_token.shape) == (14, *summed.shape)
+    assert out.manifest["tensors"]["tok"]["axes"] == ["pos", "upstream", "downstream"]
+    edges = ~summed.isnan()
+    scale = float(summed[edges].abs().max())
+    assert float((per_token.sum(0)[edges] - summed[edges]).abs().max()) <= 1e-5 * scale
+    # the prompts first differ at position 9: nothing upstream differs before it (causal)
+    assert float(per_token[:9][:, edges].abs().max()) == 0.0
+    assert float(per_token[9:][:, edges].abs().max()) > 0
+
+
+def test_a_per_token_circuit_ablates_one_edge_at_one_position_as_the_reference_does(tmp_path):
+    lm = tiny("tiny-gpt2")
+    ups, downs = ref.graph(lm)
+    target, foil = _ids(lm, " Mary")[0], _ids(lm, " John")[0]
+    clean, corrupt = _ids(lm, CLEAN), _ids(lm, CORRUPT)
+    every = [f"{e}@{p}" for e in ref.edge_names(lm) for p in range(len(clean))]
+    kept = [e for e in every if e != "head.1.2->logits@9"]
+    metrics = {
+        "all": {"kind": "faithfulness", **_pair(circuit={"edges": every})},
+        "one": {"kind": "faithfulness", **_pair(circuit={"edges": kept})},
+    }
+    out = specsight.run(_spec(metrics, two=False), model=lm)
+    assert float(out.metrics["all"][0]) == 1.0
+    _, clean_ups = ref.split_forward(lm, clean)
+    _, corrupt_ups = ref.split_forward(lm, corrupt)
+    replacement = clean_ups["head.1.2"].clone()
+    replacement[9] = corrupt_ups["head.1.2"][9]
+    logits, _ = ref.split_forward(lm, clean, edits={("head.1.2", "logits"): replacement})
+    expected = float(logits[-1, target] - logits[-1, foil])
+    got = float(out.metrics["one/circuit"][0])
+    assert got == pytest.approx(expected, abs=1e-5 * (1 + abs(expected)))
+    with pytest.raises(SpecError, match="all per position"):
+        bad = {"f": {"kind": "faithfulness", **_pair(circuit={"edges": [every[0], "embed->logits"]})}}  # fmt: skip
+        specsight.run(_spec(bad, two=False), model=lm)
+
+
+def test_per_token_circuits_are_written_and_read_back(tmp_path):
+    lm = tiny("tiny-llama")
+    metrics = {
+        "tok": {"kind": "edge_attribution", **_pair(positions="per_token", top=4)},
+        "faith": {"kind": "faithfulness", **_pair(circuit={"top": [10], "from": "tok"})},
+    }
+    out = specsight.run(_spec(metrics), model=lm, out=tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "circuits" / "faith.top10.json").read_text())
+    assert len(written["edges"]) == 10 and all("@" in e["edge"] for e in written["edges"])
+    spec = _spec({"again": {"kind": "faithfulness", **_pair(circuit={"file": "run/circuits/faith.top10.json"})}})  # fmt: skip
+    (tmp_path / "again.json").write_text(json.dumps(spec))
+    again = specsight.run(str(tmp_path / "again.json"), model=lm)
+    assert float(again.metrics["again"][0]) == pytest.approx(
+        float(out.metrics["faith"][0]), rel=1e-6
+    )
+    uneven = _spec({"tok": {"kind": "edge_attribution", **_pair(positions="per_token")}})
+    uneven["invokes"]["clean"]["prompt"][1] = "Then Tom and Anna went to the big park, Anna gave a ball to"  # fmt: skip
+    uneven["invokes"]["corrupt"]["prompt"][1] = "Then Tom and Anna went to the big park, Tom gave a ball to"  # fmt: skip
+    with pytest.raises(SpecError, match="nodes per position need items of one length"):
+        specsight.run(uneven, model=lm)

@@ -59,13 +59,14 @@ def plain_prompts(ctx: Context, ref: str, path: SpecPath) -> list[list[int]]:
 
 def circuit_edges(
     ctx: Context, name: str, circuit: Any, graph: CircuitGraph, path: SpecPath
-) -> tuple[str | None, list[int], list[tuple[int, int]]]:
+) -> tuple[str | None, list[int], list[tuple[int, ...]]]:
     """(the edge_attribution metric ranked, the circuit sizes, the edges given)."""
+    lengths = {len(t) for t in ctx.tokens[ctx.spec.metrics[name].clean]}  # of its items
     if circuit.from_ is not None:
         return _ranked(ctx, name, circuit, graph, path), circuit.sizes(), []
     if circuit.edges is not None:
-        return None, [], _parsed(ctx, graph, circuit.edges, path + ("edges",))
-    return None, [], _from_file(ctx, circuit.file, graph, path + ("file",))
+        return None, [], _parsed(ctx, graph, circuit.edges, path + ("edges",), lengths)
+    return None, [], _from_file(ctx, circuit.file, graph, path + ("file",), lengths)
 
 
 def _ranked(ctx: Context, name: str, circuit: Any, graph: CircuitGraph, path: SpecPath) -> str:
@@ -89,21 +90,28 @@ def _ranked(ctx: Context, name: str, circuit: Any, graph: CircuitGraph, path: Sp
         )
         raise ctx.fail("circuit-source", f"{why}; a circuit ranks the edges of an "
                        "edge_attribution metric listed before it", path + ("from",), hint)  # fmt: skip
-    too_big = [k for k in circuit.sizes() if k > graph.n_edges]
+    n_edges = graph.n_edges
+    if getattr(ctx.spec.metrics[source], "positions", "summed") == "per_token":
+        n_edges *= len(ctx.tokens[ctx.spec.metrics[source].clean][0])
+    too_big = [k for k in circuit.sizes() if k > n_edges]
     if too_big:
         raise ctx.fail(
             "circuit-size",
-            f"a circuit of {too_big[0]} edges, but the model's graph has {graph.n_edges}",
+            f"a circuit of {too_big[0]} edges, but the model's graph has {n_edges}",
             path + ("top",),
-            f"use at most {graph.n_edges}",
+            f"use at most {n_edges}",
         )
     return source
 
 
-def _parsed(ctx: Context, graph: CircuitGraph, names: list[Any], path: SpecPath) -> list[tuple[int, int]]:  # fmt: skip
-    edges: list[tuple[int, int]] = []
+def _parsed(ctx: Context, graph: CircuitGraph, names: list[Any], path: SpecPath, lengths: set[int]) -> list[tuple[int, ...]]:  # fmt: skip
+    """Edges 'UP->DOWN', or 'UP->DOWN@POS' per position (all one way or the other; POS a
+    position of every item: ``lengths``, the items' token counts)."""
+    edges: list[tuple[int, ...]] = []
     for i, edge in enumerate(names):
-        found = graph.parse_edge(edge) if isinstance(edge, str) else "an edge is a string"
+        found = _parse_one(graph, edge, lengths)
+        if not isinstance(found, str) and edges and len(found) != len(edges[0]):
+            found = "edges are all per position ('...@POS') or none are"
         if isinstance(found, str):
             raise ctx.fail("bad-edge", f"edge '{edge}': {found}", path + (i,),
                            "write edges as 'head.3.1->head.5.0.q', 'mlp.2->logits', 'embed->mlp.0'")  # fmt: skip
@@ -113,7 +121,21 @@ def _parsed(ctx: Context, graph: CircuitGraph, names: list[Any], path: SpecPath)
     return edges
 
 
-def _from_file(ctx: Context, file: str, graph: CircuitGraph, path: SpecPath) -> list[tuple[int, int]]:  # fmt: skip
+def _parse_one(graph: CircuitGraph, edge: Any, lengths: set[int]) -> tuple[int, ...] | str:
+    if not isinstance(edge, str):
+        return "an edge is a string"
+    name, at, pos = edge.partition("@")
+    found = graph.parse_edge(name)
+    if isinstance(found, str) or not at:
+        return found
+    if not pos.isdigit():
+        return "a position after '@' is a number, e.g. 'head.3.1->logits@13'"
+    if lengths and (len(lengths) > 1 or int(pos) >= min(lengths)):
+        return f"position {pos} is not a position every item has ({min(lengths)} tokens)"
+    return (*found, int(pos))
+
+
+def _from_file(ctx: Context, file: str, graph: CircuitGraph, path: SpecPath, lengths: set[int]) -> list[tuple[int, ...]]:  # fmt: skip
     full = existing_file(ctx, file, path, "circuit")
     try:
         with open(full, "rb") as handle:
@@ -140,7 +162,7 @@ def _from_file(ctx: Context, file: str, graph: CircuitGraph, path: SpecPath) -> 
             path,
             "find the circuit again on this model (an edge_attribution metric and run --out)",
         )
-    return _parsed(ctx, graph, [e.get("edge") for e in edges], path)
+    return _parsed(ctx, graph, [e.get("edge") for e in edges], path, lengths)
 
 
 def _shape(model: Any) -> str:

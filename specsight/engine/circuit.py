@@ -203,9 +203,11 @@ class GraphForward:
         so far has an edge into D, so it is the sum over all of them (kept running) minus the
         sum over the circuit's edges into D, whichever side has fewer nodes is summed."""
         diff = self.upstream()  # A_U - u_U while ablating
-        ablated = self.ablate[1][: self._made, list(receivers)].to(diff.device)  # type: ignore[index]
+        ablated = self.ablate[1][..., : self._made, list(receivers)].to(diff.device)  # type: ignore[index]
         if not bool(ablated.any()):
             return None
+        if ablated.dim() == 3:  # per position: [pos, made, receivers]
+            return torch.einsum("bpud,pur->bprd", diff, ablated.to(diff.dtype))
         kept = ~ablated
         by_ablated = ablated.any(1).nonzero()[:, 0]
         by_kept = kept.any(1).nonzero()[:, 0]

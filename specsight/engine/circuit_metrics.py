@@ -30,13 +30,20 @@ def _items(record: Any) -> Items:
 def circuit_scores(model: torch.nn.Module, record: Any, checkpoint: Callable[[], None] | None) -> torch.Tensor:  # fmt: skip
     """An edge_attribution metric's ``[upstream, downstream]`` scores."""
     return edge_scores(
-        model, record.graph, _items(record), steps=record.steps, batch=BATCH, checkpoint=checkpoint
+        model,
+        record.graph,
+        _items(record),
+        steps=record.steps,
+        batch=BATCH,
+        per_token=record.per_token,
+        checkpoint=checkpoint,
     )
 
 
 def top_edges(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` edges of largest absolute score, as a bool ``[n_up, n_down]`` (ties: the
-    first in upstream-major order)."""
+    """The ``k`` edges of largest absolute score, as a bool mask shaped like ``scores``
+    (``[n_up, n_down]``, or per position ``[pos, n_up, n_down]``; ties: the first in
+    row-major order)."""
     flat = torch.nan_to_num(scores.abs().flatten(), nan=-1.0)
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -48,9 +55,11 @@ def _circuits(record: Any, scores: torch.Tensor | None) -> list[torch.Tensor]:
     graph = record.graph
     if scores is not None:
         return [top_edges(scores.float(), k) for k in record.sizes]
-    chosen = torch.zeros((graph.n_up, graph.n_down), dtype=torch.bool)
-    for up, down in record.edges:
-        chosen[up, down] = True
+    per_token = bool(record.edges) and len(record.edges[0]) == 3
+    shape = (len(record.clean_tokens[0]),) if per_token else ()
+    chosen = torch.zeros((*shape, graph.n_up, graph.n_down), dtype=torch.bool)
+    for edge in record.edges:
+        chosen[(edge[2], *edge[:2]) if per_token else edge] = True
     return [chosen & edge_mask(graph)]
 
 

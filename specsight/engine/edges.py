@@ -88,12 +88,14 @@ def edge_scores(
     *,
     steps: int,
     batch: int,
+    per_token: bool = False,
     checkpoint: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """``[n_up, n_down]`` mean edge scores over the items (NaN where no edge joins the nodes);
-    ``steps``: 1 for EAP, more for EAP-IG."""
+    ``steps``: 1 for EAP, more for EAP-IG; ``per_token``: ``[pos, n_up, n_down]`` (items of
+    one length)."""
     device = model_device(model)
-    total = torch.zeros((graph.n_up, graph.n_down), dtype=torch.float64)
+    total: torch.Tensor | None = None
     with GraphForward(model, graph) as run:
         for rows in items.batches(batch):
             if checkpoint is not None:
@@ -122,7 +124,11 @@ def edge_scores(
             # padded positions have zero differences)
             flat_diff = diff.reshape(-1, graph.n_up, diff.shape[-1])
             flat_grad = grads.reshape(-1, graph.n_down, grads.shape[-1])
-            total += torch.bmm(flat_diff, flat_grad.transpose(1, 2)).sum(0).double().cpu()
+            products = torch.bmm(flat_diff, flat_grad.transpose(1, 2))
+            products = products.reshape(len(rows), -1, graph.n_up, graph.n_down)
+            summed = (products.sum(0) if per_token else products.sum((0, 1))).double().cpu()
+            total = summed if total is None else total + summed
+    assert total is not None
     scores = (total / len(items.clean)).float()
     return scores.masked_fill(~edge_mask(graph), float("nan"))
 

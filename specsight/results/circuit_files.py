@@ -17,13 +17,17 @@ __all__ = ["write_circuits", "ranked_edges"]
 FORMAT = 1
 
 
-def ranked_edges(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """The ``k`` edges of largest absolute score (ties: the first in upstream-major order),
-    as the engine picks a circuit."""
+def ranked_edges(scores: torch.Tensor, k: int) -> list[tuple[int, int, int | None]]:
+    """The ``k`` edges of largest absolute score (ties: the first in row-major order), as the
+    engine picks a circuit: (upstream, downstream, position or None)."""
     flat = torch.nan_to_num(scores.float().abs().flatten(), nan=-1.0)
     order = torch.sort(flat, descending=True, stable=True).indices[:k].tolist()
-    width = scores.shape[1]
-    return [divmod(index, width) for index in order]
+    n_up, n_down = scores.shape[-2:]
+    out = []
+    for index in order:
+        pos, rest = divmod(index, n_up * n_down)
+        out.append((*divmod(rest, n_down), pos if scores.dim() == 3 else None))
+    return out
 
 
 def _document(results: Any, source: str, k: int, written_by: str) -> dict[str, Any]:
@@ -32,7 +36,7 @@ def _document(results: Any, source: str, k: int, written_by: str) -> dict[str, A
     scores = results.metrics[source]
     ups, downs = entry["axis_values"]["upstream"], entry["axis_values"]["downstream"]
     edges = ranked_edges(scores, k)
-    nodes = sorted({ups[u] for u, _ in edges} | {downs[d] for _, d in edges})
+    nodes = sorted({ups[u] for u, _, _ in edges} | {downs[d] for _, d, _ in edges})
     model = manifest.get("model", {})
     return {
         "specsight_circuit": FORMAT,
@@ -45,10 +49,15 @@ def _document(results: Any, source: str, k: int, written_by: str) -> dict[str, A
         "ranked_by": source,
         "spec_sha256": results.spec_sha256,
         "nodes": nodes,
-        "edges": [
-            {"edge": f"{ups[u]}->{downs[d]}", "score": float(scores[u, d])} for u, d in edges
-        ],
+        "edges": [_edge((ups, downs), edge, scores) for edge in edges],
     }
+
+
+def _edge(names: tuple[list[str], list[str]], edge: tuple[int, int, int | None], scores: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    up, down, pos = edge
+    at = "" if pos is None else f"@{pos}"
+    score = scores[up, down] if pos is None else scores[pos, up, down]
+    return {"edge": f"{names[0][up]}->{names[1][down]}{at}", "score": float(score)}
 
 
 def write_circuits(results: Any, folder: Path) -> list[Path]:

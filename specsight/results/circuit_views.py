@@ -32,12 +32,13 @@ def print_edges(console: Console, name: str, tensor: Any, meta: dict[str, Any]) 
         f"  [magenta]{escape(name)}[/magenta] ({real} edges, mean over items); strongest by "
         "|score|:"
     )
-    width = tensor.shape[1]
+    n_up, n_down = tensor.shape[-2:]
     for index in order:
-        up, down = divmod(index, width)
-        console.print(
-            f"    {_fmt(float(flat[index])):>10}  {ups[up]} -> {downs[down]}", markup=False
-        )
+        pos, rest = divmod(index, n_up * n_down)
+        up, down = divmod(rest, n_down)
+        at = f" @ pos {pos}" if tensor.dim() == 3 else ""
+        line = f"    {_fmt(float(flat[index])):>10}  {ups[up]} -> {downs[down]}{at}"
+        console.print(line, markup=False)
 
 
 def print_faithfulness(

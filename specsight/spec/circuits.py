@@ -45,6 +45,11 @@ class EdgeAttributionMetric(_CircuitMetric):
     kind: Literal["edge_attribution"]
     fixed_axes: ClassVar[tuple[str, ...] | None] = ("upstream", "downstream")
     method: Literal["eap", "eap_ig"] = Field("eap", description="eap, or eap_ig (integrated)")
+    positions: Literal["summed", "per_token"] = Field(
+        "summed",
+        description="per_token: a node per position too (items of one length, e.g. one "
+        "template); the result is [pos, upstream, downstream]",
+    )
     steps: int = Field(5, ge=1, le=100, description="eap_ig: interpolation steps")
     top: int = Field(20, ge=1, le=1000, description="edges the summary lists")
 
@@ -55,7 +60,7 @@ class EdgeAttributionMetric(_CircuitMetric):
         return self
 
     def value_axes(self) -> tuple[str, ...]:
-        return ("upstream", "downstream")
+        return (("pos",) if self.positions == "per_token" else ()) + ("upstream", "downstream")
 
     def suffix_size(self, info: Any, sites: int) -> int:
         per_layer_down = info.n_heads + 2 * info.n_kv_heads + 1

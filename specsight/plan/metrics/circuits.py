@@ -74,12 +74,18 @@ class EdgeAttribution(_Items):
     steps: int
     method: str
     top: int
+    #: a node per position too: scores [pos, upstream, downstream] (items of one length)
+    per_token: bool = False
 
     @classmethod
     def compile(cls, env: CompileEnv, name: str, metric: Any) -> EdgeAttribution:
         fields = cls.parts(env, name, metric)
         steps = metric.steps if metric.method == "eap_ig" else 1
-        record = cls(**fields, steps=steps, method=metric.method, top=metric.top)
+        per_token = metric.positions == "per_token"
+        if per_token:
+            _one_length(env, ("metrics", name, "positions"), fields["clean_tokens"])
+        record = cls(**fields, steps=steps, method=metric.method, top=metric.top,
+                     per_token=per_token)  # fmt: skip
         return replace(record, axes=(), shape=())
 
     def finish(self, after: Any) -> dict[str, Any]:
@@ -88,12 +94,15 @@ class EdgeAttribution(_Items):
     def manifest_extra(self) -> dict[str, Any]:
         g = self.graph
         shape = {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv_heads": g.n_kv}
-        return {"graph": shape, "top": self.top, "method": self.method, "steps": self.steps}
+        return {"graph": shape, "top": self.top, "method": self.method, "steps": self.steps,
+                "per_token": self.per_token}  # fmt: skip
 
     def suffix(self) -> tuple[str, ...]:
-        return ("upstream", "downstream")
+        return (("pos",) if self.per_token else ()) + ("upstream", "downstream")
 
     def suffix_values(self, axis: str) -> list[Any] | None:
+        if axis == "pos":
+            return list(range(len(self.clean_tokens[0])))
         if axis == "upstream":
             return self.graph.up_names()
         return self.graph.down_names() if axis == "downstream" else None
@@ -121,9 +130,10 @@ class Faithfulness(_Items):
     )
     ablation: str
     #: the circuits: the top ``sizes`` edges of metric ``source``, or the ``edges`` given
+    #: as (upstream, downstream) or, per position, (upstream, downstream, position)
     source: ResultRef | None
     sizes: tuple[int, ...]
-    edges: tuple[tuple[int, int], ...]
+    edges: tuple[tuple[int, ...], ...]
     level: float
     n_boot: int
     seed: int
@@ -223,6 +233,19 @@ def graph_of(env: CompileEnv, path: tuple[Any, ...]) -> CircuitGraph:
         d_head=info.d_head,
         modules=modules,
     )
+
+
+def _one_length(env: CompileEnv, path: tuple[Any, ...], prompts: tuple[tuple[int, ...], ...]) -> None:  # fmt: skip
+    lengths = sorted({len(p) for p in prompts})
+    if len(lengths) > 1:
+        first = next(i for i, p in enumerate(prompts) if len(p) != len(prompts[0]))
+        raise env.fail(
+            "per-token-lengths",
+            f"nodes per position need items of one length: item 0 has {len(prompts[0])} "
+            f"tokens, item {first} {len(prompts[first])}",
+            path,
+            "use items of one template (the same tokens but for the names), or positions: summed",
+        )
 
 
 def _same_lengths(env: CompileEnv, path: tuple[Any, ...], metric: Any, clean: list, corrupt: list) -> None:  # fmt: skip
