@@ -152,6 +152,7 @@ def test_circuit_files_round_trip_and_refuse_another_model(tmp_path):
     }
     out = specsight.run(_spec(metrics), model=lm)
     out.save(tmp_path / "run")
+    assert (tmp_path / "run" / "circuits").stat().st_mode & 0o777 == 0o755
     written = json.loads((tmp_path / "run" / "circuits" / "faith.top12.json").read_text())
     assert written["specsight_circuit"] == 1 and len(written["edges"]) == 12
     assert written["spec_sha256"] == out.spec_sha256

@@ -74,6 +74,18 @@ def _existing_parent(folder: Path) -> Path:
     return parent
 
 
+def _readable(path: Path) -> None:
+    """Files readable by everyone (0644), folders (a run's ``circuits/``) listable (0755),
+    each synced to disk."""
+    if path.is_dir():
+        for inner in path.iterdir():
+            _readable(inner)
+        path.chmod(0o755)
+    else:
+        path.chmod(0o644)
+    _fsync(path)
+
+
 def _fsync(path: Path) -> None:
     """Flush ``path`` (a file, or a folder's entries) to disk; a file system that cannot fsync
     a folder is left as it is."""
@@ -141,8 +153,7 @@ def write_folder(
     try:
         write(tmp)
         for path in tmp.iterdir():
-            path.chmod(0o644)
-            _fsync(path)
+            _readable(path)
         tmp.chmod(0o755)  # mkdtemp makes it private
         _fsync(tmp)
         if folder.exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .base import SITE_SYNTAX, Number, Placeholder, Positions, StrictModel
 
@@ -276,9 +277,8 @@ class PathPatchOp(SiteOp):
     model_config = _FROM_CONFIG
 
     op: Literal["path_patch"]
-    site: Literal["receivers"] = Field(
-        "receivers", description="path_patch acts on its receivers' inputs: leave this out"
-    )
+    #: not written: path_patch names graph nodes, not a site (hidden from the schema)
+    site: SkipJsonSchema[Literal["receivers"]] = "receivers"
     senders: Annotated[list[str], Field(min_length=1)] = Field(
         description="upstream nodes: 'embed', 'head.L.H', 'mlp.L' (templates such as "
         "'head.{layer}.{head}' take a sweep's values)"
