@@ -331,3 +331,14 @@ def test_per_token_circuits_are_written_and_read_back(tmp_path):
     uneven["invokes"]["corrupt"]["prompt"][1] = "Then Tom and Anna went to the big park, Tom gave a ball to"  # fmt: skip
     with pytest.raises(SpecError, match="nodes per position need items of one length"):
         specsight.run(uneven, model=lm)
+
+
+def test_the_report_draws_the_strongest_edges_as_a_graph(tmp_path):
+    lm = tiny("tiny-llama")
+    out = specsight.run(_spec({"eap": {"kind": "edge_attribution", **_pair()}}), model=lm, out=tmp_path / "run")  # fmt: skip
+    page = (tmp_path / "run" / "report.html").read_text()
+    scores = _scores(out)
+    strongest = max(scores, key=lambda e: abs(scores[e]))
+    up, down = strongest.split("->")
+    assert '<figure class="edge-graph">' in page
+    assert f"{up} -&gt; {down}: {scores[strongest]:+.4g}" in page

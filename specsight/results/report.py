@@ -1,7 +1,7 @@
 """One self-contained HTML page per run (``report.html``): the spec with its source lines, model
 and manifest facts, each metric as an interactive SVG heatmap (two axes) or line plot (one axis)
-whose tooltip gives every axis label and the exact value, the expectations' verdicts, next
-tokens and generated text.
+whose tooltip gives every axis label and the exact value (an edge attribution also as a graph),
+the expectations' verdicts, next tokens and generated text.
 
 The page opens offline: its script and style (``report_assets/``) are inlined, the tensors are
 embedded as JSON, and a content security policy forbids fetching anything. Every text from the
@@ -22,6 +22,7 @@ import yaml
 
 from ..errors import SpecsightError
 from ..spec import load_text
+from .circuit_graph import edge_graph_svg
 from .labels import axis_labels
 from .summary import RunView, _over, _strongest
 
@@ -32,9 +33,7 @@ REPORT_FILE = "report.html"
 #: cells of one metric embedded in the page at most (a larger tensor shows one slice)
 _MAX_CELLS = 50_000
 #: prompts (next tokens, generated text) shown per invoke, spec lines and dataset rows shown
-_MAX_PROMPTS = 16
-_MAX_SPEC_LINES = 4000
-_MAX_ROWS = 20
+_MAX_PROMPTS, _MAX_SPEC_LINES, _MAX_ROWS = 16, 4000, 20
 _POLICY = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
 
@@ -346,11 +345,12 @@ def _metrics(results: RunView, where: Any) -> tuple[list[dict[str, Any]], str]:
                 f'<div class="note">{_e(lines[0].strip())}</div><ul class="strongest">{items}</ul>'
             )
         link = _line_link(where(("metrics", name), key=True))
+        graph = edge_graph_svg(tensor, meta) if meta.get("view") == "edges" else ""
         parts.append(
             f'<div class="metric" id="metric-{index}"><h3>{_e(name)} '
             f'<span class="where">{_e(about)}</span>{link}</h3>'
             + (f'<p class="note">{_e(note)}</p>' if note else "")
-            + f'<div class="slices"></div><div class="plot"></div>{strongest}</div>'
+            + f'<div class="slices"></div><div class="plot"></div>{strongest}{graph}</div>'
         )
     return entries, "".join(parts)
 
