@@ -12,7 +12,8 @@ zero leaf to every downstream input, whose gradient is d metric / d in_D.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,24 +22,43 @@ import torch
 from ..plan.graph import CircuitGraph
 from .hooks import HookScope
 
-__all__ = ["GraphForward", "output_weights", "projection_weights"]
+__all__ = ["GraphForward", "loaded", "output_weights", "projection_weights"]
+
+
+@contextlib.contextmanager
+def loaded(module: torch.nn.Module) -> Iterator[None]:
+    """The module's weights in memory while inside (a layer offloaded by a ``device_map``
+    keeps them on the meta device until it runs; read them here, and copy what outlives it)."""
+    if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield
+    else:
+        yield
 
 
 def projection_weights(module: torch.nn.Module, first: int, n: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """A projection's weights for ``n`` heads from column ``first`` of its output, as
     ``[n, d_head, d_in]`` (and the bias ``[n, d_head]``): nn.Linear or GPT-2's Conv1D."""
+    with loaded(module):
+        return _projection_weights(module, first, n, d_head)
+
+
+def _projection_weights(module: torch.nn.Module, first: int, n: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     cols = slice(first, first + n * d_head)
     weight = module.weight
     # nn.Linear: weight [d_out, d_in]; Conv1D: [d_in, d_out]
     w = weight[cols] if isinstance(module, torch.nn.Linear) else weight[:, cols].T
     bias = getattr(module, "bias", None)
-    b = None if bias is None else bias[cols].reshape(n, d_head)
-    return w.reshape(n, d_head, -1), b
+    b = None if bias is None else bias[cols].reshape(n, d_head).clone()
+    return w.reshape(n, d_head, -1).clone(), b
 
 
 def output_weights(module: torch.nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
     """The output projection as ``[n_heads, d_head, d_out]``."""
-    weight = module.weight
+    with loaded(module):
+        weight = module.weight.clone()
     w = weight.T if isinstance(module, torch.nn.Linear) else weight
     return w.reshape(n_heads, d_head, -1)
 
@@ -130,7 +150,7 @@ class GraphForward:
                 own = grad[..., first : first + n * self.graph.d_head].float()
                 cot = torch.einsum("bpnk,nkd->bpnd", own.reshape(*own.shape[:2], n, -1), w.float())  # fmt: skip
             x = group.x.detach().float().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), loaded(group.norm):
                 normed = group.norm.forward(x)
             batched = cot.permute(2, 0, 1, 3).to(normed.dtype)
             back = torch.autograd.grad(normed, x, batched, is_grads_batched=True)[0]
@@ -148,8 +168,7 @@ class GraphForward:
                 module = hooks.module(module_name)
                 fn = self._projection(layer, group, ln1, module, first, n)
                 hooks.add(module_name, "output", fn)
-            w_o = output_weights(hooks.module(names.o_proj[layer]), g.n_heads, g.d_head)
-            hooks.add(names.o_proj[layer], "input", self._heads(w_o))
+            hooks.add(names.o_proj[layer], "input", self._heads(hooks.module(names.o_proj[layer])))
             hooks.add(names.ln2[layer], "input", self._norm_input(g.down_range(layer, "mlp")))
             hooks.add(names.ln2[layer], "output", self._norm_output(names.ln2[layer]))
             hooks.add(names.mlp[layer], "output", self._record_whole)
@@ -179,10 +198,11 @@ class GraphForward:
 
         return hook
 
-    def _heads(self, w_o: torch.Tensor) -> Any:
+    def _heads(self, o_proj: torch.nn.Module) -> Any:
         g = self.graph
 
         def hook(z: torch.Tensor) -> None:
+            w_o = output_weights(o_proj, g.n_heads, g.d_head)  # here: the layer may be offloaded
             b, p, _ = z.shape
             per_head = z.reshape(b, p, g.n_heads, g.d_head)
             self._keep(torch.einsum("bphk,hkd->bphd", per_head.detach() if self.grad else per_head, w_o.to(z.dtype)))  # fmt: skip
@@ -224,10 +244,10 @@ class GraphForward:
     def _projection(self, layer: int, group: str, ln1: Any, module: Any, first: int, n: int) -> Any:  # fmt: skip
         g = self.graph
         receivers = g.down_range(layer, group)
-        w, b = projection_weights(module, first, n, g.d_head)
 
         def hook(out: torch.Tensor) -> torch.Tensor | None:
             assert self._x is not None
+            w, b = projection_weights(module, first, n, g.d_head)
             if self.grad:
                 self._groups.append(_Group(out, ln1, self._x, (w, first, n)))
                 return None

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .circuit import output_weights, projection_weights
+from .circuit import loaded, output_weights, projection_weights
 
 __all__ = ["path_value"]
 
@@ -26,9 +26,12 @@ def path_value(op: Any, store: dict[str, torch.Tensor], modules: dict[str, torch
             change = own @ w_o[sender.head].float().to(own.device)
         value = value + change.to(value.device)
     norm = modules[op.norm]
-    weight = next(norm.parameters(), None)
-    # ``forward``, not the call: the op may be a hook of this very norm's output
-    normed = norm.forward(value.to(weight.device, weight.dtype) if weight is not None else value)
+    with loaded(norm):
+        weight = next(norm.parameters(), None)
+        if weight is not None:
+            value = value.to(weight.device, weight.dtype)
+        # ``forward``, not the call: the op may be a hook of this very norm's output
+        normed = norm.forward(value)
     if not op.project:
         return normed
     w, b = projection_weights(modules[op.module], op.first, 1, op.d_head)
