@@ -6,8 +6,10 @@ A downstream node D reads ``in_D + delta_D``, where ``in_D`` is the residual str
 in this forward and ``delta_D = sum over U of mask[U, D] * (A_U - u_U)``: ``u_U`` is upstream
 U's output in this forward, ``A_U`` its replacement along the edge (an edge ablation: another
 run's output, or a mean). A head's q, k or v input is edited alone: the hook of its projection
-recomputes that head's columns from its own normed input. With ``grad`` the forward adds a
-zero leaf to every downstream input, whose gradient is d metric / d in_D.
+recomputes that head's columns from its own normed input. With ``grad`` the forward edits
+nothing: it keeps each receiver's norm output (a head's: its projection's output) and the
+norm's input, and :meth:`GraphForward.input_grads` turns the gradients there into
+d metric / d in_D, one receiver at a time.
 """
 
 from __future__ import annotations
@@ -212,11 +214,10 @@ class GraphForward:
     def _record_whole(self, out: torch.Tensor) -> None:
         self._keep(out[:, :, None])
 
-    def _delta(self, x: torch.Tensor, receivers: Sequence[int]) -> torch.Tensor | None:
+    def _delta(self, receivers: Sequence[int]) -> torch.Tensor | None:
         """What to add to the inputs of ``receivers``: ``[B, P, len(receivers), d]``, or None
         when nothing changes them."""
-        delta = self._ablated(receivers) if self.ablate is not None else None
-        return delta
+        return self._ablated(receivers) if self.ablate is not None else None
 
     def _ablated(self, receivers: Sequence[int]) -> torch.Tensor | None:
         """``sum over ablated edges U->D of (A_U - u_U)`` for each receiver D. Every node made
@@ -251,7 +252,7 @@ class GraphForward:
             if self.grad:
                 self._groups.append(_Group(out, ln1, self._x, (w, first, n)))
                 return None
-            delta = self._delta(self._x, receivers)
+            delta = self._delta(receivers)
             if delta is None:
                 return None
             normed = ln1(self._x[:, :, None] + delta.to(self._x.dtype))
@@ -269,7 +270,7 @@ class GraphForward:
             if self.grad:
                 self._x_norm = x
                 return None
-            delta = self._delta(x, receivers)
+            delta = self._delta(receivers)
             return None if delta is None else x + delta[:, :, 0].to(x.dtype)
 
         return hook
