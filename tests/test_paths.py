@@ -87,8 +87,15 @@ def test_path_patching_one_edge_equals_ablating_that_edge():
 
 
 @pytest.mark.slow
-def test_path_patching_on_the_builtin_model(smollm):
-    senders, receivers = ["head.9.4", "head.10.7"], ["head.14.3.q", "head.23.1.v", "logits"]
+@pytest.mark.parametrize(
+    ("senders", "receivers"),
+    [
+        (["head.20.0"], ["head.23.3.q"]),
+        (["head.9.4", "head.10.7"], ["head.14.3.q", "head.23.1.v", "logits"]),
+    ],
+    ids=["one-to-one", "several"],
+)
+def test_path_patching_on_the_builtin_model(smollm, senders, receivers):
     out = specsight.run(_spec({"senders": senders, "receivers": receivers}), model=smollm)
     expected = _reference(smollm, CLEAN, CORRUPT, senders, receivers)
     assert float(out.metrics["ld"]) == pytest.approx(expected, abs=1e-4 * (1 + abs(expected)))
