@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, cpu_seconds, other_load, replace_section  # noqa: E402
 
 import specsight  # noqa: E402
+from specsight.engine.circuit_metrics import ranked  # noqa: E402
 from specsight.models.load import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,9 +232,8 @@ def _faithfulness(lm: Any, rows: list[dict[str, Any]], eap_out: Any) -> dict[str
     # the 200 strongest edges, as a faithfulness metric's {top: 200} picks them
     scores = eap_out.metrics["eap"]
     entry = eap_out.manifest["tensors"]["eap"]["axis_values"]
-    flat = torch.nan_to_num(scores.abs().flatten(), nan=-1.0)
-    order = torch.sort(flat, descending=True, stable=True).indices[:200].tolist()
     width = scores.shape[1]
+    order = ranked(scores, 200).tolist()
     circuit = [f"{entry['upstream'][i // width]}->{entry['downstream'][i % width]}" for i in order]  # fmt: skip
     faith = {"kind": "faithfulness", **PAIR, "circuit": {"edges": circuit}}
     t_ours, out = _timed(lambda: specsight.run(_spec(rows, {"f": faith}), model=lm))

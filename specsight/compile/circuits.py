@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .. import spec as S
 from ..errors import did_you_mean
 from ..plan.graph import CircuitGraph
-from ..spec import SaveOp
 from .context import Context, SpecPath
 from .inputs import existing_file
 
@@ -44,7 +44,7 @@ def plain_prompts(ctx: Context, ref: str, path: SpecPath) -> list[list[int]]:
         hint = did_you_mean(ref, ctx.spec.invokes) or "invokes: " + ", ".join(ctx.spec.invokes)
         raise ctx.fail("unknown-invoke", f"no invoke named '{ref}'", path, hint)
     invoke = ctx.spec.invokes[ref]
-    changes = [op.op for op in invoke.ops if not isinstance(op, SaveOp)]
+    changes = [op.op for op in invoke.ops if not isinstance(op, S.SaveOp)]
     if invoke.sweep or invoke.generate is not None or changes:
         raise ctx.fail(
             "circuit-invoke",
@@ -71,17 +71,18 @@ def circuit_edges(
 
 def _ranked(ctx: Context, name: str, circuit: Any, graph: CircuitGraph, path: SpecPath) -> str:
     source = circuit.from_
-    metrics = list(ctx.spec.metrics)
-    earlier = metrics[: metrics.index(name)]
-    ranked = [m for m in earlier if ctx.spec.metrics[m].kind == "edge_attribution"]
+    names = list(ctx.spec.metrics)
+    earlier = names[: names.index(name)]
+    metrics = ctx.spec.metrics
+    ranked = [m for m in earlier if isinstance(metrics[m], S.EdgeAttributionMetric)]
     if source not in ranked:
-        kind = ctx.spec.metrics[source].kind if source in ctx.spec.metrics else None
+        found = metrics.get(source)
         why = (
-            f"'{source}' is a {kind} metric"
-            if kind is not None and kind != "edge_attribution"
+            f"no metric named '{source}'"
+            if found is None
             else f"'{source}' comes after '{name}'"
-            if kind is not None
-            else f"no metric named '{source}'"
+            if isinstance(found, S.EdgeAttributionMetric)
+            else f"'{source}' is a {found.kind} metric"
         )
         hint = did_you_mean(source, ranked) or (
             "edge_attribution metrics above it: " + ", ".join(ranked)
@@ -91,8 +92,8 @@ def _ranked(ctx: Context, name: str, circuit: Any, graph: CircuitGraph, path: Sp
         raise ctx.fail("circuit-source", f"{why}; a circuit ranks the edges of an "
                        "edge_attribution metric listed before it", path + ("from",), hint)  # fmt: skip
     n_edges = graph.n_edges
-    if getattr(ctx.spec.metrics[source], "positions", "summed") == "per_token":
-        n_edges *= len(ctx.tokens[ctx.spec.metrics[source].clean][0])
+    if metrics[source].positions == "per_token":
+        n_edges *= len(ctx.tokens[metrics[source].clean][0])
     too_big = [k for k in circuit.sizes() if k > n_edges]
     if too_big:
         raise ctx.fail(

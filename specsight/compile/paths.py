@@ -57,14 +57,16 @@ def _site(ctx: Context, selector: str) -> Site:
     return resolve_site(selector, ctx.info, ctx.sae_sites)[0]
 
 
-def _output_site(ctx: Context, graph: CircuitGraph, up: int) -> tuple[Site, int]:
-    """Where a sender's output is captured, and its head (-1: not a head)."""
+def _sender_site(ctx: Context, graph: CircuitGraph, up: int) -> tuple[Site, int, str]:
+    """Where a sender's output is captured, its head (-1: not a head) and, for a head, the
+    output projection its z goes through."""
     layer, is_head = graph.up_layer(up)
     if layer < 0:
-        return _site(ctx, "resid_pre.0"), -1
+        return _site(ctx, "resid_pre.0"), -1, ""
     if is_head:
-        return _site(ctx, f"head_z.{layer}"), (up - 1) % (graph.n_heads + 1)
-    return _site(ctx, f"mlp_out.{layer}"), -1
+        head = (up - 1) % (graph.n_heads + 1)
+        return _site(ctx, f"head_z.{layer}"), head, graph.modules.o_proj[layer]
+    return _site(ctx, f"mlp_out.{layer}"), -1, ""
 
 
 def _receiver(ctx: Context, graph: CircuitGraph, down: int) -> tuple[Site, Site, dict[str, Any]]:
@@ -147,27 +149,33 @@ def compile_path_patch(
             )
     base = _checked_sources(ctx, invoke, op, path)
     origin = format_path(path)
+    # where each receiver is written and read, and its senders' outputs: the same in every row
+    reached = [
+        (
+            *_receiver(ctx, graph, down),
+            [_sender_site(ctx, graph, up) for up in senders if graph.is_edge(up, down)],
+        )  # fmt: skip
+        for down in receivers
+    ]
     for prompt, tokens in enumerate(ctx.tokens[invoke]):
         source = prompt if len(ctx.tokens[op.from_]) > 1 else 0
         if ctx.tokens[base][prompt] != tokens or len(ctx.tokens[op.from_][source]) != len(tokens):
             raise ctx.fail("path-tokens", f"prompt {prompt}: '{base}' must have the same tokens "
                            f"and '{op.from_}' as many", path + ("from",))  # fmt: skip
         positions = tuple(sorted(positions_of(tokens, prompt)))
-        for down in receivers:
-            written, unpatched, fields = _receiver(ctx, graph, down)
-            sent = []
-            for up in senders:
-                if graph.is_edge(up, down):
-                    site, head = _output_site(ctx, graph, up)
-                    sent.append(Sender(
-                        source=capture_key(ctx, op.from_, source, site, origin),
-                        base=capture_key(ctx, base, prompt, site, origin),
-                        head=head,
-                        o_proj=graph.modules.o_proj[graph.up_layer(up)[0]] if head >= 0 else "",
-                    ))  # fmt: skip
+        for written, unpatched, fields, sites in reached:
+            sent = tuple(
+                Sender(
+                    source=capture_key(ctx, op.from_, source, site, origin),
+                    base=capture_key(ctx, base, prompt, site, origin),
+                    head=head,
+                    o_proj=o_proj,
+                )
+                for site, head, o_proj in sites
+            )
             ctx.ops.append(PathPatch(
                 site=written.name, module=written.module, io=written.io, layer=written.layer,
                 row=RowRef(ctx.row_index[(invoke, cell, prompt)]), positions=positions,
                 origin=origin, base_input=capture_key(ctx, base, prompt, unpatched, origin),
-                senders=tuple(sent), n_heads=graph.n_heads, d_head=graph.d_head, **fields,
+                senders=sent, n_heads=graph.n_heads, d_head=graph.d_head, **fields,
             ))  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 
 from .edges import Items, ablated_metrics, edge_mask, edge_scores
 
-__all__ = ["circuit_scores", "circuit_faithfulness", "top_edges"]
+__all__ = ["circuit_scores", "circuit_faithfulness", "ranked", "top_edges"]
 
 #: items per forward of a circuit metric
 BATCH = 8
@@ -40,14 +40,18 @@ def circuit_scores(model: torch.nn.Module, record: Any, checkpoint: Callable[[],
     )
 
 
+def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The flat indices of the ``k`` edges of largest absolute score, strongest first (ties:
+    the first in row-major order; NaN, no edge, last): how a circuit is picked from scores
+    (``[n_up, n_down]``, or per position ``[pos, n_up, n_down]``)."""
+    flat = torch.nan_to_num(scores.float().abs().flatten(), nan=-1.0)
+    return torch.sort(flat, descending=True, stable=True).indices[:k]
+
+
 def top_edges(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` edges of largest absolute score, as a bool mask shaped like ``scores``
-    (``[n_up, n_down]``, or per position ``[pos, n_up, n_down]``; ties: the first in
-    row-major order)."""
-    flat = torch.nan_to_num(scores.abs().flatten(), nan=-1.0)
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[order] = True
+    """The :func:`ranked` edges as a bool mask shaped like ``scores``."""
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    chosen[ranked(scores, k)] = True
     return chosen.reshape(scores.shape)
 
 

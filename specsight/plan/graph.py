@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 __all__ = ["CircuitGraph", "GraphModules"]
 
@@ -66,10 +67,14 @@ class CircuitGraph:
         return layer, within < self.n_heads
 
     def up_names(self) -> list[str]:
+        return list(self._up_index)
+
+    @cached_property
+    def _up_index(self) -> dict[str, int]:
         names = ["embed"]
         for layer in range(self.n_layers):
             names += [f"head.{layer}.{h}" for h in range(self.n_heads)] + [f"mlp.{layer}"]
-        return names
+        return {name: i for i, name in enumerate(names)}
 
     # --- downstream nodes: per layer q heads, k heads, v heads, the MLP; then the logits
     @property
@@ -97,13 +102,17 @@ class CircuitGraph:
         return layer, within == self.per_layer_down - 1
 
     def down_names(self) -> list[str]:
+        return list(self._down_index)
+
+    @cached_property
+    def _down_index(self) -> dict[str, int]:
         names = []
         for layer in range(self.n_layers):
             names += [f"head.{layer}.{h}.q" for h in range(self.n_heads)]
             names += [f"head.{layer}.{g}.k" for g in range(self.n_kv)]
             names += [f"head.{layer}.{g}.v" for g in range(self.n_kv)]
             names.append(f"mlp.{layer}")
-        return [*names, "logits"]
+        return {name: i for i, name in enumerate([*names, "logits"])}
 
     # --- edges
     def is_edge(self, up: int, down: int) -> bool:
@@ -118,7 +127,7 @@ class CircuitGraph:
                 if self.is_edge(up, down):
                     yield up, down
 
-    @property
+    @cached_property
     def n_edges(self) -> int:
         return sum(1 for _ in self.edges())
 
@@ -130,12 +139,11 @@ class CircuitGraph:
         if name.count("->") != 1:
             return "an edge is written 'UPSTREAM->DOWNSTREAM', e.g. 'head.3.1->mlp.5'"
         up_name, down_name = (part.strip() for part in name.split("->"))
-        ups, downs = self.up_names(), self.down_names()
-        if up_name not in ups:
+        up, down = self._up_index.get(up_name), self._down_index.get(down_name)
+        if up is None:
             return f"'{up_name}' is not an upstream node (embed, head.L.H, mlp.L)"
-        if down_name not in downs:
+        if down is None:
             return f"'{down_name}' is not a downstream node (head.L.H.q|k|v, mlp.L, logits)"
-        up, down = ups.index(up_name), downs.index(down_name)
         if not self.is_edge(up, down):
             return f"'{up_name}' writes after '{down_name}' reads, so no edge joins them"
         return up, down

@@ -18,6 +18,7 @@ from ..errors import Issue, RunError, SpecError, format_path
 from ..models import ModelInfo
 from ..plan import Plan
 from ..plan.codec import to_data
+from ..plan.metrics import Faithfulness
 from ..plan.ops import AddVector, ProjectOut, SetVector
 from ..results import Results, check_out_dir
 from ..spec import (
@@ -87,7 +88,7 @@ def inline_file_vectors(spec: Spec, doc: LoadedDoc | None, plan: Plan) -> dict[s
 
 def _inline_circuit_files(spec: Spec, plan: Plan, data: dict[str, Any]) -> None:
     """A circuit read from a file, sent as the edges the local compile read from it."""
-    compiled = {str(m.name): m for m in plan.metrics if m.kind == "faithfulness"}
+    compiled = {str(m.name): m for m in plan.metrics if isinstance(m, Faithfulness)}
     for name, metric in spec.metrics.items():
         circuit = getattr(metric, "circuit", None)
         if circuit is None or circuit.file is None or name not in compiled:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..engine.circuit_metrics import ranked
+
 __all__ = ["write_circuits", "ranked_edges"]
 
 #: the ``specsight_circuit`` version written (``specsight.compile.circuits`` reads it)
@@ -18,13 +20,11 @@ FORMAT = 1
 
 
 def ranked_edges(scores: torch.Tensor, k: int) -> list[tuple[int, int, int | None]]:
-    """The ``k`` edges of largest absolute score (ties: the first in row-major order), as the
-    engine picks a circuit: (upstream, downstream, position or None)."""
-    flat = torch.nan_to_num(scores.float().abs().flatten(), nan=-1.0)
-    order = torch.sort(flat, descending=True, stable=True).indices[:k].tolist()
+    """The ``k`` edges a circuit of that size holds, strongest first: (upstream, downstream,
+    position or None)."""
     n_up, n_down = scores.shape[-2:]
     out = []
-    for index in order:
+    for index in ranked(scores, k).tolist():
         pos, rest = divmod(index, n_up * n_down)
         out.append((*divmod(rest, n_down), pos if scores.dim() == 3 else None))
     return out
@@ -61,21 +61,16 @@ def _edge(names: tuple[list[str], list[str]], edge: tuple[int, int, int | None],
 
 
 def write_circuits(results: Any, folder: Path) -> list[Path]:
-    """Write the circuit files of a run into ``folder/circuits`` (none: no circuit metric)."""
-    tensors = results.manifest.get("tensors", {})
-    wanted: list[tuple[str, str, int]] = []  # (file stem, source, k)
-    for name, entry in tensors.items():
+    """Write the circuit files a run's metrics ask for (their manifest entries'
+    ``circuit_files``) into ``folder/circuits``."""
+    written = []
+    for name, entry in results.manifest.get("tensors", {}).items():
         if "/" in name:  # a companion
             continue
-        if entry.get("metric_kind") == "edge_attribution":
-            wanted.append((name, name, int(entry["top"])))
-        elif entry.get("metric_kind") == "faithfulness" and entry.get("circuit_source"):
-            wanted += [(f"{name}.top{k}", entry["circuit_source"], k) for k in entry["circuit_sizes"]]  # fmt: skip
-    written = []
-    for stem, source, k in wanted:
-        target = folder / "circuits" / f"{stem.replace('/', '_')}.json"
-        target.parent.mkdir(exist_ok=True)
-        document = _document(results, source, k, stem.split(".top")[0])
-        target.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-        written.append(target)
+        for wanted in entry.get("circuit_files", []):
+            target = folder / "circuits" / f"{wanted['file']}.json"
+            target.parent.mkdir(exist_ok=True)
+            document = _document(results, wanted["ranked_by"], wanted["edges"], name)
+            target.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+            written.append(target)
     return written

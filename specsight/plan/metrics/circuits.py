@@ -94,8 +94,9 @@ class EdgeAttribution(_Items):
     def manifest_extra(self) -> dict[str, Any]:
         g = self.graph
         shape = {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv_heads": g.n_kv}
+        files = [{"file": str(self.name), "ranked_by": str(self.name), "edges": self.top}]
         return {"graph": shape, "top": self.top, "method": self.method, "steps": self.steps,
-                "per_token": self.per_token}  # fmt: skip
+                "per_token": self.per_token, "circuit_files": files}  # fmt: skip
 
     def suffix(self) -> tuple[str, ...]:
         return (("pos",) if self.per_token else ()) + ("upstream", "downstream")
@@ -156,12 +157,12 @@ class Faithfulness(_Items):
         return replace(record, axes=(), shape=())
 
     def manifest_extra(self) -> dict[str, Any]:
-        source = None if self.source is None else str(self.source)
-        return {
-            "circuit_source": source,
-            "circuit_sizes": list(self.sizes),
-            "ablation": self.ablation,
-        }
+        """The ablation, and a circuit file per size ranked from an edge attribution."""
+        files = [
+            {"file": f"{self.name}.top{k}", "ranked_by": str(self.source), "edges": k}
+            for k in (self.sizes if self.source is not None else ())
+        ]
+        return {"ablation": self.ablation, "circuit_files": files}
 
     def circuit_sizes(self) -> list[int]:
         return list(self.sizes) if self.source is not None else [len(self.edges)]
