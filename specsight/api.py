@@ -115,14 +115,21 @@ def load_model_for(spec: Spec, *, device: str | None = None) -> LoadedModel:
 def model_info_for(spec: Spec) -> tuple[ModelInfo, Tokenizer]:
     """ModelInfo and tokenizer of a spec's model without loading weights (see
     :func:`load_model_for` for errors)."""
-    from .models.load import load_ref_info
+    from .models.info_cache import cached_info, remember_info
 
     doc = doc_of(spec)
     _not_in_memory(spec)
+    remembered = cached_info(spec.model)  # torch-free: no torch import for a model read before
+    if remembered is not None:
+        return remembered
+    from .models.load import load_ref_info
+
     try:
-        return load_ref_info(spec.model, base_dir=doc.base_dir if doc else None)
+        info, tokenizer = load_ref_info(spec.model, base_dir=doc.base_dir if doc else None)
     except ModelNotFoundError as exc:
         raise _located(exc, spec) from None
+    remember_info(spec.model, info, tokenizer)
+    return info, tokenizer
 
 
 def validate(source: str | os.PathLike[str] | dict[str, Any] | Spec) -> str | None:
@@ -240,6 +247,7 @@ def run(
     timings = {"load_model_s": load_s, "compile_s": compile_s, **raw.timings}
     timings["total_s"] = time.perf_counter() - started
     results = results_from_raw(spec, doc, plan, model, raw, timings)
+    results.record_items(None if dataset is None else dataset.rows)
     if out is not None:
         results.save(out, force=force)
     return results

@@ -186,7 +186,7 @@ def test_run_with_out_and_load_round_trip(spec_file, tiny3, tmp_path):
         == {"clean": [CLEAN], "corrupt": [CORRUPT, "The Eiffel Tower is in"]}
     )
     assert loaded.axes("ld") == ["layer", "prompt"]
-    assert loaded.axes("corrupt/logits") == ["layer", "prompt", "position", "hidden"]
+    assert loaded.axes("corrupt/logits") == ["layer", "prompt", "pos", "hidden"]
     assert loaded["corrupt/logits"].shape == (4, 2, 1, tiny3.info.vocab_size)
     assert loaded.summary() == results.summary()
 

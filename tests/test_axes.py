@@ -17,8 +17,8 @@ def test_head_saves_name_positions_heads_and_head_dim():
     ops = [{"op": "save", "site": "head_z.1", "heads": [0, 2], "positions": [3, -1], "name": "z"}]
     results = _run(ops, expect=[{"saved": "z", "where": {"head": 2}, "greater_than": -1e9}])
     meta = results.manifest["tensors"]["z"]
-    assert meta["axes"] == ["position", "head", "head_dim"]
-    assert meta["axis_values"] == {"position": [3, 13], "head": [0, 2]}
+    assert meta["axes"] == ["pos", "head", "head_dim"]
+    assert meta["axis_values"] == {"pos": [3, 13], "head": [0, 2]}
     assert tuple(results["z"].shape) == (2, 2, 16)
     assert results.ok and "z[head=2]" in results.expectations[0].claim
 
@@ -26,7 +26,7 @@ def test_head_saves_name_positions_heads_and_head_dim():
 def test_kv_head_saves_count_key_value_heads():
     results = _run([{"op": "save", "site": "k.1", "name": "k"}])
     meta = results.manifest["tensors"]["k"]
-    assert meta["axes"] == ["position", "head", "head_dim"]
+    assert meta["axes"] == ["pos", "head", "head_dim"]
     assert meta["axis_values"]["head"] == [0, 1]  # tiny-llama: 2 key/value heads
     assert tuple(results["k"].shape) == (14, 2, 16)
 
@@ -52,14 +52,14 @@ def test_positions_that_differ_between_rows_are_not_listed():
     ops = [{"op": "save", "site": "resid_post.1", "positions": "all", "name": "r"}]
     results = _run(ops, prompt=[CLEAN, "Hello there"])
     meta = results.manifest["tensors"]["r"]
-    assert meta["axes"] == ["prompt", "position", "hidden"]
+    assert meta["axes"] == ["prompt", "pos", "hidden"]
     assert meta["axis_values"] == {"prompt": [0, 1]}
     ops = [{"op": "save", "site": "resid_post.1", "positions": [0, -1], "name": "r"}]
     meta = _run(ops, prompt=[CLEAN, "Hello there"]).manifest["tensors"]["r"]
-    assert "position" not in meta["axis_values"]  # -1 is 13 in one row, 1 in the other
+    assert "pos" not in meta["axis_values"]  # -1 is 13 in one row, 1 in the other
     ops = [{"op": "save", "site": "resid_post.1", "positions": [0], "name": "r"}]
     meta = _run(ops, prompt=[CLEAN, "Hello there"]).manifest["tensors"]["r"]
-    assert meta["axis_values"]["position"] == [0]
+    assert meta["axis_values"]["pos"] == [0]
 
 
 def test_generation_saves_have_a_step_axis():
@@ -71,5 +71,5 @@ def test_generation_saves_have_a_step_axis():
     }
     results = specsight.run(spec, model=tiny("tiny-llama"))
     meta = results.manifest["tensors"]["g"]
-    assert meta["axes"] == ["step", "position", "hidden"]
+    assert meta["axes"] == ["step", "pos", "hidden"]
     assert tuple(results["g"].shape) == (3, 1, 64)

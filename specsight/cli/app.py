@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,7 +22,32 @@ import click
 
 from ..errors import SpecError, SpecsightError, printable
 
-__all__ = ["main", "guard", "json_option", "strict_json", "verbosity_options", "check_verbosity"]
+__all__ = [
+    "main",
+    "guard",
+    "json_option",
+    "strict_json",
+    "terminal_console",
+    "verbosity_options",
+    "check_verbosity",
+]
+
+#: the width tables are laid out for off a terminal when COLUMNS does not say
+PLAIN_WIDTH = 120
+
+
+def terminal_console(*, stderr: bool = False) -> Any:
+    """A rich Console for the summary: on a terminal, its width (or ``COLUMNS``); off one (a
+    CI log, a pipe, a file) tables are laid out for ``COLUMNS`` (else 120) columns and lines
+    are never wrapped, so a claim's ``file:line:col`` stays on the line of its message."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(highlight=False, stderr=stderr)
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() and int(columns) >= 20 else PLAIN_WIDTH
+    return Console(highlight=False, stderr=stderr, width=width, soft_wrap=True, no_color=True)
 
 
 def strict_json(value: Any) -> Any:
@@ -98,7 +124,31 @@ def check_verbosity(quiet: bool, verbose: bool) -> None:
         raise click.UsageError("--quiet and --verbose contradict each other")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group; with ``--json`` anywhere on the line, a usage error (an unknown
+    option, a missing argument, a bad value) is printed as JSON on stdout too (exit 2)."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--json" not in argv or kwargs.get("standalone_mode") is False:
+            return super().main(argv, *rest, **kwargs)
+        try:
+            code = super().main(argv, *rest, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as exc:
+            hint = exc.ctx.command_path + " --help" if exc.ctx is not None else "specsight --help"
+            body = {"ok": False, "error": "UsageError", "message": exc.format_message()}
+            click.echo(json.dumps({**body, "hint": f"see {hint}"}, indent=2))
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(json.dumps({"ok": False, "error": type(exc).__name__, "message": exc.format_message()}, indent=2))  # fmt: skip
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo(json.dumps({"ok": False, "error": "Aborted", "message": "aborted"}))
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="specsight")
 def main() -> None:
     """Run declarative intervention experiments on PyTorch / Hugging Face models."""

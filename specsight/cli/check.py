@@ -14,7 +14,15 @@ from typing import Any
 import click
 
 from ..errors import SpecError, SpecsightError, printable
-from .app import check_verbosity, guard, json_option, main, strict_json, verbosity_options
+from .app import (
+    check_verbosity,
+    guard,
+    json_option,
+    main,
+    strict_json,
+    terminal_console,
+    verbosity_options,
+)
 
 __all__: list[str] = []
 
@@ -136,11 +144,10 @@ def _junit(items: list[_Checked], path: Path) -> None:
 
 
 def _report(items: list[_Checked], quiet: bool = False, verbose: bool = False) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False)
+    console = terminal_console()
     bad = [i for i in items if i.status != "ok" or (i.diff is not None and not i.diff.ok)]
     if quiet and not bad:
         return

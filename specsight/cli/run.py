@@ -13,7 +13,15 @@ from typing import Any
 import click
 
 from ..errors import SpecError, printable
-from .app import check_verbosity, guard, json_option, main, strict_json, verbosity_options
+from .app import (
+    check_verbosity,
+    guard,
+    json_option,
+    main,
+    strict_json,
+    terminal_console,
+    verbosity_options,
+)
 
 __all__ = ["progress_callback", "plain_progress"]
 
@@ -43,7 +51,8 @@ def plain_progress(interval: float = PLAIN_PROGRESS_S) -> Callable[[int, int], N
 
 
 def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None, Any]:
-    """A progress bar for runs of several forwards: rows done, rate, time left (stderr only)."""
+    """A progress bar for runs of several forwards: rows done, rate, time spent and time left,
+    counted from the first forward (model loading is not in the clock); stderr only."""
     if not enabled:
         return None, None
     from rich.console import Console
@@ -61,13 +70,14 @@ def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None,
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
+        TextColumn("elapsed"),
         TimeElapsedColumn(),
         TextColumn("left"),
         TimeRemainingColumn(),
         transient=True,
         console=Console(stderr=True),  # on stderr (the stream checked above), never stdout
     )
-    task = progress.add_task("rows", total=None, rate="")
+    task = progress.add_task("rows", total=None, rate="", start=False)
     first: list[
         tuple[float, int]
     ] = []  # (time, rows) at the first report: the rate excludes set-up
@@ -79,6 +89,7 @@ def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None,
         if not first:
             first.append((now, done))
             progress.start()
+            progress.start_task(task)
         start, base = first[0]
         rate = f"{(done - base) / (now - start):.1f} rows/s" if now > start and done > base else ""
         progress.update(task, completed=done, total=total, rate=rate)
@@ -88,11 +99,9 @@ def progress_callback(enabled: bool) -> tuple[Callable[[int, int], None] | None,
 
 def _print_run(results: Any, out: Path | None, verbose: bool) -> None:
     """The terminal summary, where the results went, and (``verbose``) plan size and timings."""
-    from rich.console import Console
-
     from ..results import print_summary
 
-    print_summary(results, Console(highlight=False))  # the terminal's width
+    print_summary(results, terminal_console())
     if verbose:
         plan = results.manifest.get("plan", {})
         timings = results.manifest.get("timings", {})
@@ -242,8 +251,11 @@ def run(
     if not quiet:
         _print_run(results, out, verbose)
     if not results.ok:
-        failed = sum(not o.ok for o in results.expectations)
-        click.echo(f"{failed} of {len(results.expectations)} expectation(s) failed", err=True)
+        failed = [o for o in results.expectations if not o.ok]
+        if quiet:  # the summary that lists them was not printed
+            for outcome in failed:
+                click.echo(printable(outcome.format()), err=True)
+        click.echo(f"{len(failed)} of {len(results.expectations)} expectation(s) failed", err=True)
         sys.exit(1)
 
 

@@ -188,11 +188,11 @@ def _value_layout(
     """The axes of a save's per-row value and the values along them that every row shares
     (positions differing between rows are left out)."""
     heads = window["heads"]
-    axes = ("position", "hidden")
+    axes = ("pos", "hidden")
     if site.io == "pattern":
         axes = ("query", "head", "key")
     elif heads is not None:
-        axes = ("position", "head", "head_dim")
+        axes = ("pos", "head", "head_dim")
     first = ctx.save_layout.get(save_name)
     values: dict[str, list[int]] = {axes[0]: list(positions)}
     if heads is not None:

@@ -365,9 +365,9 @@ class PlanSave:
     n_positions: tuple[int, ...]
     axes: tuple[str, ...] = ()
     shape: tuple[int, ...] = ()
-    #: the axes of each row's value after ``axes``: ("position", "hidden"); head sites
-    #: ("position", "head", "head_dim"); attention patterns ("query", "head", "key")
-    value_axes: tuple[str, ...] = ("position", "hidden")
+    #: the axes of each row's value after ``axes``: ("pos", "hidden"); head sites
+    #: ("pos", "head", "head_dim"); attention patterns ("query", "head", "key")
+    value_axes: tuple[str, ...] = ("pos", "hidden")
     #: the values along value axes that are the same in every row: the selected positions,
     #: the selected heads
     value_axis_values: dict[str, tuple[int, ...]] = field(default_factory=dict)

@@ -159,6 +159,7 @@ def run_remote(
         }
         if plan.dataset is not None:  # where the rows came from, not the inline copy sent
             results.manifest["dataset"] = to_data(plan.dataset)
+            results.record_items((data.get("dataset") or {}).get("rows"))
         if plan.expectations:  # judged here, so each verdict points into the local spec file
             results.judge(plan.expectations)
     finally:

@@ -1,5 +1,6 @@
-"""Results as data for analysis: a long-format pandas DataFrame per tensor, xarray objects
-with named, labelled dimensions, and per-layer saves stacked along a layer axis.
+"""Results as pandas data: one tidy frame of every metric (value, stderr, interval and effect
+side by side, a column per sweep axis, the dataset's columns joined on ``item``), or one
+tensor in long format; per-layer saves stacked along a layer axis; a dla split by component.
 
 Labels come from the manifest (axis values, position labels such as ``9: Mary``, token
 strings), so nobody rebuilds them from ``manifest["tensors"][name]["axis_values"]``. pandas and
@@ -16,13 +17,28 @@ import torch
 from ..errors import RunError, did_you_mean
 from .labels import axis_labels
 
-__all__ = ["split_parts", "stack_sites", "to_pandas", "to_xarray"]
+__all__ = [
+    "COMPANION_COLUMNS",
+    "companions",
+    "coordinate",
+    "dataset_items",
+    "import_optional",
+    "named_axes",
+    "primary_metrics",
+    "split_parts",
+    "stack_sites",
+    "to_pandas",
+]
+
+#: companions that sit beside a metric's value as columns, in this order (others follow)
+COMPANION_COLUMNS = ("stderr", "ci_low", "ci_high", "effect")
 
 
 class Results(Protocol):
     """What these functions read of a :class:`~specsight.results.Results`."""
 
     manifest: dict[str, Any]
+    metrics: dict[str, torch.Tensor]
     saves: dict[str, torch.Tensor]
 
     @property
@@ -31,7 +47,8 @@ class Results(Protocol):
     def __getitem__(self, name: str) -> torch.Tensor: ...
 
 
-def _import(module: str) -> Any:
+def import_optional(module: str) -> Any:
+    """``module`` imported, or a RunError that says how to install it."""
     try:
         return __import__(module)
     except ImportError:
@@ -41,7 +58,7 @@ def _import(module: str) -> Any:
         ) from None
 
 
-def _axes(results: Results, name: str) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
+def named_axes(results: Results, name: str) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
     """A tensor, one name per dimension (``dim<i>`` where the manifest names none), its meta."""
     tensor = results[name]
     meta = results.manifest.get("tensors", {}).get(name, {})
@@ -50,7 +67,7 @@ def _axes(results: Results, name: str) -> tuple[torch.Tensor, list[str], dict[st
     return tensor, axes, meta
 
 
-def _coordinate(meta: dict[str, Any], axis: str, size: int) -> tuple[list[Any], list[str] | None]:
+def coordinate(meta: dict[str, Any], axis: str, size: int) -> tuple[list[Any], list[str] | None]:
     """An axis's values (its indices where the manifest has none) and labels (None: none
     beyond the values)."""
     values = list(meta.get("axis_values", {}).get(axis) or [])
@@ -62,57 +79,115 @@ def _coordinate(meta: dict[str, Any], axis: str, size: int) -> tuple[list[Any], 
     return values, (labels if len(labels) == size else None)
 
 
-def to_pandas(results: Results, name: str) -> Any:
-    """One row per cell: a column per axis (its values), ``<axis>_label`` where the axis has
-    labels, and ``value``."""
-    pandas = _import("pandas")
-    tensor, axes, meta = _axes(results, name)
+def primary_metrics(results: Results) -> list[str]:
+    """The metrics a spec named (not the companions stored beside them), in result order."""
+    tensors = results.manifest.get("tensors", {})
+    return [n for n in results.metrics if not tensors.get(n, {}).get("companion_of")]
+
+
+def companions(results: Results, name: str) -> dict[str, torch.Tensor]:
+    """The companions of metric ``name`` by their short name (``stderr``, ``items``, ...);
+    a companion's own companions (``total/items``) are left out."""
+    tensors = results.manifest.get("tensors", {})
+    prefix = name + "/"
+    return {
+        key.removeprefix(prefix): value
+        for key, value in results.metrics.items()
+        if tensors.get(key, {}).get("companion_of") == name
+        and key.startswith(prefix)
+        and "/" not in key.removeprefix(prefix)
+    }
+
+
+def dataset_items(results: Results) -> list[dict[str, Any]] | None:
+    """The dataset rows the run used, item by item (None: no dataset, or a manifest written
+    before the rows were recorded)."""
+    items = (results.manifest.get("dataset") or {}).get("items")
+    return items if isinstance(items, list) else None
+
+
+def _cells(tensor: torch.Tensor, axes: list[str], meta: dict[str, Any]) -> dict[str, list[Any]]:
+    """A column per axis (its values) and ``<axis>_label`` where labelled, one entry per cell
+    in row-major order."""
     if tensor.dim() == 0:
-        return pandas.DataFrame({"value": [float(tensor)]})
+        return {}
     grids = torch.meshgrid(*[torch.arange(n) for n in tensor.shape], indexing="ij")
     columns: dict[str, list[Any]] = {}
     for axis, grid, size in zip(axes, grids, tensor.shape):
         index = grid.reshape(-1).tolist()
-        values, labels = _coordinate(meta, axis, size)
+        values, labels = coordinate(meta, axis, size)
         columns[axis] = [values[i] for i in index]
         if labels is not None:
             columns[f"{axis}_label"] = [labels[i] for i in index]
-    columns["value"] = tensor.detach().float().reshape(-1).tolist()
-    return pandas.DataFrame(columns)
+    return columns
 
 
-def _data_array(results: Results, name: str, rename: dict[str, str] | None = None) -> Any:
-    xarray = _import("xarray")
-    tensor, axes, meta = _axes(results, name)
-    dims = [rename.get(a, a) if rename else a for a in axes]
-    coords: dict[str, Any] = {}
-    for axis, dim, size in zip(axes, dims, tensor.shape):
-        values, labels = _coordinate(meta, axis, size)
-        coords[dim] = values
-        if labels is not None:
-            coords[f"{dim}_label"] = (dim, labels)
-    array = tensor.detach().cpu()
-    data = array.float().numpy() if array.dtype == torch.bfloat16 else array.numpy()
-    return xarray.DataArray(data, dims=dims, coords=coords, name=name)
+def _flat(tensor: torch.Tensor) -> list[Any]:
+    if tensor.dtype.is_floating_point:
+        return tensor.detach().double().reshape(-1).tolist()
+    return tensor.detach().reshape(-1).tolist()
 
 
-def to_xarray(results: Results, name: str | None = None) -> Any:
-    """One tensor as a DataArray, or every tensor as a Dataset. In a Dataset, an axis whose
-    coordinates differ between tensors (``pos`` of two invokes) becomes ``<axis>@<tensor>``."""
+def _join_items(frame: Any, items: list[dict[str, Any]] | None) -> Any:
+    """The dataset's columns joined on ``item`` (a column that would shadow one of the frame's
+    is named ``item.<column>``)."""
+    if items is None or "item" not in frame.columns:
+        return frame
+    pandas = import_optional("pandas")
+    table = pandas.DataFrame(items)
+    table.columns = [f"item.{c}" if c in frame.columns else c for c in table.columns]
+    table.insert(0, "item", range(len(items)))
+    return frame.merge(table, on="item", how="left")
+
+
+def _tensor_frame(results: Results, name: str) -> Any:
+    pandas = import_optional("pandas")
+    tensor, axes, meta = named_axes(results, name)
+    columns = _cells(tensor, axes, meta)
+    columns["value"] = _flat(tensor)
+    return _join_items(pandas.DataFrame(columns), dataset_items(results))
+
+
+def _metric_frame(results: Results, name: str, items: bool) -> tuple[Any, list[str]]:
+    """One metric's rows (its cells with the value and the companions of the same shape) and
+    the names of its axis columns."""
+    pandas = import_optional("pandas")
+    extra = companions(results, name)
+    use_items = items and "items" in extra
+    tensor, axes, meta = named_axes(results, f"{name}/items" if use_items else name)
+    cells = _cells(tensor, axes, meta)
+    columns: dict[str, list[Any]] = {"metric": [name] * max(1, tensor.numel()), **cells}
+    columns["value"] = _flat(tensor)
+    if not use_items:
+        order = [c for c in COMPANION_COLUMNS if c in extra]
+        order += sorted(c for c in extra if c not in COMPANION_COLUMNS and c != "items")
+        for companion in order:
+            if tuple(extra[companion].shape) == tuple(tensor.shape):
+                columns[companion] = _flat(extra[companion])
+    return pandas.DataFrame(columns), list(cells)
+
+
+def to_pandas(results: Results, name: str | None = None, *, items: bool = False) -> Any:
+    """With ``name``: that tensor in long format (a column per axis, ``value``). Without: one
+    tidy frame of every metric, a row per cell: ``metric``, a column per axis (with
+    ``<axis>_label``), ``value``, then ``stderr``, ``ci_low``, ``ci_high`` and ``effect`` where
+    the metric has them; ``items=True`` gives the per-item values of reduced metrics instead.
+    Where there is an ``item`` axis, the dataset's columns are joined on it."""
     if name is not None:
-        return _data_array(results, name)
-    xarray = _import("xarray")
-    seen: dict[str, list[Any]] = {}
-    arrays = {}
-    for tensor_name in results.tensors:
-        tensor, axes, meta = _axes(results, tensor_name)
-        rename = {}
-        for axis, size in zip(axes, tensor.shape):
-            values = _coordinate(meta, axis, size)[0]
-            if seen.setdefault(axis, values) != values:
-                rename[axis] = f"{axis}@{tensor_name}"
-        arrays[tensor_name] = _data_array(results, tensor_name, rename)
-    return xarray.Dataset(arrays)
+        return _tensor_frame(results, name)
+    pandas = import_optional("pandas")
+    built = [_metric_frame(results, metric, items) for metric in primary_metrics(results)]
+    if not built:
+        return pandas.DataFrame({"metric": [], "value": []})
+    frame = pandas.concat([f for f, _ in built], ignore_index=True, sort=False)
+    seen = list(dict.fromkeys(c for _, cells in built for c in cells))
+    axes = sorted(seen, key=lambda c: (c.endswith("_label"), seen.index(c)))
+    left = [c for c in frame.columns if c not in axes and c != "metric"]
+    rank = {c: i for i, c in enumerate(("value", *COMPANION_COLUMNS))}
+    rest = sorted(left, key=lambda c: (rank.get(c, len(rank)), left.index(c)))
+    frame = frame[["metric", *axes, *rest]]
+    frame[axes] = frame[axes].convert_dtypes()  # layer 3, not 3.0, where a metric has no layer
+    return _join_items(frame, dataset_items(results))
 
 
 def stack_sites(results: Results, site: str, invoke: str | None = None) -> torch.Tensor:

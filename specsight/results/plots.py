@@ -1,11 +1,15 @@
-"""Heatmaps of metrics swept over two axes, written beside the results (matplotlib, Agg)."""
+"""Heatmaps of metrics swept over two axes, written beside the results (matplotlib, Agg) as
+``<metric>.png`` and ``<metric>.svg``, with the cells as ``<metric>.csv`` (one row per cell:
+both axes' values and labels, the value, and its stderr where there is one)."""
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 from typing import Any
 
+from .colours import colour_scale, matplotlib_cmap
 from .labels import axis_labels
 
 __all__ = ["write_heatmaps"]
@@ -16,12 +20,34 @@ def _labels(meta: dict[str, Any], axis: str, size: int) -> list[str]:
     return labels if len(labels) == size else [str(i) for i in range(size)]
 
 
-def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png"
+def _values(meta: dict[str, Any], axis: str, size: int) -> list[Any]:
+    values = list(meta.get("axis_values", {}).get(axis) or [])
+    return values if len(values) == size else list(range(size))
+
+
+def _file_name(name: str, suffix: str = ".png") -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + suffix
+
+
+def _write_csv(
+    path: Path, name: str, data: Any, meta: dict[str, Any], axes: list[str], stderr: Any
+) -> None:
+    rows, cols = data.shape
+    row_labels, col_labels = _labels(meta, axes[0], rows), _labels(meta, axes[1], cols)
+    row_values, col_values = _values(meta, axes[0], rows), _values(meta, axes[1], cols)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        header = [axes[0], f"{axes[0]}_label", axes[1], f"{axes[1]}_label", name]
+        writer.writerow(header + (["stderr"] if stderr is not None else []))
+        for r in range(rows):
+            for c in range(cols):
+                row = [row_values[r], row_labels[r], col_values[c], col_labels[c]]
+                row.append(repr(float(data[r, c])))
+                writer.writerow(row + ([repr(float(stderr[r, c]))] if stderr is not None else []))
 
 
 def write_heatmaps(metrics: dict[str, Any], manifest: dict[str, Any], folder: Path) -> list[Path]:
-    """One PNG per metric with exactly two named axes; returns the files written."""
+    """A PNG, SVG and CSV per metric with exactly two named axes; returns the PNGs written."""
     plotted = []
     for name, tensor in metrics.items():
         meta = manifest.get("tensors", {}).get(name, {})
@@ -41,15 +67,16 @@ def write_heatmaps(metrics: dict[str, Any], manifest: dict[str, Any], folder: Pa
         data = tensor.float().numpy()
         rows, cols = data.shape
         fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * cols + 2.5), max(4.0, 0.28 * rows + 1.8)))
+        scale = colour_scale(meta, tensor.double(), None, metrics)
         finite = data[data == data]
-        span = float(abs(finite).max()) if finite.size else 1.0
-        diverging = finite.size and finite.min() < 0 < finite.max()
+        centre = scale["center"]
+        span = float(abs(finite - centre).max()) if finite.size and centre is not None else 1.0
         image = ax.imshow(
             data,
             aspect="auto",
-            cmap="RdBu" if diverging else "viridis",
-            vmin=-span if diverging else None,
-            vmax=span if diverging else None,
+            cmap=matplotlib_cmap(centre is not None),
+            vmin=centre - (span or 1.0) if centre is not None else None,
+            vmax=centre + (span or 1.0) if centre is not None else None,
             interpolation="nearest",
         )
         ax.set_xticks(
@@ -64,6 +91,12 @@ def write_heatmaps(metrics: dict[str, Any], manifest: dict[str, Any], folder: Pa
         fig.tight_layout()
         path = folder / _file_name(name)
         fig.savefig(path, dpi=110)
+        fig.savefig(folder / _file_name(name, ".svg"))
         plt.close(fig)
+        stderr = metrics.get(f"{name}/stderr")
+        stderr = (
+            stderr.float().numpy() if stderr is not None and stderr.shape == tensor.shape else None
+        )
+        _write_csv(folder / _file_name(name, ".csv"), name, data, meta, axes, stderr)
         written.append(path)
     return written

@@ -23,6 +23,7 @@ import yaml
 from ..errors import SpecsightError
 from ..spec import load_text
 from .circuit_graph import edge_graph_svg
+from .colours import colour_scale
 from .labels import axis_labels
 from .summary import RunView, _over, _strongest
 
@@ -52,12 +53,16 @@ def render_report(results: RunView) -> str:
     text, source_note, fmt = _spec_text(spec)
     where = _locator(text, fmt)
     metrics, metric_html = _metrics(results, where)
+    # the findings first; what the run was (model, timings, versions) folded below them
+    facts = (
+        f"<details><summary>model, timings, versions, dataset</summary>{_facts(results)}</details>"
+    )
     sections = [
-        ("facts", "Run", _facts(results)),
         ("expectations", "Expectations", _expectations(results, where)),
         ("metrics", "Metrics", metric_html),
         ("tokens", "Next tokens", _next_tokens(results)),
         ("generated", "Generated text", _generated(results)),
+        ("facts", "Run", facts),
         ("spec", "Spec", f'<p class="note">{_e(source_note)}</p>' + _spec_lines(text)),
     ]
     shown = [(key, head, body) for key, head, body in sections if body]
@@ -236,25 +241,6 @@ def _flat(tensor: Any) -> list[float | None]:
     return [v if math.isfinite(v) else None for v in tensor.double().flatten().tolist()]
 
 
-def _scale(
-    meta: dict[str, Any], data: Any, effect: list[float | None] | None, metrics: dict[str, Any]
-) -> dict[str, Any]:
-    """Where the diverging colour scale is white (``center``): the baseline (0 for a
-    recovery), a scalar baseline metric's value, else 0 of the effect (``colour``) or of signed
-    data; no centre (a sequential scale) for data of one sign, such as probabilities."""
-    if meta.get("baseline") is not None:
-        return {"center": float(meta["baseline"])}
-    base = metrics.get(meta.get("baseline_metric") or "")
-    if base is not None and base.numel() == 1 and math.isfinite(float(base)):
-        return {"center": float(base)}
-    if effect is not None:
-        return {"center": 0.0, "colour": effect}
-    finite = data[data.isfinite()]
-    signed = finite.numel() and float(finite.min()) < 0 < float(finite.max())
-    # a kind whose values are signed around 0 gets a diverging scale centred on 0
-    return {"center": 0.0 if signed or meta.get("signed") else None}
-
-
 def _fit(tensor: Any, axes: list[str]) -> tuple[Any, list[str], str]:
     """The tensor as embedded: whole when small, else its first slice (and a note)."""
     if tensor.numel() <= _MAX_CELLS:
@@ -310,7 +296,7 @@ def _metric_entry(
         "f32": str(tensor.dtype) in ("torch.float32", "torch.float16", "torch.bfloat16"),
         "baseline_metric": meta.get("baseline_metric"),
     }
-    entry.update(_scale(meta, data, entry["extra"].get("effect"), metrics))
+    entry.update(colour_scale(meta, data, entry["extra"].get("effect"), metrics))
     return entry, note
 
 

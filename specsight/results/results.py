@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from safetensors.torch import load_file, save
 
 from ..errors import RunError, did_you_mean
 from ..plan import PlanExpectation
+from .arrays import to_xarray
 from .circuit_files import write_circuits
 from .expect import Outcome, evaluate
 from .folder import MANIFEST_FILE, RESULTS_FILE, write_folder
-from .frames import split_parts, stack_sites, to_pandas, to_xarray
+from .frames import split_parts, stack_sites, to_pandas
+from .inline import render_inline
 from .plots import write_heatmaps
 from .report import REPORT_FILE, write_report
 from .summary import render_summary
@@ -66,6 +69,13 @@ class Results:
         self.expectations = evaluate(expectations, self.tensors, self.manifest["tensors"])
         self.manifest["expectations"] = [o.to_dict() for o in self.expectations]
 
+    def record_items(self, rows: Sequence[Mapping[str, Any]] | None) -> None:
+        """Record the dataset rows the run used, item by item, in the manifest (what
+        :meth:`to_pandas` and :meth:`to_xarray` join on ``item``)."""
+        dataset = self.manifest.get("dataset")
+        if rows is not None and isinstance(dataset, dict):
+            dataset["items"] = [dict(row) for row in rows]
+
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.metrics, **self.saves}
@@ -84,14 +94,17 @@ class Results:
             claims = f"; expect {held}/{len(self.expectations)} held"
         return f"<Results of {spec} on {model}: {listed}{claims}>"
 
-    def to_pandas(self, name: str) -> Any:
-        """A long-format pandas DataFrame of one tensor: a column per axis (values, and
-        ``<axis>_label`` where labelled) and ``value``."""
-        return to_pandas(self, name)
+    def to_pandas(self, name: str | None = None, *, items: bool = False) -> Any:
+        """Every metric as one tidy pandas DataFrame: a row per cell with ``metric``, a column
+        per axis (and ``<axis>_label``), ``value``, ``stderr``, ``ci_low``, ``ci_high`` and
+        ``effect``, and the dataset's columns joined on ``item``. ``items=True``: the per-item
+        values of reduced metrics. With ``name``: that one tensor in long format."""
+        return to_pandas(self, name, items=items)
 
     def to_xarray(self, name: str | None = None) -> Any:
-        """One tensor as an xarray DataArray with named, labelled dims; every tensor as a
-        Dataset when ``name`` is None."""
+        """Every tensor as an xarray Dataset whose variables share dims (``patched_ld`` and
+        ``patched_ld_stderr`` on the same ``layer`` and ``pos``); one tensor as a DataArray
+        with ``name``."""
         return to_xarray(self, name)
 
     def stack(self, site: str, invoke: str | None = None) -> torch.Tensor:
@@ -191,6 +204,11 @@ class Results:
         return cls(metrics, saves, manifest, next_tokens, summary.get("prompts", {}), outcomes)
 
     # --- display ---------------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        """How a notebook shows a run: the claims' verdicts, each metric (grids coloured as in
+        the report), the run's facts folded below; static HTML, no script."""
+        return render_inline(self)
 
     def summary(self, *, width: int = 120) -> str:
         """The readable terminal summary as plain text."""

@@ -14,7 +14,7 @@ from rich.text import Text
 from ..errors import printable
 from .circuit_views import CIRCUIT_VIEWS
 from .expect import Outcome
-from .labels import axis_labels, cell_label, coords
+from .labels import axis_labels, cell_label, coords, metric_label
 
 __all__ = ["RunView", "render_summary", "print_summary"]
 
@@ -136,8 +136,20 @@ def _strongest(
         effect = None
         score = flat.nan_to_num(float("-inf"))
         title = f"  strongest cells of {name} (largest values; set 'baseline' to rank by effect):"
-    order = score.topk(min(n, flat.numel())).indices.tolist()
     lines = [title]
+    complete = _complete_cells(tensor, meta, extra)
+    if complete is not None and bool(complete.any()):
+        score = score.masked_fill(complete, float("-inf"))
+        shown = [cell_label(meta, axes, coords(i, tuple(tensor.shape))) for i in complete.nonzero().flatten()[:3].tolist()]  # fmt: skip
+        more = ", ..." if int(complete.sum()) > len(shown) else ""
+        lines.append(
+            f"    (not ranked: {int(complete.sum())} cell(s) where the patch restores the clean "
+            f"value exactly, recovery 1 on every item, the site carrying the whole answer: "
+            f"{'; '.join(shown)}{more})"
+        )
+        if bool(complete.all()):
+            return lines
+    order = score.topk(min(n, int((score > float("-inf")).sum()) or 1)).indices.tolist()
     for index in order:
         cell = coords(index, tuple(tensor.shape))
         where = cell_label(meta, axes, cell)
@@ -146,6 +158,19 @@ def _strongest(
             shown += f" (effect {_fmt(float(effect[index]))})"
         lines.append(f"    {shown}  at {where}")
     return lines
+
+
+def _complete_cells(tensor: Any, meta: dict[str, Any], extra: dict[str, Any]) -> Any:
+    """For a recovery: the flat cells where it is 1 on every item (the patched value is the
+    clean value: the patch carries the answer itself), within 1e-4 of a ratio; else None."""
+    if meta.get("metric_kind") != "recovery":
+        return None
+    items = extra.get("items")
+    if items is not None and tuple(items.shape[:-1]) == tuple(tensor.shape):
+        per_cell = items.float().reshape(tensor.numel(), -1)
+    else:
+        per_cell = tensor.float().reshape(-1, 1)
+    return ((per_cell - 1).abs() <= 1e-4).all(dim=1)
 
 
 def _over(meta: dict[str, Any]) -> str:
@@ -169,7 +194,12 @@ def _spread(extra: dict[str, Any], index: tuple[int, ...]) -> str:
 
 
 def _print_metric(
-    console: Console, name: str, tensor: Any, meta: dict[str, Any], extra: dict[str, Any]
+    console: Console,
+    name: str,
+    tensor: Any,
+    meta: dict[str, Any],
+    extra: dict[str, Any],
+    manifest: dict[str, Any],
 ) -> None:
     axes = meta.get("axes", [])
     view = meta.get("view")
@@ -220,7 +250,8 @@ def _print_metric(
         CIRCUIT_VIEWS[view](console, name, tensor, meta, extra)
         return
     if tensor.ndim == 0:
-        what = f" ({meta['label']})" if meta.get("label") else ""
+        label = metric_label(meta, manifest)
+        what = f" ({label})" if label else ""
         value = _fmt(float(tensor)) + _spread(extra, ())
         console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what + _over(meta))} = {value}")
     elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:
@@ -377,7 +408,7 @@ def print_summary(results: RunView, console: Console) -> None:
             for key, value in results.metrics.items()
             if tensors_meta.get(key, {}).get("companion_of") == name
         }
-        _print_metric(console, name, tensor, tensors_meta.get(name, {}), extra)
+        _print_metric(console, name, tensor, tensors_meta.get(name, {}), extra, manifest)
     if results.expectations:
         console.print("[bold]expectations[/bold]")
         for outcome in results.expectations:

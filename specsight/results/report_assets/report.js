@@ -107,7 +107,7 @@
 
   function hideTip() { tip.hidden = true; }
 
-  function legend(svg, sc, x, y, width, id) {
+  function legend(svg, sc, x, y, width, id, m) {
     var defs = el("defs", {}, svg);
     var grad = el("linearGradient", { id: id }, defs);
     sc.stops.forEach(function (c, i) {
@@ -118,7 +118,7 @@
     if (sc.mid !== null) ticks.push([0.5, sc.mid]);
     ticks.forEach(function (t) {
       var text = el("text", { x: x + t[0] * width, y: y + 24, "text-anchor": "middle", class: "tick" }, svg);
-      text.textContent = short(t[1]) + (t[0] === 0.5 ? " (baseline)" : "");
+      text.textContent = short(t[1]) + (t[0] === 0.5 && m.center_label ? " (" + m.center_label + ")" : "");
     });
   }
 
@@ -160,7 +160,7 @@
       "text-anchor": "middle", class: "axis-name" }, svg).textContent = rowAxis;
     el("text", { x: left + cw * cols / 2, y: 10 + rows * ch + bottom - 6, "text-anchor": "middle",
       class: "axis-name" }, svg).textContent = colAxis;
-    legend(svg, sc, left, height - 34, Math.min(240, Math.max(120, cw * cols)), "legend-" + index);
+    legend(svg, sc, left, height - 34, Math.min(240, Math.max(120, cw * cols)), "legend-" + index, m);
     var outline = el("rect", { class: "outline", width: cw, height: ch, visibility: "hidden" }, g);
     g.addEventListener("mousemove", function (event) {
       var t = event.target;
