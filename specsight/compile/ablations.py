@@ -25,7 +25,7 @@ from ..sites import Site, SiteError, resolve_site
 from .context import Context, SpecPath
 from .inputs import read_array_file
 
-__all__ = ["ABLATION_COMPILERS", "capture_key", "derangement", "vector_key"]
+__all__ = ["ABLATION_COMPILERS", "capture_key", "derangement", "noise_seed", "vector_key"]
 
 
 def _capture_whole(
@@ -56,6 +56,12 @@ def vector_key(ctx: Context, values: tuple[float, ...]) -> VectorKey:
     key = VectorKey("v" + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16])
     ctx.vectors[key] = values
     return key
+
+
+def noise_seed(seed: int, item: int) -> int:
+    """The seed of one item's (or prompt's) noise draw: the same item gets the same noise in
+    every sweep cell, every block and every invoke with this seed."""
+    return (int(seed) * 1_000_003 + item) % 2**63
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -128,8 +134,7 @@ def _noise(ctx: Context, op: S.NoiseOp, at: Any, **_: Any) -> None:
         _unswept(ctx, op.std_of, op, path, "std_of")
         n = len(ctx.tokens[op.std_of])
         sources = tuple(capture_key(ctx, op.std_of, i, site, common["origin"]) for i in range(n))
-    # the same item gets the same noise in every cell and every invoke with this seed
-    seed = (int(op.seed) * 1_000_003 + prompt_index) % 2**63
+    seed = noise_seed(int(op.seed), prompt_index)
     ctx.ops.append(Noise(**common, std=std, sources=sources, seed=seed))
 
 

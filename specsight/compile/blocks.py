@@ -135,7 +135,11 @@ def fold_saves(seen: dict[str, PlanSave], plan: Plan) -> None:
             if save.value_axis_values.get(axis) == values
         }
         counts = tuple(sorted(set(old.n_positions) | set(save.n_positions)))
-        seen[save.name] = replace(old, value_axis_values=shared, n_positions=counts)
+        # each block's rows are its items: their positions follow on where items are the only axis
+        rows = old.row_positions + save.row_positions if old.axes == ("item",) else ()
+        seen[save.name] = replace(
+            old, value_axis_values=shared, n_positions=counts, row_positions=rows
+        )
 
 
 def widen(

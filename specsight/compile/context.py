@@ -151,6 +151,8 @@ class Context(SpecContext):
     sae_sites: dict[str, SaeSites] = field(default_factory=dict)
     save_keys: dict[str, list[str]] = field(default_factory=dict)
     save_npos: dict[str, list[int]] = field(default_factory=dict)
+    #: each row's selected positions of a save, in the order of its keys
+    save_positions: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     save_meta: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: the widths (heads flattened) a save's values have at its sites, where known
     save_widths: dict[str, set[int | None]] = field(default_factory=dict)

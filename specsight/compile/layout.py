@@ -39,6 +39,8 @@ def plan_saves(ctx: Context) -> list[PlanSave]:
         steps = step_of.get(keys[0])
         value_axes, values = ctx.save_layout[name]
         values = dict(values)
+        differ = steps is None and value_axes[0] not in values  # rows select other positions
+        rows = tuple(ctx.save_positions[name]) if differ else ()
         if steps is not None:  # generation: one value per step, stacked after the prompt axis
             keys = [StoreKey(f"{key}@{s}") for key in keys for s in steps]
             npos = [n if s == 0 else 1 for n in npos for s in steps]
@@ -56,6 +58,7 @@ def plan_saves(ctx: Context) -> list[PlanSave]:
                 shape=shape,
                 value_axes=value_axes,
                 value_axis_values={k: tuple(v) for k, v in values.items()},
+                row_positions=rows,
             )
         )
     return out

@@ -134,6 +134,7 @@ def _save(
     key = StoreKey(f"save/{save_name}/{common['row']}")
     ctx.save_keys.setdefault(save_name, []).append(key)
     ctx.save_npos.setdefault(save_name, []).append(len(common["positions"]))
+    ctx.save_positions.setdefault(save_name, []).append(tuple(common["positions"]))
     ctx.save_meta[save_name] = (invoke, template.site if len(sites) == 1 else site.name)
     ctx.save_widths.setdefault(save_name, set()).add(at.window["width"])
     _value_layout(ctx, save_name, site, at.window, list(common["positions"]))

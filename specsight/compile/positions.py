@@ -1,7 +1,8 @@
 """Position selectors resolved against a prompt's real tokens (torch-free).
 
 Selectors: an int (negative counts from the end), ``"all"``, ``"first"``, ``"last"``, an index
-or slice written as a string (``"-2"``, ``"3:"``, ``"::2"``), or ``{token: " John", occurrence: 2}``.
+or slice written as a string (``"-2"``, ``"3:"``, ``"::2"``), or ``{token: " John", occurrence: 2}``
+(every token of the text, or ``part: first | last`` of them).
 Positions always index real tokens: padding added for batching is never selected.
 """
 
@@ -70,7 +71,9 @@ def _token_positions(
             f"use occurrence {choices}",
         )
     start = matches[occurrence - 1] if occurrence > 0 else matches[occurrence]
-    return list(range(start, start + len(needle)))
+    span = list(range(start, start + len(needle)))
+    part = selector.get("part", "all")
+    return span[:1] if part == "first" else span[-1:] if part == "last" else span
 
 
 def resolve_position(selector: Any, tokens: list[int], tokenizer: Tokenizer) -> list[int]:

@@ -78,9 +78,13 @@ METRIC_TEMPLATE_FIELDS = ("position", "target", "foil", "token", "tokens", "labe
 
 
 def render_selector(selector: Any, row: dict[str, Any]) -> Any:
-    """A position selector (plain data) with the row's values in its token texts."""
+    """A position selector (plain data) with the row's values in: in a token's text, or as
+    the selector itself (``"{subj_last}"``: the item's position, an integer or a string such
+    as ``"0:4"`` or ``"-1"``)."""
     if isinstance(selector, list):
         return [render_selector(s, row) for s in selector]
     if isinstance(selector, dict) and isinstance(selector.get("token"), str):
         return {**selector, "token": render(selector["token"], row)}
+    if isinstance(selector, str) and column_names(selector) & set(row):
+        return render_value(selector.strip(), row)
     return selector

@@ -6,10 +6,11 @@ row's seeded Gaussian draw (made on the CPU, so every device gets the same numbe
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-__all__ = ["mean_value", "spread", "span_basis", "noise_draw", "project_out"]
+__all__ = ["mean_value", "spread", "spread_key", "span_basis", "noise_draw", "project_out"]
 
 
 def mean_value(captures: list[torch.Tensor], reduce: str) -> torch.Tensor:
@@ -32,6 +33,12 @@ def spread(captures: list[torch.Tensor], cols: torch.Tensor | None) -> float:
     """The standard deviation of every value the rows hold at the site (in the chosen columns)."""
     values = torch.cat([c.double() if cols is None else c[:, cols].double() for c in captures])
     return float(values.std()) if values.numel() > 1 else math.nan
+
+
+def spread_key(sources: tuple[str, ...], cols: Any) -> str:
+    """Where a noise op's measured spread is found in ``EngineOutput.spreads``: its first
+    source (a merged run's parts tag it, so a part finds its own) and its columns."""
+    return f"{sources[0]}|{cols}"
 
 
 def span_basis(vectors: list[torch.Tensor]) -> torch.Tensor:

@@ -56,6 +56,8 @@ class EngineOutput:
     timings: dict[str, float] = field(default_factory=dict)
     #: a run in blocks: its rows, forwards and blocks over all blocks (empty: one plan)
     counts: dict[str, int] = field(default_factory=dict)
+    #: the standard deviations noise ``std_of`` measured, by :func:`spread_key`
+    spreads: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -250,6 +252,7 @@ def run_forwards(
     if only is not None:
         loop.reuse.replay(forwards)
     loop.run(forwards, progress)
+    loop.out.spreads.update(loop.runner.spreads())
     return ForwardPass(loop.buffers, loop.runner.store, loop.new_ids, loop.out)
 
 

@@ -134,6 +134,7 @@ def split(raw: EngineOutput, part: Part) -> EngineOutput:
         next_tokens=rows(raw.next_tokens),
         generated=rows(raw.generated),
         timings=dict(raw.timings),
+        spreads=local(raw.spreads),
     )
 
 

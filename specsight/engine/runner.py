@@ -25,7 +25,7 @@ import torch
 from ..errors import RunError
 from ..plan import Forward, Op, Plan, SaeRef
 from ..plan.ops import At, Group
-from .ablate import mean_value, noise_draw, project_out, span_basis, spread
+from .ablate import mean_value, noise_draw, project_out, span_basis, spread, spread_key
 from .hooks import module_table
 from .paths import path_value
 from .sae import SaeHooks, SparseAutoencoder
@@ -324,6 +324,14 @@ class Runner(SaeHooks):
         if key not in self._derived:
             self._derived[key] = compute()
         return self._derived[key]
+
+    def spreads(self) -> dict[str, float]:
+        """The spreads noise ops measured (``std_of``), for the manifest."""
+        return {
+            spread_key(key[1], key[2]): float(value)
+            for key, value in self._derived.items()
+            if key[0] == "spread" and key[1]
+        }
 
     def mean(self, captures: list[torch.Tensor], over: str) -> torch.Tensor:
         return mean_value(captures, over)

@@ -371,6 +371,9 @@ class PlanSave:
     #: the values along value axes that are the same in every row: the selected positions,
     #: the selected heads
     value_axis_values: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: where rows select different positions (a per-item token, a column's positions): each
+    #: row's positions, row-major over ``axes`` (empty when every row shares them)
+    row_positions: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,9 @@ variables share their dimensions (``layer``, ``pos``, ``head``, ``item``), so a 
 stderr, interval, effect and per-item values line up cell by cell.
 
 Variable names carry no ``/``: ``patched_ld/stderr`` is ``patched_ld_stderr`` and
-``clean/resid_post.5`` is ``clean_resid_post.5``. Positions are ``pos`` on every tensor.
+``clean/resid_post.5`` is ``clean_resid_post.5``. Positions are ``pos`` on every tensor, but for
+a save whose rows selected different positions (a per-item token): its dim is ``<var>_slot``
+and the coordinate ``<var>_positions`` gives each row's real positions.
 Tensors whose coordinates along a dimension differ (two invokes' positions) are aligned on the
 union of the values, the cells one does not have being NaN. Labels (``pos_label``) and the
 dataset's columns (on ``item``) are coordinates.
@@ -16,7 +18,14 @@ from typing import Any
 import torch
 
 from ..errors import RunError
-from .frames import Results, coordinate, dataset_items, import_optional, named_axes
+from .frames import (
+    Results,
+    coordinate,
+    dataset_items,
+    import_optional,
+    named_axes,
+    row_positions,
+)
 
 __all__ = ["to_xarray", "variable_name"]
 
@@ -42,6 +51,11 @@ def _data_array(results: Results, name: str, dims: list[str] | None = None) -> A
         coords[dim] = values
         if labels is not None:
             coords[f"{dim}_label"] = (dim, labels)
+    real = row_positions(tensor, axes, meta)
+    if real is not None:  # each row's own positions in its prompt (-1: padding)
+        lead = axes.index(real[0]) + 1
+        index = real[1][(...,) + (0,) * (tensor.dim() - lead)] if tensor.dim() > lead else real[1]
+        coords[f"{variable_name(name)}_positions"] = (dims[:lead], index.numpy())
     return xarray.DataArray(_numpy(tensor), dims=dims, coords=coords, name=name)
 
 
@@ -70,8 +84,13 @@ def _dataset(results: Results) -> Any:
         raise RunError(f"results {', '.join(clash)} collide once '/' becomes '_'")
     arrays = []
     for var, name in names.items():
-        tensor, axes, _ = named_axes(results, name)
-        dims = [a if not a.startswith("dim") else f"{var}_{a}" for a in axes]
+        tensor, axes, meta = named_axes(results, name)
+        real = row_positions(tensor, axes, meta)
+        own = {f"dim{i}" for i in range(tensor.dim())} | ({real[0]} if real else set())
+        # a save whose rows chose other positions has slots, not positions, along that dim
+        dims = [
+            a if a not in own else f"{var}_{'slot' if real and a == real[0] else a}" for a in axes
+        ]
         array = _data_array(results, name, dims).rename(var)
         arrays.append(array.drop_vars([c for c in array.coords if c.endswith("_label")]))
     dataset = xarray.merge(arrays, join="outer", compat="no_conflicts", combine_attrs="drop")

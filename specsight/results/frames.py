@@ -25,6 +25,7 @@ __all__ = [
     "import_optional",
     "named_axes",
     "primary_metrics",
+    "row_positions",
     "split_parts",
     "stack_sites",
     "to_pandas",
@@ -119,7 +120,30 @@ def _cells(tensor: torch.Tensor, axes: list[str], meta: dict[str, Any]) -> dict[
         columns[axis] = [values[i] for i in index]
         if labels is not None:
             columns[f"{axis}_label"] = [labels[i] for i in index]
+    real = row_positions(tensor, axes, meta)
+    if real is not None:  # the positions each row selected, not their slots
+        axis, per_cell = real
+        columns[axis] = per_cell.reshape(-1).tolist()
     return columns
+
+
+def row_positions(
+    tensor: torch.Tensor, axes: list[str], meta: dict[str, Any]
+) -> tuple[str, torch.Tensor] | None:
+    """For a save whose rows selected different positions (a per-item token): its position
+    axis and, per cell, the real position in the prompt (-1 in a row's padding)."""
+    rows = meta.get("row_positions")
+    axis = next((a for a in ("pos", "query") if a in axes), None)
+    if not rows or axis is None:
+        return None
+    lead = axes.index(axis)
+    if len(rows) != int(torch.tensor(tensor.shape[:lead]).prod()):
+        return None
+    width = tensor.shape[lead]
+    table = torch.tensor([list(r)[:width] + [-1] * (width - len(r)) for r in rows])
+    table = table.reshape(*tensor.shape[:lead], width)
+    index = table.reshape(*table.shape, *([1] * (tensor.dim() - lead - 1)))
+    return axis, index.expand(tensor.shape)
 
 
 def _flat(tensor: torch.Tensor) -> list[Any]:

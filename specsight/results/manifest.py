@@ -19,6 +19,7 @@ from ..plan import Metric, Plan
 from ..plan.codec import to_data
 from ..spec import LoadedDoc, Spec
 from ..version import __version__
+from .draws import record_draws
 from .results import Results, tensor_sha256
 
 __all__ = ["results_from_raw"]
@@ -98,6 +99,11 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
                 **{a: list(v) for a, v in save.value_axis_values.items()},
             },
             "padded_with_nan": len(set(save.n_positions)) > 1,
+            **(
+                {"row_positions": [list(p) for p in save.row_positions]}
+                if save.row_positions
+                else {}
+            ),
             **_tensor_fields(tensor),
         }
     for name, tensor in raw.saves.items():
@@ -307,6 +313,7 @@ def _manifest(
             **raw.counts,  # a run in blocks: rows and forwards of every block, and how many
         },
         "dataset": None if plan.dataset is None else to_data(plan.dataset),
+        **({"draws": draws} if (draws := record_draws(spec, plan, raw.spreads)) else {}),
         **({"saes": _saes(plan)} if plan.saes else {}),
         "versions": _versions(),
         "timings": {k: round(v, 4) for k, v in timings.items()},

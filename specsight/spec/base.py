@@ -3,7 +3,7 @@ placeholders, position selectors and token references."""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -62,15 +62,23 @@ class StrictModel(BaseModel):
 
 
 class TokenSelector(StrictModel):
-    """The position of a token in the prompt: ``{token: " John", occurrence: 2}``."""
+    """The positions of a piece of text in the prompt: ``{token: " John", occurrence: 2}``.
+    Text that encodes to several tokens selects all of them unless ``part`` says ``first`` or
+    ``last`` (causal tracing reads the last token of the subject)."""
 
     token: str = Field(
-        min_length=1, description="token text as the tokenizer spells it, e.g. ' John'"
+        min_length=1,
+        description="text as the tokenizer spells it, e.g. ' John'; may be several tokens",
     )
     occurrence: int = Field(
         1,
         description="1 = first occurrence, 2 = second, -1 = last",
         json_schema_extra={"not": {"const": 0}},
+    )
+    part: Literal["all", "first", "last"] = Field(
+        "all",
+        description="of a text that is several tokens: all of them (default), the first or "
+        "the last",
     )
 
     @field_validator("occurrence")
