@@ -34,7 +34,7 @@ from .errors import ModelNotFoundError, RunError, SpecError
 from .models import ModelInfo, Tokenizer
 from .models.catalog import IN_MEMORY
 from .plan import Plan
-from .spec import Spec, doc_of, document_of, load_spec
+from .spec import Spec, doc_of, document_of, load_spec, python_functions, python_refusal
 
 if TYPE_CHECKING:
     import torch
@@ -185,6 +185,7 @@ def run(
     force: bool = False,
     block_rows: int = BLOCK_ROWS,
     saes: Mapping[str, str] | None = None,
+    functions: Mapping[str, Callable[..., Any]] | None = None,
 ) -> Results:
     """Validate, compile and run a spec on this machine; optionally write ``out`` (a folder
     holding another spec's run is replaced only with ``force``; checked before running).
@@ -198,13 +199,19 @@ def run(
     time (what it holds stays flat in the number of items), unless its items read each other
     (see :func:`specsight.compile.why_one_plan`).
 
-    ``saes``: SAE folders the spec may name by id (``saes: {x: {id: ID, ...}}``), id -> path."""
-    from .engine import Executor
+    ``saes``: SAE folders the spec may name by id (``saes: {x: {id: ID, ...}}``), id -> path.
+
+    ``functions``: the Python functions the spec's ``python`` metrics and ops name, name ->
+    callable: a metric's gets each forward's rows' logits at its position ([n, vocab]) and
+    returns one value per row ([n]); an op's gets the site's values at its positions ([n,
+    width]) and returns their replacement (the same shape). Local runs only."""
+    from .engine import Executor, given_functions
     from .results import check_out_dir, results_from_raw
 
     started = time.perf_counter()
     spec = _as_spec(source)
     doc = doc_of(spec)
+    python_refusal(spec, doc, functions)
     if out is not None:
         check_out_dir(Path(out), document_of(spec).sha256, force=force)
     dataset = read_items(spec, document_of(spec))  # a bad dataset is found before the model loads
@@ -233,14 +240,15 @@ def run(
         executor = Executor(model.model, pad_id=model.tokenizer.pad_id, progress=progress)
         t0 = time.perf_counter()
         items, blocks = plan_blocks(spec, compiler, block_rows, items=dataset)
-        if blocks is None:  # one plan (over the items already read, when they were)
-            plan = compiler(items=items)
-            compile_s = time.perf_counter() - t0
-            raw = executor.run(plan)
-        else:
-            probe_s = time.perf_counter() - t0
-            raw = executor.run_blocks(blocks.plans(), blocks.total_rows, blocks.whole)
-            plan, compile_s = blocks.whole(), probe_s + blocks.compile_s
+        with given_functions(functions):
+            if blocks is None:  # one plan (over the items already read, when they were)
+                plan = compiler(items=items)
+                compile_s = time.perf_counter() - t0
+                raw = executor.run(plan)
+            else:
+                probe_s = time.perf_counter() - t0
+                raw = executor.run_blocks(blocks.plans(), blocks.total_rows, blocks.whole)
+                plan, compile_s = blocks.whole(), probe_s + blocks.compile_s
     finally:
         if restore is not None:
             restore()
@@ -248,6 +256,7 @@ def run(
     timings["total_s"] = time.perf_counter() - started
     results = results_from_raw(spec, doc, plan, model, raw, timings)
     results.record_items(None if dataset is None else dataset.rows)
+    results.record_functions(functions, python_functions(spec))
     if out is not None:
         results.save(out, force=force)
     return results

@@ -16,7 +16,7 @@ import torch
 
 import specsight
 from specsight.compile import Budget, compile_plan
-from specsight.engine import EngineOutput, Executor, merge_shards
+from specsight.engine import EngineOutput, Executor, given_functions, merge_shards
 from specsight.plan import Op, merge_plans, metric_kind, shard_forwards, shardable
 from specsight.plan.codec import kinds_of
 from specsight.spec import METRIC_KINDS
@@ -77,6 +77,7 @@ OP_JOBS: dict[str, dict[str, Any]] = {
         [{"op": "noise", "site": "embed", "positions": [1], "std_of": "clean", "scale": 2}]
     ),
     "mean_ablate": _job([{"op": "mean_ablate", "site": "mlp_out.1", "from": "clean"}]),
+    "python": _job([{"op": "python", "site": "mlp_out.0", "positions": [9, 13], "fn": "shift"}]),
 }
 OP_JOBS["sae"] = _job(
     [{"op": "zero", "site": "sae.s.features", "positions": [13], "dims": "0:20"}],
@@ -140,6 +141,7 @@ METRIC_JOBS: dict[str, dict[str, Any]] = {
         metrics={"m": {"kind": "kl", "invoke": "corrupt", "reference": "clean"}},
     ),
     "loss": _job([], metrics={"m": {"kind": "loss", "invoke": "clean"}}),
+    "python": _job([], metrics={"m": {"kind": "python", "invoke": "corrupt", "fn": "margin"}}),
     "logit_lens": _job(
         [], metrics={"m": {"kind": "logit_lens", "invoke": "corrupt", "token": " Mary", "k": 3}}
     ),
@@ -211,6 +213,20 @@ METRIC_JOBS["recovery"]["invokes"]["base"] = {"prompt": PROMPTS[1]}
 METRIC_JOBS["recovery"]["invokes"]["corrupt"]["sweep"] = {"layer": "all"}
 METRIC_JOBS["recovery"]["invokes"]["corrupt"]["ops"].pop()
 JOBS = {**{f"op:{k}": v for k, v in OP_JOBS.items()}, **{f"metric:{k}": v for k, v in METRIC_JOBS.items()}}  # fmt: skip
+
+
+#: the Python functions the python jobs name: a shift of a site's values, a top-2 margin
+FUNCTIONS = {
+    "shift": lambda values: values * 0.5 + 0.25,
+    "margin": lambda logits: logits.topk(2, dim=-1).values.diff(dim=-1)[:, 0],
+}
+
+
+@pytest.fixture(autouse=True)
+def _functions():
+    """Every test here runs with the python jobs' functions given (as specsight.run does)."""
+    with given_functions(FUNCTIONS):
+        yield
 
 
 def _plan(spec: dict[str, Any], max_batch: int = 16, **budget: Any):
@@ -387,8 +403,10 @@ BLOCKABLE = [
 def test_blocks_give_what_one_plan_gives(name):
     lm = tiny(MODEL)
     spec = _over_items(JOBS[name])
-    one = specsight.run(copy.deepcopy(spec), model=lm)
-    blocked = specsight.run(spec, model=lm, block_rows=len(PLANS[name].rows) + 1)
+    one = specsight.run(copy.deepcopy(spec), model=lm, functions=FUNCTIONS)
+    blocked = specsight.run(
+        spec, model=lm, block_rows=len(PLANS[name].rows) + 1, functions=FUNCTIONS
+    )
     assert blocked.manifest["plan"]["blocks"] > 1
     for key, tensor in one.tensors.items():
         if tensor.is_floating_point():

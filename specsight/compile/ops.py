@@ -10,7 +10,18 @@ from typing import Any
 from .. import spec as S
 from ..errors import format_path
 from ..plan import RowRef, SaeRef, StoreKey, VectorKey
-from ..plan.ops import AddSaved, AddVector, Grad, Patch, Save, Scale, SetSaved, SetVector, Zero
+from ..plan.ops import (
+    AddSaved,
+    AddVector,
+    CallPython,
+    Grad,
+    Patch,
+    Save,
+    Scale,
+    SetSaved,
+    SetVector,
+    Zero,
+)
 from ..sites import Site, SiteError, resolve_site
 from .ablations import ABLATION_COMPILERS, capture_key, derangement, vector_key
 from .context import Context, SpecPath, default_save_name, plain
@@ -146,6 +157,10 @@ def _zero(ctx: Context, op: S.ZeroOp, at: OpAt, **_: Any) -> None:
     ctx.ops.append(Zero(**at.common))
 
 
+def _python(ctx: Context, op: S.PythonOp, at: OpAt, **_: Any) -> None:
+    ctx.ops.append(CallPython(**at.common, fn=op.fn))
+
+
 def _scale(ctx: Context, op: S.ScaleOp, at: OpAt, **_: Any) -> None:
     ctx.ops.append(Scale(**at.common, factor=float(op.factor)))
 
@@ -174,6 +189,7 @@ _COMPILERS: dict[type, Any] = {
     S.PathPatchOp: _path_patch,
     S.SaveOp: _save,
     S.ZeroOp: _zero,
+    S.PythonOp: _python,
     S.ScaleOp: _scale,
     S.AddOp: _add_or_set,
     S.SetOp: _add_or_set,

@@ -15,6 +15,7 @@ from .device import device_free_bytes
 from .execute import EngineOutput
 from .executor import Executor, execute
 from .hooks import HookScope, hidden_of, replace_hidden
+from .python_calls import given_functions
 from .shards import (
     ShardOutput,
     execute_shard,
@@ -33,6 +34,7 @@ __all__ = [
     "device_free_bytes",
     "execute",
     "execute_shard",
+    "given_functions",
     "hidden_of",
     "merge_shards",
     "module_widths",

@@ -15,6 +15,7 @@ from ..plan.metrics import Tokens
 from .circuit_metrics import circuit_faithfulness, circuit_scores
 from .dla import direct_attribution
 from .probe import train_probes
+from .python_calls import call_metric
 
 __all__ = ["AfterRun", "MetricBatch", "assemble", "read_metric", "to_host"]
 
@@ -87,6 +88,10 @@ class MetricBatch:
     @staticmethod
     def stack(values: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(values)
+
+    @staticmethod
+    def call_metric(fn: str, logits: torch.Tensor, metric: str) -> torch.Tensor:
+        return call_metric(fn, logits, metric)
 
 
 def read_metric(

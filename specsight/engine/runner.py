@@ -28,6 +28,7 @@ from ..plan.ops import At, Group
 from .ablate import mean_value, noise_draw, project_out, span_basis, spread, spread_key
 from .hooks import module_table
 from .paths import path_value
+from .python_calls import call_op
 from .sae import SaeHooks, SparseAutoencoder
 from .views import attention_weights, col_index, pos_index, row_major, token_major
 
@@ -324,6 +325,9 @@ class Runner(SaeHooks):
         if key not in self._derived:
             self._derived[key] = compute()
         return self._derived[key]
+
+    def call(self, fn: str, values: torch.Tensor, origin: str) -> torch.Tensor:
+        return call_op(fn, values, origin)
 
     def spreads(self) -> dict[str, float]:
         """The spreads noise ops measured (``std_of``), for the manifest."""

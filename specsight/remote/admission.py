@@ -19,7 +19,7 @@ from ..compile.saes import SaeConfigError, SaeSource, read_sae_config
 from ..compile.templates import TEMPLATE, cell_text
 from ..errors import Issue, ModelLoadError, SpecError, SpecsightError, format_path
 from ..plan import Plan
-from ..spec import LoadedDoc, Spec, from_data, validate_spec
+from ..spec import LoadedDoc, Spec, from_data, python_refusal, validate_spec
 from .protocol import Limits
 
 if TYPE_CHECKING:
@@ -205,10 +205,11 @@ def sae_configs(saes: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 def refuse_local_only(spec: Spec, doc: LoadedDoc | None) -> None:
     """Raise the SpecError a spec that can only run locally gets: a factory model, a model
-    placement (device_map, max_memory, offload_folder: a path), or image and tensor inputs
-    (files, which a server never reads)."""
+    placement (device_map, max_memory, offload_folder: a path), image and tensor inputs
+    (files, which a server never reads), or Python functions."""
     if spec.model.factory is not None:
         raise factory_refusal(doc)
+    python_refusal(spec, doc, where="a server")
     _refuse_placement(spec, doc)
     for name, entry in spec.saes.items():
         if entry.path is not None:
@@ -286,6 +287,7 @@ def prepare_job(
     spec = validate_spec(doc)
     if spec.model.factory is not None:
         raise factory_refusal(doc)
+    python_refusal(spec, doc, where="a server")
     _refuse_placement(spec, doc)
     if spec.model.id != model.model_id:
         raise SpecError(

@@ -25,7 +25,8 @@ from ..spec import load_text
 from .circuit_graph import edge_graph_svg
 from .colours import colour_scale
 from .labels import axis_labels
-from .summary import RunView, _over, _strongest
+from .strongest import strongest_cells
+from .summary import RunView, _over
 
 __all__ = ["REPORT_FILE", "render_report", "write_report"]
 
@@ -325,7 +326,7 @@ def _metrics(results: RunView, where: Any) -> tuple[list[dict[str, Any]], str]:
             note = f"axes {', '.join(entry['axes'][:2])} shown; choose the other axes' values:"
         strongest = ""
         if tensor.ndim >= 2 and tensor.numel() > 0:
-            lines = _strongest(name, tensor, meta, extra)
+            lines = strongest_cells(name, tensor, meta, extra)
             items = "".join(f"<li>{_e(line.strip())}</li>" for line in lines[1:])
             strongest = (
                 f'<div class="note">{_e(lines[0].strip())}</div><ul class="strongest">{items}</ul>'

@@ -8,6 +8,7 @@ weight hashes, versions, device, dtype, timings and each tensor's sha256 and axe
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,18 @@ from .report import REPORT_FILE, write_report
 from .summary import render_summary
 
 __all__ = ["Results", "tensor_sha256", "RESULTS_FILE", "MANIFEST_FILE"]
+
+
+def describe_function(function: Any) -> dict[str, Any]:
+    """A Python function as the manifest records it: where it is defined and its source's
+    sha256 (None where Python cannot find the source: a builtin, a C extension)."""
+    name = f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
+    try:
+        source: str | None = inspect.getsource(function)
+    except (OSError, TypeError):
+        source = None
+    digest = hashlib.sha256(source.encode()).hexdigest() if source is not None else None
+    return {"function": name, "source_sha256": digest}
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -75,6 +88,16 @@ class Results:
         dataset = self.manifest.get("dataset")
         if rows is not None and isinstance(dataset, dict):
             dataset["items"] = [dict(row) for row in rows]
+
+    def record_functions(
+        self, functions: Mapping[str, Any] | None, named: Sequence[tuple[Any, str]]
+    ) -> None:
+        """Record which Python function each name the spec uses was (``module.qualname``) and
+        the sha256 of its source, where Python can find it."""
+        used = sorted({fn for _, fn in named})
+        if not used or not functions:
+            return
+        self.manifest["python"] = {name: describe_function(functions[name]) for name in used}
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:

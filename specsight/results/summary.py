@@ -15,6 +15,7 @@ from ..errors import printable
 from .circuit_views import CIRCUIT_VIEWS
 from .expect import Outcome
 from .labels import axis_labels, cell_label, coords, metric_label
+from .strongest import fmt_value, spread_text, strongest_cells
 
 __all__ = ["RunView", "render_summary", "print_summary"]
 
@@ -33,16 +34,6 @@ class RunView(Protocol):
 _MAX_GRID_COLUMNS = 64
 _MAX_LIST = 64
 _MAX_PROMPTS = 4  # next tokens shown per invoke (a dataset's invokes have many items)
-
-
-def _fmt(value: float, digits: int = 3, tiny: bool = True) -> str:
-    """Signed, ``digits`` decimals; a large value, and (``tiny``) one that would print as 0.000
-    but is not 0, in scientific notation (3 significant digits)."""
-    if value != value:  # NaN
-        return "nan"
-    if tiny and value != 0 and abs(value) < 0.5 * 10**-digits:
-        return f"{value:+.2e}"
-    return f"{value:+.{digits}f}" if abs(value) < 1000 else f"{value:+.3g}"
 
 
 def _prob(value: float) -> str:
@@ -84,7 +75,7 @@ def _grids(name: str, tensor: Any, meta: dict[str, Any], width: int) -> list[Tab
     top = max(abs(lo), abs(hi))
     digits = 3 if top < 1 else 2
     # near-zero cells of a grid read as 0.000; only a grid that is all near zero goes scientific
-    cells = [[_fmt(float(v), digits, tiny=top < 5e-4) for v in row] for row in data]
+    cells = [[fmt_value(float(v), digits, tiny=top < 5e-4) for v in row] for row in data]
     rows = [rows_label[i] if i < len(rows_label) else str(i) for i in range(data.shape[0])]
     headers = []
     for label in cols_label or [str(i) for i in range(data.shape[1])]:
@@ -116,63 +107,6 @@ def _grids(name: str, tensor: Any, meta: dict[str, Any], width: int) -> list[Tab
     return tables
 
 
-def _strongest(
-    name: str, tensor: Any, meta: dict[str, Any], extra: dict[str, Any], n: int = 5
-) -> list[str]:
-    """The cells furthest from the baseline (0 for a recovery, the baseline metric's value for
-    an effect), signed; without a baseline, the largest values."""
-    axes = meta.get("axes", [])[: tensor.ndim]
-    flat = tensor.float().flatten()
-    baseline, effect = meta.get("baseline"), extra.get("effect")
-    if effect is not None and tuple(effect.shape) == tuple(tensor.shape):
-        effect = effect.float().flatten()
-        score = effect.abs().nan_to_num(float("-inf"))
-        title = f"  strongest cells of {name} (largest |effect| vs {meta.get('baseline_metric')}):"
-    elif baseline is not None:
-        effect = None
-        score = (flat - baseline).abs().nan_to_num(float("-inf"))
-        title = f"  strongest cells of {name} (furthest from {baseline:g}):"
-    else:
-        effect = None
-        score = flat.nan_to_num(float("-inf"))
-        title = f"  strongest cells of {name} (largest values; set 'baseline' to rank by effect):"
-    lines = [title]
-    complete = _complete_cells(tensor, meta, extra)
-    if complete is not None and bool(complete.any()):
-        score = score.masked_fill(complete, float("-inf"))
-        shown = [cell_label(meta, axes, coords(i, tuple(tensor.shape))) for i in complete.nonzero().flatten()[:3].tolist()]  # fmt: skip
-        more = ", ..." if int(complete.sum()) > len(shown) else ""
-        lines.append(
-            f"    (not ranked: {int(complete.sum())} cell(s) where the patch restores the clean "
-            f"value exactly, recovery 1 on every item, the site carrying the whole answer: "
-            f"{'; '.join(shown)}{more})"
-        )
-        if bool(complete.all()):
-            return lines
-    order = score.topk(min(n, int((score > float("-inf")).sum()) or 1)).indices.tolist()
-    for index in order:
-        cell = coords(index, tuple(tensor.shape))
-        where = cell_label(meta, axes, cell)
-        shown = f"{_fmt(float(flat[index]))}{_spread(extra, tuple(cell))}"
-        if effect is not None:
-            shown += f" (effect {_fmt(float(effect[index]))})"
-        lines.append(f"    {shown}  at {where}")
-    return lines
-
-
-def _complete_cells(tensor: Any, meta: dict[str, Any], extra: dict[str, Any]) -> Any:
-    """For a recovery: the flat cells where it is 1 on every item (the patched value is the
-    clean value: the patch carries the answer itself), within 1e-4 of a ratio; else None."""
-    if meta.get("metric_kind") != "recovery":
-        return None
-    items = extra.get("items")
-    if items is not None and tuple(items.shape[:-1]) == tuple(tensor.shape):
-        per_cell = items.float().reshape(tensor.numel(), -1)
-    else:
-        per_cell = tensor.float().reshape(-1, 1)
-    return ((per_cell - 1).abs() <= 1e-4).all(dim=1)
-
-
 def _over(meta: dict[str, Any]) -> str:
     """`` (mean over 64 items)`` for a reduced metric."""
     reduce = meta.get("reduce")
@@ -180,17 +114,6 @@ def _over(meta: dict[str, Any]) -> str:
         return ""
     what = "recovery of means" if reduce.get("of") == "means" else reduce["stat"]
     return f" ({what} over {reduce['size']} {reduce['over']}s)"
-
-
-def _spread(extra: dict[str, Any], index: tuple[int, ...]) -> str:
-    """`` ± 0.12`` (the standard error) and the bootstrap interval of one cell, when stored."""
-    text = ""
-    if "stderr" in extra:
-        text += f" ± {float(extra['stderr'][index]):.3g}"
-    if "ci_low" in extra:
-        low, high = float(extra["ci_low"][index]), float(extra["ci_high"][index])
-        text += f" [{_fmt(low)}, {_fmt(high)}]"
-    return text
 
 
 def _print_metric(
@@ -237,7 +160,7 @@ def _print_metric(
         for i in range(min(len(values), _MAX_LIST)):
             where = cell_label(meta, cell_axes, coords(i, tuple(tensor.shape[:-1])))
             label = f"{name}[{where}]" if where else name
-            shown = "  ".join(f"#{int(f)} {_fmt(float(v))}" for f, v in zip(ids[i], values[i]))
+            shown = "  ".join(f"#{int(f)} {fmt_value(float(v))}" for f, v in zip(ids[i], values[i]))
             console.print(f"  [magenta]{escape(label)}[/magenta]  {escape(shown)}")
         return
     if view == "parts" and tensor.ndim == 1:
@@ -252,19 +175,19 @@ def _print_metric(
     if tensor.ndim == 0:
         label = metric_label(meta, manifest)
         what = f" ({label})" if label else ""
-        value = _fmt(float(tensor)) + _spread(extra, ())
+        value = fmt_value(float(tensor)) + spread_text(extra, ())
         console.print(f"  [magenta]{escape(name)}[/magenta]{escape(what + _over(meta))} = {value}")
     elif tensor.ndim == 2 and tensor.shape[1] <= _MAX_GRID_COLUMNS and tensor.shape[0] <= 200:
         for table in _grids(name + _over(meta), tensor, meta, console.width):
             console.print(table)
-        for line in _strongest(name, tensor, meta, extra):
+        for line in strongest_cells(name, tensor, meta, extra):
             console.print(line, markup=False)
     elif tensor.ndim == 1 and tensor.numel() <= _MAX_LIST:
         axis = axes[0] if axes else "index"
         labels = axis_labels(meta, axis)
         values = tensor.tolist()
         shown = "  ".join(
-            f"{labels[i] if i < len(labels) else i}: {_fmt(v)}{_spread(extra, (i,))}"
+            f"{labels[i] if i < len(labels) else i}: {fmt_value(v)}{spread_text(extra, (i,))}"
             for i, v in enumerate(values)
         )
         console.print(
@@ -275,7 +198,7 @@ def _print_metric(
             f"  [magenta]{escape(name)}[/magenta]{escape(_over(meta))} shape "
             f"{list(tensor.shape)} ({' x '.join(axes)})"
         )
-        for line in _strongest(name, tensor, meta, extra):
+        for line in strongest_cells(name, tensor, meta, extra):
             console.print(line, markup=False)
 
 
@@ -284,7 +207,7 @@ def _print_parts(
 ) -> None:
     """A decomposition (dla): what it adds up to, then its largest parts by size."""
     labels = axis_labels(meta, meta.get("axes", ["component"])[-1])
-    total = f"{_fmt(float(extra['total']))}" if "total" in extra else "?"
+    total = f"{fmt_value(float(extra['total']))}" if "total" in extra else "?"
     residual = f"{float(extra['residual']):.2g}" if "residual" in extra else "?"
     console.print(
         f"  [magenta]{escape(name)}[/magenta]{escape(_over(meta))}: {len(labels)} parts sum to "
@@ -292,7 +215,7 @@ def _print_parts(
     )
     order = tensor.float().abs().nan_to_num(float("-inf")).topk(min(8, tensor.numel())).indices
     shown = [
-        f"{labels[i] if i < len(labels) else i}: {_fmt(float(tensor[i]))}{_spread(extra, (i,))}"
+        f"{labels[i] if i < len(labels) else i}: {fmt_value(float(tensor[i]))}{spread_text(extra, (i,))}"
         for i in order.tolist()
     ]
     console.print("    " + escape("  ".join(shown)))

@@ -67,6 +67,7 @@ from .ops import (
     PatchOp,
     PathPatchOp,
     ProjectOutOp,
+    PythonOp,
     ResampleAblateOp,
     SavedVector,
     SaveOp,
@@ -77,6 +78,7 @@ from .ops import (
     ZeroOp,
     invoke_sources,
 )
+from .python import PythonMetric, python_functions, python_refusal
 from .saes import SAE_PARTS, SaeEntry
 from .source import MAX_BYTES, MAX_DEPTH, LoadedDoc, SourceMap
 from .validate import doc_of, document_of, load_spec, validate_spec
@@ -125,6 +127,10 @@ __all__ = [
     "ClampOp",
     "SkipOp",
     "PathPatchOp",
+    "PythonOp",
+    "PythonMetric",
+    "python_functions",
+    "python_refusal",
     "invoke_sources",
     "FileVector",
     "SavedVector",

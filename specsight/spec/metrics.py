@@ -10,8 +10,10 @@ from .base import PositionSelector, TokenRef
 from .circuits import CircuitEdges, EdgeAttributionMetric, FaithfulnessMetric
 from .inside import DLA_PARTS, DlaMetric, ProbeMetric, ProbeSplit, TopFeaturesMetric
 from .metric_kinds import MetricBase, MetricKind, Reduce, Reducible, sites_field
+from .python import PythonMetric
 
 __all__ = [
+    "PythonMetric",
     "Reduce",
     "LogitsMetric",
     "LogprobMetric",
@@ -176,7 +178,8 @@ class AttributionMetric(MetricKind):
 
 
 Metric = Annotated[
-    EdgeAttributionMetric
+    PythonMetric
+    | EdgeAttributionMetric
     | FaithfulnessMetric
     | TopFeaturesMetric
     | ProbeMetric
@@ -211,5 +214,6 @@ METRIC_CLASSES: dict[str, type[BaseModel]] = {
     "top_features": TopFeaturesMetric,
     "edge_attribution": EdgeAttributionMetric,
     "faithfulness": FaithfulnessMetric,
+    "python": PythonMetric,
 }
 METRIC_KINDS = tuple(METRIC_CLASSES)

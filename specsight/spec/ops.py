@@ -13,8 +13,10 @@ from pydantic import ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from .base import SITE_SYNTAX, Number, Placeholder, Positions, StrictModel
+from .python import FN_FIELD
 
 __all__ = [
+    "PythonOp",
     "FileVector",
     "SavedVector",
     "MeanDiffVector",
@@ -301,8 +303,18 @@ class PathPatchOp(SiteOp):
         return self
 
 
+class PythonOp(SiteOp):
+    """Replace the site's values at the chosen positions (heads, dims) by a Python function of
+    them ([n, width] in, the same shape out, for the rows of a forward at once): local runs
+    only, ``specsight.run(spec, functions={name: fn})``."""
+
+    op: Literal["python"]
+    fn: str = FN_FIELD
+
+
 Op = Annotated[
     PathPatchOp
+    | PythonOp
     | SaveOp
     | ZeroOp
     | ScaleOp
@@ -331,6 +343,7 @@ OP_CLASSES: dict[str, type[SiteOp]] = {
     "clamp": ClampOp,
     "skip": SkipOp,
     "path_patch": PathPatchOp,
+    "python": PythonOp,
 }
 OP_NAMES = tuple(OP_CLASSES)
 

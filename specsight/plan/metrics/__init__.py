@@ -16,6 +16,7 @@ from .dla import DirectLogitAttribution
 from .features import TopFeatures
 from .lens import LogitLens
 from .probe import Probe
+from .python import PythonScore
 from .recovery import Recovery
 from .tokens import Accuracy, LogitDiff, Logits, LogProb, Prob
 
@@ -43,6 +44,7 @@ __all__ = [
     "Recovery",
     "EdgeAttribution",
     "Faithfulness",
+    "PythonScore",
 ]
 
 

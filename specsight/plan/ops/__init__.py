@@ -12,6 +12,7 @@ from .edit import AddVector, Scale, SetVector, Zero
 from .env import At, Group, OpEnv
 from .keep import Capture, Grad, Save
 from .path import PathPatch, Sender
+from .python import CallPython
 
 __all__ = [
     "At",
@@ -32,4 +33,5 @@ __all__ = [
     "ProjectOut",
     "PathPatch",
     "Sender",
+    "CallPython",
 ]

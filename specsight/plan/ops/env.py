@@ -99,3 +99,7 @@ class OpEnv(Protocol):
 
     def row_length(self, row: int) -> int:
         """The number of real tokens of the plan's row ``row``."""
+
+    def call(self, fn: str, values: Any, origin: str) -> Any:
+        """The Python function ``fn`` given to the run, applied to a site's ``values``
+        ([n, width]); its result checked to have their shape (``origin``: the op, for errors)."""
