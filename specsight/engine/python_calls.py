@@ -15,8 +15,8 @@ from ..errors import RunError
 
 __all__ = ["call_metric", "call_op", "given_functions"]
 
-_FUNCTIONS: contextvars.ContextVar[Mapping[str, Callable[..., Any]]] = contextvars.ContextVar(
-    "specsight_functions", default={}
+_FUNCTIONS: contextvars.ContextVar[Mapping[str, Callable[..., Any]] | None] = (
+    contextvars.ContextVar("specsight_functions", default=None)
 )
 
 
@@ -31,7 +31,7 @@ def given_functions(functions: Mapping[str, Callable[..., Any]] | None) -> Itera
 
 
 def _call(fn: str, values: torch.Tensor, what: str) -> Any:
-    function = _FUNCTIONS.get().get(fn)
+    function = (_FUNCTIONS.get() or {}).get(fn)
     if function is None:
         raise RunError(
             f"{what} calls the Python function '{fn}', which this run was not given",
