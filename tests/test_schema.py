@@ -95,3 +95,20 @@ def test_jsonschema_and_pydantic_agree(patch, valid):
     except SpecError:
         pydantic_ok = False
     assert schema_ok == pydantic_ok == valid
+
+
+def test_every_shipped_example_names_the_schema_for_editors(tmp_path):
+    """Each example spec's first line points the YAML language server at the schema, by a
+    path that resolves beside it in the repository and in a `specsight examples` copy."""
+    from click.testing import CliRunner
+
+    from specsight.cli import main
+
+    modeline = "# yaml-language-server: $schema=../schemas/spec.v1.json\n"
+    assert CliRunner().invoke(main, ["examples", str(tmp_path / "ex")]).exit_code == 0
+    for folder in (SPECS, tmp_path / "ex" / "specs"):
+        specs = sorted(folder.glob("*.yaml"))
+        assert len(specs) >= 10
+        for spec in specs:
+            assert spec.read_text(encoding="utf-8").startswith(modeline), spec.name
+            assert (spec.parent / "../schemas/spec.v1.json").resolve().is_file(), spec

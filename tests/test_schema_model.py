@@ -1,7 +1,8 @@
 """``specsight schema --model ID``: the spec's schema whose ``site`` fields complete one model's
 site names, checked against the model itself (every offered name resolves, the canonical ones
-are exactly those ``specsight sites`` lists) and against the generic schema (it accepts exactly
-the same specs: completion, never a false error). Also what the generic schema says about sites
+are exactly those ``specsight sites`` lists) and against the generic schema (it refuses what the
+generic one refuses, and a site string no site of the model could be: a typo is flagged in the
+editor, every form the model resolves is not). Also what the generic schema says about sites
 and that it lists every op and metric kind."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from specsight.cli import main
 from specsight.models.load import TINY_MODELS, load_model_info
 from specsight.sites import (
     CANONICAL,
+    SiteError,
     canonical_names,
     model_schema,
     resolve_site,
@@ -58,6 +60,13 @@ def _offered(schema: dict, node: dict) -> set[str]:
         for option in node.get(key, ()):
             found |= _offered(schema, option)
     return found
+
+
+RAW_RANGE = {"tiny-llama": "model.layers.1:3.mlp", "tiny-gpt2": "transformer.h.1:3.mlp"}
+RAW_INPUT = {
+    "tiny-llama": "model.layers.{layer}.mlp.down_proj.input",
+    "tiny-gpt2": "transformer.h.{layer}.mlp.c_proj.input",
+}
 
 
 def _spec(site: str, *, op: str = "zero", sweep: dict | None = None) -> dict:
@@ -164,20 +173,43 @@ def test_every_site_field_offers_the_models_names(model_id):
 
 @pytest.mark.parametrize("model_id", ["tiny-llama", "tiny-gpt2"])
 @pytest.mark.parametrize(
-    "spec",
+    "site",
     [
-        _spec("resid_post.3"),
-        _spec("resid_post.0:2"),  # a range: not offered, still valid
-        _spec("resid_post.-1"),
-        _spec("resid_post.{l}", sweep={"l": [0, 1]}),  # another sweep variable
-        _spec("model.layers.1:3.mlp"),  # a raw range
-        _spec("model.layers.{layer}.mlp.down_proj.input", sweep={"layer": [0]}),
-        _spec("not_a_site_here"),  # the schema does not know the model: specsight says it
+        "resid_post.3",
+        "resid_post.0:2",  # a range: not offered, still valid
+        "resid_post.-1",
+        "resid_post.::2",
+        "resid_post.{l}",  # another sweep variable
+        "raw range",  # a module path with an index range
+        "raw input",  # a module's input, at a sweep's layer
+        "sae.res6.features",  # an SAE's part (the spec names the SAE)
     ],
-    ids=lambda s: s["invokes"]["a"]["ops"][0]["site"],
 )
-def test_sites_outside_the_list_raise_no_false_error(model_id, spec):
+def test_sites_outside_the_list_raise_no_false_error(model_id, site):
+    site = {"raw range": RAW_RANGE[model_id], "raw input": RAW_INPUT[model_id]}.get(site, site)
+    sweep = {"l": [0, 1]} if "{l}" in site else {"layer": [0]} if "{layer}" in site else None
+    spec = _spec(site, sweep=sweep)
     assert not list(_validator(model_id).iter_errors(spec))
+    if not site.startswith("sae."):  # an SAE's parts resolve once the spec declares it
+        assert resolve_site(site.replace("{l}", "1").replace("{layer}", "1"), _info(model_id))
+
+
+@pytest.mark.parametrize("model_id", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize(
+    "site", ["resid_pots.3", "not_a_site_here", "mlp_out.x", "resid_post", "model.layer.2.mlp"]
+)
+def test_a_site_no_model_site_matches_is_flagged_in_the_editor(model_id, site):
+    """A typo is an error in the editor, as it is for specsight validate."""
+    errors = list(_validator(model_id).iter_errors(_spec(site)))
+    assert errors
+    with pytest.raises(SiteError):
+        resolve_site(site, _info(model_id))
+
+
+@pytest.mark.parametrize("model_id", ["tiny-llama", "tiny-gpt2"])
+def test_another_models_module_paths_are_flagged(model_id):
+    other = "tiny-gpt2" if model_id == "tiny-llama" else "tiny-llama"
+    assert list(_validator(model_id).iter_errors(_spec(RAW[other])))
 
 
 @pytest.mark.parametrize("model_id", ["tiny-llama", "tiny-gpt2"])

@@ -11,9 +11,10 @@ each module's path (its output) and the path with ``.input``.
 :func:`model_schema` puts them in the schema. Every ``site`` field gets
 ``anyOf: [{"$ref": "#/$defs/ModelSite"}, {"type": "string"}]`` where ``ModelSite`` is an
 ``anyOf`` of one ``enum`` per group: the YAML language server and VS Code complete a value from
-the ``enum`` s inside ``anyOf``, while the plain-string branch keeps every other valid site (a
-layer range, another sweep variable) free of false errors. The field's own constraints stay, so
-the schema accepts exactly what the generic one does. ``enum`` rather than ``examples``: the
+the ``enum`` s inside ``anyOf``, while the string branch's ``pattern`` (:func:`site_pattern`)
+keeps every other form the model could resolve (a layer range, another sweep variable, a module
+path with an index range) free of false errors and flags a typo ('resid_pots.3'). The field's
+own constraints stay, so the schema refuses everything the generic one refuses. ``enum`` rather than ``examples``: the
 YAML language server shows a value's ``examples`` on hover, every one of them, always; it shows
 an ``enum`` only where the value is in it, and then only that group's few dozen names.
 """
@@ -21,6 +22,7 @@ an ``enum`` only where the value is in it, and then only that group's few dozen 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
@@ -29,16 +31,20 @@ from .resolve import SAE_PARTS, family_table
 
 __all__ = [
     "DEF_NAME",
+    "FORM_NAME",
     "LAYER_VARIABLE",
     "SiteGroup",
     "model_schema",
     "sae_group",
     "site_groups",
     "site_names",
+    "site_pattern",
 ]
 
 #: the ``$defs`` entry holding the model's site names
 DEF_NAME = "ModelSite"
+#: the ``$defs`` entry holding the pattern of every site string the model could resolve
+FORM_NAME = "ModelSiteForm"
 #: the sweep variable of the templated forms: ``resid_post.{layer}``
 LAYER_VARIABLE = "layer"
 #: module classes without a forward of their own: a hook on them never fires
@@ -140,18 +146,54 @@ def site_names(info: ModelInfo) -> list[str]:
     return list(dict.fromkeys(name for group in site_groups(info) for name in group.names))
 
 
-def _complete_sites(node: Any, ref: dict[str, Any]) -> int:
-    """Give every string ``site`` property below ``node`` the model's names; how many."""
+#: a layer or index in a site: a number (negative from the end), a range, *, a sweep variable
+_INDEX = r"(?:-?[0-9]+|-?[0-9]*:-?[0-9]*(?::-?[0-9]+)?|\*|\{[A-Za-z_][A-Za-z0-9_]*\})"
+
+
+def _module_form(module: str) -> str:
+    """A module path as a pattern whose index components take any index form."""
+    return r"\.".join(_INDEX if part.isdigit() else re.escape(part) for part in module.split("."))
+
+
+def site_pattern(info: ModelInfo) -> str:
+    """A regular expression (ECMA-262, as JSON Schema reads it) of every site string ``info``'s
+    model could resolve: canonical names with any layer form, model-wide names, module paths
+    (any index form, ``.input`` / ``.output``), SAE parts; a typo matches none of them."""
+    table = family_table(info)
+    forms: list[str] = []
+    if table:
+        layered = sorted(n for n, tpl in table["sites"].items() if "{L}" in tpl[0])
+        wide = sorted(n for n, tpl in table["sites"].items() if "{L}" not in tpl[0])
+        if layered:
+            forms.append(f"(?:{'|'.join(map(re.escape, layered))})\\.{_INDEX}")
+        forms += [re.escape(name) for name in wide]
+    canonical = set(table["sites"]) if table else set()
+    modules = sorted(
+        {
+            _module_form(module)
+            for module, kind in info.modules
+            if module and kind not in _CONTAINERS and module.split(".", 1)[0] not in canonical
+        }
+    )
+    if modules:
+        forms.append(f"(?:{'|'.join(modules)})(?:\\.input|\\.output)?")
+    forms.append(f"sae\\.[A-Za-z_][A-Za-z0-9_\\-]*\\.(?:{'|'.join(SAE_PARTS)})")
+    return f"^(?:{'|'.join(forms)})$"
+
+
+def _complete_sites(node: Any, refs: list[dict[str, Any]]) -> int:
+    """Give every string ``site`` property below ``node`` the model's names, and refuse any
+    other string that names no site of the model; how many."""
     count = 0
     if isinstance(node, dict):
         site = node.get("properties", {}).get("site")
         if isinstance(site, dict) and site.get("type") == "string" and "anyOf" not in site:
             site.pop("examples", None)  # the generic examples may not be this model's names
-            site["anyOf"] = [copy.deepcopy(ref), {"type": "string"}]
+            site["anyOf"] = copy.deepcopy(refs)
             count += 1
-        count += sum(_complete_sites(value, ref) for value in node.values())
+        count += sum(_complete_sites(value, refs) for value in node.values())
     elif isinstance(node, list):
-        count += sum(_complete_sites(value, ref) for value in node)
+        count += sum(_complete_sites(value, refs) for value in node)
     return count
 
 
@@ -165,8 +207,8 @@ def model_schema(
     schema: dict[str, Any], info: ModelInfo, saes: tuple[str, ...] | list[str] = ()
 ) -> dict[str, Any]:
     """A copy of the spec's JSON ``schema`` whose ``site`` fields complete ``info``'s site names
-    (see the module's docstring), and those of SAEs named ``saes``; it validates exactly what
-    ``schema`` does."""
+    (see the module's docstring), and those of SAEs named ``saes``; it validates what
+    ``schema`` does, except site strings that no site of the model could be (typos)."""
     out = copy.deepcopy(schema)
     groups = site_groups(info) + ([sae_group(saes)] if saes else [])
     if not groups:  # nothing to complete (a model without modules)
@@ -176,7 +218,12 @@ def model_schema(
         f"{info.n_layers} layers): canonical names, then module paths",
         "anyOf": [{"description": g.description, "enum": list(g.names)} for g in groups],
     }
-    _complete_sites(out, {"$ref": f"#/$defs/{DEF_NAME}"})
+    out["$defs"][FORM_NAME] = {
+        "description": f"any site string {info.model_id} could resolve (a typo matches none)",
+        "type": "string",
+        "pattern": site_pattern(info),
+    }
+    _complete_sites(out, [{"$ref": f"#/$defs/{DEF_NAME}"}, {"$ref": f"#/$defs/{FORM_NAME}"}])
     if "$id" in out:  # another schema than the generic one: another id
         out["$id"] = f"{out['$id']}?model={quote(info.model_id, safe='')}"
     out["$comment"] = (
