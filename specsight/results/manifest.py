@@ -104,6 +104,7 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
                 if save.row_positions
                 else {}
             ),
+            **_pattern_tokens(plan, save, tokenizer),
             **_tensor_fields(tensor),
         }
     for name, tensor in raw.saves.items():
@@ -119,6 +120,16 @@ def _tensor_meta(plan: Plan, raw: EngineOutput, tokenizer: Tokenizer) -> dict[st
                 **_tensor_fields(tensor),
             }
     return meta
+
+
+def _pattern_tokens(plan: Plan, save: Any, tokenizer: Tokenizer) -> dict[str, Any]:
+    """An attention pattern's prompts as token strings (the report labels its axes with them):
+    each prompt of the saving invoke, up to 64 of them."""
+    if "query" not in save.value_axes or not getattr(tokenizer, "has_text", True):
+        return {}
+    rows = {r.prompt_index: r.tokens for r in plan.rows if r.invoke == save.invoke}
+    prompts = [rows[i] for i in sorted(rows)[:64]]
+    return {"prompt_tokens": [tokenizer.token_strs(list(tokens)) for tokens in prompts]}
 
 
 def _listed(values: Any) -> list[Any] | None:

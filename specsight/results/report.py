@@ -22,6 +22,7 @@ import yaml
 
 from ..errors import SpecsightError
 from ..spec import load_text
+from .attention_view import attention_sections
 from .circuit_graph import edge_graph_svg
 from .colours import colour_scale
 from .labels import axis_labels
@@ -54,6 +55,10 @@ def render_report(results: RunView) -> str:
     text, source_note, fmt = _spec_text(spec)
     where = _locator(text, fmt)
     metrics, metric_html = _metrics(results, where)
+    patterns, attention_html = attention_sections(
+        results.saves, manifest.get("tensors", {}), len(metrics), _metric_entry
+    )
+    metrics += patterns
     # the findings first; what the run was (model, timings, versions) folded below them
     facts = (
         f"<details><summary>model, timings, versions, dataset</summary>{_facts(results)}</details>"
@@ -61,6 +66,7 @@ def render_report(results: RunView) -> str:
     sections = [
         ("expectations", "Expectations", _expectations(results, where)),
         ("metrics", "Metrics", metric_html),
+        ("attention", "Attention", attention_html),
         ("tokens", "Next tokens", _next_tokens(results)),
         ("generated", "Generated text", _generated(results)),
         ("facts", "Run", facts),

@@ -250,6 +250,56 @@
     if (extra.effect) html("span", " (effect vs " + m.baseline_metric + ": " + exact(extra.effect[0], m.f32) + ")", p, "spread");
   }
 
+  function csvField(v) {
+    var s = v === null || v === undefined ? "" : String(v);
+    return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  }
+
+  function csvOf(m, fixed) {
+    // the cells shown: the first two axes (or one) at the picked values of the others
+    var shown = Math.min(2, m.shape.length), extra = m.extra || {};
+    var head = [];
+    for (var a = 0; a < m.axes.length; a++) head.push(m.axes[a]);
+    head.push(m.name);
+    ["stderr", "ci_low", "ci_high", "effect"].forEach(function (k) { if (extra[k]) head.push(k); });
+    var lines = [head.map(csvField).join(",")];
+    var sizes = m.shape.map(function (n, i) { return i < shown ? n : 1; });
+    var count = sizes.reduce(function (a, n) { return a * n; }, 1);
+    for (var cell = 0; cell < count; cell++) {
+      var coords = fixed.slice(), rest = cell;
+      for (var i = shown - 1; i >= 0; i--) { coords[i] = rest % sizes[i]; rest = Math.floor(rest / sizes[i]); }
+      var flat = coords.reduce(function (acc, c, j) { return acc + c * m.strides[j]; }, 0);
+      var row = coords.map(function (c, j) { return label(m, m.axes[j], c); });
+      row.push(m.values[flat]);
+      ["stderr", "ci_low", "ci_high", "effect"].forEach(function (k) { if (extra[k]) row.push(extra[k][flat]); });
+      lines.push(row.map(csvField).join(","));
+    }
+    return lines.join("\n") + "\n";
+  }
+
+  function exportLinks(box, m, fixed) {
+    // download the plot as SVG and the cells shown as CSV (made when clicked: nothing is fetched)
+    var bar = box.querySelector(".exports") || html("div", null, box, "exports");
+    bar.textContent = "";
+    var file = m.name.replace(/[^A-Za-z0-9_.-]+/g, "_");
+    var svg = box.querySelector(".plot svg");
+    if (svg) {
+      var a = html("a", "SVG", bar, "export-svg");
+      a.setAttribute("download", file + ".svg");
+      a.href = "#";
+      a.addEventListener("click", function () {
+        var text = '<?xml version="1.0" encoding="UTF-8"?>\n' + new XMLSerializer().serializeToString(svg);
+        a.href = "data:image/svg+xml;charset=utf-8," + encodeURIComponent(text);
+      });
+    }
+    var b = html("a", "CSV", bar, "export-csv");
+    b.setAttribute("download", file + ".csv");
+    b.href = "#";
+    b.addEventListener("click", function () {
+      b.href = "data:text/csv;charset=utf-8," + encodeURIComponent(csvOf(m, fixed));
+    });
+  }
+
   function draw(box, m, index) {
     var plot = box.querySelector(".plot");
     plot.textContent = "";
@@ -260,6 +310,7 @@
     if (m.shape.length === 0) number(plot, m);
     else if (m.shape.length === 1) lineplot(plot, m, fixed);
     else heatmap(plot, m, fixed, index);
+    exportLinks(box, m, fixed);
   }
 
   data.metrics.forEach(function (m, index) {
