@@ -5,6 +5,9 @@ each item's own names."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from tests.conftest import ROOT
@@ -16,15 +19,27 @@ pytest.importorskip("ipykernel")
 NOTEBOOK = ROOT / "docs" / "notebook.ipynb"
 
 
+def _kernel(tmp_path, monkeypatch) -> str:
+    """A kernel spec that runs this interpreter (the one specsight is installed in), found
+    before any other python3 kernel the machine may have."""
+    folder = tmp_path / "jupyter" / "kernels" / "specsight-test"
+    folder.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec = {"argv": argv, "display_name": "specsight tests", "language": "python"}
+    (folder / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "specsight-test"
+
+
 @pytest.mark.slow
-def test_the_notebook_runs_from_install_to_the_ioi_result(tmp_path):
+def test_the_notebook_runs_from_install_to_the_ioi_result(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     for cell in notebook.cells:
         assert not cell.get("outputs"), "commit the notebook without outputs"
     client = nbclient.NotebookClient(
         notebook,
         timeout=600,
-        kernel_name="python3",
+        kernel_name=_kernel(tmp_path, monkeypatch),
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
