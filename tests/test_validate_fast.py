@@ -22,10 +22,19 @@ PROBE = (
 )
 
 
-def _validate(path, cache) -> str:
+#: a validate that fails: whether it named the layer, and whether torch was imported
+FAILING = (
+    "import sys\nfrom specsight.api import validate\nfrom specsight.errors import SpecError\n"
+    "try:\n    validate(sys.argv[1])\nexcept SpecError as exc:\n"
+    "    print('layer' in str(exc), 'torch' in sys.modules)\n"
+)
+
+
+def _validate(path, cache, code: str = PROBE) -> str:
+    """What ``code`` prints validating ``path`` in a fresh interpreter using ``cache``."""
     env = {**os.environ, "SPECSIGHT_CACHE": str(cache)}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(path)],
+        [sys.executable, "-c", code, str(path)],
         capture_output=True,
         text=True,
         env=env,
@@ -50,7 +59,7 @@ def test_a_second_validate_needs_no_torch(tmp_path):
     # a bad spec is still caught from the cache: the site does not exist in a 4-layer model
     spec["invokes"]["a"]["ops"][0]["site"] = "mlp_out.9"
     path.write_text(yaml.safe_dump(spec))
-    assert _validate_fails(path, cache)
+    assert _validate(path, cache, FAILING) == "True False"
     entries = list((cache / "info").glob("*.json"))
     assert len(entries) == 1
     os.environ["SPECSIGHT_CACHE"], old = str(cache), os.environ.get("SPECSIGHT_CACHE")
@@ -68,20 +77,3 @@ def test_a_second_validate_needs_no_torch(tmp_path):
             os.environ.pop("SPECSIGHT_CACHE")
         else:
             os.environ["SPECSIGHT_CACHE"] = old
-
-
-def _validate_fails(path, cache) -> bool:
-    env = {**os.environ, "SPECSIGHT_CACHE": str(cache)}
-    code = (
-        "import sys\nfrom specsight.api import validate\nfrom specsight.errors import SpecError\n"
-        "try:\n    validate(sys.argv[1])\nexcept SpecError as exc:\n"
-        "    print('layer' in str(exc), 'torch' in sys.modules)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    return done.stdout.strip() == "True False"
