@@ -40,7 +40,8 @@ def test_a_rerun_replaces_the_folder_whole(tmp_path):
     assert not (out / "stale.png").exists()  # the folder was replaced, not written into
     assert (out / MANIFEST_FILE).read_text() != first  # a new manifest (timings, created)
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted([MANIFEST_FILE, RESULTS_FILE, REPORT_FILE, "ld.png"])
+    heatmap = ["ld.png", "ld.svg", "ld.csv"]  # the heatmap, drawn and as its cells
+    assert files == sorted([MANIFEST_FILE, RESULTS_FILE, REPORT_FILE, *heatmap])
     assert _leftovers(tmp_path) == []
     for path in out.iterdir():
         assert path.stat().st_mode & 0o777 == 0o644
