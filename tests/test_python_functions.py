@@ -147,3 +147,35 @@ def test_a_function_that_returns_the_wrong_shape_or_raises_is_a_run_error():
     ops = [{"op": "python", "fn": "short", "site": "mlp_out.0"}]
     with pytest.raises(RunError, match="must return a tensor of their shape"):
         specsight.run(_spec(ops), model=tiny(), functions={"short": lambda v: v[:, :3]})
+
+
+def test_a_python_metric_of_a_site_gets_the_values_the_rows_hold_there():
+    """The site's values at the metric's position, checked against a hand-written hook."""
+    lm = tiny()
+    spec = _spec(metrics={"n": {"kind": "python", "fn": "norm", "invoke": "a", "site": "resid_post.2", "position": -3}})  # fmt: skip
+    seen = []
+
+    def norm(values):
+        seen.append(tuple(values.shape))
+        return values.norm(dim=-1)
+
+    results = specsight.run(spec, model=lm, functions={"norm": norm})
+    assert seen == [(len(PROMPTS), 64)]  # every row at once, after the run
+    for i, prompt in enumerate(PROMPTS):
+        kept = {}
+
+        def keep(_module, _inputs, output, kept=kept):
+            kept["h"] = (output[0] if isinstance(output, tuple) else output)[0, -3].clone()
+
+        handle = lm.model.model.layers[2].register_forward_hook(keep)
+        try:
+            with torch.inference_mode():
+                lm.model(torch.tensor([lm.tokenizer.encode(prompt)]))
+        finally:
+            handle.remove()
+        assert float(results["n"][i]) == pytest.approx(float(kept["h"].norm()), rel=1e-5)
+    bad = _spec(
+        metrics={"n": {"kind": "python", "fn": "norm", "invoke": "a", "site": "resid_post.*"}}
+    )
+    with pytest.raises(SpecError, match="names 4 sites; a python metric reads one"):
+        specsight.run(bad, model=lm, functions={"norm": norm})

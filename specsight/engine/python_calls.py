@@ -44,7 +44,8 @@ def _call(fn: str, values: torch.Tensor, what: str) -> Any:
 
 
 def call_metric(fn: str, logits: torch.Tensor, metric: str) -> torch.Tensor:
-    """``fn(logits)`` ([n, vocab] in) as one float value per row: [n]."""
+    """``fn(logits)`` ([n, vocab] in; a site's values [n, width] for a metric with a site) as
+    one float value per row: [n]."""
     what = f"metric '{metric}'"
     out = _call(fn, logits, what)
     values = torch.as_tensor(out, dtype=torch.float32, device=logits.device)

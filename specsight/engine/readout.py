@@ -186,6 +186,10 @@ class AfterRun:
         return torch.stack(values)
 
     @staticmethod
+    def call_metric(fn: str, values: torch.Tensor, metric: str) -> torch.Tensor:
+        return call_metric(fn, values, metric).cpu()
+
+    @staticmethod
     def tensor(values: list[float]) -> torch.Tensor:
         return torch.tensor(values)
 

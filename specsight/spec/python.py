@@ -28,10 +28,16 @@ FN_FIELD = Field(
 
 class PythonMetric(MetricBase):
     """One value per row from a Python function of the row's next-token logits at
-    ``position`` ([rows, vocab] in, [rows] out), batched like the built-in metrics."""
+    ``position`` ([rows, vocab] in, [rows] out), batched like the built-in metrics; with
+    ``site``, of the values the rows hold there at ``position`` instead ([rows, width])."""
 
     kind: Literal["python"]
     fn: str = FN_FIELD
+    site: str | None = Field(
+        None,
+        description="a site (one, e.g. 'resid_post.6') whose values at 'position' the function "
+        "gets instead of the logits: [rows, width], after the run",
+    )
 
 
 def python_functions(spec: Any) -> list[tuple[tuple[Any, ...], str]]:
