@@ -187,9 +187,13 @@ def _complete_sites(node: Any, refs: list[dict[str, Any]]) -> int:
     count = 0
     if isinstance(node, dict):
         site = node.get("properties", {}).get("site")
-        if isinstance(site, dict) and site.get("type") == "string" and "anyOf" not in site:
+        options = site.get("anyOf", []) if isinstance(site, dict) else []
+        optional = [o.get("type") for o in options] == ["string", "null"]  # site: str | None
+        if isinstance(site, dict) and (
+            (site.get("type") == "string" and "anyOf" not in site) or optional
+        ):
             site.pop("examples", None)  # the generic examples may not be this model's names
-            site["anyOf"] = copy.deepcopy(refs)
+            site["anyOf"] = copy.deepcopy(refs) + ([{"type": "null"}] if optional else [])
             count += 1
         count += sum(_complete_sites(value, refs) for value in node.values())
     elif isinstance(node, list):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..errors import Issue, SpecError
-from .base import NAME_PATTERN
+from .base import NAME_PATTERN, SITE_SYNTAX
 from .metric_kinds import MetricBase
 from .source import LoadedDoc
 
@@ -35,8 +35,13 @@ class PythonMetric(MetricBase):
     fn: str = FN_FIELD
     site: str | None = Field(
         None,
-        description="a site (one, e.g. 'resid_post.6') whose values at 'position' the function "
-        "gets instead of the logits: [rows, width], after the run",
+        description="a site (one) whose values at 'position' the function gets instead of the "
+        "logits: [rows, width], after the run",
+        json_schema_extra={
+            "description": "a site (one) whose values at 'position' the function gets instead "
+            f"of the logits ([rows, width], after the run). {SITE_SYNTAX}",
+            "examples": ["resid_post.6", "mlp_out.{layer}", "model.layers.5.mlp"],
+        },
     )
 
 
