@@ -64,8 +64,11 @@ def _grid(results: RunView, name: str, tensor: Any, meta: dict[str, Any], extra:
         tensor.double().reshape(tensor.shape[0], -1) if tensor.ndim == 2 else tensor.double()[None]
     )
     effect = extra.get("effect")
-    colour_by = effect.double().reshape(grid.shape) if effect is not None else grid
-    scale = colour_scale(meta, grid, colour_by if effect is not None else None, results.metrics)
+    effect = effect.double().reshape(grid.shape) if effect is not None else None
+    scale = colour_scale(meta, grid, effect, results.metrics)
+    # the effect colours the cells only where the scale says so (not beside a scalar baseline
+    # metric, whose value is then the centre of the values themselves), as on the page
+    colour_by = effect if "colour" in scale else grid
     finite = colour_by[colour_by.isfinite()]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     paint = _colour(scale, lo, hi)
@@ -100,7 +103,7 @@ def _grid(results: RunView, name: str, tensor: Any, meta: dict[str, Any], extra:
     if scale["center"] is not None:
         what = f" ({scale['center_label']})" if scale.get("center_label") else ""
         key = f"white at {_num(scale['center'])}{_e(what)}, red above, blue below"
-        if effect is not None:
+        if "colour" in scale:
             key = f"coloured by the effect: {key}"
     return f'<table class="ss-grid"><tr>{head}</tr>{"".join(body)}</table>{cut}' + (
         f'<div class="note">{key}</div>' if key else ""
