@@ -36,18 +36,17 @@ __all__ = [
 PLAIN_WIDTH = 120
 
 
-def terminal_console(*, stderr: bool = False) -> Any:
-    """A rich Console for the summary: on a terminal, its width (or ``COLUMNS``); off one (a
-    CI log, a pipe, a file) tables are laid out for ``COLUMNS`` (else 120) columns and lines
-    are never wrapped, so a claim's ``file:line:col`` stays on the line of its message."""
+def terminal_console() -> Any:
+    """A rich Console for stdout: on a terminal, its width (or ``COLUMNS``); off one (a CI
+    log, a pipe, a file) tables are laid out for ``COLUMNS`` (else 120) columns and lines are
+    never wrapped, so a claim's ``file:line:col`` stays on the line of its message."""
     from rich.console import Console
 
-    stream = sys.stderr if stderr else sys.stdout
-    if stream.isatty():
-        return Console(highlight=False, stderr=stderr)
+    if sys.stdout.isatty():
+        return Console(highlight=False)
     columns = os.environ.get("COLUMNS", "")
     width = int(columns) if columns.isdigit() and int(columns) >= 20 else PLAIN_WIDTH
-    return Console(highlight=False, stderr=stderr, width=width, soft_wrap=True, no_color=True)
+    return Console(highlight=False, width=width, soft_wrap=True, no_color=True)
 
 
 def strict_json(value: Any) -> Any:

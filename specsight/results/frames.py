@@ -9,6 +9,7 @@ xarray are optional: ``pip install 'specsight[frames]'``.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Protocol
 
@@ -137,7 +138,7 @@ def row_positions(
     if not rows or axis is None:
         return None
     lead = axes.index(axis)
-    if len(rows) != int(torch.tensor(tensor.shape[:lead]).prod()):
+    if len(rows) != math.prod(tensor.shape[:lead]):
         return None
     width = tensor.shape[lead]
     table = torch.tensor([list(r)[:width] + [-1] * (width - len(r)) for r in rows])

@@ -3,13 +3,11 @@ expectations and run comparisons print for a cell (``layer=3, pos=9: Mary``)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-__all__ = ["axis_labels", "coords", "cell_label", "metric_label"]
+from ..compile.templates import column_names, render
 
-#: a dataset column in a template (``{io}``; ``{{`` and ``}}`` are literal braces)
-_COLUMN = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+__all__ = ["axis_labels", "coords", "cell_label", "metric_label"]
 
 
 def axis_labels(meta: dict[str, Any], axis: str) -> list[str]:
@@ -41,20 +39,16 @@ def cell_label(meta: dict[str, Any], axes: list[str], index: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _render(template: str, row: dict[str, Any]) -> str:
-    return _COLUMN.sub(lambda m: str(row.get(m[1], m[0])), template)
-
-
 def metric_label(meta: dict[str, Any], manifest: dict[str, Any], shown: int = 2) -> str | None:
     """What a metric's value is (``prob of ' Paris'``), its dataset columns rendered for the
     first ``shown`` items (``logit_diff(' Mary' - ' John'), ... (16 items)``); a template whose
     items are not recorded is marked ``per item``."""
     label = meta.get("label")
-    if not label or not _COLUMN.search(label):
+    if not label or not column_names(label):
         return label
     items = (manifest.get("dataset") or {}).get("items")
     if not isinstance(items, list) or not items:
         return f"{label} per item"
-    rendered = [_render(label, row) for row in items[:shown]]
+    rendered = [render(label, row) for row in items[:shown]]
     more = f", ... ({len(items)} items)" if len(items) > shown else ""
     return ", ".join(rendered) + more

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .colours import colour_scale, matplotlib_cmap
+from .frames import coordinate
 from .labels import axis_labels
 
 __all__ = ["write_heatmaps"]
@@ -18,11 +19,6 @@ __all__ = ["write_heatmaps"]
 def _labels(meta: dict[str, Any], axis: str, size: int) -> list[str]:
     labels = axis_labels(meta, axis)
     return labels if len(labels) == size else [str(i) for i in range(size)]
-
-
-def _values(meta: dict[str, Any], axis: str, size: int) -> list[Any]:
-    values = list(meta.get("axis_values", {}).get(axis) or [])
-    return values if len(values) == size else list(range(size))
 
 
 def _file_name(name: str, suffix: str = ".png") -> str:
@@ -34,7 +30,7 @@ def _write_csv(
 ) -> None:
     rows, cols = data.shape
     row_labels, col_labels = _labels(meta, axes[0], rows), _labels(meta, axes[1], cols)
-    row_values, col_values = _values(meta, axes[0], rows), _values(meta, axes[1], cols)
+    row_values, col_values = coordinate(meta, axes[0], rows)[0], coordinate(meta, axes[1], cols)[0]
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         header = [axes[0], f"{axes[0]}_label", axes[1], f"{axes[1]}_label", name]

@@ -107,15 +107,22 @@ def _with_inputs(paths: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*outputs, *(f"{path}.input" for path in paths)]))
 
 
-def _module_groups(info: ModelInfo, table: dict | None) -> list[SiteGroup]:
+def _site_modules(info: ModelInfo, table: dict | None) -> list[tuple[str, str]]:
+    """The (module, class) pairs a site may name: not a container (its hook never fires), not
+    a path starting with a canonical name (it would resolve as that canonical site)."""
     canonical = set(table["sites"]) if table else set()
+    return [
+        (module, kind)
+        for module, kind in info.modules
+        if module and kind not in _CONTAINERS and module.split(".", 1)[0] not in canonical
+    ]
+
+
+def _module_groups(info: ModelInfo, table: dict | None) -> list[SiteGroup]:
     layers = table["layers"] if table else None
     per_layer: dict[str, list[tuple[str, str]]] = {}
     outside: list[str] = []
-    for module, kind in info.modules:
-        # a path starting with a canonical name would resolve as that canonical site
-        if not module or kind in _CONTAINERS or module.split(".", 1)[0] in canonical:
-            continue
+    for module, kind in _site_modules(info, table):
         template = _layer_template(module, layers)
         if template is None:
             outside.append(module)
@@ -167,14 +174,7 @@ def site_pattern(info: ModelInfo) -> str:
         if layered:
             forms.append(f"(?:{'|'.join(map(re.escape, layered))})\\.{_INDEX}")
         forms += [re.escape(name) for name in wide]
-    canonical = set(table["sites"]) if table else set()
-    modules = sorted(
-        {
-            _module_form(module)
-            for module, kind in info.modules
-            if module and kind not in _CONTAINERS and module.split(".", 1)[0] not in canonical
-        }
-    )
+    modules = sorted({_module_form(module) for module, _ in _site_modules(info, table)})
     if modules:
         forms.append(f"(?:{'|'.join(modules)})(?:\\.input|\\.output)?")
     forms.append(f"sae\\.[A-Za-z_][A-Za-z0-9_\\-]*\\.(?:{'|'.join(SAE_PARTS)})")
